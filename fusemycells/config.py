@@ -1,0 +1,241 @@
+"""Run configuration: one dataclass tree built from ``resources/manifest.json`` plus CLI flags.
+
+The manifest (written by ``training/export.py``) describes, per channel, both stage networks
+(file names, sha256, formats), the preprocessing and the post-processing parameters. Nothing in
+``fusemycells`` reads the training code; the manifest is the whole contract.
+
+Manifest schema (format_version 1)::
+
+    {
+      "format_version": 1,
+      "provenance": {...free text: how the weights were trained...},
+      "channels": {
+        "nucleus": {
+          "target_spacing_um": 0.6,
+          "normalisation": {"kind": "percentile", "low": 1.0, "high": 99.8},
+          "global_stage": {"in_channels": 1, "grid": [224, 224, 224],
+                           "files": {"torchscript": {"path": "...pt", "sha256": "..."},
+                                     "onnx": {"path": "...onnx", "sha256": "..."}}},
+          "patch_stage": {"in_channels": 2, "patch_size": [96, 96, 96], "overlap": 0.5,
+                          "batch_size": 2, "files": {...}},
+          "postprocess": {"diff_grid": [128, 128, 128], "max_filter": 9, "sigma": 3.0,
+                          "weight_percentiles": [2.0, 98.0], "output_max_filter": 0,
+                          "output_gaussian_sigma": 0.0, "output_percentiles": [2.0, 99.8]}
+        },
+        "membrane": {...}
+      }
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("torchscript", "onnx")
+GC_INPUT_ROOT = Path("/input")
+GC_OUTPUT_ROOT = Path("/output")
+GC_MODEL_DIR = Path("/opt/ml/model")
+INPUT_SUBDIR = Path("images/fluorescence-lightsheet-3D-microscopy")
+OUTPUT_SUBDIR = Path("images/fused-fluorescence-lightsheet-3D-microscopy")
+DEFAULT_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """The weights manifest or a weights file is missing, malformed or fails verification."""
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One exported network file, relative to the resources directory."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A network stage: its files per format and its input contract."""
+
+    in_channels: int
+    files: dict[str, WeightsFile]
+    grid: tuple[int, int, int] | None = None  # global stage: fixed ZYX input grid (voxels)
+    patch_size: tuple[int, int, int] | None = None  # patch stage: ZYX patch (voxels)
+    overlap: float = 0.5  # patch stage: fraction of the patch shared by neighbours
+    batch_size: int = 2  # patch stage: patches per forward call (budget may lower it)
+
+
+@dataclass(frozen=True)
+class PostprocessSpec:
+    """Difference-weighted blending and output normalisation (see :mod:`fusemycells.postprocess`)."""
+
+    diff_grid: tuple[int, int, int] = (128, 128, 128)  # ZYX grid of the weight map (voxels)
+    max_filter: int = 9  # max filter size on the weight map (voxels of diff_grid)
+    sigma: float = 3.0  # Gaussian σ on the weight map (voxels of diff_grid)
+    weight_percentiles: tuple[float, float] = (2.0, 98.0)  # scaling of the weight map to [0, 1]
+    output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
+    output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
+    output_percentiles: tuple[float, float] = (2.0, 99.8)  # final percentile normalisation
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Everything inference needs for one channel ('nucleus' or 'membrane')."""
+
+    name: str
+    target_spacing_um: float
+    normalisation: dict[str, Any]
+    global_stage: StageSpec
+    patch_stage: StageSpec
+    postprocess: PostprocessSpec
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` and the directory its file paths are relative to."""
+
+    root: Path
+    channels: dict[str, ChannelSpec]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def channel(self, name: str) -> ChannelSpec:
+        if name not in self.channels:
+            raise ManifestError(f"manifest has no weights for channel '{name}' (has {sorted(self.channels)})")
+        return self.channels[name]
+
+
+@dataclass
+class RunConfig:
+    """Settings of one ``inference.py`` run (CLI flags over manifest defaults)."""
+
+    input_dir: Path = GC_INPUT_ROOT / INPUT_SUBDIR
+    output_dir: Path = GC_OUTPUT_ROOT / OUTPUT_SUBDIR
+    resources_dir: Path | None = None  # None: /opt/ml/model when valid, else bundled resources/
+    device: str = "auto"  # auto | cuda | cpu
+    backend: str = "auto"  # auto | torchscript | onnx
+    report: Path | None = None
+    output_dtype: str = "float32"  # float32 | uint16
+    vram_budget_gib: float | None = None  # None: a safe fraction of free device memory
+    time_budget_s: float | None = None  # None: no deadline
+    threads: int | None = None  # CPU threads for torch/onnxruntime; None: library default
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and v > 0 for v in value):
+        return (int(value[0]), int(value[1]), int(value[2]))
+    raise ManifestError(f"manifest field '{name}' must be a positive int or 3 positive ints, got {value!r}")
+
+
+def _stage(raw: dict[str, Any], where: str) -> StageSpec:
+    try:
+        files = {fmt: WeightsFile(path=str(f["path"]), sha256=str(f["sha256"]).lower()) for fmt, f in raw["files"].items()}
+        unknown = set(files) - set(FORMATS)
+        if unknown:
+            raise ManifestError(f"{where}: unknown weight formats {sorted(unknown)} (known: {FORMATS})")
+        return StageSpec(
+            in_channels=int(raw["in_channels"]),
+            files=files,
+            grid=_triple(raw["grid"], f"{where}.grid") if "grid" in raw else None,
+            patch_size=_triple(raw["patch_size"], f"{where}.patch_size") if "patch_size" in raw else None,
+            overlap=float(raw.get("overlap", 0.5)),
+            batch_size=int(raw.get("batch_size", 2)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: malformed stage entry ({exc})") from exc
+
+
+def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
+    default = PostprocessSpec()
+    return PostprocessSpec(
+        diff_grid=_triple(raw.get("diff_grid", list(default.diff_grid)), "postprocess.diff_grid"),
+        max_filter=int(raw.get("max_filter", default.max_filter)),
+        sigma=float(raw.get("sigma", default.sigma)),
+        weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
+        output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
+        output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),
+        output_percentiles=tuple(raw.get("output_percentiles", default.output_percentiles)),  # type: ignore[arg-type]
+    )
+
+
+def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
+    """Validate a manifest dict; file paths are relative to ``root``."""
+    if raw.get("format_version") != 1:
+        raise ManifestError(f"unsupported manifest format_version {raw.get('format_version')!r} (expected 1)")
+    channels: dict[str, ChannelSpec] = {}
+    for name, entry in raw.get("channels", {}).items():
+        where = f"channels.{name}"
+        try:
+            global_stage = _stage(entry["global_stage"], f"{where}.global_stage")
+            patch_stage = _stage(entry["patch_stage"], f"{where}.patch_stage")
+            channels[name] = ChannelSpec(
+                name=name,
+                target_spacing_um=float(entry.get("target_spacing_um", 0.6)),
+                normalisation=dict(entry.get("normalisation", {"kind": "percentile", "low": 1.0, "high": 99.8})),
+                global_stage=global_stage,
+                patch_stage=patch_stage,
+                postprocess=_postprocess(entry.get("postprocess", {})),
+            )
+        except KeyError as exc:
+            raise ManifestError(f"{where}: missing field {exc}") from exc
+        if global_stage.grid is None:
+            raise ManifestError(f"{where}.global_stage: 'grid' is required")
+        if patch_stage.patch_size is None:
+            raise ManifestError(f"{where}.patch_stage: 'patch_size' is required")
+    if not channels:
+        raise ManifestError("manifest lists no channels")
+    return Manifest(root=root, channels=channels, provenance=dict(raw.get("provenance", {})))
+
+
+def load_manifest(resources_dir: Path) -> Manifest:
+    """Read and validate ``<resources_dir>/manifest.json`` (files are verified when loaded)."""
+    path = Path(resources_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"weights manifest not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    return parse_manifest(raw, Path(resources_dir))
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_path(manifest: Manifest, weights: WeightsFile) -> Path:
+    """Absolute path of a weights file after checking it exists and matches its sha256."""
+    path = manifest.root / weights.path
+    if not path.is_file():
+        raise ManifestError(f"weights file missing: {path}")
+    actual = sha256_of(path)
+    if actual != weights.sha256:
+        raise ManifestError(f"checksum mismatch for {path}: manifest {weights.sha256[:12]}…, file {actual[:12]}…")
+    return path
+
+
+def resolve_resources_dir(cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES) -> tuple[Path, str]:
+    """Where to load weights from, and why.
+
+    An explicit ``--resources`` wins. Otherwise a Grand Challenge model archive mounted at
+    ``/opt/ml/model`` is used when it holds a manifest that parses; else the bundled ``resources/``.
+    """
+    if cli_value is not None:
+        return Path(cli_value), "--resources"
+    if (model_dir / MANIFEST_NAME).is_file():
+        try:
+            load_manifest(model_dir)
+            return model_dir, f"model archive at {model_dir}"
+        except ManifestError as exc:
+            return default, f"bundled resources ({model_dir} ignored: {exc})"
+    return default, "bundled resources"

@@ -1,0 +1,210 @@
+"""TIFF input/output with the FuseMyCells metadata conventions.
+
+Volumes are numpy arrays in ZYX order; spacings are (z, y, x) in micrometres.
+Metadata is read like the organisers' reference: ``shaped_metadata[0]`` first, then
+``imagej_metadata``; physical sizes may be spelled ``PhysicalSizeX``, ``physicalsizex`` or
+``physical_size_x``. Missing values fall back to the TIFF resolution tags, then to documented
+defaults, and every fallback is recorded in :attr:`Volume.warnings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPACING_ZYX_UM: tuple[float, float, float] = (1.0, 0.39, 0.39)
+"""Spacing used when a file declares none (µm, ZYX): the most common real study grid."""
+DEFAULT_CHANNEL = "nucleus"
+"""Channel used when a file declares none: nuclei are the majority of the challenge data."""
+CHANNELS = ("nucleus", "membrane")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+_AXIS_KEYS = {
+    "x": ("PhysicalSizeX", "physicalsizex", "physical_size_x"),
+    "y": ("PhysicalSizeY", "physicalsizey", "physical_size_y"),
+    "z": ("PhysicalSizeZ", "physicalsizez", "physical_size_z"),
+}
+
+
+class InputError(ValueError):
+    """A single input file cannot be processed (the reason is in the message)."""
+
+
+@dataclass
+class Volume:
+    """One 3D stack and what we know about it.
+
+    ``data`` is ZYX in the file's dtype; ``spacing`` is (z, y, x) in µm.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    channel: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _lookup(meta: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """Value of the first key present in ``meta`` (case-sensitive list, then case-insensitive)."""
+    for key in keys:
+        if key in meta:
+            return meta[key]
+    lowered = {str(k).lower(): v for k, v in meta.items()}
+    for key in keys:
+        if key.lower() in lowered:
+            return lowered[key.lower()]
+    return None
+
+
+def _as_positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
+def read_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
+    """Metadata dict from ``shaped_metadata[0]``, else ``imagej_metadata``, else ``{}``."""
+    shaped = tif.shaped_metadata
+    if shaped and isinstance(shaped[0], dict) and shaped[0]:
+        return dict(shaped[0])
+    imagej = tif.imagej_metadata
+    if imagej:
+        return dict(imagej)
+    return {}
+
+
+def _resolution_spacing(tif: tifffile.TiffFile) -> tuple[float | None, float | None]:
+    """(y, x) pixel size in µm from the first page's resolution tags, if declared."""
+    page = tif.pages.first
+    tags = page.tags
+    out: list[float | None] = []
+    for name in ("YResolution", "XResolution"):
+        tag = tags.get(name)
+        value = None
+        if tag is not None:
+            num, den = tag.value
+            if num > 0 and den > 0:
+                pixels_per_unit = num / den
+                raw = 1.0 / pixels_per_unit  # µm when the value is pixels per µm
+                unit = tags.get("ResolutionUnit")
+                unit_value = int(unit.value) if unit is not None else 1
+                value = raw * {2: 25400.0, 3: 10000.0}.get(unit_value, 1.0)  # inch, centimetre
+                # unit 1 (none): ImageJ stores pixels per µm. The reference (tifffile's default unit)
+                # writes pixels per µm under unit INCH, so an implausible size falls back to that reading.
+                if not (1e-4 < value < 1e3):
+                    value = raw
+                if not (1e-4 < value < 1e3) or abs(pixels_per_unit - 1.0) < 1e-12:
+                    value = None  # 1 pixel/unit is tifffile's "not set" default
+        out.append(value)
+    return out[0], out[1]
+
+
+def spacing_from_metadata(
+    meta: dict[str, Any], fallback_yx: tuple[float | None, float | None] = (None, None)
+) -> tuple[tuple[float, float, float], list[str]]:
+    """(z, y, x) spacing in µm from metadata, with fallbacks; returns (spacing, warnings)."""
+    warnings: list[str] = []
+    found = {axis: _as_positive_float(_lookup(meta, keys)) for axis, keys in _AXIS_KEYS.items()}
+    resolved: list[float] = []
+    if found["z"] is None:
+        found["z"] = _as_positive_float(meta.get("spacing"))  # ImageJ's z step (its 'unit', µm here)
+    for index, axis in enumerate("zyx"):
+        value = found[axis]
+        if value is None and axis in "yx":
+            value = fallback_yx[index - 1]
+            if value is not None:
+                warnings.append(f"PhysicalSize{axis.upper()} missing: using TIFF resolution tag ({value:g} µm)")
+        if value is None:
+            value = DEFAULT_SPACING_ZYX_UM[index]
+            warnings.append(f"PhysicalSize{axis.upper()} missing: using default {value:g} µm")
+        resolved.append(value)
+    return (resolved[0], resolved[1], resolved[2]), warnings
+
+
+def channel_from_metadata(meta: dict[str, Any], path: Path | None = None) -> tuple[str, list[str]]:
+    """'nucleus' or 'membrane' from metadata, then the file name, then the default."""
+    value = _lookup(meta, ("channel", "Channel"))
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for name in CHANNELS:
+            if text.startswith(name[:5]):  # "nuclei", "nucleus", "membranes", ...
+                return name, []
+    if path is not None:
+        stem = path.name.lower()
+        for name in CHANNELS:
+            if name in stem:
+                return name, [f"channel missing in metadata: '{name}' taken from the file name"]
+    return DEFAULT_CHANNEL, [f"channel missing in metadata: using default '{DEFAULT_CHANNEL}'"]
+
+
+def read_volume(path: Path) -> Volume:
+    """Read a 3D TIFF stack (ZYX) with its spacing (µm), channel and metadata.
+
+    Raises :class:`InputError` for files that are not readable TIFF stacks.
+    """
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            meta = read_metadata(tif)
+            fallback = _resolution_spacing(tif)
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise InputError(f"{path.name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+    spacing, warnings = spacing_from_metadata(meta, fallback)
+    channel, channel_warnings = channel_from_metadata(meta, path)
+    return Volume(data=data, spacing=spacing, channel=channel, metadata=meta, warnings=warnings + channel_warnings)
+
+
+def output_metadata(volume: Volume) -> dict[str, Any]:
+    """Metadata written with an output: the input's, with spacing/channel/axes/unit made explicit."""
+    meta: dict[str, Any] = {}
+    for key, value in volume.metadata.items():
+        if isinstance(value, (str, int, float, bool)):
+            meta[str(key)] = value
+    z, y, x = volume.spacing
+    for key in [k for k in meta if k.lower().replace("_", "") in {"physicalsizex", "physicalsizey", "physicalsizez"}]:
+        del meta[key]
+    meta.update(
+        {
+            "PhysicalSizeX": float(x),
+            "PhysicalSizeY": float(y),
+            "PhysicalSizeZ": float(z),
+            "unit": meta.get("unit", "um"),
+            "axes": "ZYX",
+            "channel": volume.channel,
+        }
+    )
+    meta.pop("shape", None)
+    return meta
+
+
+def write_volume(path: Path, data: np.ndarray, like: Volume) -> None:
+    """Write a ZYX stack like the organisers' reference (BigTIFF, 128×128 tiles, resolution 1/µm)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = output_metadata(like)
+    tmp = path.with_name(f".{path.name}.partial")
+    tifffile.imwrite(
+        tmp,
+        data,
+        bigtiff=True,
+        resolution=(1.0 / meta["PhysicalSizeX"], 1.0 / meta["PhysicalSizeY"]),
+        metadata=meta,
+        photometric="minisblack",  # else tifffile writes a 3- or 4-slice stack as one RGB(A) page
+        tile=(128, 128),
+    )
+    tmp.replace(path)  # never leave a half-written file under the final name
+
+
+def list_inputs(directory: Path) -> list[Path]:
+    """Sorted ``*.tif``/``*.tiff`` files (any case) directly inside ``directory``."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)

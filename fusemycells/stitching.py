@@ -1,0 +1,145 @@
+"""Sliding-window patch inference with Gaussian importance weighting, streamed in z-rows.
+
+Patches are visited row by row along Z. Voxels above the next row's start can no longer receive
+contributions, so they are normalised and written out at once; the float32 accumulators only span
+one patch depth (``patch_z × Y × X``), never the whole volume. All shapes are ZYX voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Shape3 = tuple[int, int, int]
+Predict = Callable[[np.ndarray], np.ndarray]
+"""(N, C, pz, py, px) float32 → (N, 1, pz, py, px) float32."""
+
+
+def window_starts(length: int, patch: int, overlap: float) -> list[int]:
+    """Start indices along one axis so that every voxel is covered (voxels).
+
+    The step is ``patch·(1 − overlap)`` at most; starts are spread evenly between 0 and
+    ``length − patch`` (nnU-Net's rule), so the last window ends exactly at the border.
+    ``length ≤ patch`` gives a single window at 0 (the caller pads).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((length - patch) / step) + 1
+    return [int(round(i * (length - patch) / (count - 1))) for i in range(count)]
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> np.ndarray:
+    """Separable Gaussian weight map (ZYX), σ = patch·sigma_scale, max 1, floored at ``floor``.
+
+    The floor keeps border voxels of a patch from getting (almost) zero total weight.
+    """
+    axes = []
+    for n in patch:
+        sigma = max(n * sigma_scale, 1e-6)
+        coords = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        axes.append(np.exp(-0.5 * (coords / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight /= weight.max()
+    return np.maximum(weight, floor).astype(np.float32)
+
+
+def pad_to_patch(volume: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+    """Reflect-pad a ZYX array at the high end so each axis is ≥ the patch (no copy if it is)."""
+    pads = [(0, max(0, p - n)) for n, p in zip(volume.shape, patch)]
+    if not any(after for _, after in pads):
+        return volume
+    mode = "reflect" if min(volume.shape) > 1 else "edge"
+    return np.pad(volume, pads, mode=mode)
+
+
+@dataclass
+class StitchStats:
+    """What the sliding window did (for logs, the report and the budget policy)."""
+
+    patches: int = 0
+    batches: int = 0
+    forward_s: float = 0.0
+    total_s: float = 0.0
+    grid: Shape3 = (0, 0, 0)
+    events: list[str] = field(default_factory=list)
+
+
+def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def sliding_window(
+    channels: Sequence[np.ndarray],
+    predict: Predict,
+    patch: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    sigma_scale: float = 1.0 / 8.0,
+    out: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, StitchStats]:
+    """Predict a volume given as C same-shape ZYX float32 arrays; returns the stitched ZYX float32.
+
+    The channels are stacked per patch only, so no (C, Z, Y, X) copy of the volume is made.
+    ``predict`` gets batches of at most ``batch_size`` patches. ``out`` may be a preallocated
+    (Z, Y, X) float32 array (e.g. a memory map). ``progress(done, total)`` is called per batch.
+    """
+    patch = tuple(int(p) for p in patch)
+    original: Shape3 = tuple(channels[0].shape)  # type: ignore[assignment]
+    if any(c.shape != original for c in channels):
+        raise ValueError(f"channel shapes differ: {[c.shape for c in channels]}")
+    padded = [pad_to_patch(c, patch) for c in channels]
+    nz, ny, nx = padded[0].shape
+    pz, py, px = patch
+    zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch))
+    importance = gaussian_importance(patch, sigma_scale)
+    result = out if out is not None and (nz, ny, nx) == original else np.empty((nz, ny, nx), dtype=np.float32)
+    acc = np.zeros((pz, ny, nx), dtype=np.float32)
+    wacc = np.zeros((pz, ny, nx), dtype=np.float32)
+    total = len(zs) * len(ys) * len(xs)
+    stats = StitchStats(grid=(len(zs), len(ys), len(xs)))
+    started = time.perf_counter()
+    row_items = [(y, x) for y in ys for x in xs]
+    for row, z0 in enumerate(zs):
+        for chunk in _batches(row_items, max(1, batch_size)):
+            batch = np.empty((len(chunk), len(padded), pz, py, px), dtype=np.float32)
+            for i, (y, x) in enumerate(chunk):
+                for c, source in enumerate(padded):
+                    batch[i, c] = source[z0 : z0 + pz, y : y + py, x : x + px]
+            t0 = time.perf_counter()
+            pred = predict(batch)
+            stats.forward_s += time.perf_counter() - t0
+            for (y, x), p in zip(chunk, pred):
+                acc[:, y : y + py, x : x + px] += p[0] * importance
+                wacc[:, y : y + py, x : x + px] += importance
+            stats.patches += len(chunk)
+            stats.batches += 1
+            if progress is not None:
+                progress(stats.patches, total)
+        # planes before the next row's start are final: emit them and shift the buffers
+        next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
+        done = next_z - z0
+        result[z0:next_z] = acc[:done] / wacc[:done]
+        acc[: pz - done] = acc[done:]
+        wacc[: pz - done] = wacc[done:]
+        acc[pz - done :] = 0.0
+        wacc[pz - done :] = 0.0
+    stats.total_s = time.perf_counter() - started
+    if result.shape != original:
+        cropped = result[: original[0], : original[1], : original[2]]
+        if out is not None:
+            out[...] = cropped
+            return out, stats
+        return np.ascontiguousarray(cropped), stats
+    return result, stats

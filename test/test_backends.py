@@ -1,0 +1,220 @@
+"""Network runners, checksum verification, format fallback and manifest parsing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fusemycells.backends import OnnxRunner, TorchScriptRunner, backend_order, load_stage
+from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir
+
+
+def _copy(resources: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "resources"
+    shutil.copytree(resources, target)
+    return target
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _raw(resources: Path) -> dict[str, Any]:
+    return json.loads((resources / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("stage, channels", [("global_stage", 1), ("patch_stage", 2)])
+def test_torchscript_and_onnx_runners_agree_on_a_random_batch(
+    fixture_resources: Path, stage: str, channels: int
+) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = getattr(manifest.channel("nucleus"), stage)
+    ts = TorchScriptRunner(fixture_resources / spec.files["torchscript"].path, "cpu", threads=1)
+    ox = OnnxRunner(fixture_resources / spec.files["onnx"].path, "cpu", threads=1)
+    batch = np.random.default_rng(0).normal(size=(3, channels, 12, 14, 10)).astype(np.float32)
+    out_ts, out_ox = ts(batch), ox(batch)
+    assert out_ts.shape == out_ox.shape == (3, 1, 12, 14, 10)
+    assert out_ts.dtype == out_ox.dtype == np.float32
+    np.testing.assert_allclose(out_ts, out_ox, atol=1e-4, rtol=0)
+    assert not np.allclose(out_ts, batch[:, :1], atol=1e-4), "fixture network must not be an identity"
+    assert (ts.backend, ts.provider, ox.backend, ox.provider) == ("torchscript", "CPU", "onnx", "CPU")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_load_stage_strict_with_explicit_backend_uses_it(fixture_resources: Path, fmt: str) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = manifest.channel("membrane").patch_stage
+    loaded = load_stage(manifest, spec, fmt, "cpu", threads=1, strict=True)
+    assert loaded.runner.backend == fmt
+    assert loaded.file == spec.files[fmt].path
+
+
+def test_backend_order_prefers_onnx_on_cpu_and_torchscript_on_cuda() -> None:
+    assert backend_order("auto", "cpu") == ["onnx", "torchscript"]
+    assert backend_order("auto", "cuda") == ["torchscript", "onnx"]
+    assert backend_order("torchscript", "cpu") == ["torchscript", "onnx"]
+    with pytest.raises(ValueError):
+        backend_order("tensorrt", "cpu")
+
+
+def test_tampered_file_strict_raises_manifest_error_naming_it(fixture_resources: Path, tmp_path: Path) -> None:
+    resources = _copy(fixture_resources, tmp_path)
+    manifest = load_manifest(resources)
+    spec = manifest.channel("nucleus").global_stage
+    name = spec.files["onnx"].path
+    _flip_bytes(resources / name)
+    with pytest.raises(ManifestError, match="checksum mismatch") as info:
+        load_stage(manifest, spec, "onnx", "cpu", threads=1, strict=True)
+    assert name in str(info.value)
+
+
+def test_tampered_file_auto_falls_back_to_other_format_and_logs(
+    fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    resources = _copy(fixture_resources, tmp_path)
+    manifest = load_manifest(resources)
+    spec = manifest.channel("nucleus").global_stage
+    bad = spec.files["onnx"].path  # auto on CPU tries ONNX first
+    _flip_bytes(resources / bad)
+    with caplog.at_level(logging.WARNING, logger="fusemycells"):
+        loaded = load_stage(manifest, spec, "auto", "cpu", threads=1, strict=False)
+    assert loaded.runner.backend == "torchscript"
+    assert any(bad in r.getMessage() for r in caplog.records)
+    assert any("using torchscript" in r.getMessage() for r in caplog.records)
+
+
+def test_both_formats_tampered_raises_naming_both(fixture_resources: Path, tmp_path: Path) -> None:
+    resources = _copy(fixture_resources, tmp_path)
+    manifest = load_manifest(resources)
+    spec = manifest.channel("nucleus").patch_stage
+    for weights in spec.files.values():
+        _flip_bytes(resources / weights.path)
+    with pytest.raises(ManifestError, match="no usable weights") as info:
+        load_stage(manifest, spec, "auto", "cpu", threads=1)
+    for weights in spec.files.values():
+        assert weights.path in str(info.value)
+
+
+def test_missing_weights_file_raises_clear_error(fixture_resources: Path, tmp_path: Path) -> None:
+    resources = _copy(fixture_resources, tmp_path)
+    manifest = load_manifest(resources)
+    spec = manifest.channel("nucleus").patch_stage
+    name = spec.files["torchscript"].path
+    (resources / name).unlink()
+    with pytest.raises(ManifestError, match="weights file missing") as info:
+        load_stage(manifest, spec, "torchscript", "cpu", threads=1, strict=True)
+    assert name in str(info.value)
+
+
+def test_valid_file_that_does_not_load_is_a_manifest_error(fixture_resources: Path, tmp_path: Path) -> None:
+    # checksum matches but the content is not a network: must still be refused, never a crash
+    resources = _copy(fixture_resources, tmp_path)
+    (resources / "junk.onnx").write_bytes(b"junk")
+    raw = _raw(resources)
+    from fusemycells.config import sha256_of
+
+    raw["channels"]["nucleus"]["global_stage"]["files"]["onnx"] = {
+        "path": "junk.onnx",
+        "sha256": sha256_of(resources / "junk.onnx"),
+    }
+    manifest = parse_manifest(raw, resources)
+    with pytest.raises(ManifestError, match="cannot load ONNX file"):
+        load_stage(manifest, manifest.channel("nucleus").global_stage, "onnx", "cpu", threads=1, strict=True)
+
+
+def _broken(raw: dict[str, Any], edit: str) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    nucleus = raw["channels"]["nucleus"]
+    if edit == "no_patch_stage":
+        del nucleus["patch_stage"]
+    elif edit == "no_in_channels":
+        del nucleus["global_stage"]["in_channels"]
+    elif edit == "no_files":
+        del nucleus["patch_stage"]["files"]
+    elif edit == "no_sha":
+        del nucleus["patch_stage"]["files"]["onnx"]["sha256"]
+    elif edit == "no_grid":
+        del nucleus["global_stage"]["grid"]
+    elif edit == "no_patch_size":
+        del nucleus["patch_stage"]["patch_size"]
+    elif edit == "grid_two_values":
+        nucleus["global_stage"]["grid"] = [24, 24]
+    elif edit == "grid_negative":
+        nucleus["global_stage"]["grid"] = [24, -24, 24]
+    elif edit == "grid_float":
+        nucleus["global_stage"]["grid"] = [24.5, 24, 24]
+    elif edit == "unknown_format":
+        nucleus["patch_stage"]["files"]["tensorrt"] = {"path": "x.plan", "sha256": "0"}
+    elif edit == "bad_version":
+        raw["format_version"] = 2
+    elif edit == "no_channels":
+        raw["channels"] = {}
+    return raw
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "no_patch_stage",
+        "no_in_channels",
+        "no_files",
+        "no_sha",
+        "no_grid",
+        "no_patch_size",
+        "grid_two_values",
+        "grid_negative",
+        "grid_float",
+        "unknown_format",
+        "bad_version",
+        "no_channels",
+    ],
+)
+def test_malformed_manifest_raises_manifest_error(fixture_resources: Path, edit: str) -> None:
+    raw = _raw(fixture_resources)
+    parse_manifest(raw, fixture_resources)  # the unedited manifest parses
+    with pytest.raises(ManifestError):
+        parse_manifest(_broken(raw, edit), fixture_resources)
+
+
+def test_manifest_parses_fixture_values(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    assert sorted(manifest.channels) == ["membrane", "nucleus"]
+    nucleus = manifest.channel("nucleus")
+    assert nucleus.global_stage.grid == (24, 24, 24)
+    assert nucleus.patch_stage.patch_size == (16, 16, 16)
+    assert nucleus.postprocess.diff_grid == (16, 16, 16)
+    assert nucleus.postprocess.output_percentiles == (2.0, 99.8)
+    with pytest.raises(ManifestError, match="no weights for channel"):
+        manifest.channel("actin")
+
+
+def test_missing_or_invalid_manifest_json_raises(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(tmp_path)
+
+
+def test_resources_dir_resolution_order(fixture_resources: Path, tmp_path: Path) -> None:
+    default = tmp_path / "bundled"
+    explicit, why = resolve_resources_dir(tmp_path / "mine", model_dir=fixture_resources, default=default)
+    assert explicit == tmp_path / "mine" and why == "--resources"
+    assert resolve_resources_dir(None, model_dir=fixture_resources, default=default)[0] == fixture_resources
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{}")
+    chosen, why = resolve_resources_dir(None, model_dir=broken, default=default)
+    assert chosen == default and "ignored" in why
+    assert resolve_resources_dir(None, model_dir=tmp_path / "absent", default=default)[0] == default

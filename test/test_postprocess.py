@@ -1,0 +1,113 @@
+"""Difference-weighted blending and output normalisation (fusemycells.postprocess)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusemycells.config import PostprocessSpec
+from fusemycells.postprocess import blend, difference_weight, finalise, to_output_dtype, weight_stats
+
+SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
+
+
+def _pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inp = rng.random((10, 30, 28), dtype=np.float32)
+    pred = inp.copy()
+    pred[2:6, 5:15, 10:20] += 3.0  # the network changed one region only
+    return inp, pred
+
+
+def test_difference_weight_is_in_unit_interval_on_the_diff_grid() -> None:
+    inp, pred = _pair()
+    w = difference_weight(inp, pred, SPEC)
+    assert w.shape == SPEC.diff_grid and w.dtype == np.float32
+    assert w.min() >= 0.0 and w.max() <= 1.0
+    assert w.max() == pytest.approx(1.0) and w.min() == pytest.approx(0.0)
+
+
+def test_difference_weight_is_high_where_the_prediction_changed() -> None:
+    inp, pred = _pair()
+    w = difference_weight(inp, pred, PostprocessSpec(diff_grid=(10, 30, 28), max_filter=0, sigma=0.0))
+    assert w[3:5, 8:12, 13:17].min() > 0.9
+    assert w[8:, 20:, :5].max() < 0.1
+
+
+def test_identical_input_and_prediction_blend_to_the_input() -> None:
+    inp = np.random.default_rng(1).random((10, 30, 28), dtype=np.float32)
+    w = difference_weight(inp, inp.copy(), SPEC)
+    np.testing.assert_array_equal(w, 0.0)
+    out = blend(inp, inp.copy(), w)
+    np.testing.assert_allclose(out, inp, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.25, 1.0])
+def test_blend_with_constant_weight_is_the_convex_combination(value: float) -> None:
+    rng = np.random.default_rng(2)
+    inp = rng.random((6, 9, 11), dtype=np.float32)
+    pred = rng.random((6, 9, 11), dtype=np.float32)
+    coarse = np.full((3, 4, 5), value, dtype=np.float32)  # resized to the input grid inside blend
+    np.testing.assert_allclose(blend(inp, pred, coarse), inp * (1 - value) + pred * value, atol=1e-6)
+
+
+def test_blend_clips_weights_outside_unit_interval() -> None:
+    inp = np.zeros((4, 5, 6), dtype=np.float32)
+    pred = np.ones((4, 5, 6), dtype=np.float32)
+    np.testing.assert_allclose(blend(inp, pred, np.full((4, 5, 6), 1.7, dtype=np.float32)), 1.0)
+    np.testing.assert_allclose(blend(inp, pred, np.full((4, 5, 6), -0.5, dtype=np.float32)), 0.0)
+
+
+def test_finalise_maps_2nd_percentile_to_0_and_99_8th_to_1() -> None:
+    vol = np.random.default_rng(3).lognormal(3.0, 1.0, (12, 40, 40)).astype(np.float32)
+    out = finalise(vol, PostprocessSpec())
+    lo, hi = np.percentile(out, [2.0, 99.8])
+    assert lo == pytest.approx(0.0, abs=1e-4)
+    assert hi == pytest.approx(1.0, abs=1e-4)
+    # monotone: the ranking of voxels is unchanged by a pure normalisation
+    assert np.array_equal(np.argsort(out, axis=None)[-50:], np.argsort(vol, axis=None)[-50:])
+
+
+def test_finalise_optional_filters_change_the_output_only_when_enabled() -> None:
+    vol = np.random.default_rng(4).random((8, 20, 20), dtype=np.float32)
+    plain = finalise(vol, PostprocessSpec())
+    filtered = finalise(vol, PostprocessSpec(output_max_filter=3, output_gaussian_sigma=1.0))
+    assert filtered.dtype == np.float32
+    assert not np.allclose(plain, filtered)
+    assert np.std(np.diff(filtered, axis=2)) < np.std(np.diff(plain, axis=2))  # smoother
+
+
+def test_constant_image_gives_no_nan() -> None:
+    flat = np.full((6, 10, 10), 5.0, dtype=np.float32)
+    w = difference_weight(flat, flat.copy(), SPEC)
+    out = finalise(blend(flat, flat.copy(), w), PostprocessSpec())
+    assert np.isfinite(w).all() and np.isfinite(out).all()
+    assert np.isfinite(to_output_dtype(out, "uint16")).all()
+
+
+def test_uint16_output_is_affine_and_lossless_within_quantisation() -> None:
+    vol = (np.random.default_rng(5).normal(0.4, 0.3, (6, 20, 20))).astype(np.float32)  # includes <0 and >1
+    out = to_output_dtype(vol, "uint16")
+    assert out.dtype == np.uint16
+    assert out.min() == 0 and out.max() == 65535
+    lo, hi = float(vol.min()), float(vol.max())
+    step = (hi - lo) / 65535.0
+    restored = out.astype(np.float64) * step + lo
+    assert np.abs(restored - vol).max() <= step / 2 + 1e-6 * (hi - lo)
+    # affine: a least-squares line through (input, output) leaves less than one grey level anywhere
+    slope, intercept = np.polyfit(vol.ravel().astype(np.float64), out.ravel().astype(np.float64), 1)
+    residual = out.ravel() - (slope * vol.ravel() + intercept)
+    assert np.abs(residual).max() < 1.0
+
+
+def test_float32_output_is_unchanged_and_unknown_dtype_rejected() -> None:
+    vol = np.random.default_rng(6).random((3, 4, 5), dtype=np.float32)
+    np.testing.assert_array_equal(to_output_dtype(vol, "float32"), vol)
+    assert to_output_dtype(np.zeros((2, 2, 2), np.float32), "uint16").max() == 0  # constant: no division by zero
+    with pytest.raises(ValueError):
+        to_output_dtype(vol, "uint8")
+
+
+def test_weight_stats_fractions() -> None:
+    w = np.array([0.0, 0.2, 0.6, 0.95], dtype=np.float32)
+    assert weight_stats(w) == {"w>0.1": 0.75, "w>0.5": 0.5, "w>0.9": 0.25}

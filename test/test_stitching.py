@@ -1,0 +1,150 @@
+"""Sliding-window inference and Gaussian stitching (fusemycells.stitching)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusemycells.stitching import gaussian_importance, pad_to_patch, sliding_window, window_starts
+
+PATCH = (8, 10, 12)
+
+
+def pointwise(batch: np.ndarray) -> np.ndarray:
+    """A per-voxel model of both input channels: stitching must reproduce it exactly."""
+    return 2.0 * batch[:, :1] + batch[:, 1:2] ** 2
+
+
+def two_channels(shape: tuple[int, int, int], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)]
+
+
+def whole_volume(channels: list[np.ndarray]) -> np.ndarray:
+    return pointwise(np.stack(channels)[None])[0, 0]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (5, 7, 9),  # smaller than the patch in every axis
+        (5, 23, 31),  # smaller in z only
+        (19, 4, 30),  # smaller in y only
+        (21, 23, 29),  # not divisible by the step anywhere
+        (1, 17, 15),  # one slice
+        PATCH,  # patch == volume
+        (16, 20, 24),  # exact multiple of the step
+    ],
+)
+def test_pointwise_model_stitched_equals_whole_volume(shape: tuple[int, int, int]) -> None:
+    channels = two_channels(shape)
+    out, stats = sliding_window(channels, pointwise, PATCH, overlap=0.5, batch_size=2)
+    assert out.shape == shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, whole_volume(channels), atol=1e-5, rtol=0)
+    assert stats.patches == int(np.prod(stats.grid))
+
+
+def test_constant_model_output_is_one_everywhere_so_every_voxel_is_covered() -> None:
+    channels = two_channels((21, 23, 29))
+
+    def ones(batch: np.ndarray) -> np.ndarray:
+        return np.ones((batch.shape[0], 1, *batch.shape[2:]), dtype=np.float32)
+
+    out, _ = sliding_window(channels, ones, PATCH, overlap=0.25)
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def test_patch_local_gaussian_model_output_has_no_nan() -> None:
+    importance = gaussian_importance(PATCH)
+
+    def bump(batch: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(importance, (batch.shape[0], 1, *PATCH)).astype(np.float32)
+
+    out, _ = sliding_window(two_channels((21, 23, 29)), bump, PATCH, overlap=0.5)
+    assert np.isfinite(out).all()
+    assert out.min() > 0.0
+
+
+@pytest.mark.parametrize(
+    "length, patch, overlap", [(100, 16, 0.5), (17, 16, 0.5), (97, 32, 0.25), (50, 7, 0.0), (64, 16, 0.9)]
+)
+def test_window_starts_cover_the_axis_and_end_at_the_border(length: int, patch: int, overlap: float) -> None:
+    starts = window_starts(length, patch, overlap)
+    assert starts[0] == 0
+    assert starts[-1] + patch == length
+    assert starts == sorted(set(starts))
+    steps = np.diff(starts)
+    assert steps.max() <= max(1, int(patch * (1 - overlap)))
+    covered = np.zeros(length, dtype=bool)
+    for s in starts:
+        covered[s : s + patch] = True
+    assert covered.all()
+
+
+def test_window_starts_short_axis_is_one_window_and_bad_overlap_rejected() -> None:
+    assert window_starts(5, 16, 0.5) == [0]
+    assert window_starts(16, 16, 0.5) == [0]
+    with pytest.raises(ValueError):
+        window_starts(100, 16, 1.0)
+
+
+def test_batch_size_does_not_change_the_result() -> None:
+    channels = two_channels((21, 23, 29), seed=5)
+
+    def nonlocal_model(batch: np.ndarray) -> np.ndarray:  # depends on the whole patch, so windows differ
+        return batch[:, :1] * batch.mean(axis=(1, 2, 3, 4), keepdims=True)
+
+    one, s1 = sliding_window(channels, nonlocal_model, PATCH, batch_size=1)
+    three, s3 = sliding_window(channels, nonlocal_model, PATCH, batch_size=3)
+    np.testing.assert_array_equal(one, three)
+    assert s1.batches > s3.batches and s1.patches == s3.patches
+
+
+def test_predict_never_gets_more_than_batch_size_patches() -> None:
+    sizes: list[int] = []
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        sizes.append(batch.shape[0])
+        assert batch.shape[1:] == (2, *PATCH) and batch.dtype == np.float32
+        return pointwise(batch)
+
+    sliding_window(two_channels((21, 23, 29)), recording, PATCH, batch_size=3)
+    assert max(sizes) == 3
+
+
+@pytest.mark.parametrize("shape", [(21, 23, 29), (5, 7, 9)])
+def test_preallocated_out_array_receives_the_result(shape: tuple[int, int, int]) -> None:
+    channels = two_channels(shape, seed=7)
+    out = np.full(shape, np.nan, dtype=np.float32)
+    result, _ = sliding_window(channels, pointwise, PATCH, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, whole_volume(channels), atol=1e-5, rtol=0)
+
+
+def test_progress_reports_every_batch_up_to_the_total() -> None:
+    calls: list[tuple[int, int]] = []
+    _, stats = sliding_window(
+        two_channels((21, 23, 29)), pointwise, PATCH, batch_size=4, progress=lambda d, t: calls.append((d, t))
+    )
+    assert len(calls) == stats.batches
+    assert calls[-1] == (stats.patches, stats.patches)
+
+
+def test_mismatched_channel_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="shapes differ"):
+        sliding_window([np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 9), np.float32)], pointwise, PATCH)
+
+
+def test_gaussian_importance_peaks_at_one_in_the_centre_and_is_floored() -> None:
+    w = gaussian_importance((9, 9, 9), floor=1e-3)
+    assert w.max() == pytest.approx(1.0) and w[4, 4, 4] == pytest.approx(1.0)
+    assert w.min() >= 1e-3
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1])  # symmetric
+
+
+def test_pad_to_patch_pads_only_short_axes_at_the_high_end() -> None:
+    vol = np.arange(3 * 20 * 5, dtype=np.float32).reshape(3, 20, 5)
+    padded = pad_to_patch(vol, (8, 10, 12))
+    assert padded.shape == (8, 20, 12)
+    np.testing.assert_array_equal(padded[:3, :, :5], vol)
+    assert pad_to_patch(vol, (2, 2, 2)) is vol
