@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
     parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
+    parser.add_argument("--ram-budget", type=float, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock budget for the whole run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,6 +59,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         report=args.report,
         output_dtype=args.output_dtype,
         vram_budget_gib=args.vram_budget,
+        ram_budget_gib=args.ram_budget,
         time_budget_s=args.time_budget,
         threads=args.threads,
     )
@@ -87,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         from fusemycells.budget import BudgetPolicy
         from fusemycells.pipeline import Fuser, run_directory
 
-        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, config.time_budget_s, config.threads)
+        ensure_writable(config.output_dir)
+        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, config.time_budget_s, config.threads, config.ram_budget_gib)
         report["resources"] = str(resources)
         report["policy"] = policy.as_report()
         fuser = Fuser(manifest, policy, backend=config.backend)
         cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype)
-    except (FileNotFoundError, ManifestError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError) as exc:
         log.error("%s", exc)
         report["error"] = str(exc)
         _write_report(config, report)
@@ -105,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     _write_report(config, report)
     log.info("done: %d written, %d refused, %.1f s", len(cases) - len(refused), len(refused), report["seconds"])
     return 1 if refused else 0
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create the output folder if needed; raise PermissionError when files cannot be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
 
 
 def _write_report(config: RunConfig, report: dict[str, object]) -> None:

@@ -12,10 +12,26 @@ import resource
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 VRAM_SAFE_FRACTION = 0.8
 """Share of the free device memory used when no ``--vram-budget`` is given."""
+RAM_SAFE_FRACTION = 0.85
+"""Share of the available RAM a file may need when no ``--ram-budget`` is given."""
+
+
+def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> int:
+    """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
+
+    Input pixels (``itemsize`` each) + two float32 input-grid arrays (the normalised input and a
+    transient) + three float32 arrays on the high-resolution grid (the resampled input, the
+    upsampled stage-1 prediction, the stitched prediction) + a fixed 512 MiB for the networks.
+    """
+    n_input = float(np.prod(shape, dtype=np.float64))
+    n_high = float(np.prod([max(1, round(n * s / target_spacing)) for n, s in zip(shape, spacing)], dtype=np.float64))
+    return int(n_input * (itemsize + 8) + 12 * n_high + (512 << 20))
 
 
 def cuda_available() -> bool:
@@ -90,33 +106,50 @@ class BudgetPolicy:
     vram_budget_gib: float | None
     time_budget_s: float | None
     threads: int | None
+    ram_budget_bytes: int | None = None
     events: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, device: str, vram_budget_gib: float | None, time_budget_s: float | None, threads: int | None) -> BudgetPolicy:
+    def create(cls, device: str, vram_budget_gib: float | None, time_budget_s: float | None, threads: int | None, ram_budget_gib: float | None = None) -> BudgetPolicy:
         chosen = choose_device(device)
         if chosen == "cuda" and vram_budget_gib is None:
             free = free_vram_gib()
             vram_budget_gib = None if free is None else round(free * VRAM_SAFE_FRACTION, 2)
         if threads is None:
             threads = os.cpu_count() or 1
+        if ram_budget_gib is not None:
+            ram_budget = int(ram_budget_gib * (1 << 30))
+        else:
+            available = available_ram_bytes()
+            ram_budget = None if available is None else int(available * RAM_SAFE_FRACTION)
         policy = cls(
             device=chosen,
             half=chosen == "cuda",
             vram_budget_gib=vram_budget_gib,
             time_budget_s=time_budget_s,
             threads=threads,
+            ram_budget_bytes=ram_budget,
         )
-        log.info("device %s (fp16 %s), VRAM budget %s GiB, time budget %s s, %d CPU threads", policy.device, policy.half, vram_budget_gib, time_budget_s, threads)
+        ram_text = "unknown" if ram_budget is None else f"{ram_budget / (1 << 30):.1f}"
+        log.info("device %s (fp16 %s), VRAM budget %s GiB, RAM budget %s GiB, time budget %s s, %d CPU threads", policy.device, policy.half, vram_budget_gib, ram_text, time_budget_s, threads)
         return policy
 
     def patch_batch_size(self, manifest_batch: int) -> int:
         """Patches per forward call: the manifest's value (the OOM ladder may lower it later)."""
         return max(1, manifest_batch)
 
+    def check_memory(self, shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> None:
+        """Raise :class:`MemoryError` (before any allocation) when a stack would exceed the RAM budget."""
+        if self.ram_budget_bytes is None:
+            return
+        need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
+        if need > self.ram_budget_bytes:
+            raise MemoryError(f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB")
+
     def as_report(self) -> dict[str, object]:
         return {
             "device": self.device,
+            "ram_budget_gib": None if self.ram_budget_bytes is None else round(self.ram_budget_bytes / (1 << 30), 2),
             "fp16": self.half,
             "vram_budget_gib": self.vram_budget_gib,
             "time_budget_s": self.time_budget_s,

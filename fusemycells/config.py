@@ -120,6 +120,7 @@ class RunConfig:
     report: Path | None = None
     output_dtype: str = "float32"  # float32 | uint16
     vram_budget_gib: float | None = None  # None: a safe fraction of free device memory
+    ram_budget_gib: float | None = None  # None: a safe fraction of available host memory
     time_budget_s: float | None = None  # None: no deadline
     threads: int | None = None  # CPU threads for torch/onnxruntime; None: library default
 

@@ -10,6 +10,7 @@ defaults, and every fallback is recorded in :attr:`Volume.warnings`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ DEFAULT_SPACING_ZYX_UM: tuple[float, float, float] = (1.0, 0.39, 0.39)
 DEFAULT_CHANNEL = "nucleus"
 """Channel used when a file declares none: nuclei are the majority of the challenge data."""
 CHANNELS = ("nucleus", "membrane")
+PLAUSIBLE_SPACING_UM = (0.01, 100.0)
+"""Declared spacings outside this range (µm) are ignored as implausible (then: fallbacks)."""
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 _AXIS_KEYS = {
@@ -49,6 +52,8 @@ class Volume:
     channel: str
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    source_shape: tuple[int, ...] | None = None  # the file's shape when it was not ZYX (2D, singleton axes)
+    source_axes: str | None = None  # the file's axes letters for ``source_shape``, when known
 
 
 def _lookup(meta: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -102,7 +107,7 @@ def _resolution_spacing(tif: tifffile.TiffFile) -> tuple[float | None, float | N
                 # writes pixels per µm under unit INCH, so an implausible size falls back to that reading.
                 if not (1e-4 < value < 1e3):
                     value = raw
-                if not (1e-4 < value < 1e3) or abs(pixels_per_unit - 1.0) < 1e-12:
+                if not (PLAUSIBLE_SPACING_UM[0] <= value <= PLAUSIBLE_SPACING_UM[1]) or abs(pixels_per_unit - 1.0) < 1e-12:
                     value = None  # 1 pixel/unit is tifffile's "not set" default
         out.append(value)
     return out[0], out[1]
@@ -113,10 +118,18 @@ def spacing_from_metadata(
 ) -> tuple[tuple[float, float, float], list[str]]:
     """(z, y, x) spacing in µm from metadata, with fallbacks; returns (spacing, warnings)."""
     warnings: list[str] = []
-    found = {axis: _as_positive_float(_lookup(meta, keys)) for axis, keys in _AXIS_KEYS.items()}
+    raw = {axis: _lookup(meta, keys) for axis, keys in _AXIS_KEYS.items()}
+    if raw["z"] is None:
+        raw["z"] = meta.get("spacing")  # ImageJ's z step (its 'unit', µm here)
+    found: dict[str, float | None] = {}
+    for axis, value in raw.items():
+        number = _as_positive_float(value)
+        if value is not None and (number is None or not PLAUSIBLE_SPACING_UM[0] <= number <= PLAUSIBLE_SPACING_UM[1]):
+            lo, hi = PLAUSIBLE_SPACING_UM
+            warnings.append(f"PhysicalSize{axis.upper()}={value!r} is not a plausible spacing ({lo:g}–{hi:g} µm): ignored")
+            number = None
+        found[axis] = number
     resolved: list[float] = []
-    if found["z"] is None:
-        found["z"] = _as_positive_float(meta.get("spacing"))  # ImageJ's z step (its 'unit', µm here)
     for index, axis in enumerate("zyx"):
         value = found[axis]
         if value is None and axis in "yx":
@@ -146,22 +159,70 @@ def channel_from_metadata(meta: dict[str, Any], path: Path | None = None) -> tup
     return DEFAULT_CHANNEL, [f"channel missing in metadata: using default '{DEFAULT_CHANNEL}'"]
 
 
-def read_volume(path: Path) -> Volume:
-    """Read a 3D TIFF stack (ZYX) with its spacing (µm), channel and metadata.
+def squeeze_to_zyx(shape: tuple[int, ...], axes: str = "") -> tuple[int, int, int]:
+    """The ZYX shape a stack is read as: singleton axes dropped, a 2D image becomes one slice.
 
-    Raises :class:`InputError` for files that are not readable TIFF stacks.
+    Raises :class:`InputError` when more than three non-singleton axes remain (real channels,
+    time points or RGB samples), naming the axes.
+    """
+    dims = list(shape)
+    names = list(axes) if len(axes) == len(shape) else ["?"] * len(shape)
+    while len(dims) > 3 and 1 in dims:
+        index = dims.index(1)
+        del dims[index], names[index]
+    if len(dims) > 3:
+        raise InputError(f"stack has {len(dims)} non-singleton axes {tuple(shape)} (axes '{axes}'): extra channels or time points are not supported")
+    if len(dims) == 2:
+        dims.insert(0, 1)
+    if len(dims) != 3 or min(dims) < 1:
+        raise InputError(f"expected a 2D or 3D image, got shape {tuple(shape)}")
+    return (dims[0], dims[1], dims[2])
+
+
+ReadCheck = Callable[[tuple[int, int, int], np.dtype, tuple[float, float, float]], None]
+
+
+def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
+    """Read a TIFF as a ZYX stack with its spacing (µm), channel and metadata.
+
+    ``check(shape_zyx, dtype, spacing)`` runs after the header is read and before the pixels are
+    loaded (memory budget); it raises to refuse the file. Raises :class:`InputError` for files
+    that are not readable TIFF stacks or have unsupported axes.
     """
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            data = tif.asarray()
+            series = tif.series[0]
+            shape = squeeze_to_zyx(tuple(series.shape), str(getattr(series, "axes", "")))
             meta = read_metadata(tif)
             fallback = _resolution_spacing(tif)
+            spacing, warnings = spacing_from_metadata(meta, fallback)
+            if check is not None:
+                check(shape, np.dtype(series.dtype), spacing)
+            data = series.asarray().reshape(shape)
+    except InputError as exc:
+        raise InputError(f"{path.name}: {exc}") from exc
+    except MemoryError:
+        raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise InputError(f"{path.name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-    spacing, warnings = spacing_from_metadata(meta, fallback)
+    if data.dtype.kind not in "uif" or data.dtype.itemsize > 8:
+        raise InputError(f"{path.name}: unsupported pixel type {data.dtype}")
+    source_shape, source_axes = None, None
+    if tuple(series.shape) != shape:
+        source_shape = tuple(int(n) for n in series.shape)
+        source_axes = str(getattr(series, "axes", "")) or None
+        warnings.append(f"shape {source_shape} read as ZYX {shape}; the output keeps the input's shape")
     channel, channel_warnings = channel_from_metadata(meta, path)
-    return Volume(data=data, spacing=spacing, channel=channel, metadata=meta, warnings=warnings + channel_warnings)
+    return Volume(
+        data=data,
+        spacing=spacing,
+        channel=channel,
+        metadata=meta,
+        warnings=warnings + channel_warnings,
+        source_shape=source_shape,
+        source_axes=source_axes,
+    )
 
 
 def output_metadata(volume: Volume) -> dict[str, Any]:
@@ -183,6 +244,11 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
             "channel": volume.channel,
         }
     )
+    if volume.source_shape is not None:  # written in the input's own shape
+        if volume.source_axes and len(volume.source_axes) == len(volume.source_shape) and "S" not in volume.source_axes:
+            meta["axes"] = volume.source_axes
+        else:
+            del meta["axes"]
     meta.pop("shape", None)
     return meta
 
@@ -192,6 +258,8 @@ def write_volume(path: Path, data: np.ndarray, like: Volume) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = output_metadata(like)
+    if like.source_shape is not None and data.shape != like.source_shape:
+        data = data.reshape(like.source_shape)
     tmp = path.with_name(f".{path.name}.partial")
     tifffile.imwrite(
         tmp,

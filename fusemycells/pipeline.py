@@ -158,7 +158,12 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str) 
     started = time.perf_counter()
     log.info("[%s] reading", path.name)
     try:
-        volume = read_volume(path)
+        target = min(c.target_spacing_um for c in fuser.manifest.channels.values())
+
+        def check(shape: tuple[int, int, int], dtype: np.dtype, spacing: tuple[float, float, float]) -> None:
+            fuser.policy.check_memory(shape, dtype.itemsize, spacing, target)
+
+        volume = read_volume(path, check=check)
         if volume.data.ndim != 3:
             raise InputError(f"{path.name}: expected a 3D ZYX stack, got shape {volume.data.shape}")
         report.shape = list(volume.data.shape)
@@ -178,7 +183,12 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str) 
         report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others
         report.status = "refused"
-        report.error = str(exc) if isinstance(exc, InputError) else f"{path.name}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, InputError):
+            report.error = str(exc)
+        elif isinstance(exc, MemoryError):
+            report.error = f"{path.name}: out of memory budget: {exc}"
+        else:
+            report.error = f"{path.name}: {type(exc).__name__}: {exc}"
         log.error("[%s] refused: %s", path.name, report.error)
         if not isinstance(exc, (InputError, MemoryError)):
             log.debug("traceback", exc_info=True)

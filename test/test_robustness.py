@@ -1,0 +1,403 @@
+"""Robustness: strange inputs, faults and safety (issue 7), one test per case, plus a fuzz test.
+
+"Processed" = an output with the input's shape is written and a warning is in the report;
+"refused" = no output for that file, a one-line error naming it, other files still written,
+exit code 1. Runs call ``inference.main`` in-process (fast) except the sandboxed safety test,
+which runs the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import REPO, blob_volume, write_case
+
+import inference
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, sha256_of
+from fusemycells.io import DEFAULT_SPACING_ZYX_UM
+
+
+def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    """inference.main on ROOT (input and output root); returns (exit code, report)."""
+    report = root / "report.json"
+    code = inference.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *extra])
+    return code, json.loads(report.read_text())
+
+
+def inputs(root: Path) -> Path:
+    folder = root / INPUT_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def case_report(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(f for f in report["files"] if f["file"] == name)
+
+
+def output_of(root: Path, name: str) -> np.ndarray:
+    return tifffile.imread(root / OUTPUT_SUBDIR / name)
+
+
+def assert_processed(root: Path, report: dict[str, Any], name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    entry = case_report(report, name)
+    assert entry["status"] == "ok", entry["error"]
+    out = output_of(root, name)
+    assert out.shape == shape
+    assert out.dtype == np.float32  # documented default output type
+    assert np.isfinite(out).all()
+    return entry
+
+
+def assert_refused(root: Path, report: dict[str, Any], name: str, reason: str) -> None:
+    entry = case_report(report, name)
+    assert entry["status"] == "refused"
+    assert name in entry["error"] and reason in entry["error"]
+    assert "\n" not in entry["error"]
+    assert not (root / OUTPUT_SUBDIR / name).exists()
+
+
+# 1 ----------------------------------------------------------------------------------------------
+def test_tiff_without_metadata_uses_resolution_tags_then_defaults(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    data = blob_volume((6, 24, 24))
+    tifffile.imwrite(folder / "tags.tif", data, metadata=None, resolution=(1 / 0.25, 1 / 0.25), resolutionunit="MICROMETER")
+    tifffile.imwrite(folder / "bare.tif", data, metadata=None)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    tags = assert_processed(tmp_path, report, "tags.tif", data.shape)
+    assert tags["spacing_um"][1:] == pytest.approx([0.25, 0.25])
+    assert any("resolution tag" in w for w in tags["warnings"])
+    bare = assert_processed(tmp_path, report, "bare.tif", data.shape)
+    assert bare["spacing_um"] == pytest.approx(list(DEFAULT_SPACING_ZYX_UM))
+    assert any("default" in w for w in bare["warnings"])
+
+
+# 2 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys", [("physicalsizez", "physicalsizey", "physicalsizex"), ("physical_size_z", "physical_size_y", "physical_size_x")])
+def test_lower_and_snake_case_metadata_keys_are_honoured(fixture_resources: Path, tmp_path: Path, keys: tuple[str, str, str]) -> None:
+    data = blob_volume((6, 24, 24))
+    meta = dict(zip(keys, (2.5, 0.3, 0.2))) | {"channel": "membrane"}
+    tifffile.imwrite(inputs(tmp_path) / "keys.tif", data, metadata=meta)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "keys.tif", data.shape)
+    assert entry["spacing_um"] == pytest.approx([2.5, 0.3, 0.2])
+    assert entry["channel"] == "membrane"
+
+
+# 3 ----------------------------------------------------------------------------------------------
+def test_2d_and_singleton_axes_are_squeezed_and_written_in_the_input_shape(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    image_2d = blob_volume((1, 30, 28))[0]
+    stack_5d = blob_volume((5, 20, 22))[None, :, None]
+    tifffile.imwrite(folder / "flat.tif", image_2d)
+    tifffile.imwrite(folder / "five_d.tif", stack_5d)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    for name, shape in (("flat.tif", image_2d.shape), ("five_d.tif", stack_5d.shape)):
+        entry = assert_processed(tmp_path, report, name, shape)
+        assert any("read as ZYX" in w for w in entry["warnings"])
+
+
+def test_real_extra_channels_or_time_points_are_refused(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    tifffile.imwrite(folder / "two_channels.tif", np.stack([blob_volume((4, 16, 16))] * 2, axis=1))
+    write_case(folder, "good.tif", blob_volume((4, 16, 16)))
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 1
+    assert_refused(tmp_path, report, "two_channels.tif", "extra channels or time points")
+    assert_processed(tmp_path, report, "good.tif", (4, 16, 16))
+
+
+# 4 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32", "float64"])
+def test_other_pixel_types_are_processed_to_float32(fixture_resources: Path, tmp_path: Path, dtype: str) -> None:
+    base = blob_volume((5, 20, 20)).astype(np.float64)
+    if dtype == "uint8":
+        data = (base / base.max() * 255).astype(np.uint8)
+    elif dtype == "int16":
+        data = (base - 1000).astype(np.int16)  # negative values too
+    else:
+        data = (base / 1000.0).astype(dtype)
+    write_case(inputs(tmp_path), "typed.tif", data)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "typed.tif", data.shape)
+    assert entry["input_dtype"] == dtype and entry["output_dtype"] == "float32"
+
+
+# 5 ----------------------------------------------------------------------------------------------
+def test_non_finite_voxels_are_replaced_and_counted(fixture_resources: Path, tmp_path: Path) -> None:
+    data = blob_volume((5, 20, 20)).astype(np.float32)
+    data[0, 0, :3] = np.nan
+    data[1, 1, :2] = np.inf
+    data[2, 2, 0] = -np.inf
+    write_case(inputs(tmp_path), "nan.tif", data)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "nan.tif", data.shape)
+    assert entry["non_finite_replaced"] == 6
+    assert any("non-finite" in w for w in entry["warnings"])
+
+
+# 6 ----------------------------------------------------------------------------------------------
+def test_constant_and_all_zero_images_give_finite_outputs(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    write_case(folder, "constant.tif", np.full((5, 20, 20), 700, np.uint16))
+    write_case(folder, "zeros.tif", np.zeros((5, 20, 20), np.uint16))
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    for name in ("constant.tif", "zeros.tif"):
+        assert_processed(tmp_path, report, name, (5, 20, 20))  # asserts finite values
+
+
+# 7 ----------------------------------------------------------------------------------------------
+def test_volumes_smaller_than_a_patch_and_single_slices_are_processed(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    write_case(folder, "tiny.tif", blob_volume((2, 7, 5)), spacing=(0.5, 0.5, 0.5))  # patch is 16³ on H
+    write_case(folder, "one_slice.tif", blob_volume((1, 40, 36)))
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    assert_processed(tmp_path, report, "tiny.tif", (2, 7, 5))
+    assert_processed(tmp_path, report, "one_slice.tif", (1, 40, 36))
+
+
+# 8 ----------------------------------------------------------------------------------------------
+def test_extreme_anisotropy_is_processed(fixture_resources: Path, tmp_path: Path) -> None:
+    write_case(inputs(tmp_path), "aniso.tif", blob_volume((4, 32, 32)), spacing=(4.0, 0.4, 0.4))
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "aniso.tif", (4, 32, 32))
+    assert entry["high_res_grid"] == [27, 21, 21]
+
+
+@pytest.mark.parametrize("declared", [0.0, -1.0, 1e-5, 500.0])
+def test_implausible_declared_spacing_is_ignored_with_a_warning(fixture_resources: Path, tmp_path: Path, declared: float) -> None:
+    tifffile.imwrite(inputs(tmp_path) / "odd.tif", blob_volume((5, 20, 20)), metadata={"PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3, "PhysicalSizeZ": declared, "channel": "nucleus"})
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "odd.tif", (5, 20, 20))
+    assert entry["spacing_um"] == pytest.approx([DEFAULT_SPACING_ZYX_UM[0], 0.3, 0.3])
+    assert any("not a plausible spacing" in w for w in entry["warnings"])
+
+
+# 9 ----------------------------------------------------------------------------------------------
+def test_corrupt_non_tiff_and_empty_files_are_refused_and_the_good_one_written(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    good = write_case(folder, "good.tif", blob_volume((5, 20, 20)))
+    (folder / "truncated.tif").write_bytes(good.read_bytes()[:600])
+    (folder / "text.tif").write_text("this is not an image")
+    (folder / "empty.tiff").write_bytes(b"")
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 1
+    for name in ("truncated.tif", "text.tif", "empty.tiff"):
+        assert_refused(tmp_path, report, name, "not a readable TIFF")
+    assert_processed(tmp_path, report, "good.tif", (5, 20, 20))
+    assert sorted(report["refused"]) == ["empty.tiff", "text.tif", "truncated.tif"]
+
+
+# 10 ---------------------------------------------------------------------------------------------
+def test_stack_over_the_memory_budget_is_refused_before_its_pixels_are_loaded(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_case(inputs(tmp_path), "big.tif", blob_volume((8, 64, 64)))
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pixels were loaded although the file is over budget")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_loading)
+    code, report = run(tmp_path, fixture_resources, "--ram-budget", "0.0001")
+    assert code == 1
+    assert_refused(tmp_path, report, "big.tif", "over the RAM budget")
+
+
+# 11 ---------------------------------------------------------------------------------------------
+def test_missing_input_folder_is_a_clear_error_and_nothing_is_written(fixture_resources: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = inference.main(["--input", str(tmp_path / "nowhere"), "--output", str(out), "--resources", str(fixture_resources)])
+    assert code == 2
+    assert not out.exists()
+
+
+# 12 ---------------------------------------------------------------------------------------------
+def test_missing_output_folder_is_created(fixture_resources: Path, tmp_path: Path) -> None:
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    out_root = tmp_path / "new" / "deeper"
+    code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu"])
+    assert code == 0
+    assert (out_root / OUTPUT_SUBDIR / "case.tif").is_file()
+
+
+def test_unwritable_output_folder_is_a_clear_error(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("an output root that is a file cannot hold folders")
+    code = inference.main(["--input", str(tmp_path), "--output", str(blocker), "--resources", str(fixture_resources), "--device", "cpu"])
+    assert code == 2
+    assert "output folder not writable" in caplog.text
+
+
+# 13 ---------------------------------------------------------------------------------------------
+def test_one_bad_file_of_two_does_not_lose_the_good_one(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    write_case(folder, "a_good.tif", blob_volume((5, 20, 20)))
+    tifffile.imwrite(folder / "b_bad.tif", np.zeros((2, 3, 4, 16, 16), np.uint16))  # time × channels
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 1
+    assert_processed(tmp_path, report, "a_good.tif", (5, 20, 20))
+    assert_refused(tmp_path, report, "b_bad.tif", "non-singleton axes")
+
+
+# 14 ---------------------------------------------------------------------------------------------
+def _copy_resources(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_checksum(resources: Path, file_name: str) -> None:
+    manifest_path = resources / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for channel in manifest["channels"].values():
+        for stage in ("global_stage", "patch_stage"):
+            for entry in channel[stage]["files"].values():
+                if entry["path"] == file_name:
+                    entry["sha256"] = sha256_of(resources / file_name)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _onnx_files(resources: Path) -> list[str]:
+    manifest = json.loads((resources / "manifest.json").read_text())
+    return sorted({e["files"]["onnx"]["path"] for ch in manifest["channels"].values() for e in (ch["global_stage"], ch["patch_stage"])})
+
+
+def test_corrupt_onnx_with_a_valid_checksum_falls_back_to_torchscript(fixture_resources: Path, tmp_path: Path) -> None:
+    resources = _copy_resources(fixture_resources, tmp_path / "res")
+    for name in _onnx_files(resources):
+        (resources / name).write_bytes(b"not an onnx model")
+        _rewrite_checksum(resources, name)
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    code, report = run(tmp_path, resources)  # auto backend prefers ONNX on CPU
+    assert code == 0
+    stages = case_report(report, "case.tif")["stages"]
+    assert stages["global"]["backend"] == stages["patch"]["backend"] == "torchscript"
+
+
+@pytest.mark.parametrize("fault", ["missing", "checksum"])
+def test_broken_weights_in_both_formats_are_a_clear_error_never_random_weights(fixture_resources: Path, tmp_path: Path, fault: str) -> None:
+    resources = _copy_resources(fixture_resources, tmp_path / "res")
+    manifest = json.loads((resources / "manifest.json").read_text())
+    stage_files = manifest["channels"]["nucleus"]["global_stage"]["files"]
+    for entry in stage_files.values():
+        path = resources / entry["path"]
+        if fault == "missing":
+            path.unlink()
+        else:
+            path.write_bytes(path.read_bytes() + b"tampered")
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    code, report = run(tmp_path, resources)
+    assert code == 1
+    error = case_report(report, "case.tif")["error"]
+    assert all(entry["path"] in error for entry in stage_files.values())
+    assert not (tmp_path / OUTPUT_SUBDIR / "case.tif").exists()
+
+
+# 15 ---------------------------------------------------------------------------------------------
+SANDBOX = textwrap.dedent(
+    """
+    import atexit, os, socket, sys
+    ALLOWED = [os.path.realpath(p) for p in os.environ["SANDBOX_WRITABLE"].split(os.pathsep)]
+    VIOLATIONS = []
+
+    def _allowed(path):
+        real = os.path.realpath(os.fsdecode(path))
+        return real == os.devnull or any(real == a or real.startswith(a + os.sep) for a in ALLOWED)
+
+    def _hook(event, args):
+        if event in ("socket.connect", "socket.bind", "socket.getaddrinfo"):
+            VIOLATIONS.append(f"network: {event} {args!r}")
+            raise PermissionError("network blocked by the test sandbox")
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1] or "r", args[2] or 0
+            writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if writing and not _allowed(args[0]):
+                VIOLATIONS.append(f"write outside output/tmp: {args[0]!r}")
+                raise PermissionError(f"write blocked by the test sandbox: {args[0]}")
+        target = {"os.rename": 1, "os.replace": 1, "os.remove": 0, "os.mkdir": 0, "os.rmdir": 0}.get(event)
+        if target is not None and not _allowed(args[target]):
+            VIOLATIONS.append(f"{event} outside output/tmp: {args!r}")
+            raise PermissionError(f"{event} blocked by the test sandbox")
+
+    sys.addaudithook(_hook)
+    atexit.register(lambda: VIOLATIONS and print("SANDBOX VIOLATIONS:", *VIOLATIONS, sep="\\n", file=sys.stderr))
+    """
+)
+
+
+def _tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_no_network_no_writes_outside_output_and_tmp_and_inputs_unchanged(fixture_resources: Path, tmp_path: Path) -> None:
+    in_root, out_root, tmp_dir, site = (tmp_path / n for n in ("in", "out", "tmp", "site"))
+    for folder in (tmp_dir, site):
+        folder.mkdir()
+    (site / "sitecustomize.py").write_text(SANDBOX)
+    folder = inputs(in_root)
+    write_case(folder, "a.tif", blob_volume((5, 20, 20)))
+    write_case(folder, "b.tif", blob_volume((4, 24, 20), seed=3), channel="membrane")
+    before = _tree_hashes(in_root)
+    env = {**os.environ, "PYTHONPATH": str(site), "SANDBOX_WRITABLE": os.pathsep.join([str(out_root), str(tmp_dir)]), "TMPDIR": str(tmp_dir), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "inference.py"), "--input", str(in_root), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_dir))
+    assert "SANDBOX VIOLATIONS" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out_root / OUTPUT_SUBDIR).iterdir()) == ["a.tif", "b.tif"]
+    assert _tree_hashes(in_root) == before
+
+
+def test_sandbox_catches_a_write_outside_the_allowed_folders(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SANDBOX)
+    env = {**os.environ, "PYTHONPATH": str(site), "SANDBOX_WRITABLE": str(tmp_path / "allowed")}
+    proc = subprocess.run([sys.executable, "-c", f"open({str(tmp_path / 'elsewhere.txt')!r}, 'w')"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "SANDBOX VIOLATIONS" in proc.stderr
+    assert not (tmp_path / "elsewhere.txt").exists()
+
+
+# fuzz -------------------------------------------------------------------------------------------
+def test_random_shapes_spacings_and_dtypes_always_give_finite_outputs_of_the_input_shape(fixture_resources: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2025)
+    folder = inputs(tmp_path)
+    expected = {}
+    for i in range(14):
+        shape = (int(rng.integers(1, 10)), int(rng.integers(1, 48)), int(rng.integers(1, 48)))
+        spacing = (float(rng.uniform(0.2, 5.0)), *(2 * [float(rng.uniform(0.1, 1.0))]))
+        dtype = rng.choice(["uint8", "uint16", "int16", "float32", "float64"])
+        kind = rng.choice(["noise", "constant", "sparse"])
+        if kind == "noise":
+            data = rng.gamma(2.0, 300.0, size=shape)
+        elif kind == "constant":
+            data = np.full(shape, float(rng.uniform(0, 200)))
+        else:
+            data = np.zeros(shape)
+            data.flat[rng.integers(0, data.size, size=max(1, data.size // 50))] = 250
+        if np.dtype(dtype).kind == "f" and rng.random() < 0.3:
+            data.flat[0] = np.nan
+        data = data.astype(dtype)
+        name = f"fuzz_{i:02d}.tif"
+        write_case(folder, name, data, spacing=spacing, channel=str(rng.choice(["nucleus", "membrane"])))
+        expected[name] = shape
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0, [f["error"] for f in report["files"] if f["status"] != "ok"]
+    for name, shape in expected.items():
+        assert_processed(tmp_path, report, name, shape)

@@ -1,0 +1,1 @@
+"""Training codebase (simulator, models, training, export); never copied into the image."""

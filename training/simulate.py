@@ -1,0 +1,328 @@
+"""Light-sheet simulator: one degraded view (the input) and a two-view fusion (the target).
+
+Physics (all lengths in µm, arrays ZYX; documented with the parameter ranges in training/README.md):
+
+* **Specimen** – an embryo-like ellipsoid filled with cells. Cell centres are drawn with a
+  minimum distance; ``nucleus`` = textured ellipsoidal nuclei of varied size and brightness,
+  ``membrane`` = Voronoi cell boundaries of the same centres plus the outer surface.
+* **One view** – the light travels along Z from one side (``top`` = entering at z = 0, or
+  ``bottom``). Each voxel sees the optical depth τ = μ·∫density dz from that side:
+  Beer–Lambert attenuation exp(−τ) (excitation and emission), and a PSF that widens with the
+  depth travelled inside tissue (lateral σ_xy = σ0_xy + k·d, axial σ_z = a·σ_xy, a > 1), plus
+  depth-growing scattering haze, a camera offset, Poisson photon noise and Gaussian read noise.
+* **Ground truth** – both opposite views simulated without noise, fused voxel-wise with a
+  sigmoid weight favouring the view whose light travelled less tissue, then a little photon
+  noise at a higher photon budget (fusion averages several acquisitions).
+
+Deterministic per seed: ``simulate_pair(seed, channel)`` always returns the same arrays.
+
+CLI::
+
+    python -m training.simulate --out data/sim --n 40 --seed 0 --channels nucleus membrane
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from fusemycells.io import Volume, write_volume
+
+log = logging.getLogger("training.simulate")
+
+CHANNELS = ("nucleus", "membrane")
+SPACING_Z_UM = (1.0, 3.0)
+SPACING_XY_UM = (0.195, 0.39)
+SHAPE_Z = (24, 80)
+SHAPE_YX = (96, 256)
+BLUR_LEVELS = 5  # the depth-dependent PSF is interpolated between this many blur levels
+
+
+@dataclass
+class SimParams:
+    """Every random choice of one simulated pair (lengths in µm unless named ``_vox``)."""
+
+    seed: int
+    channel: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    side: str  # 'top': light enters at z = 0; 'bottom': at z = -1
+    flip_y: bool
+    flip_x: bool
+    semi_axes_um: tuple[float, float, float]
+    cell_distance_um: float
+    n_cells: int
+    nucleus_fraction: float  # nucleus radius / half the cell distance
+    membrane_width_um: float
+    mu_per_um: float  # attenuation coefficient of tissue (density 1)
+    psf_sigma0_um: float  # lateral PSF σ at the surface
+    psf_growth: float  # lateral σ growth per µm of tissue depth
+    axial_ratio: float  # axial σ / lateral σ
+    haze: float  # scattering haze amplitude relative to the signal
+    photons: float  # expected photons at a bright voxel at the surface
+    offset: float  # camera offset (ADU)
+    read_noise: float  # read-noise σ (ADU)
+    gt_photon_factor: float  # the fused target has this many times more photons
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SimulatedPair:
+    """One simulated acquisition: ``input`` and ``fused`` are uint16 ZYX on the same grid."""
+
+    input: np.ndarray
+    fused: np.ndarray
+    spacing: tuple[float, float, float]
+    channel: str
+    params: SimParams
+
+
+def draw_params(seed: int, channel: str, shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None) -> SimParams:
+    """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose)."""
+    if channel not in CHANNELS:
+        raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
+    rng = np.random.default_rng(seed)
+    if spacing is None:
+        sxy = float(rng.uniform(*SPACING_XY_UM))
+        spacing = (float(rng.uniform(*SPACING_Z_UM)), sxy, sxy)
+    if shape is None:
+        nyx = int(rng.integers(SHAPE_YX[0], SHAPE_YX[1] + 1))
+        ny = int(np.clip(nyx * rng.uniform(0.8, 1.25), *SHAPE_YX))
+        shape = (int(rng.integers(SHAPE_Z[0], SHAPE_Z[1] + 1)), ny, nyx)
+    extent = np.asarray(shape) * np.asarray(spacing)
+    # The embryo fills most of the field of view but is cut by the stack limits sometimes.
+    semi = tuple(float(e / 2 * rng.uniform(0.7, 1.05)) for e in extent)
+    cell_distance = float(rng.uniform(5.0, 12.0))
+    volume_um3 = 4.0 / 3.0 * np.pi * np.prod(semi)
+    n_cells = int(np.clip(volume_um3 / cell_distance**3 * rng.uniform(0.5, 0.9), 8, 1500))
+    return SimParams(
+        seed=seed,
+        channel=channel,
+        shape=tuple(int(s) for s in shape),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        side=str(rng.choice(["top", "bottom"])),
+        flip_y=bool(rng.integers(2)),
+        flip_x=bool(rng.integers(2)),
+        semi_axes_um=semi,  # type: ignore[arg-type]
+        cell_distance_um=cell_distance,
+        n_cells=n_cells,
+        nucleus_fraction=float(rng.uniform(0.45, 0.8)),
+        membrane_width_um=float(rng.uniform(0.3, 0.9)),
+        mu_per_um=float(10 ** rng.uniform(np.log10(0.004), np.log10(0.04))),
+        psf_sigma0_um=float(rng.uniform(0.2, 0.45)),
+        psf_growth=float(10 ** rng.uniform(np.log10(0.004), np.log10(0.03))),
+        axial_ratio=float(rng.uniform(2.0, 4.5)),
+        haze=float(rng.uniform(0.0, 0.3)),
+        photons=float(10 ** rng.uniform(np.log10(30), np.log10(3000))),
+        offset=float(rng.uniform(90, 500)),
+        read_noise=float(rng.uniform(1.0, 8.0)),
+        gt_photon_factor=float(rng.uniform(3.0, 10.0)),
+    )
+
+
+def _coordinates(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[np.ndarray]:
+    """Broadcastable ZYX coordinates in µm, centred on the stack centre."""
+    return [((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s).reshape([-1 if a == i else 1 for a in range(3)]) for i, (n, s) in enumerate(zip(shape, spacing))]
+
+
+def _cell_centres(p: SimParams, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3) cell centres in µm inside the ellipsoid, roughly ``cell_distance`` apart."""
+    semi = np.asarray(p.semi_axes_um)
+    accepted: list[np.ndarray] = []
+    min_dist = 0.75 * p.cell_distance_um
+    for _ in range(40):
+        cand = rng.uniform(-1, 1, size=(4 * p.n_cells, 3))
+        cand = cand[(cand**2).sum(1) < 0.92] * semi
+        for c in cand:
+            if len(accepted) >= p.n_cells:
+                break
+            if accepted and np.min(np.linalg.norm(np.asarray(accepted) - c, axis=1)) < min_dist:
+                continue
+            accepted.append(c)
+        if len(accepted) >= p.n_cells:
+            break
+    return np.asarray(accepted, dtype=np.float32).reshape(-1, 3)
+
+
+def _smooth_noise(shape: tuple[int, ...], sigma_vox: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """Band-limited noise with unit standard deviation."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    return noise / max(float(noise.std()), 1e-6)
+
+
+def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Fluorophore density (the channel's label) and tissue density in [0, 1], both float32 ZYX."""
+    shape, spacing = p.shape, p.spacing
+    z, y, x = _coordinates(shape, spacing)
+    semi = p.semi_axes_um
+    level = (z / semi[0]) ** 2 + (y / semi[1]) ** 2 + (x / semi[2]) ** 2  # 1 on the embryo surface
+    tissue = (1.0 / (1.0 + np.exp((level - 1.0) * 25.0))).astype(np.float32)
+    centres = _cell_centres(p, rng)
+    label = np.zeros(shape, dtype=np.float32)
+    texture_sigma = tuple(float(np.clip(0.8 / s, 0.3, 4)) for s in spacing)
+    if p.channel == "nucleus":
+        texture = 1.0 + 0.25 * _smooth_noise(shape, texture_sigma, rng)
+        radius = p.nucleus_fraction * p.cell_distance_um / 2
+        edge_um = 0.35
+        for c in centres:
+            radii = radius * rng.uniform(0.7, 1.3, size=3)
+            brightness = float(rng.lognormal(0.0, 0.4))
+            if rng.random() < 0.04:  # dividing / apoptotic cells: small and very bright
+                radii *= 0.6
+                brightness *= 2.5
+            lo = [max(0, int(np.floor((c[a] - radii[a] - 2 * edge_um) / spacing[a] + (shape[a] - 1) / 2))) for a in range(3)]
+            hi = [min(shape[a], int(np.ceil((c[a] + radii[a] + 2 * edge_um) / spacing[a] + (shape[a] - 1) / 2)) + 1) for a in range(3)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)):
+                continue
+            zz, yy, xx = (coord[tuple(slice(lo[a], hi[a]) if a == i else slice(None) for a in range(3))] for i, coord in enumerate((z, y, x)))
+            r = np.sqrt(((zz - c[0]) / radii[0]) ** 2 + ((yy - c[1]) / radii[1]) ** 2 + ((xx - c[2]) / radii[2]) ** 2)
+            inside = 1.0 / (1.0 + np.exp((r - 1.0) * float(radii.mean()) / edge_um))
+            region = label[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            np.maximum(region, brightness * inside, out=region)
+        label *= np.clip(texture, 0.2, None)
+    else:
+        coords = np.stack(np.broadcast_arrays(z, y, x), axis=-1).reshape(-1, 3)
+        tree = cKDTree(centres)
+        dist, _ = tree.query(coords, k=2, workers=1)
+        gap = (dist[:, 1] - dist[:, 0]).reshape(shape) / 2  # distance to the Voronoi boundary (µm)
+        width = p.membrane_width_um
+        label = np.exp(-0.5 * (gap / (width / 2)) ** 2).astype(np.float32)
+        # The outer surface of the embryo is a membrane too.
+        surface_um = np.abs(np.sqrt(level) - 1.0) * float(np.mean(semi))
+        label = np.maximum(label * tissue, 1.3 * np.exp(-0.5 * (surface_um / (width / 2)) ** 2)).astype(np.float32)
+        label *= np.clip(1.0 + 0.3 * _smooth_noise(shape, texture_sigma, rng), 0.2, None)
+    label *= tissue
+    label += 0.03 * tissue  # weak cytoplasmic autofluorescence
+    return label.astype(np.float32), tissue
+
+
+def optical_depth(tissue: np.ndarray, spacing_z: float, mu: float, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """(τ, depth in tissue in µm) per voxel for light travelling along Z from ``side``."""
+    seq = tissue if side == "top" else tissue[::-1]
+    depth = np.cumsum(seq, axis=0, dtype=np.float32) * spacing_z
+    depth -= 0.5 * seq * spacing_z
+    if side == "bottom":
+        depth = depth[::-1]
+    return (mu * depth).astype(np.float32), np.ascontiguousarray(depth)
+
+
+def clean_view(label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str) -> np.ndarray:
+    """Noise-free single view from ``side``: attenuation, depth-dependent PSF and haze (float32)."""
+    tau, depth = optical_depth(tissue, p.spacing[0], p.mu_per_um, side)
+    attenuated = label * np.exp(-2.0 * tau)  # excitation and emission both attenuated
+    max_depth = max(float(depth.max()), 1e-3)
+    levels = np.linspace(0.0, max_depth, BLUR_LEVELS)
+    blurred = []
+    for d in levels:
+        sxy = p.psf_sigma0_um + p.psf_growth * d
+        sigma_vox = (p.axial_ratio * sxy / p.spacing[0], sxy / p.spacing[1], sxy / p.spacing[2])
+        blurred.append(ndimage.gaussian_filter(attenuated, sigma_vox, mode="nearest"))
+    # Linear interpolation between the blur levels at each voxel's depth.
+    pos = np.clip(depth / max_depth * (BLUR_LEVELS - 1), 0, BLUR_LEVELS - 1 - 1e-6)
+    idx = pos.astype(np.int32)
+    frac = pos - idx
+    view = np.zeros_like(attenuated)
+    for k in range(BLUR_LEVELS - 1):
+        sel = idx == k
+        view[sel] = (1 - frac[sel]) * blurred[k][sel] + frac[sel] * blurred[k + 1][sel]
+    if p.haze > 0:
+        wide = tuple(float(8.0 / s) for s in p.spacing)
+        haze = ndimage.gaussian_filter(attenuated, wide, mode="nearest")
+        view += p.haze * haze * np.clip(depth / max_depth, 0, 1)
+    return view
+
+
+def acquire(view: np.ndarray, photons: float, offset: float, read_noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Camera model: Poisson photon noise at ``photons`` per unit signal, offset, read noise → uint16."""
+    counts = rng.poisson(np.clip(view, 0, None) * photons).astype(np.float32)
+    adu = counts + offset + rng.normal(0.0, read_noise, size=view.shape).astype(np.float32)
+    return np.clip(np.round(adu), 0, 65535).astype(np.uint16)
+
+
+def fuse_views(top: np.ndarray, bottom: np.ndarray, tau_top: np.ndarray, tau_bottom: np.ndarray) -> np.ndarray:
+    """Voxel-wise fusion of two opposite views, weighting the one that travelled less tissue."""
+    w_top = 1.0 / (1.0 + np.exp(np.clip((tau_top - tau_bottom) * 6.0, -30, 30)))
+    return w_top * top + (1.0 - w_top) * bottom
+
+
+def simulate_pair(seed: int, channel: str = "nucleus", shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None) -> SimulatedPair:
+    """Simulate one (single view, fused) pair; deterministic in ``seed``."""
+    p = draw_params(seed, channel, shape, spacing)
+    rng = np.random.default_rng([seed, 1])
+    label, tissue = specimen(p, rng)
+    top = clean_view(label, tissue, p, "top")
+    bottom = clean_view(label, tissue, p, "bottom")
+    tau_top, _ = optical_depth(tissue, p.spacing[0], p.mu_per_um, "top")
+    tau_bottom, _ = optical_depth(tissue, p.spacing[0], p.mu_per_um, "bottom")
+    fused = fuse_views(top, bottom, tau_top, tau_bottom)
+    single = top if p.side == "top" else bottom
+    scale = 1.0 / max(float(np.percentile(fused, 99.9)), 1e-6)  # 'photons' = count at a bright voxel
+    inp = acquire(single * scale, p.photons, p.offset, p.read_noise, rng)
+    gt = acquire(fused * scale, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
+    flips = tuple(a for a, f in ((1, p.flip_y), (2, p.flip_x)) if f)
+    if flips:
+        inp = np.ascontiguousarray(np.flip(inp, flips))
+        gt = np.ascontiguousarray(np.flip(gt, flips))
+    return SimulatedPair(input=inp, fused=gt, spacing=p.spacing, channel=channel, params=p)
+
+
+def write_pair(pair: SimulatedPair, folder: Path, index: int, study: str) -> tuple[Path, Path]:
+    """Write ``image_<index>_<channel>_angle.tif`` and ``..._fused.tif`` with challenge metadata."""
+    meta = {"unit": "um", "axes": "ZYX", "study": study}
+    paths = []
+    for kind, data in (("angle", pair.input), ("fused", pair.fused)):
+        path = Path(folder) / f"image_{index}_{pair.channel}_{kind}.tif"
+        write_volume(path, data, Volume(data=data, spacing=pair.spacing, channel=pair.channel, metadata=dict(meta)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_dataset(out_dir: Path, n: int, seed: int, channels: tuple[str, ...] = CHANNELS, study: str = "simulated") -> list[dict[str, Any]]:
+    """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
+
+    Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
+    offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
+    also written to ``params.json``.
+    """
+    folder = Path(out_dir) / study
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    index = 0
+    for channel in channels:
+        offset = 0 if channel == "nucleus" else 50_000
+        for i in range(n):
+            started = time.perf_counter()
+            pair = simulate_pair(seed + offset + i, channel)
+            write_pair(pair, folder, index, study)
+            record = asdict(pair.params) | {"index": index}
+            records.append(record)
+            log.info("pair %d %s seed %d shape %s spacing %s (%.1f s)", index, channel, pair.params.seed, pair.params.shape, tuple(round(s, 3) for s in pair.spacing), time.perf_counter() - started)
+            index += 1
+    (folder / "params.json").write_text(json.dumps(records, indent=1))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write simulated light-sheet (single view, fused) pairs in the challenge layout.")
+    parser.add_argument("--out", type=Path, required=True, help="output root; files go to OUT/<study>/")
+    parser.add_argument("--n", type=int, default=10, help="pairs per channel")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (pair i uses seed+i)")
+    parser.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=CHANNELS)
+    parser.add_argument("--study", default="simulated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
