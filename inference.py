@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
     parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
     parser.add_argument("--ram-budget", type=float, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock budget for the whole run")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock budget for the whole run; outputs are degraded in steps to meet it (default: the manifest's time_budget_s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from fusemycells.pipeline import Fuser, run_directory
 
         ensure_writable(config.output_dir)
-        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, config.time_budget_s, config.threads, config.ram_budget_gib)
+        time_budget = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
+        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, time_budget, config.threads, config.ram_budget_gib, started=started)
         report["resources"] = str(resources)
         report["policy"] = policy.as_report()
         fuser = Fuser(manifest, policy, backend=config.backend)

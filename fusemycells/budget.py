@@ -10,6 +10,8 @@ import logging
 import os
 import resource
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,10 +109,24 @@ class BudgetPolicy:
     time_budget_s: float | None
     threads: int | None
     ram_budget_bytes: int | None = None
+    started: float = field(default_factory=time.perf_counter)  # perf_counter() at the start of the run
+    max_batch: int | None = None  # lowered by the OOM ladder, kept for later patches and files
+    sub_patch: tuple[int, int, int] | None = None  # set by the OOM ladder: tile each patch this small
+    forced_cpu: bool = False  # the OOM ladder moved the patch stage to the CPU
+    seconds_per_patch: float | None = None  # measured patch-stage rate, kept across files
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # last measured time per stage
     events: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, device: str, vram_budget_gib: float | None, time_budget_s: float | None, threads: int | None, ram_budget_gib: float | None = None) -> BudgetPolicy:
+    def create(
+        cls,
+        device: str,
+        vram_budget_gib: float | None,
+        time_budget_s: float | None,
+        threads: int | None,
+        ram_budget_gib: float | None = None,
+        started: float | None = None,
+    ) -> BudgetPolicy:
         chosen = choose_device(device)
         if chosen == "cuda" and vram_budget_gib is None:
             free = free_vram_gib()
@@ -129,14 +145,34 @@ class BudgetPolicy:
             time_budget_s=time_budget_s,
             threads=threads,
             ram_budget_bytes=ram_budget,
+            started=time.perf_counter() if started is None else started,
         )
         ram_text = "unknown" if ram_budget is None else f"{ram_budget / (1 << 30):.1f}"
         log.info("device %s (fp16 %s), VRAM budget %s GiB, RAM budget %s GiB, time budget %s s, %d CPU threads", policy.device, policy.half, vram_budget_gib, ram_text, time_budget_s, threads)
         return policy
 
     def patch_batch_size(self, manifest_batch: int) -> int:
-        """Patches per forward call: the manifest's value (the OOM ladder may lower it later)."""
-        return max(1, manifest_batch)
+        """Patches per forward call: the manifest's value, or less once the OOM ladder lowered it."""
+        size = max(1, manifest_batch)
+        return size if self.max_batch is None else max(1, min(size, self.max_batch))
+
+    def event(self, message: str) -> None:
+        """Record a policy decision (log + report)."""
+        log.warning("budget: %s", message)
+        self.events.append(message)
+
+    def remaining_s(self) -> float | None:
+        """Seconds left of the run's time budget (None: no budget)."""
+        if self.time_budget_s is None:
+            return None
+        return self.time_budget_s - (time.perf_counter() - self.started)
+
+    def file_deadline(self, files_left: int) -> float | None:
+        """perf_counter() time by which the current file must be written: an equal share of what is left."""
+        remaining = self.remaining_s()
+        if remaining is None:
+            return None
+        return time.perf_counter() + max(0.0, remaining) / max(1, files_left)
 
     def check_memory(self, shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> None:
         """Raise :class:`MemoryError` (before any allocation) when a stack would exceed the RAM budget."""
@@ -156,3 +192,92 @@ class BudgetPolicy:
             "threads": self.threads,
             "events": list(self.events),
         }
+
+
+DEGRADATION_LEVELS = {
+    0: "full two-stage prediction",
+    1: "patch stage without overlap (fewer patches)",
+    2: "global stage only, blended as in post-processing",
+    3: "percentile-normalised input (no network)",
+}
+"""Steps taken, in order, when the time budget cannot be met (reported as ``degradation``)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The patch stage would not finish before the file's deadline."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/ONNX Runtime/host out-of-memory errors."""
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    text = str(exc).lower()
+    return name == "OutOfMemoryError" or "out of memory" in text or "failed to allocate memory" in text
+
+
+def free_device_cache() -> None:
+    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class OomLadder:
+    """A batch predictor that survives out-of-memory errors, step by step.
+
+    On OOM: free the device cache and halve the batch; at one patch, tile the patch into
+    half-size sub-patches (Gaussian-stitched, so coverage and weighting stay correct) down to
+    ``min_sub_patch``; then finish on the CPU predictor. What worked is stored in ``policy`` and
+    kept for later patches and files. Batches are ``(N, C, Z, Y, X)`` float32.
+    """
+
+    def __init__(self, predict: Predict, policy: BudgetPolicy, cpu_predict: Callable[[], Predict] | None = None, min_sub_patch: int = 16) -> None:
+        self.predict = predict
+        self.policy = policy
+        self.cpu_predict = cpu_predict
+        self.min_sub_patch = min_sub_patch
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        size = self.policy.max_batch or len(batch)
+        return np.concatenate([self._run(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) == 1 and self.policy.sub_patch is not None and any(s < n for s, n in zip(self.policy.sub_patch, batch.shape[2:])):
+            return self._tiled(batch)
+        try:
+            return self.predict(batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        free_device_cache()
+        if len(batch) > 1:
+            half = max(1, len(batch) // 2)
+            self.policy.max_batch = half
+            self.policy.event(f"out of memory with {len(batch)} patches per batch: batch size {half}")
+            return np.concatenate([self._run(batch[:half]), self._run(batch[half:])])
+        current = self.policy.sub_patch or tuple(int(n) for n in batch.shape[2:])
+        smaller = tuple(max(self.min_sub_patch, (n + 1) // 2) for n in current)
+        if smaller != current:
+            self.policy.sub_patch = smaller  # type: ignore[assignment]
+            self.policy.event(f"out of memory on one {tuple(batch.shape[2:])} patch: tiling it into {smaller} sub-patches")
+            return self._tiled(batch)
+        if self.cpu_predict is not None and not self.policy.forced_cpu:
+            self.policy.forced_cpu = True
+            self.policy.event("out of memory at the smallest sub-patch: finishing the patch stage on the CPU")
+            self.predict = self.cpu_predict()
+            self.policy.sub_patch = None
+            return self._run(batch)
+        raise MemoryError(f"out of memory even for a {current} patch on the CPU")
+
+    def _tiled(self, batch: np.ndarray) -> np.ndarray:
+        from .stitching import sliding_window  # local import: stitching uses this module's types only
+
+        assert self.policy.sub_patch is not None
+        channels = [batch[0, c] for c in range(batch.shape[1])]
+        sub = tuple(min(s, n) for s, n in zip(self.policy.sub_patch, batch.shape[2:]))
+        stitched, _ = sliding_window(channels, self._run, sub, overlap=0.5, batch_size=1)
+        return stitched[None, None]

@@ -10,8 +10,9 @@ weight map, so wherever the weight is 0 the output equals the (normalised) input
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,19 @@ import numpy as np
 
 from . import postprocess
 from .backends import LoadedStage, load_stage
-from .budget import BudgetPolicy, peak_rss_mib
+from .budget import (
+    DEGRADATION_LEVELS,
+    BudgetPolicy,
+    DeadlineExceeded,
+    OomLadder,
+    free_device_cache,
+    is_out_of_memory,
+    peak_rss_mib,
+)
 from .config import ChannelSpec, Manifest
 from .io import InputError, Volume, list_inputs, read_volume, write_volume
 from .preprocess import iter_resized, normalise_intensity, resize, sanitise, shape_for_spacing
-from .stitching import sliding_window
+from .stitching import count_windows, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ class CaseReport:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float | None = None
     non_finite_replaced: int = 0
+    degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
@@ -87,8 +97,32 @@ class Fuser:
             log.info("loaded %s %s stage: %s (%s on %s)", channel.name, which, loaded.file, loaded.runner.backend, loaded.runner.provider)
         return self._stages[key]
 
-    def fuse(self, volume: Volume, report: CaseReport) -> np.ndarray:
-        """Fused prediction for one volume: float32 ZYX on the input grid, percentile-normalised."""
+    def cpu_runner(self, channel: ChannelSpec, which: str) -> LoadedStage:
+        """The stage loaded on the CPU (fallback when the device runs out of memory)."""
+        key = (channel.name, which + "@cpu")
+        if key not in self._stages:
+            spec = channel.global_stage if which == "global" else channel.patch_stage
+            self._stages[key] = load_stage(self.manifest, spec, self.backend, "cpu", threads=self.policy.threads, strict=self.backend != "auto")
+        return self._stages[key]
+
+    def _global_prediction(self, channel: ChannelSpec, coarse: np.ndarray) -> np.ndarray:
+        """Stage-1 prediction on the global grid (ZYX float32); moves to the CPU on device OOM."""
+        stage1 = self.stage(channel, "global")
+        try:
+            return stage1.runner(coarse[None, None])[0, 0]
+        except Exception as exc:
+            if not is_out_of_memory(exc) or self.policy.device == "cpu":
+                raise
+        free_device_cache()
+        self.policy.event("out of memory in the global stage: running it on the CPU")
+        return self.cpu_runner(channel, "global").runner(coarse[None, None])[0, 0]
+
+    def fuse(self, volume: Volume, report: CaseReport, deadline: float | None = None) -> np.ndarray:
+        """Fused prediction for one volume: float32 ZYX on the input grid, percentile-normalised.
+
+        ``deadline`` (a ``time.perf_counter()`` value) makes the pipeline degrade in the steps of
+        :data:`~fusemycells.budget.DEGRADATION_LEVELS` so that it returns before then.
+        """
         channel = self.manifest.channel(volume.channel)
         post = channel.postprocess
         with timed(report, "preprocess"):
@@ -100,44 +134,31 @@ class Fuser:
             target = (channel.target_spacing_um,) * 3
             grid_h = shape_for_spacing(x_in.shape, volume.spacing, target)
             report.high_res_grid = list(grid_h)
-            x_h = resize(x_in, grid_h)
+        # time kept back for post-processing and writing: both scale like the preprocessing
+        reserve = 1.0 + 4.0 * report.seconds["preprocess"]
+
+        def left() -> float:
+            return math.inf if deadline is None else deadline - reserve - time.perf_counter()
+
+        estimate_global = self.policy.stage_seconds.get("global", 0.0)
+        if left() <= estimate_global:
+            self._degrade(report, 3, f"{max(left(), 0):.1f} s left before the global stage")
+            with timed(report, "postprocess"):
+                out = postprocess.finalise(x_in, post)
+            return out
         with timed(report, "global_stage"):
-            stage1 = self.stage(channel, "global")
+            x_h = resize(x_in, grid_h)
             assert channel.global_stage.grid is not None
             coarse = resize(x_h, channel.global_stage.grid)
-            p1 = stage1.runner(coarse[None, None])[0, 0]
+            p1 = self._global_prediction(channel, coarse)
             p1_h = resize(p1, grid_h)
             del coarse, p1
+            stage1 = self.stage(channel, "global")
             report.stages["global"] = {"file": stage1.file, "backend": stage1.runner.backend, "provider": stage1.runner.provider}
+        self.policy.stage_seconds["global"] = report.seconds["global_stage"]
         with timed(report, "patch_stage"):
-            stage2 = self.stage(channel, "patch")
-            spec2 = channel.patch_stage
-            assert spec2.patch_size is not None
-            total_patches = 0
-
-            def progress(done: int, total: int) -> None:
-                nonlocal total_patches
-                total_patches = total
-                if done == total or done % max(1, total // 10) < self.policy.patch_batch_size(spec2.batch_size):
-                    log.info("    patches %d/%d", done, total)
-
-            p2, stats = sliding_window(
-                [x_h, p1_h],
-                stage2.runner,
-                spec2.patch_size,
-                overlap=spec2.overlap,
-                batch_size=self.policy.patch_batch_size(spec2.batch_size),
-                progress=progress,
-            )
+            p2 = self._patch_prediction(channel, x_h, p1_h, report, left)
             del p1_h
-            report.stages["patch"] = {
-                "file": stage2.file,
-                "backend": stage2.runner.backend,
-                "provider": stage2.runner.provider,
-                "patches": stats.patches,
-                "patch_grid": list(stats.grid),
-                "forward_s": round(stats.forward_s, 3),
-            }
         with timed(report, "postprocess"):
             weight = postprocess.difference_weight(x_h, p2, post)
             report.weight_map = postprocess.weight_stats(weight)
@@ -151,8 +172,67 @@ class Fuser:
             out = postprocess.finalise(out, post)
         return out
 
+    def _degrade(self, report: CaseReport, level: int, why: str) -> None:
+        report.degradation = max(report.degradation, level)
+        message = f"time budget: level {level} ({DEGRADATION_LEVELS[level]}): {why}"
+        report.warnings.append(message)
+        self.policy.event(f"{report.file}: {message}")
 
-def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str) -> CaseReport:
+    def _patch_prediction(self, channel: ChannelSpec, x_h: np.ndarray, p1_h: np.ndarray, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
+        """Stage-2 prediction on H (ZYX float32), or the stage-1 one when time runs out."""
+        spec2 = channel.patch_stage
+        assert spec2.patch_size is not None
+        stage2 = self.stage(channel, "patch")
+        cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
+        predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
+        level = 0
+        for overlap in dict.fromkeys((spec2.overlap, 0.0)):  # full, then without overlap
+            total = count_windows(x_h.shape, spec2.patch_size, overlap)
+            rate = self.policy.seconds_per_patch
+            if rate is not None and total * rate > left():
+                level += 1
+                self._degrade(report, level, f"{total} patches × {rate:.3f} s > {max(left(), 0):.1f} s left")
+                continue
+            started = time.perf_counter()
+
+            def progress(done: int, total: int, started: float = started) -> None:
+                elapsed = time.perf_counter() - started
+                self.policy.seconds_per_patch = elapsed / done
+                if done == total or done % max(1, total // 10) < self.policy.patch_batch_size(spec2.batch_size):
+                    log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
+                if done < total and (total - done) * elapsed / done > left():
+                    raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s, {max(left(), 0):.1f} s left")
+
+            try:
+                p2, stats = sliding_window(
+                    [x_h, p1_h],
+                    predict,
+                    spec2.patch_size,
+                    overlap=overlap,
+                    batch_size=self.policy.patch_batch_size(spec2.batch_size),
+                    progress=progress,
+                )
+            except DeadlineExceeded as exc:
+                level += 1
+                self._degrade(report, level, str(exc))
+                continue
+            report.stages["patch"] = {
+                "file": stage2.file,
+                "backend": ("cpu " if self.policy.forced_cpu else "") + stage2.runner.backend,
+                "provider": "CPU" if self.policy.forced_cpu else stage2.runner.provider,
+                "patches": stats.patches,
+                "patch_grid": list(stats.grid),
+                "overlap": overlap,
+                "forward_s": round(stats.forward_s, 3),
+                "batch_size": self.policy.patch_batch_size(spec2.batch_size),
+                "sub_patch": None if self.policy.sub_patch is None else list(self.policy.sub_patch),
+            }
+            return p2
+        self._degrade(report, 2, "patch stage skipped")
+        return p1_h.copy()
+
+
+def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None) -> CaseReport:
     """Read, fuse and write one file; never raises for a problem with this file (see ``status``)."""
     report = CaseReport(file=path.name)
     started = time.perf_counter()
@@ -174,7 +254,7 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str) 
         for warning in volume.warnings:
             log.warning("[%s] %s", path.name, warning)
         log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
-        fused = fuser.fuse(volume, report)
+        fused = fuser.fuse(volume, report, deadline=deadline)
         result = postprocess.to_output_dtype(fused, output_dtype)
         del fused
         with timed(report, "write"):
@@ -205,5 +285,6 @@ def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype:
     reports = []
     for index, path in enumerate(files, start=1):
         log.info("file %d/%d: %s", index, len(files), path.name)
-        reports.append(process_file(path, output_dir, fuser, output_dtype))
+        deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
+        reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
     return reports

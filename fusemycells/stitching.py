@@ -38,6 +38,11 @@ def window_starts(length: int, patch: int, overlap: float) -> list[int]:
     return [int(round(i * (length - patch) / (count - 1))) for i in range(count)]
 
 
+def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """Number of patches :func:`sliding_window` visits for a ZYX ``shape`` (voxels)."""
+    return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch))
+
+
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> np.ndarray:
     """Separable Gaussian weight map (ZYX), σ = patch·sigma_scale, max 1, floored at ``floor``.
 
