@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 VRAM_SAFE_FRACTION = 0.8
 """Share of the free device memory used when no ``--vram-budget`` is given."""
+COMPACT_OUTPUT_VOXELS = 1 << 27
+"""Stacks above this many voxels (≈ 512³) keep the blended output in float16 (see ``compact_output``)."""
 RAM_SAFE_FRACTION = 0.85
 """Share of the available RAM a file may need when no ``--ram-budget`` is given."""
 
@@ -27,13 +29,17 @@ RAM_SAFE_FRACTION = 0.85
 def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> int:
     """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
 
-    Input pixels (``itemsize`` each) + two float32 input-grid arrays (the normalised input and a
-    transient) + three float32 arrays on the high-resolution grid (the resampled input, the
-    upsampled stage-1 prediction, the stitched prediction) + a fixed 512 MiB for the networks.
+    The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
+    more for small stacks, counted always), the float16 correction on the high-resolution grid
+    (2 bytes a voxel), z-slab buffers (a 16-plane input slab and a 64-plane H slab, float32 ×8)
+    and a fixed 1 GiB for the networks, the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
-    n_high = float(np.prod([max(1, round(n * s / target_spacing)) for n, s in zip(shape, spacing)], dtype=np.float64))
-    return int(n_input * (itemsize + 8) + 12 * n_high + (512 << 20))
+    high = [max(1, round(n * s / target_spacing)) for n, s in zip(shape, spacing)]
+    n_high = float(np.prod(high, dtype=np.float64))
+    slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
+    compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
+    return int(n_input * (itemsize + (0 if compact else 4)) + 2 * n_high + slabs + (1 << 30))
 
 
 def cuda_available() -> bool:
@@ -181,6 +187,18 @@ class BudgetPolicy:
         need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
         if need > self.ram_budget_bytes:
             raise MemoryError(f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB")
+
+    def compact_output(self, shape: tuple[int, int, int]) -> bool:
+        """Whether the blended output of a stack is kept in float16 inside the input's own buffer.
+
+        Large stacks (> :data:`COMPACT_OUTPUT_VOXELS`) or a RAM budget too small for a float32
+        copy use float16 (relative precision 4.9e-4, far below what N-SSIM resolves) so that the
+        peak stays near 2× the input's bytes; smaller stacks get an exact float32 buffer.
+        """
+        voxels = int(np.prod(shape, dtype=np.int64))
+        if voxels > COMPACT_OUTPUT_VOXELS:
+            return True
+        return self.ram_budget_bytes is not None and 4 * voxels > self.ram_budget_bytes // 2
 
     def as_report(self) -> dict[str, object]:
         return {

@@ -10,7 +10,7 @@ defaults, and every fallback is recorded in :attr:`Volume.warnings`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,24 +253,65 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
     return meta
 
 
-def write_volume(path: Path, data: np.ndarray, like: Volume) -> None:
-    """Write a ZYX stack like the organisers' reference (BigTIFF, 128×128 tiles, resolution 1/µm)."""
+TILE = (128, 128)
+"""TIFF tile shape (Y, X) in pixels, as the organisers' reference writes."""
+
+
+def _tiles(source: Any, slab: int = 8) -> Iterator[np.ndarray]:
+    """Tiles of a plane source in TIFF order: plane by plane, tile rows, tile columns."""
+    nz, ny, nx = source.shape
+    ty, tx = TILE
+    for z0 in range(0, nz, slab):
+        block = source.planes(z0, min(nz, z0 + slab))
+        for plane in block:
+            for y in range(0, ny, ty):
+                for x in range(0, nx, tx):
+                    yield np.ascontiguousarray(plane[y : y + ty, x : x + tx])
+
+
+def write_volume(path: Path, data: Any, like: Volume) -> None:
+    """Write a ZYX stack like the organisers' reference (BigTIFF, 128×128 tiles, resolution 1/µm).
+
+    ``data`` is an array, or a plane source (``.shape``, ``.dtype``, ``.planes(z0, z1)``) that is
+    written z-slab by z-slab without materialising the volume. The file appears under its final
+    name only when complete.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = output_metadata(like)
-    if like.source_shape is not None and data.shape != like.source_shape:
+    streamed = not isinstance(data, np.ndarray)
+    shape = tuple(data.shape)
+    if like.source_shape is not None and shape != like.source_shape:
+        if streamed:
+            data = _materialise(data)
+            streamed = False
         data = data.reshape(like.source_shape)
+        shape = like.source_shape
     tmp = path.with_name(f".{path.name}.partial")
-    tifffile.imwrite(
-        tmp,
-        data,
-        bigtiff=True,
-        resolution=(1.0 / meta["PhysicalSizeX"], 1.0 / meta["PhysicalSizeY"]),
-        metadata=meta,
-        photometric="minisblack",  # else tifffile writes a 3- or 4-slice stack as one RGB(A) page
-        tile=(128, 128),
-    )
+    kwargs: dict[str, Any] = {
+        "bigtiff": True,
+        "resolution": (1.0 / meta["PhysicalSizeX"], 1.0 / meta["PhysicalSizeY"]),
+        "metadata": meta,
+        "photometric": "minisblack",  # else tifffile writes a 3- or 4-slice stack as one RGB(A) page
+        "tile": TILE,
+    }
+    try:
+        if streamed:
+            tifffile.imwrite(tmp, _tiles(data), shape=shape, dtype=np.dtype(getattr(data, "dtype", np.float32)), **kwargs)
+        else:
+            tifffile.imwrite(tmp, data, **kwargs)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)  # never leave a half-written file under the final name
+
+
+def _materialise(source: Any) -> np.ndarray:
+    out = np.empty(source.shape, dtype=getattr(source, "dtype", np.float32))
+    for z0 in range(0, source.shape[0], 16):
+        z1 = min(source.shape[0], z0 + 16)
+        out[z0:z1] = source.planes(z0, z1)
+    return out
 
 
 def list_inputs(directory: Path) -> list[Path]:

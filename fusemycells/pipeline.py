@@ -33,7 +33,15 @@ from .budget import (
 )
 from .config import ChannelSpec, Manifest
 from .io import InputError, Volume, list_inputs, read_volume, write_volume
-from .preprocess import iter_resized, normalise_intensity, resize, sanitise, shape_for_spacing
+from .preprocess import (
+    ArraySource,
+    PlaneSource,
+    ResizedSource,
+    intensity_affine,
+    materialise,
+    sanitise_inplace,
+    shape_for_spacing,
+)
 from .stitching import count_windows, sliding_window
 
 log = logging.getLogger(__name__)
@@ -117,22 +125,28 @@ class Fuser:
         self.policy.event("out of memory in the global stage: running it on the CPU")
         return self.cpu_runner(channel, "global").runner(coarse[None, None])[0, 0]
 
-    def fuse(self, volume: Volume, report: CaseReport, deadline: float | None = None) -> np.ndarray:
-        """Fused prediction for one volume: float32 ZYX on the input grid, percentile-normalised.
+    def fuse(self, volume: Volume, report: CaseReport, deadline: float | None = None, output_dtype: str = "float32") -> PlaneSource:
+        """Fused prediction for one volume, as a lazy ZYX source on the input grid (see ``output_dtype``).
 
-        ``deadline`` (a ``time.perf_counter()`` value) makes the pipeline degrade in the steps of
-        :data:`~fusemycells.budget.DEGRADATION_LEVELS` so that it returns before then.
+        Memory: ``volume.data`` is consumed (its buffer is reused for the blended output when
+        the pixel type is 2 or 4 bytes); the high-resolution input and the upsampled stage-1
+        prediction are never materialised (computed per row of patches), and the correction
+        (prediction − input on H) is kept in float16. ``deadline`` (a ``time.perf_counter()``
+        value) makes the pipeline degrade in the steps of :data:`DEGRADATION_LEVELS`.
         """
         channel = self.manifest.channel(volume.channel)
         post = channel.postprocess
         with timed(report, "preprocess"):
-            data, report.non_finite_replaced = sanitise(volume.data)
+            data = volume.data
+            if data.dtype.kind == "f" and not data.flags.writeable:
+                data = data.copy()
+            report.non_finite_replaced = sanitise_inplace(data)
             if report.non_finite_replaced:
                 report.warnings.append(f"{report.non_finite_replaced} non-finite voxels replaced by the median")
-            x_in = normalise_intensity(data, **channel.normalisation)
-            del data
+            offset, scale = intensity_affine(data, **channel.normalisation)
+            x_in = ArraySource(data, offset, scale)
             target = (channel.target_spacing_um,) * 3
-            grid_h = shape_for_spacing(x_in.shape, volume.spacing, target)
+            grid_h = shape_for_spacing(data.shape, volume.spacing, target)
             report.high_res_grid = list(grid_h)
         # time kept back for post-processing and writing: both scale like the preprocessing
         reserve = 1.0 + 4.0 * report.seconds["preprocess"]
@@ -140,37 +154,54 @@ class Fuser:
         def left() -> float:
             return math.inf if deadline is None else deadline - reserve - time.perf_counter()
 
-        estimate_global = self.policy.stage_seconds.get("global", 0.0)
-        if left() <= estimate_global:
+        if left() <= self.policy.stage_seconds.get("global", 0.0):
             self._degrade(report, 3, f"{max(left(), 0):.1f} s left before the global stage")
-            with timed(report, "postprocess"):
-                out = postprocess.finalise(x_in, post)
-            return out
+            return postprocess.final_source(x_in, post, output_dtype)
         with timed(report, "global_stage"):
-            x_h = resize(x_in, grid_h)
+            x_h = ResizedSource(x_in, grid_h)
             assert channel.global_stage.grid is not None
-            coarse = resize(x_h, channel.global_stage.grid)
+            coarse = materialise(ResizedSource(x_h, channel.global_stage.grid))
             p1 = self._global_prediction(channel, coarse)
-            p1_h = resize(p1, grid_h)
-            del coarse, p1
+            p1_h = ResizedSource(p1, grid_h)
+            del coarse
             stage1 = self.stage(channel, "global")
             report.stages["global"] = {"file": stage1.file, "backend": stage1.runner.backend, "provider": stage1.runner.provider}
         self.policy.stage_seconds["global"] = report.seconds["global_stage"]
         with timed(report, "patch_stage"):
-            p2 = self._patch_prediction(channel, x_h, p1_h, report, left)
-            del p1_h
+            correction = self._patch_correction(channel, x_h, p1_h, report, left)
         with timed(report, "postprocess"):
-            weight = postprocess.difference_weight(x_h, p2, post)
+            weight = postprocess.correction_weight(correction, post)
             report.weight_map = postprocess.weight_stats(weight)
-            p2 -= x_h  # correction on H
-            del x_h
-            out = x_in
-            for (z0, z1, corr), (_, _, w) in zip(iter_resized(p2, out.shape), iter_resized(weight, out.shape, antialias=False)):
-                np.clip(w, 0.0, 1.0, out=w)
-                out[z0:z1] += w * corr
-            del p2
-            out = postprocess.finalise(out, post)
+            blended = self._blend(data, x_in, correction, weight, compact=self.policy.compact_output(data.shape))
+            del correction
+            out = postprocess.final_source(blended, post, output_dtype)
         return out
+
+    @staticmethod
+    def _blend(data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool) -> ArraySource:
+        """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
+
+        The correction (on H) and the weight map (on the diff grid) are resized to the input grid
+        per slab. In place, each slab of the input is read before the same slab of the output
+        overwrites it (float16 over 2-byte pixels, float32 over 4-byte ones).
+        """
+        in_place = compact and data.flags.c_contiguous and data.flags.writeable
+        if in_place and data.dtype.itemsize == 2:
+            out = data.view(np.float16)
+        elif in_place and data.dtype.itemsize == 4:
+            out = data.view(np.float32)
+        else:
+            out = np.empty(data.shape, dtype=np.float32)
+        corr = ResizedSource(correction, data.shape)
+        wmap = ResizedSource(weight, data.shape, antialias=False)
+        for z0 in range(0, data.shape[0], 16):
+            z1 = min(data.shape[0], z0 + 16)
+            planes = x_in.planes(z0, z1)
+            w = wmap.planes(z0, z1)
+            np.clip(w, 0.0, 1.0, out=w)
+            planes += w * corr.planes(z0, z1)
+            out[z0:z1] = planes
+        return ArraySource(out)
 
     def _degrade(self, report: CaseReport, level: int, why: str) -> None:
         report.degradation = max(report.degradation, level)
@@ -178,13 +209,18 @@ class Fuser:
         report.warnings.append(message)
         self.policy.event(f"{report.file}: {message}")
 
-    def _patch_prediction(self, channel: ChannelSpec, x_h: np.ndarray, p1_h: np.ndarray, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
-        """Stage-2 prediction on H (ZYX float32), or the stage-1 one when time runs out."""
+    def _patch_correction(self, channel: ChannelSpec, x_h: PlaneSource, p1_h: PlaneSource, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
+        """Stage-2 prediction − input on H as float16 ZYX (the stage-1 one when time runs out)."""
         spec2 = channel.patch_stage
         assert spec2.patch_size is not None
         stage2 = self.stage(channel, "patch")
         cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
         predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
+        correction = np.empty(x_h.shape, dtype=np.float16)
+
+        def emit(z0: int, z1: int, planes: np.ndarray) -> None:
+            correction[z0:z1] = planes - x_h.planes(z0, z1)
+
         level = 0
         for overlap in dict.fromkeys((spec2.overlap, 0.0)):  # full, then without overlap
             total = count_windows(x_h.shape, spec2.patch_size, overlap)
@@ -204,12 +240,13 @@ class Fuser:
                     raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s, {max(left(), 0):.1f} s left")
 
             try:
-                p2, stats = sliding_window(
+                _, stats = sliding_window(
                     [x_h, p1_h],
                     predict,
                     spec2.patch_size,
                     overlap=overlap,
                     batch_size=self.policy.patch_batch_size(spec2.batch_size),
+                    emit=emit,
                     progress=progress,
                 )
             except DeadlineExceeded as exc:
@@ -218,7 +255,7 @@ class Fuser:
                 continue
             report.stages["patch"] = {
                 "file": stage2.file,
-                "backend": ("cpu " if self.policy.forced_cpu else "") + stage2.runner.backend,
+                "backend": stage2.runner.backend,
                 "provider": "CPU" if self.policy.forced_cpu else stage2.runner.provider,
                 "patches": stats.patches,
                 "patch_grid": list(stats.grid),
@@ -227,9 +264,12 @@ class Fuser:
                 "batch_size": self.policy.patch_batch_size(spec2.batch_size),
                 "sub_patch": None if self.policy.sub_patch is None else list(self.policy.sub_patch),
             }
-            return p2
+            return correction
         self._degrade(report, 2, "patch stage skipped")
-        return p1_h.copy()
+        for z0 in range(0, x_h.shape[0], 16):
+            z1 = min(x_h.shape[0], z0 + 16)
+            correction[z0:z1] = p1_h.planes(z0, z1) - x_h.planes(z0, z1)
+        return correction
 
 
 def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None) -> CaseReport:
@@ -254,12 +294,10 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
         for warning in volume.warnings:
             log.warning("[%s] %s", path.name, warning)
         log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
-        fused = fuser.fuse(volume, report, deadline=deadline)
-        result = postprocess.to_output_dtype(fused, output_dtype)
-        del fused
+        result = fuser.fuse(volume, report, deadline=deadline, output_dtype=output_dtype)
         with timed(report, "write"):
             write_volume(output_dir / path.name, result, like=volume)
-        report.output_dtype = str(result.dtype)
+        report.output_dtype = output_dtype
         report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others
         report.status = "refused"

@@ -7,13 +7,23 @@ clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from .config import PostprocessSpec
-from .preprocess import percentile_normalise, percentiles, resize
+from .preprocess import (
+    ArraySource,
+    PlaneSource,
+    ResizedSource,
+    Shape3,
+    materialise,
+    percentile_affine,
+    percentile_normalise,
+    percentiles,
+    resize,
+)
 
 
 def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
@@ -21,7 +31,20 @@ def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) 
 
     Both arrays are resized to the coarse grid first, so the full-size difference is never held.
     """
-    coarse = np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid))
+    return _weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec)
+
+
+def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+    """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
+
+    Equal to :func:`difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
+    |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
+    """
+    source = ArraySource(correction) if isinstance(correction, np.ndarray) else correction
+    return _weight_from_coarse(np.abs(materialise(ResizedSource(source, spec.diff_grid))), spec)
+
+
+def _weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
     if spec.max_filter > 1:
         coarse = ndimage.maximum_filter(coarse, size=spec.max_filter, mode="nearest")
     if spec.sigma > 0:
@@ -75,3 +98,91 @@ def to_output_dtype(volume: np.ndarray, dtype: str) -> np.ndarray:
 def weight_stats(weight: np.ndarray, bins: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
     """Fractions of the weight map above each threshold (for the report)."""
     return {f"w>{b:g}": float((weight > b).mean()) for b in bins}
+
+
+class HaloFilterSource:
+    """A local filter applied to a plane source range by range (exact: z-halo + edge padding).
+
+    ``fn`` filters a float32 ZYX block with scipy's 'nearest' border mode and reaches at most
+    ``radius`` planes in z; blocks are read with that halo and edge-padded at the volume borders,
+    so the result equals filtering the whole volume at once.
+    """
+
+    def __init__(self, source: PlaneSource, fn: Callable[[np.ndarray], np.ndarray], radius: int) -> None:
+        self.source, self.fn, self.radius = source, fn, int(radius)
+        self.shape: Shape3 = source.shape
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        r, nz = self.radius, self.shape[0]
+        lo, hi = max(0, z0 - r), min(nz, z1 + r)
+        block = self.source.planes(lo, hi)
+        before, after = r - (z0 - lo), r - (hi - z1)
+        if before or after:
+            block = np.pad(block, ((before, after), (0, 0), (0, 0)), mode="edge")
+        return np.ascontiguousarray(self.fn(block)[r : r + (z1 - z0)], dtype=np.float32)
+
+
+def output_filters(source: PlaneSource, spec: PostprocessSpec) -> PlaneSource:
+    """The manifest's optional output filters (max filter size, Gaussian σ in voxels) as a lazy source."""
+    if spec.output_max_filter > 1:
+        size = spec.output_max_filter
+        source = HaloFilterSource(source, lambda b: ndimage.maximum_filter(b, size=size, mode="nearest"), size // 2)
+    if spec.output_gaussian_sigma > 0:
+        sigma = spec.output_gaussian_sigma
+        source = HaloFilterSource(source, lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32), int(4.0 * sigma + 0.5))
+    return source
+
+
+def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32") -> PlaneSource:
+    """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
+
+    Same values as ``to_output_dtype(finalise(materialised), dtype)``; the percentiles (and the
+    uint16 range) are taken from a streamed pass, so no float32 copy of the volume is made.
+    """
+    filtered = output_filters(blended, spec)
+    sample = _strided_sample(filtered)
+    low, high = spec.output_percentiles
+    offset, scale = percentile_affine(sample, low, high)
+    normalised = _AffineSource(filtered, offset, scale)
+    if dtype == "float32":
+        return normalised
+    if dtype == "uint16":
+        lo, hi = _min_max(normalised)
+        factor = 65535.0 / (hi - lo) if hi > lo else 0.0
+        return _AffineSource(normalised, lo, factor, round_to=np.uint16)
+    raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
+
+
+class _AffineSource:
+    def __init__(self, source: PlaneSource, offset: float, scale: float, round_to: type | None = None) -> None:
+        self.source, self.offset, self.scale, self.round_to = source, offset, scale, round_to
+        self.shape: Shape3 = source.shape
+        self.dtype = np.dtype(round_to or np.float32)
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        block = self.source.planes(z0, z1)
+        block -= np.float32(self.offset)
+        block *= np.float32(self.scale)
+        return np.rint(block).astype(self.round_to) if self.round_to is not None else block
+
+
+def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = 16) -> np.ndarray:
+    """The voxels :func:`percentiles` would sample from the materialised volume (same stride)."""
+    nz, ny, nx = source.shape
+    size = nz * ny * nx
+    stride = max(1, -(-size // max_samples)) if size > max_samples else 1
+    parts = []
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        flat = source.planes(z0, z1).reshape(-1)
+        first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
+        parts.append(flat[first::stride])
+    return np.concatenate(parts)
+
+
+def _min_max(source: PlaneSource, slab: int = 16) -> tuple[float, float]:
+    lo, hi = np.inf, -np.inf
+    for z0 in range(0, source.shape[0], slab):
+        block = source.planes(z0, min(source.shape[0], z0 + slab))
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return lo, hi

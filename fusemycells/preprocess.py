@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from scipy import ndimage
 
 Shape3 = tuple[int, int, int]
 Spacing3 = tuple[float, float, float]
+ANTIALIAS_TRUNCATE = 3.0
+"""Gaussian prefilter radius in σ (scipy's ``truncate``)."""
 
 
 def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = 4_000_000) -> tuple[float, float]:
@@ -34,23 +37,45 @@ def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = 
     return float(lo), float(hi)
 
 
-def percentile_normalise(
-    volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6
-) -> np.ndarray:
+def percentile_affine(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> tuple[float, float]:
+    """(offset, scale) with (v − offset)·scale mapping p_low → 0 and p_high → 1.
+
+    A degenerate histogram falls back to the full range, then to a pure shift (scale 1), so a
+    constant volume maps to zeros instead of dividing by zero.
+    """
+    lo, hi = percentiles(volume, low, high)
+    span = hi - lo
+    if span < eps:
+        lo, hi = float(np.nanmin(volume)), float(np.nanmax(volume))
+        span = hi - lo if hi - lo >= eps else 1.0
+    return lo, 1.0 / span
+
+
+def apply_affine(volume: np.ndarray, offset: float, scale: float) -> np.ndarray:
+    """(v − offset)·scale as a new float32 array."""
+    out = volume.astype(np.float32, copy=True)
+    out -= np.float32(offset)
+    out *= np.float32(scale)
+    return out
+
+
+def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> np.ndarray:
     """(v − p_low) / (p_high − p_low) as float32, without clipping (the challenge's definition).
 
     A constant volume maps to zeros instead of dividing by zero.
     """
-    lo, hi = percentiles(volume, low, high)
-    scale = hi - lo
-    if scale < eps:
-        # Degenerate histogram: fall back to the full range, then to a pure shift.
-        lo, hi = float(np.nanmin(volume)), float(np.nanmax(volume))
-        scale = hi - lo if hi - lo >= eps else 1.0
-    out = volume.astype(np.float32, copy=True)
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / scale)
-    return out
+    return apply_affine(volume, *percentile_affine(volume, low, high, eps))
+
+
+def intensity_affine(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
+    """(offset, scale) of the manifest's normalisation: ``normalise_intensity(v) == (v − offset)·scale``."""
+    if kind == "percentile":
+        return percentile_affine(volume, low, high)
+    if kind == "zscore":
+        mean = float(np.mean(volume, dtype=np.float64))
+        std = float(np.std(volume, dtype=np.float64))
+        return mean, 1.0 / (std if std > 1e-6 else 1.0)
+    raise ValueError(f"unknown normalisation kind '{kind}' (expected 'percentile' or 'zscore')")
 
 
 def normalise_intensity(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -58,13 +83,7 @@ def normalise_intensity(volume: np.ndarray, kind: str = "percentile", low: float
 
     Returns float32 ZYX. Non-finite voxels must be removed before calling.
     """
-    if kind == "percentile":
-        return percentile_normalise(volume, low, high)
-    if kind == "zscore":
-        data = volume.astype(np.float32)
-        std = float(data.std())
-        return (data - np.float32(data.mean())) / np.float32(std if std > 1e-6 else 1.0)
-    raise ValueError(f"unknown normalisation kind '{kind}' (expected 'percentile' or 'zscore')")
+    return apply_affine(volume, *intensity_affine(volume, kind, low, high))
 
 
 def shape_for_spacing(shape: Sequence[int], spacing: Spacing3, target_spacing: Spacing3) -> Shape3:
@@ -84,38 +103,117 @@ def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[
     return tuple(sigmas)
 
 
-def iter_resized(
-    volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True, slab: int = 32
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Trilinear resize of a ZYX volume, yielded as ``(z0, z1, planes)`` output z-slabs.
+class PlaneSource(Protocol):
+    """A ZYX volume that produces float32 z-ranges on demand (it need not exist in memory)."""
+
+    shape: Shape3
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        """float32 planes ``z0:z1`` as a ``(z1 − z0, Y, X)`` array (0 ≤ z0 < z1 ≤ Z)."""
+        ...
+
+
+class ArraySource:
+    """An in-memory ZYX array seen through an affine map: planes = (a − offset)·scale, float32."""
+
+    def __init__(self, array: np.ndarray, offset: float = 0.0, scale: float = 1.0) -> None:
+        self.array = array
+        self.offset = offset
+        self.scale = scale
+        self.shape: Shape3 = tuple(int(n) for n in array.shape)  # type: ignore[assignment]
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        block = self.array[z0:z1]
+        if self.offset == 0.0 and self.scale == 1.0:
+            return np.array(block, dtype=np.float32, copy=True)
+        return apply_affine(block, self.offset, self.scale)
+
+
+class ResizedSource:
+    """Trilinear resize of a source to ``out_shape`` voxels, computed per output z-range.
 
     Same result as ``torch.nn.functional.interpolate(mode='trilinear', align_corners=False)``
-    (voxel centres aligned). Downsampled axes are Gaussian-prefiltered when ``antialias``.
-    Only one slab of output (float32) is alive at a time besides the input.
+    (voxel centres aligned) after a Gaussian prefilter of the downsampled axes (``antialias``),
+    bit-identical to filtering the whole volume: each range is read with a z-halo of the filter
+    radius and edge-padded at the volume borders (scipy's 'nearest' mode). The last computed
+    planes are kept, so overlapping requests in increasing z (sliding-window rows) reuse them.
     """
-    out_shape = tuple(int(n) for n in out_shape)
-    data = np.asarray(volume, dtype=np.float32)
-    if antialias:
-        sigma = antialias_sigma(data.shape, out_shape)
-        if any(s > 0 for s in sigma):
-            data = ndimage.gaussian_filter(data, sigma=sigma, mode="nearest", truncate=3.0).astype(np.float32, copy=False)
-    nz_in, nz_out = data.shape[0], out_shape[0]
-    scale = nz_in / nz_out
-    for z0 in range(0, nz_out, slab):
-        z1 = min(nz_out, z0 + slab)
-        coords = np.clip((np.arange(z0, z1) + 0.5) * scale - 0.5, 0, nz_in - 1)
+
+    def __init__(self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> None:
+        self.source: PlaneSource = ArraySource(source) if isinstance(source, np.ndarray) else source
+        self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
+        sigma = antialias_sigma(self.source.shape, self.shape) if antialias else (0.0, 0.0, 0.0)
+        self.sigma = tuple(float(v) for v in sigma)
+        self.halo = int(ANTIALIAS_TRUNCATE * self.sigma[0] + 0.5) if self.sigma[0] > 0 else 0
+        self._cache_z0 = 0
+        self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        c0, c1 = self._cache_z0, self._cache_z0 + len(self._cache)
+        if c0 <= z0 < c1 and z1 > c1:
+            block = np.concatenate([self._cache[z0 - c0 :], self._compute(c1, z1)])
+        elif c0 <= z0 and z1 <= c1:
+            return self._cache[z0 - c0 : z1 - c0].copy()
+        else:
+            block = self._compute(z0, z1)
+        self._cache_z0, self._cache = z0, block
+        return block.copy()
+
+    def _compute(self, z0: int, z1: int) -> np.ndarray:
+        nz_in, nz_out = self.source.shape[0], self.shape[0]
+        coords = np.clip((np.arange(z0, z1) + 0.5) * (nz_in / nz_out) - 0.5, 0, nz_in - 1)
         src0 = int(np.floor(coords[0]))
         src1 = min(nz_in, int(np.floor(coords[-1])) + 2)
+        data = self._filtered(src0, src1)
         # z is interpolated by hand below; y and x by torch on the source planes (z treated as batch)
-        chunk = torch.from_numpy(np.ascontiguousarray(data[src0:src1]))[:, None]
-        if chunk.shape[2:] != out_shape[1:]:
-            chunk = F.interpolate(chunk, size=out_shape[1:], mode="bilinear", align_corners=False)
+        chunk = torch.from_numpy(data)[:, None]
+        if chunk.shape[2:] != self.shape[1:]:
+            chunk = F.interpolate(chunk, size=self.shape[1:], mode="bilinear", align_corners=False)
         planes_in = chunk[:, 0]
         local = coords - src0
         lo = np.floor(local).astype(np.int64)
         hi = np.minimum(lo + 1, planes_in.shape[0] - 1)
         frac = torch.from_numpy((local - lo).astype(np.float32))[:, None, None]
-        yield z0, z1, (planes_in[lo] * (1 - frac) + planes_in[hi] * frac).numpy()
+        return (planes_in[lo] * (1 - frac) + planes_in[hi] * frac).numpy()
+
+    def _filtered(self, src0: int, src1: int) -> np.ndarray:
+        """Source planes src0:src1 after the antialiasing prefilter (float32, contiguous)."""
+        if not any(s > 0 for s in self.sigma):
+            return np.ascontiguousarray(self.source.planes(src0, src1), dtype=np.float32)
+        nz_in, r = self.source.shape[0], self.halo
+        lo, hi = max(0, src0 - r), min(nz_in, src1 + r)
+        block = self.source.planes(lo, hi)
+        before, after = r - (src0 - lo), r - (hi - src1)
+        if before or after:
+            block = np.pad(block, ((before, after), (0, 0), (0, 0)), mode="edge")
+        block = ndimage.gaussian_filter(block, sigma=self.sigma, mode="nearest", truncate=ANTIALIAS_TRUNCATE).astype(np.float32, copy=False)
+        return np.ascontiguousarray(block[r : r + (src1 - src0)])
+
+
+def iter_planes(source: PlaneSource, slab: int = 32) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(z0, z1, planes)`` float32 slabs of a source, in increasing z."""
+    for z0 in range(0, source.shape[0], slab):
+        z1 = min(source.shape[0], z0 + slab)
+        yield z0, z1, source.planes(z0, z1)
+
+
+def iter_resized(
+    volume: np.ndarray | PlaneSource, out_shape: Sequence[int], antialias: bool = True, slab: int = 32
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Trilinear resize of a ZYX volume (array or :class:`PlaneSource`), as output z-slabs.
+
+    See :class:`ResizedSource`. Only one slab of output (float32) is alive at a time besides
+    the input, and the input is read in z-ranges, so a source need never be materialised.
+    """
+    yield from iter_planes(ResizedSource(volume, out_shape, antialias), slab)
+
+
+def materialise(source: PlaneSource, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """The whole source as one ZYX array of ``dtype``."""
+    out = np.empty(source.shape, dtype=dtype)
+    for z0, z1, planes in iter_planes(source):
+        out[z0:z1] = planes
+    return out
 
 
 def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> np.ndarray:
@@ -123,10 +221,7 @@ def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True)
     out_shape = tuple(int(n) for n in out_shape)
     if tuple(volume.shape) == out_shape:
         return np.array(volume, dtype=np.float32, copy=True)
-    out = np.empty(out_shape, dtype=np.float32)
-    for z0, z1, planes in iter_resized(volume, out_shape, antialias):
-        out[z0:z1] = planes
-    return out
+    return materialise(ResizedSource(np.asarray(volume), out_shape, antialias))
 
 
 def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:
@@ -146,3 +241,23 @@ def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:
         fill = float(np.median(data[finite])) if bad < data.size else 0.0
         out[~finite] = fill
     return out, bad
+
+
+def sanitise_inplace(volume: np.ndarray, slab: int = 16) -> int:
+    """Replace NaN/±inf of a float ZYX array by the finite median, in place, z-slab by z-slab.
+
+    Returns the number of voxels replaced; integer arrays are left untouched (count 0).
+    """
+    if volume.dtype.kind != "f":
+        return 0
+    bad = 0
+    for z0 in range(0, volume.shape[0], slab):
+        bad += int(volume[z0 : z0 + slab].size - np.count_nonzero(np.isfinite(volume[z0 : z0 + slab])))
+    if not bad:
+        return 0
+    lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
+    fill = lo if bad < volume.size else 0.0
+    for z0 in range(0, volume.shape[0], slab):
+        block = volume[z0 : z0 + slab]
+        block[~np.isfinite(block)] = fill
+    return bad

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .preprocess import ArraySource, PlaneSource, materialise
+
 log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
@@ -84,32 +86,48 @@ def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int
         yield items[i : i + size]
 
 
+def _as_rows(channels: Sequence[np.ndarray | PlaneSource], patch: Shape3) -> tuple[list[PlaneSource], Shape3]:
+    """Plane sources of the (padded) channels and the padded shape.
+
+    Volumes smaller than a patch along some axis are materialised and reflect-padded (they are
+    small); others are read lazily, one row of patches at a time.
+    """
+    shape: Shape3 = tuple(int(n) for n in channels[0].shape)  # type: ignore[assignment]
+    if any(tuple(c.shape) != shape for c in channels):
+        raise ValueError(f"channel shapes differ: {[tuple(c.shape) for c in channels]}")
+    if all(n >= p for n, p in zip(shape, patch)):
+        return [ArraySource(c) if isinstance(c, np.ndarray) else c for c in channels], shape
+    arrays = [c if isinstance(c, np.ndarray) else materialise(c) for c in channels]
+    padded = [pad_to_patch(a, patch) for a in arrays]
+    return [ArraySource(a) for a in padded], tuple(int(n) for n in padded[0].shape)  # type: ignore[return-value]
+
+
 def sliding_window(
-    channels: Sequence[np.ndarray],
+    channels: Sequence[np.ndarray | PlaneSource],
     predict: Predict,
     patch: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 2,
     sigma_scale: float = 1.0 / 8.0,
-    out: np.ndarray | None = None,
+    emit: Callable[[int, int, np.ndarray], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, StitchStats]:
-    """Predict a volume given as C same-shape ZYX float32 arrays; returns the stitched ZYX float32.
+) -> tuple[np.ndarray | None, StitchStats]:
+    """Predict a volume given as C same-shape ZYX channels (arrays or plane sources).
 
-    The channels are stacked per patch only, so no (C, Z, Y, X) copy of the volume is made.
-    ``predict`` gets batches of at most ``batch_size`` patches. ``out`` may be a preallocated
-    (Z, Y, X) float32 array (e.g. a memory map). ``progress(done, total)`` is called per batch.
+    Returns ``(prediction, stats)`` with the stitched float32 ZYX prediction, or ``(None, stats)``
+    when ``emit(z0, z1, planes)`` is given: finished planes are then handed over in increasing z
+    as soon as no later patch can touch them, and no volume-size array is allocated here.
+    Channels are read one row of patches (patch depth) at a time and stacked per patch only.
+    ``predict`` gets batches of at most ``batch_size`` patches; ``progress(done, total)`` is
+    called after each batch.
     """
-    patch = tuple(int(p) for p in patch)
-    original: Shape3 = tuple(channels[0].shape)  # type: ignore[assignment]
-    if any(c.shape != original for c in channels):
-        raise ValueError(f"channel shapes differ: {[c.shape for c in channels]}")
-    padded = [pad_to_patch(c, patch) for c in channels]
-    nz, ny, nx = padded[0].shape
-    pz, py, px = patch
-    zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch))
-    importance = gaussian_importance(patch, sigma_scale)
-    result = out if out is not None and (nz, ny, nx) == original else np.empty((nz, ny, nx), dtype=np.float32)
+    patch3: Shape3 = tuple(int(p) for p in patch)  # type: ignore[assignment]
+    original: Shape3 = tuple(int(n) for n in channels[0].shape)  # type: ignore[assignment]
+    sources, (nz, ny, nx) = _as_rows(channels, patch3)
+    pz, py, px = patch3
+    zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch3))
+    importance = gaussian_importance(patch3, sigma_scale)
+    result = None if emit is not None else np.empty(original, dtype=np.float32)
     acc = np.zeros((pz, ny, nx), dtype=np.float32)
     wacc = np.zeros((pz, ny, nx), dtype=np.float32)
     total = len(zs) * len(ys) * len(xs)
@@ -117,11 +135,12 @@ def sliding_window(
     started = time.perf_counter()
     row_items = [(y, x) for y in ys for x in xs]
     for row, z0 in enumerate(zs):
+        rows = [src.planes(z0, z0 + pz) for src in sources]
         for chunk in _batches(row_items, max(1, batch_size)):
-            batch = np.empty((len(chunk), len(padded), pz, py, px), dtype=np.float32)
+            batch = np.empty((len(chunk), len(rows), pz, py, px), dtype=np.float32)
             for i, (y, x) in enumerate(chunk):
-                for c, source in enumerate(padded):
-                    batch[i, c] = source[z0 : z0 + pz, y : y + py, x : x + px]
+                for c, planes in enumerate(rows):
+                    batch[i, c] = planes[:, y : y + py, x : x + px]
             t0 = time.perf_counter()
             pred = predict(batch)
             stats.forward_s += time.perf_counter() - t0
@@ -132,19 +151,21 @@ def sliding_window(
             stats.batches += 1
             if progress is not None:
                 progress(stats.patches, total)
-        # planes before the next row's start are final: emit them and shift the buffers
+        del rows
+        # planes before the next row's start are final: hand them over and shift the buffers
         next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
         done = next_z - z0
-        result[z0:next_z] = acc[:done] / wacc[:done]
+        z1 = min(next_z, original[0])
+        if z1 > z0:
+            final = acc[: z1 - z0, : original[1], : original[2]] / wacc[: z1 - z0, : original[1], : original[2]]
+            if emit is not None:
+                emit(z0, z1, final)
+            else:
+                assert result is not None
+                result[z0:z1] = final
         acc[: pz - done] = acc[done:]
         wacc[: pz - done] = wacc[done:]
         acc[pz - done :] = 0.0
         wacc[pz - done :] = 0.0
     stats.total_s = time.perf_counter() - started
-    if result.shape != original:
-        cropped = result[: original[0], : original[1], : original[2]]
-        if out is not None:
-            out[...] = cropped
-            return out, stats
-        return np.ascontiguousarray(cropped), stats
     return result, stats

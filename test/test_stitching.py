@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fusemycells.preprocess import ResizedSource
 from fusemycells.stitching import gaussian_importance, pad_to_patch, sliding_window, window_starts
 
 PATCH = (8, 10, 12)
@@ -113,12 +114,28 @@ def test_predict_never_gets_more_than_batch_size_patches() -> None:
 
 
 @pytest.mark.parametrize("shape", [(21, 23, 29), (5, 7, 9)])
-def test_preallocated_out_array_receives_the_result(shape: tuple[int, int, int]) -> None:
+def test_emitted_planes_arrive_in_order_once_and_equal_the_whole_volume_result(shape: tuple[int, int, int]) -> None:
     channels = two_channels(shape, seed=7)
     out = np.full(shape, np.nan, dtype=np.float32)
-    result, _ = sliding_window(channels, pointwise, PATCH, out=out)
-    assert result is out
+    ranges: list[tuple[int, int]] = []
+
+    def emit(z0: int, z1: int, planes: np.ndarray) -> None:
+        ranges.append((z0, z1))
+        out[z0:z1] = planes
+
+    result, _ = sliding_window(channels, pointwise, PATCH, emit=emit)
+    assert result is None
+    assert ranges[0][0] == 0 and ranges[-1][1] == shape[0]
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     np.testing.assert_allclose(out, whole_volume(channels), atol=1e-5, rtol=0)
+
+
+def test_lazy_plane_sources_give_the_same_result_as_arrays() -> None:
+    channels = two_channels((21, 23, 29), seed=3)
+    lazy = [ResizedSource(c, c.shape) for c in channels]  # same-shape resize: reads planes on demand
+    expected, _ = sliding_window(channels, pointwise, PATCH)
+    got, _ = sliding_window(lazy, pointwise, PATCH)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
 def test_progress_reports_every_batch_up_to_the_total() -> None:

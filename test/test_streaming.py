@@ -1,0 +1,117 @@
+"""Streaming (z-range) computations equal their whole-volume counterparts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import blob_volume, write_case
+from scipy import ndimage
+
+import inference
+from fusemycells import budget
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, PostprocessSpec
+from fusemycells.postprocess import (
+    correction_weight,
+    difference_weight,
+    final_source,
+    finalise,
+    output_filters,
+    to_output_dtype,
+)
+from fusemycells.preprocess import (
+    ArraySource,
+    ResizedSource,
+    intensity_affine,
+    materialise,
+    normalise_intensity,
+    resize,
+    sanitise,
+    sanitise_inplace,
+)
+
+
+def volume(shape=(23, 31, 27), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("out_shape", [(9, 14, 40), (57, 20, 13), (23, 31, 27)])
+def test_resized_source_in_overlapping_out_of_order_ranges_equals_resize(out_shape) -> None:
+    vol = volume()
+    expected = resize(vol, out_shape)
+    source = ResizedSource(vol, out_shape)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        z0 = int(rng.integers(0, out_shape[0]))
+        z1 = int(rng.integers(z0 + 1, out_shape[0] + 1))
+        np.testing.assert_array_equal(source.planes(z0, z1), expected[z0:z1])
+
+
+def test_chained_sources_equal_materialised_steps() -> None:
+    vol = volume((30, 40, 36))
+    offset, scale = 0.2, 3.0
+    lazy = ResizedSource(ResizedSource(ArraySource(vol, offset, scale), (50, 24, 22)), (12, 10, 9))
+    steps = resize(resize((vol - np.float32(offset)) * np.float32(scale), (50, 24, 22)), (12, 10, 9))
+    np.testing.assert_allclose(materialise(lazy), steps, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["percentile", "zscore"])
+def test_intensity_affine_reproduces_normalise_intensity(kind: str) -> None:
+    vol = (volume() * 1000).astype(np.uint16)
+    offset, scale = intensity_affine(vol, kind, 1.0, 99.8)
+    np.testing.assert_allclose(ArraySource(vol, offset, scale).planes(0, vol.shape[0]), normalise_intensity(vol, kind, 1.0, 99.8), atol=1e-5)
+
+
+def test_in_place_sanitise_matches_the_copying_one() -> None:
+    vol = volume()
+    vol[0, :3, 0] = np.nan
+    vol[5, 5, 5] = np.inf
+    expected, count = sanitise(vol)
+    assert sanitise_inplace(vol) == count == 4
+    np.testing.assert_array_equal(vol, expected)
+
+
+def test_correction_weight_equals_difference_weight() -> None:
+    x, p = volume(seed=1), volume(seed=2)
+    spec = PostprocessSpec(diff_grid=(12, 16, 14), max_filter=3, sigma=1.0)
+    np.testing.assert_allclose(correction_weight((p - x).astype(np.float16), spec), difference_weight(x, p, spec), atol=2e-3)
+    np.testing.assert_allclose(correction_weight(p - x, spec), difference_weight(x, p, spec), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+@pytest.mark.parametrize("filters", [(0, 0.0), (3, 0.8)])
+def test_final_source_equals_finalise_then_cast(dtype: str, filters: tuple[int, float]) -> None:
+    vol = volume((40, 30, 20)) * 5
+    spec = PostprocessSpec(output_max_filter=filters[0], output_gaussian_sigma=filters[1])
+    expected = to_output_dtype(finalise(vol, spec), dtype)
+    got = materialise(final_source(ArraySource(vol), spec, dtype), dtype=expected.dtype)
+    np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), atol=1.0 if dtype == "uint16" else 1e-5)
+
+
+def test_halo_filters_are_exact_at_slab_borders() -> None:
+    vol = volume((37, 12, 11))
+    lazy = output_filters(ArraySource(vol), PostprocessSpec(output_max_filter=5, output_gaussian_sigma=1.3))
+    whole = ndimage.gaussian_filter(ndimage.maximum_filter(vol, size=5, mode="nearest"), sigma=1.3, mode="nearest")
+    np.testing.assert_allclose(np.concatenate([lazy.planes(0, 7), lazy.planes(7, 20), lazy.planes(20, 37)]), whole, atol=1e-6)
+
+
+def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    roots = {name: tmp_path / name for name in ("exact", "compact")}
+    for root in roots.values():
+        folder = root / INPUT_SUBDIR
+        folder.mkdir(parents=True)
+        write_case(folder, "case.tif", blob_volume((12, 40, 36)))
+    outputs = {}
+    for name, root in roots.items():
+        if name == "compact":
+            monkeypatch.setattr(budget, "COMPACT_OUTPUT_VOXELS", 0)
+        report = root / "report.json"
+        assert inference.main(["--input", str(root), "--output", str(root), "--resources", str(fixture_resources), "--device", "cpu", "--report", str(report)]) == 0
+        outputs[name] = tifffile.imread(root / OUTPUT_SUBDIR / "case.tif")
+        assert json.loads(report.read_text())["files"][0]["status"] == "ok"
+    scale = float(np.abs(outputs["exact"]).max())
+    assert np.abs(outputs["compact"] - outputs["exact"]).max() <= 2e-3 * scale
+    assert not np.array_equal(outputs["compact"], outputs["exact"])  # the compact path really ran
