@@ -59,6 +59,17 @@ class TorchScriptRunner:
             return out.float().cpu().numpy()
 
 
+def preload_cuda_libraries(ort: object) -> None:
+    """Load CUDA/cuDNN from the pip packages torch installed (the image has no other copy)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # missing libraries: the CUDA provider will fail and we run on CPU
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 class OnnxRunner:
     """Runs an ONNX file with onnxruntime: CUDA provider first when asked, else CPU."""
 
@@ -72,6 +83,8 @@ class OnnxRunner:
         if threads:
             options.intra_op_num_threads = threads
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        if device == "cuda":
+            preload_cuda_libraries(ort)
         available = set(ort.get_available_providers())
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         try:

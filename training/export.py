@@ -1,0 +1,154 @@
+"""Export trained checkpoints to TorchScript + ONNX, check parity, write ``resources/manifest.json``.
+
+    python -m training.export --checkpoints work_dirs/ckpt --out resources [--channels nucleus membrane]
+
+For each channel, ``<checkpoints>/<channel>/global.pt`` and ``patch.pt`` are traced
+(``torch.jit.trace``) and exported to ONNX (opset 17, dynamic batch and spatial axes). Eager,
+TorchScript and ONNX Runtime must agree within ``--tolerance`` on a random input of a shape the
+network was not traced at, or the export aborts. The manifest records sha256 checksums and every
+inference parameter; channels not exported now are kept from an existing manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of
+
+from .models import ResidualUNet3D
+
+log = logging.getLogger("training.export")
+OPSET = 17
+DEFAULT_POSTPROCESS = {
+    "diff_grid": [128, 128, 128],
+    "max_filter": 9,
+    "sigma": 3.0,
+    "weight_percentiles": [2.0, 98.0],
+    "output_max_filter": 0,
+    "output_gaussian_sigma": 0.0,
+    "output_percentiles": [2.0, 99.8],
+}
+
+
+class ExportError(RuntimeError):
+    """An exported network does not reproduce the trained one."""
+
+
+def load_model(path: Path) -> tuple[ResidualUNet3D, dict[str, Any]]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model = ResidualUNet3D(**checkpoint["config"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
+
+
+def export_stage(model: ResidualUNet3D, trace_shape: tuple[int, ...], check_shape: tuple[int, ...], out_dir: Path, stem: str, tolerance: float) -> dict[str, Any]:
+    """Write ``<stem>.pt`` and ``<stem>.onnx``; returns their manifest entries and the parity figures."""
+    import onnxruntime as ort
+
+    example = torch.randn(*trace_shape)
+    ts_path, onnx_path = out_dir / f"{stem}.pt", out_dir / f"{stem}.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example)
+        traced.save(str(ts_path))
+        torch.onnx.export(
+            model,
+            (example,),
+            str(onnx_path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "n", 2: "z", 3: "y", 4: "x"}, "output": {0: "n", 2: "z", 3: "y", 4: "x"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    check = torch.randn(*check_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(check).numpy()
+        scripted = torch.jit.load(str(ts_path))(check).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"input": check.numpy()})[0]
+    diffs = {"torchscript": float(np.abs(scripted - eager).max()), "onnx": float(np.abs(onnx_out - eager).max())}
+    log.info("%s: parity at %s: %s", stem, check_shape, diffs)
+    if max(diffs.values()) > tolerance:
+        raise ExportError(f"{stem}: exported networks differ from the trained one by {diffs} (> {tolerance}) at shape {check_shape}")
+    files = {"torchscript": {"path": ts_path.name, "sha256": sha256_of(ts_path)}, "onnx": {"path": onnx_path.name, "sha256": sha256_of(onnx_path)}}
+    return {"files": files, "parity": {"shape": list(check_shape), **diffs}}
+
+
+def export_channel(checkpoints: Path, channel: str, out_dir: Path, tolerance: float, postprocess: dict[str, Any]) -> dict[str, Any]:
+    """Manifest entry of one channel (exports both stages)."""
+    global_model, g_ckpt = load_model(checkpoints / channel / "global.pt")
+    patch_model, p_ckpt = load_model(checkpoints / channel / "patch.pt")
+    grid = tuple(int(v) for v in g_ckpt["grid"])
+    patch = tuple(int(v) for v in p_ckpt["patch_size"])
+    # parity at shapes the networks were not traced at (odd sizes included)
+    g = export_stage(global_model, (1, 1, *grid), (1, 1, 40, 56, 45), out_dir, f"{channel}_global", tolerance)
+    p = export_stage(patch_model, (2, 2, *patch), (1, 2, 37, 48, 40), out_dir, f"{channel}_patch", tolerance)
+    return {
+        "target_spacing_um": float(g_ckpt["target_spacing_um"]),
+        "normalisation": dict(g_ckpt["normalisation"]),
+        "global_stage": {"in_channels": 1, "grid": list(grid), "files": g["files"]},
+        "patch_stage": {"in_channels": 2, "patch_size": list(patch), "overlap": 0.5, "batch_size": 2, "files": p["files"]},
+        "postprocess": postprocess,
+        "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": g_ckpt.get("command"), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
+        "parity": {"global": g["parity"], "patch": p["parity"]},
+    }
+
+
+def parse_overrides(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        channel, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--output-gaussian-sigma expects CHANNEL=VALUE, got {item!r}")
+        out[channel] = float(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export checkpoints to TorchScript + ONNX and write the weights manifest.")
+    parser.add_argument("--checkpoints", type=Path, default=Path("work_dirs/ckpt"), help="folder with <channel>/global.pt and patch.pt")
+    parser.add_argument("--out", type=Path, default=Path("resources"), help="resources folder to write")
+    parser.add_argument("--channels", nargs="+", default=["nucleus", "membrane"], choices=["nucleus", "membrane"])
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported − eager| allowed")
+    parser.add_argument("--output-gaussian-sigma", nargs="*", default=[], metavar="CH=SIGMA", help="output Gaussian σ (voxels) per channel, e.g. nucleus=0.5")
+    parser.add_argument("--time-budget", type=float, default=1500.0, help="time_budget_s written to the manifest (seconds)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / MANIFEST_NAME
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    channels = dict(manifest.get("channels", {}))
+    sigmas = parse_overrides(args.output_gaussian_sigma)
+    for channel in args.channels:
+        post = dict(DEFAULT_POSTPROCESS)
+        previous = channels.get(channel, {}).get("postprocess", {})
+        post["output_gaussian_sigma"] = sigmas.get(channel, previous.get("output_gaussian_sigma", 0.0))
+        channels[channel] = export_channel(args.checkpoints, channel, args.out, args.tolerance, post)
+    manifest = {
+        "format_version": 1,
+        "time_budget_s": args.time_budget,
+        "provenance": {
+            "exported": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "data": "simulated light-sheet pairs (training/simulate.py); see training/README.md",
+        },
+        "channels": channels,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    load_manifest(args.out)  # the inference side must accept what we wrote
+    log.info("wrote %s (%s)", manifest_path, ", ".join(sorted(channels)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
