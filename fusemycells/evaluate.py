@@ -1,0 +1,131 @@
+"""Score predictions with the challenge metric, next to the identity and Gaussian baselines.
+
+    python -m fusemycells.evaluate --input DIR --pred DIR --gt DIR [--json FILE] [--png FILE]
+
+DIRs are searched recursively for ``*.tif``/``*.tiff`` (a Grand Challenge root or a flat folder
+both work). A prediction matches its input by file name; the ground truth by the same name or
+with ``_angle`` replaced by ``_fused`` (the challenge's training-set naming). Per case it prints
+N-SSIM of the prediction and of the Gaussian baseline (σ 0.442 voxels for nuclei, 0.5 for
+membranes; the identity scores 0 by definition), then the mean per channel. ``--png`` writes
+max-intensity projections (rows: XY and XZ per case; columns: input | prediction | ground truth).
+Exit code 0 when every input was scored, 1 when a prediction or ground truth is missing, 2 when
+nothing could be scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, read_volume
+from .metrics import CaseScore, score_case
+from .qc import mosaic, projections, write_png
+
+log = logging.getLogger("fusemycells.evaluate")
+
+
+def tiff_files(root: Path) -> dict[str, Path]:
+    """File name → path for every TIFF below ``root`` (the first one wins on duplicate names)."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
+            found.setdefault(path.name, path)
+    return found
+
+
+def ground_truth_name(name: str) -> list[str]:
+    """Candidate ground-truth file names for an input file name."""
+    names = [name]
+    if "_angle" in name:
+        names.insert(0, name.replace("_angle", "_fused"))
+    return names
+
+
+def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
+    """Per channel: case count, mean/min N-SSIM of the prediction, mean of the Gaussian baseline."""
+    out: dict[str, dict[str, float]] = {}
+    for channel in sorted({s.channel for s in scores}):
+        mine = [s for s in scores if s.channel == channel]
+        out[channel] = {
+            "cases": len(mine),
+            "n_ssim_mean": float(np.mean([s.n_ssim for s in mine])),
+            "n_ssim_min": float(np.min([s.n_ssim for s in mine])),
+            "n_ssim_gaussian_mean": float(np.mean([s.n_ssim_gaussian for s in mine])),
+            "n_ssim_identity": 0.0,
+        }
+    return out
+
+
+def evaluate(input_dir: Path, pred_dir: Path, gt_dir: Path, png: Path | None = None) -> tuple[list[CaseScore], list[str]]:
+    """Score every input that has a prediction and a ground truth; returns (scores, problems)."""
+    inputs = sorted(tiff_files(input_dir).values())
+    preds, gts = tiff_files(pred_dir), tiff_files(gt_dir)
+    scores: list[CaseScore] = []
+    problems: list[str] = []
+    rows: list[list[np.ndarray]] = []
+    for path in inputs:
+        if "_fused" in path.name and "_angle" not in path.name:
+            continue  # a ground-truth file that shares the input folder
+        pred_path = preds.get(path.name)
+        gt_path = next((gts[n] for n in ground_truth_name(path.name) if n in gts and gts[n] != path), None)
+        if pred_path is None or gt_path is None:
+            problems.append(f"{path.name}: no {'prediction' if pred_path is None else 'ground truth'} found")
+            log.error("%s", problems[-1])
+            continue
+        started = time.perf_counter()
+        try:
+            inp, pred, gt = read_volume(path), read_volume(pred_path), read_volume(gt_path)
+            score = score_case(path.name, inp.channel, inp.data, pred.data, gt.data)
+        except (InputError, ValueError, OSError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            log.error("%s", problems[-1])
+            continue
+        scores.append(score)
+        log.info(
+            "%-40s %-8s N-SSIM %+.4f  (Gaussian %+.4f, identity 0)  SSIM in/pred/GT %.4f/%.4f  [%.1f s]",
+            path.name, score.channel, score.n_ssim, score.n_ssim_gaussian, score.ssim_input, score.ssim_pred, time.perf_counter() - started,
+        )
+        if png is not None:
+            views = [projections(v.data, inp.spacing) for v in (inp, pred, gt)]
+            rows.append([v[0] for v in views])
+            rows.append([v[1] for v in views])
+    if png is not None and rows:
+        write_png(png, mosaic(rows))
+        log.info("QC picture (rows XY, XZ per case; input | prediction | ground truth): %s", png)
+    return scores, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True, help="folder with the single-view inputs")
+    parser.add_argument("--pred", type=Path, required=True, help="folder with the predictions (same file names)")
+    parser.add_argument("--gt", type=Path, required=True, help="folder with the fused ground truth")
+    parser.add_argument("--json", type=Path, default=None, help="write per-case scores and the summary here")
+    parser.add_argument("--png", type=Path, default=None, help="write a QC picture of max-intensity projections here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for name in ("input", "pred", "gt"):
+        if not getattr(args, name).is_dir():
+            log.error("--%s %s is not a folder", name, getattr(args, name))
+            return 2
+    scores, problems = evaluate(args.input, args.pred, args.gt, args.png)
+    summary = summarise(scores)
+    for channel, s in summary.items():
+        print(f"{channel:9s} cases {s['cases']:3d}  N-SSIM mean {s['n_ssim_mean']:+.4f} (min {s['n_ssim_min']:+.4f})  Gaussian {s['n_ssim_gaussian_mean']:+.4f}  identity +0.0000")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cases": [s.as_dict() for s in scores], "summary": summary, "problems": problems}, indent=1))
+    if not scores:
+        log.error("nothing scored")
+        return 2
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
