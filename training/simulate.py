@@ -286,12 +286,14 @@ def write_pair(pair: SimulatedPair, folder: Path, index: int, study: str) -> tup
     return paths[0], paths[1]
 
 
-def write_dataset(out_dir: Path, n: int, seed: int, channels: tuple[str, ...] = CHANNELS, study: str = "simulated") -> list[dict[str, Any]]:
+def write_dataset(
+    out_dir: Path, n: int, seed: int, channels: tuple[str, ...] = CHANNELS, study: str = "simulated", shape: tuple[int, int, int] | None = None
+) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
     Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
     offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
-    also written to ``params.json``.
+    also written to ``params.json``. ``shape`` (ZYX voxels) fixes the stack size; default random.
     """
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,7 +303,7 @@ def write_dataset(out_dir: Path, n: int, seed: int, channels: tuple[str, ...] = 
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel)
+            pair = simulate_pair(seed + offset + i, channel, shape)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -318,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first seed (pair i uses seed+i)")
     parser.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=CHANNELS)
     parser.add_argument("--study", default="simulated")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None)
     return 0
 
 

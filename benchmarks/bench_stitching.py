@@ -1,0 +1,161 @@
+"""Patch-stage benchmark: our streamed sliding window against MONAI ``sliding_window_inference``.
+
+    python benchmarks/bench_stitching.py [--shape Z Y X] [--json FILE]
+
+Same TorchScript model (the shipped nucleus patch stage by default), same 2-channel float32
+volume, same patch size, overlap and batch size, Gaussian weighting (σ = patch/8) on both sides.
+Each method runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own. Printed:
+time ratio (ours / MONAI), peak-RSS ratio (whole process, and above the common baseline of the
+interpreter + torch + model), max |ours − MONAI|, and our overhead ratio = patch-stage wall
+time / Σ pure forward time of the same patches. Our side reads the input from a memory map (as
+the pipeline streams it); MONAI needs it as an in-memory tensor.
+Needs ``pip install -r benchmarks/requirements.txt`` (MONAI is never part of the image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+GOALS = {"time_ratio": 0.67, "rss_ratio": 0.5, "overhead_ratio": 1.15, "max_abs_diff": 1e-3}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def make_input(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """(2, Z, Y, X) float32: a blob volume and a smoothed copy (image, stage-1 prediction)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 2.0)
+    image = (image - image.mean()) / (image.std() + 1e-6)
+    return np.stack([image, ndimage.gaussian_filter(image, 3.0)]).astype(np.float32)
+
+
+def load_model(path: Path, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch, torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, overlap: float, batch: int, threads: int) -> dict:
+    torch, model = load_model(model_path, threads)
+    volume = np.load(data, mmap_mode="r")
+    with torch.inference_mode():  # warm-up, so both sides pay the same one-time costs before timing
+        model(torch.zeros(batch, 2, patch, patch, patch))
+    baseline = peak_rss_bytes()
+    forward = [0.0]
+
+    def timed(x):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            y = model(x)
+        forward[0] += time.perf_counter() - t0
+        return y
+
+    started = time.perf_counter()
+    if method == "ours":
+        from fusemycells.stitching import sliding_window
+
+        def predict(batch_array: np.ndarray) -> np.ndarray:
+            return timed(torch.from_numpy(batch_array)).numpy()
+
+        result, stats = sliding_window([volume[0], volume[1]], predict, (patch,) * 3, overlap=overlap, batch_size=batch)
+        patches = stats.patches
+    else:
+        from monai.inferers import sliding_window_inference
+
+        tensor = torch.from_numpy(np.ascontiguousarray(volume))[None]
+        calls = [0]
+
+        def predict_monai(x):
+            calls[0] += x.shape[0]
+            return timed(x)
+
+        with torch.inference_mode():
+            output = sliding_window_inference(tensor, (patch,) * 3, batch, predict_monai, overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="reflect")
+        result = output[0, 0].numpy()
+        patches = calls[0]
+    wall = time.perf_counter() - started
+    np.save(out, result)
+    return {"method": method, "wall_s": wall, "forward_s": forward[0], "patches": patches, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline}
+
+
+def run_worker(method: str, args: argparse.Namespace, data: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--data", str(data), "--out", str(out), "--model", str(args.model),
+           "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def default_model() -> Path:
+    manifest = json.loads((REPO / "resources" / "manifest.json").read_text())
+    return REPO / "resources" / manifest["channels"]["nucleus"]["patch_stage"]["files"]["torchscript"]["path"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 320, 320], metavar=("Z", "Y", "X"), help="volume (voxels)")
+    parser.add_argument("--patch", type=int, default=64, help="cubic patch size (voxels)")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--model", type=Path, default=None, help="TorchScript patch model with 2 input channels (default: shipped nucleus patch stage)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", choices=["ours", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = default_model()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data, args.model, args.out, args.patch, args.overlap, args.batch, args.threads)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "input.npy"
+        np.save(data, make_input(tuple(args.shape)))
+        runs = {m: run_worker(m, args, data, Path(tmp) / f"{m}.npy") for m in ("ours", "monai")}
+        diff = float(np.abs(np.load(Path(tmp) / "ours.npy") - np.load(Path(tmp) / "monai.npy")).max())
+    ours, monai = runs["ours"], runs["monai"]
+    result = {
+        "shape": args.shape, "patch": args.patch, "overlap": args.overlap, "batch": args.batch, "threads": args.threads, "model": str(args.model),
+        "ours": ours, "monai": monai,
+        "time_ratio": ours["wall_s"] / monai["wall_s"],
+        "rss_ratio": ours["peak_rss_bytes"] / monai["peak_rss_bytes"],
+        "rss_above_baseline_ratio": (ours["peak_rss_bytes"] - ours["baseline_rss_bytes"]) / max(1, monai["peak_rss_bytes"] - monai["baseline_rss_bytes"]),
+        "overhead_ratio": ours["wall_s"] / ours["forward_s"],
+        "monai_overhead_ratio": monai["wall_s"] / monai["forward_s"],
+        "max_abs_diff": diff,
+        "goals": GOALS,
+    }
+    mib = 2**20
+    print(f"volume {tuple(args.shape)}, patch {args.patch}³, overlap {args.overlap}, batch {args.batch}, {args.threads} threads; patches ours {ours['patches']}, MONAI {monai['patches']}")
+    print(f"wall         ours {ours['wall_s']:8.2f} s   MONAI {monai['wall_s']:8.2f} s   ratio {result['time_ratio']:.3f}  (goal ≤ {GOALS['time_ratio']})")
+    print(f"peak RSS     ours {ours['peak_rss_bytes'] / mib:8.0f} MiB MONAI {monai['peak_rss_bytes'] / mib:8.0f} MiB ratio {result['rss_ratio']:.3f}  (goal ≤ {GOALS['rss_ratio']})")
+    print(f"  above baseline (interpreter + torch + model): ours {(ours['peak_rss_bytes'] - ours['baseline_rss_bytes']) / mib:.0f} MiB, MONAI {(monai['peak_rss_bytes'] - monai['baseline_rss_bytes']) / mib:.0f} MiB, ratio {result['rss_above_baseline_ratio']:.3f}")
+    print(f"overhead     ours {result['overhead_ratio']:.3f} (wall / Σ forward; goal ≤ {GOALS['overhead_ratio']}), MONAI {result['monai_overhead_ratio']:.3f}")
+    print(f"max |ours − MONAI| {diff:.2e}  (goal ≤ {GOALS['max_abs_diff']})")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

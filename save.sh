@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build the Grand Challenge image and save it as a gzipped archive; optionally the model archive.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TAG="fusemycells:latest"
+OUT="fusemycells.tar.gz"
+MODEL_ARCHIVE=""
+MODEL_ONLY=0
+RESOURCES="resources"
+
+usage() {
+    cat <<'USAGE'
+Usage: ./save.sh [--tag NAME] [--out FILE] [--model-archive FILE] [--model-only] [--resources DIR]
+
+  --tag NAME            image tag (default fusemycells:latest)
+  --out FILE            image archive to write (default fusemycells.tar.gz): docker save | gzip
+  --model-archive FILE  also write FILE (.tar.gz) with manifest.json and the weights from
+                        --resources (default resources/), for Grand Challenge's model upload;
+                        mounted at /opt/ml/model, where inference.py prefers it over resources/
+  --model-only          write only the model archive (needs no Docker engine)
+  -h, --help            this text
+
+Builds with `docker build --platform=linux/amd64`. Exit 3 when no Docker engine is reachable.
+USAGE
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --tag) TAG="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --model-archive) MODEL_ARCHIVE="$2"; shift 2 ;;
+        --model-only) MODEL_ONLY=1; shift ;;
+        --resources) RESOURCES="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "save.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ "$MODEL_ONLY" == 1 && -z "$MODEL_ARCHIVE" ]]; then
+    MODEL_ARCHIVE="model.tar.gz"
+fi
+
+if [[ -n "$MODEL_ARCHIVE" ]]; then
+    if [[ ! -f "$RESOURCES/manifest.json" ]]; then
+        echo "save.sh: $RESOURCES/manifest.json not found: export weights first (./export.sh)" >&2
+        exit 2
+    fi
+    # Verify checksums before packing: a broken archive would only fail on Grand Challenge.
+    python3 -c "import sys; from pathlib import Path; from fusemycells.config import load_manifest; load_manifest(Path(sys.argv[1]))" "$RESOURCES"
+    files=(manifest.json)
+    while IFS= read -r f; do files+=("$f"); done < <(python3 -c "
+import json, sys
+m = json.load(open(sys.argv[1]))
+names = sorted({f['path'] for ch in m['channels'].values() for st in ('global_stage', 'patch_stage') for f in ch[st]['files'].values()})
+print('\n'.join(names))" "$RESOURCES/manifest.json")
+    tar -C "$RESOURCES" -czf "$MODEL_ARCHIVE" "${files[@]}"
+    echo "model archive: $MODEL_ARCHIVE (${#files[@]} files, $(du -h "$MODEL_ARCHIVE" | cut -f1))"
+fi
+[[ "$MODEL_ONLY" == 1 ]] && exit 0
+
+if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
+    echo "save.sh: no Docker engine reachable ('docker info' failed): build and save on a machine with Docker running." >&2
+    exit 3
+fi
+docker build --platform=linux/amd64 -t "$TAG" .
+docker save "$TAG" | gzip -c > "$OUT"
+echo "image archive: $OUT ($(du -h "$OUT" | cut -f1)) for tag $TAG"

