@@ -47,7 +47,13 @@ if [[ -n "$MODEL_ARCHIVE" ]]; then
         exit 2
     fi
     # Verify checksums before packing: a broken archive would only fail on Grand Challenge.
-    python3 -c "import sys; from pathlib import Path; from fusemycells.config import load_manifest; load_manifest(Path(sys.argv[1]))" "$RESOURCES"
+    python3 -c "
+import sys
+from pathlib import Path
+from fusemycells.config import load_manifest, verify_files
+problems = verify_files(load_manifest(Path(sys.argv[1])), require_all=True)
+if problems:
+    sys.exit('save.sh: refusing to pack broken weights:\n' + '\n'.join(problems))" "$RESOURCES"
     files=(manifest.json)
     while IFS= read -r f; do files+=("$f"); done < <(python3 -c "
 import json, sys

@@ -233,18 +233,41 @@ def verified_path(manifest: Manifest, weights: WeightsFile) -> Path:
     return path
 
 
+def verify_files(manifest: Manifest, require_all: bool = False) -> list[str]:
+    """Problems with the manifest's weight files (missing, checksum mismatch), as messages.
+
+    By default a stage counts as usable when at least one of its formats verifies (the backends
+    fall back to the other format); ``require_all`` reports every bad file.
+    """
+    problems: list[str] = []
+    for name, channel in sorted(manifest.channels.items()):
+        for stage_name, stage in (("global_stage", channel.global_stage), ("patch_stage", channel.patch_stage)):
+            errors = []
+            for weights in stage.files.values():
+                try:
+                    verified_path(manifest, weights)
+                except ManifestError as exc:
+                    errors.append(str(exc))
+            if require_all or len(errors) == len(stage.files):
+                problems += [f"{name}.{stage_name}: {e}" for e in errors]
+    return problems
+
+
 def resolve_resources_dir(cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES) -> tuple[Path, str]:
     """Where to load weights from, and why.
 
     An explicit ``--resources`` wins. Otherwise a Grand Challenge model archive mounted at
-    ``/opt/ml/model`` is used when it holds a manifest that parses; else the bundled ``resources/``.
+    ``/opt/ml/model`` is used when its manifest parses and every stage has a file that verifies;
+    else the bundled ``resources/``.
     """
     if cli_value is not None:
         return Path(cli_value), "--resources"
     if (model_dir / MANIFEST_NAME).is_file():
         try:
-            load_manifest(model_dir)
-            return model_dir, f"model archive at {model_dir}"
+            problems = verify_files(load_manifest(model_dir))
         except ManifestError as exc:
-            return default, f"bundled resources ({model_dir} ignored: {exc})"
+            problems = [str(exc)]
+        if not problems:
+            return model_dir, f"model archive at {model_dir}"
+        return default, f"bundled resources ({model_dir} ignored: {'; '.join(problems)})"
     return default, "bundled resources"

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,38 +135,53 @@ def sliding_window(
     stats = StitchStats(grid=(len(zs), len(ys), len(xs)))
     started = time.perf_counter()
     row_items = [(y, x) for y in ys for x in xs]
-    for row, z0 in enumerate(zs):
-        rows = [src.planes(z0, z0 + pz) for src in sources]
-        for chunk in _batches(row_items, max(1, batch_size)):
-            batch = np.empty((len(chunk), len(rows), pz, py, px), dtype=np.float32)
-            for i, (y, x) in enumerate(chunk):
-                for c, planes in enumerate(rows):
-                    batch[i, c] = planes[:, y : y + py, x : x + px]
-            t0 = time.perf_counter()
-            pred = predict(batch)
-            stats.forward_s += time.perf_counter() - t0
-            for (y, x), p in zip(chunk, pred):
-                acc[:, y : y + py, x : x + px] += p[0] * importance
-                wacc[:, y : y + py, x : x + px] += importance
-            stats.patches += len(chunk)
-            stats.batches += 1
-            if progress is not None:
-                progress(stats.patches, total)
-        del rows
-        # planes before the next row's start are final: hand them over and shift the buffers
-        next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
-        done = next_z - z0
-        z1 = min(next_z, original[0])
-        if z1 > z0:
-            final = acc[: z1 - z0, : original[1], : original[2]] / wacc[: z1 - z0, : original[1], : original[2]]
-            if emit is not None:
-                emit(z0, z1, final)
-            else:
-                assert result is not None
-                result[z0:z1] = final
-        acc[: pz - done] = acc[done:]
-        wacc[: pz - done] = wacc[done:]
-        acc[pz - done :] = 0.0
-        wacc[pz - done :] = 0.0
+    chunks = list(_batches(row_items, max(1, batch_size)))
+
+    def assemble(rows: list[np.ndarray], chunk: list[tuple[int, int]]) -> np.ndarray:
+        batch = np.empty((len(chunk), len(rows), pz, py, px), dtype=np.float32)
+        for i, (y, x) in enumerate(chunk):
+            for c, planes in enumerate(rows):
+                batch[i, c] = planes[:, y : y + py, x : x + px]
+        return batch
+
+    # The next batch is cut out on a helper thread while the network runs on the current one
+    # (torch and onnxruntime release the GIL), so the device never waits for numpy copies.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmc-batch")
+    try:
+        for row, z0 in enumerate(zs):
+            rows = [src.planes(z0, z0 + pz) for src in sources]
+            pending: Future[np.ndarray] = prefetch.submit(assemble, rows, chunks[0])
+            for index, chunk in enumerate(chunks):
+                batch = pending.result()
+                if index + 1 < len(chunks):
+                    pending = prefetch.submit(assemble, rows, chunks[index + 1])
+                t0 = time.perf_counter()
+                pred = predict(batch)
+                stats.forward_s += time.perf_counter() - t0
+                for (y, x), p in zip(chunk, pred):
+                    acc[:, y : y + py, x : x + px] += p[0] * importance
+                    wacc[:, y : y + py, x : x + px] += importance
+                stats.patches += len(chunk)
+                stats.batches += 1
+                if progress is not None:
+                    progress(stats.patches, total)
+            del rows
+            # planes before the next row's start are final: hand them over and shift the buffers
+            next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
+            done = next_z - z0
+            z1 = min(next_z, original[0])
+            if z1 > z0:
+                final = acc[: z1 - z0, : original[1], : original[2]] / wacc[: z1 - z0, : original[1], : original[2]]
+                if emit is not None:
+                    emit(z0, z1, final)
+                else:
+                    assert result is not None
+                    result[z0:z1] = final
+            acc[: pz - done] = acc[done:]
+            wacc[: pz - done] = wacc[done:]
+            acc[pz - done :] = 0.0
+            wacc[pz - done :] = 0.0
+    finally:
+        prefetch.shutdown(wait=True)
     stats.total_s = time.perf_counter() - started
     return result, stats

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fusemycells.backends import OnnxRunner, TorchScriptRunner, backend_order, load_stage
-from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir
+from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir, verify_files
 
 
 def _copy(resources: Path, tmp_path: Path) -> Path:
@@ -218,3 +218,20 @@ def test_resources_dir_resolution_order(fixture_resources: Path, tmp_path: Path)
     chosen, why = resolve_resources_dir(None, model_dir=broken, default=default)
     assert chosen == default and "ignored" in why
     assert resolve_resources_dir(None, model_dir=tmp_path / "absent", default=default)[0] == default
+
+
+def test_model_archive_with_an_unusable_stage_is_ignored_but_one_bad_format_is_tolerated(fixture_resources: Path, tmp_path: Path) -> None:
+    default = tmp_path / "bundled"
+    model = tmp_path / "model"
+    shutil.copytree(fixture_resources, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    files = manifest["channels"]["nucleus"]["patch_stage"]["files"]
+    (model / files["onnx"]["path"]).write_bytes(b"tampered")
+    assert resolve_resources_dir(None, model_dir=model, default=default)[0] == model  # TorchScript still verifies
+    assert verify_files(load_manifest(model)) == []
+    strict = verify_files(load_manifest(model), require_all=True)  # the fixture's channels share files
+    assert {m.split(":")[0] for m in strict} == {"nucleus.patch_stage", "membrane.patch_stage"}
+    assert all("checksum mismatch" in m for m in strict)
+    (model / files["torchscript"]["path"]).unlink()
+    chosen, why = resolve_resources_dir(None, model_dir=model, default=default)
+    assert chosen == default and "patch_stage" in why and "missing" in why

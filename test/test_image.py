@@ -207,3 +207,53 @@ def test_smoke_test_fails_when_the_dockerfile_forgets_a_needed_file(image: Image
     proc, _, out_root = run_image(broken, tmp_path)
     assert proc.returncode != 0
     assert not list((out_root / OUTPUT_SUBDIR).glob("*.tif")) if (out_root / OUTPUT_SUBDIR).exists() else True
+
+
+def _fake_docker(tmp_path: Path) -> dict[str, str]:
+    """PATH with a ``docker`` client whose engine is unreachable (like our machines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    docker.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.mark.parametrize("script", ["save.sh", "test/run_docker.sh"])
+def test_scripts_explain_themselves_and_fail_clearly_without_a_docker_engine(script: str, tmp_path: Path):
+    path = REPO / script
+    help_proc = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert help_proc.returncode == 0 and "Usage:" in help_proc.stdout
+    proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=_fake_docker(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "no Docker engine reachable" in proc.stderr
+
+
+def test_save_sh_writes_a_verified_model_archive_without_docker(fixture_resources: Path, tmp_path: Path):
+    archive = tmp_path / "model.tar.gz"
+    cmd = ["bash", str(REPO / "save.sh"), "--model-only", "--model-archive", str(archive), "--resources", str(fixture_resources)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_fake_docker(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = sorted(n.lstrip("./") for n in tar.getnames())
+        tar.extractall(tmp_path / "model", filter="data")
+    manifest = json.loads((fixture_resources / "manifest.json").read_text())
+    expected = {f["path"] for ch in manifest["channels"].values() for st in ("global_stage", "patch_stage") for f in ch[st]["files"].values()}
+    assert names == sorted({"manifest.json", *expected})
+    from fusemycells.config import load_manifest
+
+    load_manifest(tmp_path / "model")  # the archive, extracted as at /opt/ml/model, verifies
+
+
+def test_save_sh_refuses_a_model_archive_with_a_broken_checksum(fixture_resources: Path, tmp_path: Path):
+    resources = tmp_path / "resources"
+    shutil.copytree(fixture_resources, resources)
+    manifest = json.loads((resources / "manifest.json").read_text())
+    first = next(iter(manifest["channels"].values()))["global_stage"]["files"]["onnx"]["path"]
+    (resources / first).write_bytes(b"corrupt")
+    cmd = ["bash", str(REPO / "save.sh"), "--model-only", "--model-archive", str(tmp_path / "m.tar.gz"), "--resources", str(resources)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_fake_docker(tmp_path))
+    assert proc.returncode != 0 and "checksum mismatch" in proc.stderr
+    assert not (tmp_path / "m.tar.gz").exists()
