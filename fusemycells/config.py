@@ -84,6 +84,11 @@ class PostprocessSpec:
     output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
     output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
     output_percentiles: tuple[float, float] = (2.0, 99.8)  # final percentile normalisation
+    # Noise-adaptive policy (see fusemycells.postprocess.adaptive_settings); empty = off.
+    # Knots (relative noise of the input, value), interpolated linearly and held at the ends:
+    sigma_knots: tuple[tuple[float, float], ...] = ()  # → output Gaussian σ (input-grid voxels)
+    gate_knots: tuple[tuple[float, float], ...] = ()  # → factor on the network's correction, 0..1
+    background_threshold: float = 0.0  # corrections fade out below this normalised input level; 0 = off
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,20 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
         output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),
         output_percentiles=tuple(raw.get("output_percentiles", default.output_percentiles)),  # type: ignore[arg-type]
+        sigma_knots=_knots(raw.get("sigma_knots", []), "postprocess.sigma_knots"),
+        gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),
+        background_threshold=float(raw.get("background_threshold", default.background_threshold)),
     )
+
+
+def _knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
+    try:
+        knots = tuple((float(a), float(b)) for a, b in value)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"manifest field '{name}' must be a list of [noise, value] pairs, got {value!r}") from exc
+    if any(b[0] <= a[0] for a, b in zip(knots, knots[1:])):
+        raise ManifestError(f"manifest field '{name}' must have increasing noise levels, got {value!r}")
+    return knots
 
 
 def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class CaseReport:
     non_finite_replaced: int = 0
     degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
+    adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -135,7 +136,6 @@ class Fuser:
         value) makes the pipeline degrade in the steps of :data:`DEGRADATION_LEVELS`.
         """
         channel = self.manifest.channel(volume.channel)
-        post = channel.postprocess
         with timed(report, "preprocess"):
             data = volume.data
             if data.dtype.kind == "f" and not data.flags.writeable:
@@ -145,6 +145,10 @@ class Fuser:
                 report.warnings.append(f"{report.non_finite_replaced} non-finite voxels replaced by the median")
             offset, scale = intensity_affine(data, **channel.normalisation)
             x_in = ArraySource(data, offset, scale)
+            noise = postprocess.relative_noise(data)
+            out_sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
+            post = replace(channel.postprocess, output_gaussian_sigma=out_sigma)
+            report.adaptive = {"relative_noise": round(noise, 5), "output_sigma": round(out_sigma, 3), "network_gate": round(gate, 3)}
             target = (channel.target_spacing_um,) * 3
             grid_h = shape_for_spacing(data.shape, volume.spacing, target)
             report.high_res_grid = list(grid_h)
@@ -154,6 +158,9 @@ class Fuser:
         def left() -> float:
             return math.inf if deadline is None else deadline - reserve - time.perf_counter()
 
+        if gate <= 0.0:
+            log.info("    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f", noise, out_sigma)
+            return postprocess.final_source(x_in, post, output_dtype)
         if left() <= self.policy.stage_seconds.get("global", 0.0):
             self._degrade(report, 3, f"{max(left(), 0):.1f} s left before the global stage")
             return postprocess.final_source(x_in, post, output_dtype)
@@ -171,6 +178,8 @@ class Fuser:
             correction = self._patch_correction(channel, x_h, p1_h, report, left)
         with timed(report, "postprocess"):
             weight = postprocess.correction_weight(correction, post)
+            weight *= postprocess.background_mask(x_in, post)
+            weight *= np.float32(gate)
             report.weight_map = postprocess.weight_stats(weight)
             blended = self._blend(data, x_in, correction, weight, compact=self.policy.compact_output(data.shape))
             del correction

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", nargs="+", default=["nucleus", "membrane"], choices=["nucleus", "membrane"])
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported − eager| allowed")
     parser.add_argument("--output-gaussian-sigma", nargs="*", default=[], metavar="CH=SIGMA", help="output Gaussian σ (voxels) per channel, e.g. nucleus=0.5")
+    parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. the noise-adaptive sigma_knots, gate_knots, background_threshold chosen with training/tune.py)")
     parser.add_argument("--time-budget", type=float, default=1500.0, help="time_budget_s written to the manifest (seconds)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -129,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     channels = dict(manifest.get("channels", {}))
     sigmas = parse_overrides(args.output_gaussian_sigma)
+    overrides: dict[str, dict[str, Any]] = json.loads(args.postprocess.read_text()) if args.postprocess else {}
     for channel in args.channels:
         post = dict(DEFAULT_POSTPROCESS)
         previous = channels.get(channel, {}).get("postprocess", {})
         post["output_gaussian_sigma"] = sigmas.get(channel, previous.get("output_gaussian_sigma", 0.0))
+        post.update(overrides.get(channel, {}))
         channels[channel] = export_channel(args.checkpoints, channel, args.out, args.tolerance, post)
     manifest = {
         "format_version": 1,

@@ -86,6 +86,13 @@ def set_lr(optimiser: torch.optim.Optimizer, base_lr: float, fraction: float, wa
         group["lr"] = lr
 
 
+def optimise(optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step on ``loss``."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+
+
 def to_tensor(arrays: list[np.ndarray], device: str) -> torch.Tensor:
     """Stack (C, Z, Y, X) arrays of one sample; returns (1, C, Z, Y, X)."""
     return torch.from_numpy(np.stack(arrays)[None].astype(np.float32)).to(device)
@@ -122,9 +129,7 @@ def train_global(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: 
         inp = torch.from_numpy(np.stack(xs)[:, None].copy()).to(device)
         target = torch.from_numpy(np.stack(ys)[:, None].copy()).to(device)
         loss = difference_weighted_mae(model(inp), target, inp, args.alpha)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        optimise(optimiser, loss)
         running.append(loss.item())
         step += 1
         if step % 25 == 0:
@@ -174,14 +179,10 @@ def train_patch(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: a
         loss = difference_weighted_mae(pred, target, inp[:, :1], args.alpha)
         if disc is not None and d_opt is not None:
             loss = loss + args.adv_weight * lsgan_generator_loss(disc(torch.cat([inp[:, :1], pred], 1)))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        optimise(optimiser, loss)
         if disc is not None and d_opt is not None:
             d_loss = lsgan_discriminator_loss(disc(torch.cat([inp[:, :1], target], 1)), disc(torch.cat([inp[:, :1], pred.detach()], 1)))
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
+            optimise(d_opt, d_loss)
         running.append(loss.item())
         step += 1
         if step % 50 == 0:
