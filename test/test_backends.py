@@ -235,3 +235,16 @@ def test_model_archive_with_an_unusable_stage_is_ignored_but_one_bad_format_is_t
     (model / files["torchscript"]["path"]).unlink()
     chosen, why = resolve_resources_dir(None, model_dir=model, default=default)
     assert chosen == default and "patch_stage" in why and "missing" in why
+
+
+def test_manifest_knots_must_be_pairs_with_increasing_noise(fixture_resources: Path) -> None:
+    raw = json.loads((fixture_resources / "manifest.json").read_text())
+    good = copy.deepcopy(raw)
+    good["channels"]["nucleus"]["postprocess"].update(sigma_knots=[[0.01, 0.3], [0.05, 1.0]], gate_knots=[[0.06, 1], [0.09, 0]], background_threshold=0.1)
+    post = parse_manifest(good, fixture_resources).channel("nucleus").postprocess
+    assert post.sigma_knots == ((0.01, 0.3), (0.05, 1.0)) and post.background_threshold == 0.1
+    for bad in ([[0.05, 1.0], [0.01, 0.3]], [[0.01]], "x"):
+        broken = copy.deepcopy(raw)
+        broken["channels"]["nucleus"]["postprocess"]["sigma_knots"] = bad
+        with pytest.raises(ManifestError, match="sigma_knots"):
+            parse_manifest(broken, fixture_resources)

@@ -111,3 +111,44 @@ def test_float32_output_is_unchanged_and_unknown_dtype_rejected() -> None:
 def test_weight_stats_fractions() -> None:
     w = np.array([0.0, 0.2, 0.6, 0.95], dtype=np.float32)
     assert weight_stats(w) == {"w>0.1": 0.75, "w>0.5": 0.5, "w>0.9": 0.25}
+
+
+def test_relative_noise_recovers_white_noise_relative_to_the_range():
+    from fusemycells.postprocess import relative_noise
+
+    rng = np.random.default_rng(0)
+    clean = np.zeros((12, 96, 96), dtype=np.float32)
+    clean[:, 16:80, 16:80] = 1000.0  # a bright block: foreground, flat inside
+    for sigma in (10.0, 40.0):
+        noisy = clean + rng.normal(0, sigma, clean.shape).astype(np.float32)
+        lo, hi = np.percentile(noisy, [2, 99.8])
+        assert relative_noise(noisy) == pytest.approx(sigma / (hi - lo), rel=0.15)
+    assert relative_noise(np.zeros((4, 32, 32), dtype=np.float32)) == 0.0  # no foreground
+
+
+def test_adaptive_settings_interpolate_knots_and_hold_the_ends():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import adaptive_settings
+
+    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.7)
+    assert adaptive_settings(0.05, spec) == (0.7, 1.0)  # no knots: fixed σ, network on
+    spec = replace(spec, sigma_knots=((0.01, 0.4), (0.03, 1.0)), gate_knots=((0.06, 1.0), (0.09, 0.0)))
+    assert adaptive_settings(0.0, spec) == (0.4, 1.0)
+    assert adaptive_settings(0.02, spec)[0] == pytest.approx(0.7)
+    assert adaptive_settings(0.075, spec) == (pytest.approx(1.0), pytest.approx(0.5))
+    assert adaptive_settings(1.0, spec) == (1.0, 0.0)
+
+
+def test_background_mask_is_zero_in_empty_space_and_one_on_the_specimen():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import background_mask
+
+    vol = np.zeros((32, 32, 32), dtype=np.float32)
+    vol[8:24, 8:24, 8:24] = 1.0
+    spec = replace(PostprocessSpec(), diff_grid=(16, 16, 16), background_threshold=0.1)
+    mask = background_mask(vol, spec)
+    assert mask.shape == (16, 16, 16)
+    assert mask[0, 0, 0] < 1e-6 and mask[8, 8, 8] == 1.0
+    assert np.all(background_mask(vol, replace(spec, background_threshold=0.0)) == 1.0)  # off

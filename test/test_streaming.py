@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,21 @@ def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixt
     scale = float(np.abs(outputs["exact"]).max())
     assert np.abs(outputs["compact"] - outputs["exact"]).max() <= 2e-3 * scale
     assert not np.array_equal(outputs["compact"], outputs["exact"])  # the compact path really ran
+
+
+def test_network_gate_zero_skips_both_stages_and_reports_the_noise_policy(fixture_resources, tmp_path):
+    resources = tmp_path / "res"
+    shutil.copytree(fixture_resources, resources)
+    raw = json.loads((resources / "manifest.json").read_text())
+    for channel in raw["channels"].values():
+        channel["postprocess"].update(gate_knots=[[0.0, 0.0]], sigma_knots=[[0.0, 0.5]])
+    (resources / "manifest.json").write_text(json.dumps(raw))
+    folder = tmp_path / "in" / "images" / "fluorescence-lightsheet-3D-microscopy"
+    folder.mkdir(parents=True)
+    write_case(folder, "a.tif", blob_volume((6, 24, 20)))
+    report = tmp_path / "report.json"
+    assert inference.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--resources", str(resources), "--report", str(report), "--device", "cpu"]) == 0
+    case = json.loads(report.read_text())["files"][0]
+    assert case["adaptive"]["network_gate"] == 0.0 and case["adaptive"]["output_sigma"] == 0.5
+    assert case["adaptive"]["relative_noise"] > 0
+    assert case["stages"] == {}  # neither network ran
