@@ -7,8 +7,9 @@ volume, same patch size, overlap and batch size, Gaussian weighting (σ = patch/
 Each method runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own. Printed:
 time ratio (ours / MONAI), peak-RSS ratio (whole process, and above the common baseline of the
 interpreter + torch + model), max |ours − MONAI|, and our overhead ratio = patch-stage wall
-time / Σ pure forward time of the same patches. Our side reads the input from a memory map (as
-the pipeline streams it); MONAI needs it as an in-memory tensor.
+time / Σ pure forward time of the same patches. Our side runs as in the pipeline: it streams the
+channels a row of patches at a time (here from the file) and keeps a float16 correction
+(prediction − image); MONAI needs the whole input as a tensor and returns a float32 volume.
 Needs ``pip install -r benchmarks/requirements.txt`` (MONAI is never part of the image).
 """
 
@@ -45,6 +46,21 @@ def make_input(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.stack([image, ndimage.gaussian_filter(image, 3.0)]).astype(np.float32)
 
 
+class NpyPlanes:
+    """One channel of a (C, Z, Y, X) .npy file as a plane source: each call maps the file, copies
+    the planes and unmaps it, so only what the caller keeps counts towards its RSS."""
+
+    def __init__(self, path: Path, channel: int) -> None:
+        self.path, self.channel = path, channel
+        self.shape = tuple(int(n) for n in np.load(path, mmap_mode="r").shape[1:])
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        out = np.array(mapped[self.channel, z0:z1], dtype=np.float32)
+        del mapped
+        return out
+
+
 def load_model(path: Path, threads: int):
     import torch
 
@@ -74,7 +90,17 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         def predict(batch_array: np.ndarray) -> np.ndarray:
             return timed(torch.from_numpy(batch_array)).numpy()
 
-        result, stats = sliding_window([volume[0], volume[1]], predict, (patch,) * 3, overlap=overlap, batch_size=batch)
+        # As in the pipeline: the channels are streamed (here from the file, a row of patches at a
+        # time) and the result is kept as a float16 correction (prediction − image).
+        del volume
+        image = NpyPlanes(data, 0)
+        correction = np.empty(image.shape, dtype=np.float16)
+
+        def emit(z0: int, z1: int, planes: np.ndarray) -> None:
+            correction[z0:z1] = planes - image.planes(z0, z1)
+
+        _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit)
+        result = correction
         patches = stats.patches
     else:
         from monai.inferers import sliding_window_inference
@@ -132,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "input.npy"
         np.save(data, make_input(tuple(args.shape)))
         runs = {m: run_worker(m, args, data, Path(tmp) / f"{m}.npy") for m in ("ours", "monai")}
-        diff = float(np.abs(np.load(Path(tmp) / "ours.npy") - np.load(Path(tmp) / "monai.npy")).max())
+        ours_out = np.load(Path(tmp) / "ours.npy").astype(np.float32) + np.load(data, mmap_mode="r")[0]  # image + correction
+        diff = float(np.abs(ours_out - np.load(Path(tmp) / "monai.npy")).max())
     ours, monai = runs["ours"], runs["monai"]
     result = {
         "shape": args.shape, "patch": args.patch, "overlap": args.overlap, "batch": args.batch, "threads": args.threads, "model": str(args.model),

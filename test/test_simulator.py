@@ -92,3 +92,14 @@ def test_write_dataset_uses_the_challenge_layout_and_metadata(tmp_path):
     assert vol.metadata.get("study") == "study_x"
     saved = json.loads((folder / "params.json").read_text())
     assert [r["seed"] for r in saved] == [100, 50_100]
+
+
+def test_photon_override_changes_only_the_photon_budget_and_stays_deterministic():
+    from training.simulate import simulate_pair
+
+    base = simulate_pair(5, "nucleus", shape=(12, 40, 40))
+    clean = simulate_pair(5, "nucleus", shape=(12, 40, 40), photons=(20000.0, 30000.0))
+    again = simulate_pair(5, "nucleus", shape=(12, 40, 40), photons=(20000.0, 30000.0))
+    assert 20000.0 <= clean.params.photons <= 30000.0
+    np.testing.assert_array_equal(clean.input, again.input)
+    assert clean.params.mu_per_um == base.params.mu_per_um and clean.params.spacing == base.params.spacing

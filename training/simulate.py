@@ -254,9 +254,21 @@ def fuse_views(top: np.ndarray, bottom: np.ndarray, tau_top: np.ndarray, tau_bot
     return w_top * top + (1.0 - w_top) * bottom
 
 
-def simulate_pair(seed: int, channel: str = "nucleus", shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None) -> SimulatedPair:
-    """Simulate one (single view, fused) pair; deterministic in ``seed``."""
+def simulate_pair(
+    seed: int,
+    channel: str = "nucleus",
+    shape: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    photons: tuple[float, float] | None = None,
+) -> SimulatedPair:
+    """Simulate one (single view, fused) pair; deterministic in ``seed``.
+
+    ``photons`` (min, max) replaces the photon budget's range (log-uniform, drawn from a separate
+    stream of the seed, so every other parameter stays as without it): e.g. clean stress sets.
+    """
     p = draw_params(seed, channel, shape, spacing)
+    if photons is not None:
+        p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
     label, tissue = specimen(p, rng)
     top = clean_view(label, tissue, p, "top")
@@ -287,7 +299,13 @@ def write_pair(pair: SimulatedPair, folder: Path, index: int, study: str) -> tup
 
 
 def write_dataset(
-    out_dir: Path, n: int, seed: int, channels: tuple[str, ...] = CHANNELS, study: str = "simulated", shape: tuple[int, int, int] | None = None
+    out_dir: Path,
+    n: int,
+    seed: int,
+    channels: tuple[str, ...] = CHANNELS,
+    study: str = "simulated",
+    shape: tuple[int, int, int] | None = None,
+    photons: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
@@ -303,7 +321,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -320,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first seed (pair i uses seed+i)")
     parser.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=CHANNELS)
     parser.add_argument("--study", default="simulated")
+    parser.add_argument("--photons", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="photon budget range at a bright voxel (default 30–3000, log-uniform)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None)
     return 0
 
 

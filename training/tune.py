@@ -6,8 +6,10 @@
 normalisation is affine and the metric normalises again, so filtering those outputs here scores
 exactly what the container would write with that σ (up to the percentiles of the filtered
 volume, which the metric recomputes anyway). Prints mean N-SSIM per channel and σ, and the best
-σ per channel (ties and gains below ``--min-gain`` keep the filter off). Use a tuning set, never
-the validation set (seeds 800 000+ by convention, see README).
+σ per channel (ties and gains below ``--min-gain`` keep the filter off), and, per case, the
+input's relative noise (:func:`fusemycells.postprocess.relative_noise`): the table from which the
+noise-adaptive knots (``sigma_knots``, ``gate_knots`` in ``training/policy/postprocess.json``)
+are read off. Use tuning sets, never the validation set (seeds 800 000+ by convention).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from scipy import ndimage
 from fusemycells.evaluate import ground_truth_name, tiff_files
 from fusemycells.io import read_volume
 from fusemycells.metrics import metric_normalise, n_ssim, ssim
+from fusemycells.postprocess import relative_noise
 
 log = logging.getLogger("training.tune")
 
 
-def score_sigmas(input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[float]) -> dict[str, dict[float, list[float]]]:
-    """channel → σ → N-SSIM per case."""
+def score_sigmas(input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[float], cases: list[dict] | None = None) -> dict[str, dict[float, list[float]]]:
+    """channel → σ → N-SSIM per case; per-case rows (with the input's relative noise) go to ``cases``."""
     preds, gts = tiff_files(pred_dir), tiff_files(gt_dir)
     table: dict[str, dict[float, list[float]]] = {}
     for name, path in sorted(tiff_files(input_dir).items()):
@@ -42,7 +45,10 @@ def score_sigmas(input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[flo
         for sigma in sigmas:
             out = ndimage.gaussian_filter(pred.data.astype(np.float32), sigma) if sigma > 0 else pred.data
             row[sigma].append(n_ssim(ssim(metric_normalise(out), g), s_in))
-        log.info("%s %s: %s", name, inp.channel, {s: round(v[-1], 4) for s, v in row.items()})
+        noise = relative_noise(inp.data)
+        if cases is not None:
+            cases.append({"name": name, "channel": inp.channel, "relative_noise": noise, "n_ssim": {s: v[-1] for s, v in row.items()}})
+        log.info("%s %s noise %.4f: %s", name, inp.channel, noise, {s: round(v[-1], 4) for s, v in row.items()})
     return table
 
 
@@ -63,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    table = score_sigmas(args.input, args.pred, args.gt, sorted(set([0.0, *args.sigmas])))
-    result = {}
+    cases: list[dict] = []
+    table = score_sigmas(args.input, args.pred, args.gt, sorted(set([0.0, *args.sigmas])), cases)
+    result: dict = {"cases": cases}
     for channel, scores in table.items():
         means = {s: float(np.mean(v)) for s, v in scores.items()}
         result[channel] = {"means": means, "min": {s: float(np.min(v)) for s, v in scores.items()}, "best_sigma": best_sigma(scores, args.min_gain)}
