@@ -239,14 +239,24 @@ class Fuser:
                 self._degrade(report, level, f"{total} patches × {rate:.3f} s > {max(left(), 0):.1f} s left")
                 continue
             started = time.perf_counter()
+            first: list[tuple[int, float]] = []  # (patches, seconds) after the first batch
 
-            def progress(done: int, total: int, started: float = started) -> None:
+            def progress(done: int, total: int, started: float = started, first: list[tuple[int, float]] = first) -> None:
                 elapsed = time.perf_counter() - started
-                self.policy.seconds_per_patch = elapsed / done
+                margin = 1.0
+                if not first:
+                    # the first batch pays one-time costs (session warm-up, allocations): its rate
+                    # is only trusted when it is hopeless by far, and the policy learns the rate
+                    # from the following batches, so one slow start does not degrade a file
+                    first.append((done, elapsed))
+                    rate, margin = elapsed / done, 4.0
+                else:
+                    rate = (elapsed - first[0][1]) / max(done - first[0][0], 1)
+                    self.policy.seconds_per_patch = rate
                 if done == total or done % max(1, total // 10) < self.policy.patch_batch_size(spec2.batch_size):
                     log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
-                if done < total and (total - done) * elapsed / done > left():
-                    raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s, {max(left(), 0):.1f} s left")
+                if done < total and (total - done) * rate > margin * left():
+                    raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {max(left(), 0):.1f} s left")
 
             try:
                 _, stats = sliding_window(

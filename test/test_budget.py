@@ -191,3 +191,24 @@ def test_memory_estimate_grows_with_the_high_resolution_grid() -> None:
     coarse = estimate_peak_bytes((100, 500, 500), 2, (1.0, 0.6, 0.6), 0.6)
     fine = estimate_peak_bytes((100, 500, 500), 2, (3.0, 0.6, 0.6), 0.6)
     assert fine > coarse > 100 * 500 * 500 * 2
+
+
+def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / INPUT_SUBDIR
+    folder.mkdir(parents=True)
+    write_case(folder, "case.tif", blob_volume((24, 64, 64)), spacing=(0.6, 0.6, 0.6))
+    calls = []
+
+    def warm_up_once(runner, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            time.sleep(0.4)  # one-time warm-up: at this rate the file would need more than the budget
+        return runner(batch)
+
+    _wrap_patch_runner(monkeypatch, warm_up_once)
+    code, report, seconds = _run(tmp_path, fixture_resources, "--time-budget", "12")
+    assert code == 0
+    case = report["files"][0]
+    total = case["stages"]["patch"]["patches"]
+    assert total * 0.4 / calls[0] > 12  # a projection from the first batch alone would exceed the budget
+    assert case["degradation"] == 0 and seconds < 12
