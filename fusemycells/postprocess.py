@@ -235,7 +235,7 @@ def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int
         z1 = min(nz, z0 + slab)
         flat = source.planes(z0, z1).reshape(-1)
         first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
-        parts.append(flat[first::stride])
+        parts.append(flat[first::stride].copy())  # a copy: a strided view would keep the whole slab alive
     return np.concatenate(parts)
 
 

@@ -129,6 +129,10 @@ class ArraySource:
         return apply_affine(block, self.offset, self.scale)
 
 
+SLAB_BYTES = 256 * 2**20
+"""Target size of the source block one :class:`ResizedSource` request reads (bytes)."""
+
+
 class ResizedSource:
     """Trilinear resize of a source to ``out_shape`` voxels, computed per output z-range.
 
@@ -147,6 +151,11 @@ class ResizedSource:
         self.halo = int(ANTIALIAS_TRUNCATE * self.sigma[0] + 0.5) if self.sigma[0] > 0 else 0
         self._cache_z0 = 0
         self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)
+        # Output planes per request that keep the source block read for it (plus its filtered
+        # copy) near SLAB_BYTES: downsampling a 1920² × 309 stack must not read 1 GB at a time.
+        in_plane = 4 * self.source.shape[1] * self.source.shape[2]
+        per_out = in_plane * max(1.0, self.source.shape[0] / max(self.shape[0], 1))
+        self.preferred_slab = int(min(32, max(1, SLAB_BYTES // max(per_out, 1))))
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
         c0, c1 = self._cache_z0, self._cache_z0 + len(self._cache)
@@ -190,15 +199,18 @@ class ResizedSource:
         return np.ascontiguousarray(block[r : r + (src1 - src0)])
 
 
-def iter_planes(source: PlaneSource, slab: int = 32) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(z0, z1, planes)`` float32 slabs of a source, in increasing z."""
+def iter_planes(source: PlaneSource, slab: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(z0, z1, planes)`` float32 slabs of a source, in increasing z (``slab`` planes each;
+    default: the source's ``preferred_slab``, else 32)."""
+    if slab is None:
+        slab = int(getattr(source, "preferred_slab", 32))
     for z0 in range(0, source.shape[0], slab):
         z1 = min(source.shape[0], z0 + slab)
         yield z0, z1, source.planes(z0, z1)
 
 
 def iter_resized(
-    volume: np.ndarray | PlaneSource, out_shape: Sequence[int], antialias: bool = True, slab: int = 32
+    volume: np.ndarray | PlaneSource, out_shape: Sequence[int], antialias: bool = True, slab: int | None = None
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Trilinear resize of a ZYX volume (array or :class:`PlaneSource`), as output z-slabs.
 

@@ -156,3 +156,17 @@ def test_sanitise_replaces_non_finite_with_the_finite_median() -> None:
 def test_sanitise_integer_input_becomes_float32_without_replacements() -> None:
     out, count = sanitise(np.ones((2, 2, 2), dtype=np.uint16))
     assert out.dtype == np.float32 and count == 0
+
+
+def test_resized_source_reads_big_planes_in_small_requests_with_the_same_result():
+    from fusemycells.preprocess import SLAB_BYTES, ResizedSource, materialise
+
+    class Big:  # 309 planes of 1920² (never allocated whole): only its shape matters here
+        shape = (309, 1920, 1920)
+
+    slab = ResizedSource(Big(), (128, 128, 128)).preferred_slab
+    assert 1 <= slab < 32 and slab * (309 / 128) * 4 * 1920 * 1920 <= SLAB_BYTES
+    vol = np.random.default_rng(0).random((40, 30, 20), dtype=np.float32)
+    small = ResizedSource(vol, (13, 11, 9))
+    small.preferred_slab = 2
+    np.testing.assert_array_equal(materialise(small), materialise(ResizedSource(vol, (13, 11, 9))))

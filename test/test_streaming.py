@@ -134,3 +134,27 @@ def test_network_gate_zero_skips_both_stages_and_reports_the_noise_policy(fixtur
     assert case["adaptive"]["network_gate"] == 0.0 and case["adaptive"]["output_sigma"] == 0.5
     assert case["adaptive"]["relative_noise"] > 0
     assert case["stages"] == {}  # neither network ran
+
+
+def test_streamed_percentile_sample_does_not_keep_slabs_alive():
+    import weakref
+
+    from fusemycells.postprocess import _strided_sample
+
+    class Source:
+        shape = (64, 32, 32)
+
+        def __init__(self):
+            self.refs: list[weakref.ref] = []
+            self.max_alive = 0
+
+        def planes(self, z0, z1):
+            self.max_alive = max(self.max_alive, sum(r() is not None for r in self.refs))
+            block = np.random.default_rng(z0).random((z1 - z0, 32, 32), dtype=np.float32)
+            self.refs.append(weakref.ref(block))
+            return block
+
+    source = Source()
+    sample = _strided_sample(source, max_samples=1000, slab=8)
+    assert sample.size >= 1000 // 2
+    assert source.max_alive <= 1  # each slab is released before the next is read
