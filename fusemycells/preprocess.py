@@ -158,15 +158,36 @@ class ResizedSource:
         self.preferred_slab = int(min(32, max(1, SLAB_BYTES // max(per_out, 1))))
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.planes_readonly(z0, z1).copy()
+
+    def planes_readonly(self, z0: int, z1: int) -> np.ndarray:
+        """Like :meth:`planes` but a read-only view of the internal cache (no copy): for callers
+        that only read, such as the sliding window, so a row is not held twice."""
         c0, c1 = self._cache_z0, self._cache_z0 + len(self._cache)
         if c0 <= z0 < c1 and z1 > c1:
-            block = np.concatenate([self._cache[z0 - c0 :], self._compute(c1, z1)])
+            block = np.concatenate([self._cache[z0 - c0 :], self._compute_chunked(c1, z1)])
         elif c0 <= z0 and z1 <= c1:
-            return self._cache[z0 - c0 : z1 - c0].copy()
+            view = self._cache[z0 - c0 : z1 - c0]
+            view.flags.writeable = False
+            return view
         else:
-            block = self._compute(z0, z1)
+            block = self._compute_chunked(z0, z1)
         self._cache_z0, self._cache = z0, block
-        return block.copy()
+        view = block[:]
+        view.flags.writeable = False
+        return view
+
+    def _compute_chunked(self, z0: int, z1: int) -> np.ndarray:
+        """``_compute`` in requests of ``preferred_slab`` planes, so the source block read (and its
+        filtered copy) stays near SLAB_BYTES however many planes are asked for."""
+        step = self.preferred_slab
+        if z1 - z0 <= step:
+            return self._compute(z0, z1)
+        out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
+        for a in range(z0, z1, step):
+            b = min(z1, a + step)
+            out[a - z0 : b - z0] = self._compute(a, b)
+        return out
 
     def _compute(self, z0: int, z1: int) -> np.ndarray:
         nz_in, nz_out = self.source.shape[0], self.shape[0]

@@ -149,7 +149,8 @@ def sliding_window(
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmc-batch")
     try:
         for row, z0 in enumerate(zs):
-            rows = [src.planes(z0, z0 + pz) for src in sources]
+            # read-only views where the source offers them (no second copy of a cached row)
+            rows = [getattr(src, "planes_readonly", src.planes)(z0, z0 + pz) for src in sources]
             pending: Future[np.ndarray] = prefetch.submit(assemble, rows, chunks[0])
             for index, chunk in enumerate(chunks):
                 batch = pending.result()
