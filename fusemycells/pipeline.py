@@ -176,6 +176,7 @@ class Fuser:
         self.policy.stage_seconds["global"] = report.seconds["global_stage"]
         with timed(report, "patch_stage"):
             correction = self._patch_correction(channel, x_h, p1_h, report, left)
+        del x_h, p1_h  # their row caches (two patch depths of H, float32) are not needed any more
         with timed(report, "postprocess"):
             weight = postprocess.correction_weight(correction, post)
             weight *= postprocess.background_mask(x_in, post)
@@ -208,7 +209,8 @@ class Fuser:
             planes = x_in.planes(z0, z1)
             w = wmap.planes(z0, z1)
             np.clip(w, 0.0, 1.0, out=w)
-            planes += w * corr.planes(z0, z1)
+            w *= corr.planes_readonly(z0, z1)
+            planes += w
             out[z0:z1] = planes
         return ArraySource(out)
 
