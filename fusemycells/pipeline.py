@@ -229,8 +229,11 @@ class Fuser:
         predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
         correction = np.empty(x_h.shape, dtype=np.float16)
 
+        read_x = getattr(x_h, "planes_readonly", x_h.planes)
+
         def emit(z0: int, z1: int, planes: np.ndarray) -> None:
-            correction[z0:z1] = planes - x_h.planes(z0, z1)
+            planes -= read_x(z0, z1)  # in place: the stitched planes are ours to change
+            correction[z0:z1] = planes
 
         level = 0
         for overlap in dict.fromkeys((spec2.overlap, 0.0)):  # full, then without overlap

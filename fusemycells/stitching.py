@@ -116,7 +116,8 @@ def sliding_window(
     """Predict a volume given as C same-shape ZYX channels (arrays or plane sources).
 
     Returns ``(prediction, stats)`` with the stitched float32 ZYX prediction, or ``(None, stats)``
-    when ``emit(z0, z1, planes)`` is given: finished planes are then handed over in increasing z
+    when ``emit(z0, z1, planes)`` is given: finished planes (a fresh float32 array the callee may
+    modify) are then handed over in increasing z
     as soon as no later patch can touch them, and no volume-size array is allocated here.
     Channels are read one row of patches (patch depth) at a time and stacked per patch only.
     ``predict`` gets batches of at most ``batch_size`` patches; ``progress(done, total)`` is
