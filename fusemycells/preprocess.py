@@ -162,28 +162,42 @@ class ResizedSource:
 
     def planes_readonly(self, z0: int, z1: int) -> np.ndarray:
         """Like :meth:`planes` but a read-only view of the internal cache (no copy): for callers
-        that only read, such as the sliding window, so a row is not held twice."""
+        that only read, such as the sliding window, so a row is not held twice.
+
+        The view is valid until the next request to this source: a request of the same length
+        reuses the cache buffer in place (planes shared with the previous range are moved forward,
+        the rest computed into it), so moving along z by rows never holds two rows at once.
+        """
         c0, c1 = self._cache_z0, self._cache_z0 + len(self._cache)
-        if c0 <= z0 < c1 and z1 > c1:
-            block = np.concatenate([self._cache[z0 - c0 :], self._compute_chunked(c1, z1)])
-        elif c0 <= z0 and z1 <= c1:
+        if c0 <= z0 and z1 <= c1:
             view = self._cache[z0 - c0 : z1 - c0]
             view.flags.writeable = False
             return view
+        reuse = z1 - z0 == len(self._cache)
+        keep = c1 - z0 if c0 <= z0 < c1 else 0  # planes of the cache that the new range starts with
+        if reuse:
+            block = self._cache  # writeable: only views of it are handed out read-only
+            for i in range(keep):  # forward, plane by plane: no temporary copy
+                block[i] = block[z0 - c0 + i]
+            self._compute_chunked(z0 + keep, z1, out=block[keep:])
+        elif keep:
+            block = np.concatenate([self._cache[z0 - c0 :], self._compute_chunked(c1, z1)])
         else:
+            self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)  # release before computing
             block = self._compute_chunked(z0, z1)
         self._cache_z0, self._cache = z0, block
         view = block[:]
         view.flags.writeable = False
         return view
 
-    def _compute_chunked(self, z0: int, z1: int) -> np.ndarray:
+    def _compute_chunked(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
         """``_compute`` in requests of ``preferred_slab`` planes, so the source block read (and its
-        filtered copy) stays near SLAB_BYTES however many planes are asked for."""
+        filtered copy) stays near SLAB_BYTES however many planes are asked for; into ``out`` if given."""
         step = self.preferred_slab
-        if z1 - z0 <= step:
-            return self._compute(z0, z1)
-        out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
+        if out is None:
+            if z1 - z0 <= step:
+                return self._compute(z0, z1)
+            out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
         for a in range(z0, z1, step):
             b = min(z1, a + step)
             out[a - z0 : b - z0] = self._compute(a, b)

@@ -1,8 +1,10 @@
 """Sliding-window patch inference with Gaussian importance weighting, streamed in z-rows.
 
 Patches are visited row by row along Z. Voxels above the next row's start can no longer receive
-contributions, so they are normalised and written out at once; the float32 accumulators only span
-one patch depth (``patch_z × Y × X``), never the whole volume. All shapes are ZYX voxels.
+contributions, so they are normalised and written out at once; the float32 accumulator only spans
+one patch depth (``patch_z × Y × X``), never the whole volume. The Gaussian importance is separable
+and the windows form a Cartesian grid, so the sum of weights is an outer product of three 1D sums
+and needs no accumulator of its own. All shapes are ZYX voxels.
 """
 
 from __future__ import annotations
@@ -46,19 +48,39 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
     return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch))
 
 
-def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> np.ndarray:
-    """Separable Gaussian weight map (ZYX), σ = patch·sigma_scale, max 1, floored at ``floor``.
+def gaussian_profiles(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> list[np.ndarray]:
+    """Per-axis 1D Gaussian weights (ZYX order, float64), σ = patch·sigma_scale, max 1.
 
-    The floor keeps border voxels of a patch from getting (almost) zero total weight.
+    Each profile is floored at ``floor**(1/3)``, so their product (the 3D importance) is ≥
+    ``floor`` everywhere and stays separable: the sum of the importance over a Cartesian grid of
+    windows is then the outer product of three 1D sums (see :func:`axis_weight_sums`).
     """
-    axes = []
+    per_axis = floor ** (1.0 / 3.0)
+    profiles = []
     for n in patch:
         sigma = max(n * sigma_scale, 1e-6)
         coords = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-        axes.append(np.exp(-0.5 * (coords / sigma) ** 2))
-    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weight /= weight.max()
-    return np.maximum(weight, floor).astype(np.float32)
+        g = np.exp(-0.5 * (coords / sigma) ** 2)
+        profiles.append(np.maximum(g / g.max(), per_axis))
+    return profiles
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> np.ndarray:
+    """Separable Gaussian weight map (ZYX float32): the outer product of :func:`gaussian_profiles`.
+
+    Max 1 in the centre, ≥ ``floor`` everywhere (border voxels of a patch keep a positive weight).
+    """
+    gz, gy, gx = gaussian_profiles(patch, sigma_scale, floor)
+    return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
+
+
+def axis_weight_sums(length: int, starts: Sequence[int], profile: np.ndarray) -> np.ndarray:
+    """Σ over windows of a 1D profile placed at ``starts`` along an axis of ``length`` voxels (float64)."""
+    total = np.zeros(length, dtype=np.float64)
+    n = len(profile)
+    for s in starts:
+        total[s : s + n] += profile
+    return total
 
 
 def pad_to_patch(volume: np.ndarray, patch: Sequence[int]) -> np.ndarray:
@@ -116,9 +138,10 @@ def sliding_window(
     """Predict a volume given as C same-shape ZYX channels (arrays or plane sources).
 
     Returns ``(prediction, stats)`` with the stitched float32 ZYX prediction, or ``(None, stats)``
-    when ``emit(z0, z1, planes)`` is given: finished planes (a fresh float32 array the callee may
-    modify) are then handed over in increasing z
-    as soon as no later patch can touch them, and no volume-size array is allocated here.
+    when ``emit(z0, z1, planes)`` is given: finished planes (a float32 view of the
+    accumulator: the callee may modify it, but must copy what it keeps, since the buffer is reused
+    once ``emit`` returns) are handed over in increasing z as soon as no later patch can touch
+    them, and no volume-size array is allocated here.
     Channels are read one row of patches (patch depth) at a time and stacked per patch only.
     ``predict`` gets batches of at most ``batch_size`` patches; ``progress(done, total)`` is
     called after each batch.
@@ -129,9 +152,14 @@ def sliding_window(
     pz, py, px = patch3
     zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch3))
     importance = gaussian_importance(patch3, sigma_scale)
+    # The importance is separable and the windows form a Cartesian grid, so the weight sum is an
+    # outer product of three 1D sums: only the prediction needs an accumulator (one patch depth).
+    gz, gy, gx = gaussian_profiles(patch3, sigma_scale)
+    inv_z = (1.0 / axis_weight_sums(nz, zs, gz)).astype(np.float32)
+    inv_yx = np.outer(1.0 / axis_weight_sums(ny, ys, gy)[: original[1]], 1.0 / axis_weight_sums(nx, xs, gx)[: original[2]]).astype(np.float32)
     result = None if emit is not None else np.empty(original, dtype=np.float32)
     acc = np.zeros((pz, ny, nx), dtype=np.float32)
-    wacc = np.zeros((pz, ny, nx), dtype=np.float32)
+    weighted = np.empty(patch3, dtype=np.float32)
     total = len(zs) * len(ys) * len(xs)
     stats = StitchStats(grid=(len(zs), len(ys), len(xs)))
     started = time.perf_counter()
@@ -161,8 +189,8 @@ def sliding_window(
                 pred = predict(batch)
                 stats.forward_s += time.perf_counter() - t0
                 for (y, x), p in zip(chunk, pred):
-                    acc[:, y : y + py, x : x + px] += p[0] * importance
-                    wacc[:, y : y + py, x : x + px] += importance
+                    np.multiply(p[0], importance, out=weighted)
+                    acc[:, y : y + py, x : x + px] += weighted
                 stats.patches += len(chunk)
                 stats.batches += 1
                 if progress is not None:
@@ -173,16 +201,17 @@ def sliding_window(
             done = next_z - z0
             z1 = min(next_z, original[0])
             if z1 > z0:
-                final = acc[: z1 - z0, : original[1], : original[2]] / wacc[: z1 - z0, : original[1], : original[2]]
+                final = acc[: z1 - z0, : original[1], : original[2]]  # a view: normalised in place
+                final *= inv_z[z0:z1, None, None]
+                final *= inv_yx[None]
                 if emit is not None:
                     emit(z0, z1, final)
                 else:
                     assert result is not None
                     result[z0:z1] = final
-            acc[: pz - done] = acc[done:]
-            wacc[: pz - done] = wacc[done:]
+            for i in range(pz - done):  # shift plane by plane: no temporary copy of the slab
+                acc[i] = acc[i + done]
             acc[pz - done :] = 0.0
-            wacc[pz - done :] = 0.0
     finally:
         prefetch.shutdown(wait=True)
     stats.total_s = time.perf_counter() - started

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fusemycells.preprocess import ResizedSource
-from fusemycells.stitching import gaussian_importance, pad_to_patch, sliding_window, window_starts
+from fusemycells.stitching import (
+    axis_weight_sums,
+    gaussian_importance,
+    gaussian_profiles,
+    pad_to_patch,
+    sliding_window,
+    window_starts,
+)
 
 PATCH = (8, 10, 12)
 
@@ -165,3 +172,17 @@ def test_pad_to_patch_pads_only_short_axes_at_the_high_end() -> None:
     assert padded.shape == (8, 20, 12)
     np.testing.assert_array_equal(padded[:3, :, :5], vol)
     assert pad_to_patch(vol, (2, 2, 2)) is vol
+
+
+def test_weight_sum_of_a_window_grid_is_the_outer_product_of_axis_sums() -> None:
+    shape, patch = (21, 30, 17), (8, 12, 6)
+    starts = [window_starts(n, p, 0.5) for n, p in zip(shape, patch)]
+    importance = gaussian_importance(patch)
+    brute = np.zeros(shape)
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                brute[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += importance
+    sums = [axis_weight_sums(n, s, g) for n, s, g in zip(shape, starts, gaussian_profiles(patch))]
+    np.testing.assert_allclose(sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :], brute, rtol=1e-5)
+    assert brute.min() > 0  # every voxel is covered

@@ -51,6 +51,19 @@ def test_resized_source_in_overlapping_out_of_order_ranges_equals_resize(out_sha
         np.testing.assert_array_equal(source.planes(z0, z1), expected[z0:z1])
 
 
+@pytest.mark.parametrize("step", [4, 8, 3])
+def test_resized_source_rows_of_one_length_reuse_one_buffer_and_stay_exact(step: int) -> None:
+    out_shape = (40, 14, 12)
+    expected = resize(volume(), out_shape)
+    source = ResizedSource(volume(), out_shape)
+    buffers = set()
+    for z0 in range(0, out_shape[0] - 8 + 1, step):  # rows of 8 planes, overlapping when step < 8
+        rows = source.planes_readonly(z0, z0 + 8)
+        np.testing.assert_array_equal(rows, expected[z0 : z0 + 8])
+        assert not rows.flags.writeable
+        buffers.add(id(source._cache))
+    assert len(buffers) == 1  # moving along z never allocates a second row
+
 def test_chained_sources_equal_materialised_steps() -> None:
     vol = volume((30, 40, 36))
     offset, scale = 0.2, 3.0
