@@ -15,6 +15,13 @@
 # hadolint ignore=DL3029
 FROM --platform=linux/amd64 nvidia/cuda:13.0.1-base-ubuntu24.04
 
+# The base image sets NVIDIA_REQUIRE_CUDA (cuda>=13.0 plus driver brands), and the NVIDIA container
+# runtime refuses to START the container on a host whose driver is older. Grand Challenge hosts
+# (T4, g4dn) may run such drivers; refusing would also kill the CPU fallback. With the check off the
+# container always starts: CUDA runs where the driver (or cuda-compat) allows it, else both
+# backends fall back to the CPU. The driver version is logged and in the report's policy section.
+ENV NVIDIA_DISABLE_REQUIRE=1
+
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

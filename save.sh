@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Build the Grand Challenge image and save it as a gzipped archive; optionally the model archive.
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO="$(cd "$(dirname "$0")" && pwd)"
+
+abspath() {  # a path given relative to the caller's working directory, made absolute
+    case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac
+}
 
 TAG="fusemycells:latest"
 OUT="fusemycells.tar.gz"
@@ -21,21 +25,24 @@ Usage: ./save.sh [--tag NAME] [--out FILE] [--model-archive FILE] [--model-only]
   --model-only          write only the model archive (needs no Docker engine)
   -h, --help            this text
 
-Builds with `docker build --platform=linux/amd64`. Exit 3 when no Docker engine is reachable.
+Relative FILE/DIR arguments are taken from the current directory; the defaults lie in the
+repository. Builds with `docker build --platform=linux/amd64`. Exit 3 when no Docker engine is
+reachable.
 USAGE
 }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --tag) TAG="$2"; shift 2 ;;
-        --out) OUT="$2"; shift 2 ;;
-        --model-archive) MODEL_ARCHIVE="$2"; shift 2 ;;
+        --out) OUT="$(abspath "$2")"; shift 2 ;;
+        --model-archive) MODEL_ARCHIVE="$(abspath "$2")"; shift 2 ;;
         --model-only) MODEL_ONLY=1; shift ;;
-        --resources) RESOURCES="$2"; shift 2 ;;
+        --resources) RESOURCES="$(abspath "$2")"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "save.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
+cd "$REPO"  # after the arguments: the defaults and the build context are the repository's
 
 if [[ "$MODEL_ONLY" == 1 && -z "$MODEL_ARCHIVE" ]]; then
     MODEL_ARCHIVE="model.tar.gz"

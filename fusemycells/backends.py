@@ -7,15 +7,36 @@ backend and execution provider really ran it. Device choice comes from :mod:`fus
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .config import FORMATS, Manifest, ManifestError, StageSpec, verified_path
+from .budget import free_device_cache, is_out_of_memory
+from .config import FORMATS, MANIFEST_NAME, Manifest, ManifestError, StageSpec, verified_path
 
 log = logging.getLogger(__name__)
+
+
+def memory_fraction(vram_budget_gib: float | None, total_bytes: int) -> float | None:
+    """Share of the device's ``total_bytes`` that a ``vram_budget_gib`` (GiB) allows, in (0, 1]; None: no budget."""
+    if vram_budget_gib is None or total_bytes <= 0:
+        return None
+    return min(1.0, max(vram_budget_gib * 2**30 / total_bytes, 1e-3))
+
+
+def cuda_provider_options(vram_budget_gib: float | None, device_id: int = 0) -> dict[str, str]:
+    """onnxruntime CUDAExecutionProvider options: the VRAM budget as ``gpu_mem_limit`` (bytes).
+
+    cuDNN's algorithm search is 'HEURISTIC': the default 'EXHAUSTIVE' benchmarks every
+    convolution on first use, seconds per new shape. The limit applies per session (per stage).
+    """
+    options = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC"}
+    if vram_budget_gib is not None:
+        options["gpu_mem_limit"] = str(int(vram_budget_gib * 2**30))
+    return options
 
 
 class Runner(Protocol):
@@ -33,7 +54,7 @@ class TorchScriptRunner:
 
     backend = "torchscript"
 
-    def __init__(self, path: Path, device: str, half: bool = False, threads: int | None = None) -> None:
+    def __init__(self, path: Path, device: str, half: bool = False, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
         import torch
 
         if threads:
@@ -42,6 +63,10 @@ class TorchScriptRunner:
         self.device = device
         self.provider = "CUDA" if device == "cuda" else "CPU"
         self.half = half and device == "cuda"
+        if device == "cuda":
+            fraction = memory_fraction(vram_budget_gib, torch.cuda.get_device_properties(0).total_memory)
+            if fraction is not None:
+                torch.cuda.set_per_process_memory_fraction(fraction)  # beyond it: OutOfMemoryError → OOM ladder
         try:
             self.module = torch.jit.load(str(path), map_location=device).eval()
         except Exception as exc:
@@ -75,7 +100,7 @@ class OnnxRunner:
 
     backend = "onnx"
 
-    def __init__(self, path: Path, device: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, device: str, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -86,7 +111,8 @@ class OnnxRunner:
         if device == "cuda":
             preload_cuda_libraries(ort)
         available = set(ort.get_available_providers())
-        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        names = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        providers = [(p, cuda_provider_options(vram_budget_gib)) if p == "CUDAExecutionProvider" else p for p in names]
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:
@@ -96,11 +122,24 @@ class OnnxRunner:
         self.device = "cuda" if self.provider == "CUDA" else "cpu"
         if device == "cuda" and self.provider != "CUDA":
             log.warning("onnxruntime CUDA provider unavailable for %s: running on CPU", path.name)
+        self._ort = ort
         self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.provider == "CUDA":
+            return self._run_bound(batch)
+        out = self.session.run(None, {self._input: batch})[0]
         return np.asarray(out, dtype=np.float32)
+
+    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+        """One forward with IOBinding: the input copied to the GPU once, the output left there and copied back once."""
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self._input, self._ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        binding.bind_output(self._output, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -121,12 +160,31 @@ def backend_order(requested: str, device: str) -> list[str]:
     return ["torchscript", "onnx"] if device == "cuda" else ["onnx", "torchscript"]
 
 
-def load_stage(manifest: Manifest, spec: StageSpec, backend: str, device: str, half: bool = False, threads: int | None = None, strict: bool = False) -> LoadedStage:
+def expected_in_channels(spec: StageSpec) -> int | None:
+    """Channels the pipeline feeds a stage: 2 (input, stage-1 prediction) for the patch stage
+    (it has a ``patch_size``), 1 (input) for the global stage (a ``grid``); None if neither."""
+    if spec.patch_size is not None:
+        return 2
+    return 1 if spec.grid is not None else None
+
+
+def load_stage(
+    manifest: Manifest, spec: StageSpec, backend: str, device: str, half: bool = False, threads: int | None = None, strict: bool = False, vram_budget_gib: float | None = None
+) -> LoadedStage:
     """Load one stage, verifying the file's checksum; fall back to the other format if it fails.
 
     With ``strict`` (an explicit ``--backend``) no fallback happens. Raises :class:`ManifestError`
-    naming every file that failed, never returning an unverified network.
+    naming every file that failed, never returning an unverified network, and naming the
+    manifest when the stage's ``in_channels`` is not what the pipeline feeds it (see
+    :func:`expected_in_channels`). ``vram_budget_gib`` (GiB) caps the device memory of a CUDA runner.
     """
+    expected = expected_in_channels(spec)
+    if expected is not None and spec.in_channels != expected:
+        files = ", ".join(w.path for w in spec.files.values())
+        raise ManifestError(
+            f"{manifest.root / MANIFEST_NAME}: stage {files} declares in_channels={spec.in_channels}, "
+            f"but the pipeline feeds the {'patch' if expected == 2 else 'global'} stage {expected} channel(s)"
+        )
     errors: list[str] = []
     order = backend_order(backend, device)
     if strict:
@@ -140,9 +198,9 @@ def load_stage(manifest: Manifest, spec: StageSpec, backend: str, device: str, h
             path = verified_path(manifest, weights)
             runner: Runner
             if fmt == "torchscript":
-                runner = TorchScriptRunner(path, device, half=half, threads=threads)
+                runner = TorchScriptRunner(path, device, half=half, threads=threads, vram_budget_gib=vram_budget_gib)
             else:
-                runner = OnnxRunner(path, device, threads=threads)
+                runner = OnnxRunner(path, device, threads=threads, vram_budget_gib=vram_budget_gib)
         except ManifestError as exc:
             errors.append(str(exc))
             log.warning("%s", exc)
@@ -151,3 +209,28 @@ def load_stage(manifest: Manifest, spec: StageSpec, backend: str, device: str, h
             log.warning("using %s after: %s", fmt, "; ".join(errors))
         return LoadedStage(spec=spec, runner=runner, file=weights.path)
     raise ManifestError("no usable weights: " + "; ".join(errors))
+
+
+def warm_up(stage: LoadedStage) -> float | None:
+    """Run one zero patch (batch 1) through a patch stage right after loading; returns its seconds.
+
+    One-time costs (CUDA context, kernel choice, memory arenas) are paid here, not by the first
+    batch whose rate the deadline logic uses. None for a stage without a patch size (the global
+    stage runs once per file anyway) or when even one patch runs out of memory (the OOM ladder
+    deals with that later).
+    """
+    size = stage.spec.patch_size
+    if size is None:
+        return None
+    started = time.perf_counter()
+    try:
+        stage.runner(np.zeros((1, stage.spec.in_channels, *size), dtype=np.float32))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        free_device_cache()
+        log.info("warm-up of %s skipped: out of memory for one patch", stage.file)
+        return None
+    seconds = time.perf_counter() - started
+    log.info("warm-up of %s (%s on %s): %.2f s", stage.file, stage.runner.backend, stage.runner.provider, seconds)
+    return seconds

@@ -83,6 +83,9 @@ class PostprocessSpec:
     weight_percentiles: tuple[float, float] = (2.0, 98.0)  # scaling of the weight map to [0, 1]
     output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
     output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
+    # True: output_gaussian_sigma is the Y/X σ and Z gets σ·spacing_x/spacing_z (isotropic in µm,
+    # so an anisotropic stack is hardly smoothed along Z); False: the same σ in voxels on every axis.
+    output_sigma_isotropic_um: bool = False
     output_percentiles: tuple[float, float] = (2.0, 99.8)  # final percentile normalisation
     # Noise-adaptive policy (see fusemycells.postprocess.adaptive_settings); empty = off.
     # Knots (relative noise of the input, value), interpolated linearly and held at the ends:
@@ -170,6 +173,7 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
         output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
         output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),
+        output_sigma_isotropic_um=bool(raw.get("output_sigma_isotropic_um", default.output_sigma_isotropic_um)),
         output_percentiles=tuple(raw.get("output_percentiles", default.output_percentiles)),  # type: ignore[arg-type]
         sigma_knots=_knots(raw.get("sigma_knots", []), "postprocess.sigma_knots"),
         gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),

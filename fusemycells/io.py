@@ -34,6 +34,10 @@ _AXIS_KEYS = {
     "y": ("PhysicalSizeY", "physicalsizey", "physical_size_y"),
     "z": ("PhysicalSizeZ", "physicalsizez", "physical_size_z"),
 }
+_STACK_AXES = frozenset("ZYXQI")
+"""Axis letters that may be larger than 1: Z, Y, X and tifffile's unlabelled Q (other) and I (pages)."""
+_EXTRA_AXES = {"C": "extra channels", "S": "RGB samples", "T": "time points"}
+"""What a non-singleton axis letter means, for the refusal message."""
 
 
 class InputError(ValueError):
@@ -87,46 +91,105 @@ def read_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
     return {}
 
 
-def _resolution_spacing(tif: tifffile.TiffFile) -> tuple[float | None, float | None]:
-    """(y, x) pixel size in µm from the first page's resolution tags, if declared."""
-    page = tif.pages.first
-    tags = page.tags
+def _resolution_spacing(tif: tifffile.TiffFile, um_per_unit: float = 1.0) -> tuple[tuple[float | None, float | None], str]:
+    """((y, x) pixel size in µm, note) from the first page's resolution tags, if declared.
+
+    ``um_per_unit``: µm per metadata unit, for tags without a unit (ImageJ: pixels per unit).
+    ``note`` says why declared tags were ignored ('' when none were).
+    """
+    tags = tif.pages.first.tags
+    unit_tag = tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 1
     out: list[float | None] = []
+    ignored: list[str] = []
     for name in ("YResolution", "XResolution"):
         tag = tags.get(name)
         value = None
         if tag is not None:
             num, den = tag.value
             if num > 0 and den > 0:
-                pixels_per_unit = num / den
-                raw = 1.0 / pixels_per_unit  # µm when the value is pixels per µm
-                unit = tags.get("ResolutionUnit")
-                unit_value = int(unit.value) if unit is not None else 1
-                value = raw * {2: 25400.0, 3: 10000.0}.get(unit_value, 1.0)  # inch, centimetre
-                # unit 1 (none): ImageJ stores pixels per µm. The reference (tifffile's default unit)
-                # writes pixels per µm under unit INCH, so an implausible size falls back to that reading.
-                if not (1e-4 < value < 1e3):
-                    value = raw
-                if not (PLAUSIBLE_SPACING_UM[0] <= value <= PLAUSIBLE_SPACING_UM[1]) or abs(pixels_per_unit - 1.0) < 1e-12:
-                    value = None  # 1 pixel/unit is tifffile's "not set" default
+                value = pixel_size_from_resolution(num / den, unit, um_per_unit)
+                if value is None and abs(num / den - 1.0) > 1e-12:
+                    ignored.append(f"{name} {num / den:g} pixels/{_RESOLUTION_UNIT_NAMES.get(unit, 'unit')}")
         out.append(value)
-    return out[0], out[1]
+    note = f"TIFF {', '.join(ignored)} ignored (not a plausible pixel size)" if ignored else ""
+    return (out[0], out[1]), note
+
+
+_UM_PER_RESOLUTION_UNIT = {3: 1e4, 4: 1e3}
+"""µm per TIFF ResolutionUnit that is converted: CENTIMETER (3), MILLIMETER (4); 5 is MICROMETER."""
+_RESOLUTION_UNIT_NAMES = {1: "unit", 2: "inch", 3: "cm", 4: "mm", 5: "µm"}
+INCH_AS_UM_RANGE = (0.05, 100.0)
+"""Pixel sizes (µm) accepted from resolution tags in unit INCH, read as pixels per µm (see below)."""
+
+
+def pixel_size_from_resolution(pixels_per_unit: float, unit: int, um_per_unit: float = 1.0) -> float | None:
+    """Pixel size (µm) from one TIFF resolution value and its ResolutionUnit, or None if not usable.
+
+    Unit 1 (none) is pixels per metadata unit (ImageJ), scaled by ``um_per_unit``; centimetres
+    and millimetres are converted, falling back to a direct pixels-per-µm reading when the
+    converted size is implausible. INCH (2) is never converted: the reference writer stores pixels
+    per µm under tifffile's default unit INCH, while a real dots-per-inch value is a print setting
+    (300 dpi would be 84.7 µm), so only a direct reading within :data:`INCH_AS_UM_RANGE` is kept.
+    1 pixel per unit is tifffile's "not set" default (None).
+    """
+    if not np.isfinite(pixels_per_unit) or pixels_per_unit <= 0 or abs(pixels_per_unit - 1.0) < 1e-12:
+        return None
+    raw = 1.0 / pixels_per_unit  # µm when the value is pixels per µm
+    if unit == 2:
+        lo, hi = INCH_AS_UM_RANGE
+        return raw if lo <= raw <= hi else None
+    lo, hi = PLAUSIBLE_SPACING_UM
+    converted = raw * (um_per_unit if unit == 1 else _UM_PER_RESOLUTION_UNIT.get(unit, 1.0))
+    for value in (converted, raw):
+        if lo <= value <= hi:
+            return value
+    return None
+
+
+_UM_PER_UNIT = {
+    **dict.fromkeys(("um", "\u00b5m", "micron", "micrometer", "micrometre", "\\u00b5m"), 1.0),  # ImageJ escapes µ
+    **dict.fromkeys(("nm", "nanometer", "nanometre"), 1e-3),
+    **dict.fromkeys(("mm", "millimeter", "millimetre"), 1e3),
+}
+
+
+def unit_to_um(unit: Any) -> tuple[float, str]:
+    """(µm per ``unit``, warning) for a metadata 'unit' value; absent or unknown units read as µm.
+
+    The warning is '' unless the unit is not recognised.
+    """
+    if unit is None or not str(unit).strip():
+        return 1.0, ""
+    text = str(unit).strip().lower().replace("\u03bc", "\u00b5")  # Greek mu → micro sign
+    for key in (text, text.removesuffix("s")):  # "microns", "nanometers"
+        if key in _UM_PER_UNIT:
+            return _UM_PER_UNIT[key], ""
+    return 1.0, f"unit {unit!r} not recognised: physical sizes read as µm"
 
 
 def spacing_from_metadata(
-    meta: dict[str, Any], fallback_yx: tuple[float | None, float | None] = (None, None)
+    meta: dict[str, Any], fallback_yx: tuple[float | None, float | None] = (None, None), tag_note: str = ""
 ) -> tuple[tuple[float, float, float], list[str]]:
-    """(z, y, x) spacing in µm from metadata, with fallbacks; returns (spacing, warnings)."""
-    warnings: list[str] = []
+    """(z, y, x) spacing in µm from metadata, with fallbacks; returns (spacing, warnings).
+
+    Sizes are in the metadata's ``unit`` (µm when absent; nm and mm are converted). ``tag_note``
+    (why the resolution tags were ignored) is added to the warning of a Y/X default.
+    """
+    unit = _lookup(meta, ("unit",))
+    um_per_unit, unit_warning = unit_to_um(unit)
+    warnings: list[str] = [unit_warning] if unit_warning else []
     raw = {axis: _lookup(meta, keys) for axis, keys in _AXIS_KEYS.items()}
     if raw["z"] is None:
-        raw["z"] = meta.get("spacing")  # ImageJ's z step (its 'unit', µm here)
+        raw["z"] = meta.get("spacing")  # ImageJ's z step (in its 'unit')
     found: dict[str, float | None] = {}
     for axis, value in raw.items():
         number = _as_positive_float(value)
+        number = None if number is None else number * um_per_unit
         if value is not None and (number is None or not PLAUSIBLE_SPACING_UM[0] <= number <= PLAUSIBLE_SPACING_UM[1]):
             lo, hi = PLAUSIBLE_SPACING_UM
-            warnings.append(f"PhysicalSize{axis.upper()}={value!r} is not a plausible spacing ({lo:g}–{hi:g} µm): ignored")
+            shown = f"{value!r}" if number is None or um_per_unit == 1.0 else f"{value!r} {unit} ({number:g} µm)"
+            warnings.append(f"PhysicalSize{axis.upper()}={shown} is not a plausible spacing ({lo:g}–{hi:g} µm): ignored")
             number = None
         found[axis] = number
     resolved: list[float] = []
@@ -138,7 +201,8 @@ def spacing_from_metadata(
                 warnings.append(f"PhysicalSize{axis.upper()} missing: using TIFF resolution tag ({value:g} µm)")
         if value is None:
             value = DEFAULT_SPACING_ZYX_UM[index]
-            warnings.append(f"PhysicalSize{axis.upper()} missing: using default {value:g} µm")
+            why = f" ({tag_note})" if tag_note and axis in "yx" else ""
+            warnings.append(f"PhysicalSize{axis.upper()} missing: using default {value:g} µm{why}")
         resolved.append(value)
     return (resolved[0], resolved[1], resolved[2]), warnings
 
@@ -159,12 +223,45 @@ def channel_from_metadata(meta: dict[str, Any], path: Path | None = None) -> tup
     return DEFAULT_CHANNEL, [f"channel missing in metadata: using default '{DEFAULT_CHANNEL}'"]
 
 
+MIN_PLANES_AS_Z = 4
+"""A lone C or T axis of at least this many entries in a stack without Z is read as Z (see :func:`stack_axes`)."""
+
+
+def stack_axes(shape: tuple[int, ...], axes: str) -> str:
+    """``axes`` with a lone channel/time axis renamed Z when the stack has no Z axis of its own.
+
+    ``tifffile.imwrite(..., imagej=True)`` without explicit axes stores a 3D stack as ImageJ
+    *channels* (read back as 'CYX'); a challenge input is one 3D channel, so a C (or T) axis of
+    ≥ :data:`MIN_PLANES_AS_Z` entries next to Y and X, with no non-singleton Z, is its Z axis.
+    Anything else is returned unchanged (and refused by :func:`squeeze_to_zyx` if it has extras).
+    """
+    if len(axes) != len(shape):
+        return axes
+    upper = axes.upper()
+    big = [i for i, n in enumerate(shape) if n > 1]
+    extra = [i for i in big if upper[i] not in _STACK_AXES]
+    has_z = any(upper[i] == "Z" for i in big)
+    if not has_z and len(extra) == 1 and upper[extra[0]] in "CT" and shape[extra[0]] >= MIN_PLANES_AS_Z and len(big) == 3:
+        i = extra[0]
+        return axes[:i] + "Z" + axes[i + 1 :]
+    return axes
+
+
 def squeeze_to_zyx(shape: tuple[int, ...], axes: str = "") -> tuple[int, int, int]:
     """The ZYX shape a stack is read as: singleton axes dropped, a 2D image becomes one slice.
 
-    Raises :class:`InputError` when more than three non-singleton axes remain (real channels,
-    time points or RGB samples), naming the axes.
+    ``axes`` are tifffile's letters for ``shape`` ('' when unknown). Raises :class:`InputError`,
+    naming the axes, when a known axis other than Z, Y, X (or tifffile's unlabelled Q/I) is
+    larger than 1 (channels C, RGB samples S, time points T, ...), or when more than three
+    non-singleton axes remain.
     """
+    axes = stack_axes(shape, axes)
+    if len(axes) == len(shape):
+        extra = [(letter, size) for letter, size in zip(axes.upper(), shape) if size > 1 and letter not in _STACK_AXES]
+        if extra:
+            found = ", ".join(f"{letter}={size}" for letter, size in extra)
+            what = " and ".join(dict.fromkeys(_EXTRA_AXES.get(letter, f"'{letter}' entries") for letter, _ in extra))
+            raise InputError(f"non-singleton axes beyond Z, Y, X ({found}) in shape {tuple(shape)} (axes '{axes}'): {what} are not supported")
     dims = list(shape)
     names = list(axes) if len(axes) == len(shape) else ["?"] * len(shape)
     while len(dims) > 3 and 1 in dims:
@@ -193,10 +290,12 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            shape = squeeze_to_zyx(tuple(series.shape), str(getattr(series, "axes", "")))
+            series_axes = str(getattr(series, "axes", ""))
+            shape = squeeze_to_zyx(tuple(series.shape), series_axes)
+            read_as = stack_axes(tuple(series.shape), series_axes)
             meta = read_metadata(tif)
-            fallback = _resolution_spacing(tif)
-            spacing, warnings = spacing_from_metadata(meta, fallback)
+            fallback, tag_note = _resolution_spacing(tif, unit_to_um(_lookup(meta, ("unit",)))[0])
+            spacing, warnings = spacing_from_metadata(meta, fallback, tag_note)
             if check is not None:
                 check(shape, np.dtype(series.dtype), spacing)
             data = series.asarray().reshape(shape)
@@ -213,6 +312,8 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
         source_shape = tuple(int(n) for n in series.shape)
         source_axes = str(getattr(series, "axes", "")) or None
         warnings.append(f"shape {source_shape} read as ZYX {shape}; the output keeps the input's shape")
+    if read_as != series_axes:
+        warnings.append(f"axes '{series_axes}' have no Z axis: read as '{read_as}' (a 3D stack saved as ImageJ channels or time points)")
     channel, channel_warnings = channel_from_metadata(meta, path)
     return Volume(
         data=data,
@@ -239,7 +340,8 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
             "PhysicalSizeX": float(x),
             "PhysicalSizeY": float(y),
             "PhysicalSizeZ": float(z),
-            "unit": meta.get("unit", "um"),
+            "unit": "um",  # the sizes are µm whatever the input's unit (nm, mm are converted on reading)
+            **({"spacing": float(z)} if "spacing" in meta else {}),  # ImageJ's z step, in 'unit'
             "axes": "ZYX",
             "channel": volume.channel,
         }

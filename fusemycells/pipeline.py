@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import postprocess
-from .backends import LoadedStage, load_stage
+from .backends import LoadedStage, load_stage, warm_up
 from .budget import (
     DEGRADATION_LEVELS,
     BudgetPolicy,
@@ -45,6 +45,11 @@ from .preprocess import (
 from .stitching import count_windows, sliding_window
 
 log = logging.getLogger(__name__)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""Largest finite float16 (65504): the compact in-place output is clipped to ±this."""
+ANISOTROPY_WARNING = 10.0
+"""Z spacing / XY spacing from which a file is reported as extremely anisotropic."""
 
 
 @dataclass
@@ -101,9 +106,11 @@ class Fuser:
                 half=self.policy.half,
                 threads=self.policy.threads,
                 strict=self.backend != "auto",
+                vram_budget_gib=self.policy.vram_budget_gib,
             )
             loaded = self._stages[key]
             log.info("loaded %s %s stage: %s (%s on %s)", channel.name, which, loaded.file, loaded.runner.backend, loaded.runner.provider)
+            warm_up(loaded)
         return self._stages[key]
 
     def cpu_runner(self, channel: ChannelSpec, which: str) -> LoadedStage:
@@ -112,19 +119,24 @@ class Fuser:
         if key not in self._stages:
             spec = channel.global_stage if which == "global" else channel.patch_stage
             self._stages[key] = load_stage(self.manifest, spec, self.backend, "cpu", threads=self.policy.threads, strict=self.backend != "auto")
+            warm_up(self._stages[key])
         return self._stages[key]
 
-    def _global_prediction(self, channel: ChannelSpec, coarse: np.ndarray) -> np.ndarray:
-        """Stage-1 prediction on the global grid (ZYX float32); moves to the CPU on device OOM."""
+    def _global_prediction(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
+        """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it).
+
+        On device OOM the stage reruns on the CPU, and that CPU stage is returned.
+        """
         stage1 = self.stage(channel, "global")
         try:
-            return stage1.runner(coarse[None, None])[0, 0]
+            return stage1.runner(coarse[None, None])[0, 0], stage1
         except Exception as exc:
             if not is_out_of_memory(exc) or self.policy.device == "cpu":
                 raise
         free_device_cache()
         self.policy.event("out of memory in the global stage: running it on the CPU")
-        return self.cpu_runner(channel, "global").runner(coarse[None, None])[0, 0]
+        cpu_stage = self.cpu_runner(channel, "global")
+        return cpu_stage.runner(coarse[None, None])[0, 0], cpu_stage
 
     def fuse(self, volume: Volume, report: CaseReport, deadline: float | None = None, output_dtype: str = "float32") -> PlaneSource:
         """Fused prediction for one volume, as a lazy ZYX source on the input grid (see ``output_dtype``).
@@ -142,38 +154,49 @@ class Fuser:
                 data = data.copy()
             report.non_finite_replaced = sanitise_inplace(data)
             if report.non_finite_replaced:
-                report.warnings.append(f"{report.non_finite_replaced} non-finite voxels replaced by the median")
+                warn(report, f"{report.non_finite_replaced} non-finite voxels replaced by the median")
             offset, scale = intensity_affine(data, **channel.normalisation)
             x_in = ArraySource(data, offset, scale)
             noise = postprocess.relative_noise(data)
             out_sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
             post = replace(channel.postprocess, output_gaussian_sigma=out_sigma)
-            report.adaptive = {"relative_noise": round(noise, 5), "output_sigma": round(out_sigma, 3), "network_gate": round(gate, 3)}
+            report.adaptive = {
+                "relative_noise": round(noise, 5),
+                "output_sigma": round(out_sigma, 3),
+                "output_sigma_zyx": [round(v, 3) for v in postprocess.output_sigma_zyx(post, volume.spacing)],
+                "network_gate": round(gate, 3),
+            }
             target = (channel.target_spacing_um,) * 3
             grid_h = shape_for_spacing(data.shape, volume.spacing, target)
             report.high_res_grid = list(grid_h)
-        # time kept back for post-processing and writing: both scale like the preprocessing
-        reserve = 1.0 + 4.0 * report.seconds["preprocess"]
+            for message in input_warnings(data, volume.spacing, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
+                warn(report, message)
+        # time kept back for post-processing and writing: both scale with the input's voxel count
+        reserve = self.policy.stage_costs["finish"].estimate(data.size)
 
         def left() -> float:
             return math.inf if deadline is None else deadline - reserve - time.perf_counter()
 
         if gate <= 0.0:
             log.info("    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f", noise, out_sigma)
-            return postprocess.final_source(x_in, post, output_dtype)
-        if left() <= self.policy.stage_seconds.get("global", 0.0):
-            self._degrade(report, 3, f"{max(left(), 0):.1f} s left before the global stage")
-            return postprocess.final_source(x_in, post, output_dtype)
+            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
+        global_voxels = data.size + math.prod(grid_h)
+        global_s = self.policy.stage_costs["global"].estimate(global_voxels)
+        if left() <= global_s:
+            self._degrade(report, 3, f"{max(left(), 0):.1f} s left, the global stage needs ~{global_s:.1f} s")
+            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
         with timed(report, "global_stage"):
             x_h = ResizedSource(x_in, grid_h)
             assert channel.global_stage.grid is not None
             coarse = materialise(ResizedSource(x_h, channel.global_stage.grid))
-            p1 = self._global_prediction(channel, coarse)
+            p1, stage1 = self._global_prediction(channel, coarse)
             p1_h = ResizedSource(p1, grid_h)
             del coarse
-            stage1 = self.stage(channel, "global")
             report.stages["global"] = {"file": stage1.file, "backend": stage1.runner.backend, "provider": stage1.runner.provider}
-        self.policy.stage_seconds["global"] = report.seconds["global_stage"]
+        self.policy.stage_costs["global"].learn(global_voxels, report.seconds["global_stage"])
+        if left() <= 0.0:
+            self._degrade(report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)")
+            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
         with timed(report, "patch_stage"):
             correction = self._patch_correction(channel, x_h, p1_h, report, left)
         del x_h, p1_h  # their row caches (two patch depths of H, float32) are not needed any more
@@ -184,7 +207,7 @@ class Fuser:
             report.weight_map = postprocess.weight_stats(weight)
             blended = self._blend(data, x_in, correction, weight, compact=self.policy.compact_output(data.shape))
             del correction
-            out = postprocess.final_source(blended, post, output_dtype)
+            out = postprocess.final_source(blended, post, output_dtype, spacing=volume.spacing)
         return out
 
     @staticmethod
@@ -193,7 +216,8 @@ class Fuser:
 
         The correction (on H) and the weight map (on the diff grid) are resized to the input grid
         per slab. In place, each slab of the input is read before the same slab of the output
-        overwrites it (float16 over 2-byte pixels, float32 over 4-byte ones).
+        overwrites it (float16 over 2-byte pixels, float32 over 4-byte ones); float16 values are
+        clipped to ±:data:`FLOAT16_MAX` so the output stays finite.
         """
         in_place = compact and data.flags.c_contiguous and data.flags.writeable
         if in_place and data.dtype.itemsize == 2:
@@ -211,6 +235,8 @@ class Fuser:
             np.clip(w, 0.0, 1.0, out=w)
             w *= corr.planes_readonly(z0, z1)
             planes += w
+            if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
+                np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
             out[z0:z1] = planes
         return ArraySource(out)
 
@@ -220,11 +246,15 @@ class Fuser:
         report.warnings.append(message)
         self.policy.event(f"{report.file}: {message}")
 
+    def _patch_stage(self, channel: ChannelSpec) -> LoadedStage:
+        """The patch stage to run: on the CPU from the start once the OOM ladder moved it there."""
+        return self.cpu_runner(channel, "patch") if self.policy.forced_cpu else self.stage(channel, "patch")
+
     def _patch_correction(self, channel: ChannelSpec, x_h: PlaneSource, p1_h: PlaneSource, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
         """Stage-2 prediction − input on H as float16 ZYX (the stage-1 one when time runs out)."""
         spec2 = channel.patch_stage
         assert spec2.patch_size is not None
-        stage2 = self.stage(channel, "patch")
+        stage2 = self._patch_stage(channel)
         cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
         predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
         correction = np.empty(x_h.shape, dtype=np.float16)
@@ -277,10 +307,11 @@ class Fuser:
                 level += 1
                 self._degrade(report, level, str(exc))
                 continue
+            used = self._patch_stage(channel)  # the CPU one when the OOM ladder moved there meanwhile
             report.stages["patch"] = {
-                "file": stage2.file,
-                "backend": stage2.runner.backend,
-                "provider": "CPU" if self.policy.forced_cpu else stage2.runner.provider,
+                "file": used.file,
+                "backend": used.runner.backend,
+                "provider": used.runner.provider,
                 "patches": stats.patches,
                 "patch_grid": list(stats.grid),
                 "overlap": overlap,
@@ -294,6 +325,48 @@ class Fuser:
             z1 = min(x_h.shape[0], z0 + 16)
             correction[z0:z1] = p1_h.planes(z0, z1) - x_h.planes(z0, z1)
         return correction
+
+
+def warn(report: CaseReport, message: str) -> None:
+    """Add a warning to a file's report and log it."""
+    report.warnings.append(message)
+    log.warning("[%s] %s", report.file, message)
+
+
+def constant_value(data: np.ndarray, slab: int = 16) -> float | None:
+    """The value of every voxel when a ZYX stack is constant, else None (stops at the first differing slab)."""
+    first = data.flat[0]
+    for z0 in range(0, data.shape[0], slab):
+        if not np.all(data[z0 : z0 + slab] == first):
+            return None
+    return float(first)
+
+
+def input_warnings(
+    data: np.ndarray, spacing: tuple[float, float, float], grid_h: tuple[int, ...], patch: tuple[int, int, int] | None, target_um: float
+) -> list[str]:
+    """Warnings for inputs unlike the training data that are processed anyway.
+
+    Constant or all-zero image, a single slice, a volume smaller than one patch on the
+    high-resolution grid, extreme anisotropy. ``data``: ZYX, finite; ``spacing``: (z, y, x) µm;
+    ``grid_h`` and ``patch``: ZYX voxels at ``target_um`` µm.
+    """
+    warnings: list[str] = []
+    value = constant_value(data)
+    if value is not None:
+        kind = "all-zero" if value == 0 else f"constant (every voxel {value:g})"
+        warnings.append(f"{kind} image: no contrast to fuse; the output is finite but carries no information")
+    if data.shape[0] == 1:
+        warnings.append(f"single slice: its one plane is repeated over the {grid_h[0]} plane(s) of the high-resolution grid")
+    if patch is not None and any(n < p for n, p in zip(grid_h, patch)):
+        warnings.append(f"volume is {tuple(grid_h)} voxels at {target_um:g} µm, smaller than one {tuple(patch)} patch: reflect-padded for the patch network")
+    ratio = spacing[0] / min(spacing[1], spacing[2])
+    if ratio >= ANISOTROPY_WARNING:
+        warnings.append(
+            f"extreme anisotropy: Z spacing {spacing[0]:g} µm is {ratio:.1f}× the XY spacing; Z is interpolated "
+            f"{spacing[0] / target_um:.1f}× onto the {target_um:g} µm grid, so axial detail finer than {spacing[0]:g} µm is not recovered"
+        )
+    return warnings
 
 
 def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None) -> CaseReport:
@@ -317,6 +390,8 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
         report.warnings.extend(volume.warnings)
         for warning in volume.warnings:
             log.warning("[%s] %s", path.name, warning)
+        if volume.data.dtype != np.uint16:
+            warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
         log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
         result = fuser.fuse(volume, report, deadline=deadline, output_dtype=output_dtype)
         with timed(report, "write"):
@@ -349,4 +424,16 @@ def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype:
         log.info("file %d/%d: %s", index, len(files), path.name)
         deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
         reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
+        learn_finish_cost(fuser.policy, reports[-1])
     return reports
+
+
+def learn_finish_cost(policy: BudgetPolicy, report: CaseReport) -> None:
+    """Teach ``policy`` the post-processing + writing seconds per input voxel of a fully fused file.
+
+    Files that skipped the blend (degradation level 3, gated network) finish faster and are not used.
+    """
+    if report.status != "ok" or report.shape is None or "postprocess" not in report.seconds:
+        return
+    seconds = report.seconds["postprocess"] + report.seconds.get("write", 0.0)
+    policy.stage_costs["finish"].learn(math.prod(report.shape), seconds)

@@ -126,15 +126,28 @@ def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def finalise(volume: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """Per-axis σ (ZYX, input-grid voxels) of the output Gaussian for a stack of ``spacing`` (ZYX µm).
+
+    ``output_gaussian_sigma`` is the Y/X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z gets
+    σ·spacing_x/spacing_z, i.e. the same width in µm, else the same σ in voxels on every axis.
+    """
+    sigma = max(float(spec.output_gaussian_sigma), 0.0)
+    if spec.output_sigma_isotropic_um and spacing is not None and spacing[0] > 0:
+        return (sigma * float(spacing[2]) / float(spacing[0]), sigma, sigma)
+    return (sigma, sigma, sigma)
+
+
+def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Optional output filters (max filter, Gaussian σ in voxels; both off by default), then percentile normalisation.
 
-    Filters are manifest parameters, switched on only where validation showed they help. ZYX float32.
+    Filters are manifest parameters, switched on only where validation showed they help. ZYX float32;
+    ``spacing`` (ZYX µm) scales the Z σ when the manifest asks for an isotropic filter in µm.
     """
     if spec.output_max_filter > 1:
         volume = ndimage.maximum_filter(volume, size=spec.output_max_filter, mode="nearest")
     if spec.output_gaussian_sigma > 0:
-        volume = ndimage.gaussian_filter(volume, sigma=spec.output_gaussian_sigma, mode="nearest", output=np.float32)
+        volume = ndimage.gaussian_filter(volume, sigma=output_sigma_zyx(spec, spacing), mode="nearest", output=np.float32)
     low, high = spec.output_percentiles
     return percentile_normalise(volume, low, high)
 
@@ -181,24 +194,26 @@ class HaloFilterSource:
         return np.ascontiguousarray(self.fn(block)[r : r + (z1 - z0)], dtype=np.float32)
 
 
-def output_filters(source: PlaneSource, spec: PostprocessSpec) -> PlaneSource:
-    """The manifest's optional output filters (max filter size, Gaussian σ in voxels) as a lazy source."""
+def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> PlaneSource:
+    """The manifest's optional output filters (max filter size, Gaussian σ in voxels, see
+    :func:`output_sigma_zyx`) as a lazy source."""
     if spec.output_max_filter > 1:
         size = spec.output_max_filter
         source = HaloFilterSource(source, lambda b: ndimage.maximum_filter(b, size=size, mode="nearest"), size // 2)
     if spec.output_gaussian_sigma > 0:
-        sigma = spec.output_gaussian_sigma
-        source = HaloFilterSource(source, lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32), int(4.0 * sigma + 0.5))
+        sigma = output_sigma_zyx(spec, spacing)
+        source = HaloFilterSource(source, lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32), int(4.0 * sigma[0] + 0.5))
     return source
 
 
-def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32") -> PlaneSource:
+def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
-    Same values as ``to_output_dtype(finalise(materialised), dtype)``; the percentiles (and the
-    uint16 range) are taken from a streamed pass, so no float32 copy of the volume is made.
+    Same values as ``to_output_dtype(finalise(materialised, spec, spacing), dtype)``; the
+    percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
+    volume is made. ``spacing`` is the stack's ZYX spacing in µm.
     """
-    filtered = output_filters(blended, spec)
+    filtered = output_filters(blended, spec, spacing)
     sample = _strided_sample(filtered)
     low, high = spec.output_percentiles
     offset, scale = percentile_affine(sample, low, high)

@@ -2,8 +2,15 @@
 # Local end-to-end test of the image, run like Grand Challenge runs it:
 # no network, /input read-only, /output writable, /tmp writable and empty, memory limit, GPU when present.
 # Then checks every output (name, shape, spacing) and scores it when ground truth is present.
+# The checks run on the HOST: python3 with numpy and tifffile (scoring also scipy), i.e.
+# pip install -r requirements.txt. They import fusemycells from this repository, whatever the
+# caller's working directory.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
+
+abspath() {  # a path given relative to the caller's working directory, made absolute
+    case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac
+}
 
 TAG="fusemycells:latest"
 INPUT="$REPO/test/input"
@@ -20,7 +27,9 @@ images/fluorescence-lightsheet-3D-microscopy/) with --rm --network none, /input 
 a fresh output volume, a writable /tmp, the memory limit and --gpus all when nvidia-smi works.
 Builds the image first when it does not exist (or with --build). Then checks that every input
 has an output of the same shape and spacing, and runs python -m fusemycells.evaluate when
-ground truth (default test/ground-truth) exists. Exit 3 when no Docker engine is reachable.
+ground truth (default test/ground-truth) exists. These checks run on the host and need python3
+with numpy and tifffile (pip install -r requirements.txt); exit 4 when they are missing.
+Exit 3 when no Docker engine is reachable.
 USAGE
 }
 
@@ -28,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --tag) TAG="$2"; shift 2 ;;
         --input) INPUT="$(cd "$2" && pwd)"; shift 2 ;;
-        --gt) GT="$2"; shift 2 ;;
+        --gt) GT="$(abspath "$2")"; shift 2 ;;
         --memory) MEMORY="$2"; shift 2 ;;
         --build) BUILD=yes; shift ;;
         --no-build) BUILD=no; shift ;;
@@ -40,6 +49,10 @@ done
 if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
     echo "run_docker.sh: no Docker engine reachable ('docker info' failed); the engine-free image test is test/test_image.py." >&2
     exit 3
+fi
+if ! python3 -c "import numpy, tifffile" 2>/dev/null; then  # checked before a long build and run
+    echo "run_docker.sh: the output checks need host python3 with numpy and tifffile (pip install -r requirements.txt)" >&2
+    exit 4
 fi
 if [[ "$BUILD" == yes ]] || { [[ "$BUILD" == auto ]] && ! docker image inspect "$TAG" >/dev/null 2>&1; }; then
     docker build --platform=linux/amd64 -t "$TAG" "$REPO"
@@ -53,12 +66,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 fi
 
 echo "running $TAG on $INPUT -> $OUTPUT"
-docker run --rm --platform=linux/amd64 --network none "${GPU[@]}" \
+# ${GPU[@]+...}: an empty array under `set -u` is an error in bash < 4.4
+docker run --rm --platform=linux/amd64 --network none ${GPU[@]+"${GPU[@]}"} \
     --memory "$MEMORY" --memory-swap "$MEMORY" --shm-size 8g \
     -v "$INPUT":/input:ro -v "$OUTPUT":/output \
     --tmpfs /tmp:exec,size=8g \
     "$TAG"
 
+cd "$REPO"  # the checks import fusemycells from this repository
 python3 - "$INPUT" "$OUTPUT" <<'PY'
 import sys
 from pathlib import Path
@@ -82,6 +97,6 @@ sys.exit(1 if bad else 0)
 PY
 
 if [[ -d "$GT" ]]; then
-    (cd "$REPO" && python3 -m fusemycells.evaluate --input "$INPUT" --pred "$OUTPUT" --gt "$GT" --png "$OUTPUT/qc.png")
+    python3 -m fusemycells.evaluate --input "$INPUT" --pred "$OUTPUT" --gt "$GT" --png "$OUTPUT/qc.png"
 fi
 echo "outputs kept in $OUTPUT"

@@ -12,8 +12,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fusemycells.backends import OnnxRunner, TorchScriptRunner, backend_order, load_stage
+from fusemycells.backends import (
+    LoadedStage,
+    OnnxRunner,
+    TorchScriptRunner,
+    backend_order,
+    cuda_provider_options,
+    load_stage,
+    memory_fraction,
+    warm_up,
+)
+from fusemycells.budget import BudgetPolicy, cuda_available
 from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir, verify_files
+from fusemycells.preprocess import normalise_intensity
 
 
 def _copy(resources: Path, tmp_path: Path) -> Path:
@@ -133,6 +144,21 @@ def test_valid_file_that_does_not_load_is_a_manifest_error(fixture_resources: Pa
         load_stage(manifest, manifest.channel("nucleus").global_stage, "onnx", "cpu", threads=1, strict=True)
 
 
+@pytest.mark.parametrize("stage, wrong", [("global_stage", 2), ("patch_stage", 1), ("patch_stage", 3)])
+def test_in_channels_not_fed_by_the_pipeline_raise_manifest_error_naming_the_files(fixture_resources: Path, stage: str, wrong: int) -> None:
+    raw = _raw(fixture_resources)
+    raw["channels"]["nucleus"][stage]["in_channels"] = wrong
+    manifest = parse_manifest(raw, fixture_resources)
+    spec = getattr(manifest.channel("nucleus"), stage)
+    with pytest.raises(ManifestError, match=f"in_channels={wrong}") as info:
+        load_stage(manifest, spec, "auto", "cpu", threads=1)
+    message = str(info.value)
+    assert "manifest.json" in message
+    assert all(weights.path in message for weights in spec.files.values())
+    good = getattr(load_manifest(fixture_resources).channel("nucleus"), stage)
+    assert load_stage(manifest, good, "auto", "cpu", threads=1).spec.in_channels == {"global_stage": 1, "patch_stage": 2}[stage]
+
+
 def _broken(raw: dict[str, Any], edit: str) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     nucleus = raw["channels"]["nucleus"]
@@ -248,3 +274,94 @@ def test_manifest_knots_must_be_pairs_with_increasing_noise(fixture_resources: P
         broken["channels"]["nucleus"]["postprocess"]["sigma_knots"] = bad
         with pytest.raises(ManifestError, match="sigma_knots"):
             parse_manifest(broken, fixture_resources)
+
+
+def test_cuda_provider_options_cap_memory_at_the_vram_budget_with_heuristic_search() -> None:
+    options = cuda_provider_options(2.5)
+    assert options["gpu_mem_limit"] == str(int(2.5 * 2**30))
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC" and options["device_id"] == "0"
+    assert "gpu_mem_limit" not in cuda_provider_options(None)
+
+
+def test_memory_fraction_is_the_budget_over_the_device_total_capped_at_one() -> None:
+    assert memory_fraction(8.0, 16 * 2**30) == pytest.approx(0.5)
+    assert memory_fraction(80.0, 16 * 2**30) == 1.0
+    assert memory_fraction(None, 16 * 2**30) is None
+
+
+def test_onnx_runner_asks_for_cuda_with_the_budgeted_provider_options(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    seen: list[object] = []
+    real_session = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        seen.extend(providers)
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])  # no GPU here
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr("fusemycells.backends.preload_cuda_libraries", lambda _ort: None)
+    spec = load_manifest(fixture_resources).channel("nucleus").patch_stage
+    runner = OnnxRunner(fixture_resources / spec.files["onnx"].path, "cuda", threads=1, vram_budget_gib=1.5)
+    assert seen == [("CUDAExecutionProvider", cuda_provider_options(1.5)), "CPUExecutionProvider"]
+    assert runner.provider == "CPU"  # reported truthfully: the session fell back to the CPU
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_onnx_cuda_io_binding_matches_the_cpu_after_percentile_normalisation(fixture_resources: Path) -> None:
+    spec = load_manifest(fixture_resources).channel("nucleus").patch_stage
+    path = fixture_resources / spec.files["onnx"].path
+    cpu, gpu = OnnxRunner(path, "cpu", threads=1), OnnxRunner(path, "cuda", vram_budget_gib=1.0)
+    assert gpu.provider == "CUDA"
+    batch = np.random.default_rng(0).normal(size=(2, 2, 32, 32, 32)).astype(np.float32)
+    out_cpu, out_gpu = cpu(batch), gpu(batch)
+    assert out_gpu.shape == out_cpu.shape and out_gpu.dtype == np.float32
+    for a, b in zip(out_cpu, out_gpu):
+        assert np.abs(normalise_intensity(a[0]) - normalise_intensity(b[0])).max() <= 1e-2
+
+
+class CountingRunner:
+    """Records the batch shapes it is called with; raises ``error`` when one is given."""
+
+    backend, provider, device = "onnx", "CPU", "cpu"
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.error = error
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes.append(batch.shape)
+        if self.error is not None:
+            raise self.error
+        return batch[:, :1]
+
+
+def test_warm_up_runs_one_patch_of_the_patch_stage_only(fixture_resources: Path) -> None:
+    channel = load_manifest(fixture_resources).channel("nucleus")
+    patch, glob = CountingRunner(), CountingRunner()
+    seconds = warm_up(LoadedStage(spec=channel.patch_stage, runner=patch, file="p.onnx"))
+    assert seconds is not None and seconds >= 0.0
+    assert patch.shapes == [(1, channel.patch_stage.in_channels, *channel.patch_stage.patch_size)]
+    assert warm_up(LoadedStage(spec=channel.global_stage, runner=glob, file="g.onnx")) is None and not glob.shapes
+
+
+def test_warm_up_out_of_memory_is_left_to_the_oom_ladder_but_other_errors_raise(fixture_resources: Path) -> None:
+    spec = load_manifest(fixture_resources).channel("nucleus").patch_stage
+    assert warm_up(LoadedStage(spec=spec, runner=CountingRunner(RuntimeError("CUDA out of memory")), file="p")) is None
+    with pytest.raises(ValueError, match="broken"):
+        warm_up(LoadedStage(spec=spec, runner=CountingRunner(ValueError("broken")), file="p"))
+
+
+def test_fuser_warms_up_a_patch_stage_once_when_it_loads(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusemycells.pipeline import Fuser
+
+    warmed: list[str] = []
+    monkeypatch.setattr("fusemycells.pipeline.warm_up", lambda stage: warmed.append(stage.file))
+    manifest = load_manifest(fixture_resources)
+    fuser = Fuser(manifest, BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1))
+    channel = manifest.channel("nucleus")
+    for _ in range(2):
+        fuser.stage(channel, "patch")
+    fuser.cpu_runner(channel, "patch")
+    assert len(warmed) == 2  # the device stage once, its CPU fallback once

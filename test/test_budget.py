@@ -13,9 +13,19 @@ import tifffile
 from conftest import blob_volume, write_case
 
 import inference
-from fusemycells.budget import BudgetPolicy, OomLadder, estimate_peak_bytes, is_out_of_memory
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
-from fusemycells.pipeline import Fuser
+from fusemycells.backends import LoadedStage
+from fusemycells.budget import (
+    BudgetPolicy,
+    LinearCost,
+    OomLadder,
+    default_stage_costs,
+    estimate_peak_bytes,
+    is_out_of_memory,
+    nvidia_driver_version,
+    parse_driver_version,
+)
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file
 from fusemycells.stitching import sliding_window
 
 
@@ -107,13 +117,13 @@ def test_non_oom_errors_are_not_swallowed() -> None:
         OomLadder(broken, policy())(np.zeros((2, 2, 4, 4, 4), np.float32))
 
 
-def _wrap_patch_runner(monkeypatch: pytest.MonkeyPatch, wrapper) -> None:
-    """Make Fuser's patch stage call ``wrapper(runner, batch)`` instead of ``runner(batch)``."""
+def _wrap_patch_runner(monkeypatch: pytest.MonkeyPatch, wrapper, which_stage: str = "patch") -> None:
+    """Make Fuser's patch (or ``which_stage``) stage call ``wrapper(runner, batch)`` instead of ``runner(batch)``."""
     original = Fuser.stage
 
     def stage(self: Fuser, channel, which):
         loaded = original(self, channel, which)
-        if which == "patch" and not getattr(loaded.runner, "_wrapped", False):
+        if which == which_stage and not getattr(loaded.runner, "_wrapped", False):
             runner = loaded.runner
 
             class Wrapped:
@@ -212,3 +222,128 @@ def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: P
     total = case["stages"]["patch"]["patches"]
     assert total * 0.4 / calls[0] > 12  # a projection from the first batch alone would exceed the budget
     assert case["degradation"] == 0 and seconds < 12
+
+
+class AlwaysOomRunner:
+    """A 'GPU' patch runner that runs out of memory for any batch, however small."""
+
+    backend, provider, device = "torchscript", "CUDA", "cuda"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        raise FakeCudaOom()
+
+
+def _case(folder: Path, name: str = "case.tif", seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_case(folder, name, blob_volume((24, 64, 64), seed=seed), spacing=(0.6, 0.6, 0.6))
+
+
+def _cpu_fuser(resources: Path, **costs: LinearCost) -> Fuser:
+    pol = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
+    pol.stage_costs.update(costs)
+    return Fuser(load_manifest(resources), pol)
+
+
+def test_after_a_cpu_fallback_the_next_file_starts_on_the_cpu(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = AlwaysOomRunner()
+
+    def stage(self: Fuser, channel, which):  # a 'CUDA' patch stage that always runs out of memory
+        if which == "global":
+            return self.cpu_runner(channel, "global")
+        return LoadedStage(spec=channel.patch_stage, runner=gpu, file="gpu_stage2.pt")
+
+    monkeypatch.setattr(Fuser, "stage", stage)
+    pol = BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
+    fuser = Fuser(load_manifest(fixture_resources), pol)
+    first = process_file(_case(tmp_path / "in", "a.tif", seed=0), tmp_path / "out", fuser, "float32")
+    calls_after_first = gpu.calls
+    second = process_file(_case(tmp_path / "in", "b.tif", seed=1), tmp_path / "out", fuser, "float32")
+    assert first.status == second.status == "ok", (first.error, second.error)
+    assert pol.forced_cpu and calls_after_first > 0
+    assert gpu.calls == calls_after_first  # the second file never touched the device runner
+    for case in (first, second):
+        assert case.stages["patch"]["provider"] == "CPU" and case.stages["patch"]["file"] != "gpu_stage2.pt"
+
+
+def test_first_file_reserve_covers_the_measured_large_cpu_run() -> None:
+    voxels = 309 * 1920 * 1920
+    assert default_stage_costs()["finish"].estimate(voxels) >= 165 + 40  # postprocess + write, 2 CPU cores
+    assert default_stage_costs()["global"].estimate(voxels + 520 * 1242 * 1242) >= 59.7
+
+
+def test_stage_costs_learn_from_large_files_only() -> None:
+    cost = LinearCost(fixed_s=2.0, per_voxel_s=2.5e-7)
+    cost.learn(1e6, 0.5)  # a small file: mostly fixed overhead, teaches nothing
+    assert cost.per_voxel_s == 2.5e-7
+    cost.learn(1e9, 102.0)  # 100 s of per-voxel work
+    assert cost.per_voxel_s == pytest.approx(1.25e-7)
+    assert cost.estimate(2e9) == pytest.approx(2.0 + 250.0)
+
+
+def test_finish_cost_is_learned_from_a_fully_fused_file_only() -> None:
+    pol = policy()
+    report = CaseReport(file="big.tif", status="ok", shape=[309, 1920, 1920], seconds={"postprocess": 80.0, "write": 20.0})
+    skipped = CaseReport(file="fast.tif", status="ok", shape=[309, 1920, 1920], seconds={"write": 3.0}, degradation=3)
+    learn_finish_cost(pol, skipped)
+    assert pol.stage_costs["finish"].per_voxel_s == default_stage_costs()["finish"].per_voxel_s
+    learn_finish_cost(pol, report)
+    assert pol.stage_costs["finish"].per_voxel_s == pytest.approx(1.25 * 98.0 / (309 * 1920 * 1920))
+
+
+@pytest.mark.parametrize("finish_rate, level", [(2.5e-7, 0), (1e-3, 3)])
+def test_reserve_for_postprocessing_grows_with_the_voxel_count(fixture_resources: Path, tmp_path: Path, finish_rate: float, level: int) -> None:
+    fuser = _cpu_fuser(fixture_resources, finish=LinearCost(2.0, finish_rate))  # 1e-3 s/voxel: ~100 s for this stack
+    report = process_file(_case(tmp_path / "in"), tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 30.0)
+    assert report.status == "ok" and report.degradation == level
+    assert ("global_stage" in report.seconds) == (level == 0)
+
+
+def test_global_stage_estimated_too_slow_is_skipped_on_the_first_file(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    _wrap_patch_runner(monkeypatch, lambda runner, batch: calls.append(1) or runner(batch), which_stage="global")
+    fuser = _cpu_fuser(fixture_resources, **{"global": LinearCost(2.0, 1e-3)})  # ~200 s for this stack
+    report = process_file(_case(tmp_path / "in"), tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 30.0)
+    assert report.status == "ok" and report.degradation == 3
+    assert not calls and "global_stage" not in report.seconds
+    assert any("global stage needs" in w for w in report.warnings)
+
+
+def test_deadline_passed_in_a_slow_global_stage_goes_to_the_normalised_input(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _case(tmp_path / INPUT_SUBDIR)
+
+    def slow(runner, batch):
+        time.sleep(4.0)  # the estimate (~2 s) fits in the budget, the real stage does not
+        return runner(batch)
+
+    _wrap_patch_runner(monkeypatch, slow, which_stage="global")
+    budget = 6.0
+    code, report, seconds = _run(tmp_path, fixture_resources, "--time-budget", str(budget))
+    assert code == 0 and seconds <= budget * 1.05
+    case = report["files"][0]
+    assert case["degradation"] == 3 and "global_stage" in case["seconds"] and "patch_stage" not in case["seconds"]
+    assert any("during the global stage" in w for w in case["warnings"])
+
+
+NVRM_PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\nGCC version:  gcc version 12.2.0\n"
+NVRM_OPEN = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs-builder@U16)  Thu Jan 23 2025\n"
+
+
+def test_nvidia_driver_version_is_read_from_the_kernel_module_text(tmp_path: Path) -> None:
+    assert parse_driver_version(NVRM_PROPRIETARY) == "535.104.05"
+    assert parse_driver_version(NVRM_OPEN) == "570.86.15"
+    assert parse_driver_version("no driver here") is None
+    (tmp_path / "version").write_text(NVRM_OPEN)
+    assert nvidia_driver_version(str(tmp_path / "version")) == "570.86.15"
+    assert nvidia_driver_version(str(tmp_path / "missing")) is None
+
+
+def test_policy_report_and_log_name_the_nvidia_driver(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("fusemycells.budget.nvidia_driver_version", lambda: "535.104.05")
+    with caplog.at_level("INFO", logger="fusemycells"):
+        pol = BudgetPolicy.create("cpu", None, None, 1)
+    assert pol.as_report()["nvidia_driver"] == "535.104.05"
+    assert any("NVIDIA driver 535.104.05" in r.getMessage() for r in caplog.records)

@@ -257,3 +257,45 @@ def test_save_sh_refuses_a_model_archive_with_a_broken_checksum(fixture_resource
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_fake_docker(tmp_path))
     assert proc.returncode != 0 and "checksum mismatch" in proc.stderr
     assert not (tmp_path / "m.tar.gz").exists()
+
+
+def test_image_starts_on_hosts_whose_nvidia_driver_is_older_than_the_base_image_requires(image: Image):
+    assert image.env.get("NVIDIA_DISABLE_REQUIRE") == "1"  # else no CPU fallback: the container would not start
+
+
+def test_save_sh_resolves_relative_paths_against_the_callers_directory(fixture_resources: Path, tmp_path: Path):
+    shutil.copytree(fixture_resources, tmp_path / "weights")
+    cmd = ["bash", str(REPO / "save.sh"), "--model-only", "--model-archive", "model.tar.gz", "--resources", "weights"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_fake_docker(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "model.tar.gz").is_file() and not (REPO / "model.tar.gz").exists()
+
+
+FAKE_DOCKER_RUN = """#!/bin/sh
+# A docker whose engine 'runs' the image by copying every input to the output (identity fusion).
+case "$1" in info|image) exit 0 ;; run) shift ;; *) exit 1 ;; esac
+while [ $# -gt 0 ]; do
+    if [ "$1" = "-v" ]; then
+        case "$2" in *:/input:ro) inp="${2%:/input:ro}" ;; *:/output) out="${2%:/output}" ;; esac
+        shift
+    fi
+    shift
+done
+mkdir -p "$out/images/fused-fluorescence-lightsheet-3D-microscopy"
+cp "$inp"/images/fluorescence-lightsheet-3D-microscopy/*.tif "$out/images/fused-fluorescence-lightsheet-3D-microscopy/"
+"""
+
+
+def test_run_docker_sh_checks_and_scores_outputs_from_any_working_directory(tmp_path: Path):
+    bin_dir, work = tmp_path / "bin", tmp_path / "elsewhere"
+    bin_dir.mkdir()
+    work.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER_RUN)
+    (bin_dir / "docker").chmod(0o755)
+    shutil.copytree(REPO / "test" / "ground-truth", work / "gt")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    cmd = ["bash", str(REPO / "test" / "run_docker.sh"), "--no-build", "--gt", "gt"]  # relative: the caller's gt/
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=work)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("OK ") == 2 and "BAD" not in proc.stdout
+    assert list(tmp_path.glob("fusemycells-output.*/qc.png"))  # scored against the caller's gt/

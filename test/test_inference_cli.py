@@ -14,6 +14,7 @@ import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
 
+import inference
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io import read_volume
 from fusemycells.preprocess import percentile_normalise
@@ -176,3 +177,16 @@ def test_missing_manifest_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert not (tmp_path / "out").exists()
     assert "manifest not found" in report["error"]
+
+
+def test_no_arguments_follow_the_grand_challenge_input_and_output_folders() -> None:
+    config = inference.build_config(inference.parse_args([]))
+    assert config.input_dir == Path("/input/images/fluorescence-lightsheet-3D-microscopy")
+    assert config.output_dir == Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
+    assert (config.resources_dir, config.device, config.backend, config.output_dtype) == (None, "auto", "auto", "float32")
+
+
+def test_help_exits_0_and_describes_the_contract() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "inference.py"), "--help"], capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "/input/images/fluorescence-lightsheet-3D-microscopy" in proc.stdout and "--backend" in proc.stdout

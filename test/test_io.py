@@ -16,6 +16,7 @@ from fusemycells.io import (
     Volume,
     list_inputs,
     read_volume,
+    squeeze_to_zyx,
     write_volume,
 )
 
@@ -83,9 +84,11 @@ def test_imagej_file_with_physical_size_keys_uses_them(tmp_path: Path) -> None:
     assert volume.channel == DEFAULT_CHANNEL
 
 
-def test_written_metadata_round_trips_spacing_channel_axes_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("style", ["PhysicalSize", "physicalsize", "physical_size"])
+def test_written_metadata_round_trips_spacing_channel_axes_unit(tmp_path: Path, style: str) -> None:
     data = blob_volume((6, 20, 18)).astype(np.float32)
-    like = Volume(data=data, spacing=SPACING, channel="membrane", metadata={"physical_size_x": 9.0, "note": "kept"})
+    stale = _spelled(style, (9.0, 8.0, 7.0))  # the input's own spelling, with values the Volume overrides
+    like = Volume(data=data, spacing=SPACING, channel="membrane", metadata={**stale, "note": "kept"})
     path = tmp_path / "out.tif"
     write_volume(path, data, like)
     volume = read_volume(path)
@@ -96,7 +99,8 @@ def test_written_metadata_round_trips_spacing_channel_axes_unit(tmp_path: Path) 
     assert volume.metadata["unit"] == "um"
     assert volume.metadata["note"] == "kept"
     # the stale input spelling is replaced, not left to contradict the canonical one
-    assert "physical_size_x" not in volume.metadata
+    sizes = sorted(k for k in volume.metadata if k.lower().replace("_", "").startswith("physicalsize"))
+    assert sizes == ["PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeZ"]
     assert volume.data.dtype == np.float32
     np.testing.assert_array_equal(volume.data, data)
 
@@ -146,6 +150,94 @@ def test_resolution_tags_in_centimetres_are_converted(tmp_path: Path) -> None:
     # 0.5 µm pixels = 20000 pixels per cm
     tifffile.imwrite(path, blob_volume((5, 8, 8)), resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER")
     assert read_volume(path).spacing[1:] == pytest.approx((0.5, 0.5))
+
+
+@pytest.mark.parametrize("dpi", [72.0, 96.0, 300.0])
+def test_resolution_in_dots_per_inch_is_ignored_for_the_default_with_a_warning(tmp_path: Path, dpi: float) -> None:
+    path = tmp_path / "print.tif"
+    tifffile.imwrite(path, blob_volume((5, 8, 8)), resolution=(dpi, dpi), resolutionunit="INCH", metadata={"channel": "nucleus"})
+    volume = read_volume(path)
+    assert volume.spacing[1:] == pytest.approx(DEFAULT_SPACING_ZYX_UM[1:])  # not 25400/dpi µm (84.7 µm at 300 dpi)
+    joined = " ".join(volume.warnings)
+    assert "PhysicalSizeX missing: using default" in joined and "pixels/inch ignored" in joined
+
+
+@pytest.mark.parametrize("unit, um_per_unit", [("nm", 1e-3), ("nanometer", 1e-3), ("nanometers", 1e-3), ("mm", 1e3), ("micron", 1.0), ("\\u00B5m", 1.0), ("µm", 1.0)])
+def test_metadata_sizes_in_other_units_are_converted_to_um_and_written_back_in_um(tmp_path: Path, unit: str, um_per_unit: float) -> None:
+    path = tmp_path / "units.tif"
+    declared = {key: value / um_per_unit for key, value in _spelled("PhysicalSize", SPACING).items()}
+    tifffile.imwrite(path, blob_volume((5, 8, 8)), metadata={**declared, "unit": unit, "channel": "nucleus"})
+    volume = read_volume(path)
+    assert volume.spacing == pytest.approx(SPACING)
+    assert volume.warnings == []
+    out = tmp_path / "out.tif"
+    write_volume(out, volume.data, volume)
+    again = read_volume(out)
+    assert again.metadata["unit"] == "um" and again.spacing == pytest.approx(SPACING)
+
+
+def test_imagej_file_in_nanometres_converts_z_step_and_resolution_tags(tmp_path: Path) -> None:
+    path = tmp_path / "imagej_nm.tif"
+    z, y, x = (s * 1000 for s in SPACING)
+    tifffile.imwrite(path, blob_volume((5, 8, 8)), imagej=True, resolution=(1 / x, 1 / y), metadata={"axes": "ZYX", "spacing": z, "unit": "nm"})
+    assert read_volume(path).spacing == pytest.approx(SPACING, rel=1e-6)
+
+
+def test_unknown_metadata_unit_is_read_as_um_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "furlong.tif"
+    tifffile.imwrite(path, blob_volume((5, 8, 8)), metadata={**_spelled("PhysicalSize", SPACING), "unit": "furlong", "channel": "nucleus"})
+    volume = read_volume(path)
+    assert volume.spacing == pytest.approx(SPACING)
+    assert volume.warnings == ["unit 'furlong' not recognised: physical sizes read as µm"]
+
+
+@pytest.mark.parametrize(
+    "shape, axes, expected",
+    [
+        ((30, 28), "YX", (1, 30, 28)),
+        ((5, 20, 22), "QYX", (5, 20, 22)),
+        ((5, 20, 22), "IYX", (5, 20, 22)),
+        ((1, 5, 1, 20, 22), "QQQYX", (5, 20, 22)),
+        ((5, 1, 20, 22), "ZCYX", (5, 20, 22)),
+        ((1, 5, 20, 22), "TZYX", (5, 20, 22)),
+        ((5, 20, 22, 1), "ZYXS", (5, 20, 22)),
+        ((2, 20, 22), "", (2, 20, 22)),  # axes unknown: read as Z
+        ((40, 20, 22), "CYX", (40, 20, 22)),  # ImageJ 'channels' of a stack without Z: its Z axis
+        ((1, 12, 20, 22), "ZTYX", (12, 20, 22)),
+    ],
+)
+def test_singleton_axes_are_squeezed_to_zyx(shape: tuple[int, ...], axes: str, expected: tuple[int, int, int]) -> None:
+    assert squeeze_to_zyx(shape, axes) == expected
+
+
+@pytest.mark.parametrize(
+    "shape, axes, found",
+    [
+        ((2, 20, 22), "CYX", "C=2"),
+        ((30, 28, 3), "YXS", "S=3"),
+        ((1, 2, 20, 22), "ZCYX", "C=2"),
+        ((3, 1, 20, 22), "TZYX", "T=3"),
+        ((2, 1, 20, 22), "CZYX", "C=2"),
+        ((4, 2, 20, 22), "QQYX", "non-singleton axes"),  # four unlabelled axes
+    ],
+)
+def test_non_singleton_axes_other_than_zyx_are_refused_naming_them(shape: tuple[int, ...], axes: str, found: str) -> None:
+    with pytest.raises(InputError, match="non-singleton axes") as info:
+        squeeze_to_zyx(shape, axes)
+    assert found in str(info.value) and f"'{axes}'" in str(info.value)
+
+
+def test_imagej_stack_written_without_axes_is_read_as_z_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "ij.tif"
+    stack = blob_volume((9, 16, 18))
+    tifffile.imwrite(path, stack, imagej=True, resolution=(1 / 0.3, 1 / 0.3), metadata={"spacing": 2.0, "unit": "um"})
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "CYX"  # what tifffile makes of it
+    volume = read_volume(path)
+    assert volume.data.shape == (9, 16, 18)
+    np.testing.assert_array_equal(volume.data, stack)
+    assert volume.spacing == pytest.approx((2.0, 0.3, 0.3))
+    assert any("read as 'ZYX'" in w for w in volume.warnings)
 
 
 def test_missing_spacing_and_resolution_use_defaults_with_warnings(tmp_path: Path) -> None:

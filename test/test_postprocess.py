@@ -152,3 +152,31 @@ def test_background_mask_is_zero_in_empty_space_and_one_on_the_specimen():
     assert mask.shape == (16, 16, 16)
     assert mask[0, 0, 0] < 1e-6 and mask[8, 8, 8] == 1.0
     assert np.all(background_mask(vol, replace(spec, background_threshold=0.0)) == 1.0)  # off
+
+
+def test_output_sigma_isotropic_in_um_scales_z_by_the_spacing_ratio():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import output_sigma_zyx
+
+    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.8)
+    assert output_sigma_zyx(spec, (2.0, 0.4, 0.4)) == (0.8, 0.8, 0.8)  # voxels on every axis (default)
+    physical = replace(spec, output_sigma_isotropic_um=True)
+    assert output_sigma_zyx(physical, (2.0, 0.4, 0.4)) == pytest.approx((0.16, 0.8, 0.8))  # same 0.32 µm on Z
+    assert output_sigma_zyx(physical, None) == (0.8, 0.8, 0.8)
+
+
+def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import final_source, output_filters
+    from fusemycells.preprocess import ArraySource, materialise
+
+    vol = np.zeros((12, 16, 16), dtype=np.float32)
+    vol[6, 8, 8] = 1.0
+    spec = replace(PostprocessSpec(), output_gaussian_sigma=1.0, output_sigma_isotropic_um=True)
+    out = materialise(output_filters(ArraySource(vol), spec, (2.5, 0.25, 0.25)))
+    assert out[5, 8, 8] / out[6, 8, 8] < 1e-6  # σ_z 0.1 voxel: next plane nearly untouched
+    assert out[6, 8, 7] / out[6, 8, 8] == pytest.approx(np.exp(-0.5), rel=0.05)  # σ_y 1 voxel
+    lazy = materialise(final_source(ArraySource(vol), spec, spacing=(2.5, 0.25, 0.25)))
+    np.testing.assert_allclose(lazy, finalise(vol, spec, (2.5, 0.25, 0.25)), atol=1e-6)
