@@ -17,21 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from fusemycells.config import PostprocessSpec
 from fusemycells.evaluate import ground_truth_name, tiff_files
 from fusemycells.io import read_volume
 from fusemycells.metrics import metric_normalise, n_ssim, ssim
-from fusemycells.postprocess import relative_noise
+from fusemycells.postprocess import output_sigma_zyx, relative_noise
 
 log = logging.getLogger("training.tune")
 
 
-def score_sigmas(input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[float], cases: list[dict] | None = None) -> dict[str, dict[float, list[float]]]:
-    """channel → σ → N-SSIM per case; per-case rows (with the input's relative noise) go to ``cases``."""
+def score_sigmas(
+    input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[float], cases: list[dict] | None = None, isotropic_um: bool = True
+) -> dict[str, dict[float, list[float]]]:
+    """channel → σ → N-SSIM per case; per-case rows (with the input's relative noise) go to ``cases``.
+
+    σ is the Y/X σ in input-grid voxels; with ``isotropic_um`` Z gets σ·spacing_x/spacing_z (the
+    manifest's ``output_sigma_isotropic_um``), else the same σ in voxels on every axis.
+    """
     preds, gts = tiff_files(pred_dir), tiff_files(gt_dir)
     table: dict[str, dict[float, list[float]]] = {}
     for name, path in sorted(tiff_files(input_dir).items()):
@@ -42,8 +50,10 @@ def score_sigmas(input_dir: Path, pred_dir: Path, gt_dir: Path, sigmas: list[flo
         g = metric_normalise(gt.data)
         s_in = ssim(metric_normalise(inp.data), g)
         row = table.setdefault(inp.channel, {s: [] for s in sigmas})
+        spec = PostprocessSpec(output_sigma_isotropic_um=isotropic_um)
         for sigma in sigmas:
-            out = ndimage.gaussian_filter(pred.data.astype(np.float32), sigma) if sigma > 0 else pred.data
+            zyx = output_sigma_zyx(replace(spec, output_gaussian_sigma=sigma), inp.spacing)
+            out = ndimage.gaussian_filter(pred.data.astype(np.float32), zyx) if sigma > 0 else pred.data
             row[sigma].append(n_ssim(ssim(metric_normalise(out), g), s_in))
         noise = relative_noise(inp.data)
         if cases is not None:
@@ -65,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred", type=Path, required=True)
     parser.add_argument("--gt", type=Path, required=True)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 1.0], help="σ in input-grid voxels")
+    parser.add_argument("--voxel-sigma", action="store_true", help="σ in voxels on every axis (default: Y/X σ, Z scaled to the same µm)")
     parser.add_argument("--min-gain", type=float, default=0.002, help="smallest mean N-SSIM gain that turns the filter on")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cases: list[dict] = []
-    table = score_sigmas(args.input, args.pred, args.gt, sorted(set([0.0, *args.sigmas])), cases)
+    table = score_sigmas(args.input, args.pred, args.gt, sorted(set([0.0, *args.sigmas])), cases, isotropic_um=not args.voxel_sigma)
     result: dict = {"cases": cases}
     for channel, scores in table.items():
         means = {s: float(np.mean(v)) for s, v in scores.items()}
