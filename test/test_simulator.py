@@ -8,7 +8,19 @@ import numpy as np
 import pytest
 
 from fusemycells.io import read_volume
-from training.simulate import SHAPE_YX, SHAPE_Z, SPACING_XY_UM, SPACING_Z_UM, draw_params, simulate_pair, write_dataset
+from fusemycells.metrics import metric_normalise, ssim
+from training.simulate import (
+    LIGHT_AXIS_P,
+    SHAPE_YX,
+    SHAPE_Z,
+    SPACING_XY_UM,
+    SPACING_Z_UM,
+    clean_view,
+    draw_params,
+    simulate_pair,
+    specimen,
+    write_dataset,
+)
 
 SMALL = (20, 48, 40)
 
@@ -18,6 +30,25 @@ def test_same_seed_gives_identical_pairs():
     b = simulate_pair(7, "nucleus", shape=SMALL)
     np.testing.assert_array_equal(a.input, b.input)
     np.testing.assert_array_equal(a.fused, b.fused)
+    assert a.params == b.params
+
+
+def test_clean_label_is_deterministic_and_only_returned_on_request():
+    a = simulate_pair(8, "membrane", shape=SMALL, return_clean=True)
+    b = simulate_pair(8, "membrane", shape=SMALL, return_clean=True)
+    assert simulate_pair(8, "membrane", shape=SMALL).clean is None
+    assert a.clean is not None and a.clean.shape == SMALL and a.clean.dtype == np.float32
+    np.testing.assert_array_equal(a.clean, b.clean)
+
+
+def test_light_axis_follows_its_probabilities_and_gt_sharpening_is_optional():
+    axes = np.array([draw_params(s, "nucleus", shape=SMALL).light_axis for s in range(600)])
+    freq = np.bincount(axes, minlength=3) / len(axes)
+    np.testing.assert_allclose(freq, LIGHT_AXIS_P, atol=0.07)
+    p = draw_params(3, "nucleus", shape=SMALL)
+    assert 0.5 <= p.gt_axial_factor <= 1.0
+    q = draw_params(3, "nucleus", shape=SMALL, sharpen_gt=False)
+    assert q.gt_axial_factor == 1.0 and q.light_axis == p.light_axis and q.photons == p.photons
 
 
 def test_different_seeds_give_different_specimens():
@@ -47,16 +78,52 @@ def _signal(volume: np.ndarray, offset: float) -> np.ndarray:
     return np.clip(volume.astype(np.float64) - offset, 0, None)
 
 
-def test_single_view_loses_signal_with_depth_while_the_fusion_does_not():
-    pair = simulate_pair(11, "nucleus", shape=(40, 64, 64), spacing=(2.0, 0.35, 0.35))
+def _entry_first(volume: np.ndarray, axis: int, entry_at_start: bool) -> np.ndarray:
+    """``volume`` with the light axis first and the entry side at index 0."""
+    v = np.moveaxis(volume, axis, 0)
+    return v if entry_at_start else v[::-1]
+
+
+@pytest.mark.parametrize("seed,axis", [(13, 0), (19, 1), (35, 2)])  # seed 19: Y flipped after simulation
+def test_single_view_loses_signal_with_depth_along_the_drawn_light_axis(seed, axis):
+    pair = simulate_pair(seed, "nucleus", shape=(32, 64, 64), spacing=(1.5, 0.4, 0.4), photons=(5000.0, 10000.0))
     p = pair.params
-    inp, gt = _signal(pair.input, p.offset), _signal(pair.fused, p.offset)
-    if p.side == "bottom":
-        inp, gt = inp[::-1], gt[::-1]
-    near, far = slice(8, 16), slice(24, 32)  # mirror-symmetric depths inside the specimen
-    ratio_input = inp[far].mean() / inp[near].mean()
-    ratio_fused = gt[far].mean() / gt[near].mean()
-    assert ratio_input < ratio_fused
+    assert p.light_axis == axis
+    inp = _entry_first(_signal(pair.input, p.offset), axis, p.entry_at_start(axis))
+    gt = _entry_first(_signal(pair.fused, p.offset), axis, p.entry_at_start(axis))
+    n = inp.shape[0]
+    near, far = slice(int(0.3 * n), int(0.45 * n)), slice(int(0.55 * n), int(0.7 * n))  # mirror-symmetric depths
+    assert inp[far].mean() / gt[far].mean() < 0.9 * inp[near].mean() / gt[near].mean()
+
+
+def _relative_sharpness(volume: np.ndarray) -> float:
+    """Mean gradient magnitude over mean intensity (per voxel, unitless)."""
+    grads = np.gradient(volume.astype(np.float64))
+    return float(np.mean(np.sqrt(sum(g**2 for g in grads))) / max(float(volume.mean()), 1e-12))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_noise_free_view_is_sharper_near_the_entry_side_along_any_light_axis(axis):
+    p = draw_params(21, "nucleus", shape=(24, 48, 48), spacing=(1.0, 0.4, 0.4))
+    p.light_axis, p.side, p.haze = axis, "bottom", 0.0
+    p.semi_axes_um = (20.0, 20.0, 20.0)  # tissue fills the stack: depth grows along the whole axis
+    p.psf_growth, p.mu_per_um = 0.05, 0.03
+    label, tissue = specimen(p, np.random.default_rng(0))
+    view = _entry_first(clean_view(label, tissue, p, "bottom"), axis, False)
+    lab = _entry_first(label, axis, False)
+    n = view.shape[0]
+    near, far = slice(0, n // 3), slice(n - n // 3, n)
+    assert view[far].mean() / lab[far].mean() < view[near].mean() / lab[near].mean()  # attenuation
+    blur_near = _relative_sharpness(view[near]) / _relative_sharpness(lab[near])
+    blur_far = _relative_sharpness(view[far]) / _relative_sharpness(lab[far])
+    assert blur_far < blur_near  # the PSF widens with depth
+
+
+@pytest.mark.parametrize("seed,channel", [(31, "nucleus"), (32, "membrane")])
+def test_fused_target_is_closer_to_the_specimen_than_the_single_view(seed, channel):
+    pair = simulate_pair(seed, channel, shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), return_clean=True)
+    clean = metric_normalise(pair.clean)
+    assert ssim(metric_normalise(pair.fused.astype(np.float32)), clean) > ssim(metric_normalise(pair.input.astype(np.float32)), clean)
 
 
 def test_fused_target_is_less_noisy_than_the_single_view():

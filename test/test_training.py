@@ -14,7 +14,7 @@ import torch
 
 from fusemycells.config import load_manifest
 from training import export, train
-from training.data import find_pairs, load_pair, random_crop
+from training.data import bright_centres, cached_pair, find_pairs, load_pair, random_crop
 from training.losses import difference_weighted_mae, difference_weights, lsgan_discriminator_loss, lsgan_generator_loss
 from training.models import PatchDiscriminator3D, ResidualUNet3D
 from training.simulate import simulate_pair, write_pair
@@ -89,6 +89,33 @@ def test_load_pair_resamples_both_volumes_to_the_isotropic_grid(tiny_dataset):
     assert x.dtype == np.float32 and np.isfinite(x).all()
 
 
+def test_cached_pairs_are_memory_mapped_and_equal_to_the_loaded_ones(tiny_dataset, tmp_path):
+    pair = find_pairs(tiny_dataset, "nucleus")[0]
+    norm = {"kind": "percentile", "low": 1.0, "high": 99.8}
+    x, y = cached_pair(pair, norm, 0.6, tmp_path)
+    assert isinstance(x, np.memmap) and isinstance(y, np.memmap) and not x.flags.writeable
+    ref_x, ref_y = load_pair(pair, norm, 0.6)
+    np.testing.assert_array_equal(x, ref_x)
+    np.testing.assert_array_equal(y, ref_y)
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.npy")}
+    assert len(written) == 2
+    cached_pair(pair, norm, 0.6, tmp_path)  # second use: read from the cache, nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.npy")} == written
+    cached_pair(pair, norm, 0.4, tmp_path)  # another grid: another cache entry
+    assert len(list(tmp_path.rglob("*.npy"))) == 4
+
+
+def test_bright_centres_point_at_bright_voxels_and_centre_the_crops():
+    rng = np.random.default_rng(0)
+    vol = np.zeros((40, 30, 20), dtype=np.float32)
+    vol[30:34, 5:9, 10:14] = 1.0
+    idx = bright_centres(vol, rng, percentile=99.0, slab=7)
+    assert len(idx) == 64 and (vol.reshape(-1)[idx] == 1.0).all()
+    (crop,) = random_crop([vol], (8, 8, 8), rng, centres=idx)
+    assert crop[4, 4, 4] == 1.0 or crop.sum() >= 27  # centred on the bright block
+    assert len(bright_centres(np.random.default_rng(1).random((20, 20, 20)).astype(np.float32), rng, max_count=100)) == 100
+
+
 def test_random_crop_pads_small_arrays_and_keeps_arrays_aligned():
     rng = np.random.default_rng(0)
     a = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
@@ -121,6 +148,9 @@ def test_one_adversarial_step_updates_generator_and_discriminator(tiny_dataset, 
     rc = train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path), *TINY, "--max-steps", "1", "--adversarial", "--threads", "1"])
     assert rc == 0
     assert (tmp_path / "patch.pt").is_file()
+    # train_patch really stepped its discriminator: one loss recorded and its parameters moved
+    (record,) = [r for r in json.loads((tmp_path / "train_log.json").read_text())["history"] if r["stage"] == "discriminator"]
+    assert record["steps"] == 1 and np.isfinite(record["d_loss"]) and record["param_change"] > 0
     # the discriminator term itself: a step of the discriminator lowers its loss on a fixed batch
     opt = torch.optim.SGD(disc.parameters(), lr=0.05)
     real, fake = torch.rand(2, 2, 16, 16, 16), torch.rand(2, 2, 16, 16, 16) * 0.2
@@ -132,6 +162,64 @@ def test_one_adversarial_step_updates_generator_and_discriminator(tiny_dataset, 
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
 
 
+def test_init_fine_tunes_from_exported_torchscript_weights(checkpoints, tiny_dataset, tmp_path):
+    exported = tmp_path / "exported"
+    assert export.main(["--checkpoints", str(checkpoints), "--out", str(exported), "--channels", "nucleus"]) == 0
+    torch.manual_seed(1)
+    for stage in ("global", "patch"):  # make the exported weights distinguishable from a fresh model
+        traced = torch.jit.load(str(exported / f"nucleus_{stage}.pt"))
+        with torch.no_grad():
+            traced.head.weight.normal_(0, 0.3)
+        traced.save(str(exported / f"nucleus_{stage}.pt"))
+    out = tmp_path / "ft"
+    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(out), *TINY, "--max-steps", "0", "--threads", "1", "--init", str(exported)]) == 0
+    for stage in ("global", "patch"):  # zero steps: the checkpoint is exactly the exported network
+        saved = torch.load(out / f"{stage}.pt", weights_only=False)["state_dict"]
+        source = torch.jit.load(str(exported / f"nucleus_{stage}.pt")).state_dict()
+        assert saved.keys() == source.keys()
+        assert all(torch.equal(saved[k], source[k]) for k in saved)
+        assert saved["head.weight"].abs().sum() > 0
+    wide = [*TINY[: TINY.index("--base")], "--base", "8", "--depth", "2", "--batch", "2"]
+    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path / "bad"), *wide, "--max-steps", "0", "--init", str(exported)]) == 2
+    with pytest.raises(train.InitError, match="membrane_global.pt"):
+        train.init_state(exported, "membrane", "global", ResidualUNet3D(1, base=4, depth=2, first_stride=2).config)
+
+
+def test_pairs_whose_shapes_differ_are_skipped(tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("image_0_nucleus_angle.tif", "image_0_nucleus_fused.tif", "image_1_nucleus_angle.tif"):
+        (data / name).write_bytes((tiny_dataset / "study_a" / name).read_bytes())
+    small = simulate_pair(300, "nucleus", shape=(8, 40, 40), spacing=(2.0, 0.4, 0.4))
+    write_pair(small, data, 5, "study_a")
+    (data / "image_1_nucleus_fused.tif").write_bytes((data / "image_5_nucleus_fused.tif").read_bytes())  # 8×40×40 vs 10×48×48
+    rc = train.main(["--data", str(data), "--channel", "nucleus", "--out", str(tmp_path / "ckpt"), *TINY, "--max-steps", "1", "--threads", "1"])
+    assert rc == 0
+    assert json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["pairs"] == 2
+
+
+def test_a_failed_export_leaves_the_existing_resources_untouched(checkpoints, tmp_path):
+    resources = tmp_path / "resources"
+    assert export.main(["--checkpoints", str(checkpoints), "--out", str(resources), "--channels", "nucleus", "--time-budget", "1234"]) == 0
+    before = {p.name: p.read_bytes() for p in resources.iterdir()}
+    with pytest.raises(export.ExportError):
+        export.main(["--checkpoints", str(checkpoints), "--out", str(resources), "--tolerance", "-1"])
+    assert {p.name: p.read_bytes() for p in resources.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resources"]  # no staging folder left behind
+    # a later export of the other channel keeps the first one and the time budget
+    assert export.main(["--checkpoints", str(checkpoints), "--out", str(resources), "--channels", "membrane"]) == 0
+    raw = json.loads((resources / "manifest.json").read_text())
+    assert raw["time_budget_s"] == 1234 and sorted(raw["channels"]) == ["membrane", "nucleus"]
+    assert (resources / "nucleus_global.pt").read_bytes() == before["nucleus_global.pt"]
+    load_manifest(resources)
+
+
+def test_shipped_resources_stay_within_the_size_limit():
+    files = [p for p in (REPO / "resources").rglob("*") if p.is_file()]
+    assert files, "resources/ is empty"
+    assert sum(p.stat().st_size for p in files) <= 20e6  # bytes
+
+
 def test_export_stage_refuses_a_network_that_does_not_reproduce(tmp_path):
     model = _randomise_head(ResidualUNet3D(1, base=4, depth=2))
     result = export.export_stage(model, (1, 1, 16, 16, 16), (1, 1, 13, 18, 15), tmp_path, "ok", tolerance=1e-4)
@@ -141,6 +229,7 @@ def test_export_stage_refuses_a_network_that_does_not_reproduce(tmp_path):
 
 
 def test_export_writes_a_verified_manifest_and_both_backends_agree_in_inference(checkpoints, tiny_dataset, tmp_path):
+    torch.manual_seed(0)  # the random heads must not depend on which tests ran before
     for channel in ("nucleus", "membrane"):  # make the exported networks non-trivial
         path = checkpoints / channel / "patch.pt"
         ckpt = torch.load(path, weights_only=False)
@@ -164,4 +253,6 @@ def test_export_writes_a_verified_manifest_and_both_backends_agree_in_inference(
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
         outputs[backend] = tifffile.imread(out / "images" / "fused-fluorescence-lightsheet-3D-microscopy" / "case.tif")
     assert outputs["onnx"].shape == (10, 48, 48)
-    np.testing.assert_allclose(outputs["onnx"], outputs["torchscript"], atol=1e-4)
+    # each network is within 1e-4 of eager (export parity); chained through two stages and the
+    # post-processing, single voxels reach ≈1e-4 between the backends
+    np.testing.assert_allclose(outputs["onnx"], outputs["torchscript"], atol=3e-4)

@@ -2,10 +2,17 @@
 
 Loading uses the container's own functions (``fusemycells.io`` / ``fusemycells.preprocess``), so
 the networks are trained on exactly what inference feeds them. Arrays are float32 ZYX.
+
+Real stacks are large on the 0.6 µm grid (hundreds of MB per array), so :func:`cached_pair`
+writes each case once as ``.npy`` and training reads crops from read-only memory maps: only the
+crops (and, transiently, the case being prepared) are held in RAM.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +23,10 @@ from fusemycells.io import read_volume
 from fusemycells.preprocess import normalise_intensity, resize, sanitise, shape_for_spacing
 
 PAIR_RE = re.compile(r"^image_(?P<index>\d+)_(?P<channel>nucleus|membrane)_angle\.tiff?$", re.IGNORECASE)
+
+
+class ShapeMismatchError(ValueError):
+    """The input and fused volumes of a pair have different shapes."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,53 @@ def load_pair(pair: Pair, normalisation: dict, target_spacing: float = 0.6) -> t
     angle = read_volume(pair.angle)
     fused = read_volume(pair.fused)
     if angle.data.shape != fused.data.shape:
-        raise ValueError(f"{pair.angle.name}: input {angle.data.shape} and target {fused.data.shape} differ in shape")
+        raise ShapeMismatchError(f"{pair.angle.name}: input {angle.data.shape} and target {fused.data.shape} differ in shape")
     grid = shape_for_spacing(angle.data.shape, angle.spacing, (target_spacing,) * 3)
     x = resize(normalise_intensity(sanitise(angle.data)[0], **normalisation), grid)
     y = resize(normalise_intensity(sanitise(fused.data)[0], **normalisation), grid)
     return x, y
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def cached_pair(pair: Pair, normalisation: dict, target_spacing: float, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_pair` through an ``.npy`` cache: (input, target) as read-only memory maps.
+
+    The cache key covers both files (path, size, mtime), the normalisation and the spacing (µm),
+    so a changed file or setting is loaded again.
+    """
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in (pair.angle, pair.fused)]
+    key = hashlib.sha256(json.dumps([stats, normalisation, target_spacing], sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"{pair.angle.stem}-{key}"
+    x_path, y_path = folder / "input.npy", folder / "target.npy"
+    if not (x_path.is_file() and y_path.is_file()):
+        x, y = load_pair(pair, normalisation, target_spacing)
+        save_npy(x_path, x)
+        save_npy(y_path, y)
+        del x, y
+    return np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+
+
+def bright_centres(volume: np.ndarray, rng: np.random.Generator, percentile: float = 90.0, max_count: int = 50_000, slab: int = 16) -> np.ndarray:
+    """Flat indices (into ``volume.shape``) of up to ``max_count`` random voxels above ``percentile``.
+
+    The threshold comes from a strided subsample and the scan runs in Z slabs of ``slab`` voxels,
+    so a memory-mapped volume is never read into RAM whole.
+    """
+    step = max(1, round((volume.size / 4e6) ** (1 / 3)))
+    threshold = float(np.percentile(volume[::step, ::step, ::step], percentile))
+    plane = int(np.prod(volume.shape[1:]))
+    found = [np.flatnonzero(np.asarray(volume[z : z + slab]) > threshold) + z * plane for z in range(0, volume.shape[0], slab)]
+    idx = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    if len(idx) > max_count:
+        idx = np.sort(rng.choice(idx, max_count, replace=False))
+    return idx
 
 
 def random_flip(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -62,12 +115,24 @@ def random_flip(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.n
     return [np.flip(a, axes) if axes else a for a in arrays]
 
 
-def random_crop(arrays: list[np.ndarray], patch: tuple[int, int, int], rng: np.random.Generator, centre_from: np.ndarray | None = None) -> list[np.ndarray]:
+def random_crop(
+    arrays: list[np.ndarray],
+    patch: tuple[int, int, int],
+    rng: np.random.Generator,
+    centre_from: np.ndarray | None = None,
+    centres: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Same-position ZYX crops of ``patch`` voxels (reflect-padded when an array is smaller).
 
-    With ``centre_from`` (a boolean mask), the crop is centred on one of its true voxels.
+    With ``centre_from`` (a boolean mask) or ``centres`` (flat indices into the arrays' shape),
+    the crop is centred on one of those voxels. Memory-mapped arrays are only read where cropped.
     """
     shape = arrays[0].shape
+    if centres is not None and len(centres):
+        centre_from = None
+        chosen = np.unravel_index(int(centres[rng.integers(len(centres))]), shape)
+    else:
+        chosen = None
     pads = [(0, max(0, p - n)) for n, p in zip(shape, patch)]
     if any(after for _, after in pads):
         mode = "reflect" if min(shape) > 1 else "edge"
@@ -75,7 +140,9 @@ def random_crop(arrays: list[np.ndarray], patch: tuple[int, int, int], rng: np.r
         if centre_from is not None:
             centre_from = np.pad(centre_from, pads, mode="constant")
         shape = arrays[0].shape
-    if centre_from is not None and centre_from.any():
+    if chosen is not None:  # padding only appends after the data: coordinates are unchanged
+        start = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(chosen, patch, shape)]
+    elif centre_from is not None and centre_from.any():
         idx = np.flatnonzero(centre_from)
         centre = np.unravel_index(idx[rng.integers(len(idx))], shape)
         start = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, patch, shape)]

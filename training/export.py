@@ -6,7 +6,12 @@ For each channel, ``<checkpoints>/<channel>/global.pt`` and ``patch.pt`` are tra
 (``torch.jit.trace``) and exported to ONNX (opset 17, dynamic batch and spatial axes). Eager,
 TorchScript and ONNX Runtime must agree within ``--tolerance`` on a random input of a shape the
 network was not traced at, or the export aborts. The manifest records sha256 checksums and every
-inference parameter; channels not exported now are kept from an existing manifest.
+inference parameter; channels not exported now (and ``time_budget_s`` unless ``--time-budget`` is
+given) are kept from an existing manifest.
+
+Everything is written to a temporary folder beside ``--out`` first; files are moved into ``--out``
+(the manifest last) only once every parity check and the manifest/checksum verification passed,
+so a failed export leaves an existing ``resources/`` folder untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import argparse
 import datetime
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of
+from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of, verify_files
 
 from .models import ResidualUNet3D
 
 log = logging.getLogger("training.export")
 OPSET = 17
+DEFAULT_TIME_BUDGET_S = 1500.0
 DEFAULT_POSTPROCESS = {
     "diff_grid": [128, 128, 128],
     "max_filter": 9,
@@ -122,33 +131,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported − eager| allowed")
     parser.add_argument("--output-gaussian-sigma", nargs="*", default=[], metavar="CH=SIGMA", help="output Gaussian σ (voxels) per channel, e.g. nucleus=0.5")
     parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. the noise-adaptive sigma_knots, gate_knots, background_threshold chosen with training/tune.py)")
-    parser.add_argument("--time-budget", type=float, default=1500.0, help="time_budget_s written to the manifest (seconds)")
+    parser.add_argument("--time-budget", type=float, default=None, help=f"time_budget_s written to the manifest (seconds; default: the existing manifest's, else {DEFAULT_TIME_BUDGET_S:g})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / MANIFEST_NAME
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     channels = dict(manifest.get("channels", {}))
+    time_budget = args.time_budget if args.time_budget is not None else float(manifest.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     sigmas = parse_overrides(args.output_gaussian_sigma)
     overrides: dict[str, dict[str, Any]] = json.loads(args.postprocess.read_text()) if args.postprocess else {}
-    for channel in args.channels:
-        post = dict(DEFAULT_POSTPROCESS)
-        previous = channels.get(channel, {}).get("postprocess", {})
-        post["output_gaussian_sigma"] = sigmas.get(channel, previous.get("output_gaussian_sigma", 0.0))
-        post.update(overrides.get(channel, {}))
-        channels[channel] = export_channel(args.checkpoints, channel, args.out, args.tolerance, post)
-    manifest = {
-        "format_version": 1,
-        "time_budget_s": args.time_budget,
-        "provenance": {
-            "exported": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "data": "simulated light-sheet pairs (training/simulate.py); see training/README.md",
-        },
-        "channels": channels,
-    }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    load_manifest(args.out)  # the inference side must accept what we wrote
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-export-", dir=args.out.parent))  # same file system: atomic moves
+    try:
+        for channel in args.channels:
+            post = dict(DEFAULT_POSTPROCESS)
+            previous = channels.get(channel, {}).get("postprocess", {})
+            post["output_gaussian_sigma"] = sigmas.get(channel, previous.get("output_gaussian_sigma", 0.0))
+            post.update(overrides.get(channel, {}))
+            channels[channel] = export_channel(args.checkpoints, channel, staging, args.tolerance, post)
+        new_files = sorted(p.name for p in staging.iterdir())
+        for channel in set(channels) - set(args.channels):  # kept channels: verify their files along with the new ones
+            for stage in ("global_stage", "patch_stage"):
+                for entry in channels[channel][stage]["files"].values():
+                    if (args.out / entry["path"]).is_file() and entry["path"] not in new_files:
+                        shutil.copy2(args.out / entry["path"], staging / entry["path"])
+        manifest = {
+            "format_version": 1,
+            "time_budget_s": time_budget,
+            "provenance": {
+                "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__,
+                "data": "simulated light-sheet pairs (training/simulate.py); see training/README.md",
+            },
+            "channels": channels,
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        problems = verify_files(load_manifest(staging), require_all=True)  # the inference side must accept what we wrote
+        if problems:
+            raise ExportError("; ".join(problems))
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in new_files:
+            os.replace(staging / name, args.out / name)
+        os.replace(staging / MANIFEST_NAME, manifest_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s (%s)", manifest_path, ", ".join(sorted(channels)))
     return 0
 

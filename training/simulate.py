@@ -5,14 +5,18 @@ Physics (all lengths in µm, arrays ZYX; documented with the parameter ranges in
 * **Specimen** – an embryo-like ellipsoid filled with cells. Cell centres are drawn with a
   minimum distance; ``nucleus`` = textured ellipsoidal nuclei of varied size and brightness,
   ``membrane`` = Voronoi cell boundaries of the same centres plus the outer surface.
-* **One view** – the light travels along Z from one side (``top`` = entering at z = 0, or
-  ``bottom``). Each voxel sees the optical depth τ = μ·∫density dz from that side:
-  Beer–Lambert attenuation exp(−τ) (excitation and emission), and a PSF that widens with the
-  depth travelled inside tissue (lateral σ_xy = σ0_xy + k·d, axial σ_z = a·σ_xy, a > 1), plus
+* **One view** – the light travels along the *light axis* (``light_axis`` 0 = Z, 1 = Y,
+  2 = X; probabilities 0.4 / 0.3 / 0.3) from one side (``top`` = entering at index 0 of that
+  axis, ``bottom`` = at index −1). Each voxel sees the optical depth τ = μ·∫density dl along that
+  axis from that side: Beer–Lambert attenuation exp(−2τ) (excitation and emission), and a PSF
+  that widens with the depth d travelled inside tissue (lateral σ_yx = σ0 + k·d). The PSF stays
+  anisotropic in the microscope frame whatever the light axis: axial σ_z = a·σ_yx, a > 1. Plus
   depth-growing scattering haze, a camera offset, Poisson photon noise and Gaussian read noise.
-* **Ground truth** – both opposite views simulated without noise, fused voxel-wise with a
-  sigmoid weight favouring the view whose light travelled less tissue, then a little photon
-  noise at a higher photon budget (fusion averages several acquisitions).
+* **Ground truth** – both opposite views along the same light axis simulated without noise,
+  fused voxel-wise with a sigmoid weight favouring the view whose light travelled less tissue,
+  then a little photon noise at a higher photon budget (fusion averages several acquisitions).
+  Optionally (default on) the fused views are sharper in Z: their axial ratio is
+  a × ``gt_axial_factor`` (0.5–1.0), as multi-view fusion improves the axial resolution.
 
 Deterministic per seed: ``simulate_pair(seed, channel)`` always returns the same arrays.
 
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from scipy.special import expit
 
 from fusemycells.io import Volume, write_volume
 
@@ -45,6 +50,11 @@ SPACING_XY_UM = (0.195, 0.39)
 SHAPE_Z = (24, 80)
 SHAPE_YX = (96, 256)
 BLUR_LEVELS = 5  # the depth-dependent PSF is interpolated between this many blur levels
+LIGHT_AXES = (0, 1, 2)  # Z, Y, X
+LIGHT_AXIS_P = (0.4, 0.3, 0.3)
+PHOTONS = (30.0, 30000.0)  # photons at a bright voxel (log-uniform)
+SEMI_AXES_FRACTION = (0.4, 1.3)  # embryo semi-axes / half the stack extent
+GT_AXIAL_FACTOR = (0.5, 1.0)  # axial-ratio factor of the fused views (fusion sharpens Z)
 
 
 @dataclass
@@ -55,7 +65,7 @@ class SimParams:
     channel: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    side: str  # 'top': light enters at z = 0; 'bottom': at z = -1
+    side: str  # 'top': light enters at index 0 of the light axis; 'bottom': at index -1
     flip_y: bool
     flip_x: bool
     semi_axes_um: tuple[float, float, float]
@@ -72,7 +82,14 @@ class SimParams:
     offset: float  # camera offset (ADU)
     read_noise: float  # read-noise σ (ADU)
     gt_photon_factor: float  # the fused target has this many times more photons
+    light_axis: int = 0  # axis (ZYX) the light sheet travels along: 0 = Z, 1 = Y, 2 = X
+    gt_axial_factor: float = 1.0  # the fused views' axial ratio is axial_ratio × this (≤ 1)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def entry_at_start(self, axis: int) -> bool:
+        """Whether the light enters at index 0 of ``axis`` in the *written* (flipped) arrays."""
+        flipped = (axis == 1 and self.flip_y) or (axis == 2 and self.flip_x)
+        return (self.side == "top") != flipped
 
 
 @dataclass
@@ -84,10 +101,21 @@ class SimulatedPair:
     spacing: tuple[float, float, float]
     channel: str
     params: SimParams
+    clean: np.ndarray | None = None  # noise-free specimen (float32, 1 ≈ a bright voxel), when asked for
 
 
-def draw_params(seed: int, channel: str, shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None) -> SimParams:
-    """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose)."""
+def draw_params(
+    seed: int,
+    channel: str,
+    shape: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    sharpen_gt: bool = True,
+) -> SimParams:
+    """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose).
+
+    ``light_axis`` and ``gt_axial_factor`` come from a separate stream of the seed; with
+    ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1).
+    """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
     rng = np.random.default_rng(seed)
@@ -99,11 +127,13 @@ def draw_params(seed: int, channel: str, shape: tuple[int, int, int] | None = No
         ny = int(np.clip(nyx * rng.uniform(0.8, 1.25), *SHAPE_YX))
         shape = (int(rng.integers(SHAPE_Z[0], SHAPE_Z[1] + 1)), ny, nyx)
     extent = np.asarray(shape) * np.asarray(spacing)
-    # The embryo fills most of the field of view but is cut by the stack limits sometimes.
-    semi = tuple(float(e / 2 * rng.uniform(0.7, 1.05)) for e in extent)
+    # Embryo size is decoupled from the stack: sometimes much background, sometimes cut.
+    semi = tuple(float(e / 2 * rng.uniform(*SEMI_AXES_FRACTION)) for e in extent)
     cell_distance = float(rng.uniform(5.0, 12.0))
     volume_um3 = 4.0 / 3.0 * np.pi * np.prod(semi)
     n_cells = int(np.clip(volume_um3 / cell_distance**3 * rng.uniform(0.5, 0.9), 8, 1500))
+    extra_rng = np.random.default_rng([seed, 3])  # new parameters: the main stream stays as before
+    gt_axial_factor = float(extra_rng.uniform(*GT_AXIAL_FACTOR))
     return SimParams(
         seed=seed,
         channel=channel,
@@ -122,10 +152,12 @@ def draw_params(seed: int, channel: str, shape: tuple[int, int, int] | None = No
         psf_growth=float(10 ** rng.uniform(np.log10(0.004), np.log10(0.03))),
         axial_ratio=float(rng.uniform(2.0, 4.5)),
         haze=float(rng.uniform(0.0, 0.3)),
-        photons=float(10 ** rng.uniform(np.log10(30), np.log10(3000))),
+        photons=float(10 ** rng.uniform(np.log10(PHOTONS[0]), np.log10(PHOTONS[1]))),
         offset=float(rng.uniform(90, 500)),
         read_noise=float(rng.uniform(1.0, 8.0)),
         gt_photon_factor=float(rng.uniform(3.0, 10.0)),
+        light_axis=int(extra_rng.choice(LIGHT_AXES, p=LIGHT_AXIS_P)),
+        gt_axial_factor=gt_axial_factor if sharpen_gt else 1.0,
     )
 
 
@@ -165,7 +197,7 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     z, y, x = _coordinates(shape, spacing)
     semi = p.semi_axes_um
     level = (z / semi[0]) ** 2 + (y / semi[1]) ** 2 + (x / semi[2]) ** 2  # 1 on the embryo surface
-    tissue = (1.0 / (1.0 + np.exp((level - 1.0) * 25.0))).astype(np.float32)
+    tissue = expit((1.0 - level) * 25.0).astype(np.float32)
     centres = _cell_centres(p, rng)
     label = np.zeros(shape, dtype=np.float32)
     texture_sigma = tuple(float(np.clip(0.8 / s, 0.3, 4)) for s in spacing)
@@ -185,7 +217,7 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
                 continue
             zz, yy, xx = (coord[tuple(slice(lo[a], hi[a]) if a == i else slice(None) for a in range(3))] for i, coord in enumerate((z, y, x)))
             r = np.sqrt(((zz - c[0]) / radii[0]) ** 2 + ((yy - c[1]) / radii[1]) ** 2 + ((xx - c[2]) / radii[2]) ** 2)
-            inside = 1.0 / (1.0 + np.exp((r - 1.0) * float(radii.mean()) / edge_um))
+            inside = expit((1.0 - r) * float(radii.mean()) / edge_um)
             region = label[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
             np.maximum(region, brightness * inside, out=region)
         label *= np.clip(texture, 0.2, None)
@@ -205,26 +237,36 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return label.astype(np.float32), tissue
 
 
-def optical_depth(tissue: np.ndarray, spacing_z: float, mu: float, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """(τ, depth in tissue in µm) per voxel for light travelling along Z from ``side``."""
-    seq = tissue if side == "top" else tissue[::-1]
-    depth = np.cumsum(seq, axis=0, dtype=np.float32) * spacing_z
-    depth -= 0.5 * seq * spacing_z
+def optical_depth(tissue: np.ndarray, spacing_um: float, mu: float, side: str, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(τ, depth in tissue in µm) per voxel for light travelling along ``axis`` (ZYX) from ``side``.
+
+    ``spacing_um`` is the voxel size along ``axis``; ``top`` = light enters at index 0.
+    """
+    flip = [slice(None)] * tissue.ndim
+    flip[axis] = slice(None, None, -1)
+    seq = tissue if side == "top" else tissue[tuple(flip)]
+    depth = np.cumsum(seq, axis=axis, dtype=np.float32) * spacing_um
+    depth -= 0.5 * seq * spacing_um
     if side == "bottom":
-        depth = depth[::-1]
+        depth = depth[tuple(flip)]
     return (mu * depth).astype(np.float32), np.ascontiguousarray(depth)
 
 
-def clean_view(label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str) -> np.ndarray:
-    """Noise-free single view from ``side``: attenuation, depth-dependent PSF and haze (float32)."""
-    tau, depth = optical_depth(tissue, p.spacing[0], p.mu_per_um, side)
+def clean_view(label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str, axial_ratio: float | None = None) -> np.ndarray:
+    """Noise-free single view, light along ``p.light_axis`` from ``side``: attenuation, depth-dependent PSF, haze (float32).
+
+    ``axial_ratio`` (default ``p.axial_ratio``) sets the Z σ relative to the lateral σ, whatever the light axis.
+    """
+    axis = p.light_axis
+    ratio = p.axial_ratio if axial_ratio is None else axial_ratio
+    tau, depth = optical_depth(tissue, p.spacing[axis], p.mu_per_um, side, axis)
     attenuated = label * np.exp(-2.0 * tau)  # excitation and emission both attenuated
     max_depth = max(float(depth.max()), 1e-3)
     levels = np.linspace(0.0, max_depth, BLUR_LEVELS)
     blurred = []
     for d in levels:
         sxy = p.psf_sigma0_um + p.psf_growth * d
-        sigma_vox = (p.axial_ratio * sxy / p.spacing[0], sxy / p.spacing[1], sxy / p.spacing[2])
+        sigma_vox = (ratio * sxy / p.spacing[0], sxy / p.spacing[1], sxy / p.spacing[2])
         blurred.append(ndimage.gaussian_filter(attenuated, sigma_vox, mode="nearest"))
     # Linear interpolation between the blur levels at each voxel's depth.
     pos = np.clip(depth / max_depth * (BLUR_LEVELS - 1), 0, BLUR_LEVELS - 1 - 1e-6)
@@ -250,7 +292,7 @@ def acquire(view: np.ndarray, photons: float, offset: float, read_noise: float, 
 
 def fuse_views(top: np.ndarray, bottom: np.ndarray, tau_top: np.ndarray, tau_bottom: np.ndarray) -> np.ndarray:
     """Voxel-wise fusion of two opposite views, weighting the one that travelled less tissue."""
-    w_top = 1.0 / (1.0 + np.exp(np.clip((tau_top - tau_bottom) * 6.0, -30, 30)))
+    w_top = expit((tau_bottom - tau_top) * 6.0)
     return w_top * top + (1.0 - w_top) * bottom
 
 
@@ -260,31 +302,43 @@ def simulate_pair(
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
     photons: tuple[float, float] | None = None,
+    sharpen_gt: bool = True,
+    return_clean: bool = False,
 ) -> SimulatedPair:
     """Simulate one (single view, fused) pair; deterministic in ``seed``.
 
     ``photons`` (min, max) replaces the photon budget's range (log-uniform, drawn from a separate
     stream of the seed, so every other parameter stays as without it): e.g. clean stress sets.
+    ``sharpen_gt=False`` gives the fused views the input's axial ratio. ``return_clean`` also
+    returns the noise-free specimen (``pair.clean``, float32, same grid and flips).
     """
-    p = draw_params(seed, channel, shape, spacing)
+    p = draw_params(seed, channel, shape, spacing, sharpen_gt)
     if photons is not None:
         p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
     label, tissue = specimen(p, rng)
-    top = clean_view(label, tissue, p, "top")
-    bottom = clean_view(label, tissue, p, "bottom")
-    tau_top, _ = optical_depth(tissue, p.spacing[0], p.mu_per_um, "top")
-    tau_bottom, _ = optical_depth(tissue, p.spacing[0], p.mu_per_um, "bottom")
+    gt_ratio = p.axial_ratio * p.gt_axial_factor
+    top = clean_view(label, tissue, p, "top", gt_ratio)
+    bottom = clean_view(label, tissue, p, "bottom", gt_ratio)
+    axis = p.light_axis
+    tau_top, _ = optical_depth(tissue, p.spacing[axis], p.mu_per_um, "top", axis)
+    tau_bottom, _ = optical_depth(tissue, p.spacing[axis], p.mu_per_um, "bottom", axis)
     fused = fuse_views(top, bottom, tau_top, tau_bottom)
-    single = top if p.side == "top" else bottom
+    if p.gt_axial_factor == 1.0:
+        single = top if p.side == "top" else bottom
+    else:
+        single = clean_view(label, tissue, p, p.side)
+    del top, bottom
     scale = 1.0 / max(float(np.percentile(fused, 99.9)), 1e-6)  # 'photons' = count at a bright voxel
     inp = acquire(single * scale, p.photons, p.offset, p.read_noise, rng)
     gt = acquire(fused * scale, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
+    clean = (label * scale).astype(np.float32) if return_clean else None
     flips = tuple(a for a, f in ((1, p.flip_y), (2, p.flip_x)) if f)
     if flips:
         inp = np.ascontiguousarray(np.flip(inp, flips))
         gt = np.ascontiguousarray(np.flip(gt, flips))
-    return SimulatedPair(input=inp, fused=gt, spacing=p.spacing, channel=channel, params=p)
+        clean = np.ascontiguousarray(np.flip(clean, flips)) if clean is not None else None
+    return SimulatedPair(input=inp, fused=gt, spacing=p.spacing, channel=channel, params=p, clean=clean)
 
 
 def write_pair(pair: SimulatedPair, folder: Path, index: int, study: str) -> tuple[Path, Path]:
@@ -306,6 +360,7 @@ def write_dataset(
     study: str = "simulated",
     shape: tuple[int, int, int] | None = None,
     photons: tuple[float, float] | None = None,
+    sharpen_gt: bool = True,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
@@ -321,7 +376,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -338,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first seed (pair i uses seed+i)")
     parser.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=CHANNELS)
     parser.add_argument("--study", default="simulated")
-    parser.add_argument("--photons", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="photon budget range at a bright voxel (default 30–3000, log-uniform)")
+    parser.add_argument("--photons", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="photon budget range at a bright voxel (default 30–30000, log-uniform)")
+    parser.add_argument("--no-gt-sharpening", action="store_true", help="fused views keep the input's axial ratio (no Z sharpening of the target)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening)
     return 0
 
 

@@ -8,6 +8,9 @@ a CPU step stays cheap; the network is fully convolutional and sees the whole gr
 Stage 2 learns it from patches of the high-resolution grid H with two channels: the image and
 stage 1's prediction, upsampled exactly as at inference. Checkpoints: ``global.pt``, ``patch.pt``
 (state dict + model config + grid/patch + normalisation), and ``train_log.json``.
+
+``--init DIR`` fine-tunes from exported weights: ``DIR/<channel>_global.pt`` / ``_patch.pt``
+(TorchScript) with the model configs of ``DIR/manifest.json`` (``channels.<channel>.training``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from fusemycells.preprocess import resize
 
-from .data import Pair, find_pairs, load_pair, random_crop, random_flip
+from .data import Pair, ShapeMismatchError, bright_centres, cached_pair, find_pairs, random_crop, random_flip, save_npy
 from .losses import difference_weighted_mae, lsgan_discriminator_loss, lsgan_generator_loss
 from .models import PatchDiscriminator3D, ResidualUNet3D, count_parameters
 
@@ -56,7 +59,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR", help="where each case is cached as .npy on the 0.6 µm grid and memory-mapped (default OUT/cache)")
+    p.add_argument("--init", type=Path, default=None, metavar="DIR", help="start from exported weights: DIR/<channel>_global.pt, DIR/<channel>_patch.pt (TorchScript) and DIR/manifest.json")
     return p.parse_args(argv)
+
+
+class InitError(RuntimeError):
+    """Exported weights given to ``--init`` do not fit the model being trained."""
+
+
+def init_state(init_dir: Path, channel: str, stage: str, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """State dict of the exported ``stage`` ('global' or 'patch') network, checked against ``config``.
+
+    The manifest's ``channels.<channel>.training.model`` (global) / ``patch_model`` must equal the
+    model config being trained, and the TorchScript file's parameters must match its keys and shapes.
+    """
+    manifest_path = init_dir / "manifest.json"
+    path = init_dir / f"{channel}_{stage}.pt"
+    if not manifest_path.is_file() or not path.is_file():
+        raise InitError(f"--init {init_dir}: needs {manifest_path.name} and {path.name}")
+    training = json.loads(manifest_path.read_text()).get("channels", {}).get(channel, {}).get("training", {})
+    exported = training.get("model" if stage == "global" else "patch_model")
+    if exported != config:
+        raise InitError(f"--init {init_dir}: {channel} {stage} model in the manifest is {exported}, training {config} (check --base/--depth)")
+    state = {k: v.detach().clone() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+    expected = ResidualUNet3D(**config).state_dict()
+    wrong = sorted(set(state) ^ set(expected)) + sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if wrong:
+        raise InitError(f"--init {path}: {len(wrong)} parameters differ from the model ({', '.join(wrong[:5])}...)")
+    return state
+
+
+def build_model(in_channels: int, first_stride: int, args: argparse.Namespace, stage: str, device: str) -> ResidualUNet3D:
+    """A fresh stage network, or the exported one with ``--init``."""
+    model = ResidualUNet3D(in_channels, base=args.base, depth=args.depth, first_stride=first_stride)
+    if getattr(args, "init", None) is not None:
+        model.load_state_dict(init_state(args.init, args.channel, stage, model.config))
+        log.info("%s stage initialised from %s", stage, args.init / f"{args.channel}_{stage}.pt")
+    return model.to(device)
 
 
 class Budget:
@@ -113,7 +153,7 @@ def train_global(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: 
     crop = tuple(min(c, g) for c, g in zip(args.global_crop, grid))
     for case in cases + held:
         case["x_g"], case["y_g"] = resize(case["x"], grid), resize(case["y"], grid)
-    model = ResidualUNet3D(1, base=args.base, depth=args.depth, first_stride=2).to(device)
+    model = build_model(1, 2, args, "global", device)
     log.info("global stage: %d parameters, grid %s, crops %s", count_parameters(model), grid, crop)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
@@ -155,16 +195,18 @@ def predict_global(model: ResidualUNet3D, x: np.ndarray, grid: tuple[int, int, i
 
 def train_patch(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: argparse.Namespace, device: str, history: list[dict]) -> ResidualUNet3D:
     patch = tuple(args.patch)
-    model = ResidualUNet3D(2, base=args.base, depth=args.depth, first_stride=1).to(device)
+    model = build_model(2, 1, args, "patch", device)
     log.info("patch stage: %d parameters, patch %s, batch %d", count_parameters(model), patch, args.batch)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     disc = d_opt = None
     if args.adversarial:
         disc = PatchDiscriminator3D(2).to(device)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr * 0.5)
-    for case in cases:
-        case["bright"] = case["y"] > np.percentile(case["y"], 90)
+        d_initial = [q.detach().clone() for q in disc.parameters()]
+    d_losses: list[float] = []
     rng = np.random.default_rng(args.seed + 1)
+    for case in cases:
+        case["bright"] = bright_centres(case["y"], rng)
     budget, step, running = Budget(args.minutes_patch, args.max_steps), 0, []
     while budget.running(step):
         set_lr(optimiser, args.lr, budget.fraction(step))
@@ -172,7 +214,7 @@ def train_patch(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: a
         for i in range(args.batch):
             case = cases[rng.integers(len(cases))]
             centre = case["bright"] if i % 2 == 0 else None  # half the patches on bright structures
-            samples.append(random_flip(random_crop([case["x"], case["p1"], case["y"]], patch, rng, centre), rng))
+            samples.append(random_flip(random_crop([case["x"], case["p1"], case["y"]], patch, rng, centres=centre), rng))
         inp = torch.from_numpy(np.stack([np.stack(s[:2]) for s in samples]).copy()).to(device)
         target = torch.from_numpy(np.stack([s[2][None] for s in samples]).copy()).to(device)
         pred = model(inp)
@@ -183,6 +225,7 @@ def train_patch(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: a
         if disc is not None and d_opt is not None:
             d_loss = lsgan_discriminator_loss(disc(torch.cat([inp[:, :1], target], 1)), disc(torch.cat([inp[:, :1], pred.detach()], 1)))
             optimise(d_opt, d_loss)
+            d_losses.append(d_loss.item())
         running.append(loss.item())
         step += 1
         if step % 50 == 0:
@@ -190,6 +233,10 @@ def train_patch(cases: list[dict[str, Any]], held: list[dict[str, Any]], args: a
             running = []
             history.append(record)
             log.info("%s", record)
+    if disc is not None:
+        change = float(sum((q.detach() - q0).abs().sum().item() for q, q0 in zip(disc.parameters(), d_initial)))
+        history.append({"stage": "discriminator", "steps": len(d_losses), "d_loss": float(np.mean(d_losses)) if d_losses else None, "param_change": change})
+        log.info("%s", history[-1])
     if held:
         scores = [evaluate_whole(model, c["x"], c["y"], c["p1"], device) for c in held]
         history.append({"stage": "patch", "step": step, "held_mae": float(np.mean([s[0] for s in scores])), "held_identity_mae": float(np.mean([s[1] for s in scores]))})
@@ -210,15 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if args.init is not None:  # fail before loading any data
+        try:
+            init_state(args.init, args.channel, "global", ResidualUNet3D(1, base=args.base, depth=args.depth, first_stride=2).config)
+            init_state(args.init, args.channel, "patch", ResidualUNet3D(2, base=args.base, depth=args.depth, first_stride=1).config)
+        except InitError as exc:
+            log.error("%s", exc)
+            return 2
     pairs: list[Pair] = find_pairs(args.data, args.channel)
     if not pairs:
         log.error("no %s pairs under %s", args.channel, args.data)
         return 2
     started = time.perf_counter()
+    cache = args.cache if args.cache is not None else args.out / "cache"
     cases = []
     for pair in pairs:
-        x, y = load_pair(pair, DEFAULT_NORMALISATION, args.target_spacing)
+        try:
+            x, y = cached_pair(pair, DEFAULT_NORMALISATION, args.target_spacing, cache)
+        except ShapeMismatchError as exc:
+            log.warning("skipped: %s", exc)
+            continue
         cases.append({"name": pair.angle.name, "x": x, "y": y})
+    if not cases:
+        log.error("no usable %s pairs under %s", args.channel, args.data)
+        return 2
     held = cases[-1:] if len(cases) >= 4 else []
     train_cases = cases[: len(cases) - len(held)]
     log.info("%d %s pairs loaded in %.0f s (%d for training, %d held out)", len(cases), args.channel, time.perf_counter() - started, len(train_cases), len(held))
@@ -228,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     global_model = train_global(train_cases, held, args, device, history)
     save_checkpoint(args.out / "global.pt", global_model, {**common, "grid": list(args.grid), "steps": args.global_steps})
-    for case in cases:
-        case["p1"] = predict_global(global_model, case["x"], tuple(args.grid), device)
+    for i, case in enumerate(cases):  # stage-1 predictions on H, memory-mapped like the cases (rewritten every run)
+        p1_path = cache / "stage1" / f"{i:05d}_{Path(case['name']).stem}.npy"
+        save_npy(p1_path, predict_global(global_model, case["x"], tuple(args.grid), device))
+        case["p1"] = np.load(p1_path, mmap_mode="r")
         case.pop("x_g", None)
         case.pop("y_g", None)
     patch_model = train_patch(train_cases, held, args, device, history)
