@@ -51,24 +51,24 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
 def gaussian_profiles(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> list[np.ndarray]:
     """Per-axis 1D Gaussian weights (ZYX order, float64), σ = patch·sigma_scale, max 1.
 
-    Each profile is floored at ``floor**(1/3)``, so their product (the 3D importance) is ≥
-    ``floor`` everywhere and stays separable: the sum of the importance over a Cartesian grid of
-    windows is then the outer product of three 1D sums (see :func:`axis_weight_sums`).
+    Each profile is floored at ``floor``, so their product (the 3D importance) is ≥ ``floor³`` > 0
+    everywhere (only patch corners get that little; wherever windows overlap some window weighs far
+    more) and stays separable: the sum of the importance over a Cartesian grid of windows is then
+    the outer product of three 1D sums (see :func:`axis_weight_sums`).
     """
-    per_axis = floor ** (1.0 / 3.0)
     profiles = []
     for n in patch:
         sigma = max(n * sigma_scale, 1e-6)
         coords = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
         g = np.exp(-0.5 * (coords / sigma) ** 2)
-        profiles.append(np.maximum(g / g.max(), per_axis))
+        profiles.append(np.maximum(g / g.max(), floor))
     return profiles
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, floor: float = 1e-3) -> np.ndarray:
     """Separable Gaussian weight map (ZYX float32): the outer product of :func:`gaussian_profiles`.
 
-    Max 1 in the centre, ≥ ``floor`` everywhere (border voxels of a patch keep a positive weight).
+    Max 1 in the centre, ≥ ``floor³`` everywhere (border voxels of a patch keep a positive weight).
     """
     gz, gy, gx = gaussian_profiles(patch, sigma_scale, floor)
     return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
