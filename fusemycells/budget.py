@@ -83,8 +83,8 @@ def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tup
     """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
 
     The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
-    more for small stacks, counted always), the float16 correction on the high-resolution grid
-    (2 bytes a voxel), z-slab buffers (a 16-plane input slab and a 64-plane H slab, float32 ×8)
+    more for small stacks, counted always), the correction on the high-resolution grid (float16,
+    2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers (a 16-plane input slab and a 64-plane H slab, float32 ×8)
     and a fixed 1 GiB for the networks, the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
@@ -92,7 +92,8 @@ def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tup
     n_high = float(np.prod(high, dtype=np.float64))
     slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
     compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
-    return int(n_input * (itemsize + (0 if compact else 4)) + 2 * n_high + slabs + (1 << 30))
+    correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (Fuser._patch_correction)
+    return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + (1 << 30))
 
 
 def cuda_available() -> bool:

@@ -144,7 +144,7 @@ class Fuser:
         Memory: ``volume.data`` is consumed (its buffer is reused for the blended output when
         the pixel type is 2 or 4 bytes); the high-resolution input and the upsampled stage-1
         prediction are never materialised (computed per row of patches), and the correction
-        (prediction − input on H) is kept in float16. ``deadline`` (a ``time.perf_counter()``
+        (prediction − input on H) is kept in float16 on big stacks. ``deadline`` (a ``time.perf_counter()``
         value) makes the pipeline degrade in the steps of :data:`DEGRADATION_LEVELS`.
         """
         channel = self.manifest.channel(volume.channel)
@@ -251,13 +251,15 @@ class Fuser:
         return self.cpu_runner(channel, "patch") if self.policy.forced_cpu else self.stage(channel, "patch")
 
     def _patch_correction(self, channel: ChannelSpec, x_h: PlaneSource, p1_h: PlaneSource, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
-        """Stage-2 prediction − input on H as float16 ZYX (the stage-1 one when time runs out)."""
+        """Stage-2 prediction − input on H, ZYX, float16 for big stacks else float32 (the stage-1 one when time runs out)."""
         spec2 = channel.patch_stage
         assert spec2.patch_size is not None
         stage2 = self._patch_stage(channel)
         cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
         predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
-        correction = np.empty(x_h.shape, dtype=np.float16)
+        # float16 halves the largest array of a big stack (rounding ≤ 2.4e-4 of values < 1); small
+        # stacks keep float32, so the two backends agree to the networks' own precision there
+        correction = np.empty(x_h.shape, dtype=np.float16 if self.policy.compact_output(x_h.shape) else np.float32)
 
         read_x = getattr(x_h, "planes_readonly", x_h.planes)
 

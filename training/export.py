@@ -59,8 +59,26 @@ def load_model(path: Path) -> tuple[ResidualUNet3D, dict[str, Any]]:
     return model.eval(), checkpoint
 
 
-def export_stage(model: ResidualUNet3D, trace_shape: tuple[int, ...], check_shape: tuple[int, ...], out_dir: Path, stem: str, tolerance: float) -> dict[str, Any]:
-    """Write ``<stem>.pt`` and ``<stem>.onnx``; returns their manifest entries and the parity figures."""
+def structured_input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    """An image-like NCZYX float32 tensor: smooth bright blobs (≈0–1.5) on an exactly flat zero background."""
+    from scipy import ndimage
+
+    noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    smooth = ndimage.gaussian_filter(noise, sigma=(0, 0, 3, 3, 3))
+    smooth /= max(float(smooth.std()), 1e-6)
+    return torch.from_numpy(np.clip(smooth - 1.0, 0.0, None).astype(np.float32))
+
+
+def export_stage(
+    model: ResidualUNet3D, trace_shape: tuple[int, ...], check_shape: tuple[int, ...], out_dir: Path, stem: str, tolerance: float, image_tolerance: float = 1e-3
+) -> dict[str, Any]:
+    """Write ``<stem>.pt`` and ``<stem>.onnx``; returns their manifest entries and the parity figures.
+
+    ``tolerance`` bounds |exported − eager| on a random input; ``image_tolerance`` on an image-like
+    one (flat background), where onnxruntime's CPU kernels differ from torch by up to ~4e-4 on a
+    128³ grid (torch float32 stays within ~1e-6 of float64 there): low-variance channels of the
+    instance norms amplify float32 rounding.
+    """
     import onnxruntime as ort
 
     example = torch.randn(*trace_shape)
@@ -79,16 +97,22 @@ def export_stage(model: ResidualUNet3D, trace_shape: tuple[int, ...], check_shap
             opset_version=OPSET,
             dynamo=False,
         )
-    check = torch.randn(*check_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = model(check).numpy()
-        scripted = torch.jit.load(str(ts_path))(check).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"input": check.numpy()})[0]
-    diffs = {"torchscript": float(np.abs(scripted - eager).max()), "onnx": float(np.abs(onnx_out - eager).max())}
-    log.info("%s: parity at %s: %s", stem, check_shape, diffs)
-    if max(diffs.values()) > tolerance:
-        raise ExportError(f"{stem}: exported networks differ from the trained one by {diffs} (> {tolerance}) at shape {check_shape}")
+    scripted_model = torch.jit.load(str(ts_path))
+    diffs: dict[str, float] = {}
+    # a random input at a shape not traced at, and an image-like one (flat background, smooth
+    # bright structures) at the traced shape: runtimes' normalisation kernels differ on the latter
+    checks = {"": torch.randn(*check_shape, generator=torch.Generator().manual_seed(0)), "image_": structured_input(trace_shape)}
+    for prefix, check in checks.items():
+        with torch.no_grad():
+            eager = model(check).numpy()
+            scripted = scripted_model(check).numpy()
+        onnx_out = session.run(None, {"input": check.numpy()})[0]
+        diffs[prefix + "torchscript"] = float(np.abs(scripted - eager).max())
+        diffs[prefix + "onnx"] = float(np.abs(onnx_out - eager).max())
+    log.info("%s: parity at %s and image-like %s: %s", stem, check_shape, trace_shape, diffs)
+    if max(diffs["torchscript"], diffs["onnx"]) > tolerance or max(diffs["image_torchscript"], diffs["image_onnx"]) > image_tolerance:
+        raise ExportError(f"{stem}: exported networks differ from the trained one by {diffs} (> {tolerance} random / {image_tolerance} image-like) at shapes {check_shape} / {trace_shape}")
     files = {"torchscript": {"path": ts_path.name, "sha256": sha256_of(ts_path)}, "onnx": {"path": onnx_path.name, "sha256": sha256_of(onnx_path)}}
     return {"files": files, "parity": {"shape": list(check_shape), **diffs}}
 
