@@ -6,11 +6,13 @@
 #   packages (nvidia-*-cu13), the CUDA 13 runtime, cuBLAS and cuDNN 9. onnxruntime loads these same
 #   libraries (fusemycells/backends.py calls onnxruntime.preload_dlls()), so the image carries ONE
 #   CUDA user space, matching both backends.
-# * Base nvidia/cuda:13.0.1-base-ubuntu24.04 (pinned tag): small (no duplicate CUDA libraries), and
-#   it carries the cuda-compat package, so on data-centre GPUs (the T4 of Grand Challenge) CUDA 13
-#   also runs on older R535/R570 host drivers through forward compatibility; with a driver >= 580
-#   nothing extra is needed. If CUDA cannot start, both backends fall back to CPU, logged and in
-#   the report, and the time budget degrades the output instead of failing.
+# * Base nvidia/cuda:13.0.1-base-ubuntu24.04 (pinned tag): small (no duplicate CUDA libraries). CUDA
+#   13 needs a host driver >= 580; the image's cuda-compat libraries (/usr/local/cuda/compat) can
+#   serve older R535/R570 data-centre drivers (the T4 of Grand Challenge) only where the container
+#   runtime puts them on the library path, which recent NVIDIA container toolkits no longer do by
+#   themselves (unverified on Grand Challenge: no GPU host was available to us). If CUDA cannot
+#   start, both backends fall back to CPU, logged and in the report (with the driver version), and
+#   the time budget degrades the output instead of failing.
 # Grand Challenge runs linux/amd64 only; the issue asks for the platform to be explicit.
 # hadolint ignore=DL3029
 FROM --platform=linux/amd64 nvidia/cuda:13.0.1-base-ubuntu24.04
