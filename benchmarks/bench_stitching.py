@@ -105,6 +105,8 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
     else:
         from monai.inferers import sliding_window_inference
 
+        from fusemycells.stitching import gaussian_importance
+
         tensor = torch.from_numpy(np.ascontiguousarray(volume))[None]
         calls = [0]
 
@@ -112,8 +114,15 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
             calls[0] += x.shape[0]
             return timed(x)
 
+        # MONAI's own Gaussian map (σ = patch/8) is clamped at 1e-3 in 3D, which gives patch borders
+        # equal weight near the volume's faces; ours floors each axis (as nnU-Net, tiny corners).
+        # Feed MONAI our map so that both stitch with the same Gaussian weights and the difference
+        # measures the stitching itself.
+        weight_map = torch.from_numpy(gaussian_importance((patch,) * 3))
         with torch.inference_mode():
-            output = sliding_window_inference(tensor, (patch,) * 3, batch, predict_monai, overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="reflect")
+            output = sliding_window_inference(
+                tensor, (patch,) * 3, batch, predict_monai, overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="reflect", roi_weight_map=weight_map
+            )
         result = output[0, 0].numpy()
         patches = calls[0]
     wall = time.perf_counter() - started
