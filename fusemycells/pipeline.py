@@ -280,19 +280,18 @@ class Fuser:
 
             def progress(done: int, total: int, started: float = started, first: list[tuple[int, float]] = first) -> None:
                 elapsed = time.perf_counter() - started
-                margin = 1.0
-                if not first:
-                    # the first batch pays one-time costs (session warm-up, allocations): its rate
-                    # is only trusted when it is hopeless by far, and the policy learns the rate
-                    # from the following batches, so one slow start does not degrade a file
-                    first.append((done, elapsed))
-                    rate, margin = elapsed / done, 4.0
-                else:
-                    rate = (elapsed - first[0][1]) / max(done - first[0][0], 1)
-                    self.policy.seconds_per_patch = rate
                 if done == total or done % max(1, total // 10) < self.policy.patch_batch_size(spec2.batch_size):
                     log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
-                if done < total and (total - done) * rate > margin * left():
+                if not first:
+                    # the first batch pays one-time costs (the first row of patches is resampled
+                    # from the input, session warm-up, allocations): on a 309×1920×1920 stack it
+                    # took 14× a steady batch, which on a GPU would wrongly degrade the file, so
+                    # the rate (and the policy's) is learned from the following batches only
+                    first.append((done, elapsed))
+                    return
+                rate = (elapsed - first[0][1]) / max(done - first[0][0], 1)
+                self.policy.seconds_per_patch = rate
+                if done < total and (total - done) * rate > left():
                     raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {max(left(), 0):.1f} s left")
 
             try:

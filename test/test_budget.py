@@ -212,7 +212,7 @@ def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: P
     def warm_up_once(runner, batch):
         calls.append(len(batch))
         if len(calls) == 1:
-            time.sleep(0.4)  # one-time warm-up: at this rate the file would need more than the budget
+            time.sleep(3.5)  # one-time cost: at this rate the file would need > 4× the budget
         return runner(batch)
 
     _wrap_patch_runner(monkeypatch, warm_up_once)
@@ -220,7 +220,7 @@ def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: P
     assert code == 0
     case = report["files"][0]
     total = case["stages"]["patch"]["patches"]
-    assert total * 0.4 / calls[0] > 12  # a projection from the first batch alone would exceed the budget
+    assert total * 3.5 / calls[0] > 4 * 12  # a projection from the first batch alone: hopeless by far
     assert case["degradation"] == 0 and seconds < 12
 
 
