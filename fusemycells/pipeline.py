@@ -177,14 +177,17 @@ class Fuser:
         def left() -> float:
             return math.inf if deadline is None else deadline - reserve - time.perf_counter()
 
+        def finish(source: PlaneSource) -> PlaneSource:
+            return postprocess.final_source(source, post, output_dtype, spacing=volume.spacing)
+
         if gate <= 0.0:
             log.info("    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f", noise, out_sigma)
-            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
+            return finish(x_in)
         global_voxels = data.size + math.prod(grid_h)
         global_s = self.policy.stage_costs["global"].estimate(global_voxels)
         if left() <= global_s:
             self._degrade(report, 3, f"{max(left(), 0):.1f} s left, the global stage needs ~{global_s:.1f} s")
-            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
+            return finish(x_in)
         with timed(report, "global_stage"):
             x_h = ResizedSource(x_in, grid_h)
             assert channel.global_stage.grid is not None
@@ -196,7 +199,7 @@ class Fuser:
         self.policy.stage_costs["global"].learn(global_voxels, report.seconds["global_stage"])
         if left() <= 0.0:
             self._degrade(report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)")
-            return postprocess.final_source(x_in, post, output_dtype, spacing=volume.spacing)
+            return finish(x_in)
         with timed(report, "patch_stage"):
             correction = self._patch_correction(channel, x_h, p1_h, report, left)
         del x_h, p1_h  # their row caches (two patch depths of H, float32) are not needed any more
@@ -207,7 +210,7 @@ class Fuser:
             report.weight_map = postprocess.weight_stats(weight)
             blended = self._blend(data, x_in, correction, weight, compact=self.policy.compact_output(data.shape))
             del correction
-            out = postprocess.final_source(blended, post, output_dtype, spacing=volume.spacing)
+            out = finish(blended)
         return out
 
     @staticmethod
@@ -388,9 +391,8 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
         report.spacing_um = [round(s, 6) for s in volume.spacing]
         report.channel = volume.channel
         report.input_dtype = str(volume.data.dtype)
-        report.warnings.extend(volume.warnings)
         for warning in volume.warnings:
-            log.warning("[%s] %s", path.name, warning)
+            warn(report, warning)
         if volume.data.dtype != np.uint16:
             warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
         log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)

@@ -70,7 +70,11 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0, fl
 
     Max 1 in the centre, ≥ ``floor³`` everywhere (border voxels of a patch keep a positive weight).
     """
-    gz, gy, gx = gaussian_profiles(patch, sigma_scale, floor)
+    return _outer3(*gaussian_profiles(patch, sigma_scale, floor))
+
+
+def _outer3(gz: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """The ZYX float32 outer product of three 1D profiles."""
     return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
 
 
@@ -151,10 +155,10 @@ def sliding_window(
     sources, (nz, ny, nx) = _as_rows(channels, patch3)
     pz, py, px = patch3
     zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch3))
-    importance = gaussian_importance(patch3, sigma_scale)
     # The importance is separable and the windows form a Cartesian grid, so the weight sum is an
     # outer product of three 1D sums: only the prediction needs an accumulator (one patch depth).
     gz, gy, gx = gaussian_profiles(patch3, sigma_scale)
+    importance = _outer3(gz, gy, gx)
     inv_z = (1.0 / axis_weight_sums(nz, zs, gz)).astype(np.float32)
     inv_yx = np.outer(1.0 / axis_weight_sums(ny, ys, gy)[: original[1]], 1.0 / axis_weight_sums(nx, xs, gx)[: original[2]]).astype(np.float32)
     result = None if emit is not None else np.empty(original, dtype=np.float32)

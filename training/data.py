@@ -119,33 +119,22 @@ def random_crop(
     arrays: list[np.ndarray],
     patch: tuple[int, int, int],
     rng: np.random.Generator,
-    centre_from: np.ndarray | None = None,
     centres: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Same-position ZYX crops of ``patch`` voxels (reflect-padded when an array is smaller).
 
-    With ``centre_from`` (a boolean mask) or ``centres`` (flat indices into the arrays' shape),
-    the crop is centred on one of those voxels. Memory-mapped arrays are only read where cropped.
+    With ``centres`` (flat indices into the arrays' shape, e.g. from :func:`bright_centres`), the
+    crop is centred on one of those voxels. Memory-mapped arrays are only read where cropped.
     """
     shape = arrays[0].shape
-    if centres is not None and len(centres):
-        centre_from = None
-        chosen = np.unravel_index(int(centres[rng.integers(len(centres))]), shape)
-    else:
-        chosen = None
+    chosen = np.unravel_index(int(centres[rng.integers(len(centres))]), shape) if centres is not None and len(centres) else None
     pads = [(0, max(0, p - n)) for n, p in zip(shape, patch)]
     if any(after for _, after in pads):
         mode = "reflect" if min(shape) > 1 else "edge"
         arrays = [np.pad(a, pads, mode=mode) for a in arrays]
-        if centre_from is not None:
-            centre_from = np.pad(centre_from, pads, mode="constant")
         shape = arrays[0].shape
     if chosen is not None:  # padding only appends after the data: coordinates are unchanged
         start = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(chosen, patch, shape)]
-    elif centre_from is not None and centre_from.any():
-        idx = np.flatnonzero(centre_from)
-        centre = np.unravel_index(idx[rng.integers(len(idx))], shape)
-        start = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, patch, shape)]
     else:
         start = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch)]
     sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
