@@ -4,7 +4,7 @@
 
 Same TorchScript model (the shipped nucleus patch stage by default), same 2-channel float32
 volume, same patch size, overlap and batch size, Gaussian weighting (σ = patch/8) on both sides.
-Each method runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own. Printed:
+Each method runs in its own subprocess so that its peak RSS (``VmHWM``) is its own. Printed:
 time ratio (ours / MONAI), peak-RSS ratio (whole process, and above the common baseline of the
 interpreter + torch + model), max |ours − MONAI|, and our overhead ratio = patch-stage wall
 time / Σ pure forward time of the same patches. Our side runs as in the pipeline: it streams the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,11 @@ GOALS = {"time_ratio": 0.67, "rss_ratio": 0.5, "overhead_ratio": 1.15, "max_abs_
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This worker's own peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's peak, which
+    Linux carries across fork and exec: here the parent made the input volume)."""
+    from fusemycells.budget import peak_rss_mib
+
+    return int(peak_rss_mib() * 2**20)
 
 
 def make_input(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -129,7 +129,19 @@ def free_vram_gib() -> float | None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB)."""
+    """Peak resident set size of this process so far (MiB).
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a program started
+    by a parent that once held 1 GB reports at least 1 GB.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 

@@ -191,7 +191,7 @@ class Fuser:
         with timed(report, "global_stage"):
             x_h = ResizedSource(x_in, grid_h)
             assert channel.global_stage.grid is not None
-            coarse = materialise(ResizedSource(x_h, channel.global_stage.grid))
+            coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False))
             p1, stage1 = self._global_prediction(channel, coarse)
             p1_h = ResizedSource(p1, grid_h)
             del coarse
@@ -229,8 +229,8 @@ class Fuser:
             out = data.view(np.float32)
         else:
             out = np.empty(data.shape, dtype=np.float32)
-        corr = ResizedSource(correction, data.shape)
-        wmap = ResizedSource(weight, data.shape, antialias=False)
+        corr = ResizedSource(correction, data.shape, cache=False)
+        wmap = ResizedSource(weight, data.shape, antialias=False, cache=False)
         for z0 in range(0, data.shape[0], 16):
             z1 = min(data.shape[0], z0 + 16)
             planes = x_in.planes(z0, z1)

@@ -41,7 +41,7 @@ def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpe
     |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
     """
     source = ArraySource(correction) if isinstance(correction, np.ndarray) else correction
-    return _weight_from_coarse(np.abs(materialise(ResizedSource(source, spec.diff_grid))), spec)
+    return _weight_from_coarse(np.abs(materialise(ResizedSource(source, spec.diff_grid, cache=False))), spec)
 
 
 def _weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
@@ -112,7 +112,7 @@ def background_mask(normalised_input: PlaneSource | np.ndarray, spec: Postproces
     if spec.background_threshold <= 0:
         return np.ones(spec.diff_grid, dtype=np.float32)
     source = ArraySource(normalised_input) if isinstance(normalised_input, np.ndarray) else normalised_input
-    coarse = ndimage.gaussian_filter(materialise(ResizedSource(source, spec.diff_grid)), smooth, mode="nearest")
+    coarse = ndimage.gaussian_filter(materialise(ResizedSource(source, spec.diff_grid, cache=False)), smooth, mode="nearest")
     return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
 
 

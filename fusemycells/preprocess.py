@@ -109,7 +109,7 @@ class PlaneSource(Protocol):
     shape: Shape3
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
-        """float32 planes ``z0:z1`` as a ``(z1 − z0, Y, X)`` array (0 ≤ z0 < z1 ≤ Z)."""
+        """float32 planes ``z0:z1`` as a new ``(z1 − z0, Y, X)`` array that the caller owns and may overwrite (0 ≤ z0 < z1 ≤ Z)."""
         ...
 
 
@@ -140,15 +140,18 @@ class ResizedSource:
     (voxel centres aligned) after a Gaussian prefilter of the downsampled axes (``antialias``),
     bit-identical to filtering the whole volume: each range is read with a z-halo of the filter
     radius and edge-padded at the volume borders (scipy's 'nearest' mode). The last computed
-    planes are kept, so overlapping requests in increasing z (sliding-window rows) reuse them.
+    planes are kept, so overlapping requests in increasing z (sliding-window rows) reuse them;
+    with ``cache=False`` nothing is kept (for one pass of disjoint requests, where a cache would
+    only hold a second copy of each request).
     """
 
-    def __init__(self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> None:
+    def __init__(self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True) -> None:
         self.source: PlaneSource = ArraySource(source) if isinstance(source, np.ndarray) else source
         self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
         sigma = antialias_sigma(self.source.shape, self.shape) if antialias else (0.0, 0.0, 0.0)
         self.sigma = tuple(float(v) for v in sigma)
         self.halo = int(ANTIALIAS_TRUNCATE * self.sigma[0] + 0.5) if self.sigma[0] > 0 else 0
+        self.cache = cache
         self._cache_z0 = 0
         self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)
         # Output planes per request that keep the source block read for it (plus its filtered
@@ -158,6 +161,8 @@ class ResizedSource:
         self.preferred_slab = int(min(32, max(1, SLAB_BYTES // max(per_out, 1))))
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
+        if not self.cache:
+            return self._compute_chunked(z0, z1)
         return self.planes_readonly(z0, z1).copy()
 
     def planes_readonly(self, z0: int, z1: int) -> np.ndarray:
@@ -167,7 +172,12 @@ class ResizedSource:
         The view is valid until the next request to this source: a request of the same length
         reuses the cache buffer in place (planes shared with the previous range are moved forward,
         the rest computed into it), so moving along z by rows never holds two rows at once.
+        Without the cache, the planes are computed for this request and handed over read-only.
         """
+        if not self.cache:
+            view = self._compute_chunked(z0, z1)
+            view.flags.writeable = False
+            return view
         c0, c1 = self._cache_z0, self._cache_z0 + len(self._cache)
         if c0 <= z0 and z1 <= c1:
             view = self._cache[z0 - c0 : z1 - c0]
@@ -200,25 +210,37 @@ class ResizedSource:
             out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
         for a in range(z0, z1, step):
             b = min(z1, a + step)
-            out[a - z0 : b - z0] = self._compute(a, b)
+            self._compute(a, b, out=out[a - z0 : b - z0])
         return out
 
-    def _compute(self, z0: int, z1: int) -> np.ndarray:
+    def _compute(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Output planes z0:z1 (float32), written into ``out`` when given (no second copy of the range)."""
         nz_in, nz_out = self.source.shape[0], self.shape[0]
         coords = np.clip((np.arange(z0, z1) + 0.5) * (nz_in / nz_out) - 0.5, 0, nz_in - 1)
         src0 = int(np.floor(coords[0]))
         src1 = min(nz_in, int(np.floor(coords[-1])) + 2)
         data = self._filtered(src0, src1)
-        # z is interpolated by hand below; y and x by torch on the source planes (z treated as batch)
-        chunk = torch.from_numpy(data)[:, None]
-        if chunk.shape[2:] != self.shape[1:]:
-            chunk = F.interpolate(chunk, size=self.shape[1:], mode="bilinear", align_corners=False)
-        planes_in = chunk[:, 0]
         local = coords - src0
         lo = np.floor(local).astype(np.int64)
-        hi = np.minimum(lo + 1, planes_in.shape[0] - 1)
-        frac = torch.from_numpy((local - lo).astype(np.float32))[:, None, None]
-        return (planes_in[lo] * (1 - frac) + planes_in[hi] * frac).numpy()
+        hi = np.minimum(lo + 1, data.shape[0] - 1)
+        frac = (local - lo).astype(np.float32)
+        # Linear interpolation along z and bilinear in y/x commute: do first whichever leaves fewer
+        # voxels to hold. Upsampling in y/x (the correction onto a 1920² input grid), z goes first,
+        # so only the output planes are ever enlarged, not every source plane read for them.
+        if (z1 - z0) * data.shape[1] * data.shape[2] < data.shape[0] * self.shape[1] * self.shape[2]:
+            planes = self._resize_yx(_lerp_planes(data, lo, hi, frac))
+            if out is None:
+                return planes
+            out[...] = planes
+            return out
+        return _lerp_planes(self._resize_yx(data), lo, hi, frac, out=out)
+
+    def _resize_yx(self, planes: np.ndarray) -> np.ndarray:
+        """Bilinear resize of float32 ZYX planes to this source's Y × X (torch, z as the batch axis)."""
+        if planes.shape[1:] == self.shape[1:]:
+            return planes
+        chunk = F.interpolate(torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False)
+        return chunk[:, 0].numpy()
 
     def _filtered(self, src0: int, src1: int) -> np.ndarray:
         """Source planes src0:src1 after the antialiasing prefilter (float32, contiguous)."""
@@ -226,12 +248,24 @@ class ResizedSource:
             return np.ascontiguousarray(self.source.planes(src0, src1), dtype=np.float32)
         nz_in, r = self.source.shape[0], self.halo
         lo, hi = max(0, src0 - r), min(nz_in, src1 + r)
-        block = self.source.planes(lo, hi)
+        block = np.asarray(self.source.planes(lo, hi), dtype=np.float32)  # a fresh array: ours to overwrite
         before, after = r - (src0 - lo), r - (hi - src1)
         if before or after:
             block = np.pad(block, ((before, after), (0, 0), (0, 0)), mode="edge")
-        block = ndimage.gaussian_filter(block, sigma=self.sigma, mode="nearest", truncate=ANTIALIAS_TRUNCATE).astype(np.float32, copy=False)
-        return np.ascontiguousarray(block[r : r + (src1 - src0)])
+        # in place (scipy filters line by line through a buffer): no second block of this size
+        ndimage.gaussian_filter(block, sigma=self.sigma, mode="nearest", truncate=ANTIALIAS_TRUNCATE, output=block)
+        return block[r : r + (src1 - src0)]  # a z-range of a C-contiguous block is contiguous
+
+
+def _lerp_planes(planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Planes ``planes[lo]·(1 − frac) + planes[hi]·frac`` (float32 ZYX; one output plane per index),
+    computed plane by plane into ``out`` (allocated if None): no temporaries of the block's size."""
+    if out is None:
+        out = np.empty((len(lo), *planes.shape[1:]), dtype=np.float32)
+    for i, (a, b, f) in enumerate(zip(lo, hi, frac)):
+        np.multiply(planes[a], np.float32(1.0) - f, out=out[i])
+        out[i] += planes[b] * f
+    return out
 
 
 def iter_planes(source: PlaneSource, slab: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -252,7 +286,7 @@ def iter_resized(
     See :class:`ResizedSource`. Only one slab of output (float32) is alive at a time besides
     the input, and the input is read in z-ranges, so a source need never be materialised.
     """
-    yield from iter_planes(ResizedSource(volume, out_shape, antialias), slab)
+    yield from iter_planes(ResizedSource(volume, out_shape, antialias, cache=False), slab)
 
 
 def materialise(source: PlaneSource, dtype: np.dtype | type = np.float32) -> np.ndarray:
@@ -268,7 +302,7 @@ def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True)
     out_shape = tuple(int(n) for n in out_shape)
     if tuple(volume.shape) == out_shape:
         return np.array(volume, dtype=np.float32, copy=True)
-    return materialise(ResizedSource(np.asarray(volume), out_shape, antialias))
+    return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False))
 
 
 def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:

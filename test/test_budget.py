@@ -347,3 +347,15 @@ def test_policy_report_and_log_name_the_nvidia_driver(monkeypatch: pytest.Monkey
         pol = BudgetPolicy.create("cpu", None, None, 1)
     assert pol.as_report()["nvidia_driver"] == "535.104.05"
     assert any("NVIDIA driver 535.104.05" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
+    import subprocess
+    import sys
+
+    held = np.ones(400 * 2**20 // 8)  # 400 MiB touched here: ru_maxrss would hand it to the child
+    code = "import sys; sys.path.insert(0, '.'); from fusemycells.budget import peak_rss_mib; print(peak_rss_mib())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert float(child.stdout) < 300  # numpy + the module: tens of MiB
+    assert held.sum() > 0

@@ -61,6 +61,8 @@ def test_resampling_to_isotropic_and_back_restores_a_smooth_volume() -> None:
         ((5, 9, 7), (37, 5, 11)),  # output deeper than one 32-plane slab
         ((9, 8, 8), (4, 8, 8)),  # z only
         ((1, 6, 5), (3, 7, 5)),  # single input plane
+        ((20, 8, 8), (12, 32, 32)),  # y/x upsampled: z is interpolated first
+        ((8, 32, 32), (20, 8, 8)),  # y/x downsampled: y/x are resized first
     ],
 )
 def test_resize_without_antialias_equals_torch_trilinear(

@@ -64,6 +64,32 @@ def test_resized_source_rows_of_one_length_reuse_one_buffer_and_stay_exact(step:
         buffers.add(id(source._cache))
     assert len(buffers) == 1  # moving along z never allocates a second row
 
+@pytest.mark.parametrize("out_shape", [(9, 14, 40), (57, 20, 13)])
+def test_uncached_resized_source_keeps_no_planes_and_equals_the_cached_one(out_shape) -> None:
+    cached, uncached = ResizedSource(volume(), out_shape), ResizedSource(volume(), out_shape, cache=False)
+    for z0, z1 in [(0, 5), (3, 9), (2, 4)]:
+        np.testing.assert_array_equal(uncached.planes(z0, z1), cached.planes(z0, z1))
+        view = uncached.planes_readonly(z0, z1)
+        np.testing.assert_array_equal(view, cached.planes_readonly(z0, z1))
+        assert not view.flags.writeable
+        assert len(uncached._cache) == 0
+
+
+def test_antialiased_resize_equals_filtering_the_whole_volume_then_interpolating() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fusemycells.preprocess import ANTIALIAS_TRUNCATE, antialias_sigma
+
+    vol, out_shape = volume((40, 36, 30)), (13, 50, 11)  # z and x shrunk, y enlarged
+    sigma = antialias_sigma(vol.shape, out_shape)
+    filtered = ndimage.gaussian_filter(vol, sigma=sigma, mode="nearest", truncate=ANTIALIAS_TRUNCATE)
+    expected = F.interpolate(torch.from_numpy(filtered)[None, None], size=out_shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    source = ResizedSource(vol, out_shape)
+    source.preferred_slab = 3  # many requests, each with its own z-halo
+    np.testing.assert_allclose(materialise(source), expected, atol=1e-5)
+
+
 def test_chained_sources_equal_materialised_steps() -> None:
     vol = volume((30, 40, 36))
     offset, scale = 0.2, 3.0
