@@ -30,6 +30,7 @@ from .budget import (
     free_device_cache,
     is_out_of_memory,
     peak_rss_mib,
+    torch_threads,
 )
 from .config import ChannelSpec, Manifest
 from .io import InputError, Volume, list_inputs, read_volume, write_volume
@@ -260,6 +261,7 @@ class Fuser:
         stage2 = self._patch_stage(channel)
         cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
         predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
+        workers = self.policy.patch_workers(stage2.runner.backend, stage2.runner.device)
         # float16 halves the largest array of a big stack (rounding ≤ 2.4e-4 of values < 1); small
         # stacks keep float32, so the two backends agree to the networks' own precision there
         correction = np.empty(x_h.shape, dtype=np.float16 if self.policy.compact_output(x_h.shape) else np.float32)
@@ -298,15 +300,17 @@ class Fuser:
                     raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {max(left(), 0):.1f} s left")
 
             try:
-                _, stats = sliding_window(
-                    [x_h, p1_h],
-                    predict,
-                    spec2.patch_size,
-                    overlap=overlap,
-                    batch_size=self.policy.patch_batch_size(spec2.batch_size),
-                    emit=emit,
-                    progress=progress,
-                )
+                with torch_threads(1 if workers > 1 else None):  # one thread per concurrent forward
+                    _, stats = sliding_window(
+                        [x_h, p1_h],
+                        predict,
+                        spec2.patch_size,
+                        overlap=overlap,
+                        batch_size=self.policy.patch_batch_size(spec2.batch_size),
+                        emit=emit,
+                        progress=progress,
+                        workers=workers,
+                    )
             except DeadlineExceeded as exc:
                 level += 1
                 self._degrade(report, level, str(exc))
@@ -321,6 +325,7 @@ class Fuser:
                 "overlap": overlap,
                 "forward_s": round(stats.forward_s, 3),
                 "batch_size": self.policy.patch_batch_size(spec2.batch_size),
+                "workers": workers,
                 "sub_patch": None if self.policy.sub_patch is None else list(self.policy.sub_patch),
             }
             return correction

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ def sliding_window(
     sigma_scale: float = 1.0 / 8.0,
     emit: Callable[[int, int, np.ndarray], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray | None, StitchStats]:
     """Predict a volume given as C same-shape ZYX channels (arrays or plane sources).
 
@@ -148,7 +150,10 @@ def sliding_window(
     them, and no volume-size array is allocated here.
     Channels are read one row of patches (patch depth) at a time and stacked per patch only.
     ``predict`` gets batches of at most ``batch_size`` patches; ``progress(done, total)`` is
-    called after each batch.
+    called after each batch. ``workers`` > 1 runs that many batches at once on helper threads
+    (``predict`` must be thread-safe: on a CPU, single-threaded forwards side by side use the
+    cores better than one multi-threaded forward); results are added in the same order, so the
+    output does not depend on ``workers``. ``stats.forward_s`` is then the sum over the overlapping calls.
     """
     patch3: Shape3 = tuple(int(p) for p in patch)  # type: ignore[assignment]
     original: Shape3 = tuple(int(n) for n in channels[0].shape)  # type: ignore[assignment]
@@ -177,28 +182,49 @@ def sliding_window(
                 batch[i, c] = planes[:, y : y + py, x : x + px]
         return batch
 
+    def timed_predict(batch: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        pred = predict(batch)
+        return pred, time.perf_counter() - t0
+
+    def add(chunk: list[tuple[int, int]], result: Future[tuple[np.ndarray, float]]) -> None:
+        pred, seconds = result.result()
+        stats.forward_s += seconds
+        for (y, x), p in zip(chunk, pred):
+            np.multiply(p[0], importance, out=weighted)
+            acc[:, y : y + py, x : x + px] += weighted
+        stats.patches += len(chunk)
+        stats.batches += 1
+        if progress is not None:
+            progress(stats.patches, total)
+
     # The next batch is cut out on a helper thread while the network runs on the current one
     # (torch and onnxruntime release the GIL), so the device never waits for numpy copies.
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmc-batch")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmc-predict") if workers > 1 else None
+
+    def start(batch: np.ndarray) -> Future[tuple[np.ndarray, float]]:
+        if pool is not None:
+            return pool.submit(timed_predict, batch)
+        done: Future[tuple[np.ndarray, float]] = Future()
+        done.set_result(timed_predict(batch))  # in this thread: one forward at a time
+        return done
+
     try:
         for row, z0 in enumerate(zs):
             # read-only views where the source offers them (no second copy of a cached row)
             rows = [getattr(src, "planes_readonly", src.planes)(z0, z0 + pz) for src in sources]
             pending: Future[np.ndarray] = prefetch.submit(assemble, rows, chunks[0])
+            in_flight: deque[tuple[list[tuple[int, int]], Future[tuple[np.ndarray, float]]]] = deque()
             for index, chunk in enumerate(chunks):
                 batch = pending.result()
                 if index + 1 < len(chunks):
                     pending = prefetch.submit(assemble, rows, chunks[index + 1])
-                t0 = time.perf_counter()
-                pred = predict(batch)
-                stats.forward_s += time.perf_counter() - t0
-                for (y, x), p in zip(chunk, pred):
-                    np.multiply(p[0], importance, out=weighted)
-                    acc[:, y : y + py, x : x + px] += weighted
-                stats.patches += len(chunk)
-                stats.batches += 1
-                if progress is not None:
-                    progress(stats.patches, total)
+                in_flight.append((chunk, start(batch)))
+                if len(in_flight) >= max(1, workers):
+                    add(*in_flight.popleft())  # oldest first: the same order as one worker
+            while in_flight:
+                add(*in_flight.popleft())
             del rows
             # planes before the next row's start are final: hand them over and shift the buffers
             next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
@@ -218,5 +244,7 @@ def sliding_window(
             acc[pz - done :] = 0.0
     finally:
         prefetch.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     stats.total_s = time.perf_counter() - started
     return result, stats

@@ -15,6 +15,7 @@ from conftest import blob_volume, write_case
 import inference
 from fusemycells.backends import LoadedStage
 from fusemycells.budget import (
+    MAX_CPU_WORKERS,
     BudgetPolicy,
     LinearCost,
     OomLadder,
@@ -23,6 +24,7 @@ from fusemycells.budget import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
+    torch_threads,
 )
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
 from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file
@@ -359,3 +361,37 @@ def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(child.stdout) < 300  # numpy + the module: tens of MiB
     assert held.sum() > 0
+
+
+def test_patch_workers_run_torchscript_side_by_side_on_a_cpu_only() -> None:
+    cpu = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=4)
+    assert cpu.patch_workers("torchscript", "cpu") == 4
+    assert cpu.patch_workers("onnx", "cpu") == 1
+    assert cpu.patch_workers("torchscript", "cuda") == 1
+    assert dataclasses.replace(cpu, threads=1).patch_workers("torchscript", "cpu") == 1
+    assert dataclasses.replace(cpu, threads=64).patch_workers("torchscript", "cpu") == MAX_CPU_WORKERS
+
+
+def test_torchscript_on_cpu_workers_write_the_same_file_and_restore_torch_threads(fixture_resources: Path, tmp_path: Path) -> None:
+    import torch
+
+    outputs = {}
+    for threads in ("1", "3"):
+        root = tmp_path / threads
+        write_case((root / INPUT_SUBDIR).mkdir(parents=True) or root / INPUT_SUBDIR, "case.tif", blob_volume((12, 48, 40)), spacing=(0.8, 0.4, 0.4))
+        code, report, _ = _run(root, fixture_resources, "--backend", "torchscript", "--threads", threads)
+        assert code == 0
+        assert report["files"][0]["stages"]["patch"]["workers"] == int(threads)
+        assert torch.get_num_threads() == int(threads)  # what the run set, not the workers' 1
+        outputs[threads] = tifffile.imread(root / OUTPUT_SUBDIR / "case.tif")
+    np.testing.assert_array_equal(outputs["3"], outputs["1"])
+
+
+def test_torch_threads_is_restored_after_an_error() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

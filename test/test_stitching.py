@@ -187,3 +187,65 @@ def test_weight_sum_of_a_window_grid_is_the_outer_product_of_axis_sums() -> None
     sums = [axis_weight_sums(n, s, g) for n, s, g in zip(shape, starts, gaussian_profiles(patch))]
     np.testing.assert_allclose(sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :], brute, rtol=1e-5)
     assert brute.min() > 0  # every voxel is covered
+
+
+def patch_local_model(batch: np.ndarray) -> np.ndarray:
+    """Depends on the whole patch (its mean), so the stitched sums differ per window: a wrong
+    accumulation order or a lost batch would change the output."""
+    return batch[:, :1] * batch[:, 1:2].mean(axis=(1, 2, 3, 4), keepdims=True) + batch[:, :1] ** 3
+
+
+def test_concurrent_workers_give_bit_identical_output_despite_out_of_order_completion() -> None:
+    import time
+
+    channels = two_channels((21, 33, 29), seed=4)
+    rng = np.random.default_rng(0)
+
+    def jittery(batch: np.ndarray) -> np.ndarray:
+        time.sleep(float(rng.random()) * 0.004)  # later batches often finish first
+        return patch_local_model(batch)
+
+    reference, _ = sliding_window(channels, patch_local_model, PATCH, overlap=0.5, batch_size=2)
+    for workers in (2, 3):
+        got, stats = sliding_window(channels, jittery, PATCH, overlap=0.5, batch_size=2, workers=workers)
+        np.testing.assert_array_equal(got, reference)
+        assert stats.patches == np.prod(stats.grid)
+
+
+def test_workers_run_that_many_batches_at_once_and_never_more() -> None:
+    import threading
+    import time
+
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return pointwise(batch)
+
+    channels = two_channels((8, 40, 40))
+    for workers in (1, 3):
+        peak[0] = 0
+        got, _ = sliding_window(channels, slow, PATCH, overlap=0.5, batch_size=1, workers=workers)
+        np.testing.assert_allclose(got, whole_volume(channels), rtol=1e-5, atol=1e-6)
+        assert peak[0] == workers
+
+
+def test_an_error_in_progress_stops_concurrent_workers_and_propagates() -> None:
+    calls = [0]
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return pointwise(batch)
+
+    def stop(done: int, total: int) -> None:
+        if done >= 4:
+            raise RuntimeError("deadline")
+
+    with pytest.raises(RuntimeError, match="deadline"):
+        sliding_window(two_channels((16, 60, 60)), counting, PATCH, overlap=0.5, batch_size=1, workers=2, progress=stop)
+    assert calls[0] <= 4 + 2  # the batches in flight finish; no new ones start
