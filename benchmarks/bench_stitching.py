@@ -8,8 +8,11 @@ Each method runs in its own subprocess so that its peak RSS (``VmHWM``) is its o
 time ratio (ours / MONAI), peak-RSS ratio (whole process, and above the common baseline of the
 interpreter + torch + model), max |ours − MONAI|, and our overhead ratio = patch-stage wall
 time / Σ pure forward time of the same patches. Our side runs as in the pipeline: it streams the
-channels a row of patches at a time (here from the file) and keeps a float16 correction
-(prediction − image); MONAI needs the whole input as a tensor and returns a float32 volume.
+channels a row of patches at a time (here from the file), keeps a float16 correction
+(prediction − image) and, on a CPU, runs one single-threaded forward per thread side by side
+(``--workers``; MONAI's loop runs one multi-threaded forward at a time); then the pure forward
+time is that of the same batches run as many at a time without stitching (timed on a sample).
+MONAI needs the whole input as a tensor and returns a float32 volume.
 Needs ``pip install -r benchmarks/requirements.txt`` (MONAI is never part of the image).
 """
 
@@ -50,18 +53,26 @@ def make_input(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 
 
 class NpyPlanes:
-    """One channel of a (C, Z, Y, X) .npy file as a plane source: each call maps the file, copies
-    the planes and unmaps it, so only what the caller keeps counts towards its RSS."""
+    """One channel of a (C, Z, Y, X) float32 .npy file as a plane source, read with plain file reads
+    (no memory map, whose touched pages would count towards RSS): it stands in for the pipeline's
+    row-by-row resampled channels, so only what the caller keeps counts towards its RSS."""
 
     def __init__(self, path: Path, channel: int) -> None:
+        with open(path, "rb") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if dtype != np.float32 or len(shape) != 4:
+            raise ValueError(f"{path}: expected a (C, Z, Y, X) float32 array, got {shape} {dtype}")
         self.path, self.channel = path, channel
-        self.shape = tuple(int(n) for n in np.load(path, mmap_mode="r").shape[1:])
+        self.shape = tuple(int(n) for n in shape[1:])
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
-        mapped = np.load(self.path, mmap_mode="r")
-        out = np.array(mapped[self.channel, z0:z1], dtype=np.float32)
-        del mapped
-        return out
+        plane = self.shape[1] * self.shape[2]
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + 4 * plane * (self.channel * self.shape[0] + z0))
+            return np.fromfile(handle, dtype=np.float32, count=plane * (z1 - z0)).reshape(z1 - z0, *self.shape[1:])
 
 
 def load_model(path: Path, threads: int):
@@ -71,7 +82,31 @@ def load_model(path: Path, threads: int):
     return torch, torch.jit.load(str(path), map_location="cpu").eval()
 
 
-def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, overlap: float, batch: int, threads: int) -> dict:
+def default_workers(threads: int) -> int:
+    """Concurrent patch batches our pipeline would use for TorchScript on ``threads`` CPU cores."""
+    from fusemycells.budget import BudgetPolicy
+
+    return BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=threads).patch_workers("torchscript", "cpu")
+
+
+def pure_forward_seconds(predict, batches: int, workers: int, shape: tuple[int, ...], sample: int = 24) -> float:
+    """Σ forward time of ``batches`` batches run ``workers`` at a time without any stitching, from a
+    timed sample of them (with concurrent forwards, the sum of per-call times would overstate it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusemycells.budget import torch_threads
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    count = max(workers, min(batches, sample))
+    with torch_threads(1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda _: predict(x), range(workers)))  # each thread warmed up once
+        t0 = time.perf_counter()
+        list(pool.map(lambda _: predict(x), range(count)))
+        per_batch = (time.perf_counter() - t0) / count
+    return per_batch * batches
+
+
+def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, overlap: float, batch: int, threads: int, workers: int | None) -> dict:
     torch, model = load_model(model_path, threads)
     volume = np.load(data, mmap_mode="r")
     with torch.inference_mode():  # warm-up, so both sides pay the same one-time costs before timing
@@ -88,10 +123,14 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
 
     started = time.perf_counter()
     if method == "ours":
+        from fusemycells.budget import torch_threads
         from fusemycells.stitching import sliding_window
 
+        workers = default_workers(threads) if workers is None else workers
+
         def predict(batch_array: np.ndarray) -> np.ndarray:
-            return timed(torch.from_numpy(batch_array)).numpy()
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch_array)).numpy()
 
         # As in the pipeline: the channels are streamed (here from the file, a row of patches at a
         # time) and the result is kept as a float16 correction (prediction − image).
@@ -102,7 +141,11 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         def emit(z0: int, z1: int, planes: np.ndarray) -> None:
             correction[z0:z1] = planes - image.planes(z0, z1)
 
-        _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit)
+        # As in the pipeline: TorchScript on a CPU runs `workers` single-threaded forwards side by side.
+        with torch_threads(1 if workers > 1 else None):
+            _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit, workers=workers)
+        wall = time.perf_counter() - started
+        forward[0] = stats.forward_s if workers == 1 else pure_forward_seconds(predict, stats.batches, workers, (batch, 2, patch, patch, patch))
         result = correction
         patches = stats.patches
     else:
@@ -128,14 +171,18 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
             )
         result = output[0, 0].numpy()
         patches = calls[0]
-    wall = time.perf_counter() - started
+        wall = time.perf_counter() - started
+        workers = 1
+    peak = peak_rss_bytes()
     np.save(out, result)
-    return {"method": method, "wall_s": wall, "forward_s": forward[0], "patches": patches, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline}
+    return {"method": method, "wall_s": wall, "forward_s": forward[0], "patches": patches, "workers": workers, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}
 
 
 def run_worker(method: str, args: argparse.Namespace, data: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--data", str(data), "--out", str(out), "--model", str(args.model),
            "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads)]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{method} worker failed:\n{proc.stderr[-3000:]}")
@@ -154,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=None, help="our concurrent patch batches (default: as the pipeline, one per thread for TorchScript on CPU)")
     parser.add_argument("--model", type=Path, default=None, help="TorchScript patch model with 2 input channels (default: shipped nucleus patch stage)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", choices=["ours", "monai"], help=argparse.SUPPRESS)
@@ -163,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         args.model = default_model()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.data, args.model, args.out, args.patch, args.overlap, args.batch, args.threads)))
+        print(json.dumps(worker(args.worker, args.data, args.model, args.out, args.patch, args.overlap, args.batch, args.threads, args.workers)))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": GOALS,
     }
     mib = 2**20
-    print(f"volume {tuple(args.shape)}, patch {args.patch}³, overlap {args.overlap}, batch {args.batch}, {args.threads} threads; patches ours {ours['patches']}, MONAI {monai['patches']}")
+    print(f"volume {tuple(args.shape)}, patch {args.patch}³, overlap {args.overlap}, batch {args.batch}, {args.threads} threads (ours: {ours['workers']} concurrent batch(es)); patches ours {ours['patches']}, MONAI {monai['patches']}")
     print(f"wall         ours {ours['wall_s']:8.2f} s   MONAI {monai['wall_s']:8.2f} s   ratio {result['time_ratio']:.3f}  (goal ≤ {GOALS['time_ratio']})")
     print(f"peak RSS     ours {ours['peak_rss_bytes'] / mib:8.0f} MiB MONAI {monai['peak_rss_bytes'] / mib:8.0f} MiB ratio {result['rss_ratio']:.3f}  (goal ≤ {GOALS['rss_ratio']})")
     print(f"  above baseline (interpreter + torch + model): ours {(ours['peak_rss_bytes'] - ours['baseline_rss_bytes']) / mib:.0f} MiB, MONAI {(monai['peak_rss_bytes'] - monai['baseline_rss_bytes']) / mib:.0f} MiB, ratio {result['rss_above_baseline_ratio']:.3f}")
