@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
     parser.add_argument("--ram-budget", type=float, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock budget for the whole run; outputs are degraded in steps to meet it (default: the manifest's time_budget_s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores); TorchScript on a CPU runs that many single-threaded patch batches side by side")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 

@@ -152,7 +152,13 @@ class LoadedStage:
 
 
 def backend_order(requested: str, device: str) -> list[str]:
-    """Formats to try, best first. 'auto': ONNX on CPU (measured ~2× faster), TorchScript on CUDA."""
+    """Formats to try, best first. 'auto': TorchScript on CUDA, ONNX on CPU.
+
+    On CPU, one ONNX Runtime forward of two 64³ patches took 0.24 s on 2 cores against 0.29–0.36 s
+    for TorchScript; TorchScript's concurrent single-threaded forwards (``BudgetPolicy.patch_workers``)
+    reach 0.19 s per batch, a 16 % faster patch stage on 309×1920×960, but the shipped quality
+    figures were measured with ONNX, which stays the CPU default (``--backend torchscript`` for speed).
+    """
     if requested in FORMATS:
         return [requested, *[f for f in FORMATS if f != requested]]
     if requested != "auto":

@@ -62,3 +62,10 @@ def test_memory_sampler_sees_a_large_allocation_of_the_main_thread() -> None:
     assert block[-1] == 1.0
     assert sampler.peak >= start + 250
     assert sampler.by_function  # samples were attributed to a place
+
+
+def test_window_positions_agree_with_monai_only_when_the_size_fits_the_step() -> None:
+    assert bench_stitching.monai_starts(355, 64, 0.5)[-2:] == [288, 291]  # last window moved back
+    assert not bench_stitching.same_windows([440, 653, 355], 64, 0.5)
+    assert bench_stitching.same_windows([448, 640, 352], 64, 0.5)
+    assert bench_stitching.same_windows([40, 64, 30], 64, 0.5)  # axes shorter than a patch: one window
