@@ -24,6 +24,11 @@ FROM --platform=linux/amd64 nvidia/cuda:13.0.1-base-ubuntu24.04
 # backends fall back to the CPU. The driver version is logged and in the report's policy section.
 ENV NVIDIA_DISABLE_REQUIRE=1
 
+# One malloc arena: glibc gives every thread that allocates (prefetch, concurrent CPU forwards, ONNX
+# Runtime's pool) an arena of its own, and each keeps its freed blocks resident. Measured on the
+# patch-stage benchmark with two concurrent CPU forwards: 133 MiB less peak RSS, time within noise.
+ENV MALLOC_ARENA_MAX=1
+
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

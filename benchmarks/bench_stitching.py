@@ -32,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+IMAGE_MALLOC_ARENA_MAX = "1"
+"""glibc arenas as the Dockerfile sets them; both workers run with it unless MALLOC_ARENA_MAX is set."""
 GOALS = {"time_ratio": 0.67, "rss_ratio": 0.5, "overhead_ratio": 1.15, "max_abs_diff": 1e-3}
 
 
@@ -140,7 +142,8 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         correction = np.empty(image.shape, dtype=np.float16)
 
         def emit(z0: int, z1: int, planes: np.ndarray) -> None:
-            correction[z0:z1] = planes - image.planes(z0, z1)
+            planes -= image.planes(z0, z1)  # in place, as the pipeline does
+            correction[z0:z1] = planes
 
         # As in the pipeline: TorchScript on a CPU runs `workers` single-threaded forwards side by side.
         with torch_threads(1 if workers > 1 else None):
@@ -184,7 +187,8 @@ def run_worker(method: str, args: argparse.Namespace, data: Path, out: Path) -> 
            "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads)]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", IMAGE_MALLOC_ARENA_MAX)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{method} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(ours_out - np.load(Path(tmp) / "monai.npy")).max())
     ours, monai = runs["ours"], runs["monai"]
     result = {
-        "shape": args.shape, "patch": args.patch, "overlap": args.overlap, "batch": args.batch, "threads": args.threads, "model": str(args.model),
+        "shape": args.shape, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", IMAGE_MALLOC_ARENA_MAX), "patch": args.patch, "overlap": args.overlap, "batch": args.batch, "threads": args.threads, "model": str(args.model),
         "ours": ours, "monai": monai,
         "time_ratio": ours["wall_s"] / monai["wall_s"],
         "rss_ratio": ours["peak_rss_bytes"] / monai["peak_rss_bytes"],
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals": GOALS,
     }
     mib = 2**20
-    print(f"volume {tuple(args.shape)}, patch {args.patch}³, overlap {args.overlap}, batch {args.batch}, {args.threads} threads (ours: {ours['workers']} concurrent batch(es)); patches ours {ours['patches']}, MONAI {monai['patches']}")
+    arenas = os.environ.get("MALLOC_ARENA_MAX", IMAGE_MALLOC_ARENA_MAX)
+    print(f"volume {tuple(args.shape)}, patch {args.patch}³, overlap {args.overlap}, batch {args.batch}, {args.threads} threads (ours: {ours['workers']} concurrent batch(es)), MALLOC_ARENA_MAX={arenas}; patches ours {ours['patches']}, MONAI {monai['patches']}")
     print(f"wall         ours {ours['wall_s']:8.2f} s   MONAI {monai['wall_s']:8.2f} s   ratio {result['time_ratio']:.3f}  (goal ≤ {GOALS['time_ratio']})")
     print(f"peak RSS     ours {ours['peak_rss_bytes'] / mib:8.0f} MiB MONAI {monai['peak_rss_bytes'] / mib:8.0f} MiB ratio {result['rss_ratio']:.3f}  (goal ≤ {GOALS['rss_ratio']})")
     print(f"  above baseline (interpreter + torch + model): ours {(ours['peak_rss_bytes'] - ours['baseline_rss_bytes']) / mib:.0f} MiB, MONAI {(monai['peak_rss_bytes'] - monai['baseline_rss_bytes']) / mib:.0f} MiB, ratio {result['rss_above_baseline_ratio']:.3f}")
