@@ -136,7 +136,7 @@ SLAB_BYTES = 256 * 2**20
 class ResizedSource:
     """Trilinear resize of a source to ``out_shape`` voxels, computed per output z-range.
 
-    Same result as ``torch.nn.functional.interpolate(mode='trilinear', align_corners=False)``
+    Same result (to float32 rounding) as ``torch.nn.functional.interpolate(mode='trilinear', align_corners=False)``
     (voxel centres aligned) after a Gaussian prefilter of the downsampled axes (``antialias``),
     bit-identical to filtering the whole volume: each range is read with a z-halo of the filter
     radius and edge-padded at the volume borders (scipy's 'nearest' mode). The last computed

@@ -379,10 +379,11 @@ def test_torchscript_on_cpu_workers_write_the_same_file_and_restore_torch_thread
     for threads in ("1", "3"):
         root = tmp_path / threads
         write_case((root / INPUT_SUBDIR).mkdir(parents=True) or root / INPUT_SUBDIR, "case.tif", blob_volume((12, 48, 40)), spacing=(0.8, 0.4, 0.4))
-        code, report, _ = _run(root, fixture_resources, "--backend", "torchscript", "--threads", threads)
+        with torch_threads(torch.get_num_threads()):  # the run sets torch's threads: restore them for later tests
+            code, report, _ = _run(root, fixture_resources, "--backend", "torchscript", "--threads", threads)
+            assert torch.get_num_threads() == int(threads)  # what the run set, not the workers' 1
         assert code == 0
         assert report["files"][0]["stages"]["patch"]["workers"] == int(threads)
-        assert torch.get_num_threads() == int(threads)  # what the run set, not the workers' 1
         outputs[threads] = tifffile.imread(root / OUTPUT_SUBDIR / "case.tif")
     np.testing.assert_array_equal(outputs["3"], outputs["1"])
 
