@@ -149,6 +149,18 @@ def peak_rss_mib() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def peak_vram_mib() -> float | None:
+    """Peak GPU memory torch reserved in this process so far (MiB); None without CUDA in use.
+
+    Covers the TorchScript backend (the default on CUDA); ONNX Runtime's CUDA arena is not seen
+    by torch, so with ``--backend onnx`` this is only torch's share (resampling runs on the CPU).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return float(torch.cuda.max_memory_reserved()) / 2**20
+
+
 def available_ram_bytes() -> int | None:
     """Memory the process may still use: MemAvailable, capped by a cgroup limit when one is set."""
     candidates: list[int] = []

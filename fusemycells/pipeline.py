@@ -30,6 +30,7 @@ from .budget import (
     free_device_cache,
     is_out_of_memory,
     peak_rss_mib,
+    peak_vram_mib,
     torch_threads,
 )
 from .config import ChannelSpec, Manifest
@@ -68,6 +69,7 @@ class CaseReport:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float | None = None
+    peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
     non_finite_replaced: int = 0
     degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
@@ -419,7 +421,10 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
             log.debug("traceback", exc_info=True)
     report.seconds["total"] = round(time.perf_counter() - started, 3)
     report.peak_rss_mib = round(peak_rss_mib(), 1)
-    log.info("[%s] %s in %.1f s (peak RSS %.0f MiB)", path.name, report.status, report.seconds["total"], report.peak_rss_mib)
+    vram = peak_vram_mib()
+    report.peak_vram_mib = None if vram is None else round(vram, 1)
+    vram_text = "" if report.peak_vram_mib is None else f", peak VRAM {report.peak_vram_mib:.0f} MiB"
+    log.info("[%s] %s in %.1f s (peak RSS %.0f MiB%s)", path.name, report.status, report.seconds["total"], report.peak_rss_mib, vram_text)
     return report
 
 

@@ -24,6 +24,7 @@ from fusemycells.budget import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
+    peak_vram_mib,
     torch_threads,
 )
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
@@ -396,3 +397,18 @@ def test_torch_threads_is_restored_after_an_error() -> None:
         assert torch.get_num_threads() == 1
         raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_peak_vram_is_none_on_a_cpu_run_and_torchs_reserved_peak_on_cuda(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    write_case((tmp_path / INPUT_SUBDIR).mkdir(parents=True) or tmp_path / INPUT_SUBDIR, "case.tif", blob_volume((8, 32, 32)))
+    code, report, _ = _run(tmp_path, fixture_resources)
+    assert code == 0 and report["files"][0]["peak_vram_mib"] is None
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, max_memory_reserved=lambda: 3 * 2**30)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert peak_vram_mib() == 3072.0
+    cuda.is_initialized = lambda: False  # CUDA present but never used (e.g. a CPU run on a GPU machine)
+    assert peak_vram_mib() is None
