@@ -115,15 +115,6 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
     with torch.inference_mode():  # warm-up, so both sides pay the same one-time costs before timing
         model(torch.zeros(batch, 2, patch, patch, patch))
     baseline = peak_rss_bytes()
-    forward = [0.0]
-
-    def timed(x):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            y = model(x)
-        forward[0] += time.perf_counter() - t0
-        return y
-
     started = time.perf_counter()
     if method == "ours":
         from fusemycells.budget import torch_threads
@@ -149,7 +140,7 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         with torch_threads(1 if workers > 1 else None):
             _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit, workers=workers)
         wall = time.perf_counter() - started
-        forward[0] = stats.forward_s if workers == 1 else pure_forward_seconds(predict, stats.batches, workers, (batch, 2, patch, patch, patch))
+        forward_s = stats.forward_s if workers == 1 else pure_forward_seconds(predict, stats.batches, workers, (batch, 2, patch, patch, patch))
         result = correction
         patches = stats.patches
     else:
@@ -158,11 +149,15 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         from fusemycells.stitching import gaussian_importance
 
         tensor = torch.from_numpy(np.ascontiguousarray(volume))[None]
-        calls = [0]
+        calls, forward = [0], [0.0]  # patches and Σ forward seconds (MONAI calls one forward at a time)
 
         def predict_monai(x):
             calls[0] += x.shape[0]
-            return timed(x)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                y = model(x)
+            forward[0] += time.perf_counter() - t0
+            return y
 
         # MONAI's own Gaussian map (σ = patch/8) is clamped at 1e-3 in 3D, which gives patch borders
         # equal weight near the volume's faces; ours floors each axis (as nnU-Net, tiny corners).
@@ -176,10 +171,11 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
         result = output[0, 0].numpy()
         patches = calls[0]
         wall = time.perf_counter() - started
+        forward_s = forward[0]
         workers = 1
     peak = peak_rss_bytes()
     np.save(out, result)
-    return {"method": method, "wall_s": wall, "forward_s": forward[0], "patches": patches, "workers": workers, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}
+    return {"method": method, "wall_s": wall, "forward_s": forward_s, "patches": patches, "workers": workers, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}
 
 
 def run_worker(method: str, args: argparse.Namespace, data: Path, out: Path) -> dict:

@@ -22,12 +22,11 @@ sys.path.insert(0, str(REPO))
 
 
 def rss_mib() -> float:
-    """Current resident set size of this process (MiB), from /proc/self/status."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Current resident set size of this process (MiB), from /proc/self/status (NaN elsewhere)."""
+    from fusemycells.budget import proc_status_mib
+
+    current = proc_status_mib("VmRSS")
+    return float("nan") if current is None else current
 
 
 def pipeline_frames(frame) -> list[str]:

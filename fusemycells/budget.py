@@ -131,6 +131,18 @@ def free_vram_gib() -> float | None:
     return free / 2**30
 
 
+def proc_status_mib(key: str) -> float | None:
+    """A memory line of /proc/self/status (e.g. 'VmRSS', 'VmHWM') in MiB; None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (MiB).
 
@@ -138,13 +150,9 @@ def peak_rss_mib() -> float:
     ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a program started
     by a parent that once held 1 GB reports at least 1 GB.
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
+    peak_mib = proc_status_mib("VmHWM")
+    if peak_mib is not None:
+        return peak_mib
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
