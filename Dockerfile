@@ -29,6 +29,10 @@ ENV NVIDIA_DISABLE_REQUIRE=1
 # patch-stage benchmark with two concurrent CPU forwards: 133 MiB less peak RSS, time within noise.
 ENV MALLOC_ARENA_MAX=1
 
+# onnxruntime's telemetry writes a device id and a database under $HOME/.cache on import (1.31.1);
+# inference.py sets this too, for runs outside the image.
+ENV ORT_DISABLE_TELEMETRY=1
+
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

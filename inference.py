@@ -4,7 +4,8 @@
 With no arguments it follows the Grand Challenge contract:
 reads  /input/images/fluorescence-lightsheet-3D-microscopy/*.tif|*.tiff
 writes /output/images/fused-fluorescence-lightsheet-3D-microscopy/<same file name>
-Exit code: 0 when every file was written, 1 when any file was refused, 2 for a setup error.
+Exit code: 0 when every file was written, 1 when any file was refused, 2 for a setup error
+(including an invalid option value), 143 when stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,10 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto", help="network format (default auto: TorchScript on CUDA, ONNX on CPU, the other as fallback)")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
-    parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
-    parser.add_argument("--ram-budget", type=float, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="wall-clock budget for the whole run; outputs are degraded in steps to meet it (default: the manifest's time_budget_s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores); TorchScript on a CPU runs that many single-threaded patch batches side by side")
+    parser.add_argument("--vram-budget", type=positive_number, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
+    parser.add_argument("--ram-budget", type=positive_number, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
+    parser.add_argument("--time-budget", type=positive_number, default=None, metavar="SECONDS", help="wall-clock budget for the whole run; outputs are degraded in steps to meet it (default: the manifest's time_budget_s)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the networks (default: all cores); TorchScript on a CPU runs that many single-threaded patch batches side by side")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -65,7 +72,142 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def positive_number(text: str) -> float:
+    """argparse type of the budgets: a finite number > 0 (``inf``, ``nan``, 0 and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of ``--threads``: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so the per-file error handling does not swallow it and the
+    writer removes its temporary file on the way out."""
+
+
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+"""Exit code after SIGTERM (the shell's convention: 143)."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the previous handler
+    is restored after). Elsewhere than in the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def disable_native_telemetry() -> None:
+    """Stop onnxruntime's telemetry before it is imported: it writes a device id and an SQLite
+    database under ``$HOME/.cache/Microsoft/DeveloperTools`` on import (measured with onnxruntime
+    1.31.1); only ``ORT_DISABLE_TELEMETRY`` prevents it. An explicit setting is kept."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; SIGTERM stops it with a log line, a report of the outputs written and exit code 143."""
+    disable_native_telemetry()
+    started_at = time.time()
+    with sigterm_raises():
+        try:
+            return _main(argv)
+        except Terminated as exc:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report; the block restores the handler
+            return report_termination(build_config(parse_args(argv)), str(exc), started_at)
+
+
+def report_termination(config: RunConfig, why: str, started_at: float) -> int:
+    """Log the termination, write the report (the outputs written since ``started_at``, a
+    ``time.time()`` value), return :data:`TERMINATED_EXIT_CODE`. The file being written when the
+    signal came was removed by the writer."""
+    written = outputs_written_since(config, started_at)
+    log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", why, len(written))
+    report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir), "error": why, "terminated": True, "written": written}
+    _write_report(config, report)
+    return TERMINATED_EXIT_CODE
+
+
+def outputs_written_since(config: RunConfig, started_at: float) -> list[str]:
+    """Names of the inputs whose output exists and was modified at or after ``started_at`` (``time.time()``)."""
+    from fusemycells.io import list_inputs
+
+    try:
+        names = [p.name for p in list_inputs(config.input_dir)]
+    except OSError:
+        return []
+    written = []
+    for name in names:
+        try:
+            if (config.output_dir / name).stat().st_mtime >= started_at - 1.0:  # coarse file system clocks
+                written.append(name)
+        except OSError:
+            continue
+    return written
+
+
+def report_path_problem(path: Path | None) -> str | None:
+    """Why the JSON report cannot be written at ``path`` (None when it can, or when there is none).
+
+    Checked before any work, so a bad ``--report`` is a setup error (exit 2), not a traceback after
+    the outputs were written; its folder is created like the output folder.
+    """
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"--report {path} is a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".report-test-"):
+            pass
+    except OSError as exc:
+        return f"--report {path}: folder not writable ({exc.strerror or exc})"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"--report {path}: file not writable"
+    return None
+
+
+def note_skipped_inputs(config: RunConfig, report: dict[str, object]) -> None:
+    """Log the TIFF-named entries of the input folder that are not processed (dangling symlinks,
+    FIFOs, folders, ...) and put them in the report under ``skipped``; log an early error for
+    every input whose output name cannot be created in the output folder."""
+    from fusemycells.io import InputError, check_output_name, scan_inputs
+
+    scan = scan_inputs(config.input_dir)
+    for name, reason in scan.skipped:
+        log.warning("skipped %r: %s", name, reason)
+    report["skipped"] = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    for path in scan.files:
+        try:
+            check_output_name(config.output_dir, path.name)
+        except InputError as exc:
+            log.error("will be refused: %s", exc)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -74,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     config = build_config(args)
+    if (problem := report_path_problem(config.report)) is not None:
+        log.error("%s", problem)
+        return 2
     started = time.perf_counter()
     report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir)}
     try:
@@ -83,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not list_inputs(config.input_dir):
             raise FileNotFoundError(f"no .tif/.tiff files in {config.input_dir}")
+        note_skipped_inputs(config, report)
         resources, why = resolve_resources_dir(config.resources_dir)
         log.info("weights from %s (%s)", resources, why)
         manifest = load_manifest(resources)
@@ -107,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - started, 3)
     refused = [c.file for c in cases if c.status != "ok"]
     report["refused"] = refused
-    _write_report(config, report)
+    if not _write_report(config, report):
+        return 2
     log.info("done: %d written, %d refused, %.1f s", len(cases) - len(refused), len(refused), report["seconds"])
     return 1 if refused else 0
 
@@ -122,11 +269,17 @@ def ensure_writable(directory: Path) -> None:
         raise PermissionError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
 
 
-def _write_report(config: RunConfig, report: dict[str, object]) -> None:
+def _write_report(config: RunConfig, report: dict[str, object]) -> bool:
+    """Write the JSON report if one was asked for; False (logged) when it could not be written."""
     if config.report is None:
-        return
-    config.report.parent.mkdir(parents=True, exist_ok=True)
-    config.report.write_text(json.dumps(report, indent=2, default=str))
+        return True
+    try:
+        config.report.parent.mkdir(parents=True, exist_ok=True)
+        config.report.write_text(json.dumps(report, indent=2, default=str))
+    except OSError as exc:
+        log.error("report not written: %s (%s)", config.report, exc.strerror or exc)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
 """TIFF input/output with the FuseMyCells metadata conventions.
 
 Volumes are numpy arrays in ZYX order; spacings are (z, y, x) in micrometres.
-Metadata is read like the organisers' reference: ``shaped_metadata[0]`` first, then
-``imagej_metadata``; physical sizes may be spelled ``PhysicalSizeX``, ``physicalsizex`` or
-``physical_size_x``. Missing values fall back to the TIFF resolution tags, then to documented
+Metadata is read like the organisers' reference: the series' shaped (JSON) metadata first, then
+``imagej_metadata``, then OME-XML; physical sizes may be spelled ``PhysicalSizeX``,
+``physicalsizex`` or ``physical_size_x``, each with an optional per-axis unit
+(``PhysicalSizeXUnit``). Missing values fall back to the TIFF resolution tags, then to documented
 defaults, and every fallback is recorded in :attr:`Volume.warnings`.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
+import math
+import os
+import stat
+import tempfile
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,11 @@ _AXIS_KEYS = {
     "y": ("PhysicalSizeY", "physicalsizey", "physical_size_y"),
     "z": ("PhysicalSizeZ", "physicalsizez", "physical_size_z"),
 }
+_AXIS_UNIT_KEYS = {
+    axis: (f"PhysicalSize{axis.upper()}Unit", f"physicalsize{axis}unit", f"physical_size_{axis}_unit", f"{axis}unit")
+    for axis in "xyz"
+}
+"""Per-axis unit keys (OME spelling, its lower and snake case, ImageJ's ``yunit``/``zunit``): they override ``unit``."""
 _STACK_AXES = frozenset("ZYXQI")
 """Axis letters that may be larger than 1: Z, Y, X and tifffile's unlabelled Q (other) and I (pages)."""
 _EXTRA_AXES = {"C": "extra channels", "S": "RGB samples", "T": "time points"}
@@ -73,6 +87,8 @@ def _lookup(meta: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 def _as_positive_float(value: Any) -> float | None:
+    if isinstance(value, bool):  # JSON/XML 'true' is not a size (float(True) would be 1.0)
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -80,29 +96,63 @@ def _as_positive_float(value: Any) -> float | None:
     return number if np.isfinite(number) and number > 0 else None
 
 
-def read_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
-    """Metadata dict from ``shaped_metadata[0]``, else ``imagej_metadata``, else ``{}``."""
-    shaped = tif.shaped_metadata
-    if shaped and isinstance(shaped[0], dict) and shaped[0]:
-        return dict(shaped[0])
+def read_metadata(tif: tifffile.TiffFile, series_index: int = 0) -> tuple[dict[str, Any], list[str]]:
+    """(metadata dict, warnings) of one series: its shaped (JSON) metadata, else ``imagej_metadata``,
+    else the OME-XML of its image (:func:`ome_metadata`), else ``{}``."""
+    series = tif.series
+    if tif.is_shaped and tif.shaped_metadata and series[series_index].kind == "shaped":
+        # shaped_metadata holds one dict per shaped series, in series order
+        position = sum(1 for s in series[:series_index] if s.kind == "shaped")
+        shaped = tif.shaped_metadata
+        if position < len(shaped) and isinstance(shaped[position], dict) and shaped[position]:
+            return dict(shaped[position]), []
     imagej = tif.imagej_metadata
     if imagej:
-        return dict(imagej)
-    return {}
+        return dict(imagej), []
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            return ome_metadata(tif.ome_metadata, series_index), []
+        except Exception as exc:  # malformed XML: the pixels are still readable
+            return {}, [f"OME-XML metadata not readable ({type(exc).__name__}): ignored"]
+    return {}, []
 
 
-def _resolution_spacing(tif: tifffile.TiffFile, um_per_unit: float = 1.0) -> tuple[tuple[float | None, float | None], str]:
-    """((y, x) pixel size in µm, note) from the first page's resolution tags, if declared.
+def ome_metadata(xml: str, image_index: int = 0) -> dict[str, Any]:
+    """Spacing and channel of one OME ``Image`` as a metadata dict.
 
-    ``um_per_unit``: µm per metadata unit, for tags without a unit (ImageJ: pixels per unit).
-    ``note`` says why declared tags were ignored ('' when none were).
+    Keys: ``PhysicalSize{X,Y,Z}`` and ``PhysicalSize{X,Y,Z}Unit`` (OME's default unit is µm) from
+    its ``Pixels`` element, and ``channel`` from the ``Name`` of its single ``Channel``.
     """
-    tags = tif.pages.first.tags
+    tree = tifffile.xml2dict(xml)
+    ome = tree.get("OME") if isinstance(tree, dict) else None
+    images = ome.get("Image") if isinstance(ome, dict) else None
+    images = images if isinstance(images, list) else [images] if isinstance(images, dict) else []
+    if not images:
+        return {}
+    image = images[image_index] if image_index < len(images) else images[0]
+    pixels = image.get("Pixels") if isinstance(image.get("Pixels"), dict) else {}
+    meta = {key: pixels[key] for axis in "XYZ" for key in (f"PhysicalSize{axis}", f"PhysicalSize{axis}Unit") if key in pixels}
+    channels = pixels.get("Channel")
+    channels = channels if isinstance(channels, list) else [channels] if isinstance(channels, dict) else []
+    if len(channels) == 1 and channels[0].get("Name") is not None:
+        meta["channel"] = channels[0]["Name"]
+    return meta
+
+
+def _resolution_spacing(
+    page: tifffile.TiffPage, um_per_unit_yx: tuple[float, float] = (1.0, 1.0)
+) -> tuple[tuple[float | None, float | None], str]:
+    """((y, x) pixel size in µm, note) from a page's resolution tags, if declared.
+
+    ``um_per_unit_yx``: µm per metadata unit of Y and X, for tags without a unit (ImageJ: pixels
+    per unit). ``note`` says why declared tags were ignored ('' when none were).
+    """
+    tags = page.tags
     unit_tag = tags.get("ResolutionUnit")
     unit = int(unit_tag.value) if unit_tag is not None else 1
     out: list[float | None] = []
     ignored: list[str] = []
-    for name in ("YResolution", "XResolution"):
+    for name, um_per_unit in zip(("YResolution", "XResolution"), um_per_unit_yx):
         tag = tags.get(name)
         value = None
         if tag is not None:
@@ -151,6 +201,8 @@ _UM_PER_UNIT = {
     **dict.fromkeys(("um", "\u00b5m", "micron", "micrometer", "micrometre", "\\u00b5m"), 1.0),  # ImageJ escapes µ
     **dict.fromkeys(("nm", "nanometer", "nanometre"), 1e-3),
     **dict.fromkeys(("mm", "millimeter", "millimetre"), 1e3),
+    **dict.fromkeys(("\u00e5", "\u212b", "angstrom"), 1e-4),  # OME's "Å" (either code point)
+    **dict.fromkeys(("cm", "centimeter", "centimetre"), 1e4),
 }
 
 
@@ -168,22 +220,40 @@ def unit_to_um(unit: Any) -> tuple[float, str]:
     return 1.0, f"unit {unit!r} not recognised: physical sizes read as µm"
 
 
+def axis_units(meta: dict[str, Any]) -> tuple[dict[str, tuple[float, Any]], list[str]]:
+    """({axis: (µm per unit, unit as written)} for 'z', 'y', 'x'; warnings) from a metadata dict.
+
+    A per-axis unit (``PhysicalSizeZUnit``, ..., see :data:`_AXIS_UNIT_KEYS`) overrides the
+    global ``unit``; absent units are µm, unknown ones are read as µm with a warning.
+    """
+    common = _lookup(meta, ("unit",))
+    warnings: list[str] = []
+    units: dict[str, tuple[float, Any]] = {}
+    for axis in "zyx":
+        own = _lookup(meta, _AXIS_UNIT_KEYS[axis])
+        unit = own if own is not None and str(own).strip() else common
+        factor, warning = unit_to_um(unit)
+        if warning and warning not in warnings:
+            warnings.append(warning)
+        units[axis] = (factor, unit)
+    return units, warnings
+
+
 def spacing_from_metadata(
     meta: dict[str, Any], fallback_yx: tuple[float | None, float | None] = (None, None), tag_note: str = ""
 ) -> tuple[tuple[float, float, float], list[str]]:
     """(z, y, x) spacing in µm from metadata, with fallbacks; returns (spacing, warnings).
 
-    Sizes are in the metadata's ``unit`` (µm when absent; nm and mm are converted). ``tag_note``
+    Sizes are in their axis' unit (:func:`axis_units`: µm when absent; nm, mm, ... are converted). ``tag_note``
     (why the resolution tags were ignored) is added to the warning of a Y/X default.
     """
-    unit = _lookup(meta, ("unit",))
-    um_per_unit, unit_warning = unit_to_um(unit)
-    warnings: list[str] = [unit_warning] if unit_warning else []
+    units, warnings = axis_units(meta)
     raw = {axis: _lookup(meta, keys) for axis, keys in _AXIS_KEYS.items()}
     if raw["z"] is None:
         raw["z"] = meta.get("spacing")  # ImageJ's z step (in its 'unit')
     found: dict[str, float | None] = {}
     for axis, value in raw.items():
+        um_per_unit, unit = units[axis]
         number = _as_positive_float(value)
         number = None if number is None else number * um_per_unit
         if value is not None and (number is None or not PLAUSIBLE_SPACING_UM[0] <= number <= PLAUSIBLE_SPACING_UM[1]):
@@ -208,19 +278,25 @@ def spacing_from_metadata(
 
 
 def channel_from_metadata(meta: dict[str, Any], path: Path | None = None) -> tuple[str, list[str]]:
-    """'nucleus' or 'membrane' from metadata, then the file name, then the default."""
+    """'nucleus' or 'membrane' from metadata, then the file name, then the default.
+
+    The warning names an unknown value (``unknown channel 'dapi'``) rather than calling it missing.
+    """
     value = _lookup(meta, ("channel", "Channel"))
+    if isinstance(value, str) and not value.strip():
+        value = None
     if isinstance(value, str):
         text = value.strip().lower()
         for name in CHANNELS:
             if text.startswith(name[:5]):  # "nuclei", "nucleus", "membranes", ...
                 return name, []
+    why = "channel missing in metadata" if value is None else f"unknown channel {value!r} in metadata"
     if path is not None:
         stem = path.name.lower()
         for name in CHANNELS:
             if name in stem:
-                return name, [f"channel missing in metadata: '{name}' taken from the file name"]
-    return DEFAULT_CHANNEL, [f"channel missing in metadata: using default '{DEFAULT_CHANNEL}'"]
+                return name, [f"{why}: using '{name}' from the file name"]
+    return DEFAULT_CHANNEL, [f"{why}: using default '{DEFAULT_CHANNEL}'"]
 
 
 MIN_PLANES_AS_Z = 4
@@ -279,23 +355,117 @@ def squeeze_to_zyx(shape: tuple[int, ...], axes: str = "") -> tuple[int, int, in
 ReadCheck = Callable[[tuple[int, int, int], np.dtype, tuple[float, float, float]], None]
 
 
+def choose_series(shapes: list[tuple[tuple[int, ...], str]]) -> tuple[int, list[str]]:
+    """(index of the series to read, warnings) among a file's series, given as (shape, axes).
+
+    One series: index 0. Several (a thumbnail or an overview before the stack, a multi-image
+    OME-TIFF): the largest one readable as a stack, 3D (more than one Z plane) before 2D, with a
+    warning naming the ignored ones. When none is readable, the largest one is returned so that
+    :func:`squeeze_to_zyx` refuses it with its reason.
+    """
+    if len(shapes) <= 1:
+        return 0, []
+    ranked: list[tuple[bool, bool, int, int]] = []  # (readable, 3D, voxels, -index)
+    for index, (shape, axes) in enumerate(shapes):
+        try:
+            zyx = squeeze_to_zyx(shape, axes)
+        except InputError:
+            ranked.append((False, False, math.prod(shape), -index))
+            continue
+        ranked.append((True, zyx[0] > 1, math.prod(zyx), -index))
+    best = -max(ranked)[3]
+    ignored = [f"series {i} {tuple(shape)}" for i, (shape, _) in enumerate(shapes) if i != best]
+    shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+    return best, [f"file holds {len(shapes)} image series: read series {best} {tuple(shapes[best][0])} (the largest stack), ignored {shown}"]
+
+
+def _description_json(tif: tifffile.TiffFile) -> dict[str, Any] | None:
+    """The first page's JSON image description as a dict, or None when it is not valid JSON."""
+    try:
+        value = json.loads(tif.pages.first.description)
+    except (ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _shaped_problem(tif: tifffile.TiffFile) -> str | None:
+    """Why a file's shaped (JSON) description cannot be trusted for its layout, or None.
+
+    Malformed JSON (tifffile refuses the whole file), or a declared ``shape`` that does not match
+    the pages: tifffile then reads fewer pages than the file has (dropping the rest silently) or
+    reads past the data.
+    """
+    if not tif.is_shaped:
+        return None
+    try:
+        series = tif.series
+        tif.shaped_metadata  # noqa: B018  (parsed lazily: raises for malformed JSON)
+    except Exception as exc:
+        if _description_json(tif) is None:
+            return "malformed JSON image description: pages read without its metadata"
+        return f"shaped series not readable ({type(exc).__name__}: {exc}): pages read as they are"
+    declared = (_description_json(tif) or {}).get("shape")
+    pages = len(tif.pages)
+    consistent = (
+        all(s.kind == "shaped" for s in series)
+        and sum(len(s.pages) for s in series) == pages
+        and all(sum(page.size for page in s.pages if page is not None) == math.prod(s.shape) for s in series)
+    )
+    if consistent:
+        return None
+    return f"JSON shape {declared} in the image description does not match the file's {pages} page(s): pages read without it"
+
+
+@contextmanager
+def _open_tiff(path: Path) -> Iterator[tuple[tifffile.TiffFile, dict[str, Any] | None, list[str]]]:
+    """(open TiffFile, metadata from an untrusted JSON description or None, warnings).
+
+    A file whose shaped description cannot be trusted (:func:`_shaped_problem`) is reopened
+    without it (tifffile's generic series: its pages as they are); the description's other keys
+    are still used when it is valid JSON.
+    """
+    tif = tifffile.TiffFile(path)
+    try:
+        problem = _shaped_problem(tif)
+        if problem is None:
+            yield tif, None, []
+            return
+        described = _description_json(tif) or {}
+        described.pop("shape", None)
+        tif.close()
+        tif = tifffile.TiffFile(path, is_shaped=False)
+        yield tif, described, [problem]
+    finally:
+        tif.close()
+
+
 def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
     """Read a TIFF as a ZYX stack with its spacing (µm), channel and metadata.
 
     ``check(shape_zyx, dtype, spacing)`` runs after the header is read and before the pixels are
     loaded (memory budget); it raises to refuse the file. Raises :class:`InputError` for files
-    that are not readable TIFF stacks or have unsupported axes.
+    that are not readable TIFF stacks or have unsupported axes. Compressed files (LZW, deflate,
+    zstd, ...) are decoded by ``imagecodecs``.
     """
     path = Path(path)
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+        with _open_tiff(path) as (tif, described, warnings):
+            all_series = tif.series
+            index, series_warnings = choose_series([(tuple(s.shape), str(getattr(s, "axes", ""))) for s in all_series])
+            warnings += series_warnings
+            series = all_series[index]
             series_axes = str(getattr(series, "axes", ""))
             shape = squeeze_to_zyx(tuple(series.shape), series_axes)
             read_as = stack_axes(tuple(series.shape), series_axes)
-            meta = read_metadata(tif)
-            fallback, tag_note = _resolution_spacing(tif, unit_to_um(_lookup(meta, ("unit",)))[0])
-            spacing, warnings = spacing_from_metadata(meta, fallback, tag_note)
+            if described is not None:
+                meta = described
+            else:
+                meta, meta_warnings = read_metadata(tif, index)
+                warnings += meta_warnings
+            units, _ = axis_units(meta)
+            fallback, tag_note = _resolution_spacing(series.keyframe, (units["y"][0], units["x"][0]))
+            spacing, spacing_warnings = spacing_from_metadata(meta, fallback, tag_note)
+            warnings += spacing_warnings
             if check is not None:
                 check(shape, np.dtype(series.dtype), spacing)
             data = series.asarray().reshape(shape)
@@ -310,7 +480,7 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
     source_shape, source_axes = None, None
     if tuple(series.shape) != shape:
         source_shape = tuple(int(n) for n in series.shape)
-        source_axes = str(getattr(series, "axes", "")) or None
+        source_axes = series_axes or None
         warnings.append(f"shape {source_shape} read as ZYX {shape}; the output keeps the input's shape")
     if read_as != series_axes:
         warnings.append(f"axes '{series_axes}' have no Z axis: read as '{read_as}' (a 3D stack saved as ImageJ channels or time points)")
@@ -333,8 +503,9 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
         if isinstance(value, (str, int, float, bool)):
             meta[str(key)] = value
     z, y, x = volume.spacing
-    for key in [k for k in meta if k.lower().replace("_", "") in {"physicalsizex", "physicalsizey", "physicalsizez"}]:
-        del meta[key]
+    replaced = {"channel", *(f"physicalsize{a}" for a in "xyz"), *(f"physicalsize{a}unit" for a in "xyz"), *(f"{a}unit" for a in "xyz")}
+    for key in [k for k in meta if k.lower().replace("_", "") in replaced]:
+        del meta[key]  # sizes and their units are rewritten in µm; per-axis units would contradict them
     meta.update(
         {
             "PhysicalSizeX": float(x),
@@ -356,66 +527,288 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
 
 
 TILE = (128, 128)
-"""TIFF tile shape (Y, X) in pixels, as the organisers' reference writes."""
+"""Largest TIFF tile shape (Y, X) in pixels, as the organisers' reference writes."""
+TILE_PADDING_MAX = 0.125
+"""Largest fraction a tile grid may pad a page axis by; narrower pages are written in strips."""
+VERIFY_BYTES = 64 * 2**20
+"""Bytes of pages read back after writing (see :func:`sampled_pages`)."""
+VERIFY_PAGES = 64
+"""Pages read back after writing, at most: each page read costs tifffile ~0.2 ms besides its bytes."""
+_SLAB_BYTES = 64 * 2**20
+"""Size of the slabs (along the first axis) an array is streamed to the writer in."""
 
 
-def _tiles(source: Any, slab: int = 8) -> Iterator[np.ndarray]:
-    """Tiles of a plane source in TIFF order: plane by plane, tile rows, tile columns."""
-    nz, ny, nx = source.shape
-    ty, tx = TILE
-    for z0 in range(0, nz, slab):
-        block = source.planes(z0, min(nz, z0 + slab))
-        for plane in block:
-            for y in range(0, ny, ty):
-                for x in range(0, nx, tx):
-                    yield np.ascontiguousarray(plane[y : y + ty, x : x + tx])
+class WriteCheckError(OSError):
+    """A written file does not read back as what was computed (it is removed, never renamed)."""
 
 
-def write_volume(path: Path, data: Any, like: Volume) -> None:
-    """Write a ZYX stack like the organisers' reference (BigTIFF, 128×128 tiles, resolution 1/µm).
+def page_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(pages, length, width): how tifffile stores a grey stack of ``shape`` with shaped metadata.
+
+    Trailing singleton axes are dropped while more than two axes remain (tifffile's rule: a
+    Z×Y×1 stack is ONE Z×Y page), then the last two axes are a page and the others count pages.
+    """
+    dims = [int(n) for n in shape]
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) < 2:
+        dims.insert(0, 1)
+    return math.prod(dims[:-2]), dims[-2], dims[-1]
+
+
+def tile_for(length: int, width: int) -> tuple[int, int] | None:
+    """Tile (rows, columns) for a ``length``×``width`` page, or None to write strips.
+
+    Per axis the largest multiple of 16 up to :data:`TILE` whose grid pads the axis by at most
+    :data:`TILE_PADDING_MAX` (128 for any axis ≥ 1024 px); None when an axis has no such tile
+    (under 16 px, or e.g. 20 px), so a narrow stack is not inflated (a 16×16 page in a 128×128
+    tile is 64× its size).
+    """
+    chosen: list[int] = []
+    for size, largest in zip((length, width), TILE):
+        fits = [t for t in range(largest, 15, -16) if math.ceil(size / t) * t <= size * (1 + TILE_PADDING_MAX)]
+        if not fits:
+            return None
+        chosen.append(fits[0])
+    return chosen[0], chosen[1]
+
+
+@dataclass(frozen=True)
+class WrittenDigest:
+    """What a written file must read back as: its series shape and dtype, its pages (count and
+    length × width) and the CRC-32 of the bytes of some pages (index → checksum)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pages: int
+    page_shape: tuple[int, int]
+    crc32: dict[int, int]
+
+
+def sampled_pages(pages: int, page_bytes: int, budget: int = VERIFY_BYTES, most: int = VERIFY_PAGES) -> list[int]:
+    """Indices of the pages read back: all when they fit ``budget`` bytes and ``most`` pages, else
+    evenly spaced ones within both (always the first and the last)."""
+    count = min(pages, most, max(2, budget // max(page_bytes, 1)))
+    if count >= pages:
+        return list(range(pages))
+    return sorted({round(i * (pages - 1) / (count - 1)) for i in range(count)})
+
+
+class _PageChecksums:
+    """CRC-32 of the chosen pages of a flat (C-order) element stream, computed as it passes."""
+
+    def __init__(self, page_size: int, pages: list[int]) -> None:
+        self.page_size = page_size
+        self.pages = sorted(pages)
+        self.crc = dict.fromkeys(self.pages, 0)
+        self.offset = 0
+
+    def tap(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for chunk in chunks:
+            start, end = self.offset, self.offset + chunk.size
+            first = bisect.bisect_left(self.pages, start // self.page_size)
+            for page in self.pages[first:]:
+                lo, hi = max(start, page * self.page_size), min(end, (page + 1) * self.page_size)
+                if lo >= hi:
+                    break
+                self.crc[page] = zlib.crc32(chunk[lo - start : hi - start], self.crc[page])
+            self.offset = end
+            yield chunk
+
+
+def _flat_chunks(data: Any, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The elements of an array or a plane source in C order, as contiguous 1D chunks of ``dtype``."""
+    if isinstance(data, np.ndarray):
+        rows = max(1, _SLAB_BYTES // max(data[:1].nbytes, 1))
+        for i in range(0, data.shape[0], rows):
+            yield np.ascontiguousarray(data[i : i + rows], dtype=dtype).reshape(-1)
+        return
+    nz = data.shape[0]
+    for z0 in range(0, nz, 8):
+        yield np.ascontiguousarray(data.planes(z0, min(nz, z0 + 8)), dtype=dtype).reshape(-1)
+
+
+def _tiles(chunks: Iterator[np.ndarray], pages: int, length: int, width: int, tile: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Tiles in TIFF order (page by page, tile rows, tile columns) cut from a flat element stream.
+
+    A tile row of a page is the next ``rows × width`` elements of the stream, whatever the
+    array's own axes, so any page layout (:func:`page_layout`) is cut correctly.
+    """
+    ty, tx = tile
+    pending: list[np.ndarray] = []
+    held = 0
+    source = iter(chunks)
+
+    def take(count: int) -> np.ndarray:
+        nonlocal held
+        while held < count:
+            chunk = next(source)
+            pending.append(chunk)
+            held += chunk.size
+        joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+        pending[:] = [joined[count:]] if joined.size > count else []
+        held -= count
+        return joined[:count]
+
+    for _ in range(pages):
+        for y0 in range(0, length, ty):
+            rows = min(ty, length - y0)
+            block = take(rows * width).reshape(rows, width)
+            for x0 in range(0, width, tx):
+                yield np.ascontiguousarray(block[:, x0 : x0 + tx])
+
+
+def check_output_name(folder: Path, name: str) -> None:
+    """Raise :class:`InputError` when ``name`` cannot be created in ``folder``: longer than its
+    file system's name limit (bytes, usually 255) or making a path longer than the path limit.
+
+    Cheap (no file is created): call it before computing a file's output.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(name))
+    if size > name_max:
+        raise InputError(f"{name}: output file name is {size} bytes, over the {name_max}-byte limit of the output folder's file system")
+    full = len(os.fsencode(str(Path(folder).absolute() / name)))
+    if full >= path_max:
+        raise InputError(f"{name}: output path is {full} bytes, over the {path_max}-byte path limit")
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc; 0o022 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> WrittenDigest:
+    """Write a ZYX stack like the organisers' reference (BigTIFF, tiles, resolution 1/µm); returns its digest.
 
     ``data`` is an array, or a plane source (``.shape``, ``.dtype``, ``.planes(z0, z1)``) that is
-    written z-slab by z-slab without materialising the volume. The file appears under its final
-    name only when complete.
+    written z-slab by z-slab without materialising the volume. The file is written in the
+    input's own shape (``like.source_shape``) when it had one. Tiles are 128×128 where the page
+    allows (:func:`tile_for`), else strips. It is written to a new, exclusively created temporary
+    file in the output folder (unpredictable name, ``O_EXCL|O_NOFOLLOW``), read back
+    (:func:`verify_written`, with ``verify``) and renamed to its final name; on any failure or
+    interruption the temporary file is removed. Raises :class:`InputError` when the name is too
+    long for the folder (before writing) and :class:`WriteCheckError` when the file reads back wrong.
     """
     path = Path(path)
+    check_output_name(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = output_metadata(like)
-    streamed = not isinstance(data, np.ndarray)
-    shape = tuple(data.shape)
-    if like.source_shape is not None and shape != like.source_shape:
-        if streamed:
-            data = _materialise(data)
-            streamed = False
-        data = data.reshape(like.source_shape)
-        shape = like.source_shape
-    tmp = path.with_name(f".{path.name}.partial")
+    shape = tuple(like.source_shape) if like.source_shape is not None else tuple(data.shape)
+    if math.prod(shape) != math.prod(data.shape):
+        raise ValueError(f"cannot write {tuple(data.shape)} voxels as the input's shape {shape}")
+    dtype = np.dtype(getattr(data, "dtype", np.float32))
+    pages, length, width = page_layout(shape)
+    checked = _PageChecksums(length * width, sampled_pages(pages, length * width * dtype.itemsize))
+    stream = checked.tap(_flat_chunks(data, dtype))
+    tile = tile_for(length, width)
     kwargs: dict[str, Any] = {
         "bigtiff": True,
         "resolution": (1.0 / meta["PhysicalSizeX"], 1.0 / meta["PhysicalSizeY"]),
         "metadata": meta,
         "photometric": "minisblack",  # else tifffile writes a 3- or 4-slice stack as one RGB(A) page
-        "tile": TILE,
     }
+    if tile is not None:
+        kwargs["tile"] = tile
+        stream = _tiles(stream, pages, length, width, tile)
+    fd, name = tempfile.mkstemp(prefix=".fmc-", suffix=".partial", dir=path.parent)  # O_EXCL | O_NOFOLLOW, mode 0600
+    tmp = Path(name)
     try:
-        if streamed:
-            tifffile.imwrite(tmp, _tiles(data), shape=shape, dtype=np.dtype(getattr(data, "dtype", np.float32)), **kwargs)
-        else:
-            tifffile.imwrite(tmp, data, **kwargs)
-    except BaseException:
+        with os.fdopen(fd, "wb") as handle:
+            target = tifffile.FileHandle(handle, mode="wb", name=tmp.name)  # tifffile wants a name; the fd is ours
+            tifffile.imwrite(target, stream, shape=shape, dtype=dtype, **kwargs)
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # an ordinary output file, not mkstemp's 0600
+        digest = WrittenDigest(shape, dtype, pages, (length, width), dict(checked.crc))
+        if verify:
+            verify_written(tmp, digest)
+        os.replace(tmp, path)  # never a half-written file under the final name; a symlink there is replaced, not followed
+    except BaseException:  # including KeyboardInterrupt and the CLI's SIGTERM exception
         tmp.unlink(missing_ok=True)
         raise
-    tmp.replace(path)  # never leave a half-written file under the final name
+    return digest
 
 
-def _materialise(source: Any) -> np.ndarray:
-    out = np.empty(source.shape, dtype=getattr(source, "dtype", np.float32))
-    for z0 in range(0, source.shape[0], 16):
-        z1 = min(source.shape[0], z0 + 16)
-        out[z0:z1] = source.planes(z0, z1)
-    return out
+def verify_written(path: Path, digest: WrittenDigest) -> None:
+    """Raise :class:`WriteCheckError` unless ``path`` reads back as ``digest`` says.
+
+    Checks the series shape and dtype, the page count and page shape, and the CRC-32 of the
+    digest's pages (all pages up to :data:`VERIFY_BYTES` and :data:`VERIFY_PAGES`, else a strided
+    sample: on a 2 GiB 280×1920×1000 float32 output, 8 pages of 7.3 MiB, 0.25 s).
+    """
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        if tuple(series.shape) != digest.shape or np.dtype(series.dtype) != digest.dtype:
+            raise WriteCheckError(f"{path.name} reads back as {tuple(series.shape)} {series.dtype}, written {digest.shape} {digest.dtype}")
+        if len(tif.pages) != digest.pages:
+            raise WriteCheckError(f"{path.name} has {len(tif.pages)} pages, expected {digest.pages}")
+        for index, crc in digest.crc32.items():
+            page = tif.pages[index].asarray()
+            if page.shape != digest.page_shape or zlib.crc32(np.ascontiguousarray(page, dtype=digest.dtype)) != crc:
+                raise WriteCheckError(f"{path.name}: page {index} ({page.shape}) does not read back as written")
+
+
+@dataclass(frozen=True)
+class InputScan:
+    """The input folder's entries: the TIFF files to process and the skipped TIFF-named entries."""
+
+    files: list[Path]
+    skipped: list[tuple[str, str]]  # (entry name, reason)
+
+
+def _skip_reason(path: Path) -> str | None:
+    """Why a TIFF-named folder entry is not processed (None: it is a regular file to read)."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except FileNotFoundError:
+        return "dangling symbolic link" if path.is_symlink() else "vanished while listing"
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device"}
+        kind = next((text for test, text in kinds.items() if test(mode)), "special file")
+        return f"not a regular file ({kind})"
+    if path.name.lower() in TIFF_SUFFIXES:
+        return "no file name before the extension"
+    return None
+
+
+def scan_inputs(directory: Path) -> InputScan:
+    """Regular ``*.tif``/``*.tiff`` files (any case) directly inside ``directory``, sorted by name,
+    and the TIFF-named entries skipped with their reason (dangling symlinks, FIFOs, folders, a
+    file named just ``.tif``). Other names are not inputs and not listed."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for path in sorted(Path(directory).iterdir()):
+        if not path.name.lower().endswith(TIFF_SUFFIXES):
+            continue
+        reason = _skip_reason(path)
+        if reason is None:
+            files.append(path)
+        else:
+            skipped.append((path.name, reason))
+    return InputScan(files, skipped)
 
 
 def list_inputs(directory: Path) -> list[Path]:
-    """Sorted ``*.tif``/``*.tiff`` files (any case) directly inside ``directory``."""
-    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+    """Sorted ``*.tif``/``*.tiff`` files (any case) directly inside ``directory`` (see :func:`scan_inputs`)."""
+    return scan_inputs(directory).files

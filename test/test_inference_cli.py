@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,25 @@ def test_help_exits_0_and_describes_the_contract() -> None:
     proc = subprocess.run([sys.executable, str(REPO / "inference.py"), "--help"], capture_output=True, text=True, timeout=60, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "/input/images/fluorescence-lightsheet-3D-microscopy" in proc.stdout and "--backend" in proc.stdout
+
+
+def test_sigterm_stops_the_run_with_a_log_line_a_report_and_exit_143(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = _inputs(tmp_path)
+    write_case(folder, "a.tif", blob_volume((6, 24, 24), seed=1))
+    write_case(folder, "b.tif", blob_volume((24, 96, 96), seed=2))  # seconds of work: the signal comes during it
+    report_path = tmp_path / "report.json"
+    cmd = [sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(REPO))
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:  # the second file has started once the first is written
+        log.append(line)
+        if "file 2/2" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    log += proc.stderr.readlines()
+    assert proc.wait(timeout=60) == inference.TERMINATED_EXIT_CODE == 143, "".join(log)[-3000:]
+    assert any("terminated by SIGTERM: stopping; 1 output(s) written" in line for line in log), "".join(log)[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["terminated"] is True and report["written"] == ["a.tif"]
+    assert [p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()] == ["a.tif"]  # no b.tif, no temporary file

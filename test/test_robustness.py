@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -28,9 +29,9 @@ import inference
 from fusemycells.backends import LoadedStage
 from fusemycells.budget import BudgetPolicy
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, ChannelSpec, load_manifest, sha256_of
-from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume
+from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
 from fusemycells.pipeline import FLOAT16_MAX, CaseReport, Fuser
-from fusemycells.preprocess import ArraySource
+from fusemycells.preprocess import ArraySource, percentile_normalise
 
 
 def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -420,21 +421,26 @@ def _tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_no_network_no_writes_outside_output_and_tmp_and_inputs_unchanged(fixture_resources: Path, tmp_path: Path) -> None:
-    in_root, out_root, tmp_dir, site = (tmp_path / n for n in ("in", "out", "tmp", "site"))
-    for folder in (tmp_dir, site):
+    in_root, out_root, tmp_dir, site, home = (tmp_path / n for n in ("in", "out", "tmp", "site", "home"))
+    for folder in (tmp_dir, site, home):
         folder.mkdir()
     (site / "sitecustomize.py").write_text(SANDBOX)
     folder = inputs(in_root)
     write_case(folder, "a.tif", blob_volume((5, 20, 20)))
     write_case(folder, "b.tif", blob_volume((4, 24, 20), seed=3), channel="membrane")
     before = _tree_hashes(in_root)
-    env = {**os.environ, "PYTHONPATH": str(site), "SANDBOX_WRITABLE": os.pathsep.join([str(out_root), str(tmp_dir)]), "TMPDIR": str(tmp_dir), "OMP_NUM_THREADS": "1"}
+    # native code (onnxruntime's telemetry) writes past the audit hooks: an empty HOME (and the XDG
+    # folders under it) shows such writes. It stays writable: a read-only HOME would hide failed writes
+    # from this check for a non-root user (and is not read-only for root anyway).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "ORT_"))}
+    env |= {"PYTHONPATH": str(site), "SANDBOX_WRITABLE": os.pathsep.join([str(out_root), str(tmp_dir)]), "TMPDIR": str(tmp_dir), "OMP_NUM_THREADS": "1", "HOME": str(home)}
     cmd = [sys.executable, str(REPO / "inference.py"), "--input", str(in_root), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_dir))
     assert "SANDBOX VIOLATIONS" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out_root / OUTPUT_SUBDIR).iterdir()) == ["a.tif", "b.tif"]
     assert _tree_hashes(in_root) == before
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == [], "written under HOME"
 
 
 def test_sandbox_catches_a_write_outside_the_allowed_folders(tmp_path: Path) -> None:
@@ -445,6 +451,118 @@ def test_sandbox_catches_a_write_outside_the_allowed_folders(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-c", f"open({str(tmp_path / 'elsewhere.txt')!r}, 'w')"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode != 0 and "SANDBOX VIOLATIONS" in proc.stderr
     assert not (tmp_path / "elsewhere.txt").exists()
+
+
+# issue 19: wrong output reported as ok -----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(10, 36, 1), (12, 2, 1)])
+def test_stacks_whose_last_axis_is_1_are_written_as_computed(identity_resources: Path, tmp_path: Path, shape: tuple[int, int, int]) -> None:
+    data = blob_volume((shape[0], shape[1], 8), seed=4)[:, :, :1].copy()
+    write_case(inputs(tmp_path), "thin.tif", data, spacing=(2.0, 0.3, 0.3))
+    code, report = run(tmp_path, identity_resources)
+    assert code == 0
+    assert_processed(tmp_path, report, "thin.tif", shape, warned=False)
+    # the identity patch model leaves the normalised input: every row must survive the writer
+    np.testing.assert_allclose(output_of(tmp_path, "thin.tif"), percentile_normalise(data, 2.0, 99.8), atol=1e-5)
+
+
+# issue 19: inputs real users have ----------------------------------------------------------------
+def test_compressed_and_ome_inputs_are_processed_with_their_metadata(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = inputs(tmp_path)
+    data = blob_volume((5, 20, 20))
+    meta = {"PhysicalSizeZ": 2.0, "PhysicalSizeY": 0.3, "PhysicalSizeX": 0.25, "channel": "membrane"}
+    for compression in ("lzw", "zstd", "zlib"):
+        tifffile.imwrite(folder / f"{compression}.tif", data, compression=compression, metadata=meta)
+    ome = {"axes": "ZYX", "PhysicalSizeZ": 2000, "PhysicalSizeZUnit": "nm", "PhysicalSizeY": 0.3, "PhysicalSizeX": 0.25, "Channel": {"Name": "membrane"}}
+    tifffile.imwrite(folder / "ome.ome.tif", data, ome=True, compression="zlib", metadata=ome)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0, [f["error"] for f in report["files"]]
+    for name in ("lzw.tif", "zstd.tif", "zlib.tif", "ome.ome.tif"):
+        entry = assert_processed(tmp_path, report, name, data.shape, warned=False)
+        assert entry["spacing_um"] == pytest.approx([2.0, 0.3, 0.25]) and entry["channel"] == "membrane"
+
+
+def test_malformed_json_and_thumbnail_files_are_processed_with_a_warning(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = inputs(tmp_path)
+    data = blob_volume((5, 20, 20))
+    tifffile.imwrite(folder / "truncated_json.tif", data, description='{"shape": [5, 20, 20], "PhysicalSi', metadata=None)
+    with tifffile.TiffWriter(folder / "thumbnail.tif") as tif:
+        tif.write(np.zeros((16, 16), np.uint8))
+        tif.write(data, metadata={"channel": "nucleus"})
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    entry = assert_processed(tmp_path, report, "truncated_json.tif", data.shape, log=caplog.text)
+    assert any("malformed JSON" in w for w in entry["warnings"])
+    entry = assert_processed(tmp_path, report, "thumbnail.tif", data.shape, log=caplog.text)
+    assert any("ignored series 0 (16, 16)" in w for w in entry["warnings"])
+
+
+# issue 19: CLI values ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, value", [("--ram-budget", "inf"), ("--ram-budget", "nan"), ("--ram-budget", "-1"), ("--vram-budget", "0"), ("--time-budget", "nan"), ("--time-budget", "-5"), ("--threads", "0")]
+)
+def test_invalid_budget_values_exit_2_before_any_work(fixture_resources: Path, tmp_path: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_unwritable_report_path_exits_2_before_any_work(fixture_resources: Path, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file cannot hold a report folder")
+    report = blocker / "report.json" if where == "under_a_file" else tmp_path
+    out = tmp_path / "out"
+    code = inference.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", "--report", str(report)])
+    assert code == 2
+    assert "--report" in caplog.text
+    assert not out.exists()
+
+
+# issue 19: files and the file system -------------------------------------------------------------
+def test_skipped_entries_are_logged_and_in_the_report(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = inputs(tmp_path)
+    write_case(folder, "good.tif", blob_volume((5, 20, 20)))
+    (folder / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    os.mkfifo(folder / "pipe.tif")
+    (folder / "y.tif").mkdir()
+    (folder / ".tif").write_bytes(b"II*\x00")
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    assert_processed(tmp_path, report, "good.tif", (5, 20, 20), warned=False)
+    assert [entry["file"] for entry in report["skipped"]] == [".tif", "gone.tif", "pipe.tif", "y.tif"]
+    for entry in report["skipped"]:
+        assert f"skipped {entry['file']!r}: {entry['reason']}" in caplog.text
+
+
+def test_input_name_at_the_file_system_limit_is_written(fixture_resources: Path, tmp_path: Path) -> None:
+    name = "n" * 251 + ".tif"  # 255 bytes, like its input; the old temporary name overflowed after all the compute
+    write_case(inputs(tmp_path), name, blob_volume((5, 20, 20)))
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    assert_processed(tmp_path, report, name, (5, 20, 20), warned=False)
+    assert [p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()] == [name]
+
+
+class _SigtermSource(ArraySource):
+    """A plane source that sends SIGTERM to its own process after its first slab (as a job runner would)."""
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        if z0 > 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().planes(z0, z1)
+
+
+def test_sigterm_while_writing_removes_the_temporary_file(tmp_path: Path) -> None:
+    data = blob_volume((24, 20, 20))
+    with inference.sigterm_raises(), pytest.raises(inference.Terminated):
+        write_volume(tmp_path / "out.tif", _SigtermSource(data), Volume(data=data, spacing=(1.0, 0.4, 0.4), channel="nucleus"))
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
 # fuzz -------------------------------------------------------------------------------------------
