@@ -35,6 +35,7 @@ from fusemycells.config import (
     load_manifest,
     resolve_resources_dir,
 )
+from fusemycells.paths import input_root_problem
 
 log = logging.getLogger("fusemycells")
 
@@ -222,21 +223,18 @@ def _main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir)}
     try:
-        if not config.input_dir.is_dir():
-            raise FileNotFoundError(f"input folder not found: {config.input_dir}")
-        from fusemycells.io import list_inputs
-
-        if not list_inputs(config.input_dir):
-            raise FileNotFoundError(f"no .tif/.tiff files in {config.input_dir}")
+        problem = input_root_problem(args.input)
+        if problem is not None:
+            raise FileNotFoundError(problem)
         note_skipped_inputs(config, report)
         resources, why = resolve_resources_dir(config.resources_dir)
         log.info("weights from %s (%s)", resources, why)
         manifest = load_manifest(resources)
-        # heavy imports only after the cheap checks, so setup errors are fast
+        ensure_writable(config.output_dir)
+        # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
         from fusemycells.budget import BudgetPolicy
         from fusemycells.pipeline import Fuser, run_directory
 
-        ensure_writable(config.output_dir)
         time_budget = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
         policy = BudgetPolicy.create(config.device, config.vram_budget_gib, time_budget, config.threads, config.ram_budget_gib, started=started)
         report["resources"] = str(resources)

@@ -181,13 +181,15 @@ def available_ram_bytes() -> int | None:
         pass
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            with open(path) as handle:
+                text = handle.read().strip()
         except OSError:
             continue
         if text.isdigit() and int(text) < 1 << 60:
             usage_path = path.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
             try:
-                used = int(open(usage_path).read().strip())
+                with open(usage_path) as handle:
+                    used = int(handle.read().strip())
             except (OSError, ValueError):
                 used = 0
             candidates.append(int(text) - used)

@@ -1,15 +1,19 @@
 """Score predictions with the challenge metric, next to the identity and Gaussian baselines.
 
-    python -m fusemycells.evaluate --input DIR --pred DIR --gt DIR [--json FILE] [--png FILE]
+    python -m fusemycells.evaluate --input DIR --pred DIR --gt DIR [--json FILE] [--png FILE [--diff]]
 
-DIRs are searched recursively for ``*.tif``/``*.tiff`` (a Grand Challenge root or a flat folder
-both work). A prediction matches its input by file name; the ground truth by the same name or
-with ``_angle`` replaced by ``_fused`` (the challenge's training-set naming). Per case it prints
-N-SSIM of the prediction and of the Gaussian baseline (σ 0.442 voxels for nuclei, 0.5 for
-membranes; the identity scores 0 by definition), then the mean per channel. ``--png`` writes
-max-intensity projections (rows: XY and XZ per case; columns: input | prediction | ground truth).
+DIRs are searched recursively for *.tif/*.tiff (a Grand Challenge root or a flat folder both
+work). A prediction matches its input by file name; the ground truth by the same name or with
+_angle replaced by _fused (the challenge's training-set naming). Per case it logs N-SSIM of the
+prediction and of the Gaussian baseline (sigma 0.442 voxels for nuclei, 0.5 for membranes; the
+input itself scores 0 by definition) and the two SSIMs they come from, SSIM(input, GT) and
+SSIM(prediction, GT); then it prints the mean per channel.
+
+--png writes a QC figure (needs matplotlib: pip install -r requirements-eval.txt): per case a title
+with its scores, rows XY (max over Z) and XZ (max over Y), columns input | prediction | ground
+truth (| prediction - ground truth with --diff), one intensity scale per case, scale bars in um.
 Exit code 0 when every input was scored, 1 when a prediction or ground truth is missing, 2 when
-nothing could be scored.
+nothing could be scored or a folder is missing or matplotlib is needed but not installed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 
 from .io import InputError, read_volume
 from .metrics import CaseScore, score_case
-from .qc import mosaic, projections, write_png
+from .qc import CaseViews, projections, require_matplotlib, write_figure
 
 log = logging.getLogger("fusemycells.evaluate")
 
@@ -62,13 +66,18 @@ def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(input_dir: Path, pred_dir: Path, gt_dir: Path, png: Path | None = None) -> tuple[list[CaseScore], list[str]]:
-    """Score every input that has a prediction and a ground truth; returns (scores, problems)."""
+def evaluate(
+    input_dir: Path, pred_dir: Path, gt_dir: Path, png: Path | None = None, diff: bool = False
+) -> tuple[list[CaseScore], list[str]]:
+    """Score every input that has a prediction and a ground truth; returns (scores, problems).
+
+    With ``png``, also writes the QC figure there (``diff``: with a prediction − ground truth column).
+    """
     inputs = sorted(tiff_files(input_dir).values())
     preds, gts = tiff_files(pred_dir), tiff_files(gt_dir)
     scores: list[CaseScore] = []
     problems: list[str] = []
-    rows: list[list[np.ndarray]] = []
+    figure: list[CaseViews] = []
     for path in inputs:
         if "_fused" in path.name and "_angle" not in path.name:
             continue  # a ground-truth file that shares the input folder
@@ -88,33 +97,43 @@ def evaluate(input_dir: Path, pred_dir: Path, gt_dir: Path, png: Path | None = N
             continue
         scores.append(score)
         log.info(
-            "%-40s %-8s N-SSIM %+.4f  (Gaussian %+.4f, identity 0)  SSIM in/pred/GT %.4f/%.4f  [%.1f s]",
+            "%-40s %-8s N-SSIM %+.4f (Gaussian baseline %+.4f, input 0)  SSIM(input,GT) %.4f  SSIM(pred,GT) %.4f  [%.1f s]",
             path.name, score.channel, score.n_ssim, score.n_ssim_gaussian, score.ssim_input, score.ssim_pred, time.perf_counter() - started,
         )
         if png is not None:
-            views = [projections(v.data, inp.spacing) for v in (inp, pred, gt)]
-            rows.append([v[0] for v in views])
-            rows.append([v[1] for v in views])
-    if png is not None and rows:
-        write_png(png, mosaic(rows))
-        log.info("QC picture (rows XY, XZ per case; input | prediction | ground truth): %s", png)
+            views = tuple(projections(v.data, inp.spacing) for v in (inp, pred, gt))
+            figure.append(CaseViews(score=score, views=views))  # type: ignore[arg-type]
+    if png is not None and figure:
+        width, height = write_figure(png, figure, diff=diff)
+        log.info("QC figure (%d×%d px; per case rows XY, XZ; input | prediction | ground truth%s): %s",
+                 width, height, " | difference" if diff else "", png)
     return scores, problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fusemycells.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="folder with the single-view inputs")
     parser.add_argument("--pred", type=Path, required=True, help="folder with the predictions (same file names)")
     parser.add_argument("--gt", type=Path, required=True, help="folder with the fused ground truth")
     parser.add_argument("--json", type=Path, default=None, help="write per-case scores and the summary here")
-    parser.add_argument("--png", type=Path, default=None, help="write a QC picture of max-intensity projections here")
+    parser.add_argument("--png", type=Path, default=None, help="write the QC figure (PNG) here; needs matplotlib")
+    parser.add_argument("--diff", action="store_true", help="add a prediction - ground truth column to the QC figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     for name in ("input", "pred", "gt"):
         if not getattr(args, name).is_dir():
             log.error("--%s %s is not a folder", name, getattr(args, name))
             return 2
-    scores, problems = evaluate(args.input, args.pred, args.gt, args.png)
+    if args.diff and args.png is None:
+        log.error("--diff draws a column of the QC figure: give --png FILE too")
+        return 2
+    if args.png is not None:
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            log.error("%s", exc)
+            return 2
+    scores, problems = evaluate(args.input, args.pred, args.gt, args.png, args.diff)
     summary = summarise(scores)
     for channel, s in summary.items():
         print(f"{channel:9s} cases {s['cases']:3d}  N-SSIM mean {s['n_ssim_mean']:+.4f} (min {s['n_ssim_min']:+.4f})  Gaussian {s['n_ssim_gaussian_mean']:+.4f}  identity +0.0000")

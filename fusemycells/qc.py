@@ -1,87 +1,216 @@
-"""Quality-control pictures: max-intensity projections written as 8-bit greyscale PNG.
+"""Quality-control figure: max-intensity projections of input, prediction and ground truth.
 
-No imaging library needed: the PNG is written with ``zlib`` and ``struct``.
+One block per case: a title line (file name, channel, N-SSIM of the prediction and of the
+Gaussian baseline), then an XY row (max over Z) and an XZ row (max over Y), columns input |
+prediction | ground truth, optionally prediction − ground truth. Every panel of a case shares one
+intensity scale: each volume is first mapped as the challenge metric maps it (its own 2nd / 99.8th
+percentiles → 0 / 1, see :mod:`fusemycells.metrics`), so the panels show what SSIM compares.
+Panels are drawn in µm (XZ with its true aspect) with a scale bar.
+
+Rendered with matplotlib's Agg canvas (no display, no pyplot state), an optional dependency of the
+evaluation tool only (``pip install -r requirements-eval.txt``), never of the inference image.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-GAP = 4  # pixels between panels
+from .metrics import METRIC_PERCENTILES, CaseScore
+
+DPI = 100
+PANEL_W = 300  # px, width of one image panel
+LABEL_W = 60  # px, left column with the row labels
+CBAR_W = 90  # px, colour bar with its tick labels and title
+HEADER_H = 64  # px, above each case: title line and column titles
+ROW_GAP = 12  # px between the XY and the XZ row
+CASE_GAP = 24  # px below each case
+ROW_MIN, ROW_MAX = 40, 2 * PANEL_W  # px, clamp of a row's height (very flat or very deep stacks)
+COLUMNS = ("input", "prediction", "ground truth")
+INSTALL_HINT = "the QC figure needs matplotlib: pip install -r requirements-eval.txt"
 
 
-def to_uint8(image: np.ndarray, low: float = 2.0, high: float = 99.8) -> np.ndarray:
-    """Percentile-stretch a 2D image to 0..255 (clipped, for display only)."""
-    data = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(data, [low, high]) if data.size else (0.0, 1.0)
-    if hi <= lo and data.size:  # sparse image: stretch to the maximum instead
-        hi = float(data.max())
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.clip((data - lo) * scale, 0, 255).astype(np.uint8)
+def require_matplotlib() -> None:
+    """Raise ImportError with the install command when matplotlib is missing (checked before scoring)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
 
 
-def projections(volume: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0), max_size: int = 384) -> tuple[np.ndarray, np.ndarray]:
-    """(XY, XZ) max-intensity projections of a ZYX volume, 8-bit.
+@dataclass(frozen=True)
+class Projections:
+    """XY (max over Z, shape Y'×X') and XZ (max over Y, shape Z'×X') projections of a ZYX volume,
+    in metric units (the volume's 2 / 99.8 % percentiles → 0 / 1); ``pixel_um``: (z, y, x) µm per
+    projection pixel after block-max shrinking."""
 
-    The XZ view repeats Z rows by round(spacing_z / spacing_x) (µm-correct aspect, at most 16×);
-    both are shrunk by an integer stride so that no side exceeds ``max_size`` pixels.
+    xy: np.ndarray
+    xz: np.ndarray
+    pixel_um: tuple[float, float, float]
+
+    @property
+    def extent_um(self) -> tuple[float, float, float]:
+        """(Z, Y, X) size of the projected volume in µm."""
+        return (self.xz.shape[0] * self.pixel_um[0], self.xy.shape[0] * self.pixel_um[1], self.xy.shape[1] * self.pixel_um[2])
+
+
+@dataclass(frozen=True)
+class CaseViews:
+    """What the figure shows of one case: its scores and the projections of each column."""
+
+    score: CaseScore
+    views: tuple[Projections, Projections, Projections]  # input, prediction, ground truth
+
+
+def block_max(image: np.ndarray, stride: tuple[int, int]) -> np.ndarray:
+    """Shrink a 2D image by integer strides, each output pixel the maximum of its block (edge blocks
+    may be partial), so that small bright objects survive the shrinking of a projection."""
+    sy, sx = stride
+    if sy == sx == 1:
+        return image
+    h, w = -(-image.shape[0] // sy), -(-image.shape[1] // sx)
+    padded = np.full((h * sy, w * sx), image.min(), dtype=image.dtype)
+    padded[: image.shape[0], : image.shape[1]] = image
+    return padded.reshape(h, sy, w, sx).max(axis=(1, 3))
+
+
+def projections(volume: np.ndarray, spacing: Sequence[float], max_size: int = 384) -> Projections:
+    """Max-intensity projections of a ZYX ``volume`` (``spacing`` (z, y, x) µm) in metric units.
+
+    The percentiles are those of the whole volume (the max projection commutes with that increasing
+    affine map). Y and X share one stride, Z its own, so that no side exceeds ``max_size`` pixels.
     """
-    xy = volume.max(axis=0)
-    xz = volume.max(axis=1)
-    stretch = int(min(16, max(1, round(spacing[0] / spacing[2])))) if spacing[2] > 0 else 1
-    xz = np.repeat(xz, stretch, axis=0)
-    stride = max(1, -(-max(xy.shape + xz.shape) // max_size))
-    return to_uint8(xy[::stride, ::stride]), to_uint8(xz[::stride, ::stride])
+    data = np.asarray(volume)
+    lo, hi = (float(v) for v in np.percentile(data, METRIC_PERCENTILES))
+    scale = 1.0 / (hi - lo) if hi > lo else 1.0  # a flat histogram is only shifted, like the metric
+    s_yx = max(1, -(-max(data.shape[1], data.shape[2]) // max_size))
+    s_z = max(1, -(-data.shape[0] // max_size))
+    xy = block_max(data.max(axis=0), (s_yx, s_yx))
+    xz = block_max(data.max(axis=1), (s_z, s_yx))
+
+    def to_metric(image: np.ndarray) -> np.ndarray:
+        return (image.astype(np.float32) - np.float32(lo)) * np.float32(scale)
+
+    pixel = (float(spacing[0]) * s_z, float(spacing[1]) * s_yx, float(spacing[2]) * s_yx)
+    return Projections(xy=to_metric(xy), xz=to_metric(xz), pixel_um=pixel)
 
 
-def mosaic(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """Tile 2D uint8 panels into one image: rows top to bottom, panels left to right, black gaps."""
-    heights = [max(p.shape[0] for p in row) for row in rows]
-    widths = [sum(p.shape[1] for p in row) + GAP * (len(row) - 1) for row in rows]
-    canvas = np.zeros((sum(heights) + GAP * (len(rows) - 1), max(widths)), dtype=np.uint8)
-    y = 0
-    for row, h in zip(rows, heights):
-        x = 0
-        for panel in row:
-            canvas[y : y + panel.shape[0], x : x + panel.shape[1]] = panel
-            x += panel.shape[1] + GAP
-        y += h + GAP
-    return canvas
+def display_range(panels: Sequence[np.ndarray], percentile: float = 99.5) -> tuple[float, float]:
+    """One (vmin, vmax) for all panels of a case: 0 (each volume's 2nd percentile) to the given
+    percentile of all their pixels pooled."""
+    pooled = np.concatenate([np.ravel(p) for p in panels])
+    top = float(np.percentile(pooled, percentile))
+    return 0.0, top if top > 1e-6 else 1.0
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a 2D uint8 array as a greyscale PNG."""
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"expected a 2D uint8 image, got {image.dtype} {image.shape}")
-    height, width = image.shape
+def difference_range(panels: Sequence[np.ndarray], percentile: float = 99.5) -> float:
+    """Symmetric colour limit for difference panels: the percentile of |difference| pooled."""
+    pooled = np.abs(np.concatenate([np.ravel(p) for p in panels]))
+    top = float(np.percentile(pooled, percentile))
+    return top if top > 1e-6 else 1.0
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    raw = b"".join(b"\x00" + image[r].tobytes() for r in range(height))  # filter type 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+def scale_bar_um(width_um: float) -> float:
+    """A round length (1, 2 or 5 × 10^k µm) of at most a fifth of the panel width."""
+    target = width_um / 5.0
+    if target <= 0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(target))
+    return max(m * power for m in (1.0, 2.0, 5.0) if m * power <= target)
+
+
+def row_heights(extent_um: tuple[float, float, float]) -> tuple[int, int]:
+    """Pixel heights of the XY and XZ rows for a panel PANEL_W wide, true aspect, clamped."""
+    z_um, y_um, x_um = extent_um
+
+    def clamp(h: float) -> int:
+        return int(min(ROW_MAX, max(ROW_MIN, round(h))))
+
+    return clamp(PANEL_W * y_um / x_um), clamp(PANEL_W * z_um / x_um)
+
+
+def figure_size(extents: Sequence[tuple[float, float, float]], diff: bool) -> tuple[int, int]:
+    """(width, height) in pixels of the figure for cases of the given (Z, Y, X) µm extents."""
+    width = LABEL_W + len(COLUMNS) * PANEL_W + CBAR_W + ((PANEL_W + CBAR_W) if diff else 0)
+    height = sum(HEADER_H + sum(row_heights(e)) + ROW_GAP + CASE_GAP for e in extents)
+    return width, height
+
+
+def case_title(score: CaseScore) -> str:
+    """The title line of one case."""
+    return (
+        f"{score.name}  ·  {score.channel}  ·  N-SSIM: prediction {score.n_ssim:+.3f}, "
+        f"Gaussian baseline {score.n_ssim_gaussian:+.3f} (input = 0)"
+    )
+
+
+def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> tuple[int, int]:
+    """Render the QC figure of ``cases`` to the PNG ``path``; returns its (width, height) in pixels.
+
+    Layout in pixels from :func:`figure_size` (cases top to bottom); ``diff`` adds a prediction −
+    ground truth column (of the projections shown, in metric units) with its own colour bar.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    if not cases:
+        raise ValueError("no cases to draw")
+    extents = [c.views[2].extent_um for c in cases]
+    width, height = figure_size(extents, diff)
+    # + 0.5 px: the Agg canvas truncates width·dpi to an integer
+    fig = Figure(figsize=((width + 0.5) / DPI, (height + 0.5) / DPI), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+
+    def rect(x: float, y_top: float, w: float, h: float) -> list[float]:
+        """Figure-fraction rectangle from pixels measured from the top-left corner."""
+        return [x / width, 1.0 - (y_top + h) / height, w / width, h / height]
+
+    top = 0
+    for case, extent in zip(cases, extents):
+        xy_h, xz_h = row_heights(extent)
+        fig.text(LABEL_W / width, 1.0 - (top + 6) / height, case_title(case.score), ha="left", va="top", fontsize=10, fontweight="bold")
+        vmin, vmax = display_range([p for v in case.views for p in (v.xy, v.xz)])
+        gt = case.views[2]
+        differences = (case.views[1].xy - gt.xy, case.views[1].xz - gt.xz) if diff else None
+        dlim = difference_range(differences) if differences is not None else 1.0
+        titles = [*COLUMNS, "prediction − ground truth"] if diff else list(COLUMNS)
+        rows = (("XY", "max over Z", xy_h, "xy"), ("XZ", "max over Y", xz_h, "xz"))
+        y = top + HEADER_H
+        for r, (name, how, row_h, attr) in enumerate(rows):
+            fig.text((LABEL_W / 2) / width, 1.0 - (y + row_h / 2) / height, f"{name}\n({how})", ha="center", va="center", rotation=90, fontsize=9)
+            for c, title in enumerate(titles):
+                x = LABEL_W + c * PANEL_W + (CBAR_W if c == len(COLUMNS) else 0)
+                ax = fig.add_axes(rect(x + 4, y, PANEL_W - 8, row_h))
+                if c < len(COLUMNS):
+                    image, kw = getattr(case.views[c], attr), {"cmap": "gray", "vmin": vmin, "vmax": vmax}
+                else:
+                    image, kw = differences[r], {"cmap": "RdBu_r", "vmin": -dlim, "vmax": dlim}
+                z_um, y_um, x_um = case.views[min(c, 2)].extent_um
+                mapped = ax.imshow(image, extent=(0, x_um, y_um if attr == "xy" else z_um, 0), **kw)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(title, fontsize=9, pad=3)
+                if c == 0:
+                    bar = scale_bar_um(x_um)
+                    ax.add_artist(AnchoredSizeBar(ax.transData, bar, f"{bar:g} µm", "lower right", pad=0.3, color="yellow", frameon=False, size_vertical=max(x_um, 1e-9) / 150, fontproperties=FontProperties(size=8)))
+                if r == 0 and c in (len(COLUMNS) - 1, len(COLUMNS)):
+                    cax = fig.add_axes(rect(x + PANEL_W + 6, y, 10, xy_h + ROW_GAP + xz_h))
+                    cb = fig.colorbar(mapped, cax=cax)
+                    cb.ax.tick_params(labelsize=7)
+                    label = "intensity (metric units)" if c < len(COLUMNS) else "prediction − ground truth"
+                    cb.set_label(label, fontsize=7)
+            y += row_h + ROW_GAP
+        top += HEADER_H + xy_h + ROW_GAP + xz_h + CASE_GAP
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def read_png(path: Path) -> np.ndarray:
-    """Read back a PNG written by :func:`write_png` (8-bit greyscale, filter 0) — for tests."""
-    blob = path.read_bytes()
-    if blob[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path} is not a PNG")
-    pos, data, width, height = 8, b"", 0, 0
-    while pos < len(blob):
-        (length,) = struct.unpack(">I", blob[pos : pos + 4])
-        kind, body = blob[pos + 4 : pos + 8], blob[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            data += body
-        pos += 12 + length
-    rows = np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(height, width + 1)
-    return rows[:, 1:].copy()
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return width, height

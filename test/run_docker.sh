@@ -97,6 +97,12 @@ sys.exit(1 if bad else 0)
 PY
 
 if [[ -d "$GT" ]]; then
-    python3 -m fusemycells.evaluate --input "$INPUT" --pred "$OUTPUT" --gt "$GT" --png "$OUTPUT/qc.png"
+    FIGURE=()  # the QC figure needs matplotlib (requirements-eval.txt); the scores do not
+    if python3 -c "import matplotlib" 2>/dev/null; then
+        FIGURE=(--png "$OUTPUT/qc.png")
+    else
+        echo "run_docker.sh: no QC figure without matplotlib (pip install -r requirements-eval.txt)" >&2
+    fi
+    python3 -m fusemycells.evaluate --input "$INPUT" --pred "$OUTPUT" --gt "$GT" ${FIGURE[@]+"${FIGURE[@]}"}
 fi
 echo "outputs kept in $OUTPUT"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import blob_volume, write_case
+from conftest import REPO, blob_volume, write_case
 from scipy import ndimage
 
 from fusemycells import evaluate
-from fusemycells.qc import read_png
 
 
 @pytest.fixture()
@@ -29,10 +31,10 @@ def folders(tmp_path):
     return dirs
 
 
-def test_evaluate_scores_perfect_and_identity_predictions(folders, tmp_path):
-    out_json, out_png = tmp_path / "scores.json", tmp_path / "qc.png"
-    rc = evaluate.main(["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"]),
-                        "--json", str(out_json), "--png", str(out_png)])
+def test_evaluate_scores_perfect_and_identity_predictions(folders, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fusemycells.evaluate")
+    out_json = tmp_path / "scores.json"
+    rc = evaluate.main(["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"]), "--json", str(out_json)])
     assert rc == 0
     report = json.loads(out_json.read_text())
     by_name = {c["name"]: c for c in report["cases"]}
@@ -40,8 +42,20 @@ def test_evaluate_scores_perfect_and_identity_predictions(folders, tmp_path):
     assert by_name["image_2_membrane_angle.tif"]["n_ssim"] == pytest.approx(0.0, abs=1e-12)
     assert by_name["image_2_membrane_angle.tif"]["channel"] == "membrane"
     assert report["summary"]["nucleus"]["cases"] == 1 and report["problems"] == []
-    image = read_png(out_png)
-    assert image.shape[0] > 2 * 40 and image.max() == 255  # two cases × (XY, XZ) rows
+    line = next(r.getMessage() for r in caplog.records if "image_1_nucleus_angle.tif" in r.getMessage())
+    assert "N-SSIM +1.0000 (Gaussian baseline" in line and "SSIM(input,GT) 0." in line and "SSIM(pred,GT) 1.0000" in line
+
+
+def test_evaluate_writes_the_qc_figure_of_every_scored_case(folders, tmp_path):
+    pytest.importorskip("matplotlib", reason="the QC figure is optional: pip install -r requirements-eval.txt (CI does)")
+    from matplotlib.image import imread
+
+    out_png = tmp_path / "qc.png"
+    rc = evaluate.main(["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"]), "--png", str(out_png), "--diff"])
+    assert rc == 0
+    # two cases of 16×40×36 voxels at 1.0/0.39/0.39 µm (16 × 15.6 × 14.04 µm): XY 300·15.6/14.04 = 333 px,
+    # XZ 300·16/14.04 = 342 px high, + 64 + 12 + 24 px per case; 4 columns + 2 colour bars + labels wide
+    assert imread(out_png).shape[:2] == (2 * 775, 1440)
 
 
 def test_evaluate_reports_a_missing_prediction_and_exits_1(folders, tmp_path, capsys):
@@ -66,3 +80,22 @@ def test_evaluate_with_nothing_to_score_exits_2(tmp_path):
         (tmp_path / d).mkdir()
     assert evaluate.main(["--input", str(tmp_path / "i"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
     assert evaluate.main(["--input", str(tmp_path / "nope"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
+
+
+def test_help_names_the_module_command():
+    proc = subprocess.run([sys.executable, "-m", "fusemycells.evaluate", "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m fusemycells.evaluate ")
+    assert "SSIM(input, GT)" in proc.stdout and "requirements-eval.txt" in proc.stdout
+
+
+def test_figure_without_matplotlib_is_a_setup_error_naming_the_install_command(folders, tmp_path):
+    # a Python where `import matplotlib` fails, as on a machine with only requirements.txt
+    code = "import sys; sys.modules['matplotlib'] = None; from fusemycells import evaluate; sys.exit(evaluate.main(sys.argv[1:]))"
+    args = ["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"]), "--png", str(tmp_path / "qc.png")]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "pip install -r requirements-eval.txt" in proc.stderr
+    assert "N-SSIM" not in proc.stderr and not (tmp_path / "qc.png").exists()  # refused before scoring
+
+
+def test_diff_without_png_is_refused(folders):
+    assert evaluate.main(["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"]), "--diff"]) == 2

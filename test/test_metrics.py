@@ -1,4 +1,4 @@
-"""The challenge metric: SSIM as skimage defines it, N-SSIM's known answers, QC pictures."""
+"""The challenge metric: SSIM as skimage defines it, N-SSIM's known answers (the QC figure: test_qc.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from fusemycells.metrics import GAUSSIAN_BASELINE_SIGMA, gaussian_baseline, metric_normalise, n_ssim, score_case, ssim
-from fusemycells.qc import mosaic, projections, read_png, write_png
 
 
 def _pair(shape=(20, 33, 41), seed=0):
@@ -74,13 +73,3 @@ def test_score_case_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         score_case("c", "nucleus", inp, gt[:-1], gt)
 
-
-def test_png_round_trip_and_projection_aspect(tmp_path):
-    vol = np.zeros((10, 40, 30), dtype=np.float32)
-    vol[5, 20, 15] = 1.0
-    xy, xz = projections(vol, spacing=(2.0, 0.5, 0.5))
-    assert xy.shape == (40, 30) and xz.shape == (40, 30)  # Z stretched 4× (2.0 / 0.5 µm)
-    assert xy[20, 15] == 255 and xz[20:24, 15].min() == 255
-    image = mosaic([[xy, xz], [xz]])
-    write_png(tmp_path / "qc.png", image)
-    np.testing.assert_array_equal(read_png(tmp_path / "qc.png"), image)

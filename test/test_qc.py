@@ -1,0 +1,114 @@
+"""The QC figure (fusemycells.qc): projections in metric units and µm, layout, one scale per case."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from fusemycells import qc
+from fusemycells.metrics import CaseScore
+
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="the QC figure is optional: pip install -r requirements-eval.txt (CI does)"
+)
+
+
+def _score(name: str, channel: str = "nucleus") -> CaseScore:
+    return CaseScore(name=name, channel=channel, shape=(16, 40, 36), ssim_input=0.5, ssim_pred=0.75, ssim_gaussian=0.6, n_ssim=0.5, n_ssim_gaussian=0.2)
+
+
+def _grey(path: Path) -> np.ndarray:
+    """The PNG as 0..1 luminance, (height, width)."""
+    from matplotlib.image import imread
+
+    return imread(path)[..., :3].mean(axis=2)
+
+
+def test_projections_are_in_metric_units_with_the_voxel_size_in_um():
+    vol = np.zeros((10, 40, 30), dtype=np.uint16)
+    vol[5, 20, 15] = 1000
+    vol[:, :2] = 100  # 2 rows of every plane at 100: the 99.8th percentile is 100, the 2nd is 0
+    views = qc.projections(vol, spacing=(2.0, 0.5, 0.25))
+    assert views.xy.shape == (40, 30) and views.xz.shape == (10, 30)
+    assert views.xy[20, 15] == pytest.approx(10.0) and views.xy[0, 0] == pytest.approx(1.0) and views.xy[30, 3] == 0.0
+    assert views.xz[5, 15] == pytest.approx(10.0)
+    assert views.extent_um == pytest.approx((20.0, 20.0, 7.5))  # (Z, Y, X) µm: the XZ aspect is physical
+
+
+def test_projections_of_a_large_stack_are_block_maxima_keeping_a_single_bright_voxel():
+    vol = np.zeros((30, 100, 90), dtype=np.float32)
+    vol[:, :2] = 1.0
+    vol[17, 61, 44] = 5.0
+    views = qc.projections(vol, spacing=(1.0, 0.4, 0.4), max_size=32)
+    assert views.xy.shape == (25, 23) and views.xz.shape == (30, 23)  # Y/X stride 4, Z stride 1
+    assert views.xy.max() == pytest.approx(5.0) and views.xy[61 // 4, 44 // 4] == pytest.approx(5.0)
+    assert views.pixel_um == pytest.approx((1.0, 1.6, 1.6))
+
+
+def test_scale_bar_is_a_round_length_of_at_most_a_fifth_of_the_panel():
+    assert qc.scale_bar_um(40.0) == 5.0 and qc.scale_bar_um(100.0) == 20.0 and qc.scale_bar_um(750.0) == 100.0
+    assert qc.scale_bar_um(3.0) == pytest.approx(0.5)
+
+
+@needs_matplotlib
+def test_qc_figure_is_written_at_its_layout_size_with_titles_and_row_labels(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    cases = []
+    for name, shape, spacing in (("a_nucleus.tif", (16, 40, 36), (1.0, 0.5, 0.5)), ("b_membrane.tif", (8, 30, 60), (2.0, 0.3, 0.3))):
+        vol = rng.random(shape).astype(np.float32)
+        views = tuple(qc.projections(v, spacing) for v in (vol, vol**2, vol))
+        cases.append(qc.CaseViews(score=_score(name), views=views))
+    path = tmp_path / "deep" / "qc.png"
+    size = qc.write_figure(path, cases, diff=True)
+    image = _grey(path)
+    # by hand: width 60 + 4·300 + 2·90; case a: XY 300·20/18 = 333 px, XZ 300·16/18 = 267 px;
+    # case b: XY 300·9/18 = 150 px, XZ 300·16/18 = 267 px; each case adds 64 + 12 + 24 px
+    assert size == (1440, 700 + 517) and image.shape == (1217, 1440)
+    dark = image < 0.5  # text is black on white
+    for top, xy_h, xz_h in ((0, 333, 267), (700, 150, 267)):
+        assert dark[top + 2 : top + 24, 60:900].any(), "case title line"
+        for c in range(4):  # column titles just above the XY panels (input | prediction | GT | difference)
+            x = 60 + c * 300 + (90 if c == 3 else 0)
+            assert dark[top + 44 : top + 62, x + 100 : x + 200].any(), f"column title {c}"
+        for row_top, row_h in ((top + 64, xy_h), (top + 64 + xy_h + 12, xz_h)):
+            assert dark[row_top : row_top + row_h, 5:55].any(), "row label"
+        gap = top + 64 + xy_h + 12 + xz_h
+        assert not dark[gap + 8 : gap + 22, :].any(), "the gap below a case stays blank (a colour bar's end label may reach into its top)"
+
+
+@needs_matplotlib
+def test_every_panel_of_a_case_shares_one_intensity_scale(tmp_path: Path):
+    flat = np.full((40, 40), 0.5, np.float32)
+    ramp = np.tile(np.linspace(0.0, 1.0, 40, dtype=np.float32), (40, 1))
+    views = (
+        qc.Projections(xy=flat, xz=flat, pixel_um=(0.5, 0.5, 0.5)),  # input: mid grey on the common scale
+        qc.Projections(xy=flat * 2, xz=flat * 2, pixel_um=(0.5, 0.5, 0.5)),  # prediction: the top of it
+        qc.Projections(xy=ramp, xz=ramp, pixel_um=(0.5, 0.5, 0.5)),
+    )
+    path = tmp_path / "qc.png"
+    qc.write_figure(path, [qc.CaseViews(score=_score("c.tif"), views=views)])
+    image = _grey(path)
+    centre_y = 64 + 150  # XY row of 300 px
+    inp, pred = image[centre_y - 20 : centre_y + 20, 60 + 130 : 60 + 170], image[centre_y - 20 : centre_y + 20, 360 + 130 : 360 + 170]
+    assert inp.std() < 0.01 and pred.std() < 0.01
+    assert inp.mean() == pytest.approx(0.5, abs=0.03) and pred.mean() == pytest.approx(1.0, abs=0.01)  # not each stretched alone
+
+
+@needs_matplotlib
+def test_figure_without_cases_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="no cases"):
+        qc.write_figure(tmp_path / "qc.png", [])
+
+
+def test_inference_and_evaluation_import_without_matplotlib():
+    """matplotlib is an extra of the evaluation figure only: the image does not install it."""
+    code = "import sys; sys.modules['matplotlib'] = None; import inference, fusemycells.pipeline, fusemycells.evaluate"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "matplotlib" not in (REPO / "requirements.txt").read_text()

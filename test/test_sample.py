@@ -1,0 +1,45 @@
+"""The README's first command on the bundled sample, with the shipped weights, on ONNX alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
+from fusemycells.io import read_volume
+
+
+def test_bundled_sample_runs_quietly_with_every_stage_on_onnx_when_torchscript_files_are_absent_or_corrupt(tmp_path: Path):
+    """TorchScript (torch.jit) is deprecated in torch: ONNX alone must serve both stages of both
+    channels. The nucleus TorchScript files are deleted, the membrane ones fail their checksum.
+    The run must log no WARNING: on a CPU the default backend is ONNX, so this is also the
+    README's first command, which must be quiet on the bundled sample."""
+    resources = tmp_path / "resources"
+    shutil.copytree(REPO / "resources", resources)
+    manifest = json.loads((resources / "manifest.json").read_text())
+    for channel, spec in manifest["channels"].items():
+        for stage in ("global_stage", "patch_stage"):
+            torchscript = resources / spec[stage]["files"]["torchscript"]["path"]
+            if channel == "nucleus":
+                torchscript.unlink()
+            else:
+                torchscript.write_bytes(b"not a TorchScript archive")
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    cmd = [sys.executable, "inference.py", "--input", "test/input", "--output", str(out), "--resources", str(resources),
+           "--device", "cpu", "--report", str(report_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert sorted(f["file"] for f in report["files"]) == ["image_0_nucleus_angle.tif", "image_1_membrane_angle.tif"]
+    for case in report["files"]:
+        assert case["status"] == "ok" and case["warnings"] == [] and case["degradation"] == 0
+        for stage in ("global", "patch"):
+            assert case["stages"][stage]["backend"] == "onnx" and case["stages"][stage]["file"].endswith(".onnx")
+        source = read_volume(REPO / "test" / "input" / INPUT_SUBDIR / case["file"])
+        assert read_volume(out / OUTPUT_SUBDIR / case["file"]).data.shape == source.data.shape
