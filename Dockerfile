@@ -1,27 +1,39 @@
 # FuseMyCells Grand Challenge algorithm image (inference only; weights from resources/).
 #
-# Versions, and why:
-# * onnxruntime-gpu 1.31.1 (requirements.txt) is built against CUDA 13.x and cuDNN 9.x.
-# * torch 2.13.0 from the PyTorch cu130 index is built against CUDA 13.0 and installs, as pip
-#   packages (nvidia-*-cu13), the CUDA 13 runtime, cuBLAS and cuDNN 9. onnxruntime loads these same
-#   libraries (fusemycells/backends.py calls onnxruntime.preload_dlls()), so the image carries ONE
-#   CUDA user space, matching both backends.
-# * Base nvidia/cuda:13.0.1-base-ubuntu24.04 (pinned tag): small (no duplicate CUDA libraries). CUDA
-#   13 needs a host driver >= 580; the image's cuda-compat libraries (/usr/local/cuda/compat) can
-#   serve older R535/R570 data-centre drivers (the T4 of Grand Challenge) only where the container
-#   runtime puts them on the library path, which recent NVIDIA container toolkits no longer do by
-#   themselves (unverified on Grand Challenge: no GPU host was available to us). If CUDA cannot
-#   start, both backends fall back to CPU, logged and in the report (with the driver version), and
-#   the time budget degrades the output instead of failing.
+# CUDA 12, chosen so that CUDA starts on every driver a Grand Challenge T4 host (AWS g4dn) may run.
+# Evidence (README, "CUDA and the host driver"):
+# * SageMaker documents NVIDIA driver 470 (CUDA 11.4) as the default on ml.g4dn.*; 470.256.02 was
+#   reported on a g4dn in 2025 (aws/deep-learning-containers#4990). A CUDA 13 image needs driver
+#   >= 580, or cuda-compat on R535/R550/R565/R570/R575 (NVIDIA_REQUIRE_CUDA of nvidia/cuda:13.0.x):
+#   NOT on R470. A CUDA 12 image runs natively on any driver >= 525.60.13 (minor-version
+#   compatibility) and on R470 (>= 470.57) of data-centre GPUs such as the T4 through the
+#   cuda-compat libraries that this base image ships (/usr/local/cuda/compat, cuda-compat-12-6).
+# * torch 2.13.0 from the PyTorch cu126 index: CUDA 12.6 + cuDNN 9.10.2.21 as pip packages
+#   (nvidia-*-cu12); 2.13's CUDA 12 build is 12.6 only (pytorch RELEASE.md: 12.6, 13.0, 13.2).
+# * onnxruntime-gpu 1.26.0 (requirements.txt): the last PyPI release built for CUDA 12 (its
+#   build_and_package_info: cuda_version 12.8; libonnxruntime_providers_cuda.so needs
+#   libcudart.so.12, libcublas(Lt).so.12, libcufft.so.11, libcurand.so.10, libcudnn.so.9). From
+#   1.27.0 PyPI wheels are CUDA 13 (1.31.1: libcudart.so.13, libcublas.so.13); ORT deprecated its
+#   CUDA 12 packages (microsoft/onnxruntime#29032). Minor-version compatibility lets it use torch's
+#   CUDA 12.6 libraries (all 60 cudart symbols it imports exist in cudart 12.6.77), loaded by
+#   onnxruntime.preload_dlls() (fusemycells/backends.py): ONE CUDA user space for both backends.
+#   On the CPU its outputs are bit-identical to 1.31.1's for the shipped models (README).
+# * The entry point (python -m fusemycells.cuda_support) reads the host driver before any CUDA
+#   library loads and, only where the driver is older than 525.60.13 but on a branch forward
+#   compatibility serves (R470 >= 470.57), puts /usr/local/cuda/compat first on LD_LIBRARY_PATH
+#   (NVIDIA container toolkits >= 1.17.4 no longer mount these libraries by themselves). Where CUDA
+#   still does not start, both backends fall back to the CPU and an ERROR line names the driver.
+# Unverified on Grand Challenge (no GPU host was available to us): benchmarks/gpu_check.sh checks it.
 # Grand Challenge runs linux/amd64 only; the issue asks for the platform to be explicit.
 # hadolint ignore=DL3029
-FROM --platform=linux/amd64 nvidia/cuda:13.0.1-base-ubuntu24.04
+FROM --platform=linux/amd64 nvidia/cuda:12.6.3-base-ubuntu24.04
 
-# The base image sets NVIDIA_REQUIRE_CUDA (cuda>=13.0 plus driver brands), and the NVIDIA container
-# runtime refuses to START the container on a host whose driver is older. Grand Challenge hosts
-# (T4, g4dn) may run such drivers; refusing would also kill the CPU fallback. With the check off the
-# container always starts: CUDA runs where the driver (or cuda-compat) allows it, else both
-# backends fall back to the CPU. The driver version is logged and in the report's policy section.
+# The base image sets NVIDIA_REQUIRE_CUDA (cuda>=12.6, or driver branches 470/535/550 for the
+# forward-compatible ones), and the NVIDIA container runtime refuses to START the container on any
+# other older driver, although R525/R545 run CUDA 12.6 by minor-version compatibility and a
+# refusal would also kill the CPU fallback. With the check off the container always starts: CUDA
+# runs where the driver (or cuda-compat) allows it, else both backends fall back to the CPU, with
+# an ERROR line naming the driver (fusemycells/cuda_support.py) and the driver in the report.
 ENV NVIDIA_DISABLE_REQUIRE=1
 
 # One malloc arena: glibc gives every thread that allocates (prefetch, concurrent CPU forwards, ONNX
@@ -51,9 +63,9 @@ RUN apt-get update \
 
 WORKDIR /opt/app
 
-# CUDA build of the pinned torch first, then the rest of the pinned requirements (torch already met).
+# CUDA 12.6 build of the pinned torch first, then the rest of the pinned requirements (torch already met).
 COPY requirements.txt /opt/app/
-RUN python -m pip install --index-url https://download.pytorch.org/whl/cu130 torch==2.13.0 \
+RUN python -m pip install --index-url https://download.pytorch.org/whl/cu126 torch==2.13.0 \
     && python -m pip install -r /opt/app/requirements.txt
 
 COPY --chown=user:user inference.py /opt/app/
@@ -61,4 +73,5 @@ COPY --chown=user:user fusemycells /opt/app/fusemycells
 COPY --chown=user:user resources /opt/app/resources
 
 USER 1001:1001
-ENTRYPOINT ["python", "inference.py"]
+# The launcher applies the CUDA route (see the top), then runs inference.py with the same arguments.
+ENTRYPOINT ["python", "-m", "fusemycells.cuda_support", "--exec", "inference.py"]

@@ -36,6 +36,7 @@ from fusemycells.config import (
     resolve_resources_dir,
 )
 from fusemycells.paths import input_root_problem
+from fusemycells.cuda_support import log_cuda_failure
 
 log = logging.getLogger("fusemycells")
 
@@ -237,6 +238,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         time_budget = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
         policy = BudgetPolicy.create(config.device, config.vram_budget_gib, time_budget, config.threads, config.ram_budget_gib, started=started)
+        log_cuda_failure(policy.device, config.device, policy.nvidia_driver)  # ERROR when a driver is there but CUDA is not
         report["resources"] = str(resources)
         report["policy"] = policy.as_report()
         fuser = Fuser(manifest, policy, backend=config.backend)

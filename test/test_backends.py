@@ -308,6 +308,7 @@ def test_onnx_runner_asks_for_cuda_with_the_budgeted_provider_options(fixture_re
     assert runner.provider == "CPU"  # reported truthfully: the session fell back to the CPU
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 def test_onnx_cuda_io_binding_matches_the_cpu_after_percentile_normalisation(fixture_resources: Path) -> None:
     spec = load_manifest(fixture_resources).channel("nucleus").patch_stage
