@@ -1,0 +1,850 @@
+"""Fuse many stacks on ``dask.distributed`` workers (a local cluster, or an existing scheduler).
+
+    python -m fusemycells.batch INPUT... --output DIR [--scheduler ADDRESS | --workers N] [--report FILE]
+
+INPUT are TIFF files, folders (their TIFFs and OME-Zarr images) or OME-Zarr images. Each file
+is one task; each worker runs one file at a time with the same pipeline as ``inference.py`` and
+keeps its loaded networks for the following files (a worker plugin holds one ``Fuser`` per worker
+process). An output is written atomically, then a completion record ``<output>.done.json``
+(input size and time, settings, output size and sha256); a later run skips outputs whose record
+verifies and redoes the others. A task whose worker dies is retried on another worker by the
+scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused).
+Exit code as ``inference.py``: 0 every file written or verified, 1 some refused, 2 setup error.
+
+Needs the optional packages of ``requirements-scale.txt`` (dask, distributed; zarr and ome-zarr
+for OME-Zarr); this module imports without them and says what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
+
+try:  # optional: the package must import without dask (the container never has it)
+    from distributed import WorkerPlugin
+except ImportError:  # pragma: no cover - exercised by the import test in a subprocess
+    WorkerPlugin = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger("fusemycells.batch")
+
+PLUGIN_NAME = "fusemycells-fuser"
+RECORD_SUFFIX = ".done.json"
+RECORD_FORMAT = 1
+TIFF_SUFFIXES = (".tif", ".tiff")
+FORMATS = ("tiff", "ome-zarr")
+
+
+class SetupError(RuntimeError):
+    """The run cannot start (inputs, output folder, weights, cluster); exit code 2."""
+
+
+def require_distributed() -> Any:
+    """The ``distributed`` module, or :class:`MissingDependency` naming the install command."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise MissingDependency(
+            f"fusemycells.batch needs the optional packages dask and distributed ({exc.name} is missing): {INSTALL_HINT}"
+        ) from exc
+    return distributed
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: which input goes where
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file or OME-Zarr image and where its fused output goes (picklable, sent to a worker)."""
+
+    source: str
+    output: str
+    input_format: str  # tiff | ome-zarr
+    output_format: str  # tiff | ome-zarr
+    output_dtype: str = "float32"
+    level: int = 0  # OME-Zarr input: resolution level read
+    channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
+    zarr_levels: int | None = None  # OME-Zarr output: pyramid levels (None: automatic)
+    time_budget_s: float | None = None  # per file; None: no deadline (full quality)
+    overwrite: bool = False  # redo even when a verified output exists
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # settings an output must have been made with
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name
+
+
+def input_format(path: Path) -> str | None:
+    """'tiff' for a TIFF file, 'ome-zarr' for an OME-Zarr image folder, else None."""
+    if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
+        return "tiff"
+    if path.is_dir() and is_ome_zarr(path):
+        return "ome-zarr"
+    return None
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(path, format) of every input: named files and images, and the TIFFs / OME-Zarr images directly inside named folders.
+
+    Raises :class:`SetupError` for a path that does not exist or is neither a TIFF, an OME-Zarr
+    image nor a folder.
+    """
+    found: list[tuple[Path, str]] = []
+    for raw in inputs:
+        path = Path(raw).resolve()
+        if not path.exists():
+            raise SetupError(f"input not found: {path}")
+        kind = input_format(path)
+        if kind is not None:
+            found.append((path, kind))
+        elif path.is_dir():
+            for child in sorted(path.iterdir()):
+                child_kind = input_format(child)
+                if child_kind is not None:
+                    found.append((child, child_kind))
+        else:
+            raise SetupError(f"not a TIFF file, OME-Zarr image or folder: {path}")
+    return found
+
+
+def output_name(source: Path, output_format: str) -> str:
+    """Output file name: the input's, with '.ome.zarr' for OME-Zarr output and '.tif' for TIFF output from OME-Zarr."""
+    name = source.name
+    stem = name
+    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            stem = name[: -len(suffix)]
+            break
+    if output_format == "ome-zarr":
+        return name if name.lower().endswith(".zarr") else stem + ".ome.zarr"
+    return name if source.suffix.lower() in TIFF_SUFFIXES else stem + ".tif"
+
+
+def plan_jobs(
+    inputs: list[tuple[Path, str]], output_dir: Path, output_format: str = "auto", **options: Any
+) -> list[Job]:
+    """One :class:`Job` per input; ``output_format`` 'auto' keeps the input's format.
+
+    ``options`` are the remaining :class:`Job` fields. Raises :class:`SetupError` when two inputs
+    would write the same output.
+    """
+    jobs: list[Job] = []
+    seen: dict[str, Path] = {}
+    for path, kind in inputs:
+        out_format = kind if output_format == "auto" else output_format
+        name = output_name(path, out_format)
+        if name in seen:
+            raise SetupError(f"{path} and {seen[name]} would both be written to {output_dir / name}")
+        seen[name] = path
+        jobs.append(
+            Job(source=str(path), output=str(output_dir / name), input_format=kind, output_format=out_format, **options)
+        )
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# Completion records: skip outputs that are verified complete
+
+
+def record_path(output: Path) -> Path:
+    """The completion record written next to an output (``<name>.done.json``)."""
+    return output.with_name(output.name + RECORD_SUFFIX)
+
+
+def _files_of(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def content_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+    """Bytes, file count and sha256 of a file, or of every file under a folder (relative names included, in sorted order)."""
+    digest = hashlib.sha256()
+    total = 0
+    files = _files_of(path)
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+                total += len(block)
+    return {"bytes": total, "files": len(files), "sha256": digest.hexdigest()}
+
+
+def input_stamp(path: Path) -> dict[str, int]:
+    """Cheap identity of an input: total bytes, file count and newest modification time (ns)."""
+    files = _files_of(path)
+    stats = [f.stat() for f in files]
+    return {
+        "bytes": sum(s.st_size for s in stats),
+        "files": len(files),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+    }
+
+
+def write_record(job: Job, report: dict[str, Any]) -> dict[str, Any]:
+    """Write the completion record of a finished output atomically; returns it."""
+    output = Path(job.output)
+    record = {
+        "format": RECORD_FORMAT,
+        "input": {"path": job.source, **input_stamp(Path(job.source))},
+        "output": {"path": output.name, **content_digest(output)},
+        "fingerprint": job.fingerprint,
+        "shape": report.get("shape"),
+        "degradation": report.get("degradation"),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = record_path(output)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return record
+
+
+def verify_complete(job: Job) -> tuple[bool, str]:
+    """(complete, why): the output exists and matches its completion record, made from this input with these settings.
+
+    Reads the whole output once (sha256); anything missing or different means not complete.
+    """
+    output = Path(job.output)
+    path = record_path(output)
+    if not path.is_file():
+        return False, "no completion record"
+    if not output.exists():
+        return False, "completion record without output"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return False, f"unreadable completion record ({exc})"
+    if record.get("format") != RECORD_FORMAT:
+        return False, f"completion record format {record.get('format')!r}"
+    if record.get("fingerprint") != job.fingerprint:
+        return False, "made with other settings or weights"
+    stamp = {k: v for k, v in record.get("input", {}).items() if k != "path"}
+    if stamp != input_stamp(Path(job.source)):
+        return False, "input changed since"
+    expected = record.get("output", {})
+    sizes = input_stamp(output)
+    if sizes["bytes"] != expected.get("bytes") or sizes["files"] != expected.get("files"):
+        return False, "output size differs from its record"
+    actual = content_digest(output)
+    if actual["sha256"] != expected.get("sha256"):
+        return False, "output checksum differs from its record"
+    return True, f"verified complete (sha256 {actual['sha256'][:12]})"
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters: the only calls into the pipeline's API (re-point them here after a refactor)
+
+
+def _make_fuser(settings: WorkerSettings) -> Any:
+    """A ``pipeline.Fuser`` with its own ``BudgetPolicy`` (no run-wide deadline: files get their own)."""
+    from .budget import BudgetPolicy
+    from .config import load_manifest
+    from .pipeline import Fuser
+
+    manifest = load_manifest(Path(settings.resources))
+    policy = BudgetPolicy.create(
+        settings.device, settings.vram_budget_gib, None, settings.threads, settings.ram_budget_gib
+    )
+    return Fuser(manifest, policy, backend=settings.backend)
+
+
+def _process_tiff(path: Path, output_dir: Path, fuser: Any, output_dtype: str, deadline: float | None) -> Any:
+    """TIFF in, TIFF out, exactly as ``inference.py`` does it: ``pipeline.process_file`` (a ``CaseReport``)."""
+    from .pipeline import process_file
+
+    return process_file(path, output_dir, fuser, output_dtype, deadline=deadline)
+
+
+def _new_report(name: str) -> Any:
+    from .pipeline import CaseReport
+
+    return CaseReport(file=name)
+
+
+def _check_memory(fuser: Any, shape: tuple[int, int, int], dtype: Any, spacing: tuple[float, float, float]) -> None:
+    """Refuse (MemoryError) a stack over the worker's RAM budget before its pixels are read."""
+    target = min(c.target_spacing_um for c in fuser.manifest.channels.values())
+    fuser.policy.check_memory(shape, dtype.itemsize, spacing, target)
+
+
+def _read_tiff(path: Path, fuser: Any) -> Any:
+    """``io.read_volume`` with the memory check (an ``io.Volume``)."""
+    from .io import read_volume
+
+    return read_volume(path, check=lambda shape, dtype, spacing: _check_memory(fuser, shape, dtype, spacing))
+
+
+def _make_volume(
+    data: Any, spacing: tuple[float, float, float], channel: str, metadata: dict[str, Any], warnings: list[str]
+) -> Any:
+    """An ``io.Volume`` for an array read here (ZYX, spacing (z, y, x) µm)."""
+    from .io import Volume
+
+    return Volume(data=data, spacing=spacing, channel=channel, metadata=metadata, warnings=list(warnings))
+
+
+def _fuse(fuser: Any, volume: Any, report: Any, deadline: float | None, output_dtype: str) -> Any:
+    """``Fuser.fuse``: the fused ZYX plane source on the input grid."""
+    return fuser.fuse(volume, report, deadline=deadline, output_dtype=output_dtype)
+
+
+def _write_tiff(path: Path, source: Any, like: Any) -> None:
+    from .io import write_volume
+
+    write_volume(path, source, like=like)
+
+
+def _peak_rss_mib() -> float:
+    from .budget import peak_rss_mib
+
+    return round(peak_rss_mib(), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every worker needs to build its Fuser (sent to each worker with the plugin)."""
+
+    resources: str
+    device: str = "auto"
+    backend: str = "auto"
+    threads: int | None = None  # CPU threads of the networks per worker (None: the worker's cores)
+    vram_budget_gib: float | None = None
+    ram_budget_gib: float | None = None  # per worker (None: 85 % of what the worker's host has free)
+    log_level: int = logging.WARNING
+
+
+class FuserPlugin(WorkerPlugin):
+    """Builds one ``Fuser`` per worker process when the worker starts; its networks load once, on first use, and stay."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.fuser: Any = None
+
+    def setup(self, worker: Any) -> None:
+        package_log = logging.getLogger("fusemycells")
+        package_log.setLevel(self.settings.log_level)
+        if not package_log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(
+                logging.Formatter(f"%(asctime)s {worker.name} %(levelname)-7s %(message)s", "%H:%M:%S")
+            )
+            package_log.addHandler(handler)
+        self.fuser = _make_fuser(self.settings)
+
+
+FileHook = Callable[[str], None]
+"""Called on the worker with the input's file name before a file is processed (tests: slow one file down)."""
+
+
+def worker_fuser() -> Any:
+    """The Fuser of the worker running the current task (built by :class:`FuserPlugin`)."""
+    from distributed import get_worker
+
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.fuser is None:
+        raise RuntimeError(f"worker has no {PLUGIN_NAME} plugin: register FuserPlugin before submitting jobs")
+    return plugin.fuser
+
+
+def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) -> dict[str, Any]:
+    """Fuse one job on a worker and return its report entry (never raises for a problem with the file).
+
+    Skips the job when its output verifies complete (unless ``job.overwrite``). ``fuser``: the
+    worker's own (:func:`worker_fuser`) when None.
+    """
+    started = time.perf_counter()
+    where = _where()
+    if not job.overwrite:
+        complete, why = verify_complete(job)
+        if complete:
+            return {
+                "file": job.name,
+                "status": "skipped",
+                "reason": why,
+                "input": job.source,
+                "output": job.output,
+                **where,
+            }
+    if before_file is not None:
+        before_file(job.name)
+    if fuser is None:
+        fuser = worker_fuser()
+    deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
+    if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
+        report = asdict(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
+    else:
+        report = _process_any(job, fuser, deadline)
+    if report["status"] == "ok":
+        try:
+            report["record"] = write_record(job, report)["output"]
+        except OSError as exc:
+            report["status"], report["error"] = "refused", f"{job.name}: completion record not written: {exc}"
+    report.update({"input": job.source, "output": job.output, **where})
+    report.setdefault("seconds", {})["job"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _where() -> dict[str, Any]:
+    """Which worker process runs this (address, pid, its CUDA_VISIBLE_DEVICES)."""
+    try:
+        from distributed import get_worker
+
+        address = get_worker().address
+    except (ImportError, ValueError):
+        address = None
+    return {"worker": address, "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]:
+    """Read (TIFF or OME-Zarr), fuse, write (TIFF or OME-Zarr) one job; the report as a dict (status ok or refused)."""
+    from .omezarr import open_level, read_level, write_ome_zarr
+
+    report = _new_report(job.name)
+    started = time.perf_counter()
+    try:
+        if job.input_format == "ome-zarr":
+            info = open_level(Path(job.source), job.level)
+            _check_memory(fuser, info.shape, info.dtype, info.spacing)
+            channel = job.channel or info.channel
+            warnings = list(info.warnings)
+            if channel is None:
+                channel = "nucleus"
+                warnings.append("channel missing in metadata: using default 'nucleus'")
+            z, y, x = info.spacing
+            meta = {
+                "PhysicalSizeZ": z,
+                "PhysicalSizeY": y,
+                "PhysicalSizeX": x,
+                "unit": "um",
+                "channel": channel,
+                "source_level": job.level,
+            }
+            volume = _make_volume(read_level(info), info.spacing, channel, meta, warnings)
+        else:
+            volume = _read_tiff(Path(job.source), fuser)
+            if job.channel is not None:
+                volume.channel = job.channel
+        if volume.data.ndim != 3:
+            raise ValueError(f"expected a 3D ZYX stack, got shape {volume.data.shape}")
+        report.shape = list(volume.data.shape)
+        report.spacing_um = [round(s, 6) for s in volume.spacing]
+        report.channel = volume.channel
+        report.input_dtype = str(volume.data.dtype)
+        report.warnings.extend(volume.warnings)
+        result = _fuse(fuser, volume, report, deadline, job.output_dtype)
+        write_started = time.perf_counter()
+        if job.output_format == "ome-zarr":
+            extra = {"source": job.name, "channel": volume.channel, "fingerprint": job.fingerprint}
+            write_ome_zarr(
+                Path(job.output),
+                result,
+                volume.spacing,
+                channel=volume.channel,
+                name=job.name,
+                levels=job.zarr_levels,
+                extra=extra,
+            )
+        else:
+            _write_tiff(Path(job.output), result, volume)
+        report.seconds["write"] = round(time.perf_counter() - write_started, 3)
+        report.output_dtype = job.output_dtype
+        report.status = "ok"
+    except Exception as exc:  # one bad file must not lose the others
+        report.status = "refused"
+        report.error = f"{job.name}: {type(exc).__name__}: {exc}"
+        log.error("[%s] refused: %s", job.name, report.error)
+    report.seconds["total"] = round(time.perf_counter() - started, 3)
+    report.peak_rss_mib = _peak_rss_mib()
+    log.info(
+        "[%s] %s in %.1f s (peak RSS %.0f MiB)", job.name, report.status, report.seconds["total"], report.peak_rss_mib
+    )
+    return asdict(report)
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+
+
+def visible_gpus(device: str) -> list[str]:
+    """CUDA device ids the local workers may use: none for ``--device cpu``, else CUDA_VISIBLE_DEVICES or every device torch counts."""
+    if device == "cpu":
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def default_workers(gpus: int, cores: int) -> int:
+    """Local workers when ``--workers`` is not given: one per GPU; else 2 (1 on one core).
+
+    On the 2-core development machine, 8 stacks took 220–249 s on 2 single-thread workers against
+    249–302 s for ``inference.py`` (2 threads, one file at a time) and 358 s for one 2-thread worker
+    (README, *Scale-out*). More CPU workers each hold a whole stack in memory and share the RAM
+    budget, so larger machines get ``--workers`` by choice, not by default.
+    """
+    return gpus if gpus else min(2, max(1, cores))
+
+
+def worker_specs(
+    workers: int, threads: int, gpus: Sequence[str], memory_limit: int | str, silence_logs: int = logging.WARNING
+) -> dict[str, dict[str, Any]]:
+    """Local worker specs: one single-task Nanny process each, GPU ``gpus[i % len(gpus)]`` (CUDA_VISIBLE_DEVICES), ``threads`` CPU threads."""
+    from distributed import Nanny
+
+    specs = {}
+    for i in range(workers):
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MALLOC_ARENA_MAX": "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        options = {
+            "nthreads": 1,
+            "memory_limit": memory_limit,
+            "env": env,
+            "name": f"fusemycells-{i}",
+            "dashboard": False,
+            "silence_logs": silence_logs,
+        }
+        specs[f"fusemycells-{i}"] = {"cls": Nanny, "options": options}
+    return specs
+
+
+def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboard: str | None = None) -> Any:
+    """A local cluster of ``workers`` processes (dask's SpecCluster, as LocalCluster, but with one environment per worker for its GPU)."""
+    from distributed import Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
+
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard, "dashboard": dashboard is not None}}
+    specs = worker_specs(workers, threads, gpus, int(MEMORY_LIMIT / workers))
+    return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="fusemycells")
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one log line per finished file otherwise."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.total, self.stream, self.width = total, stream, width
+        self.counts: dict[str, int] = {"ok": 0, "skipped": 0, "refused": 0}
+        self.started = time.perf_counter()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def update(self, entry: dict[str, Any]) -> None:
+        self.counts[entry["status"]] = self.counts.get(entry["status"], 0) + 1
+        done = sum(self.counts.values())
+        elapsed = time.perf_counter() - self.started
+        summary = f"{done}/{self.total} files ({self.counts['ok']} written, {self.counts['skipped']} skipped, {self.counts['refused']} refused) {elapsed:.0f} s"
+        if self.tty:
+            filled = int(self.width * done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {summary}")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            log.info("%s %s: %s", entry["status"], entry["file"], summary)
+
+
+def run_batch(
+    client: Any, jobs: Sequence[Job], before_file: FileHook | None = None, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """Submit every job (largest input first), gather their report entries in input order.
+
+    A job whose worker died more often than the scheduler allows (``KilledWorker``) or whose task
+    failed outside the pipeline is reported as refused; the others carry on.
+    """
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    order = sorted(range(len(jobs)), key=lambda i: -input_stamp(Path(jobs[i].source))["bytes"])
+    futures = {}
+    for i in order:
+        future = client.submit(run_job, jobs[i], before_file, key=f"fuse-{jobs[i].name}-{token}", pure=False)
+        futures[future] = i
+    entries: list[dict[str, Any] | None] = [None] * len(jobs)
+    for future in as_completed(list(futures)):
+        job = jobs[futures[future]]
+        try:
+            entry = future.result()
+        except Exception as exc:
+            entry = {
+                "file": job.name,
+                "status": "refused",
+                "error": f"{job.name}: {type(exc).__name__}: {exc}",
+                "input": job.source,
+                "output": job.output,
+            }
+            log.error("[%s] refused: %s", job.name, entry["error"])
+        entries[futures[future]] = entry
+        if progress is not None:
+            progress.update(entry)
+        future.release()
+    return [e for e in entries if e is not None]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusemycells.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TIFF files, folders, OME-Zarr images")
+    parser.add_argument("--output", type=Path, required=True, help="output folder (created)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="address of a running dask scheduler (e.g. tcp://host:8786); default: a local cluster",
+    )
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes (default: one per visible GPU; on CPUs 2, each with half the cores)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the networks per worker (local default: cores / workers; remote: the worker's cores)",
+    )
+    parser.add_argument(
+        "--resources", type=Path, default=None, help="weights folder with manifest.json (as inference.py)"
+    )
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto")
+    parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32")
+    parser.add_argument(
+        "--output-format",
+        choices=["auto", *FORMATS],
+        default="auto",
+        help="auto: like the input (TIFF → TIFF, OME-Zarr → OME-Zarr)",
+    )
+    parser.add_argument(
+        "--level", type=int, default=0, help="OME-Zarr input: resolution level to fuse (default 0, full resolution)"
+    )
+    parser.add_argument(
+        "--channel",
+        choices=["nucleus", "membrane"],
+        default=None,
+        help="force the channel (default: from each input's metadata)",
+    )
+    parser.add_argument(
+        "--zarr-levels",
+        type=int,
+        default=None,
+        help="OME-Zarr output: pyramid levels (default: halve Y/X down to ~128 px, at most 5)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="per-file deadline; outputs degrade in steps to meet it (default: none)",
+    )
+    parser.add_argument(
+        "--ram-budget",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="host memory one worker's file may need (local default: 85%% of available / workers)",
+    )
+    parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget per worker")
+    parser.add_argument("--overwrite", action="store_true", help="redo outputs even when they verify complete")
+    parser.add_argument(
+        "--dashboard",
+        default=None,
+        metavar="ADDRESS",
+        help="serve the local cluster's dashboard here (e.g. :8787; default off)",
+    )
+    parser.add_argument("--report", type=Path, default=None, help="write the gathered JSON report here")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging here, per-file INFO logging on the workers"
+    )
+    return parser.parse_args(argv)
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create ``directory``; :class:`SetupError` when files cannot be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SetupError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
+
+
+def _weights_fingerprint(resources: Path) -> str:
+    """sha256 of manifest.json, which lists every weight file's sha256."""
+    return hashlib.sha256((resources / "manifest.json").read_bytes()).hexdigest()
+
+
+def _available_ram_gib() -> float:
+    """Memory available to new processes here (GiB): psutil's estimate, capped by dask's view of this host's limit (cgroups)."""
+    import psutil
+    from distributed.system import MEMORY_LIMIT
+
+    return min(psutil.virtual_memory().available, MEMORY_LIMIT) / (1 << 30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    started = time.perf_counter()
+    report: dict[str, Any] = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
+    cluster = client = None
+    try:
+        distributed = require_distributed()
+        inputs = collect_inputs(args.inputs)
+        if not inputs:
+            raise SetupError(f"no TIFF files or OME-Zarr images in {', '.join(map(str, args.inputs))}")
+        if args.output_format == "ome-zarr" or any(kind == "ome-zarr" for _, kind in inputs):
+            from .omezarr import require_zarr
+
+            require_zarr()
+        from .config import ManifestError, load_manifest, resolve_resources_dir
+
+        resources, why = resolve_resources_dir(args.resources)
+        log.info("weights from %s (%s)", resources, why)
+        try:
+            load_manifest(resources)
+        except ManifestError as exc:
+            raise SetupError(str(exc)) from exc
+        output_dir = args.output.resolve()
+        ensure_writable(output_dir)
+        fingerprint = {
+            "weights": _weights_fingerprint(resources),
+            "backend": args.backend,
+            "output_dtype": args.output_dtype,
+            "level": args.level,
+            "channel": args.channel,
+            "zarr_levels": args.zarr_levels,
+            "time_budget_s": args.time_budget,
+        }
+        options = {
+            "level": args.level,
+            "channel": args.channel,
+            "zarr_levels": args.zarr_levels,
+            "overwrite": args.overwrite,
+        }
+        jobs = plan_jobs(
+            inputs,
+            output_dir,
+            args.output_format,
+            output_dtype=args.output_dtype,
+            time_budget_s=args.time_budget,
+            fingerprint=fingerprint,
+            **options,
+        )
+        threads, ram_gib = args.threads, args.ram_budget
+        if args.scheduler:
+            client = distributed.Client(args.scheduler, timeout="20s")
+            cluster_info: dict[str, Any] = {"scheduler": args.scheduler}
+        else:
+            gpus = visible_gpus(args.device)
+            workers = args.workers or default_workers(len(gpus), os.cpu_count() or 1)
+            threads = threads or max(1, (os.cpu_count() or 1) // workers)
+            if ram_gib is None:
+                ram_gib = round(0.85 * _available_ram_gib() / workers, 2)
+            cluster = start_local_cluster(workers, threads, gpus, args.dashboard)
+            client = distributed.Client(cluster)
+            cluster_info = {
+                "scheduler": cluster.scheduler_address,
+                "local_workers": workers,
+                "gpus": gpus,
+                "dashboard": client.dashboard_link if args.dashboard else None,
+            }
+        settings = WorkerSettings(
+            str(resources),
+            args.device,
+            args.backend,
+            threads,
+            args.vram_budget,
+            ram_gib,
+            logging.INFO if args.verbose else logging.WARNING,
+        )
+        client.register_plugin(FuserPlugin(settings), name=PLUGIN_NAME)
+        cluster_info["workers"] = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        cluster_info["threads_per_worker"] = threads
+        report.update(
+            {
+                "resources": str(resources),
+                "cluster": cluster_info,
+                "settings": asdict(settings),
+                "fingerprint": fingerprint,
+            }
+        )
+        log.info("%d input(s) on %d worker(s) (%s)", len(jobs), cluster_info["workers"], cluster_info["scheduler"])
+        entries = run_batch(client, jobs, progress=Progress(len(jobs)))
+    except (SetupError, MissingDependency, OSError, RuntimeError, ValueError) as exc:
+        log.error("%s", exc)
+        report["error"] = str(exc)
+        _write_report(args.report, report)
+        _close(client, cluster)
+        return 2
+    _close(client, cluster)
+    refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
+    report["files"] = entries
+    report["written"] = sum(e["status"] == "ok" for e in entries)
+    report["skipped"] = sum(e["status"] == "skipped" for e in entries)
+    report["refused"] = refused
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    _write_report(args.report, report)
+    log.info(
+        "done: %d written, %d skipped (verified complete), %d refused, %.1f s",
+        report["written"],
+        report["skipped"],
+        len(refused),
+        report["seconds"],
+    )
+    return 1 if refused else 0
+
+
+def _close(client: Any, cluster: Any) -> None:
+    for thing in (client, cluster):
+        if thing is not None:
+            try:
+                thing.close()
+            except Exception as exc:  # closing must not hide the run's own result
+                log.debug("closing %s: %s", type(thing).__name__, exc)
+
+
+def _write_report(path: Path | None, report: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    # run the importable module's main, so that pickled classes and functions are
+    # ``fusemycells.batch.*`` on the workers, not ``__main__.*``
+    from fusemycells.batch import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,377 @@
+"""OME-Zarr (NGFF 0.4 and 0.5) input and output of ZYX stacks, for :mod:`fusemycells.batch`.
+
+Reading takes one resolution level of a multiscale image: its spacing is the ``scale`` of the
+level's ``coordinateTransformations`` (times the multiscale-wide one, when present), converted
+to µm with the ``unit`` of each axis. Writing streams a plane source (``.shape``, ``.dtype``,
+``.planes(z0, z1)``, ZYX) slab by slab into a multiscale image (NGFF 0.5, Zarr v3): level 0 on
+the input grid, each further level halves Y and X (2×2 mean), so no more than one slab per level
+is held besides what the source holds. The metadata are written by ``ome_zarr`` (the OME-NGFF
+reference library); the arrays by ``zarr``.
+
+``zarr`` and ``ome-zarr`` are optional (``pip install -r requirements-scale.txt``): this module
+imports without them and raises :class:`MissingDependency` naming what to install when used.
+Volumes are ZYX; spacings are (z, y, x) in µm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INSTALL_HINT = "pip install -r requirements-scale.txt"
+ZARR_SUFFIXES = (".zarr",)
+SLAB = 16
+"""Planes written per step; also the Z chunk size, so every chunk is written exactly once."""
+CHUNK_YX = 256
+"""Y and X chunk size (pixels) of every level."""
+MIN_LEVEL_YX = 128
+"""Automatic pyramids stop before a level whose smaller Y/X side would fall below this (pixels)."""
+MAX_LEVELS = 5
+
+_UM_PER_UNIT = {
+    **dict.fromkeys(("micrometer", "micrometre", "micron", "um", "\u00b5m", "\u03bcm"), 1.0),
+    **dict.fromkeys(("nanometer", "nanometre", "nm"), 1e-3),
+    **dict.fromkeys(("angstrom",), 1e-4),
+    **dict.fromkeys(("picometer", "pm"), 1e-6),
+    **dict.fromkeys(("millimeter", "millimetre", "mm"), 1e3),
+    **dict.fromkeys(("centimeter", "cm"), 1e4),
+    **dict.fromkeys(("meter", "metre", "m"), 1e6),
+}
+"""µm per NGFF space unit (the UDUNITS names the specification lists, and common abbreviations)."""
+CHANNEL_NAMES = ("nucleus", "membrane")
+
+
+class MissingDependency(ImportError):
+    """An optional scale-out package is not installed (the message says what to install)."""
+
+
+class OmeZarrError(ValueError):
+    """A store is not a readable single OME-Zarr image, or the requested level does not exist."""
+
+
+def require_zarr() -> tuple[Any, Any]:
+    """(zarr, ome_zarr.writer) modules, or :class:`MissingDependency` with the install command."""
+    try:
+        import ome_zarr.writer
+        import zarr
+    except ImportError as exc:
+        raise MissingDependency(
+            f"OME-Zarr needs the optional packages zarr and ome-zarr ({exc.name} is missing): {INSTALL_HINT}"
+        ) from exc
+    return zarr, ome_zarr.writer
+
+
+def ome_attributes(path: Path) -> dict[str, Any] | None:
+    """The OME attributes of a Zarr group (NGFF 0.5: ``attributes.ome``; 0.4: ``.zattrs``), or None.
+
+    Reads only the group's JSON metadata file, so it is cheap and needs no zarr installed.
+    """
+    path = Path(path)
+    try:
+        if (path / "zarr.json").is_file():
+            meta = json.loads((path / "zarr.json").read_text())
+            attrs = meta.get("attributes", {})
+            return dict(attrs.get("ome", attrs)) if isinstance(attrs, dict) else None
+        if (path / ".zattrs").is_file():
+            attrs = json.loads((path / ".zattrs").read_text())
+            return attrs if isinstance(attrs, dict) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return None
+
+
+def is_ome_zarr(path: Path) -> bool:
+    """True when ``path`` is a folder holding an OME-Zarr multiscale image."""
+    attrs = ome_attributes(path) if Path(path).is_dir() else None
+    return bool(attrs) and isinstance(attrs.get("multiscales"), list) and bool(attrs["multiscales"])
+
+
+def um_per_unit(unit: Any) -> tuple[float, str]:
+    """(µm per ``unit``, warning) for an NGFF axis unit; a missing or unknown unit is read as µm (with a warning)."""
+    if unit is None or not str(unit).strip():
+        return 1.0, "axis unit missing: scale read as µm"
+    key = str(unit).strip().lower()
+    if key in _UM_PER_UNIT:
+        return _UM_PER_UNIT[key], ""
+    return 1.0, f"axis unit {unit!r} not recognised: scale read as µm"
+
+
+def _scale_of(transformations: Any, ndim: int) -> list[float] | None:
+    """The 'scale' vector of a coordinateTransformations list (None when there is none)."""
+    for item in transformations or []:
+        if isinstance(item, dict) and item.get("type") == "scale":
+            scale = item.get("scale")
+            if isinstance(scale, list) and len(scale) == ndim:
+                return [float(v) for v in scale]
+    return None
+
+
+def _axis_names(axes: Any, ndim: int) -> list[dict[str, Any]]:
+    """Axes as dicts with 'name' (NGFF 0.3 wrote plain strings; 0.1/0.2 had none: TCZYX)."""
+    if axes is None:
+        axes = ["t", "c", "z", "y", "x"][-ndim:]
+    out = [dict(a) if isinstance(a, dict) else {"name": str(a)} for a in axes]
+    if len(out) != ndim:
+        raise OmeZarrError(f"{len(out)} axes for a {ndim}-dimensional array")
+    return out
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One level of an OME-Zarr image as the pipeline reads it: ZYX shape, spacing in µm."""
+
+    path: Path
+    level: int
+    array_path: str  # the level's array inside the store ('0', 's1', ...)
+    array_shape: tuple[int, ...]  # as stored (with its singleton t/c axes)
+    axes: tuple[str, ...]  # names, as stored
+    shape: tuple[int, int, int]  # ZYX after dropping singleton non-spatial axes
+    dtype: np.dtype
+    spacing: tuple[float, float, float]  # (z, y, x) µm
+    channel: str | None  # 'nucleus' / 'membrane' when the metadata say so
+    levels: int  # how many levels the image has
+    name: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def level_info(
+    multiscale: dict[str, Any], level: int, array_shape: Sequence[int], dtype: Any, path: Path, omero: Any = None
+) -> LevelInfo:
+    """Parse one multiscale entry for ``level`` (pure: the array's shape and dtype are passed in).
+
+    Spacing: the level's ``scale`` times the multiscale-wide ``scale`` (NGFF), per axis, in µm
+    after the axis ``unit``. Singleton axes other than z, y, x are dropped; a missing z axis makes
+    a single slice (spacing 1 µm, with a warning). Raises :class:`OmeZarrError` for an unknown
+    level, a non-singleton channel/time axis, or a non-positive scale.
+    """
+    datasets = multiscale.get("datasets") or []
+    if not 0 <= level < len(datasets):
+        raise OmeZarrError(f"{path.name}: level {level} not found (the image has {len(datasets)} level(s))")
+    dataset = datasets[level]
+    ndim = len(array_shape)
+    axes = _axis_names(multiscale.get("axes"), ndim)
+    names = [str(a.get("name", "")).lower() for a in axes]
+    scale = _scale_of(dataset.get("coordinateTransformations"), ndim) or [1.0] * ndim
+    overall = _scale_of(multiscale.get("coordinateTransformations"), ndim) or [1.0] * ndim
+    warnings: list[str] = []
+    if _scale_of(dataset.get("coordinateTransformations"), ndim) is None:
+        warnings.append(f"level {level} has no scale transformation: spacing 1 per axis")
+    extra = [(n, s) for n, s in zip(names, array_shape) if n not in ("z", "y", "x") and s > 1]
+    if extra:
+        found = ", ".join(f"{n}={s}" for n, s in extra)
+        raise OmeZarrError(f"{path.name}: non-singleton axes beyond z, y, x ({found}) are not supported")
+    if "y" not in names or "x" not in names:
+        raise OmeZarrError(f"{path.name}: axes {names} lack y or x")
+    spacing: dict[str, float] = {}
+    for axis in ("z", "y", "x"):
+        if axis not in names:
+            continue
+        i = names.index(axis)
+        factor, warning = um_per_unit(axes[i].get("unit"))
+        if warning and warning not in warnings:
+            warnings.append(warning)
+        value = scale[i] * overall[i] * factor
+        if not (math.isfinite(value) and value > 0):
+            raise OmeZarrError(
+                f"{path.name}: scale of axis {axis} is {scale[i] * overall[i]!r}, not a positive spacing"
+            )
+        spacing[axis] = value
+    nz = array_shape[names.index("z")] if "z" in names else 1
+    if "z" not in names:
+        spacing["z"] = 1.0
+        warnings.append("no z axis: read as a single slice with spacing 1 µm")
+    shape = (int(nz), int(array_shape[names.index("y")]), int(array_shape[names.index("x")]))
+    return LevelInfo(
+        path=path,
+        level=level,
+        array_path=str(dataset.get("path")),
+        array_shape=tuple(int(n) for n in array_shape),
+        axes=tuple(names),
+        shape=shape,
+        dtype=np.dtype(dtype),
+        spacing=(spacing["z"], spacing["y"], spacing["x"]),
+        channel=channel_of(omero, multiscale.get("name"), path.name),
+        levels=len(datasets),
+        name=multiscale.get("name"),
+        warnings=warnings,
+    )
+
+
+def channel_of(omero: Any, *names: Any) -> str | None:
+    """'nucleus' or 'membrane' from the omero channel label, else the image or store name; None if none says."""
+    labels: list[Any] = []
+    if isinstance(omero, dict):
+        labels += [c.get("label") for c in omero.get("channels", []) if isinstance(c, dict)]
+    for text in [*labels, *names]:
+        if not isinstance(text, str):
+            continue
+        lowered = text.lower()
+        for channel in CHANNEL_NAMES:
+            if channel[:5] in lowered:  # nuclei, nucleus, membranes, ...
+                return channel
+    return None
+
+
+def open_level(path: Path, level: int = 0) -> LevelInfo:
+    """Metadata of one level of the OME-Zarr image at ``path`` (the pixels are not read)."""
+    zarr, _ = require_zarr()
+    path = Path(path)
+    attrs = ome_attributes(path)
+    if not attrs or not attrs.get("multiscales"):
+        raise OmeZarrError(f"{path.name}: not an OME-Zarr image (no multiscales metadata)")
+    multiscale = attrs["multiscales"][0]
+    datasets = multiscale.get("datasets") or []
+    if not 0 <= level < len(datasets):
+        raise OmeZarrError(f"{path.name}: level {level} not found (the image has {len(datasets)} level(s))")
+    array = zarr.open_array(str(path / str(datasets[level]["path"])), mode="r")
+    return level_info(multiscale, level, array.shape, array.dtype, path, attrs.get("omero"))
+
+
+def read_level(info: LevelInfo) -> np.ndarray:
+    """The pixels of a level as a ZYX array in the stored dtype (singleton t/c axes dropped)."""
+    zarr, _ = require_zarr()
+    array = zarr.open_array(str(info.path / info.array_path), mode="r")
+    return np.asarray(array[...]).reshape(info.shape)
+
+
+def auto_levels(shape: Sequence[int]) -> int:
+    """Pyramid levels for a ZYX shape: halve Y/X while the smaller side stays ≥ :data:`MIN_LEVEL_YX` (≤ :data:`MAX_LEVELS`)."""
+    levels, side = 1, min(shape[1], shape[2])
+    while levels < MAX_LEVELS and side // 2 >= MIN_LEVEL_YX:
+        levels, side = levels + 1, side // 2
+    return levels
+
+
+def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, int, int]]:
+    """ZYX shape of each pyramid level: Z kept, Y and X halved (rounded up) per level."""
+    out = [(int(shape[0]), int(shape[1]), int(shape[2]))]
+    for _ in range(1, levels):
+        z, y, x = out[-1]
+        out.append((z, -(-y // 2), -(-x // 2)))
+    return out
+
+
+def downsample_yx(block: np.ndarray) -> np.ndarray:
+    """2×2 mean over Y and X of a ZYX block (float32; an odd last row/column is averaged with itself)."""
+    data = np.asarray(block, dtype=np.float32)
+    pad = ((0, 0), (0, data.shape[1] % 2), (0, data.shape[2] % 2))
+    if any(p[1] for p in pad):
+        data = np.pad(data, pad, mode="edge")
+    nz, ny, nx = data.shape
+    return data.reshape(nz, ny // 2, 2, nx // 2, 2).mean(axis=(2, 4), dtype=np.float32)
+
+
+def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``block`` in ``dtype`` (rounded and clipped to the range of an integer type)."""
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(block), info.min, info.max).astype(dtype)
+    return block.astype(dtype, copy=False)
+
+
+def pyramid_slabs(source: Any, levels: int, slab: int = SLAB) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(z0, z1, [block of each level]) for consecutive Z slabs of a plane source (ZYX, source dtype)."""
+    dtype = np.dtype(getattr(source, "dtype", np.float32))
+    for z0 in range(0, source.shape[0], slab):
+        z1 = min(source.shape[0], z0 + slab)
+        block = np.asarray(source.planes(z0, z1))
+        blocks = [_cast(block, dtype)]
+        current = block
+        for _ in range(1, levels):
+            current = downsample_yx(current)
+            blocks.append(_cast(current, dtype))
+        yield z0, z1, blocks
+
+
+def multiscale_datasets(spacing: Sequence[float], levels: int) -> list[dict[str, Any]]:
+    """NGFF ``datasets`` entries: level k scales Y/X spacing (µm) by 2^k, translated by half the extra pixel size."""
+    z, y, x = (float(s) for s in spacing)
+    out = []
+    for k in range(levels):
+        f = 2**k
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [z, y * f, x * f]}]
+        if k:
+            transforms.append({"type": "translation", "translation": [0.0, y * (f - 1) / 2, x * (f - 1) / 2]})
+        out.append({"path": str(k), "coordinateTransformations": transforms})
+    return out
+
+
+def write_ome_zarr(
+    path: Path,
+    source: Any,
+    spacing: Sequence[float],
+    channel: str | None = None,
+    name: str | None = None,
+    levels: int | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write a ZYX plane source as a multiscale OME-Zarr image (NGFF 0.5) at ``path``; returns what was written.
+
+    ``spacing`` is (z, y, x) µm of level 0; ``levels`` defaults to :func:`auto_levels`. The store
+    is built under ``.<name>.partial`` next to ``path`` and renamed into place when complete (an
+    existing store at ``path`` is replaced then). Chunks: (:data:`SLAB`, ≤ :data:`CHUNK_YX`,
+    ≤ :data:`CHUNK_YX`). ``extra`` is stored under the image's ``fusemycells`` attribute.
+    """
+    zarr, writer = require_zarr()
+    from ome_zarr.format import FormatV05
+
+    path = Path(path)
+    shape = tuple(int(n) for n in source.shape)
+    if len(shape) != 3:
+        raise ValueError(f"expected a ZYX source, got shape {shape}")
+    dtype = np.dtype(getattr(source, "dtype", np.float32))
+    levels = auto_levels(shape) if levels is None else max(1, int(levels))
+    shapes = level_shapes(shape, levels)
+    tmp = path.with_name(f".{path.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        arrays = [
+            group.create_array(
+                str(k),
+                shape=s,
+                chunks=(min(SLAB, s[0]), min(CHUNK_YX, s[1]), min(CHUNK_YX, s[2])),
+                dtype=dtype,
+                dimension_names=("z", "y", "x"),
+            )
+            for k, s in enumerate(shapes)
+        ]
+        for z0, z1, blocks in pyramid_slabs(source, levels):
+            for array, block in zip(arrays, blocks):
+                array[z0:z1] = block
+            if progress is not None:
+                progress(z1, shape[0])
+        axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
+        writer.write_multiscales_metadata(
+            group,
+            multiscale_datasets(spacing, levels),
+            fmt=FormatV05(),
+            axes=axes,
+            name=name or path.name,
+            metadata={"omero": {"channels": [{"label": channel or "fused"}]}} if channel else {},
+        )
+        if extra:
+            group.attrs["fusemycells"] = extra
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "path": str(path),
+        "levels": levels,
+        "shapes": [list(s) for s in shapes],
+        "dtype": str(dtype),
+        "spacing_um": [float(s) for s in spacing],
+    }

@@ -1,0 +1,363 @@
+"""Scale-out runs (fusemycells.batch): a 2-worker local dask cluster, resume, worker death, OME-Zarr, CLI.
+
+The cluster tests share one 2-process cluster (about 5 s to start here) and the fixture networks.
+They need the optional packages of requirements-scale.txt (CI installs them); the resume and
+planning tests run without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import REPO, blob_volume, write_case
+
+from fusemycells import batch
+from fusemycells.batch import SetupError, WorkerSettings, collect_inputs, plan_jobs, run_job, verify_complete
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
+from fusemycells.io import read_volume
+
+needs_scale = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("distributed", "zarr", "ome_zarr")),
+    reason="optional scale-out packages missing: pip install -r requirements-scale.txt",
+)
+
+CASES = [  # (shape ZYX, seed, channel, spacing µm ZYX)
+    ((12, 40, 36), 0, "nucleus", (1.0, 0.39, 0.39)),
+    ((10, 48, 40), 1, "membrane", (2.0, 0.3, 0.3)),
+    ((14, 36, 44), 2, "nucleus", (1.2, 0.5, 0.5)),
+    ((12, 44, 40), 3, "membrane", (1.0, 0.39, 0.39)),
+]
+
+
+def make_inputs(folder: Path, cases: list = CASES) -> list[Path]:
+    """Challenge-style TIFFs of blob volumes in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        write_case(folder, f"case_{i}_{c}.tif", blob_volume(shape, seed), spacing=sp, channel=c)
+        for i, (shape, seed, c, sp) in enumerate(cases)
+    ]
+
+
+class StallOnce:
+    """Test hook: the first attempt at file ``name`` writes its worker's pid to ``marker`` and stalls; later attempts run at once."""
+
+    def __init__(self, name: str, marker: Path, seconds: float = 120.0) -> None:
+        self.name, self.marker, self.seconds = name, marker, seconds
+
+    def __call__(self, name: str) -> None:
+        if name == self.name and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(self.seconds)
+
+
+def wait_for_file(path: Path, timeout: float = 60.0) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and (text := path.read_text()):
+            return text
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear in {timeout} s")
+
+
+@pytest.fixture
+def fuser(fixture_resources: Path) -> Iterator[Any]:
+    """An in-process Fuser on the fixture networks (CPU, one thread), as a worker builds it."""
+    yield batch._make_fuser(WorkerSettings(str(fixture_resources), device="cpu", threads=1))
+
+
+@pytest.fixture(scope="module")
+def client(fixture_resources: Path) -> Iterator[Any]:
+    """A client of a 2-worker local cluster (processes) with the Fuser plugin on the fixture networks."""
+    if any(importlib.util.find_spec(m) is None for m in ("distributed", "zarr", "ome_zarr")):
+        pytest.skip("optional scale-out packages missing: pip install -r requirements-scale.txt")
+    from distributed import Client
+
+    cluster = batch.start_local_cluster(2, 1, [])
+    dask_client = Client(cluster)
+    dask_client.register_plugin(
+        batch.FuserPlugin(WorkerSettings(str(fixture_resources), device="cpu", threads=1)), name=batch.PLUGIN_NAME
+    )
+    yield dask_client
+    dask_client.close()
+    cluster.close()
+
+
+# --- without a cluster -------------------------------------------------------------------
+
+
+def test_package_imports_without_the_optional_packages_and_batch_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "for name in ('dask', 'distributed', 'zarr', 'ome_zarr'): sys.modules[name] = None\n"
+        "import fusemycells, fusemycells.pipeline, fusemycells.omezarr\n"
+        "from fusemycells import batch\n"
+        f"sys.exit(batch.main([{str(tmp_path)!r}, '--output', {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install -r requirements-scale.txt" in proc.stderr
+
+
+def test_inputs_are_tiffs_and_ome_zarr_images_and_outputs_keep_their_names(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    tif = make_inputs(folder, CASES[:1])[0]
+    store = folder / "t0_membrane.ome.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"multiscales": [{"datasets": []}]}}})
+    )
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "plain.zarr").mkdir()  # a Zarr folder that is not an OME image
+    found = collect_inputs([folder])
+    assert found == [(tif.resolve(), "tiff"), (store.resolve(), "ome-zarr")]
+    jobs = plan_jobs(found, tmp_path / "out", "auto")
+    assert [(Path(j.output).name, j.output_format) for j in jobs] == [(tif.name, "tiff"), (store.name, "ome-zarr")]
+    as_zarr = plan_jobs(found[:1], tmp_path / "out", "ome-zarr")
+    as_tiff = plan_jobs(found[1:], tmp_path / "out", "tiff")
+    assert (
+        Path(as_zarr[0].output).name == "case_0_nucleus.ome.zarr" and Path(as_tiff[0].output).name == "t0_membrane.tif"
+    )
+    with pytest.raises(SetupError, match="both be written"):
+        plan_jobs([found[0], (folder.parent / "other" / tif.name, "tiff")], tmp_path / "out")
+    with pytest.raises(SetupError, match="not found"):
+        collect_inputs([tmp_path / "missing"])
+
+
+def test_verified_outputs_are_skipped_and_anything_else_is_redone(fuser: Any, tmp_path: Path) -> None:
+    source = make_inputs(tmp_path / "in", CASES[:1])[0]
+    job = plan_jobs(collect_inputs([source]), tmp_path / "out", fingerprint={"weights": "w1"})[0]
+    output = Path(job.output)
+    assert verify_complete(job) == (False, "no completion record")
+    first = run_job(job, fuser=fuser)
+    assert first["status"] == "ok" and batch.record_path(output).is_file()
+    written = output.read_bytes()
+    assert run_job(job, fuser=fuser)["status"] == "skipped"
+    # same size, one byte changed: the checksum catches it, and the file is fused again
+    corrupt = bytearray(written)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    output.write_bytes(bytes(corrupt))
+    assert verify_complete(job) == (False, "output checksum differs from its record")
+    assert run_job(job, fuser=fuser)["status"] == "ok"
+    assert output.read_bytes() == written
+    # a truncated output, other weights, a changed input, a lost record: not complete
+    assert verify_complete(replace(job, fingerprint={"weights": "w2"})) == (
+        False,
+        "made with other settings or weights",
+    )
+    output.write_bytes(written[:-10])
+    assert verify_complete(job)[1] == "output size differs from its record"
+    output.write_bytes(written)
+    assert verify_complete(job)[0]
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert verify_complete(job) == (False, "input changed since")
+    batch.record_path(output).unlink()
+    assert verify_complete(job) == (False, "no completion record")
+
+
+def test_a_bad_file_is_refused_without_a_record(fuser: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "in" / "broken.tif"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a tiff at all")
+    job = plan_jobs(collect_inputs([bad]), tmp_path / "out")[0]
+    entry = run_job(job, fuser=fuser)
+    assert entry["status"] == "refused" and "not a readable TIFF" in entry["error"]
+    assert not batch.record_path(Path(job.output)).exists()
+
+
+def test_channel_flag_overrides_the_file_metadata(fuser: Any, tmp_path: Path) -> None:
+    source = make_inputs(tmp_path / "in", CASES[:1])[0]  # a nucleus stack
+    job = plan_jobs(collect_inputs([source]), tmp_path / "out", channel="membrane")[0]
+    entry = run_job(job, fuser=fuser)
+    assert entry["status"] == "ok" and entry["channel"] == "membrane"
+    assert read_volume(Path(job.output)).channel == "membrane"
+
+
+@needs_scale
+def test_setup_errors_exit_2_before_any_cluster_starts(fixture_resources: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    assert batch.main([str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--report", str(report)]) == 2
+    assert "input not found" in json.loads(report.read_text())["error"]
+    make_inputs(tmp_path / "in", CASES[:1])
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    assert (
+        batch.main(
+            [
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "out"),
+                "--resources",
+                str(empty),
+                "--report",
+                str(report),
+            ]
+        )
+        == 2
+    )
+    assert "manifest" in json.loads(report.read_text())["error"]
+    assert batch.main([str(tmp_path / "empty-folder-missing"), "--output", str(tmp_path / "out")]) == 2
+
+
+# --- on a 2-worker local cluster ---------------------------------------------------------
+
+
+@needs_scale
+def test_two_workers_write_what_inference_writes_file_by_file(
+    client: Any, fixture_resources: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "gc"
+    inputs = make_inputs(root / INPUT_SUBDIR)
+    cmd = [
+        sys.executable,
+        str(REPO / "inference.py"),
+        "--input",
+        str(root),
+        "--output",
+        str(root),
+        "--resources",
+        str(fixture_resources),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(REPO)
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = plan_jobs(collect_inputs([root / INPUT_SUBDIR]), tmp_path / "out", fingerprint={"weights": "fixture"})
+    entries = batch.run_batch(client, jobs)
+    assert [e["status"] for e in entries] == ["ok"] * len(CASES)
+    assert [e["file"] for e in entries] == [p.name for p in inputs]  # input order, whatever finished first
+    assert len({e["pid"] for e in entries}) == 2  # both workers took files
+    for path in inputs:
+        ours, theirs = tmp_path / "out" / path.name, root / OUTPUT_SUBDIR / path.name
+        np.testing.assert_array_equal(tifffile.imread(ours), tifffile.imread(theirs))
+        a, b = read_volume(ours), read_volume(theirs)
+        assert (a.spacing, a.channel) == (b.spacing, b.channel)
+
+
+@needs_scale
+def test_a_file_whose_worker_is_killed_is_finished_by_another_worker(client: Any, tmp_path: Path) -> None:
+    make_inputs(tmp_path / "in")
+    jobs = plan_jobs(collect_inputs([tmp_path / "in"]), tmp_path / "out")
+    marker = tmp_path / "stalled.pid"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(batch.run_batch, client, jobs, StallOnce(jobs[1].name, marker))
+        killed = int(wait_for_file(marker))
+        os.kill(killed, signal.SIGKILL)  # a worker process of this test's cluster, mid-file
+        entries = running.result(timeout=120)
+    assert [e["status"] for e in entries] == ["ok"] * len(jobs)
+    assert entries[1]["pid"] != killed
+    assert all(verify_complete(job)[0] for job in jobs)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+
+
+@needs_scale
+def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
+    client: Any, fixture_resources: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    make_inputs(folder, CASES[:2])
+    (folder / "broken.tif").write_bytes(b"not a tiff")
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = [
+        str(folder),
+        "--output",
+        str(out),
+        "--scheduler",
+        client.scheduler.address,
+        "--resources",
+        str(fixture_resources),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--report",
+        str(report),
+    ]
+    assert batch.main(argv) == 1
+    data = json.loads(report.read_text())
+    assert data["refused"] == ["broken.tif"] and data["written"] == 2 and data["cluster"]["workers"] == 2
+    by_name = {e["file"]: e for e in data["files"]}
+    assert "not a readable TIFF" in by_name["broken.tif"]["error"]
+    assert all(
+        by_name[n]["worker"] and by_name[n]["seconds"]["total"] > 0
+        for n in ("case_0_nucleus.tif", "case_1_membrane.tif")
+    )
+    (folder / "broken.tif").unlink()
+    assert batch.main(argv) == 0
+    assert json.loads(report.read_text())["skipped"] == 2
+
+
+@needs_scale
+def test_ome_zarr_in_and_out_keeps_spacing_and_fuses_like_the_tiff(
+    client: Any, fixture_resources: Path, tmp_path: Path
+) -> None:
+    import zarr
+    from ome_zarr.writer import write_image
+
+    data = blob_volume((12, 40, 36), seed=7)
+    spacing = (1.5, 0.4, 0.4)
+    tif = write_case(tmp_path / "tif", "embryo_nucleus.tif", data, spacing=spacing, channel="nucleus")
+    store = tmp_path / "zarr" / "embryo_nucleus.ome.zarr"
+    group = zarr.open_group(str(store), mode="w", zarr_format=3)
+    write_image(
+        data,
+        group,
+        scale_factors=[2],
+        axes="zyx",
+        scale=dict(zip("zyx", spacing)),
+        axes_units=dict.fromkeys("zyx", "micrometer"),
+    )
+    out = tmp_path / "out"
+    argv = [
+        str(tif),
+        str(store),
+        "--output",
+        str(out),
+        "--scheduler",
+        client.scheduler.address,
+        "--resources",
+        str(fixture_resources),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--zarr-levels",
+        "2",
+    ]
+    assert batch.main(argv) == 0
+    from fusemycells import omezarr
+
+    level0 = omezarr.open_level(out / store.name, 0)
+    assert level0.shape == data.shape and level0.spacing == pytest.approx(spacing) and level0.channel == "nucleus"
+    assert omezarr.open_level(out / store.name, 1).shape == (12, 20, 18)
+    np.testing.assert_array_equal(omezarr.read_level(level0), tifffile.imread(out / tif.name))
+    assert verify_complete(plan_jobs(collect_inputs([store]), out, fingerprint=_fingerprint(out / store.name))[0])[0]
+
+
+def _fingerprint(output: Path) -> dict[str, Any]:
+    return json.loads(batch.record_path(output).read_text())["fingerprint"]
+
+
+def test_the_image_gets_none_of_the_scale_out_packages() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    image_requirements = (REPO / "requirements.txt").read_text().lower()
+    assert "requirements-scale" not in dockerfile
+    assert not any(name in image_requirements for name in ("dask", "distributed", "zarr"))
