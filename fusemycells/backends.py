@@ -1,7 +1,7 @@
 """Network runners: TorchScript (``torch.jit.load``) and ONNX (onnxruntime).
 
 A runner maps a float32 NCZYX numpy batch to a float32 N1ZYX numpy batch and says which
-backend and execution provider really ran it. Device choice comes from :mod:`fusemycells.budget`.
+backend and execution provider really ran it. Device choice comes from :mod:`fusemycells.devices`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .budget import free_device_cache, is_out_of_memory
 from .config import FORMATS, MANIFEST_NAME, Manifest, ManifestError, StageSpec, verified_path
+from .devices import free_device_cache, is_out_of_memory
 
 log = logging.getLogger(__name__)
 

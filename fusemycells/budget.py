@@ -1,22 +1,29 @@
-"""Device and memory policy: the one place that decides where and how big the work runs.
+"""Time and memory policy: the one place that decides where and how big the work runs.
 
-Everything that depends on the machine (device choice, fp16, patch batch size, CPU threads,
-memory limits) is decided here and recorded in the run report.
+Decisions that depend on the machine (fp16, patch batch size, CPU threads, memory limits, time
+per file) are made here from the facts :mod:`fusemycells.devices` reports, and recorded in the
+run report.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .devices import (
+    available_ram_bytes,
+    choose_device,
+    free_device_cache,
+    free_vram_gib,
+    is_out_of_memory,
+    nvidia_driver_version,
+)
+from .sources import shape_for_spacing
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +37,6 @@ RAM_SAFE_FRACTION = 0.85
 """Share of the available RAM a file may need when no ``--ram-budget`` is given."""
 LEARN_MARGIN = 1.25
 """Safety factor on a per-voxel rate learned from a finished file (see :class:`LinearCost`)."""
-NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
-"""Where the host's NVIDIA kernel driver states its version (absent without a GPU driver)."""
 
 
 @dataclass
@@ -67,21 +72,6 @@ def default_stage_costs() -> dict[str, LinearCost]:
     return {"global": LinearCost(fixed_s=2.0, per_voxel_s=5e-8), "finish": LinearCost(fixed_s=2.0, per_voxel_s=2.5e-7)}
 
 
-def parse_driver_version(text: str) -> str | None:
-    """The NVIDIA kernel driver version (e.g. '535.104.05') in the text of :data:`NVIDIA_VERSION_FILE`."""
-    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", text)
-    return match.group(1) if match else None
-
-
-def nvidia_driver_version(path: str = NVIDIA_VERSION_FILE) -> str | None:
-    """The host's NVIDIA driver version, or None when no NVIDIA driver is visible."""
-    try:
-        with open(path) as handle:
-            return parse_driver_version(handle.read())
-    except OSError:
-        return None
-
-
 def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> int:
     """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
 
@@ -91,107 +81,12 @@ def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tup
     and a fixed 1 GiB for the networks, the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
-    high = [max(1, round(n * s / target_spacing)) for n, s in zip(shape, spacing)]
+    high = shape_for_spacing(shape, spacing, (target_spacing,) * 3)
     n_high = float(np.prod(high, dtype=np.float64))
     slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
     compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
     correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (Fuser._patch_correction)
     return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + (1 << 30))
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device (False when torch is missing or CPU-only)."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def choose_device(requested: str) -> str:
-    """'cuda' or 'cpu' for a ``--device`` value; 'cuda' without a GPU is an error, 'auto' falls back."""
-    if requested not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"unknown device '{requested}' (expected auto, cuda or cpu)")
-    if requested == "cpu":
-        return "cpu"
-    if cuda_available():
-        return "cuda"
-    if requested == "cuda":
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
-    return "cpu"
-
-
-def free_vram_gib() -> float | None:
-    """Free memory of CUDA device 0 in GiB, or None without CUDA."""
-    if not cuda_available():
-        return None
-    import torch
-
-    free, _total = torch.cuda.mem_get_info()
-    return free / 2**30
-
-
-def proc_status_mib(key: str) -> float | None:
-    """A memory line of /proc/self/status (e.g. 'VmRSS', 'VmHWM') in MiB; None where there is none (not Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB).
-
-    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
-    ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a program started
-    by a parent that once held 1 GB reports at least 1 GB.
-    """
-    peak_mib = proc_status_mib("VmHWM")
-    if peak_mib is not None:
-        return peak_mib
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def peak_vram_mib() -> float | None:
-    """Peak GPU memory torch reserved in this process so far (MiB); None without CUDA in use.
-
-    Covers the TorchScript backend (the default on CUDA); ONNX Runtime's CUDA arena is not seen
-    by torch, so with ``--backend onnx`` this is only torch's share (resampling runs on the CPU).
-    """
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return float(torch.cuda.max_memory_reserved()) / 2**20
-
-
-def available_ram_bytes() -> int | None:
-    """Memory the process may still use: MemAvailable, capped by a cgroup limit when one is set."""
-    candidates: list[int] = []
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            usage_path = path.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
-            try:
-                used = int(open(usage_path).read().strip())
-            except (OSError, ValueError):
-                used = 0
-            candidates.append(int(text) - used)
-    return min(candidates) if candidates else None
 
 
 @dataclass
@@ -328,40 +223,6 @@ DEGRADATION_LEVELS = {
 
 class DeadlineExceeded(RuntimeError):
     """The patch stage would not finish before the file's deadline."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA/ONNX Runtime/host out-of-memory errors."""
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or "failed to allocate memory" in text
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``count`` inside the block, restored after (None: unchanged).
-
-    The count is process-wide, so it also applies to the resampling done meanwhile.
-    """
-    torch = sys.modules.get("torch")
-    if count is None or torch is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def free_device_cache() -> None:
-    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 Predict = Callable[[np.ndarray], np.ndarray]

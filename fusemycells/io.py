@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from .sources import materialise
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SPACING_ZYX_UM: tuple[float, float, float] = (1.0, 0.39, 0.39)
@@ -385,7 +387,7 @@ def write_volume(path: Path, data: Any, like: Volume) -> None:
     shape = tuple(data.shape)
     if like.source_shape is not None and shape != like.source_shape:
         if streamed:
-            data = _materialise(data)
+            data = materialise(data)
             streamed = False
         data = data.reshape(like.source_shape)
         shape = like.source_shape
@@ -406,14 +408,6 @@ def write_volume(path: Path, data: Any, like: Volume) -> None:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)  # never leave a half-written file under the final name
-
-
-def _materialise(source: Any) -> np.ndarray:
-    out = np.empty(source.shape, dtype=getattr(source, "dtype", np.float32))
-    for z0 in range(0, source.shape[0], 16):
-        z1 = min(source.shape[0], z0 + 16)
-        out[z0:z1] = source.planes(z0, z1)
-    return out
 
 
 def list_inputs(directory: Path) -> list[Path]:

@@ -22,28 +22,12 @@ import numpy as np
 
 from . import postprocess
 from .backends import LoadedStage, load_stage, warm_up
-from .budget import (
-    DEGRADATION_LEVELS,
-    BudgetPolicy,
-    DeadlineExceeded,
-    OomLadder,
-    free_device_cache,
-    is_out_of_memory,
-    peak_rss_mib,
-    peak_vram_mib,
-    torch_threads,
-)
+from .budget import DEGRADATION_LEVELS, BudgetPolicy, DeadlineExceeded, OomLadder
 from .config import ChannelSpec, Manifest
+from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib, torch_threads
 from .io import InputError, Volume, list_inputs, read_volume, write_volume
-from .preprocess import (
-    ArraySource,
-    PlaneSource,
-    ResizedSource,
-    intensity_affine,
-    materialise,
-    sanitise_inplace,
-    shape_for_spacing,
-)
+from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .sources import ArraySource, PlaneSource, materialise, shape_for_spacing
 from .stitching import count_windows, sliding_window
 
 log = logging.getLogger(__name__)

@@ -13,38 +13,23 @@ import numpy as np
 from scipy import ndimage
 
 from .config import PostprocessSpec
-from .preprocess import (
-    ArraySource,
-    PlaneSource,
-    ResizedSource,
-    Shape3,
-    materialise,
-    percentile_affine,
-    percentile_normalise,
-    percentiles,
-    resize,
-)
-
-
-def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
-    """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays).
-
-    Both arrays are resized to the coarse grid first, so the full-size difference is never held.
-    """
-    return _weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec)
+from .preprocess import ResizedSource, percentile_affine, percentiles
+from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
 
 
 def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
-    Equal to :func:`difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
+    Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
     |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
     """
-    source = ArraySource(correction) if isinstance(correction, np.ndarray) else correction
-    return _weight_from_coarse(np.abs(materialise(ResizedSource(source, spec.diff_grid, cache=False))), spec)
+    coarse = materialise(ResizedSource(as_source(correction), spec.diff_grid, cache=False))
+    return weight_from_coarse(np.abs(coarse), spec)
 
 
-def _weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+    """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
+    max filter, Gaussian and percentile scaling, sizes in diff-grid voxels."""
     if spec.max_filter > 1:
         coarse = ndimage.maximum_filter(coarse, size=spec.max_filter, mode="nearest")
     if spec.sigma > 0:
@@ -111,19 +96,9 @@ def background_mask(normalised_input: PlaneSource | np.ndarray, spec: Postproces
     """
     if spec.background_threshold <= 0:
         return np.ones(spec.diff_grid, dtype=np.float32)
-    source = ArraySource(normalised_input) if isinstance(normalised_input, np.ndarray) else normalised_input
-    coarse = ndimage.gaussian_filter(materialise(ResizedSource(source, spec.diff_grid, cache=False)), smooth, mode="nearest")
+    coarse = materialise(ResizedSource(as_source(normalised_input), spec.diff_grid, cache=False))
+    coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
     return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
-
-
-def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``inp·(1 − w) + pred·w`` with ``w`` resized to the input grid (ZYX, float32)."""
-    w = resize(weight, inp.shape, antialias=False) if weight.shape != inp.shape else weight
-    np.clip(w, 0.0, 1.0, out=w)
-    out = pred - inp
-    out *= w
-    out += inp
-    return out
 
 
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
@@ -136,35 +111,6 @@ def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = No
     if spec.output_sigma_isotropic_um and spacing is not None and spacing[0] > 0:
         return (sigma * float(spacing[2]) / float(spacing[0]), sigma, sigma)
     return (sigma, sigma, sigma)
-
-
-def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> np.ndarray:
-    """Optional output filters (max filter, Gaussian σ in voxels; both off by default), then percentile normalisation.
-
-    Filters are manifest parameters, switched on only where validation showed they help. ZYX float32;
-    ``spacing`` (ZYX µm) scales the Z σ when the manifest asks for an isotropic filter in µm.
-    """
-    if spec.output_max_filter > 1:
-        volume = ndimage.maximum_filter(volume, size=spec.output_max_filter, mode="nearest")
-    if spec.output_gaussian_sigma > 0:
-        volume = ndimage.gaussian_filter(volume, sigma=output_sigma_zyx(spec, spacing), mode="nearest", output=np.float32)
-    low, high = spec.output_percentiles
-    return percentile_normalise(volume, low, high)
-
-
-def to_output_dtype(volume: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast the final float32 volume: 'float32' as is; 'uint16' by an affine map of [min, max] onto [0, 65535].
-
-    The affine map keeps every value (no clipping), so percentile-normalised scores are unchanged
-    up to quantisation (1/65535 of the range).
-    """
-    if dtype == "float32":
-        return volume.astype(np.float32, copy=False)
-    if dtype == "uint16":
-        lo, hi = float(volume.min()), float(volume.max())
-        scale = 65535.0 / (hi - lo) if hi > lo else 0.0
-        return np.rint((volume - lo) * scale).astype(np.uint16)
-    raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
 
 
 def weight_stats(weight: np.ndarray, bins: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
@@ -209,7 +155,7 @@ def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence
 def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
-    Same values as ``to_output_dtype(finalise(materialised, spec, spacing), dtype)``; the
+    Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the
     percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
     volume is made. ``spacing`` is the stack's ZYX spacing in µm.
     """
@@ -240,23 +186,22 @@ class _AffineSource:
         return np.rint(block).astype(self.round_to) if self.round_to is not None else block
 
 
-def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = 16) -> np.ndarray:
+def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = SLAB) -> np.ndarray:
     """The voxels :func:`percentiles` would sample from the materialised volume (same stride)."""
     nz, ny, nx = source.shape
     size = nz * ny * nx
     stride = max(1, -(-size // max_samples)) if size > max_samples else 1
     parts = []
-    for z0 in range(0, nz, slab):
-        z1 = min(nz, z0 + slab)
+    for z0, z1 in slabs(nz, slab):
         flat = source.planes(z0, z1).reshape(-1)
         first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
         parts.append(flat[first::stride].copy())  # a copy: a strided view would keep the whole slab alive
     return np.concatenate(parts)
 
 
-def _min_max(source: PlaneSource, slab: int = 16) -> tuple[float, float]:
+def _min_max(source: PlaneSource, slab: int = SLAB) -> tuple[float, float]:
     lo, hi = np.inf, -np.inf
-    for z0 in range(0, source.shape[0], slab):
-        block = source.planes(z0, min(source.shape[0], z0 + slab))
+    for z0, z1 in slabs(source.shape[0], slab):
+        block = source.planes(z0, z1)
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
     return lo, hi

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .preprocess import ArraySource, PlaneSource, materialise
+from .sources import ArraySource, PlaneSource, materialise
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,15 @@ from fusemycells.budget import (
     OomLadder,
     default_stage_costs,
     estimate_peak_bytes,
+)
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.devices import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
     peak_vram_mib,
     torch_threads,
 )
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
 from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file
 from fusemycells.stitching import sliding_window
 
@@ -358,7 +360,7 @@ def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
     import sys
 
     held = np.ones(400 * 2**20 // 8)  # 400 MiB touched here: ru_maxrss would hand it to the child
-    code = "import sys; sys.path.insert(0, '.'); from fusemycells.budget import peak_rss_mib; print(peak_rss_mib())"
+    code = "import sys; sys.path.insert(0, '.'); from fusemycells.devices import peak_rss_mib; print(peak_rss_mib())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(child.stdout) < 300  # numpy + the module: tens of MiB
     assert held.sum() > 0

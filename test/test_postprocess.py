@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.postprocess import blend, difference_weight, finalise, to_output_dtype, weight_stats
+from fusemycells.postprocess import weight_stats
+from fusemycells.reference import blend, difference_weight, finalise, to_output_dtype
 
 SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
 
@@ -170,7 +171,7 @@ def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack
     from dataclasses import replace
 
     from fusemycells.postprocess import final_source, output_filters
-    from fusemycells.preprocess import ArraySource, materialise
+    from fusemycells.sources import ArraySource, materialise
 
     vol = np.zeros((12, 16, 16), dtype=np.float32)
     vol[6, 8, 8] = 1.0

@@ -30,7 +30,7 @@ from fusemycells.budget import BudgetPolicy
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, ChannelSpec, load_manifest, sha256_of
 from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume
 from fusemycells.pipeline import FLOAT16_MAX, CaseReport, Fuser
-from fusemycells.preprocess import ArraySource
+from fusemycells.sources import ArraySource
 
 
 def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Streaming (z-range) computations equal their whole-volume counterparts."""
+"""The streamed pipeline steps equal their whole-volume twins in fusemycells.reference."""
 
 from __future__ import annotations
 
@@ -15,24 +15,10 @@ from scipy import ndimage
 import inference
 from fusemycells import budget
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, PostprocessSpec
-from fusemycells.postprocess import (
-    correction_weight,
-    difference_weight,
-    final_source,
-    finalise,
-    output_filters,
-    to_output_dtype,
-)
-from fusemycells.preprocess import (
-    ArraySource,
-    ResizedSource,
-    intensity_affine,
-    materialise,
-    normalise_intensity,
-    resize,
-    sanitise,
-    sanitise_inplace,
-)
+from fusemycells.postprocess import correction_weight, final_source, output_filters
+from fusemycells.preprocess import ResizedSource, intensity_affine, resize, sanitise_inplace
+from fusemycells.reference import difference_weight, finalise, normalise_intensity, sanitise, to_output_dtype
+from fusemycells.sources import ArraySource, materialise
 
 
 def volume(shape=(23, 31, 27), seed=0) -> np.ndarray:
