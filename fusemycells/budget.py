@@ -10,20 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .devices import (
-    available_ram_bytes,
-    choose_device,
-    free_device_cache,
-    free_vram_gib,
-    is_out_of_memory,
-    nvidia_driver_version,
-)
-from .sources import shape_for_spacing
+from .devices import available_ram_bytes, choose_device, free_vram_gib, nvidia_driver_version
+from .sources import Shape3, Spacing3, shape_for_spacing
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +65,52 @@ def default_stage_costs() -> dict[str, LinearCost]:
     return {"global": LinearCost(fixed_s=2.0, per_voxel_s=5e-8), "finish": LinearCost(fixed_s=2.0, per_voxel_s=2.5e-7)}
 
 
-def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> int:
+def estimate_peak_bytes(shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> int:
     """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
 
     The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
     more for small stacks, counted always), the correction on the high-resolution grid (float16,
-    2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers (a 16-plane input slab and a 64-plane H slab, float32 ×8)
-    and a fixed 1 GiB for the networks, the global grid and the libraries.
+    2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers
+    (a 16-plane input slab and a 64-plane H slab, float32 ×8) and a fixed 1 GiB for the networks, the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
     high = shape_for_spacing(shape, spacing, (target_spacing,) * 3)
     n_high = float(np.prod(high, dtype=np.float64))
     slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
     compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
-    correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (Fuser._patch_correction)
+    correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (PatchStage)
     return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + (1 << 30))
 
 
-@dataclass
+class EventLog:
+    """The run's record of budget decisions (out-of-memory fallbacks, degradations), in order.
+
+    Each message is logged as a warning and listed in the run report (``policy.events``).
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        log.warning("budget: %s", message)
+        self.messages.append(message)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.messages)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+@dataclass(frozen=True)
 class BudgetPolicy:
-    """Run-wide decisions; mutable so that a fallback found once is kept for later patches and files."""
+    """Run-wide limits and the decisions derived from them; fixed once the run starts.
+
+    What is learned while running is kept by its owner: the OOM ladder's batch size, sub-patch and
+    CPU fallback by the patch stage (:class:`fusemycells.patch_stage.PatchStage`), the patch rate by
+    its deadline watcher, the stage costs by the :class:`fusemycells.pipeline.Fuser`. ``events``
+    only records.
+    """
 
     device: str
     half: bool
@@ -100,13 +119,9 @@ class BudgetPolicy:
     threads: int | None
     ram_budget_bytes: int | None = None
     started: float = field(default_factory=time.perf_counter)  # perf_counter() at the start of the run
-    max_batch: int | None = None  # lowered by the OOM ladder, kept for later patches and files
-    sub_patch: tuple[int, int, int] | None = None  # set by the OOM ladder: tile each patch this small
-    forced_cpu: bool = False  # the OOM ladder moved the patch stage to the CPU
-    seconds_per_patch: float | None = None  # measured patch-stage rate, kept across files
-    stage_costs: dict[str, LinearCost] = field(default_factory=default_stage_costs)  # learned, kept across files
     nvidia_driver: str | None = None  # host NVIDIA driver version (None: no driver visible)
-    events: list[str] = field(default_factory=list)
+    compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
+    events: EventLog = field(default_factory=EventLog, compare=False)
 
     @classmethod
     def create(
@@ -118,14 +133,13 @@ class BudgetPolicy:
         ram_budget_gib: float | None = None,
         started: float | None = None,
     ) -> BudgetPolicy:
+        """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads."""
         chosen = choose_device(device)
         if chosen == "cuda" and vram_budget_gib is None:
             free = free_vram_gib()
             vram_budget_gib = None if free is None else round(free * VRAM_SAFE_FRACTION, 2)
-        if threads is None:
-            threads = os.cpu_count() or 1
         if ram_budget_gib is not None:
-            ram_budget = int(ram_budget_gib * (1 << 30))
+            ram_budget: int | None = int(ram_budget_gib * (1 << 30))
         else:
             available = available_ram_bytes()
             ram_budget = None if available is None else int(available * RAM_SAFE_FRACTION)
@@ -134,19 +148,21 @@ class BudgetPolicy:
             half=chosen == "cuda",
             vram_budget_gib=vram_budget_gib,
             time_budget_s=time_budget_s,
-            threads=threads,
+            threads=(os.cpu_count() or 1) if threads is None else threads,
             ram_budget_bytes=ram_budget,
             started=time.perf_counter() if started is None else started,
             nvidia_driver=nvidia_driver_version(),
         )
-        ram_text = "unknown" if ram_budget is None else f"{ram_budget / (1 << 30):.1f}"
-        log.info("device %s (fp16 %s), VRAM budget %s GiB, RAM budget %s GiB, time budget %s s, %d CPU threads, NVIDIA driver %s", policy.device, policy.half, vram_budget_gib, ram_text, time_budget_s, threads, policy.nvidia_driver or "none")
+        log.info("%s", policy.describe())
         return policy
 
-    def patch_batch_size(self, manifest_batch: int) -> int:
-        """Patches per forward call: the manifest's value, or less once the OOM ladder lowered it."""
-        size = max(1, manifest_batch)
-        return size if self.max_batch is None else max(1, min(size, self.max_batch))
+    def describe(self) -> str:
+        """One log line: device, budgets, threads, driver."""
+        ram = "unknown" if self.ram_budget_bytes is None else f"{self.ram_budget_bytes / (1 << 30):.1f}"
+        return (
+            f"device {self.device} (fp16 {self.half}), VRAM budget {self.vram_budget_gib} GiB, RAM budget {ram} GiB, "
+            f"time budget {self.time_budget_s} s, {self.threads} CPU threads, NVIDIA driver {self.nvidia_driver or 'none'}"
+        )
 
     def patch_workers(self, backend: str, device: str) -> int:
         """Patch batches run at once by a patch stage of ``backend`` on ``device``.
@@ -161,11 +177,6 @@ class BudgetPolicy:
             return 1
         return min(int(self.threads or 1), MAX_CPU_WORKERS)
 
-    def event(self, message: str) -> None:
-        """Record a policy decision (log + report)."""
-        log.warning("budget: %s", message)
-        self.events.append(message)
-
     def remaining_s(self) -> float | None:
         """Seconds left of the run's time budget (None: no budget)."""
         if self.time_budget_s is None:
@@ -179,23 +190,26 @@ class BudgetPolicy:
             return None
         return time.perf_counter() + max(0.0, remaining) / max(1, files_left)
 
-    def check_memory(self, shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> None:
-        """Raise :class:`MemoryError` (before any allocation) when a stack would exceed the RAM budget."""
+    def check_memory(self, shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> None:
+        """Raise :class:`MemoryBudgetExceeded` (before any allocation) when a stack would exceed the RAM budget."""
         if self.ram_budget_bytes is None:
             return
         need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
         if need > self.ram_budget_bytes:
-            raise MemoryError(f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB")
+            where = f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm"
+            raise MemoryBudgetExceeded(
+                f"{where} needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB"
+            )
 
-    def compact_output(self, shape: tuple[int, int, int]) -> bool:
-        """Whether the blended output of a stack is kept in float16 inside the input's own buffer.
+    def compact_output(self, shape: Sequence[int]) -> bool:
+        """Whether a stack's blended output (and the correction on H) is kept in float16.
 
-        Large stacks (> :data:`COMPACT_OUTPUT_VOXELS`) or a RAM budget too small for a float32
-        copy use float16 (relative precision 4.9e-4, far below what N-SSIM resolves) so that the
-        peak stays near 2× the input's bytes; smaller stacks get an exact float32 buffer.
+        Large stacks (> ``compact_voxels``) or a RAM budget too small for a float32 copy use
+        float16 (relative precision 4.9e-4, far below what N-SSIM resolves) so that the peak stays
+        near 2× the input's bytes; smaller stacks get an exact float32 buffer.
         """
         voxels = int(np.prod(shape, dtype=np.int64))
-        if voxels > COMPACT_OUTPUT_VOXELS:
+        if voxels > self.compact_voxels:
             return True
         return self.ram_budget_bytes is not None and 4 * voxels > self.ram_budget_bytes // 2
 
@@ -212,6 +226,10 @@ class BudgetPolicy:
         }
 
 
+class MemoryBudgetExceeded(MemoryError):
+    """A stack would need more host memory than the RAM budget (refused before loading its pixels)."""
+
+
 DEGRADATION_LEVELS = {
     0: "full two-stage prediction",
     1: "patch stage without overlap (fewer patches)",
@@ -219,67 +237,3 @@ DEGRADATION_LEVELS = {
     3: "percentile-normalised input (no network)",
 }
 """Steps taken, in order, when the time budget cannot be met (reported as ``degradation``)."""
-
-
-class DeadlineExceeded(RuntimeError):
-    """The patch stage would not finish before the file's deadline."""
-
-
-Predict = Callable[[np.ndarray], np.ndarray]
-
-
-class OomLadder:
-    """A batch predictor that survives out-of-memory errors, step by step.
-
-    On OOM: free the device cache and halve the batch; at one patch, tile the patch into
-    half-size sub-patches (Gaussian-stitched, so coverage and weighting stay correct) down to
-    ``min_sub_patch``; then finish on the CPU predictor. What worked is stored in ``policy`` and
-    kept for later patches and files. Batches are ``(N, C, Z, Y, X)`` float32.
-    """
-
-    def __init__(self, predict: Predict, policy: BudgetPolicy, cpu_predict: Callable[[], Predict] | None = None, min_sub_patch: int = 16) -> None:
-        self.predict = predict
-        self.policy = policy
-        self.cpu_predict = cpu_predict
-        self.min_sub_patch = min_sub_patch
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        size = self.policy.max_batch or len(batch)
-        return np.concatenate([self._run(batch[i : i + size]) for i in range(0, len(batch), size)])
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) == 1 and self.policy.sub_patch is not None and any(s < n for s, n in zip(self.policy.sub_patch, batch.shape[2:])):
-            return self._tiled(batch)
-        try:
-            return self.predict(batch)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        free_device_cache()
-        if len(batch) > 1:
-            half = max(1, len(batch) // 2)
-            self.policy.max_batch = half
-            self.policy.event(f"out of memory with {len(batch)} patches per batch: batch size {half}")
-            return np.concatenate([self._run(batch[:half]), self._run(batch[half:])])
-        current = self.policy.sub_patch or tuple(int(n) for n in batch.shape[2:])
-        smaller = tuple(max(self.min_sub_patch, (n + 1) // 2) for n in current)
-        if smaller != current:
-            self.policy.sub_patch = smaller  # type: ignore[assignment]
-            self.policy.event(f"out of memory on one {tuple(batch.shape[2:])} patch: tiling it into {smaller} sub-patches")
-            return self._tiled(batch)
-        if self.cpu_predict is not None and not self.policy.forced_cpu:
-            self.policy.forced_cpu = True
-            self.policy.event("out of memory at the smallest sub-patch: finishing the patch stage on the CPU")
-            self.predict = self.cpu_predict()
-            self.policy.sub_patch = None
-            return self._run(batch)
-        raise MemoryError(f"out of memory even for a {current} patch on the CPU")
-
-    def _tiled(self, batch: np.ndarray) -> np.ndarray:
-        from .stitching import sliding_window  # local import: stitching uses this module's types only
-
-        assert self.policy.sub_patch is not None
-        channels = [batch[0, c] for c in range(batch.shape[1])]
-        sub = tuple(min(s, n) for s, n in zip(self.policy.sub_patch, batch.shape[2:]))
-        stitched, _ = sliding_window(channels, self._run, sub, overlap=0.5, batch_size=1)
-        return stitched[None, None]

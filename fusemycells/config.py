@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_TIME_BUDGET_S = 1500.0
 """Run time budget (s) when the manifest names none: Grand Challenge kills jobs at the phase's
 time limit (set per challenge; we assume ≥ 30 min) and the container must write every output first."""
+DEFAULT_TARGET_SPACING_UM = 0.6
+"""Isotropic spacing (µm) of the high-resolution grid H when a channel names none."""
+PATCH_STAGE_DEFAULTS: dict[str, Any] = {"overlap": 0.5, "batch_size": 2}
+"""Patch-stage fields a manifest may leave out (``training/export.py`` writes these)."""
 
 
 class ManifestError(RuntimeError):
@@ -69,8 +73,24 @@ class StageSpec:
     files: dict[str, WeightsFile]
     grid: tuple[int, int, int] | None = None  # global stage: fixed ZYX input grid (voxels)
     patch_size: tuple[int, int, int] | None = None  # patch stage: ZYX patch (voxels)
-    overlap: float = 0.5  # patch stage: fraction of the patch shared by neighbours
-    batch_size: int = 2  # patch stage: patches per forward call (budget may lower it)
+    overlap: float = PATCH_STAGE_DEFAULTS["overlap"]  # patch stage: fraction of the patch shared by neighbours
+    batch_size: int = PATCH_STAGE_DEFAULTS["batch_size"]  # patch stage: patches per forward call (the OOM ladder may lower it)
+
+
+NORMALISATION_KINDS = ("percentile", "zscore")
+
+
+@dataclass(frozen=True)
+class NormalisationSpec:
+    """Network input normalisation: percentiles ``low``/``high`` (%) mapped to 0/1, or z-score."""
+
+    kind: str = "percentile"  # 'percentile' | 'zscore'
+    low: float = 1.0  # percentile (%) mapped to 0 ('percentile' only)
+    high: float = 99.8  # percentile (%) mapped to 1 ('percentile' only)
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMALISATION_KINDS:
+            raise ValueError(f"unknown normalisation kind '{self.kind}' (expected 'percentile' or 'zscore')")
 
 
 @dataclass(frozen=True)
@@ -94,13 +114,26 @@ class PostprocessSpec:
     background_threshold: float = 0.0  # corrections fade out below this normalised input level; 0 = off
 
 
+def manifest_form(spec: PostprocessSpec) -> dict[str, Any]:
+    """A :class:`PostprocessSpec` as the manifest's JSON object (tuples as lists); parses back to ``spec``."""
+    return {key: _as_json(value) for key, value in asdict(spec).items()}
+
+
+def _as_json(value: Any) -> Any:
+    return [_as_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
+"""The manifest's ``postprocess`` defaults: what ``training/export.py`` writes unless told otherwise."""
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """Everything inference needs for one channel ('nucleus' or 'membrane')."""
 
     name: str
     target_spacing_um: float
-    normalisation: dict[str, Any]
+    normalisation: NormalisationSpec
     global_stage: StageSpec
     patch_stage: StageSpec
     postprocess: PostprocessSpec
@@ -157,8 +190,8 @@ def _stage(raw: dict[str, Any], where: str) -> StageSpec:
             files=files,
             grid=_triple(raw["grid"], f"{where}.grid") if "grid" in raw else None,
             patch_size=_triple(raw["patch_size"], f"{where}.patch_size") if "patch_size" in raw else None,
-            overlap=float(raw.get("overlap", 0.5)),
-            batch_size=int(raw.get("batch_size", 2)),
+            overlap=float(raw.get("overlap", PATCH_STAGE_DEFAULTS["overlap"])),
+            batch_size=int(raw.get("batch_size", PATCH_STAGE_DEFAULTS["batch_size"])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: malformed stage entry ({exc})") from exc
@@ -179,6 +212,15 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),
         background_threshold=float(raw.get("background_threshold", default.background_threshold)),
     )
+
+
+def _normalisation(raw: Any, where: str) -> NormalisationSpec:
+    if not isinstance(raw, dict) or set(raw) - {"kind", "low", "high"}:
+        raise ManifestError(f"{where}: expected an object with 'kind', 'low', 'high', got {raw!r}")
+    try:
+        return NormalisationSpec(**{k: v if k == "kind" else float(v) for k, v in raw.items()})
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
 
 
 def _knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
@@ -203,8 +245,8 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
             patch_stage = _stage(entry["patch_stage"], f"{where}.patch_stage")
             channels[name] = ChannelSpec(
                 name=name,
-                target_spacing_um=float(entry.get("target_spacing_um", 0.6)),
-                normalisation=dict(entry.get("normalisation", {"kind": "percentile", "low": 1.0, "high": 99.8})),
+                target_spacing_um=float(entry.get("target_spacing_um", DEFAULT_TARGET_SPACING_UM)),
+                normalisation=_normalisation(entry.get("normalisation", {}), f"{where}.normalisation"),
                 global_stage=global_stage,
                 patch_stage=patch_stage,
                 postprocess=_postprocess(entry.get("postprocess", {})),

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from .config import PostprocessSpec
 from .preprocess import ResizedSource, percentile_affine, percentiles
-from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
+from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
 def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec) -> np.ndarray:
@@ -99,6 +99,52 @@ def background_mask(normalised_input: PlaneSource | np.ndarray, spec: Postproces
     coarse = materialise(ResizedSource(as_source(normalised_input), spec.diff_grid, cache=False))
     coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
     return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""Largest finite float16 (65504): compact (float16) arrays are clipped to ±this."""
+
+
+def blend_weight(correction: PlaneSource | np.ndarray, normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, gate: float) -> np.ndarray:
+    """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
+
+    ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
+    :func:`adaptive_settings`); ``correction`` is prediction − input on any grid (ZYX).
+    """
+    weight = correction_weight(correction, spec)
+    weight *= background_mask(normalised_input, spec)
+    weight *= np.float32(gate)
+    return weight
+
+
+def blend_slabs(data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool) -> ArraySource:
+    """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
+
+    ``data`` is the input array ``x_in`` normalises (ZYX, input grid); the correction (on H) and
+    the weight map (on the diff grid) are resized to the input grid per slab. In place, each slab
+    of the input is read before the same slab of the output overwrites it (float16 over 2-byte
+    pixels, float32 over 4-byte ones); float16 values are clipped to ±:data:`FLOAT16_MAX` so the
+    output stays finite. Twin of :func:`fusemycells.reference.blend`.
+    """
+    in_place = compact and data.flags.c_contiguous and data.flags.writeable
+    if in_place and data.dtype.itemsize == 2:
+        out = data.view(np.float16)
+    elif in_place and data.dtype.itemsize == 4:
+        out = data.view(np.float32)
+    else:
+        out = np.empty(data.shape, dtype=np.float32)
+    corr = ResizedSource(correction, data.shape, cache=False)
+    wmap = ResizedSource(weight, data.shape, antialias=False, cache=False)
+    for z0, z1 in slabs(data.shape[0]):
+        planes = x_in.planes(z0, z1)
+        w = wmap.planes(z0, z1)
+        np.clip(w, 0.0, 1.0, out=w)
+        w *= corr.planes_readonly(z0, z1)
+        planes += w
+        if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
+            np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+        out[z0:z1] = planes
+    return ArraySource(out)
 
 
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .config import NormalisationSpec
 from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
 
 ANTIALIAS_TRUNCATE = 3.0
@@ -51,15 +52,15 @@ def percentile_affine(volume: np.ndarray, low: float = 2.0, high: float = 99.8, 
     return lo, 1.0 / span
 
 
-def intensity_affine(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
-    """(offset, scale) of the manifest's normalisation: ``normalise_intensity(v) == (v − offset)·scale``."""
-    if kind == "percentile":
-        return percentile_affine(volume, low, high)
-    if kind == "zscore":
+def intensity_affine(volume: np.ndarray, spec: NormalisationSpec) -> tuple[float, float]:
+    """(offset, scale) of the manifest's normalisation: the network input is ``(v − offset)·scale``."""
+    if spec.kind == "percentile":
+        return percentile_affine(volume, spec.low, spec.high)
+    if spec.kind == "zscore":
         mean = float(np.mean(volume, dtype=np.float64))
         std = float(np.std(volume, dtype=np.float64))
         return mean, 1.0 / (std if std > 1e-6 else 1.0)
-    raise ValueError(f"unknown normalisation kind '{kind}' (expected 'percentile' or 'zscore')")
+    raise ValueError(f"unknown normalisation kind '{spec.kind}' (expected 'percentile' or 'zscore')")
 
 
 def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[float, ...]:

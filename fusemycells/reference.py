@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .config import PostprocessSpec
+from .config import NormalisationSpec, PostprocessSpec
 from .postprocess import output_sigma_zyx, weight_from_coarse
 from .preprocess import intensity_affine, percentile_affine, resize
 from .sources import Spacing3, apply_affine, shape_for_spacing
@@ -33,10 +33,10 @@ def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.
 def normalise_intensity(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
     """Network input normalisation named by the manifest (``kind`` 'percentile' or 'zscore'), float32 ZYX.
 
-    Twin of ``ArraySource(volume, *intensity_affine(volume, ...))``. Non-finite voxels must be
+    Twin of ``ArraySource(volume, *intensity_affine(volume, spec))``. Non-finite voxels must be
     removed before calling.
     """
-    return apply_affine(volume, *intensity_affine(volume, kind, low, high))
+    return apply_affine(volume, *intensity_affine(volume, NormalisationSpec(kind, low, high)))
 
 
 def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:

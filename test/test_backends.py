@@ -354,15 +354,21 @@ def test_warm_up_out_of_memory_is_left_to_the_oom_ladder_but_other_errors_raise(
         warm_up(LoadedStage(spec=spec, runner=CountingRunner(ValueError("broken")), file="p"))
 
 
-def test_fuser_warms_up_a_patch_stage_once_when_it_loads(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fuser_warms_up_a_patch_stage_once_when_it_loads(fixture_resources: Path) -> None:
     from fusemycells.pipeline import Fuser
 
-    warmed: list[str] = []
-    monkeypatch.setattr("fusemycells.pipeline.warm_up", lambda stage: warmed.append(stage.file))
+    runners: dict[str, CountingRunner] = {}
+
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:
+        runners[device] = CountingRunner()
+        return LoadedStage(spec=spec, runner=runners[device], file=f"{device}.onnx")
+
     manifest = load_manifest(fixture_resources)
-    fuser = Fuser(manifest, BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1))
+    fuser = Fuser(manifest, BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1), loader=loader)
     channel = manifest.channel("nucleus")
-    for _ in range(2):
-        fuser.stage(channel, "patch")
-    fuser.cpu_runner(channel, "patch")
-    assert len(warmed) == 2  # the device stage once, its CPU fallback once
+    stage = fuser.patch_stage(channel)
+    assert fuser.patch_stage(channel) is stage and list(runners) == ["cuda"]
+    assert stage.ladder.cpu_predict is not None
+    stage.ladder.cpu_predict()  # what the OOM ladder loads when it falls back to the CPU
+    warm = (1, 2, *channel.patch_stage.patch_size)
+    assert runners["cuda"].shapes == [warm] and runners["cpu"].shapes == [warm]  # each loaded stage warmed up once

@@ -30,22 +30,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of, verify_files
+from fusemycells.config import (
+    DEFAULT_POSTPROCESS,
+    DEFAULT_TIME_BUDGET_S,
+    MANIFEST_NAME,
+    PATCH_STAGE_DEFAULTS,
+    load_manifest,
+    sha256_of,
+    verify_files,
+)
 
 from .models import ResidualUNet3D
 
 log = logging.getLogger("training.export")
 OPSET = 17
-DEFAULT_TIME_BUDGET_S = 1500.0
-DEFAULT_POSTPROCESS = {
-    "diff_grid": [128, 128, 128],
-    "max_filter": 9,
-    "sigma": 3.0,
-    "weight_percentiles": [2.0, 98.0],
-    "output_max_filter": 0,
-    "output_gaussian_sigma": 0.0,
-    "output_percentiles": [2.0, 99.8],
-}
 
 
 class ExportError(RuntimeError):
@@ -130,7 +128,7 @@ def export_channel(checkpoints: Path, channel: str, out_dir: Path, tolerance: fl
         "target_spacing_um": float(g_ckpt["target_spacing_um"]),
         "normalisation": dict(g_ckpt["normalisation"]),
         "global_stage": {"in_channels": 1, "grid": list(grid), "files": g["files"]},
-        "patch_stage": {"in_channels": 2, "patch_size": list(patch), "overlap": 0.5, "batch_size": 2, "files": p["files"]},
+        "patch_stage": {"in_channels": 2, "patch_size": list(patch), **PATCH_STAGE_DEFAULTS, "files": p["files"]},
         "postprocess": postprocess,
         "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": g_ckpt.get("command"), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
         "parity": {"global": g["parity"], "patch": p["parity"]},
