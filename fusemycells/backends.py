@@ -28,10 +28,11 @@ def memory_fraction(vram_budget_gib: float | None, total_bytes: int) -> float | 
 
 
 def cuda_provider_options(vram_budget_gib: float | None, device_id: int = 0) -> dict[str, str]:
-    """onnxruntime CUDAExecutionProvider options: the VRAM budget as ``gpu_mem_limit`` (bytes).
+    """onnxruntime CUDAExecutionProvider options: a session's VRAM share (GiB) as ``gpu_mem_limit`` (bytes).
 
     cuDNN's algorithm search is 'HEURISTIC': the default 'EXHAUSTIVE' benchmarks every
-    convolution on first use, seconds per new shape. The limit applies per session (per stage).
+    convolution on first use, seconds per new shape. The limit applies per session (per stage),
+    each with its own arena, so the run's budget must be shared (see :func:`load_stage`).
     """
     options = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC"}
     if vram_budget_gib is not None:
@@ -175,14 +176,24 @@ def expected_in_channels(spec: StageSpec) -> int | None:
 
 
 def load_stage(
-    manifest: Manifest, spec: StageSpec, backend: str, device: str, half: bool = False, threads: int | None = None, strict: bool = False, vram_budget_gib: float | None = None
+    manifest: Manifest,
+    spec: StageSpec,
+    backend: str,
+    device: str,
+    half: bool = False,
+    threads: int | None = None,
+    strict: bool = False,
+    vram_budget_gib: float | None = None,
+    vram_sessions: int = 1,
 ) -> LoadedStage:
     """Load one stage, verifying the file's checksum; fall back to the other format if it fails.
 
     With ``strict`` (an explicit ``--backend``) no fallback happens. Raises :class:`ManifestError`
     naming every file that failed, never returning an unverified network, and naming the
     manifest when the stage's ``in_channels`` is not what the pipeline feeds it (see
-    :func:`expected_in_channels`). ``vram_budget_gib`` (GiB) caps the device memory of a CUDA runner.
+    :func:`expected_in_channels`). ``vram_budget_gib`` (GiB) is the run's device memory budget:
+    TorchScript caps the whole process at it; each ONNX Runtime session has its own arena and gets
+    ``vram_budget_gib / vram_sessions``, ``vram_sessions`` being the device stages that may be open at once.
     """
     expected = expected_in_channels(spec)
     if expected is not None and spec.in_channels != expected:
@@ -206,7 +217,8 @@ def load_stage(
             if fmt == "torchscript":
                 runner = TorchScriptRunner(path, device, half=half, threads=threads, vram_budget_gib=vram_budget_gib)
             else:
-                runner = OnnxRunner(path, device, threads=threads, vram_budget_gib=vram_budget_gib)
+                share = None if vram_budget_gib is None else vram_budget_gib / max(1, vram_sessions)
+                runner = OnnxRunner(path, device, threads=threads, vram_budget_gib=share)
         except ManifestError as exc:
             errors.append(str(exc))
             log.warning("%s", exc)

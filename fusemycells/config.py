@@ -235,11 +235,17 @@ def _knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
 
 def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     """Validate a manifest dict; file paths are relative to ``root``."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest must be a JSON object, got {type(raw).__name__}")
     if raw.get("format_version") != 1:
         raise ManifestError(f"unsupported manifest format_version {raw.get('format_version')!r} (expected 1)")
+    if not isinstance(raw.get("channels", {}), dict):
+        raise ManifestError(f"manifest field 'channels' must be an object of channel entries, got {raw['channels']!r}")
     channels: dict[str, ChannelSpec] = {}
     for name, entry in raw.get("channels", {}).items():
         where = f"channels.{name}"
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in ("global_stage", "patch_stage", "postprocess")):
+            raise ManifestError(f"manifest {where}: expected an object with global_stage, patch_stage (and postprocess) objects")
         try:
             global_stage = _stage(entry["global_stage"], f"{where}.global_stage")
             patch_stage = _stage(entry["patch_stage"], f"{where}.patch_stage")

@@ -22,6 +22,7 @@ from .budget import BudgetPolicy, EventLog
 from .config import StageSpec
 from .deadline import Clock, Deadline, PatchRateWatcher
 from .devices import free_device_cache, is_out_of_memory, torch_threads
+from .postprocess import FLOAT16_MAX
 from .sources import PlaneSource, Shape3, read_only, slabs
 from .stitching import Predict, StitchStats, count_windows, sliding_window
 
@@ -112,16 +113,26 @@ class PatchResult:
     info: dict[str, Any] | None = None  # the report's ``stages.patch`` entry; None when the network did not finish
 
 
+def store(out: np.ndarray, z0: int, z1: int, planes: np.ndarray) -> None:
+    """``out[z0:z1] = planes`` (ZYX); into a float16 ``out`` clipped to ±:data:`FLOAT16_MAX` first
+    (in ``planes``), since a value beyond it would become ±inf and then NaN (inf·0) downstream."""
+    if out.dtype == np.float16:
+        np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+    out[z0:z1] = planes
+
+
 def store_difference(correction: np.ndarray, read_x: Callable[[int, int], np.ndarray], z0: int, z1: int, planes: np.ndarray) -> None:
     """``correction[z0:z1] = planes − x[z0:z1]``, computed in ``planes`` (ours to change; ZYX)."""
     planes -= read_x(z0, z1)
-    correction[z0:z1] = planes
+    store(correction, z0, z1, planes)
 
 
 def stage1_correction(x_h: PlaneSource, p1_h: PlaneSource, correction: np.ndarray) -> None:
     """The stage-1 correction ``p1_h − x_h`` on H written into ``correction`` (the patch stage skipped)."""
     for z0, z1 in slabs(x_h.shape[0]):
-        correction[z0:z1] = p1_h.planes(z0, z1) - x_h.planes(z0, z1)
+        planes = p1_h.planes(z0, z1)
+        planes -= x_h.planes(z0, z1)
+        store(correction, z0, z1, planes)
 
 
 class PatchStage:
@@ -198,7 +209,17 @@ class PatchStage:
         if stats.stopped is not None:
             return stats.stopped
         result.info = self._info(stats, overlap, workers)
+        if self.ladder.sub_patch is not None:
+            result.warnings.append(self._tiling_caveat())
         return None
+
+    def _tiling_caveat(self) -> str:
+        """Why sub-patch tiling is a quality downgrade, not a transparent fallback."""
+        return (
+            f"patches tiled into {tuple(self.ladder.sub_patch or ())} sub-patches after running out of device memory: "
+            f"the patch network normalises each (instance norm) over less context than a {tuple(self.patch)} patch, "
+            "so this output differs from a full-patch one"
+        )
 
     def _info(self, stats: StitchStats, overlap: float, workers: int) -> dict[str, Any]:
         used = self.current  # the CPU one when the OOM ladder moved there meanwhile

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import postprocess
 from .backends import LoadedStage, load_stage, warm_up
-from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, default_stage_costs
+from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
 from .deadline import Deadline
 from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
@@ -127,6 +127,7 @@ class StageLoader(Protocol):
         threads: int | None,
         strict: bool,
         vram_budget_gib: float | None,
+        vram_sessions: int,
     ) -> LoadedStage: ...
 
 
@@ -293,6 +294,7 @@ class Fuser:
                 threads=self.policy.threads,
                 strict=self.backend != "auto",
                 vram_budget_gib=self.policy.vram_budget_gib if on_device else None,
+                vram_sessions=2 * len(self.manifest.channels),  # a global and a patch stage per channel
             )
             runner = loaded.runner
             log.info("loaded %s %s stage: %s (%s on %s)", channel.name, stage, loaded.file, runner.backend, runner.provider)
@@ -393,17 +395,19 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
 
 
 def refuse(report: CaseReport, exc: Exception) -> None:
-    """Mark a file refused with a message saying what happened."""
+    """Mark a file refused with a message saying what happened; unexpected errors are logged with
+    their traceback at ERROR (in the container the log is all there is)."""
     report.status = "refused"
+    expected = isinstance(exc, (InputError, MemoryBudgetExceeded))
     if isinstance(exc, InputError):
         report.error = str(exc)
-    elif isinstance(exc, MemoryError):
+    elif isinstance(exc, MemoryBudgetExceeded):
         report.error = f"{report.file}: out of memory budget: {exc}"
+    elif isinstance(exc, MemoryError):
+        report.error = f"{report.file}: ran out of memory while processing (MemoryError: {exc})"
     else:
         report.error = f"{report.file}: {type(exc).__name__}: {exc}"
-    log.error("[%s] refused: %s", report.file, report.error)
-    if not isinstance(exc, (InputError, MemoryError)):
-        log.debug("traceback", exc_info=exc)
+    log.error("[%s] refused: %s", report.file, report.error, exc_info=None if expected else exc)
 
 
 def record_peaks(report: CaseReport) -> None:
