@@ -100,6 +100,8 @@ class PostprocessSpec:
     diff_grid: tuple[int, int, int] = (128, 128, 128)  # ZYX grid of the weight map (voxels)
     max_filter: int = 9  # max filter size on the weight map (voxels of diff_grid)
     sigma: float = 3.0  # Gaussian σ on the weight map (voxels of diff_grid)
+    max_filter_um: float = 0.0  # > 0: the weight map's max filter this wide in µm on every axis instead
+    sigma_um: float = 0.0  # > 0: the weight map's Gaussian σ in µm on every axis instead (see weight_filters)
     weight_percentiles: tuple[float, float] = (2.0, 98.0)  # scaling of the weight map to [0, 1]
     output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
     output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
@@ -203,6 +205,8 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         diff_grid=_triple(raw.get("diff_grid", list(default.diff_grid)), "postprocess.diff_grid"),
         max_filter=int(raw.get("max_filter", default.max_filter)),
         sigma=float(raw.get("sigma", default.sigma)),
+        max_filter_um=float(raw.get("max_filter_um", default.max_filter_um)),
+        sigma_um=float(raw.get("sigma_um", default.sigma_um)),
         weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
         output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
         output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),

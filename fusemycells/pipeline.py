@@ -263,7 +263,8 @@ class Fuser:
 
     def _blend(self, case: Prepared, correction: np.ndarray, report: CaseReport) -> PlaneSource:
         """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`)."""
-        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate)
+        extent_um = [n * s for n, s in zip(case.data.shape, case.spacing)]
+        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um)
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
         return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact)

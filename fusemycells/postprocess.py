@@ -8,6 +8,7 @@ clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -17,23 +18,45 @@ from .preprocess import ResizedSource, percentile_affine, percentiles
 from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
-def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
     Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
     |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
+    ``extent_um`` (the stack's ZYX size in µm) is needed for filters given in µm (:func:`weight_filters`).
     """
     coarse = materialise(ResizedSource(as_source(correction), spec.diff_grid, cache=False))
-    return weight_from_coarse(np.abs(coarse), spec)
+    return weight_from_coarse(np.abs(coarse), spec, extent_um)
 
 
-def weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> tuple[Any, Any]:
+    """(max filter size, Gaussian σ) of the weight map, in voxels of ``spec.diff_grid``.
+
+    By default ``spec.max_filter`` and ``spec.sigma`` on every axis: their physical size then
+    follows the stack's extent (the diff grid spans the whole stack, whatever its size). With
+    ``max_filter_um`` / ``sigma_um`` > 0 and the stack's ZYX ``extent_um``, per-axis sizes of that
+    width in µm (the max filter rounded to an odd voxel count ≥ 1).
+    """
+    size: Any = spec.max_filter
+    sigma: Any = spec.sigma
+    if extent_um is None:
+        return size, sigma
+    voxel_um = [e / n for e, n in zip(extent_um, spec.diff_grid)]
+    if spec.max_filter_um > 0:
+        size = tuple(max(1, 2 * round((spec.max_filter_um / v - 1) / 2) + 1) for v in voxel_um)
+    if spec.sigma_um > 0:
+        sigma = tuple(spec.sigma_um / v for v in voxel_um)
+    return size, sigma
+
+
+def weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
     """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
-    max filter, Gaussian and percentile scaling, sizes in diff-grid voxels."""
-    if spec.max_filter > 1:
-        coarse = ndimage.maximum_filter(coarse, size=spec.max_filter, mode="nearest")
-    if spec.sigma > 0:
-        coarse = ndimage.gaussian_filter(coarse, sigma=spec.sigma, mode="nearest")
+    max filter, Gaussian (sizes of :func:`weight_filters`) and percentile scaling."""
+    size, sigma = weight_filters(spec, extent_um)
+    if np.max(size) > 1:
+        coarse = ndimage.maximum_filter(coarse, size=size, mode="nearest")
+    if np.max(sigma) > 0:
+        coarse = ndimage.gaussian_filter(coarse, sigma=sigma, mode="nearest")
     low, high = spec.weight_percentiles
     lo, hi = percentiles(coarse, low, high)
     if hi - lo < 1e-8:
@@ -105,13 +128,20 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 """Largest finite float16 (65504): compact (float16) arrays are clipped to ±this."""
 
 
-def blend_weight(correction: PlaneSource | np.ndarray, normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, gate: float) -> np.ndarray:
+def blend_weight(
+    correction: PlaneSource | np.ndarray,
+    normalised_input: PlaneSource | np.ndarray,
+    spec: PostprocessSpec,
+    gate: float,
+    extent_um: Sequence[float] | None = None,
+) -> np.ndarray:
     """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
 
     ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
-    :func:`adaptive_settings`); ``correction`` is prediction − input on any grid (ZYX).
+    :func:`adaptive_settings`); ``correction`` is prediction − input on any grid (ZYX);
+    ``extent_um`` the stack's ZYX size in µm.
     """
-    weight = correction_weight(correction, spec)
+    weight = correction_weight(correction, spec, extent_um)
     weight *= background_mask(normalised_input, spec)
     weight *= np.float32(gate)
     return weight
@@ -150,12 +180,14 @@ def blend_slabs(data: np.ndarray, x_in: ArraySource, correction: np.ndarray, wei
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
     """Per-axis σ (ZYX, input-grid voxels) of the output Gaussian for a stack of ``spacing`` (ZYX µm).
 
-    ``output_gaussian_sigma`` is the Y/X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z gets
-    σ·spacing_x/spacing_z, i.e. the same width in µm, else the same σ in voxels on every axis.
+    ``output_gaussian_sigma`` is the X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z and Y
+    get σ·spacing_x/spacing_z and σ·spacing_x/spacing_y, i.e. the same width in µm (Y equals X on
+    the usual square pixels), else the same σ in voxels on every axis.
     """
     sigma = max(float(spec.output_gaussian_sigma), 0.0)
-    if spec.output_sigma_isotropic_um and spacing is not None and spacing[0] > 0:
-        return (sigma * float(spacing[2]) / float(spacing[0]), sigma, sigma)
+    if spec.output_sigma_isotropic_um and spacing is not None and min(spacing) > 0:
+        width_um = sigma * float(spacing[2])
+        return (width_um / float(spacing[0]), width_um / float(spacing[1]), sigma)
     return (sigma, sigma, sigma)
 
 

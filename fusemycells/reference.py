@@ -61,12 +61,11 @@ def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: S
     return resize(volume, shape_for_spacing(volume.shape, spacing, target_spacing))
 
 
-def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
-    """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays).
-
-    Twin of :func:`fusemycells.postprocess.correction_weight` (which reads pred − inp lazily).
+def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
+    """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays; ``extent_um``
+    their ZYX size in µm). Twin of :func:`fusemycells.postprocess.correction_weight` (which reads pred − inp lazily).
     """
-    return weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec)
+    return weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec, extent_um)
 
 
 def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -156,3 +156,12 @@ def test_streamed_percentile_sample_does_not_keep_slabs_alive():
     sample = _strided_sample(source, max_samples=1000, slab=8)
     assert sample.size >= 1000 // 2
     assert source.max_alive <= 1  # each slab is released before the next is read
+
+
+def test_correction_weight_with_filters_in_um_equals_difference_weight() -> None:
+    inp, pred = volume(seed=1), volume(seed=2)
+    spec = PostprocessSpec(diff_grid=(9, 12, 10), max_filter_um=5.0, sigma_um=2.0)
+    extent = (46.0, 12.4, 10.8)
+    expected = difference_weight(inp, pred, spec, extent)
+    np.testing.assert_allclose(correction_weight(ArraySource(pred - inp), spec, extent), expected, atol=1e-5)
+    assert not np.allclose(expected, difference_weight(inp, pred, spec))  # the µm sizes really differ here
