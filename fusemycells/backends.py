@@ -55,7 +55,14 @@ class TorchScriptRunner:
 
     backend = "torchscript"
 
-    def __init__(self, path: Path, device: str, half: bool = False, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        half: bool = False,
+        threads: int | None = None,
+        vram_budget_gib: float | None = None,
+    ) -> None:
         import torch
 
         if threads:
@@ -101,7 +108,9 @@ class OnnxRunner:
 
     backend = "onnx"
 
-    def __init__(self, path: Path, device: str, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
+    def __init__(
+        self, path: Path, device: str, threads: int | None = None, vram_budget_gib: float | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -175,6 +184,18 @@ def expected_in_channels(spec: StageSpec) -> int | None:
     return 1 if spec.grid is not None else None
 
 
+def check_in_channels(manifest: Manifest, spec: StageSpec) -> None:
+    """Raise :class:`ManifestError` naming the manifest when a stage's ``in_channels`` is not what
+    the pipeline feeds it (see :func:`expected_in_channels`)."""
+    expected = expected_in_channels(spec)
+    if expected is not None and spec.in_channels != expected:
+        files = ", ".join(w.path for w in spec.files.values())
+        raise ManifestError(
+            f"{manifest.root / MANIFEST_NAME}: stage {files} declares in_channels={spec.in_channels}, "
+            f"but the pipeline feeds the {'patch' if expected == 2 else 'global'} stage {expected} channel(s)"
+        )
+
+
 def load_stage(
     manifest: Manifest,
     spec: StageSpec,
@@ -190,23 +211,15 @@ def load_stage(
 
     With ``strict`` (an explicit ``--backend``) no fallback happens. Raises :class:`ManifestError`
     naming every file that failed, never returning an unverified network, and naming the
-    manifest when the stage's ``in_channels`` is not what the pipeline feeds it (see
-    :func:`expected_in_channels`). ``vram_budget_gib`` (GiB) is the run's device memory budget:
+    manifest when the stage's ``in_channels`` is wrong (:func:`check_in_channels`).
+    ``vram_budget_gib`` (GiB) is the run's device memory budget:
     TorchScript caps the whole process at it; each ONNX Runtime session has its own arena and gets
     ``vram_budget_gib / vram_sessions``, ``vram_sessions`` being the device stages that may be open at once.
     """
-    expected = expected_in_channels(spec)
-    if expected is not None and spec.in_channels != expected:
-        files = ", ".join(w.path for w in spec.files.values())
-        raise ManifestError(
-            f"{manifest.root / MANIFEST_NAME}: stage {files} declares in_channels={spec.in_channels}, "
-            f"but the pipeline feeds the {'patch' if expected == 2 else 'global'} stage {expected} channel(s)"
-        )
+    check_in_channels(manifest, spec)
     errors: list[str] = []
     order = backend_order(backend, device)
-    if strict:
-        order = order[:1]
-    for fmt in order:
+    for fmt in order[:1] if strict else order:
         weights = spec.files.get(fmt)
         if weights is None:
             errors.append(f"{fmt}: not in manifest")

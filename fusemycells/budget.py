@@ -71,7 +71,8 @@ def estimate_peak_bytes(shape: Shape3, itemsize: int, spacing: Spacing3, target_
     The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
     more for small stacks, counted always), the correction on the high-resolution grid (float16,
     2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers
-    (a 16-plane input slab and a 64-plane H slab, float32 ×8) and a fixed 1 GiB for the networks, the global grid and the libraries.
+    (a 16-plane input slab and a 64-plane H slab, float32 ×8) and a fixed 1 GiB for the networks,
+    the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
     high = shape_for_spacing(shape, spacing, (target_spacing,) * 3)
@@ -160,8 +161,9 @@ class BudgetPolicy:
         """One log line: device, budgets, threads, driver."""
         ram = "unknown" if self.ram_budget_bytes is None else f"{self.ram_budget_bytes / (1 << 30):.1f}"
         return (
-            f"device {self.device} (fp16 {self.half}), VRAM budget {self.vram_budget_gib} GiB, RAM budget {ram} GiB, "
-            f"time budget {self.time_budget_s} s, {self.threads} CPU threads, NVIDIA driver {self.nvidia_driver or 'none'}"
+            f"device {self.device} (fp16 {self.half}), VRAM budget {self.vram_budget_gib} GiB, "
+            f"RAM budget {ram} GiB, time budget {self.time_budget_s} s, {self.threads} CPU threads, "
+            f"NVIDIA driver {self.nvidia_driver or 'none'}"
         )
 
     def patch_workers(self, backend: str, device: str) -> int:
@@ -197,9 +199,9 @@ class BudgetPolicy:
         need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
         if need > self.ram_budget_bytes:
             where = f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm"
-            raise MemoryBudgetExceeded(
-                f"{where} needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB"
-            )
+            budget = self.ram_budget_bytes / (1 << 30)
+            needed = need / (1 << 30)
+            raise MemoryBudgetExceeded(f"{where} needs ~{needed:.1f} GiB, over the RAM budget of {budget:.1f} GiB")
 
     def compact_output(self, shape: Sequence[int]) -> bool:
         """Whether a stack's blended output (and the correction on H) is kept in float16.

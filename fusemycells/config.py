@@ -74,7 +74,9 @@ class StageSpec:
     grid: tuple[int, int, int] | None = None  # global stage: fixed ZYX input grid (voxels)
     patch_size: tuple[int, int, int] | None = None  # patch stage: ZYX patch (voxels)
     overlap: float = PATCH_STAGE_DEFAULTS["overlap"]  # patch stage: fraction of the patch shared by neighbours
-    batch_size: int = PATCH_STAGE_DEFAULTS["batch_size"]  # patch stage: patches per forward call (the OOM ladder may lower it)
+    batch_size: int = PATCH_STAGE_DEFAULTS[
+        "batch_size"
+    ]  # patch stage: patches per forward call (the OOM ladder may lower it)
 
 
 NORMALISATION_KINDS = ("percentile", "zscore")
@@ -183,7 +185,9 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
 
 def _stage(raw: dict[str, Any], where: str) -> StageSpec:
     try:
-        files = {fmt: WeightsFile(path=str(f["path"]), sha256=str(f["sha256"]).lower()) for fmt, f in raw["files"].items()}
+        files = {
+            fmt: WeightsFile(path=str(f["path"]), sha256=str(f["sha256"]).lower()) for fmt, f in raw["files"].items()
+        }
         unknown = set(files) - set(FORMATS)
         if unknown:
             raise ManifestError(f"{where}: unknown weight formats {sorted(unknown)} (known: {FORMATS})")
@@ -243,36 +247,45 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
         raise ManifestError(f"manifest must be a JSON object, got {type(raw).__name__}")
     if raw.get("format_version") != 1:
         raise ManifestError(f"unsupported manifest format_version {raw.get('format_version')!r} (expected 1)")
-    if not isinstance(raw.get("channels", {}), dict):
-        raise ManifestError(f"manifest field 'channels' must be an object of channel entries, got {raw['channels']!r}")
-    channels: dict[str, ChannelSpec] = {}
-    for name, entry in raw.get("channels", {}).items():
-        where = f"channels.{name}"
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in ("global_stage", "patch_stage", "postprocess")):
-            raise ManifestError(f"manifest {where}: expected an object with global_stage, patch_stage (and postprocess) objects")
-        try:
-            global_stage = _stage(entry["global_stage"], f"{where}.global_stage")
-            patch_stage = _stage(entry["patch_stage"], f"{where}.patch_stage")
-            channels[name] = ChannelSpec(
-                name=name,
-                target_spacing_um=float(entry.get("target_spacing_um", DEFAULT_TARGET_SPACING_UM)),
-                normalisation=_normalisation(entry.get("normalisation", {}), f"{where}.normalisation"),
-                global_stage=global_stage,
-                patch_stage=patch_stage,
-                postprocess=_postprocess(entry.get("postprocess", {})),
-            )
-        except KeyError as exc:
-            raise ManifestError(f"{where}: missing field {exc}") from exc
-        if global_stage.grid is None:
-            raise ManifestError(f"{where}.global_stage: 'grid' is required")
-        if patch_stage.patch_size is None:
-            raise ManifestError(f"{where}.patch_stage: 'patch_size' is required")
+    entries = raw.get("channels", {})
+    if not isinstance(entries, dict):
+        raise ManifestError(f"manifest field 'channels' must be an object of channel entries, got {entries!r}")
+    channels = {name: _channel(name, entry) for name, entry in entries.items()}
     if not channels:
         raise ManifestError("manifest lists no channels")
     budget = raw.get("time_budget_s", DEFAULT_TIME_BUDGET_S)
     if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
         raise ManifestError(f"time_budget_s must be a positive number of seconds or null, got {budget!r}")
-    return Manifest(root=root, channels=channels, provenance=dict(raw.get("provenance", {})), time_budget_s=None if budget is None else float(budget))
+    return Manifest(
+        root=root,
+        channels=channels,
+        provenance=dict(raw.get("provenance", {})),
+        time_budget_s=None if budget is None else float(budget),
+    )
+
+
+def _channel(name: str, entry: Any) -> ChannelSpec:
+    """One channel entry of the manifest, validated."""
+    where = f"channels.{name}"
+    parts = ("global_stage", "patch_stage", "postprocess")
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in parts):
+        raise ManifestError(f"manifest {where}: expected an object with {', '.join(parts)} objects")
+    try:
+        channel = ChannelSpec(
+            name=name,
+            target_spacing_um=float(entry.get("target_spacing_um", DEFAULT_TARGET_SPACING_UM)),
+            normalisation=_normalisation(entry.get("normalisation", {}), f"{where}.normalisation"),
+            global_stage=_stage(entry["global_stage"], f"{where}.global_stage"),
+            patch_stage=_stage(entry["patch_stage"], f"{where}.patch_stage"),
+            postprocess=_postprocess(entry.get("postprocess", {})),
+        )
+    except KeyError as exc:
+        raise ManifestError(f"{where}: missing field {exc}") from exc
+    if channel.global_stage.grid is None:
+        raise ManifestError(f"{where}.global_stage: 'grid' is required")
+    if channel.patch_stage.patch_size is None:
+        raise ManifestError(f"{where}.patch_stage: 'patch_size' is required")
+    return channel
 
 
 def load_manifest(resources_dir: Path) -> Manifest:
@@ -327,7 +340,9 @@ def verify_files(manifest: Manifest, require_all: bool = False) -> list[str]:
     return problems
 
 
-def resolve_resources_dir(cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES) -> tuple[Path, str]:
+def resolve_resources_dir(
+    cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES
+) -> tuple[Path, str]:
     """Where to load weights from, and why.
 
     An explicit ``--resources`` wins. Otherwise a Grand Challenge model archive mounted at

@@ -84,7 +84,9 @@ class OomLadder:
         smaller: Shape3 = tuple(max(self.min_sub_patch, (n + 1) // 2) for n in current)  # type: ignore[assignment]
         if smaller != current:
             self.sub_patch = smaller
-            self.events.add(f"out of memory on one {tuple(batch.shape[2:])} patch: tiling it into {smaller} sub-patches")
+            self.events.add(
+                f"out of memory on one {tuple(batch.shape[2:])} patch: tiling it into {smaller} sub-patches"
+            )
             return self._tiled(batch)
         if self.cpu_predict is not None and not self.forced_cpu:
             self.forced_cpu = True
@@ -121,7 +123,9 @@ def store(out: np.ndarray, z0: int, z1: int, planes: np.ndarray) -> None:
     out[z0:z1] = planes
 
 
-def store_difference(correction: np.ndarray, read_x: Callable[[int, int], np.ndarray], z0: int, z1: int, planes: np.ndarray) -> None:
+def store_difference(
+    correction: np.ndarray, read_x: Callable[[int, int], np.ndarray], z0: int, z1: int, planes: np.ndarray
+) -> None:
     """``correction[z0:z1] = planes − x[z0:z1]``, computed in ``planes`` (ours to change; ZYX)."""
     planes -= read_x(z0, z1)
     store(correction, z0, z1, planes)
@@ -192,7 +196,9 @@ class PatchStage:
         stage1_correction(x_h, p1_h, result.correction)
         return result
 
-    def _run(self, x_h: PlaneSource, p1_h: PlaneSource, overlap: float, deadline: Deadline, result: PatchResult) -> str | None:
+    def _run(
+        self, x_h: PlaneSource, p1_h: PlaneSource, overlap: float, deadline: Deadline, result: PatchResult
+    ) -> str | None:
         """One sliding-window pass into ``result``; why it did not finish (None: it did)."""
         total = count_windows(x_h.shape, self.patch, overlap)
         too_slow = self.watcher.too_slow(total, deadline)

@@ -212,7 +212,11 @@ class Fuser:
         if case.gate > 0.0:
             return True
         sigma = case.post.output_gaussian_sigma
-        log.info("    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f", case.noise, sigma)
+        log.info(
+            "    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f",
+            case.noise,
+            sigma,
+        )
         return False
 
     def _global_stage(self, case: Prepared, deadline: Deadline, report: CaseReport) -> HighRes | None:
@@ -228,10 +232,16 @@ class Fuser:
             coarse = materialise(ResizedSource(x_h, case.channel.global_stage.grid, cache=False))
             p1, stage = self._run_global(case.channel, coarse)
             del coarse
-            report.stages["global"] = {"file": stage.file, "backend": stage.runner.backend, "provider": stage.runner.provider}
+            report.stages["global"] = {
+                "file": stage.file,
+                "backend": stage.runner.backend,
+                "provider": stage.runner.provider,
+            }
         self.costs["global"].learn(voxels, report.seconds["global_stage"])
         if deadline.left() <= 0.0:
-            self._degrade(report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)")
+            self._degrade(
+                report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
+            )
             return None
         return HighRes(x_h, ResizedSource(p1, case.grid_h))
 
@@ -277,7 +287,9 @@ class Fuser:
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""
         if channel.name not in self._patch_stages:
-            self._patch_stages[channel.name] = PatchStage(channel.patch_stage, partial(self._load, channel, "patch"), self.policy)
+            self._patch_stages[channel.name] = PatchStage(
+                channel.patch_stage, partial(self._load, channel, "patch"), self.policy
+            )
         return self._patch_stages[channel.name]
 
     def _load(self, channel: ChannelSpec, stage: str, device: str) -> LoadedStage:
@@ -298,7 +310,9 @@ class Fuser:
                 vram_sessions=2 * len(self.manifest.channels),  # a global and a patch stage per channel
             )
             runner = loaded.runner
-            log.info("loaded %s %s stage: %s (%s on %s)", channel.name, stage, loaded.file, runner.backend, runner.provider)
+            log.info(
+                "loaded %s %s stage: %s (%s on %s)", channel.name, stage, loaded.file, runner.backend, runner.provider
+            )
             warm_up(loaded)
             self._stages[key] = loaded
         return self._stages[key]
@@ -342,7 +356,9 @@ def constant_value(data: np.ndarray) -> float | None:
     return float(first)
 
 
-def input_warnings(data: np.ndarray, spacing: Spacing3, grid_h: Shape3, patch: Shape3 | None, target_um: float) -> list[str]:
+def input_warnings(
+    data: np.ndarray, spacing: Spacing3, grid_h: Shape3, patch: Shape3 | None, target_um: float
+) -> list[str]:
     """Warnings for inputs unlike the training data that are processed anyway.
 
     Constant or all-zero image, a single slice, a volume smaller than one patch on the
@@ -355,7 +371,9 @@ def input_warnings(data: np.ndarray, spacing: Spacing3, grid_h: Shape3, patch: S
         kind = "all-zero" if value == 0 else f"constant (every voxel {value:g})"
         warnings.append(f"{kind} image: no contrast to fuse; the output is finite but carries no information")
     if data.shape[0] == 1:
-        warnings.append(f"single slice: its one plane is repeated over the {grid_h[0]} plane(s) of the high-resolution grid")
+        warnings.append(
+            f"single slice: its one plane is repeated over the {grid_h[0]} plane(s) of the high-resolution grid"
+        )
     if patch is not None and any(n < p for n, p in zip(grid_h, patch)):
         warnings.append(
             f"volume is {tuple(grid_h)} voxels at {target_um:g} µm, smaller than one {tuple(patch)} patch: "
@@ -371,7 +389,9 @@ def input_warnings(data: np.ndarray, spacing: Spacing3, grid_h: Shape3, patch: S
     return warnings
 
 
-def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None) -> CaseReport:
+def process_file(
+    path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None
+) -> CaseReport:
     """Read, fuse and write one file; never raises for a problem with this file (see ``status``)."""
     report = CaseReport(file=path.name)
     started = time.perf_counter()
@@ -382,8 +402,12 @@ def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, 
             warn(report, warning)
         if volume.data.dtype != np.uint16:
             warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
-        log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
-        fused = fuser.fuse(volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report)
+        log.info(
+            "[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel
+        )
+        fused = fuser.fuse(
+            volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
+        )
         with timed(report.seconds, "write"):
             write_volume(output_dir / path.name, fused.output, like=volume)
         report.output_dtype = output_dtype
@@ -418,7 +442,9 @@ def record_peaks(report: CaseReport) -> None:
     report.peak_vram_mib = None if vram is None else round(vram, 1)
     vram_text = "" if vram is None else f", peak VRAM {report.peak_vram_mib:.0f} MiB"
     total = report.seconds.get("total", 0.0)
-    log.info("[%s] %s in %.1f s (peak RSS %.0f MiB%s)", report.file, report.status, total, report.peak_rss_mib, vram_text)
+    log.info(
+        "[%s] %s in %.1f s (peak RSS %.0f MiB%s)", report.file, report.status, total, report.peak_rss_mib, vram_text
+    )
 
 
 def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype: str) -> list[CaseReport]:

@@ -18,7 +18,9 @@ from .preprocess import ResizedSource, percentile_affine, percentiles
 from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
-def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
+def correction_weight(
+    correction: PlaneSource | np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
     Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
@@ -49,7 +51,9 @@ def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = No
     return size, sigma
 
 
-def weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
+def weight_from_coarse(
+    coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
     """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
     max filter, Gaussian (sizes of :func:`weight_filters`) and percentile scaling."""
     size, sigma = weight_filters(spec, extent_um)
@@ -105,11 +109,15 @@ def adaptive_settings(noise: float, spec: PostprocessSpec) -> tuple[float, float
     if spec.sigma_knots:
         sigma = float(np.interp(noise, [k[0] for k in spec.sigma_knots], [k[1] for k in spec.sigma_knots]))
     if spec.gate_knots:
-        gate = float(np.clip(np.interp(noise, [k[0] for k in spec.gate_knots], [k[1] for k in spec.gate_knots]), 0.0, 1.0))
+        gate = float(
+            np.clip(np.interp(noise, [k[0] for k in spec.gate_knots], [k[1] for k in spec.gate_knots]), 0.0, 1.0)
+        )
     return max(sigma, 0.0), gate
 
 
-def background_mask(normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0) -> np.ndarray:
+def background_mask(
+    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0
+) -> np.ndarray:
     """Factor in [0, 1] on ``spec.diff_grid``: 0 in empty background, 1 on the specimen.
 
     The normalised input (ZYX, any grid) is resized to the diff grid, smoothed (σ ``smooth``
@@ -147,7 +155,9 @@ def blend_weight(
     return weight
 
 
-def blend_slabs(data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool) -> ArraySource:
+def blend_slabs(
+    data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool
+) -> ArraySource:
     """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
 
     ``data`` is the input array ``x_in`` normalises (ZYX, input grid); the correction (on H) and
@@ -226,11 +236,17 @@ def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence
         source = HaloFilterSource(source, lambda b: ndimage.maximum_filter(b, size=size, mode="nearest"), size // 2)
     if spec.output_gaussian_sigma > 0:
         sigma = output_sigma_zyx(spec, spacing)
-        source = HaloFilterSource(source, lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32), int(4.0 * sigma[0] + 0.5))
+        source = HaloFilterSource(
+            source,
+            lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32),
+            int(4.0 * sigma[0] + 0.5),
+        )
     return source
 
 
-def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None) -> PlaneSource:
+def final_source(
+    blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None
+) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
     Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the

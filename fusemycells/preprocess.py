@@ -38,7 +38,9 @@ def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = 
     return float(lo), float(hi)
 
 
-def percentile_affine(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> tuple[float, float]:
+def percentile_affine(
+    volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6
+) -> tuple[float, float]:
     """(offset, scale) with (v − offset)·scale mapping p_low → 0 and p_high → 1.
 
     A degenerate histogram falls back to the full range, then to a pure shift (scale 1), so a
@@ -91,7 +93,9 @@ class ResizedSource:
     only hold a second copy of each request).
     """
 
-    def __init__(self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True) -> None:
+    def __init__(
+        self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True
+    ) -> None:
         self.source: PlaneSource = as_source(source)
         self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
         sigma = antialias_sigma(self.source.shape, self.shape) if antialias else (0.0, 0.0, 0.0)
@@ -185,7 +189,9 @@ class ResizedSource:
         """Bilinear resize of float32 ZYX planes to this source's Y × X (torch, z as the batch axis)."""
         if planes.shape[1:] == self.shape[1:]:
             return planes
-        chunk = F.interpolate(torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False)
+        chunk = F.interpolate(
+            torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False
+        )
         return chunk[:, 0].numpy()
 
     def _filtered(self, src0: int, src1: int) -> np.ndarray:
@@ -203,7 +209,9 @@ class ResizedSource:
         return block[r : r + (src1 - src0)]  # a z-range of a C-contiguous block is contiguous
 
 
-def _lerp_planes(planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _lerp_planes(
+    planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """Planes ``planes[lo]·(1 − frac) + planes[hi]·frac`` (float32 ZYX; one output plane per index),
     computed plane by plane into ``out`` (allocated if None): no temporaries of the block's size."""
     if out is None:
@@ -230,7 +238,9 @@ def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> int:
     """
     if volume.dtype.kind != "f":
         return 0
-    bad = sum(int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab))
+    bad = sum(
+        int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab)
+    )
     if not bad:
         return 0
     lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)

@@ -30,7 +30,9 @@ def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.
     return apply_affine(volume, *percentile_affine(volume, low, high, eps))
 
 
-def normalise_intensity(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
+def normalise_intensity(
+    volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8
+) -> np.ndarray:
     """Network input normalisation named by the manifest (``kind`` 'percentile' or 'zscore'), float32 ZYX.
 
     Twin of ``ArraySource(volume, *intensity_affine(volume, spec))``. Non-finite voxels must be
@@ -61,7 +63,9 @@ def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: S
     return resize(volume, shape_for_spacing(volume.shape, spacing, target_spacing))
 
 
-def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> np.ndarray:
+def difference_weight(
+    inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays; ``extent_um``
     their ZYX size in µm). Twin of :func:`fusemycells.postprocess.correction_weight` (which reads pred − inp lazily).
     """

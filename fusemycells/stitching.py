@@ -222,7 +222,13 @@ class _Forwards:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_row(state: _SlidingWindow, forwards: _Forwards, rows: list[np.ndarray], chunks: list[list[Window]], after_batch: AfterBatch | None) -> None:
+def _run_row(
+    state: _SlidingWindow,
+    forwards: _Forwards,
+    rows: list[np.ndarray],
+    chunks: list[list[Window]],
+    after_batch: AfterBatch | None,
+) -> None:
     """Predict every batch of one row of patches and accumulate them in order (oldest first: the
     output does not depend on the number of workers)."""
     pending: Future[np.ndarray] = forwards.prefetch.submit(state.assemble, rows, chunks[0])
