@@ -35,8 +35,8 @@ from fusemycells.config import (
     load_manifest,
     resolve_resources_dir,
 )
-from fusemycells.paths import input_root_problem
 from fusemycells.cuda_support import log_cuda_failure
+from fusemycells.paths import input_root_problem
 
 log = logging.getLogger("fusemycells")
 
@@ -243,9 +243,10 @@ def _main(argv: list[str] | None = None) -> int:
         report["policy"] = policy.as_report()
         fuser = Fuser(manifest, policy, backend=config.backend)
         cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype)
-    except (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        report["error"] = str(exc)
+    except Exception as exc:  # every setup failure exits 2: exit 1 means "a file was refused"
+        expected = isinstance(exc, (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError))
+        log.error("%s", exc if expected else f"setup failed: {type(exc).__name__}: {exc}", exc_info=None if expected else exc)
+        report["error"] = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         _write_report(config, report)
         return 2
     report["policy"] = policy.as_report()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 def rss_mib() -> float:
     """Current resident set size of this process (MiB), from /proc/self/status (NaN elsewhere)."""
-    from fusemycells.budget import proc_status_mib
+    from fusemycells.devices import proc_status_mib
 
     current = proc_status_mib("VmRSS")
     return float("nan") if current is None else current

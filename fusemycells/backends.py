@@ -1,7 +1,7 @@
 """Network runners: TorchScript (``torch.jit.load``) and ONNX (onnxruntime).
 
 A runner maps a float32 NCZYX numpy batch to a float32 N1ZYX numpy batch and says which
-backend and execution provider really ran it. Device choice comes from :mod:`fusemycells.budget`.
+backend and execution provider really ran it. Device choice comes from :mod:`fusemycells.devices`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .budget import free_device_cache, is_out_of_memory
 from .config import FORMATS, MANIFEST_NAME, Manifest, ManifestError, StageSpec, verified_path
+from .devices import free_device_cache, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,11 @@ def memory_fraction(vram_budget_gib: float | None, total_bytes: int) -> float | 
 
 
 def cuda_provider_options(vram_budget_gib: float | None, device_id: int = 0) -> dict[str, str]:
-    """onnxruntime CUDAExecutionProvider options: the VRAM budget as ``gpu_mem_limit`` (bytes).
+    """onnxruntime CUDAExecutionProvider options: a session's VRAM share (GiB) as ``gpu_mem_limit`` (bytes).
 
     cuDNN's algorithm search is 'HEURISTIC': the default 'EXHAUSTIVE' benchmarks every
-    convolution on first use, seconds per new shape. The limit applies per session (per stage).
+    convolution on first use, seconds per new shape. The limit applies per session (per stage),
+    each with its own arena, so the run's budget must be shared (see :func:`load_stage`).
     """
     options = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC"}
     if vram_budget_gib is not None:
@@ -54,7 +55,14 @@ class TorchScriptRunner:
 
     backend = "torchscript"
 
-    def __init__(self, path: Path, device: str, half: bool = False, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        half: bool = False,
+        threads: int | None = None,
+        vram_budget_gib: float | None = None,
+    ) -> None:
         import torch
 
         if threads:
@@ -100,7 +108,9 @@ class OnnxRunner:
 
     backend = "onnx"
 
-    def __init__(self, path: Path, device: str, threads: int | None = None, vram_budget_gib: float | None = None) -> None:
+    def __init__(
+        self, path: Path, device: str, threads: int | None = None, vram_budget_gib: float | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -174,16 +184,9 @@ def expected_in_channels(spec: StageSpec) -> int | None:
     return 1 if spec.grid is not None else None
 
 
-def load_stage(
-    manifest: Manifest, spec: StageSpec, backend: str, device: str, half: bool = False, threads: int | None = None, strict: bool = False, vram_budget_gib: float | None = None
-) -> LoadedStage:
-    """Load one stage, verifying the file's checksum; fall back to the other format if it fails.
-
-    With ``strict`` (an explicit ``--backend``) no fallback happens. Raises :class:`ManifestError`
-    naming every file that failed, never returning an unverified network, and naming the
-    manifest when the stage's ``in_channels`` is not what the pipeline feeds it (see
-    :func:`expected_in_channels`). ``vram_budget_gib`` (GiB) caps the device memory of a CUDA runner.
-    """
+def check_in_channels(manifest: Manifest, spec: StageSpec) -> None:
+    """Raise :class:`ManifestError` naming the manifest when a stage's ``in_channels`` is not what
+    the pipeline feeds it (see :func:`expected_in_channels`)."""
     expected = expected_in_channels(spec)
     if expected is not None and spec.in_channels != expected:
         files = ", ".join(w.path for w in spec.files.values())
@@ -191,11 +194,32 @@ def load_stage(
             f"{manifest.root / MANIFEST_NAME}: stage {files} declares in_channels={spec.in_channels}, "
             f"but the pipeline feeds the {'patch' if expected == 2 else 'global'} stage {expected} channel(s)"
         )
+
+
+def load_stage(
+    manifest: Manifest,
+    spec: StageSpec,
+    backend: str,
+    device: str,
+    half: bool = False,
+    threads: int | None = None,
+    strict: bool = False,
+    vram_budget_gib: float | None = None,
+    vram_sessions: int = 1,
+) -> LoadedStage:
+    """Load one stage, verifying the file's checksum; fall back to the other format if it fails.
+
+    With ``strict`` (an explicit ``--backend``) no fallback happens. Raises :class:`ManifestError`
+    naming every file that failed, never returning an unverified network, and naming the
+    manifest when the stage's ``in_channels`` is wrong (:func:`check_in_channels`).
+    ``vram_budget_gib`` (GiB) is the run's device memory budget:
+    TorchScript caps the whole process at it; each ONNX Runtime session has its own arena and gets
+    ``vram_budget_gib / vram_sessions``, ``vram_sessions`` being the device stages that may be open at once.
+    """
+    check_in_channels(manifest, spec)
     errors: list[str] = []
     order = backend_order(backend, device)
-    if strict:
-        order = order[:1]
-    for fmt in order:
+    for fmt in order[:1] if strict else order:
         weights = spec.files.get(fmt)
         if weights is None:
             errors.append(f"{fmt}: not in manifest")
@@ -206,7 +230,8 @@ def load_stage(
             if fmt == "torchscript":
                 runner = TorchScriptRunner(path, device, half=half, threads=threads, vram_budget_gib=vram_budget_gib)
             else:
-                runner = OnnxRunner(path, device, threads=threads, vram_budget_gib=vram_budget_gib)
+                share = None if vram_budget_gib is None else vram_budget_gib / max(1, vram_sessions)
+                runner = OnnxRunner(path, device, threads=threads, vram_budget_gib=share)
         except ManifestError as exc:
             errors.append(str(exc))
             log.warning("%s", exc)

@@ -1,22 +1,22 @@
-"""Device and memory policy: the one place that decides where and how big the work runs.
+"""Time and memory policy: the one place that decides where and how big the work runs.
 
-Everything that depends on the machine (device choice, fp16, patch batch size, CPU threads,
-memory limits) is decided here and recorded in the run report.
+Decisions that depend on the machine (fp16, patch batch size, CPU threads, memory limits, time
+per file) are made here from the facts :mod:`fusemycells.devices` reports, and recorded in the
+run report.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .devices import available_ram_bytes, choose_device, free_vram_gib, nvidia_driver_version
+from .sources import Shape3, Spacing3, shape_for_spacing
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ RAM_SAFE_FRACTION = 0.85
 """Share of the available RAM a file may need when no ``--ram-budget`` is given."""
 LEARN_MARGIN = 1.25
 """Safety factor on a per-voxel rate learned from a finished file (see :class:`LinearCost`)."""
-NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
-"""Where the host's NVIDIA kernel driver states its version (absent without a GPU driver)."""
 
 
 @dataclass
@@ -67,138 +65,53 @@ def default_stage_costs() -> dict[str, LinearCost]:
     return {"global": LinearCost(fixed_s=2.0, per_voxel_s=5e-8), "finish": LinearCost(fixed_s=2.0, per_voxel_s=2.5e-7)}
 
 
-def parse_driver_version(text: str) -> str | None:
-    """The NVIDIA kernel driver version (e.g. '535.104.05') in the text of :data:`NVIDIA_VERSION_FILE`."""
-    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", text)
-    return match.group(1) if match else None
-
-
-def nvidia_driver_version(path: str = NVIDIA_VERSION_FILE) -> str | None:
-    """The host's NVIDIA driver version, or None when no NVIDIA driver is visible."""
-    try:
-        with open(path) as handle:
-            return parse_driver_version(handle.read())
-    except OSError:
-        return None
-
-
-def estimate_peak_bytes(shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> int:
+def estimate_peak_bytes(shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> int:
     """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
 
     The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
     more for small stacks, counted always), the correction on the high-resolution grid (float16,
-    2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers (a 16-plane input slab and a 64-plane H slab, float32 ×8)
-    and a fixed 1 GiB for the networks, the global grid and the libraries.
+    2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers
+    (a 16-plane input slab and a 64-plane H slab, float32 ×8) and a fixed 1 GiB for the networks,
+    the global grid and the libraries.
     """
     n_input = float(np.prod(shape, dtype=np.float64))
-    high = [max(1, round(n * s / target_spacing)) for n, s in zip(shape, spacing)]
+    high = shape_for_spacing(shape, spacing, (target_spacing,) * 3)
     n_high = float(np.prod(high, dtype=np.float64))
     slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
     compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
-    correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (Fuser._patch_correction)
+    correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (PatchStage)
     return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + (1 << 30))
 
 
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device (False when torch is missing or CPU-only)."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+class EventLog:
+    """The run's record of budget decisions (out-of-memory fallbacks, degradations), in order.
 
-
-def choose_device(requested: str) -> str:
-    """'cuda' or 'cpu' for a ``--device`` value; 'cuda' without a GPU is an error, 'auto' falls back."""
-    if requested not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"unknown device '{requested}' (expected auto, cuda or cpu)")
-    if requested == "cpu":
-        return "cpu"
-    if cuda_available():
-        return "cuda"
-    if requested == "cuda":
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
-    return "cpu"
-
-
-def free_vram_gib() -> float | None:
-    """Free memory of CUDA device 0 in GiB, or None without CUDA."""
-    if not cuda_available():
-        return None
-    import torch
-
-    free, _total = torch.cuda.mem_get_info()
-    return free / 2**30
-
-
-def proc_status_mib(key: str) -> float | None:
-    """A memory line of /proc/self/status (e.g. 'VmRSS', 'VmHWM') in MiB; None where there is none (not Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB).
-
-    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
-    ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a program started
-    by a parent that once held 1 GB reports at least 1 GB.
+    Each message is logged as a warning and listed in the run report (``policy.events``).
     """
-    peak_mib = proc_status_mib("VmHWM")
-    if peak_mib is not None:
-        return peak_mib
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        log.warning("budget: %s", message)
+        self.messages.append(message)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.messages)
+
+    def __len__(self) -> int:
+        return len(self.messages)
 
 
-def peak_vram_mib() -> float | None:
-    """Peak GPU memory torch reserved in this process so far (MiB); None without CUDA in use.
-
-    Covers the TorchScript backend (the default on CUDA); ONNX Runtime's CUDA arena is not seen
-    by torch, so with ``--backend onnx`` this is only torch's share (resampling runs on the CPU).
-    """
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return float(torch.cuda.max_memory_reserved()) / 2**20
-
-
-def available_ram_bytes() -> int | None:
-    """Memory the process may still use: MemAvailable, capped by a cgroup limit when one is set."""
-    candidates: list[int] = []
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as handle:
-                text = handle.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            usage_path = path.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
-            try:
-                with open(usage_path) as handle:
-                    used = int(handle.read().strip())
-            except (OSError, ValueError):
-                used = 0
-            candidates.append(int(text) - used)
-    return min(candidates) if candidates else None
-
-
-@dataclass
+@dataclass(frozen=True)
 class BudgetPolicy:
-    """Run-wide decisions; mutable so that a fallback found once is kept for later patches and files."""
+    """Run-wide limits and the decisions derived from them; fixed once the run starts.
+
+    What is learned while running is kept by its owner: the OOM ladder's batch size, sub-patch and
+    CPU fallback by the patch stage (:class:`fusemycells.patch_stage.PatchStage`), the patch rate by
+    its deadline watcher, the stage costs by the :class:`fusemycells.pipeline.Fuser`. ``events``
+    only records.
+    """
 
     device: str
     half: bool
@@ -207,13 +120,9 @@ class BudgetPolicy:
     threads: int | None
     ram_budget_bytes: int | None = None
     started: float = field(default_factory=time.perf_counter)  # perf_counter() at the start of the run
-    max_batch: int | None = None  # lowered by the OOM ladder, kept for later patches and files
-    sub_patch: tuple[int, int, int] | None = None  # set by the OOM ladder: tile each patch this small
-    forced_cpu: bool = False  # the OOM ladder moved the patch stage to the CPU
-    seconds_per_patch: float | None = None  # measured patch-stage rate, kept across files
-    stage_costs: dict[str, LinearCost] = field(default_factory=default_stage_costs)  # learned, kept across files
     nvidia_driver: str | None = None  # host NVIDIA driver version (None: no driver visible)
-    events: list[str] = field(default_factory=list)
+    compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
+    events: EventLog = field(default_factory=EventLog, compare=False)
 
     @classmethod
     def create(
@@ -225,14 +134,13 @@ class BudgetPolicy:
         ram_budget_gib: float | None = None,
         started: float | None = None,
     ) -> BudgetPolicy:
+        """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads."""
         chosen = choose_device(device)
         if chosen == "cuda" and vram_budget_gib is None:
             free = free_vram_gib()
             vram_budget_gib = None if free is None else round(free * VRAM_SAFE_FRACTION, 2)
-        if threads is None:
-            threads = os.cpu_count() or 1
         if ram_budget_gib is not None:
-            ram_budget = int(ram_budget_gib * (1 << 30))
+            ram_budget: int | None = int(ram_budget_gib * (1 << 30))
         else:
             available = available_ram_bytes()
             ram_budget = None if available is None else int(available * RAM_SAFE_FRACTION)
@@ -241,19 +149,22 @@ class BudgetPolicy:
             half=chosen == "cuda",
             vram_budget_gib=vram_budget_gib,
             time_budget_s=time_budget_s,
-            threads=threads,
+            threads=(os.cpu_count() or 1) if threads is None else threads,
             ram_budget_bytes=ram_budget,
             started=time.perf_counter() if started is None else started,
             nvidia_driver=nvidia_driver_version(),
         )
-        ram_text = "unknown" if ram_budget is None else f"{ram_budget / (1 << 30):.1f}"
-        log.info("device %s (fp16 %s), VRAM budget %s GiB, RAM budget %s GiB, time budget %s s, %d CPU threads, NVIDIA driver %s", policy.device, policy.half, vram_budget_gib, ram_text, time_budget_s, threads, policy.nvidia_driver or "none")
+        log.info("%s", policy.describe())
         return policy
 
-    def patch_batch_size(self, manifest_batch: int) -> int:
-        """Patches per forward call: the manifest's value, or less once the OOM ladder lowered it."""
-        size = max(1, manifest_batch)
-        return size if self.max_batch is None else max(1, min(size, self.max_batch))
+    def describe(self) -> str:
+        """One log line: device, budgets, threads, driver."""
+        ram = "unknown" if self.ram_budget_bytes is None else f"{self.ram_budget_bytes / (1 << 30):.1f}"
+        return (
+            f"device {self.device} (fp16 {self.half}), VRAM budget {self.vram_budget_gib} GiB, "
+            f"RAM budget {ram} GiB, time budget {self.time_budget_s} s, {self.threads} CPU threads, "
+            f"NVIDIA driver {self.nvidia_driver or 'none'}"
+        )
 
     def patch_workers(self, backend: str, device: str) -> int:
         """Patch batches run at once by a patch stage of ``backend`` on ``device``.
@@ -268,11 +179,6 @@ class BudgetPolicy:
             return 1
         return min(int(self.threads or 1), MAX_CPU_WORKERS)
 
-    def event(self, message: str) -> None:
-        """Record a policy decision (log + report)."""
-        log.warning("budget: %s", message)
-        self.events.append(message)
-
     def remaining_s(self) -> float | None:
         """Seconds left of the run's time budget (None: no budget)."""
         if self.time_budget_s is None:
@@ -286,23 +192,26 @@ class BudgetPolicy:
             return None
         return time.perf_counter() + max(0.0, remaining) / max(1, files_left)
 
-    def check_memory(self, shape: tuple[int, int, int], itemsize: int, spacing: tuple[float, float, float], target_spacing: float) -> None:
-        """Raise :class:`MemoryError` (before any allocation) when a stack would exceed the RAM budget."""
+    def check_memory(self, shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> None:
+        """Raise :class:`MemoryBudgetExceeded` (before any allocation) when a stack would exceed the RAM budget."""
         if self.ram_budget_bytes is None:
             return
         need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
         if need > self.ram_budget_bytes:
-            raise MemoryError(f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm needs ~{need / (1 << 30):.1f} GiB, over the RAM budget of {self.ram_budget_bytes / (1 << 30):.1f} GiB")
+            where = f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm"
+            budget = self.ram_budget_bytes / (1 << 30)
+            needed = need / (1 << 30)
+            raise MemoryBudgetExceeded(f"{where} needs ~{needed:.1f} GiB, over the RAM budget of {budget:.1f} GiB")
 
-    def compact_output(self, shape: tuple[int, int, int]) -> bool:
-        """Whether the blended output of a stack is kept in float16 inside the input's own buffer.
+    def compact_output(self, shape: Sequence[int]) -> bool:
+        """Whether a stack's blended output (and the correction on H) is kept in float16.
 
-        Large stacks (> :data:`COMPACT_OUTPUT_VOXELS`) or a RAM budget too small for a float32
-        copy use float16 (relative precision 4.9e-4, far below what N-SSIM resolves) so that the
-        peak stays near 2× the input's bytes; smaller stacks get an exact float32 buffer.
+        Large stacks (> ``compact_voxels``) or a RAM budget too small for a float32 copy use
+        float16 (relative precision 4.9e-4, far below what N-SSIM resolves) so that the peak stays
+        near 2× the input's bytes; smaller stacks get an exact float32 buffer.
         """
         voxels = int(np.prod(shape, dtype=np.int64))
-        if voxels > COMPACT_OUTPUT_VOXELS:
+        if voxels > self.compact_voxels:
             return True
         return self.ram_budget_bytes is not None and 4 * voxels > self.ram_budget_bytes // 2
 
@@ -319,6 +228,10 @@ class BudgetPolicy:
         }
 
 
+class MemoryBudgetExceeded(MemoryError):
+    """A stack would need more host memory than the RAM budget (refused before loading its pixels)."""
+
+
 DEGRADATION_LEVELS = {
     0: "full two-stage prediction",
     1: "patch stage without overlap (fewer patches)",
@@ -326,101 +239,3 @@ DEGRADATION_LEVELS = {
     3: "percentile-normalised input (no network)",
 }
 """Steps taken, in order, when the time budget cannot be met (reported as ``degradation``)."""
-
-
-class DeadlineExceeded(RuntimeError):
-    """The patch stage would not finish before the file's deadline."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA/ONNX Runtime/host out-of-memory errors."""
-    if isinstance(exc, MemoryError):
-        return True
-    name = type(exc).__name__
-    text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or "failed to allocate memory" in text
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``count`` inside the block, restored after (None: unchanged).
-
-    The count is process-wide, so it also applies to the resampling done meanwhile.
-    """
-    torch = sys.modules.get("torch")
-    if count is None or torch is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def free_device_cache() -> None:
-    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-Predict = Callable[[np.ndarray], np.ndarray]
-
-
-class OomLadder:
-    """A batch predictor that survives out-of-memory errors, step by step.
-
-    On OOM: free the device cache and halve the batch; at one patch, tile the patch into
-    half-size sub-patches (Gaussian-stitched, so coverage and weighting stay correct) down to
-    ``min_sub_patch``; then finish on the CPU predictor. What worked is stored in ``policy`` and
-    kept for later patches and files. Batches are ``(N, C, Z, Y, X)`` float32.
-    """
-
-    def __init__(self, predict: Predict, policy: BudgetPolicy, cpu_predict: Callable[[], Predict] | None = None, min_sub_patch: int = 16) -> None:
-        self.predict = predict
-        self.policy = policy
-        self.cpu_predict = cpu_predict
-        self.min_sub_patch = min_sub_patch
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        size = self.policy.max_batch or len(batch)
-        return np.concatenate([self._run(batch[i : i + size]) for i in range(0, len(batch), size)])
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) == 1 and self.policy.sub_patch is not None and any(s < n for s, n in zip(self.policy.sub_patch, batch.shape[2:])):
-            return self._tiled(batch)
-        try:
-            return self.predict(batch)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        free_device_cache()
-        if len(batch) > 1:
-            half = max(1, len(batch) // 2)
-            self.policy.max_batch = half
-            self.policy.event(f"out of memory with {len(batch)} patches per batch: batch size {half}")
-            return np.concatenate([self._run(batch[:half]), self._run(batch[half:])])
-        current = self.policy.sub_patch or tuple(int(n) for n in batch.shape[2:])
-        smaller = tuple(max(self.min_sub_patch, (n + 1) // 2) for n in current)
-        if smaller != current:
-            self.policy.sub_patch = smaller  # type: ignore[assignment]
-            self.policy.event(f"out of memory on one {tuple(batch.shape[2:])} patch: tiling it into {smaller} sub-patches")
-            return self._tiled(batch)
-        if self.cpu_predict is not None and not self.policy.forced_cpu:
-            self.policy.forced_cpu = True
-            self.policy.event("out of memory at the smallest sub-patch: finishing the patch stage on the CPU")
-            self.predict = self.cpu_predict()
-            self.policy.sub_patch = None
-            return self._run(batch)
-        raise MemoryError(f"out of memory even for a {current} patch on the CPU")
-
-    def _tiled(self, batch: np.ndarray) -> np.ndarray:
-        from .stitching import sliding_window  # local import: stitching uses this module's types only
-
-        assert self.policy.sub_patch is not None
-        channels = [batch[0, c] for c in range(batch.shape[1])]
-        sub = tuple(min(s, n) for s, n in zip(self.policy.sub_patch, batch.shape[2:]))
-        stitched, _ = sliding_window(channels, self._run, sub, overlap=0.5, batch_size=1)
-        return stitched[None, None]

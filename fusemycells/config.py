@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_TIME_BUDGET_S = 1500.0
 """Run time budget (s) when the manifest names none: Grand Challenge kills jobs at the phase's
 time limit (set per challenge; we assume ≥ 30 min) and the container must write every output first."""
+DEFAULT_TARGET_SPACING_UM = 0.6
+"""Isotropic spacing (µm) of the high-resolution grid H when a channel names none."""
+PATCH_STAGE_DEFAULTS: dict[str, Any] = {"overlap": 0.5, "batch_size": 2}
+"""Patch-stage fields a manifest may leave out (``training/export.py`` writes these)."""
 
 
 class ManifestError(RuntimeError):
@@ -69,8 +73,26 @@ class StageSpec:
     files: dict[str, WeightsFile]
     grid: tuple[int, int, int] | None = None  # global stage: fixed ZYX input grid (voxels)
     patch_size: tuple[int, int, int] | None = None  # patch stage: ZYX patch (voxels)
-    overlap: float = 0.5  # patch stage: fraction of the patch shared by neighbours
-    batch_size: int = 2  # patch stage: patches per forward call (budget may lower it)
+    overlap: float = PATCH_STAGE_DEFAULTS["overlap"]  # patch stage: fraction of the patch shared by neighbours
+    batch_size: int = PATCH_STAGE_DEFAULTS[
+        "batch_size"
+    ]  # patch stage: patches per forward call (the OOM ladder may lower it)
+
+
+NORMALISATION_KINDS = ("percentile", "zscore")
+
+
+@dataclass(frozen=True)
+class NormalisationSpec:
+    """Network input normalisation: percentiles ``low``/``high`` (%) mapped to 0/1, or z-score."""
+
+    kind: str = "percentile"  # 'percentile' | 'zscore'
+    low: float = 1.0  # percentile (%) mapped to 0 ('percentile' only)
+    high: float = 99.8  # percentile (%) mapped to 1 ('percentile' only)
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMALISATION_KINDS:
+            raise ValueError(f"unknown normalisation kind '{self.kind}' (expected 'percentile' or 'zscore')")
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,8 @@ class PostprocessSpec:
     diff_grid: tuple[int, int, int] = (128, 128, 128)  # ZYX grid of the weight map (voxels)
     max_filter: int = 9  # max filter size on the weight map (voxels of diff_grid)
     sigma: float = 3.0  # Gaussian σ on the weight map (voxels of diff_grid)
+    max_filter_um: float = 0.0  # > 0: the weight map's max filter this wide in µm on every axis instead
+    sigma_um: float = 0.0  # > 0: the weight map's Gaussian σ in µm on every axis instead (see weight_filters)
     weight_percentiles: tuple[float, float] = (2.0, 98.0)  # scaling of the weight map to [0, 1]
     output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
     output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
@@ -94,13 +118,26 @@ class PostprocessSpec:
     background_threshold: float = 0.0  # corrections fade out below this normalised input level; 0 = off
 
 
+def manifest_form(spec: PostprocessSpec) -> dict[str, Any]:
+    """A :class:`PostprocessSpec` as the manifest's JSON object (tuples as lists); parses back to ``spec``."""
+    return {key: _as_json(value) for key, value in asdict(spec).items()}
+
+
+def _as_json(value: Any) -> Any:
+    return [_as_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
+"""The manifest's ``postprocess`` defaults: what ``training/export.py`` writes unless told otherwise."""
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """Everything inference needs for one channel ('nucleus' or 'membrane')."""
 
     name: str
     target_spacing_um: float
-    normalisation: dict[str, Any]
+    normalisation: NormalisationSpec
     global_stage: StageSpec
     patch_stage: StageSpec
     postprocess: PostprocessSpec
@@ -148,7 +185,9 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
 
 def _stage(raw: dict[str, Any], where: str) -> StageSpec:
     try:
-        files = {fmt: WeightsFile(path=str(f["path"]), sha256=str(f["sha256"]).lower()) for fmt, f in raw["files"].items()}
+        files = {
+            fmt: WeightsFile(path=str(f["path"]), sha256=str(f["sha256"]).lower()) for fmt, f in raw["files"].items()
+        }
         unknown = set(files) - set(FORMATS)
         if unknown:
             raise ManifestError(f"{where}: unknown weight formats {sorted(unknown)} (known: {FORMATS})")
@@ -157,8 +196,8 @@ def _stage(raw: dict[str, Any], where: str) -> StageSpec:
             files=files,
             grid=_triple(raw["grid"], f"{where}.grid") if "grid" in raw else None,
             patch_size=_triple(raw["patch_size"], f"{where}.patch_size") if "patch_size" in raw else None,
-            overlap=float(raw.get("overlap", 0.5)),
-            batch_size=int(raw.get("batch_size", 2)),
+            overlap=float(raw.get("overlap", PATCH_STAGE_DEFAULTS["overlap"])),
+            batch_size=int(raw.get("batch_size", PATCH_STAGE_DEFAULTS["batch_size"])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: malformed stage entry ({exc})") from exc
@@ -170,6 +209,8 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         diff_grid=_triple(raw.get("diff_grid", list(default.diff_grid)), "postprocess.diff_grid"),
         max_filter=int(raw.get("max_filter", default.max_filter)),
         sigma=float(raw.get("sigma", default.sigma)),
+        max_filter_um=float(raw.get("max_filter_um", default.max_filter_um)),
+        sigma_um=float(raw.get("sigma_um", default.sigma_um)),
         weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
         output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
         output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),
@@ -179,6 +220,15 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
         gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),
         background_threshold=float(raw.get("background_threshold", default.background_threshold)),
     )
+
+
+def _normalisation(raw: Any, where: str) -> NormalisationSpec:
+    if not isinstance(raw, dict) or set(raw) - {"kind", "low", "high"}:
+        raise ManifestError(f"{where}: expected an object with 'kind', 'low', 'high', got {raw!r}")
+    try:
+        return NormalisationSpec(**{k: v if k == "kind" else float(v) for k, v in raw.items()})
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
 
 
 def _knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
@@ -193,34 +243,49 @@ def _knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
 
 def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     """Validate a manifest dict; file paths are relative to ``root``."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest must be a JSON object, got {type(raw).__name__}")
     if raw.get("format_version") != 1:
         raise ManifestError(f"unsupported manifest format_version {raw.get('format_version')!r} (expected 1)")
-    channels: dict[str, ChannelSpec] = {}
-    for name, entry in raw.get("channels", {}).items():
-        where = f"channels.{name}"
-        try:
-            global_stage = _stage(entry["global_stage"], f"{where}.global_stage")
-            patch_stage = _stage(entry["patch_stage"], f"{where}.patch_stage")
-            channels[name] = ChannelSpec(
-                name=name,
-                target_spacing_um=float(entry.get("target_spacing_um", 0.6)),
-                normalisation=dict(entry.get("normalisation", {"kind": "percentile", "low": 1.0, "high": 99.8})),
-                global_stage=global_stage,
-                patch_stage=patch_stage,
-                postprocess=_postprocess(entry.get("postprocess", {})),
-            )
-        except KeyError as exc:
-            raise ManifestError(f"{where}: missing field {exc}") from exc
-        if global_stage.grid is None:
-            raise ManifestError(f"{where}.global_stage: 'grid' is required")
-        if patch_stage.patch_size is None:
-            raise ManifestError(f"{where}.patch_stage: 'patch_size' is required")
+    entries = raw.get("channels", {})
+    if not isinstance(entries, dict):
+        raise ManifestError(f"manifest field 'channels' must be an object of channel entries, got {entries!r}")
+    channels = {name: _channel(name, entry) for name, entry in entries.items()}
     if not channels:
         raise ManifestError("manifest lists no channels")
     budget = raw.get("time_budget_s", DEFAULT_TIME_BUDGET_S)
     if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
         raise ManifestError(f"time_budget_s must be a positive number of seconds or null, got {budget!r}")
-    return Manifest(root=root, channels=channels, provenance=dict(raw.get("provenance", {})), time_budget_s=None if budget is None else float(budget))
+    return Manifest(
+        root=root,
+        channels=channels,
+        provenance=dict(raw.get("provenance", {})),
+        time_budget_s=None if budget is None else float(budget),
+    )
+
+
+def _channel(name: str, entry: Any) -> ChannelSpec:
+    """One channel entry of the manifest, validated."""
+    where = f"channels.{name}"
+    parts = ("global_stage", "patch_stage", "postprocess")
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k, {}), dict) for k in parts):
+        raise ManifestError(f"manifest {where}: expected an object with {', '.join(parts)} objects")
+    try:
+        channel = ChannelSpec(
+            name=name,
+            target_spacing_um=float(entry.get("target_spacing_um", DEFAULT_TARGET_SPACING_UM)),
+            normalisation=_normalisation(entry.get("normalisation", {}), f"{where}.normalisation"),
+            global_stage=_stage(entry["global_stage"], f"{where}.global_stage"),
+            patch_stage=_stage(entry["patch_stage"], f"{where}.patch_stage"),
+            postprocess=_postprocess(entry.get("postprocess", {})),
+        )
+    except KeyError as exc:
+        raise ManifestError(f"{where}: missing field {exc}") from exc
+    if channel.global_stage.grid is None:
+        raise ManifestError(f"{where}.global_stage: 'grid' is required")
+    if channel.patch_stage.patch_size is None:
+        raise ManifestError(f"{where}.patch_stage: 'patch_size' is required")
+    return channel
 
 
 def load_manifest(resources_dir: Path) -> Manifest:
@@ -275,7 +340,9 @@ def verify_files(manifest: Manifest, require_all: bool = False) -> list[str]:
     return problems
 
 
-def resolve_resources_dir(cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES) -> tuple[Path, str]:
+def resolve_resources_dir(
+    cli_value: Path | None, model_dir: Path = GC_MODEL_DIR, default: Path = DEFAULT_RESOURCES
+) -> tuple[Path, str]:
     """Where to load weights from, and why.
 
     An explicit ``--resources`` wins. Otherwise a Grand Challenge model archive mounted at

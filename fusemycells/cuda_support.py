@@ -137,7 +137,9 @@ def image_cuda(builds: Mapping[str, str | None]) -> str | None:
     return max(versions, key=lambda v: version_tuple(v) or ()) if versions else None
 
 
-def plan_cuda(driver: str | None, needed: str | None, compat_libcuda: str | None = None, driver_cuda: str | None = None) -> CudaPlan:
+def plan_cuda(
+    driver: str | None, needed: str | None, compat_libcuda: str | None = None, driver_cuda: str | None = None
+) -> CudaPlan:
     """Route for CUDA ``needed`` (e.g. '12.8') on kernel driver ``driver`` (e.g. '470.256.02').
 
     ``compat_libcuda``: driver version of the cuda-compat package's libcuda (None: not in the image).
@@ -148,7 +150,9 @@ def plan_cuda(driver: str | None, needed: str | None, compat_libcuda: str | None
     found = dict(driver=driver, needed=needed, compat_libcuda=compat_libcuda)
     need = version_tuple(needed)
     if need is None:
-        return CudaPlan("cpu-build", reason="the installed torch/onnxruntime are CPU builds: nothing needs CUDA", **found)
+        return CudaPlan(
+            "cpu-build", reason="the installed torch/onnxruntime are CPU builds: nothing needs CUDA", **found
+        )
     rule = CUDA_RULES.get(need[0])
     have = version_tuple(driver)
     if have is None:
@@ -156,7 +160,11 @@ def plan_cuda(driver: str | None, needed: str | None, compat_libcuda: str | None
         if reported is None:
             return CudaPlan("no-driver", reason="no NVIDIA driver visible", **found)
         if rule is not None and reported[0] >= need[0]:
-            return CudaPlan("native", reason=f"libcuda reports CUDA {driver_cuda} (minor-version compatibility within CUDA {need[0]})", **found)
+            return CudaPlan(
+                "native",
+                reason=f"libcuda reports CUDA {driver_cuda} (minor-version compatibility within CUDA {need[0]})",
+                **found,
+            )
         return CudaPlan("unsupported", reason=f"libcuda reports CUDA {driver_cuda}, older than CUDA {need[0]}", **found)
     if rule is None:
         return CudaPlan("unsupported", reason=f"no compatibility rule for CUDA {needed}", **found)
@@ -167,10 +175,22 @@ def plan_cuda(driver: str | None, needed: str | None, compat_libcuda: str | None
     compat = version_tuple(compat_libcuda)
     if branch_min is None or have < (version_tuple(branch_min) or ()):
         branches = ", ".join(f"R{b}" for b in rule.compat_branches)
-        return CudaPlan("unsupported", reason=f"driver {driver} < {rule.min_driver}, and forward compatibility serves only {branches}", **found)
+        return CudaPlan(
+            "unsupported",
+            reason=f"driver {driver} < {rule.min_driver}, and forward compatibility serves only {branches}",
+            **found,
+        )
     if compat is None or compat <= have:
-        return CudaPlan("unsupported", reason=f"driver {driver} needs the cuda-compat libraries of a newer driver, none found", **found)
-    return CudaPlan("compat", reason=f"driver {driver} < {rule.min_driver}: forward compatibility through cuda-compat {compat_libcuda}", **found)
+        return CudaPlan(
+            "unsupported",
+            reason=f"driver {driver} needs the cuda-compat libraries of a newer driver, none found",
+            **found,
+        )
+    return CudaPlan(
+        "compat",
+        reason=f"driver {driver} < {rule.min_driver}: forward compatibility through cuda-compat {compat_libcuda}",
+        **found,
+    )
 
 
 def launch_environment(plan: CudaPlan, environ: Mapping[str, str], compat_dir: str = COMPAT_DIR) -> dict[str, str]:
@@ -194,7 +214,13 @@ DEFAULT_CONSEQUENCE = (
 )
 
 
-def cuda_failure_message(driver: str | None, needed: str | None, started: bool, route: str | None = None, consequence: str = DEFAULT_CONSEQUENCE) -> str | None:
+def cuda_failure_message(
+    driver: str | None,
+    needed: str | None,
+    started: bool,
+    route: str | None = None,
+    consequence: str = DEFAULT_CONSEQUENCE,
+) -> str | None:
     """ERROR text when an NVIDIA driver is present but CUDA did not start; None otherwise.
 
     Names the driver, the CUDA the image needs with the drivers that run it, whether the cuda-compat
@@ -207,8 +233,14 @@ def cuda_failure_message(driver: str | None, needed: str | None, started: bool, 
     if rule is None:
         requirement = f"CUDA {needed}"
     else:
-        branches = ", ".join(f"R{b}" for b, low in rule.compat_branches.items() if (version_tuple(low) or ()) < (version_tuple(rule.min_driver) or ()))
-        requirement = f"CUDA {needed}: NVIDIA driver >= {rule.min_driver}" + (f", or a data-centre GPU on {branches} with the image's cuda-compat libraries" if branches else "")
+        branches = ", ".join(
+            f"R{b}"
+            for b, low in rule.compat_branches.items()
+            if (version_tuple(low) or ()) < (version_tuple(rule.min_driver) or ())
+        )
+        requirement = f"CUDA {needed}: NVIDIA driver >= {rule.min_driver}" + (
+            f", or a data-centre GPU on {branches} with the image's cuda-compat libraries" if branches else ""
+        )
     tried = " (with the image's cuda-compat libraries)" if route == "compat" else ""
     return f"NVIDIA driver {driver} found but CUDA did not start{tried}; this image needs {requirement}. Consequence: {consequence}."
 
@@ -227,13 +259,20 @@ def read_text(path: str) -> str | None:
 def nvidia_smi_driver(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str | None:
     """The driver version nvidia-smi reports, or None without nvidia-smi or a working driver."""
     try:
-        proc = run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        proc = run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return driver_from_nvidia_smi(proc.stdout) if proc.returncode == 0 else None
 
 
-def host_driver_version(proc_path: str = NVIDIA_VERSION_FILE, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str | None:
+def host_driver_version(
+    proc_path: str = NVIDIA_VERSION_FILE, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> str | None:
     """The host's NVIDIA driver version: /proc/driver/nvidia/version, else nvidia-smi; None without a driver."""
     text = read_text(proc_path)
     version = driver_from_proc(text) if text else None
@@ -293,13 +332,17 @@ def log_cuda_failure(device: str, requested: str, driver: str | None, logger: lo
     explicitly declined (``requested`` != 'cpu') and the run's ``device`` is not 'cuda'."""
     if requested == "cpu":
         return None
-    message = cuda_failure_message(driver, image_cuda(installed_cuda_builds()), device == "cuda", os.environ.get(ROUTE_ENV))
+    message = cuda_failure_message(
+        driver, image_cuda(installed_cuda_builds()), device == "cuda", os.environ.get(ROUTE_ENV)
+    )
     if message:
         logger.error("%s", message)
     return message
 
 
-def main(argv: Sequence[str] | None = None, plan: CudaPlan | None = None, execve: Callable[..., object] = os.execve) -> int:
+def main(
+    argv: Sequence[str] | None = None, plan: CudaPlan | None = None, execve: Callable[..., object] = os.execve
+) -> int:
     """Entry point: ``python -m fusemycells.cuda_support --exec SCRIPT [ARGS...]`` runs SCRIPT with the CUDA
     route applied (a new process when the loader path must change, else in this one);
     ``python -m fusemycells.cuda_support`` prints the plan as JSON. ``plan``/``execve``: for tests."""

@@ -22,7 +22,9 @@ GAUSSIAN_BASELINE_SIGMA = {"nucleus": 0.442, "membrane": 0.5}
 METRIC_PERCENTILES = (2.0, 99.8)
 
 
-def metric_normalise(volume: np.ndarray, low: float = METRIC_PERCENTILES[0], high: float = METRIC_PERCENTILES[1]) -> np.ndarray:
+def metric_normalise(
+    volume: np.ndarray, low: float = METRIC_PERCENTILES[0], high: float = METRIC_PERCENTILES[1]
+) -> np.ndarray:
     """(v − p_low) / (p_high − p_low) as float32 over exact percentiles, no clipping.
 
     A flat histogram (p_high == p_low) only shifts the volume, like the organisers' code.
@@ -66,7 +68,11 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, win: int = 7, sl
         x = np.asarray(a[lo:hi], dtype=np.float64)
         y = np.asarray(b[lo:hi], dtype=np.float64)
         ux, uy = ndimage.uniform_filter(x, w), ndimage.uniform_filter(y, w)
-        uxx, uyy, uxy = ndimage.uniform_filter(x * x, w), ndimage.uniform_filter(y * y, w), ndimage.uniform_filter(x * y, w)
+        uxx, uyy, uxy = (
+            ndimage.uniform_filter(x * x, w),
+            ndimage.uniform_filter(y * y, w),
+            ndimage.uniform_filter(x * y, w),
+        )
         vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
         s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
         inner = s[pad : pad + (z1 - z0), pad : s.shape[1] - pad, pad : s.shape[2] - pad]

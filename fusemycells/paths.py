@@ -58,8 +58,14 @@ def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
         return None
     above = _root_above(root, subdir)
     if above is not None:
-        what = "the image folder itself" if (above / subdir).resolve() == root.resolve() else "a folder inside the input layout"
+        what = (
+            "the image folder itself"
+            if (above / subdir).resolve() == root.resolve()
+            else "a folder inside the input layout"
+        )
         return f"--input {root} is {what}, not the input root: pass {layout}, e.g. --input {above}"
     if list_inputs(root):
         return f"--input {root} holds .tif/.tiff files directly: move them to {folder}/ (the Grand Challenge layout) and pass --input {root}"
-    return f"input folder not found: --input {root} exists but has no {subdir.as_posix()}/ inside; --input takes {layout}"
+    return (
+        f"input folder not found: --input {root} exists but has no {subdir.as_posix()}/ inside; --input takes {layout}"
+    )

@@ -5,6 +5,8 @@ the same physical extent at the manifest's isotropic target spacing; the *global
 stage-1 network's fixed shape. Stage 2 predicts on H; its correction (prediction − input on H) is
 resampled to the input grid and blended into the original-resolution input with the difference
 weight map, so wherever the weight is 0 the output equals the (normalised) input exactly.
+
+:meth:`Fuser.fuse` reads top to bottom: prepare → global stage → patch stage → blend → finish.
 """
 
 from __future__ import annotations
@@ -12,44 +14,28 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import postprocess
 from .backends import LoadedStage, load_stage, warm_up
-from .budget import (
-    DEGRADATION_LEVELS,
-    BudgetPolicy,
-    DeadlineExceeded,
-    OomLadder,
-    free_device_cache,
-    is_out_of_memory,
-    peak_rss_mib,
-    peak_vram_mib,
-    torch_threads,
-)
-from .config import ChannelSpec, Manifest
-from .io import InputError, Volume, list_inputs, read_volume, write_volume
-from .preprocess import (
-    ArraySource,
-    PlaneSource,
-    ResizedSource,
-    intensity_affine,
-    materialise,
-    sanitise_inplace,
-    shape_for_spacing,
-)
-from .stitching import count_windows, sliding_window
+from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
+from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
+from .deadline import Deadline
+from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
+from .io import InputError, list_inputs, read_volume, write_volume
+from .patch_stage import PatchStage
+from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
 
 log = logging.getLogger(__name__)
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-"""Largest finite float16 (65504): the compact in-place output is clipped to ±this."""
 ANISOTROPY_WARNING = 10.0
 """Z spacing / XY spacing from which a file is reported as extremely anisotropic."""
 
@@ -79,263 +65,12 @@ class CaseReport:
 
 
 @contextmanager
-def timed(report: CaseReport, name: str) -> Iterator[None]:
-    """Record the wall time of a block in ``report.seconds[name]`` and log it."""
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of a block in ``seconds[name]`` (a report's profile) and log it."""
     start = time.perf_counter()
     yield
-    report.seconds[name] = round(time.perf_counter() - start, 3)
-    log.info("  %-12s %7.2f s", name, report.seconds[name])
-
-
-class Fuser:
-    """Runs the two networks of each channel; stages are loaded once and reused across files."""
-
-    def __init__(self, manifest: Manifest, policy: BudgetPolicy, backend: str = "auto") -> None:
-        self.manifest = manifest
-        self.policy = policy
-        self.backend = backend
-        self._stages: dict[tuple[str, str], LoadedStage] = {}
-
-    def stage(self, channel: ChannelSpec, which: str) -> LoadedStage:
-        """The loaded 'global' or 'patch' stage of a channel (checksums verified on first use)."""
-        key = (channel.name, which)
-        if key not in self._stages:
-            spec = channel.global_stage if which == "global" else channel.patch_stage
-            self._stages[key] = load_stage(
-                self.manifest,
-                spec,
-                self.backend,
-                self.policy.device,
-                half=self.policy.half,
-                threads=self.policy.threads,
-                strict=self.backend != "auto",
-                vram_budget_gib=self.policy.vram_budget_gib,
-            )
-            loaded = self._stages[key]
-            log.info("loaded %s %s stage: %s (%s on %s)", channel.name, which, loaded.file, loaded.runner.backend, loaded.runner.provider)
-            warm_up(loaded)
-        return self._stages[key]
-
-    def cpu_runner(self, channel: ChannelSpec, which: str) -> LoadedStage:
-        """The stage loaded on the CPU (fallback when the device runs out of memory)."""
-        key = (channel.name, which + "@cpu")
-        if key not in self._stages:
-            spec = channel.global_stage if which == "global" else channel.patch_stage
-            self._stages[key] = load_stage(self.manifest, spec, self.backend, "cpu", threads=self.policy.threads, strict=self.backend != "auto")
-            warm_up(self._stages[key])
-        return self._stages[key]
-
-    def _global_prediction(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
-        """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it).
-
-        On device OOM the stage reruns on the CPU, and that CPU stage is returned.
-        """
-        stage1 = self.stage(channel, "global")
-        try:
-            return stage1.runner(coarse[None, None])[0, 0], stage1
-        except Exception as exc:
-            if not is_out_of_memory(exc) or self.policy.device == "cpu":
-                raise
-        free_device_cache()
-        self.policy.event("out of memory in the global stage: running it on the CPU")
-        cpu_stage = self.cpu_runner(channel, "global")
-        return cpu_stage.runner(coarse[None, None])[0, 0], cpu_stage
-
-    def fuse(self, volume: Volume, report: CaseReport, deadline: float | None = None, output_dtype: str = "float32") -> PlaneSource:
-        """Fused prediction for one volume, as a lazy ZYX source on the input grid (see ``output_dtype``).
-
-        Memory: ``volume.data`` is consumed (its buffer is reused for the blended output when
-        the pixel type is 2 or 4 bytes); the high-resolution input and the upsampled stage-1
-        prediction are never materialised (computed per row of patches), and the correction
-        (prediction − input on H) is kept in float16 on big stacks. ``deadline`` (a ``time.perf_counter()``
-        value) makes the pipeline degrade in the steps of :data:`DEGRADATION_LEVELS`.
-        """
-        channel = self.manifest.channel(volume.channel)
-        with timed(report, "preprocess"):
-            data = volume.data
-            if data.dtype.kind == "f" and not data.flags.writeable:
-                data = data.copy()
-            report.non_finite_replaced = sanitise_inplace(data)
-            if report.non_finite_replaced:
-                warn(report, f"{report.non_finite_replaced} non-finite voxels replaced by the median")
-            offset, scale = intensity_affine(data, **channel.normalisation)
-            x_in = ArraySource(data, offset, scale)
-            noise = postprocess.relative_noise(data)
-            out_sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
-            post = replace(channel.postprocess, output_gaussian_sigma=out_sigma)
-            report.adaptive = {
-                "relative_noise": round(noise, 5),
-                "output_sigma": round(out_sigma, 3),
-                "output_sigma_zyx": [round(v, 3) for v in postprocess.output_sigma_zyx(post, volume.spacing)],
-                "network_gate": round(gate, 3),
-            }
-            target = (channel.target_spacing_um,) * 3
-            grid_h = shape_for_spacing(data.shape, volume.spacing, target)
-            report.high_res_grid = list(grid_h)
-            for message in input_warnings(data, volume.spacing, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
-                warn(report, message)
-        # time kept back for post-processing and writing: both scale with the input's voxel count
-        reserve = self.policy.stage_costs["finish"].estimate(data.size)
-
-        def left() -> float:
-            return math.inf if deadline is None else deadline - reserve - time.perf_counter()
-
-        def finish(source: PlaneSource) -> PlaneSource:
-            return postprocess.final_source(source, post, output_dtype, spacing=volume.spacing)
-
-        if gate <= 0.0:
-            log.info("    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f", noise, out_sigma)
-            return finish(x_in)
-        global_voxels = data.size + math.prod(grid_h)
-        global_s = self.policy.stage_costs["global"].estimate(global_voxels)
-        if left() <= global_s:
-            self._degrade(report, 3, f"{max(left(), 0):.1f} s left, the global stage needs ~{global_s:.1f} s")
-            return finish(x_in)
-        with timed(report, "global_stage"):
-            x_h = ResizedSource(x_in, grid_h)
-            assert channel.global_stage.grid is not None
-            coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False))
-            p1, stage1 = self._global_prediction(channel, coarse)
-            p1_h = ResizedSource(p1, grid_h)
-            del coarse
-            report.stages["global"] = {"file": stage1.file, "backend": stage1.runner.backend, "provider": stage1.runner.provider}
-        self.policy.stage_costs["global"].learn(global_voxels, report.seconds["global_stage"])
-        if left() <= 0.0:
-            self._degrade(report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)")
-            return finish(x_in)
-        with timed(report, "patch_stage"):
-            correction = self._patch_correction(channel, x_h, p1_h, report, left)
-        del x_h, p1_h  # their row caches (two patch depths of H, float32) are not needed any more
-        with timed(report, "postprocess"):
-            weight = postprocess.correction_weight(correction, post)
-            weight *= postprocess.background_mask(x_in, post)
-            weight *= np.float32(gate)
-            report.weight_map = postprocess.weight_stats(weight)
-            blended = self._blend(data, x_in, correction, weight, compact=self.policy.compact_output(data.shape))
-            del correction
-            out = finish(blended)
-        return out
-
-    @staticmethod
-    def _blend(data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool) -> ArraySource:
-        """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
-
-        The correction (on H) and the weight map (on the diff grid) are resized to the input grid
-        per slab. In place, each slab of the input is read before the same slab of the output
-        overwrites it (float16 over 2-byte pixels, float32 over 4-byte ones); float16 values are
-        clipped to ±:data:`FLOAT16_MAX` so the output stays finite.
-        """
-        in_place = compact and data.flags.c_contiguous and data.flags.writeable
-        if in_place and data.dtype.itemsize == 2:
-            out = data.view(np.float16)
-        elif in_place and data.dtype.itemsize == 4:
-            out = data.view(np.float32)
-        else:
-            out = np.empty(data.shape, dtype=np.float32)
-        corr = ResizedSource(correction, data.shape, cache=False)
-        wmap = ResizedSource(weight, data.shape, antialias=False, cache=False)
-        for z0 in range(0, data.shape[0], 16):
-            z1 = min(data.shape[0], z0 + 16)
-            planes = x_in.planes(z0, z1)
-            w = wmap.planes(z0, z1)
-            np.clip(w, 0.0, 1.0, out=w)
-            w *= corr.planes_readonly(z0, z1)
-            planes += w
-            if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
-                np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
-            out[z0:z1] = planes
-        return ArraySource(out)
-
-    def _degrade(self, report: CaseReport, level: int, why: str) -> None:
-        report.degradation = max(report.degradation, level)
-        message = f"time budget: level {level} ({DEGRADATION_LEVELS[level]}): {why}"
-        report.warnings.append(message)
-        self.policy.event(f"{report.file}: {message}")
-
-    def _patch_stage(self, channel: ChannelSpec) -> LoadedStage:
-        """The patch stage to run: on the CPU from the start once the OOM ladder moved it there."""
-        return self.cpu_runner(channel, "patch") if self.policy.forced_cpu else self.stage(channel, "patch")
-
-    def _patch_correction(self, channel: ChannelSpec, x_h: PlaneSource, p1_h: PlaneSource, report: CaseReport, left: Callable[[], float]) -> np.ndarray:
-        """Stage-2 prediction − input on H, ZYX, float16 for big stacks else float32 (the stage-1 one when time runs out)."""
-        spec2 = channel.patch_stage
-        assert spec2.patch_size is not None
-        stage2 = self._patch_stage(channel)
-        cpu = None if self.policy.device == "cpu" else (lambda: self.cpu_runner(channel, "patch").runner)
-        predict = OomLadder(stage2.runner, self.policy, cpu_predict=cpu)
-        workers = self.policy.patch_workers(stage2.runner.backend, stage2.runner.device)
-        # float16 halves the largest array of a big stack (rounding ≤ 2.4e-4 of values < 1); small
-        # stacks keep float32, so the two backends agree to the networks' own precision there
-        correction = np.empty(x_h.shape, dtype=np.float16 if self.policy.compact_output(x_h.shape) else np.float32)
-
-        read_x = getattr(x_h, "planes_readonly", x_h.planes)
-
-        def emit(z0: int, z1: int, planes: np.ndarray) -> None:
-            planes -= read_x(z0, z1)  # in place: the stitched planes are ours to change
-            correction[z0:z1] = planes
-
-        level = 0
-        for overlap in dict.fromkeys((spec2.overlap, 0.0)):  # full, then without overlap
-            total = count_windows(x_h.shape, spec2.patch_size, overlap)
-            rate = self.policy.seconds_per_patch
-            if rate is not None and total * rate > left():
-                level += 1
-                self._degrade(report, level, f"{total} patches × {rate:.3f} s > {max(left(), 0):.1f} s left")
-                continue
-            started = time.perf_counter()
-            first: list[tuple[int, float]] = []  # (patches, seconds) after the first batch
-
-            def progress(done: int, total: int, started: float = started, first: list[tuple[int, float]] = first) -> None:
-                elapsed = time.perf_counter() - started
-                if done == total or done % max(1, total // 10) < self.policy.patch_batch_size(spec2.batch_size):
-                    log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
-                if not first:
-                    # the first batch pays one-time costs (the first row of patches is resampled
-                    # from the input, session warm-up, allocations): on a 309×1920×1920 stack it
-                    # took 14× a steady batch, which on a GPU would wrongly degrade the file, so
-                    # the rate (and the policy's) is learned from the following batches only
-                    first.append((done, elapsed))
-                    return
-                rate = (elapsed - first[0][1]) / max(done - first[0][0], 1)
-                self.policy.seconds_per_patch = rate
-                if done < total and (total - done) * rate > left():
-                    raise DeadlineExceeded(f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {max(left(), 0):.1f} s left")
-
-            try:
-                with torch_threads(1 if workers > 1 else None):  # one thread per concurrent forward
-                    _, stats = sliding_window(
-                        [x_h, p1_h],
-                        predict,
-                        spec2.patch_size,
-                        overlap=overlap,
-                        batch_size=self.policy.patch_batch_size(spec2.batch_size),
-                        emit=emit,
-                        progress=progress,
-                        workers=workers,
-                    )
-            except DeadlineExceeded as exc:
-                level += 1
-                self._degrade(report, level, str(exc))
-                continue
-            used = self._patch_stage(channel)  # the CPU one when the OOM ladder moved there meanwhile
-            report.stages["patch"] = {
-                "file": used.file,
-                "backend": used.runner.backend,
-                "provider": used.runner.provider,
-                "patches": stats.patches,
-                "patch_grid": list(stats.grid),
-                "overlap": overlap,
-                "forward_s": round(stats.forward_s, 3),
-                "batch_size": self.policy.patch_batch_size(spec2.batch_size),
-                "workers": workers,
-                "sub_patch": None if self.policy.sub_patch is None else list(self.policy.sub_patch),
-            }
-            return correction
-        self._degrade(report, 2, "patch stage skipped")
-        for z0 in range(0, x_h.shape[0], 16):
-            z1 = min(x_h.shape[0], z0 + 16)
-            correction[z0:z1] = p1_h.planes(z0, z1) - x_h.planes(z0, z1)
-        return correction
+    seconds[name] = round(time.perf_counter() - start, 3)
+    log.info("  %-12s %7.2f s", name, seconds[name])
 
 
 def warn(report: CaseReport, message: str) -> None:
@@ -344,17 +79,285 @@ def warn(report: CaseReport, message: str) -> None:
     log.warning("[%s] %s", report.file, message)
 
 
-def constant_value(data: np.ndarray, slab: int = 16) -> float | None:
+@dataclass
+class Prepared:
+    """One volume ready for the networks (see :meth:`Fuser.fuse`)."""
+
+    data: np.ndarray  # the input pixels, ZYX, finite; the output may reuse their buffer
+    spacing: Spacing3  # (z, y, x) µm
+    channel: ChannelSpec
+    x_in: ArraySource  # the normalised input on the input grid
+    grid_h: Shape3  # the high-resolution grid H (voxels at the channel's target spacing)
+    post: PostprocessSpec  # the channel's post-processing with the noise-adaptive output σ
+    gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
+    noise: float  # the input's relative noise (see postprocess.relative_noise)
+
+
+@dataclass
+class HighRes:
+    """The input and the stage-1 prediction, lazily resized to H (each keeps a row cache)."""
+
+    x_h: PlaneSource
+    p1_h: PlaneSource
+
+
+@dataclass
+class Fused:
+    """The fused volume as a lazy ZYX source on the input grid, and what happened."""
+
+    output: PlaneSource
+    report: CaseReport
+
+    def to_array(self) -> np.ndarray:
+        """The output as one array (float32, or uint16 for that output dtype)."""
+        return materialise(self.output)
+
+
+class StageLoader(Protocol):
+    """Loads one network stage (see :func:`fusemycells.backends.load_stage`, the default)."""
+
+    def __call__(
+        self,
+        manifest: Manifest,
+        spec: StageSpec,
+        backend: str,
+        device: str,
+        *,
+        half: bool,
+        threads: int | None,
+        strict: bool,
+        vram_budget_gib: float | None,
+        vram_sessions: int,
+    ) -> LoadedStage: ...
+
+
+class Fuser:
+    """Runs the two networks of each channel; stages are loaded once and reused across files.
+
+    ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
+    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        policy: BudgetPolicy,
+        loader: StageLoader = load_stage,
+        backend: str = "auto",
+        costs: dict[str, LinearCost] | None = None,
+    ) -> None:
+        self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
+        self.costs = default_stage_costs() if costs is None else costs
+        self._stages: dict[tuple[str, str, str], LoadedStage] = {}
+        self._patch_stages: dict[str, PatchStage] = {}
+
+    def fuse(
+        self,
+        data: np.ndarray,
+        spacing: Sequence[float],
+        channel: str,
+        *,
+        deadline: float | None = None,
+        output_dtype: str = "float32",
+        report: CaseReport | None = None,
+    ) -> Fused:
+        """Fused prediction for one ZYX stack of ``spacing`` (z, y, x) µm and ``channel`` ('nucleus', 'membrane').
+
+        ``data`` is consumed: its buffer is reused for the blended output when the pixel type is
+        2 or 4 bytes (pass a copy to keep it). The high-resolution input and the upsampled stage-1
+        prediction are never materialised (computed per row of patches). ``deadline`` (a
+        ``time.perf_counter()`` value) makes the pipeline degrade in the steps of
+        :data:`DEGRADATION_LEVELS`. ``report`` collects what happened (a new one when None).
+        """
+        report = CaseReport(file="<array>") if report is None else report
+        case = self._prepare(data, spacing, channel, report)
+        clock = Deadline(deadline, reserve_s=self.costs["finish"].estimate(case.data.size))
+        correction = None
+        if self._networks_wanted(case):
+            high = self._global_stage(case, clock, report)
+            if high is not None:
+                correction = self._patch_stage(case, high, clock, report)
+                del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
+        if correction is None:
+            return Fused(self._finish(case, case.x_in, output_dtype), report)
+        with timed(report.seconds, "postprocess"):
+            blended = self._blend(case, correction, report)
+            del correction  # the largest array of a big stack
+            return Fused(self._finish(case, blended, output_dtype), report)
+
+    def _prepare(self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport) -> Prepared:
+        """Sanitise, normalise (lazily), estimate the noise policy, choose H; fills the report's facts."""
+        channel = self.manifest.channel(channel_name)
+        zyx: Spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        describe(report, data, zyx, channel_name)
+        with timed(report.seconds, "preprocess"):
+            if data.dtype.kind == "f" and not data.flags.writeable:
+                data = data.copy()
+            report.non_finite_replaced = sanitise_inplace(data)
+            if report.non_finite_replaced:
+                warn(report, f"{report.non_finite_replaced} non-finite voxels replaced by the median")
+            x_in = ArraySource(data, *intensity_affine(data, channel.normalisation))
+            noise = postprocess.relative_noise(data)
+            sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
+            post = replace(channel.postprocess, output_gaussian_sigma=sigma)
+            report.adaptive = adaptive_report(noise, post, gate, zyx)
+            grid_h = shape_for_spacing(data.shape, zyx, (channel.target_spacing_um,) * 3)
+            report.high_res_grid = list(grid_h)
+            for message in input_warnings(data, zyx, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
+                warn(report, message)
+        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise)
+
+    @staticmethod
+    def _networks_wanted(case: Prepared) -> bool:
+        if case.gate > 0.0:
+            return True
+        sigma = case.post.output_gaussian_sigma
+        log.info(
+            "    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f",
+            case.noise,
+            sigma,
+        )
+        return False
+
+    def _global_stage(self, case: Prepared, deadline: Deadline, report: CaseReport) -> HighRes | None:
+        """Stage 1 on the global grid, its prediction resized to H lazily; None when time is short (level 3)."""
+        voxels = case.data.size + math.prod(case.grid_h)
+        need = self.costs["global"].estimate(voxels)
+        if deadline.left() <= need:
+            self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
+            return None
+        with timed(report.seconds, "global_stage"):
+            x_h = ResizedSource(case.x_in, case.grid_h)
+            assert case.channel.global_stage.grid is not None
+            coarse = materialise(ResizedSource(x_h, case.channel.global_stage.grid, cache=False))
+            p1, stage = self._run_global(case.channel, coarse)
+            del coarse
+            report.stages["global"] = {
+                "file": stage.file,
+                "backend": stage.runner.backend,
+                "provider": stage.runner.provider,
+            }
+        self.costs["global"].learn(voxels, report.seconds["global_stage"])
+        if deadline.left() <= 0.0:
+            self._degrade(
+                report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
+            )
+            return None
+        return HighRes(x_h, ResizedSource(p1, case.grid_h))
+
+    def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
+        """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
+        it reruns on the CPU, and that CPU stage is returned."""
+        stage = self._load(channel, "global", self.policy.device)
+        try:
+            return stage.runner(coarse[None, None])[0, 0], stage
+        except Exception as exc:
+            if not is_out_of_memory(exc) or self.policy.device == "cpu":
+                raise
+        free_device_cache()
+        self.policy.events.add("out of memory in the global stage: running it on the CPU")
+        stage = self._load(channel, "global", "cpu")
+        return stage.runner(coarse[None, None])[0, 0], stage
+
+    def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
+        """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
+        with timed(report.seconds, "patch_stage"):
+            result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
+        for level, why in result.degradations:
+            self._degrade(report, level, why)
+        for message in result.warnings:
+            warn(report, message)
+        if result.info is not None:
+            report.stages["patch"] = result.info
+        return result.correction
+
+    def _blend(self, case: Prepared, correction: np.ndarray, report: CaseReport) -> PlaneSource:
+        """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`)."""
+        extent_um = [n * s for n, s in zip(case.data.shape, case.spacing)]
+        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um)
+        report.weight_map = postprocess.weight_stats(weight)
+        compact = self.policy.compact_output(case.data.shape)
+        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact)
+
+    @staticmethod
+    def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
+        """Output filters, percentile normalisation and the output dtype, lazily."""
+        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing)
+
+    def patch_stage(self, channel: ChannelSpec) -> PatchStage:
+        """The channel's patch stage (created, and its network loaded, on first use)."""
+        if channel.name not in self._patch_stages:
+            self._patch_stages[channel.name] = PatchStage(
+                channel.patch_stage, partial(self._load, channel, "patch"), self.policy
+            )
+        return self._patch_stages[channel.name]
+
+    def _load(self, channel: ChannelSpec, stage: str, device: str) -> LoadedStage:
+        """The 'global' or 'patch' stage of a channel on ``device`` (loaded, verified and warmed up once)."""
+        key = (channel.name, stage, device)
+        if key not in self._stages:
+            spec = channel.global_stage if stage == "global" else channel.patch_stage
+            on_device = device != "cpu"
+            loaded = self.loader(
+                self.manifest,
+                spec,
+                self.backend,
+                device,
+                half=self.policy.half and on_device,
+                threads=self.policy.threads,
+                strict=self.backend != "auto",
+                vram_budget_gib=self.policy.vram_budget_gib if on_device else None,
+                vram_sessions=2 * len(self.manifest.channels),  # a global and a patch stage per channel
+            )
+            runner = loaded.runner
+            log.info(
+                "loaded %s %s stage: %s (%s on %s)", channel.name, stage, loaded.file, runner.backend, runner.provider
+            )
+            warm_up(loaded)
+            self._stages[key] = loaded
+        return self._stages[key]
+
+    def _degrade(self, report: CaseReport, level: int, why: str) -> None:
+        report.degradation = max(report.degradation, level)
+        message = f"time budget: level {level} ({DEGRADATION_LEVELS[level]}): {why}"
+        report.warnings.append(message)
+        self.policy.events.add(f"{report.file}: {message}")
+
+    def check_memory(self, shape: Shape3, dtype: np.dtype, spacing: Spacing3) -> None:
+        """Refuse a stack (MemoryError) before its pixels are read when it would exceed the RAM budget."""
+        target = min(c.target_spacing_um for c in self.manifest.channels.values())
+        self.policy.check_memory(shape, dtype.itemsize, spacing, target)
+
+
+def describe(report: CaseReport, data: np.ndarray, spacing: Spacing3, channel: str) -> None:
+    """Fill a report's facts about the input: shape, spacing (µm), channel, pixel type."""
+    report.shape = list(data.shape)
+    report.spacing_um = [round(s, 6) for s in spacing]
+    report.channel = channel
+    report.input_dtype = str(data.dtype)
+
+
+def adaptive_report(noise: float, post: PostprocessSpec, gate: float, spacing: Spacing3) -> dict[str, Any]:
+    """The report's ``adaptive`` entry: relative noise, the output σ it chose (voxels; per axis) and the gate."""
+    return {
+        "relative_noise": round(noise, 5),
+        "output_sigma": round(post.output_gaussian_sigma, 3),
+        "output_sigma_zyx": [round(v, 3) for v in postprocess.output_sigma_zyx(post, spacing)],
+        "network_gate": round(gate, 3),
+    }
+
+
+def constant_value(data: np.ndarray) -> float | None:
     """The value of every voxel when a ZYX stack is constant, else None (stops at the first differing slab)."""
     first = data.flat[0]
-    for z0 in range(0, data.shape[0], slab):
-        if not np.all(data[z0 : z0 + slab] == first):
+    for z0, z1 in slabs(data.shape[0]):
+        if not np.all(data[z0:z1] == first):
             return None
     return float(first)
 
 
 def input_warnings(
-    data: np.ndarray, spacing: tuple[float, float, float], grid_h: tuple[int, ...], patch: tuple[int, int, int] | None, target_um: float
+    data: np.ndarray, spacing: Spacing3, grid_h: Shape3, patch: Shape3 | None, target_um: float
 ) -> list[str]:
     """Warnings for inputs unlike the training data that are processed anyway.
 
@@ -368,64 +371,80 @@ def input_warnings(
         kind = "all-zero" if value == 0 else f"constant (every voxel {value:g})"
         warnings.append(f"{kind} image: no contrast to fuse; the output is finite but carries no information")
     if data.shape[0] == 1:
-        warnings.append(f"single slice: its one plane is repeated over the {grid_h[0]} plane(s) of the high-resolution grid")
+        warnings.append(
+            f"single slice: its one plane is repeated over the {grid_h[0]} plane(s) of the high-resolution grid"
+        )
     if patch is not None and any(n < p for n, p in zip(grid_h, patch)):
-        warnings.append(f"volume is {tuple(grid_h)} voxels at {target_um:g} µm, smaller than one {tuple(patch)} patch: reflect-padded for the patch network")
+        warnings.append(
+            f"volume is {tuple(grid_h)} voxels at {target_um:g} µm, smaller than one {tuple(patch)} patch: "
+            "reflect-padded for the patch network"
+        )
     ratio = spacing[0] / min(spacing[1], spacing[2])
     if ratio >= ANISOTROPY_WARNING:
         warnings.append(
             f"extreme anisotropy: Z spacing {spacing[0]:g} µm is {ratio:.1f}× the XY spacing; Z is interpolated "
-            f"{spacing[0] / target_um:.1f}× onto the {target_um:g} µm grid, so axial detail finer than {spacing[0]:g} µm is not recovered"
+            f"{spacing[0] / target_um:.1f}× onto the {target_um:g} µm grid, so axial detail finer than "
+            f"{spacing[0]:g} µm is not recovered"
         )
     return warnings
 
 
-def process_file(path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None) -> CaseReport:
+def process_file(
+    path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None
+) -> CaseReport:
     """Read, fuse and write one file; never raises for a problem with this file (see ``status``)."""
     report = CaseReport(file=path.name)
     started = time.perf_counter()
     log.info("[%s] reading", path.name)
     try:
-        target = min(c.target_spacing_um for c in fuser.manifest.channels.values())
-
-        def check(shape: tuple[int, int, int], dtype: np.dtype, spacing: tuple[float, float, float]) -> None:
-            fuser.policy.check_memory(shape, dtype.itemsize, spacing, target)
-
-        volume = read_volume(path, check=check)
-        if volume.data.ndim != 3:
-            raise InputError(f"{path.name}: expected a 3D ZYX stack, got shape {volume.data.shape}")
-        report.shape = list(volume.data.shape)
-        report.spacing_um = [round(s, 6) for s in volume.spacing]
-        report.channel = volume.channel
-        report.input_dtype = str(volume.data.dtype)
+        volume = read_volume(path, check=fuser.check_memory)
         for warning in volume.warnings:
             warn(report, warning)
         if volume.data.dtype != np.uint16:
             warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
-        log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
-        result = fuser.fuse(volume, report, deadline=deadline, output_dtype=output_dtype)
-        with timed(report, "write"):
-            write_volume(output_dir / path.name, result, like=volume)
+        log.info(
+            "[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel
+        )
+        fused = fuser.fuse(
+            volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
+        )
+        with timed(report.seconds, "write"):
+            write_volume(output_dir / path.name, fused.output, like=volume)
         report.output_dtype = output_dtype
         report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others
-        report.status = "refused"
-        if isinstance(exc, InputError):
-            report.error = str(exc)
-        elif isinstance(exc, MemoryError):
-            report.error = f"{path.name}: out of memory budget: {exc}"
-        else:
-            report.error = f"{path.name}: {type(exc).__name__}: {exc}"
-        log.error("[%s] refused: %s", path.name, report.error)
-        if not isinstance(exc, (InputError, MemoryError)):
-            log.debug("traceback", exc_info=True)
+        refuse(report, exc)
     report.seconds["total"] = round(time.perf_counter() - started, 3)
+    record_peaks(report)
+    return report
+
+
+def refuse(report: CaseReport, exc: Exception) -> None:
+    """Mark a file refused with a message saying what happened; unexpected errors are logged with
+    their traceback at ERROR (in the container the log is all there is)."""
+    report.status = "refused"
+    expected = isinstance(exc, (InputError, MemoryBudgetExceeded))
+    if isinstance(exc, InputError):
+        report.error = str(exc)
+    elif isinstance(exc, MemoryBudgetExceeded):
+        report.error = f"{report.file}: out of memory budget: {exc}"
+    elif isinstance(exc, MemoryError):
+        report.error = f"{report.file}: ran out of memory while processing (MemoryError: {exc})"
+    else:
+        report.error = f"{report.file}: {type(exc).__name__}: {exc}"
+    log.error("[%s] refused: %s", report.file, report.error, exc_info=None if expected else exc)
+
+
+def record_peaks(report: CaseReport) -> None:
+    """Peak RSS and VRAM so far into the report, and the file's closing log line."""
     report.peak_rss_mib = round(peak_rss_mib(), 1)
     vram = peak_vram_mib()
     report.peak_vram_mib = None if vram is None else round(vram, 1)
-    vram_text = "" if report.peak_vram_mib is None else f", peak VRAM {report.peak_vram_mib:.0f} MiB"
-    log.info("[%s] %s in %.1f s (peak RSS %.0f MiB%s)", path.name, report.status, report.seconds["total"], report.peak_rss_mib, vram_text)
-    return report
+    vram_text = "" if vram is None else f", peak VRAM {report.peak_vram_mib:.0f} MiB"
+    total = report.seconds.get("total", 0.0)
+    log.info(
+        "[%s] %s in %.1f s (peak RSS %.0f MiB%s)", report.file, report.status, total, report.peak_rss_mib, vram_text
+    )
 
 
 def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype: str) -> list[CaseReport]:
@@ -437,16 +456,16 @@ def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype:
         log.info("file %d/%d: %s", index, len(files), path.name)
         deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
         reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
-        learn_finish_cost(fuser.policy, reports[-1])
+        learn_finish_cost(fuser.costs, reports[-1])
     return reports
 
 
-def learn_finish_cost(policy: BudgetPolicy, report: CaseReport) -> None:
-    """Teach ``policy`` the post-processing + writing seconds per input voxel of a fully fused file.
+def learn_finish_cost(costs: dict[str, LinearCost], report: CaseReport) -> None:
+    """Teach ``costs['finish']`` the post-processing + writing seconds per input voxel of a fully fused file.
 
     Files that skipped the blend (degradation level 3, gated network) finish faster and are not used.
     """
     if report.status != "ok" or report.shape is None or "postprocess" not in report.seconds:
         return
     seconds = report.seconds["postprocess"] + report.seconds.get("write", 0.0)
-    policy.stage_costs["finish"].learn(math.prod(report.shape), seconds)
+    costs["finish"].learn(math.prod(report.shape), seconds)

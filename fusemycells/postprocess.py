@@ -8,47 +8,59 @@ clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from .config import PostprocessSpec
-from .preprocess import (
-    ArraySource,
-    PlaneSource,
-    ResizedSource,
-    Shape3,
-    materialise,
-    percentile_affine,
-    percentile_normalise,
-    percentiles,
-    resize,
-)
+from .preprocess import ResizedSource, percentile_affine, percentiles
+from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
-def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
-    """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays).
-
-    Both arrays are resized to the coarse grid first, so the full-size difference is never held.
-    """
-    return _weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec)
-
-
-def correction_weight(correction: PlaneSource | np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def correction_weight(
+    correction: PlaneSource | np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
-    Equal to :func:`difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
+    Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
     |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
+    ``extent_um`` (the stack's ZYX size in µm) is needed for filters given in µm (:func:`weight_filters`).
     """
-    source = ArraySource(correction) if isinstance(correction, np.ndarray) else correction
-    return _weight_from_coarse(np.abs(materialise(ResizedSource(source, spec.diff_grid, cache=False))), spec)
+    coarse = materialise(ResizedSource(as_source(correction), spec.diff_grid, cache=False))
+    return weight_from_coarse(np.abs(coarse), spec, extent_um)
 
 
-def _weight_from_coarse(coarse: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
-    if spec.max_filter > 1:
-        coarse = ndimage.maximum_filter(coarse, size=spec.max_filter, mode="nearest")
-    if spec.sigma > 0:
-        coarse = ndimage.gaussian_filter(coarse, sigma=spec.sigma, mode="nearest")
+def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> tuple[Any, Any]:
+    """(max filter size, Gaussian σ) of the weight map, in voxels of ``spec.diff_grid``.
+
+    By default ``spec.max_filter`` and ``spec.sigma`` on every axis: their physical size then
+    follows the stack's extent (the diff grid spans the whole stack, whatever its size). With
+    ``max_filter_um`` / ``sigma_um`` > 0 and the stack's ZYX ``extent_um``, per-axis sizes of that
+    width in µm (the max filter rounded to an odd voxel count ≥ 1).
+    """
+    size: Any = spec.max_filter
+    sigma: Any = spec.sigma
+    if extent_um is None:
+        return size, sigma
+    voxel_um = [e / n for e, n in zip(extent_um, spec.diff_grid)]
+    if spec.max_filter_um > 0:
+        size = tuple(max(1, 2 * round((spec.max_filter_um / v - 1) / 2) + 1) for v in voxel_um)
+    if spec.sigma_um > 0:
+        sigma = tuple(spec.sigma_um / v for v in voxel_um)
+    return size, sigma
+
+
+def weight_from_coarse(
+    coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
+    """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
+    max filter, Gaussian (sizes of :func:`weight_filters`) and percentile scaling."""
+    size, sigma = weight_filters(spec, extent_um)
+    if np.max(size) > 1:
+        coarse = ndimage.maximum_filter(coarse, size=size, mode="nearest")
+    if np.max(sigma) > 0:
+        coarse = ndimage.gaussian_filter(coarse, sigma=sigma, mode="nearest")
     low, high = spec.weight_percentiles
     lo, hi = percentiles(coarse, low, high)
     if hi - lo < 1e-8:
@@ -97,11 +109,15 @@ def adaptive_settings(noise: float, spec: PostprocessSpec) -> tuple[float, float
     if spec.sigma_knots:
         sigma = float(np.interp(noise, [k[0] for k in spec.sigma_knots], [k[1] for k in spec.sigma_knots]))
     if spec.gate_knots:
-        gate = float(np.clip(np.interp(noise, [k[0] for k in spec.gate_knots], [k[1] for k in spec.gate_knots]), 0.0, 1.0))
+        gate = float(
+            np.clip(np.interp(noise, [k[0] for k in spec.gate_knots], [k[1] for k in spec.gate_knots]), 0.0, 1.0)
+        )
     return max(sigma, 0.0), gate
 
 
-def background_mask(normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0) -> np.ndarray:
+def background_mask(
+    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0
+) -> np.ndarray:
     """Factor in [0, 1] on ``spec.diff_grid``: 0 in empty background, 1 on the specimen.
 
     The normalised input (ZYX, any grid) is resized to the diff grid, smoothed (σ ``smooth``
@@ -111,60 +127,78 @@ def background_mask(normalised_input: PlaneSource | np.ndarray, spec: Postproces
     """
     if spec.background_threshold <= 0:
         return np.ones(spec.diff_grid, dtype=np.float32)
-    source = ArraySource(normalised_input) if isinstance(normalised_input, np.ndarray) else normalised_input
-    coarse = ndimage.gaussian_filter(materialise(ResizedSource(source, spec.diff_grid, cache=False)), smooth, mode="nearest")
+    coarse = materialise(ResizedSource(as_source(normalised_input), spec.diff_grid, cache=False))
+    coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
     return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
 
 
-def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``inp·(1 − w) + pred·w`` with ``w`` resized to the input grid (ZYX, float32)."""
-    w = resize(weight, inp.shape, antialias=False) if weight.shape != inp.shape else weight
-    np.clip(w, 0.0, 1.0, out=w)
-    out = pred - inp
-    out *= w
-    out += inp
-    return out
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""Largest finite float16 (65504): compact (float16) arrays are clipped to ±this."""
+
+
+def blend_weight(
+    correction: PlaneSource | np.ndarray,
+    normalised_input: PlaneSource | np.ndarray,
+    spec: PostprocessSpec,
+    gate: float,
+    extent_um: Sequence[float] | None = None,
+) -> np.ndarray:
+    """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
+
+    ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
+    :func:`adaptive_settings`); ``correction`` is prediction − input on any grid (ZYX);
+    ``extent_um`` the stack's ZYX size in µm.
+    """
+    weight = correction_weight(correction, spec, extent_um)
+    weight *= background_mask(normalised_input, spec)
+    weight *= np.float32(gate)
+    return weight
+
+
+def blend_slabs(
+    data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool
+) -> ArraySource:
+    """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
+
+    ``data`` is the input array ``x_in`` normalises (ZYX, input grid); the correction (on H) and
+    the weight map (on the diff grid) are resized to the input grid per slab. In place, each slab
+    of the input is read before the same slab of the output overwrites it (float16 over 2-byte
+    pixels, float32 over 4-byte ones); float16 values are clipped to ±:data:`FLOAT16_MAX` so the
+    output stays finite. Twin of :func:`fusemycells.reference.blend`.
+    """
+    in_place = compact and data.flags.c_contiguous and data.flags.writeable
+    if in_place and data.dtype.itemsize == 2:
+        out = data.view(np.float16)
+    elif in_place and data.dtype.itemsize == 4:
+        out = data.view(np.float32)
+    else:
+        out = np.empty(data.shape, dtype=np.float32)
+    corr = ResizedSource(correction, data.shape, cache=False)
+    wmap = ResizedSource(weight, data.shape, antialias=False, cache=False)
+    for z0, z1 in slabs(data.shape[0]):
+        planes = x_in.planes(z0, z1)
+        w = wmap.planes(z0, z1)
+        np.clip(w, 0.0, 1.0, out=w)
+        w *= corr.planes_readonly(z0, z1)
+        planes += w
+        if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
+            np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+        out[z0:z1] = planes
+    return ArraySource(out)
 
 
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
     """Per-axis σ (ZYX, input-grid voxels) of the output Gaussian for a stack of ``spacing`` (ZYX µm).
 
-    ``output_gaussian_sigma`` is the Y/X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z gets
-    σ·spacing_x/spacing_z, i.e. the same width in µm, else the same σ in voxels on every axis.
+    ``output_gaussian_sigma`` is the X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z and Y
+    get σ·spacing_x/spacing_z and σ·spacing_x/spacing_y, i.e. the same width in µm (Y equals X on
+    the usual square pixels), else the same σ in voxels on every axis.
     """
     sigma = max(float(spec.output_gaussian_sigma), 0.0)
-    if spec.output_sigma_isotropic_um and spacing is not None and spacing[0] > 0:
-        return (sigma * float(spacing[2]) / float(spacing[0]), sigma, sigma)
+    if spec.output_sigma_isotropic_um and spacing is not None and min(spacing) > 0:
+        width_um = sigma * float(spacing[2])
+        return (width_um / float(spacing[0]), width_um / float(spacing[1]), sigma)
     return (sigma, sigma, sigma)
-
-
-def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> np.ndarray:
-    """Optional output filters (max filter, Gaussian σ in voxels; both off by default), then percentile normalisation.
-
-    Filters are manifest parameters, switched on only where validation showed they help. ZYX float32;
-    ``spacing`` (ZYX µm) scales the Z σ when the manifest asks for an isotropic filter in µm.
-    """
-    if spec.output_max_filter > 1:
-        volume = ndimage.maximum_filter(volume, size=spec.output_max_filter, mode="nearest")
-    if spec.output_gaussian_sigma > 0:
-        volume = ndimage.gaussian_filter(volume, sigma=output_sigma_zyx(spec, spacing), mode="nearest", output=np.float32)
-    low, high = spec.output_percentiles
-    return percentile_normalise(volume, low, high)
-
-
-def to_output_dtype(volume: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast the final float32 volume: 'float32' as is; 'uint16' by an affine map of [min, max] onto [0, 65535].
-
-    The affine map keeps every value (no clipping), so percentile-normalised scores are unchanged
-    up to quantisation (1/65535 of the range).
-    """
-    if dtype == "float32":
-        return volume.astype(np.float32, copy=False)
-    if dtype == "uint16":
-        lo, hi = float(volume.min()), float(volume.max())
-        scale = 65535.0 / (hi - lo) if hi > lo else 0.0
-        return np.rint((volume - lo) * scale).astype(np.uint16)
-    raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
 
 
 def weight_stats(weight: np.ndarray, bins: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
@@ -202,14 +236,20 @@ def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence
         source = HaloFilterSource(source, lambda b: ndimage.maximum_filter(b, size=size, mode="nearest"), size // 2)
     if spec.output_gaussian_sigma > 0:
         sigma = output_sigma_zyx(spec, spacing)
-        source = HaloFilterSource(source, lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32), int(4.0 * sigma[0] + 0.5))
+        source = HaloFilterSource(
+            source,
+            lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32),
+            int(4.0 * sigma[0] + 0.5),
+        )
     return source
 
 
-def final_source(blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None) -> PlaneSource:
+def final_source(
+    blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None
+) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
-    Same values as ``to_output_dtype(finalise(materialised, spec, spacing), dtype)``; the
+    Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the
     percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
     volume is made. ``spacing`` is the stack's ZYX spacing in µm.
     """
@@ -240,23 +280,22 @@ class _AffineSource:
         return np.rint(block).astype(self.round_to) if self.round_to is not None else block
 
 
-def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = 16) -> np.ndarray:
+def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = SLAB) -> np.ndarray:
     """The voxels :func:`percentiles` would sample from the materialised volume (same stride)."""
     nz, ny, nx = source.shape
     size = nz * ny * nx
     stride = max(1, -(-size // max_samples)) if size > max_samples else 1
     parts = []
-    for z0 in range(0, nz, slab):
-        z1 = min(nz, z0 + slab)
+    for z0, z1 in slabs(nz, slab):
         flat = source.planes(z0, z1).reshape(-1)
         first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
         parts.append(flat[first::stride].copy())  # a copy: a strided view would keep the whole slab alive
     return np.concatenate(parts)
 
 
-def _min_max(source: PlaneSource, slab: int = 16) -> tuple[float, float]:
+def _min_max(source: PlaneSource, slab: int = SLAB) -> tuple[float, float]:
     lo, hi = np.inf, -np.inf
-    for z0 in range(0, source.shape[0], slab):
-        block = source.planes(z0, min(source.shape[0], z0 + slab))
+    for z0, z1 in slabs(source.shape[0], slab):
+        block = source.planes(z0, z1)
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
     return lo, hi

@@ -1,22 +1,23 @@
 """Intensity normalisation and spacing-aware resampling of ZYX volumes.
 
 Pure functions shared by inference and by the training code (``training/`` imports them, so the
-networks see exactly the same preprocessing in both). Arrays are float32 ZYX unless stated.
+networks see exactly the same preprocessing in both). Arrays are float32 ZYX unless stated; the
+whole-volume twins of the streamed functions are in :mod:`fusemycells.reference`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-Shape3 = tuple[int, int, int]
-Spacing3 = tuple[float, float, float]
+from .config import NormalisationSpec
+from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
+
 ANTIALIAS_TRUNCATE = 3.0
 """Gaussian prefilter radius in σ (scipy's ``truncate``)."""
 
@@ -37,7 +38,9 @@ def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = 
     return float(lo), float(hi)
 
 
-def percentile_affine(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> tuple[float, float]:
+def percentile_affine(
+    volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6
+) -> tuple[float, float]:
     """(offset, scale) with (v − offset)·scale mapping p_low → 0 and p_high → 1.
 
     A degenerate histogram falls back to the full range, then to a pure shift (scale 1), so a
@@ -51,44 +54,15 @@ def percentile_affine(volume: np.ndarray, low: float = 2.0, high: float = 99.8, 
     return lo, 1.0 / span
 
 
-def apply_affine(volume: np.ndarray, offset: float, scale: float) -> np.ndarray:
-    """(v − offset)·scale as a new float32 array."""
-    out = volume.astype(np.float32, copy=True)
-    out -= np.float32(offset)
-    out *= np.float32(scale)
-    return out
-
-
-def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> np.ndarray:
-    """(v − p_low) / (p_high − p_low) as float32, without clipping (the challenge's definition).
-
-    A constant volume maps to zeros instead of dividing by zero.
-    """
-    return apply_affine(volume, *percentile_affine(volume, low, high, eps))
-
-
-def intensity_affine(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
-    """(offset, scale) of the manifest's normalisation: ``normalise_intensity(v) == (v − offset)·scale``."""
-    if kind == "percentile":
-        return percentile_affine(volume, low, high)
-    if kind == "zscore":
+def intensity_affine(volume: np.ndarray, spec: NormalisationSpec) -> tuple[float, float]:
+    """(offset, scale) of the manifest's normalisation: the network input is ``(v − offset)·scale``."""
+    if spec.kind == "percentile":
+        return percentile_affine(volume, spec.low, spec.high)
+    if spec.kind == "zscore":
         mean = float(np.mean(volume, dtype=np.float64))
         std = float(np.std(volume, dtype=np.float64))
         return mean, 1.0 / (std if std > 1e-6 else 1.0)
-    raise ValueError(f"unknown normalisation kind '{kind}' (expected 'percentile' or 'zscore')")
-
-
-def normalise_intensity(volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Network input normalisation named by the manifest (``kind`` = 'percentile' or 'zscore').
-
-    Returns float32 ZYX. Non-finite voxels must be removed before calling.
-    """
-    return apply_affine(volume, *intensity_affine(volume, kind, low, high))
-
-
-def shape_for_spacing(shape: Sequence[int], spacing: Spacing3, target_spacing: Spacing3) -> Shape3:
-    """Voxel shape (ZYX) that covers the same physical extent at ``target_spacing`` (µm)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))  # type: ignore[return-value]
+    raise ValueError(f"unknown normalisation kind '{spec.kind}' (expected 'percentile' or 'zscore')")
 
 
 def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[float, ...]:
@@ -101,32 +75,6 @@ def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[
         factor = n_in / n_out
         sigmas.append(math.sqrt(factor**2 - 1.0) / 2.0 if factor > 1.0 else 0.0)
     return tuple(sigmas)
-
-
-class PlaneSource(Protocol):
-    """A ZYX volume that produces float32 z-ranges on demand (it need not exist in memory)."""
-
-    shape: Shape3
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        """float32 planes ``z0:z1`` as a new ``(z1 − z0, Y, X)`` array that the caller owns and may overwrite (0 ≤ z0 < z1 ≤ Z)."""
-        ...
-
-
-class ArraySource:
-    """An in-memory ZYX array seen through an affine map: planes = (a − offset)·scale, float32."""
-
-    def __init__(self, array: np.ndarray, offset: float = 0.0, scale: float = 1.0) -> None:
-        self.array = array
-        self.offset = offset
-        self.scale = scale
-        self.shape: Shape3 = tuple(int(n) for n in array.shape)  # type: ignore[assignment]
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        block = self.array[z0:z1]
-        if self.offset == 0.0 and self.scale == 1.0:
-            return np.array(block, dtype=np.float32, copy=True)
-        return apply_affine(block, self.offset, self.scale)
 
 
 SLAB_BYTES = 256 * 2**20
@@ -145,8 +93,10 @@ class ResizedSource:
     only hold a second copy of each request).
     """
 
-    def __init__(self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True) -> None:
-        self.source: PlaneSource = ArraySource(source) if isinstance(source, np.ndarray) else source
+    def __init__(
+        self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True
+    ) -> None:
+        self.source: PlaneSource = as_source(source)
         self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
         sigma = antialias_sigma(self.source.shape, self.shape) if antialias else (0.0, 0.0, 0.0)
         self.sigma = tuple(float(v) for v in sigma)
@@ -239,7 +189,9 @@ class ResizedSource:
         """Bilinear resize of float32 ZYX planes to this source's Y × X (torch, z as the batch axis)."""
         if planes.shape[1:] == self.shape[1:]:
             return planes
-        chunk = F.interpolate(torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False)
+        chunk = F.interpolate(
+            torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False
+        )
         return chunk[:, 0].numpy()
 
     def _filtered(self, src0: int, src1: int) -> np.ndarray:
@@ -257,7 +209,9 @@ class ResizedSource:
         return block[r : r + (src1 - src0)]  # a z-range of a C-contiguous block is contiguous
 
 
-def _lerp_planes(planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _lerp_planes(
+    planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """Planes ``planes[lo]·(1 − frac) + planes[hi]·frac`` (float32 ZYX; one output plane per index),
     computed plane by plane into ``out`` (allocated if None): no temporaries of the block's size."""
     if out is None:
@@ -268,77 +222,30 @@ def _lerp_planes(planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.nd
     return out
 
 
-def iter_planes(source: PlaneSource, slab: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(z0, z1, planes)`` float32 slabs of a source, in increasing z (``slab`` planes each;
-    default: the source's ``preferred_slab``, else 32)."""
-    if slab is None:
-        slab = int(getattr(source, "preferred_slab", 32))
-    for z0 in range(0, source.shape[0], slab):
-        z1 = min(source.shape[0], z0 + slab)
-        yield z0, z1, source.planes(z0, z1)
-
-
-def iter_resized(
-    volume: np.ndarray | PlaneSource, out_shape: Sequence[int], antialias: bool = True, slab: int | None = None
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Trilinear resize of a ZYX volume (array or :class:`PlaneSource`), as output z-slabs.
-
-    See :class:`ResizedSource`. Only one slab of output (float32) is alive at a time besides
-    the input, and the input is read in z-ranges, so a source need never be materialised.
-    """
-    yield from iter_planes(ResizedSource(volume, out_shape, antialias, cache=False), slab)
-
-
-def materialise(source: PlaneSource, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """The whole source as one ZYX array of ``dtype``."""
-    out = np.empty(source.shape, dtype=dtype)
-    for z0, z1, planes in iter_planes(source):
-        out[z0:z1] = planes
-    return out
-
-
 def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> np.ndarray:
-    """Trilinear resize of a ZYX volume to ``out_shape`` voxels (float32); see :func:`iter_resized`."""
+    """Trilinear resize of a whole ZYX volume to ``out_shape`` voxels (float32): a materialised
+    :class:`ResizedSource` (the training code and the reference twins use it)."""
     out_shape = tuple(int(n) for n in out_shape)
     if tuple(volume.shape) == out_shape:
         return np.array(volume, dtype=np.float32, copy=True)
     return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False))
 
 
-def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:
-    """Resample a ZYX volume from ``spacing`` to ``target_spacing`` (both µm), same physical extent."""
-    return resize(volume, shape_for_spacing(volume.shape, spacing, target_spacing))
-
-
-def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:
-    """float32 copy with NaN/±inf replaced by the finite median; returns (volume, count replaced)."""
-    data = np.asarray(volume)
-    if data.dtype.kind != "f":
-        return data.astype(np.float32), 0
-    finite = np.isfinite(data)
-    bad = int(data.size - np.count_nonzero(finite))
-    out = data.astype(np.float32, copy=True)
-    if bad:
-        fill = float(np.median(data[finite])) if bad < data.size else 0.0
-        out[~finite] = fill
-    return out, bad
-
-
-def sanitise_inplace(volume: np.ndarray, slab: int = 16) -> int:
+def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> int:
     """Replace NaN/±inf of a float ZYX array by the finite median, in place, z-slab by z-slab.
 
     Returns the number of voxels replaced; integer arrays are left untouched (count 0).
     """
     if volume.dtype.kind != "f":
         return 0
-    bad = 0
-    for z0 in range(0, volume.shape[0], slab):
-        bad += int(volume[z0 : z0 + slab].size - np.count_nonzero(np.isfinite(volume[z0 : z0 + slab])))
+    bad = sum(
+        int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab)
+    )
     if not bad:
         return 0
     lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
     fill = lo if bad < volume.size else 0.0
-    for z0 in range(0, volume.shape[0], slab):
-        block = volume[z0 : z0 + slab]
+    for z0, z1 in slabs(len(volume), slab):
+        block = volume[z0:z1]
         block[~np.isfinite(block)] = fill
     return bad

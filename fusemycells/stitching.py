@@ -13,13 +13,14 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from .preprocess import ArraySource, PlaneSource, materialise
+from .sources import ArraySource, PlaneSource, materialise, read_only
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,13 @@ class StitchStats:
     forward_s: float = 0.0
     total_s: float = 0.0
     grid: Shape3 = (0, 0, 0)
-    events: list[str] = field(default_factory=list)
+    stopped: str | None = None  # why ``after_batch`` stopped the run early (None: it ran to the end)
 
 
-def _batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+AfterBatch = Callable[[int, int], "str | None"]
+"""``after_batch(done, total)``: called after each batch; a returned reason stops the run early."""
+Window = tuple[int, int]
+"""The (y, x) start of a patch inside a row of patches (voxels)."""
 
 
 def _as_rows(channels: Sequence[np.ndarray | PlaneSource], patch: Shape3) -> tuple[list[PlaneSource], Shape3]:
@@ -130,6 +132,120 @@ def _as_rows(channels: Sequence[np.ndarray | PlaneSource], patch: Shape3) -> tup
     return [ArraySource(a) for a in padded], tuple(int(n) for n in padded[0].shape)  # type: ignore[return-value]
 
 
+class _Stopped(Exception):
+    """Raised inside :class:`_SlidingWindow` when ``after_batch`` asks to stop (never leaves it)."""
+
+
+class _SlidingWindow:
+    """The state of one :func:`sliding_window` run: window grid, weights, the one-row accumulator."""
+
+    def __init__(self, shape: Shape3, original: Shape3, patch: Shape3, overlap: float, sigma_scale: float) -> None:
+        self.patch, self.original = patch, original
+        self.zs, self.ys, self.xs = (window_starts(n, p, overlap) for n, p in zip(shape, patch))
+        # The importance is separable and the windows form a Cartesian grid, so the weight sum is an
+        # outer product of three 1D sums: only the prediction needs an accumulator (one patch depth).
+        gz, gy, gx = gaussian_profiles(patch, sigma_scale)
+        self.importance = _outer3(gz, gy, gx)
+        self.inv_z = (1.0 / axis_weight_sums(shape[0], self.zs, gz)).astype(np.float32)
+        inv_y = 1.0 / axis_weight_sums(shape[1], self.ys, gy)[: original[1]]
+        self.inv_yx = np.outer(inv_y, 1.0 / axis_weight_sums(shape[2], self.xs, gx)[: original[2]]).astype(np.float32)
+        self.acc = np.zeros((patch[0], shape[1], shape[2]), dtype=np.float32)
+        self.weighted = np.empty(patch, dtype=np.float32)
+        self.stats = StitchStats(grid=(len(self.zs), len(self.ys), len(self.xs)))
+        self.total = len(self.zs) * len(self.ys) * len(self.xs)
+
+    def assemble(self, rows: list[np.ndarray], chunk: list[Window]) -> np.ndarray:
+        """The (N, C, pz, py, px) float32 batch of the patches ``chunk`` cut from one row per channel."""
+        pz, py, px = self.patch
+        batch = np.empty((len(chunk), len(rows), pz, py, px), dtype=np.float32)
+        for i, (y, x) in enumerate(chunk):
+            for c, planes in enumerate(rows):
+                batch[i, c] = planes[:, y : y + py, x : x + px]
+        return batch
+
+    def add(self, chunk: list[Window], pred: np.ndarray, seconds: float, after_batch: AfterBatch | None) -> None:
+        """Accumulate one predicted batch (Gaussian-weighted); raise :class:`_Stopped` if asked to."""
+        _, py, px = self.patch
+        self.stats.forward_s += seconds
+        for (y, x), p in zip(chunk, pred):
+            np.multiply(p[0], self.importance, out=self.weighted)
+            self.acc[:, y : y + py, x : x + px] += self.weighted
+        self.stats.patches += len(chunk)
+        self.stats.batches += 1
+        reason = None if after_batch is None else after_batch(self.stats.patches, self.total)
+        if reason is not None:
+            raise _Stopped(reason)
+
+    def flush(self, row: int, emit: Callable[[int, int, np.ndarray], None]) -> None:
+        """Normalise and hand over the planes no later row can touch, then shift the accumulator."""
+        z0, pz = self.zs[row], self.patch[0]
+        next_z = self.zs[row + 1] if row + 1 < len(self.zs) else z0 + pz
+        done = next_z - z0
+        z1 = min(next_z, self.original[0])
+        if z1 > z0:
+            final = self.acc[: z1 - z0, : self.original[1], : self.original[2]]  # a view: normalised in place
+            final *= self.inv_z[z0:z1, None, None]
+            final *= self.inv_yx[None]
+            emit(z0, z1, final)
+        for i in range(pz - done):  # shift plane by plane: no temporary copy of the slab
+            self.acc[i] = self.acc[i + done]
+        self.acc[pz - done :] = 0.0
+
+
+class _Forwards:
+    """Runs ``predict`` on batches, in this thread or on ``workers`` helper threads, timing each call.
+
+    The next batch is cut out on a helper thread while the network runs on the current one (torch
+    and onnxruntime release the GIL), so the device never waits for numpy copies.
+    """
+
+    def __init__(self, predict: Predict, workers: int) -> None:
+        self.predict, self.workers = predict, max(1, workers)
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmc-batch")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmc-predict") if workers > 1 else None
+
+    def timed(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        pred = self.predict(batch)
+        return pred, time.perf_counter() - t0
+
+    def start(self, batch: np.ndarray) -> Future[tuple[np.ndarray, float]]:
+        if self.pool is not None:
+            return self.pool.submit(self.timed, batch)
+        done: Future[tuple[np.ndarray, float]] = Future()
+        done.set_result(self.timed(batch))  # in this thread: one forward at a time
+        return done
+
+    def close(self) -> None:
+        self.prefetch.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_row(
+    state: _SlidingWindow,
+    forwards: _Forwards,
+    rows: list[np.ndarray],
+    chunks: list[list[Window]],
+    after_batch: AfterBatch | None,
+) -> None:
+    """Predict every batch of one row of patches and accumulate them in order (oldest first: the
+    output does not depend on the number of workers)."""
+    pending: Future[np.ndarray] = forwards.prefetch.submit(state.assemble, rows, chunks[0])
+    in_flight: deque[tuple[list[Window], Future[tuple[np.ndarray, float]]]] = deque()
+    for index, chunk in enumerate(chunks):
+        batch = pending.result()
+        if index + 1 < len(chunks):
+            pending = forwards.prefetch.submit(state.assemble, rows, chunks[index + 1])
+        in_flight.append((chunk, forwards.start(batch)))
+        if len(in_flight) >= forwards.workers:
+            done_chunk, future = in_flight.popleft()
+            state.add(done_chunk, *future.result(), after_batch)
+    while in_flight:
+        done_chunk, future = in_flight.popleft()
+        state.add(done_chunk, *future.result(), after_batch)
+
+
 def sliding_window(
     channels: Sequence[np.ndarray | PlaneSource],
     predict: Predict,
@@ -138,113 +254,44 @@ def sliding_window(
     batch_size: int = 2,
     sigma_scale: float = 1.0 / 8.0,
     emit: Callable[[int, int, np.ndarray], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    after_batch: AfterBatch | None = None,
     workers: int = 1,
 ) -> tuple[np.ndarray | None, StitchStats]:
     """Predict a volume given as C same-shape ZYX channels (arrays or plane sources).
 
     Returns ``(prediction, stats)`` with the stitched float32 ZYX prediction, or ``(None, stats)``
-    when ``emit(z0, z1, planes)`` is given: finished planes (a float32 view of the
-    accumulator: the callee may modify it, but must copy what it keeps, since the buffer is reused
-    once ``emit`` returns) are handed over in increasing z as soon as no later patch can touch
-    them, and no volume-size array is allocated here.
-    Channels are read one row of patches (patch depth) at a time and stacked per patch only.
-    ``predict`` gets batches of at most ``batch_size`` patches; ``progress(done, total)`` is
-    called after each batch. ``workers`` > 1 runs that many batches at once on helper threads
-    (``predict`` must be thread-safe: on a CPU, single-threaded forwards side by side use the
-    cores better than one multi-threaded forward); results are added in the same order, so the
-    output does not depend on ``workers``. ``stats.forward_s`` is then the sum over the overlapping calls.
+    when ``emit(z0, z1, planes)`` is given: finished planes (a float32 view of the accumulator: the
+    callee may modify it, but must copy what it keeps) are handed over in increasing z as soon as no
+    later patch can touch them, and no volume-size array is allocated here. Channels are read one
+    row of patches (patch depth) at a time and stacked per patch only. ``predict`` gets batches of
+    at most ``batch_size`` patches. ``after_batch(done, total)`` is called after each batch; when it
+    returns a reason the run stops there (``stats.stopped``; the output is then incomplete).
+    ``workers`` > 1 runs that many batches at once on helper threads (``predict`` must be
+    thread-safe); results are added in the same order, so the output does not depend on
+    ``workers``. ``stats.forward_s`` is then the sum over the overlapping calls.
     """
     patch3: Shape3 = tuple(int(p) for p in patch)  # type: ignore[assignment]
     original: Shape3 = tuple(int(n) for n in channels[0].shape)  # type: ignore[assignment]
-    sources, (nz, ny, nx) = _as_rows(channels, patch3)
-    pz, py, px = patch3
-    zs, ys, xs = (window_starts(n, p, overlap) for n, p in zip((nz, ny, nx), patch3))
-    # The importance is separable and the windows form a Cartesian grid, so the weight sum is an
-    # outer product of three 1D sums: only the prediction needs an accumulator (one patch depth).
-    gz, gy, gx = gaussian_profiles(patch3, sigma_scale)
-    importance = _outer3(gz, gy, gx)
-    inv_z = (1.0 / axis_weight_sums(nz, zs, gz)).astype(np.float32)
-    inv_yx = np.outer(1.0 / axis_weight_sums(ny, ys, gy)[: original[1]], 1.0 / axis_weight_sums(nx, xs, gx)[: original[2]]).astype(np.float32)
+    sources, shape = _as_rows(channels, patch3)
+    state = _SlidingWindow(shape, original, patch3, overlap, sigma_scale)
     result = None if emit is not None else np.empty(original, dtype=np.float32)
-    acc = np.zeros((pz, ny, nx), dtype=np.float32)
-    weighted = np.empty(patch3, dtype=np.float32)
-    total = len(zs) * len(ys) * len(xs)
-    stats = StitchStats(grid=(len(zs), len(ys), len(xs)))
+    sink = emit if emit is not None else partial(_store, result)
+    row_items = [(y, x) for y in state.ys for x in state.xs]
+    chunks = [row_items[i : i + max(1, batch_size)] for i in range(0, len(row_items), max(1, batch_size))]
+    forwards = _Forwards(predict, workers)
     started = time.perf_counter()
-    row_items = [(y, x) for y in ys for x in xs]
-    chunks = list(_batches(row_items, max(1, batch_size)))
-
-    def assemble(rows: list[np.ndarray], chunk: list[tuple[int, int]]) -> np.ndarray:
-        batch = np.empty((len(chunk), len(rows), pz, py, px), dtype=np.float32)
-        for i, (y, x) in enumerate(chunk):
-            for c, planes in enumerate(rows):
-                batch[i, c] = planes[:, y : y + py, x : x + px]
-        return batch
-
-    def timed_predict(batch: np.ndarray) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        pred = predict(batch)
-        return pred, time.perf_counter() - t0
-
-    def add(chunk: list[tuple[int, int]], result: Future[tuple[np.ndarray, float]]) -> None:
-        pred, seconds = result.result()
-        stats.forward_s += seconds
-        for (y, x), p in zip(chunk, pred):
-            np.multiply(p[0], importance, out=weighted)
-            acc[:, y : y + py, x : x + px] += weighted
-        stats.patches += len(chunk)
-        stats.batches += 1
-        if progress is not None:
-            progress(stats.patches, total)
-
-    # The next batch is cut out on a helper thread while the network runs on the current one
-    # (torch and onnxruntime release the GIL), so the device never waits for numpy copies.
-    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmc-batch")
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fmc-predict") if workers > 1 else None
-
-    def start(batch: np.ndarray) -> Future[tuple[np.ndarray, float]]:
-        if pool is not None:
-            return pool.submit(timed_predict, batch)
-        done: Future[tuple[np.ndarray, float]] = Future()
-        done.set_result(timed_predict(batch))  # in this thread: one forward at a time
-        return done
-
     try:
-        for row, z0 in enumerate(zs):
+        for row, z0 in enumerate(state.zs):
             # read-only views where the source offers them (no second copy of a cached row)
-            rows = [getattr(src, "planes_readonly", src.planes)(z0, z0 + pz) for src in sources]
-            pending: Future[np.ndarray] = prefetch.submit(assemble, rows, chunks[0])
-            in_flight: deque[tuple[list[tuple[int, int]], Future[tuple[np.ndarray, float]]]] = deque()
-            for index, chunk in enumerate(chunks):
-                batch = pending.result()
-                if index + 1 < len(chunks):
-                    pending = prefetch.submit(assemble, rows, chunks[index + 1])
-                in_flight.append((chunk, start(batch)))
-                if len(in_flight) >= max(1, workers):
-                    add(*in_flight.popleft())  # oldest first: the same order as one worker
-            while in_flight:
-                add(*in_flight.popleft())
-            del rows
-            # planes before the next row's start are final: hand them over and shift the buffers
-            next_z = zs[row + 1] if row + 1 < len(zs) else z0 + pz
-            done = next_z - z0
-            z1 = min(next_z, original[0])
-            if z1 > z0:
-                final = acc[: z1 - z0, : original[1], : original[2]]  # a view: normalised in place
-                final *= inv_z[z0:z1, None, None]
-                final *= inv_yx[None]
-                if emit is not None:
-                    emit(z0, z1, final)
-                else:
-                    assert result is not None
-                    result[z0:z1] = final
-            for i in range(pz - done):  # shift plane by plane: no temporary copy of the slab
-                acc[i] = acc[i + done]
-            acc[pz - done :] = 0.0
+            _run_row(state, forwards, [read_only(src)(z0, z0 + patch3[0]) for src in sources], chunks, after_batch)
+            state.flush(row, sink)
+    except _Stopped as stop:
+        state.stats.stopped = str(stop)
     finally:
-        prefetch.shutdown(wait=True)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    stats.total_s = time.perf_counter() - started
-    return result, stats
+        forwards.close()
+    state.stats.total_s = time.perf_counter() - started
+    return result, state.stats
+
+
+def _store(result: np.ndarray, z0: int, z1: int, planes: np.ndarray) -> None:
+    result[z0:z1] = planes

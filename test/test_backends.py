@@ -22,9 +22,10 @@ from fusemycells.backends import (
     memory_fraction,
     warm_up,
 )
-from fusemycells.budget import BudgetPolicy, cuda_available
+from fusemycells.budget import BudgetPolicy
 from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir, verify_files
-from fusemycells.preprocess import normalise_intensity
+from fusemycells.devices import cuda_available
+from fusemycells.reference import normalise_intensity
 
 
 def _copy(resources: Path, tmp_path: Path) -> Path:
@@ -354,15 +355,45 @@ def test_warm_up_out_of_memory_is_left_to_the_oom_ladder_but_other_errors_raise(
         warm_up(LoadedStage(spec=spec, runner=CountingRunner(ValueError("broken")), file="p"))
 
 
-def test_fuser_warms_up_a_patch_stage_once_when_it_loads(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fuser_warms_up_a_patch_stage_once_when_it_loads(fixture_resources: Path) -> None:
     from fusemycells.pipeline import Fuser
 
-    warmed: list[str] = []
-    monkeypatch.setattr("fusemycells.pipeline.warm_up", lambda stage: warmed.append(stage.file))
+    runners: dict[str, CountingRunner] = {}
+
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:
+        runners[device] = CountingRunner()
+        return LoadedStage(spec=spec, runner=runners[device], file=f"{device}.onnx")
+
     manifest = load_manifest(fixture_resources)
-    fuser = Fuser(manifest, BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1))
+    fuser = Fuser(manifest, BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1), loader=loader)
     channel = manifest.channel("nucleus")
-    for _ in range(2):
-        fuser.stage(channel, "patch")
-    fuser.cpu_runner(channel, "patch")
-    assert len(warmed) == 2  # the device stage once, its CPU fallback once
+    stage = fuser.patch_stage(channel)
+    assert fuser.patch_stage(channel) is stage and list(runners) == ["cuda"]
+    assert stage.ladder.cpu_predict is not None
+    stage.ladder.cpu_predict()  # what the OOM ladder loads when it falls back to the CPU
+    warm = (1, 2, *channel.patch_stage.patch_size)
+    assert runners["cuda"].shapes == [warm] and runners["cpu"].shapes == [warm]  # each loaded stage warmed up once
+
+
+def test_onnx_sessions_of_all_stages_share_the_vram_budget(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from fusemycells.pipeline import Fuser
+
+    limits: list[int] = []
+    real_session = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        limits.extend(int(p[1]["gpu_mem_limit"]) for p in providers if isinstance(p, tuple))
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])  # no GPU here
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr("fusemycells.backends.preload_cuda_libraries", lambda _ort: None)
+    manifest = load_manifest(fixture_resources)
+    policy = BudgetPolicy(device="cuda", half=False, vram_budget_gib=8.0, time_budget_s=None, threads=1)
+    fuser = Fuser(manifest, policy, backend="onnx")
+    for channel in ("nucleus", "membrane"):
+        fuser.fuse(np.random.default_rng(0).random((6, 24, 24), dtype=np.float32), (1.0, 0.4, 0.4), channel)
+    assert len(limits) == 4  # a global and a patch session per channel, all open at once
+    assert sum(limits) <= 8 * 2**30

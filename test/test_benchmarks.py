@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_stitching  # noqa: E402
 import profile_memory  # noqa: E402
 
-from fusemycells.budget import torch_threads  # noqa: E402
+from fusemycells.devices import torch_threads  # noqa: E402
 from fusemycells.stitching import sliding_window  # noqa: E402
 
 

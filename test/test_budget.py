@@ -13,22 +13,24 @@ import tifffile
 from conftest import blob_volume, write_case
 
 import inference
-from fusemycells.backends import LoadedStage
+from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.budget import (
     MAX_CPU_WORKERS,
     BudgetPolicy,
     LinearCost,
-    OomLadder,
     default_stage_costs,
     estimate_peak_bytes,
+)
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.devices import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
     peak_vram_mib,
     torch_threads,
 )
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
-from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file
+from fusemycells.patch_stage import OomLadder
+from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file, run_directory
 from fusemycells.stitching import sliding_window
 
 
@@ -78,27 +80,29 @@ def test_oom_messages_of_torch_onnxruntime_and_numpy_are_recognised() -> None:
 
 
 def test_oom_on_large_batches_halves_the_batch_and_keeps_the_output() -> None:
-    channels, pol = volume_channels(), policy()
+    channels = volume_channels()
     predict = oom_when(lambda b: len(b) > 1)
-    out, _ = sliding_window(channels, OomLadder(predict, pol), (16, 16, 16), overlap=0.5, batch_size=4)
+    ladder = OomLadder(predict)
+    out, _ = sliding_window(channels, ladder, (16, 16, 16), overlap=0.5, batch_size=4)
     np.testing.assert_allclose(out, reference(channels), atol=1e-6)
-    assert pol.max_batch == 1 and pol.patch_batch_size(4) == 1
-    assert any("batch size 2" in e for e in pol.events) and any("batch size 1" in e for e in pol.events)
+    assert ladder.max_batch == 1 and ladder.batch_size(4) == 1
+    assert any("batch size 2" in e for e in ladder.events) and any("batch size 1" in e for e in ladder.events)
     # the setting is kept: later batches go straight to one patch per call
     assert all(shape[0] == 1 for shape in predict.calls[-5:])
 
 
 def test_oom_on_a_single_patch_tiles_it_into_sub_patches_with_correct_weighting() -> None:
-    channels, pol = volume_channels(), policy()
+    channels = volume_channels()
     predict = oom_when(lambda b: b.shape[2] * b.shape[3] * b.shape[4] > 8**3)
-    out, _ = sliding_window(channels, OomLadder(predict, pol, min_sub_patch=4), (16, 16, 16), overlap=0.5, batch_size=2)
+    ladder = OomLadder(predict, min_sub_patch=4)
+    out, _ = sliding_window(channels, ladder, (16, 16, 16), overlap=0.5, batch_size=2)
     np.testing.assert_allclose(out, reference(channels), atol=1e-5)
-    assert pol.sub_patch == (8, 8, 8)
-    assert any("sub-patches" in e for e in pol.events)
+    assert ladder.sub_patch == (8, 8, 8)
+    assert any("sub-patches" in e for e in ladder.events)
 
 
 def test_oom_at_the_smallest_sub_patch_finishes_on_the_cpu() -> None:
-    channels, pol = volume_channels(), policy()
+    channels = volume_channels()
     device_predict = oom_when(lambda b: True)
     cpu_calls = []
 
@@ -106,10 +110,11 @@ def test_oom_at_the_smallest_sub_patch_finishes_on_the_cpu() -> None:
         cpu_calls.append(1)
         return pointwise
 
-    out, _ = sliding_window(channels, OomLadder(device_predict, pol, cpu_predict=cpu_factory, min_sub_patch=8), (16, 16, 16), overlap=0.5, batch_size=2)
+    ladder = OomLadder(device_predict, cpu_predict=cpu_factory, min_sub_patch=8)
+    out, _ = sliding_window(channels, ladder, (16, 16, 16), overlap=0.5, batch_size=2)
     np.testing.assert_allclose(out, reference(channels), atol=1e-5)
-    assert pol.forced_cpu and cpu_calls == [1]
-    assert any("CPU" in e for e in pol.events)
+    assert ladder.forced_cpu and cpu_calls == [1]
+    assert any("CPU" in e for e in ladder.events)
 
 
 def test_non_oom_errors_are_not_swallowed() -> None:
@@ -117,29 +122,30 @@ def test_non_oom_errors_are_not_swallowed() -> None:
         raise ValueError("bad input")
 
     with pytest.raises(ValueError, match="bad input"):
-        OomLadder(broken, policy())(np.zeros((2, 2, 4, 4, 4), np.float32))
+        OomLadder(broken)(np.zeros((2, 2, 4, 4, 4), np.float32))
 
 
-def _wrap_patch_runner(monkeypatch: pytest.MonkeyPatch, wrapper, which_stage: str = "patch") -> None:
-    """Make Fuser's patch (or ``which_stage``) stage call ``wrapper(runner, batch)`` instead of ``runner(batch)``."""
-    original = Fuser.stage
+class Wrapped:
+    """A runner whose forward is ``wrapper(runner, batch)``."""
 
-    def stage(self: Fuser, channel, which):
-        loaded = original(self, channel, which)
-        if which == which_stage and not getattr(loaded.runner, "_wrapped", False):
-            runner = loaded.runner
+    def __init__(self, runner, wrapper) -> None:
+        self.runner, self.wrapper = runner, wrapper
+        self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
 
-            class Wrapped:
-                backend, provider, device, _wrapped = runner.backend, runner.provider, runner.device, True
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.wrapper(self.runner, batch)
 
-                def __call__(self, batch):
-                    return wrapper(runner, batch)
 
-            loaded = dataclasses.replace(loaded, runner=Wrapped())
-            self._stages[(channel.name, which)] = loaded
+def wrapping_loader(wrapper, which_stage: str = "patch"):
+    """A stage loader (see Fuser) whose patch (or ``which_stage``) runner calls ``wrapper(runner, batch)``."""
+
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:
+        loaded = load_stage(manifest, spec, backend, device, **options)
+        if (spec.patch_size is not None) == (which_stage == "patch"):
+            return dataclasses.replace(loaded, runner=Wrapped(loaded.runner, wrapper))
         return loaded
 
-    monkeypatch.setattr(Fuser, "stage", stage)
+    return loader
 
 
 def _run(root: Path, resources: Path, *extra: str) -> tuple[int, dict, float]:
@@ -149,29 +155,37 @@ def _run(root: Path, resources: Path, *extra: str) -> tuple[int, dict, float]:
     return code, json.loads(report_path.read_text()), time.perf_counter() - started
 
 
-def test_pipeline_with_injected_oom_writes_the_same_output_as_without(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fuse_folder(root: Path, resources: Path, loader=load_stage, time_budget: float | None = None) -> tuple[list[CaseReport], BudgetPolicy, float]:
+    """run_directory on ``root``'s challenge folders with an injected stage loader (CPU, 1 thread)."""
+    started = time.perf_counter()
+    pol = BudgetPolicy.create("cpu", None, time_budget, 1, started=started)
+    fuser = Fuser(load_manifest(resources), pol, loader=loader)
+    reports = run_directory(root / INPUT_SUBDIR, root / OUTPUT_SUBDIR, fuser, "float32")
+    return reports, pol, time.perf_counter() - started
+
+
+def test_pipeline_with_injected_oom_writes_the_same_output_as_without(fixture_resources: Path, tmp_path: Path) -> None:
     clean_root, oom_root = tmp_path / "clean", tmp_path / "oom"
     for root in (clean_root, oom_root):
         write_case((root / INPUT_SUBDIR).mkdir(parents=True) or root / INPUT_SUBDIR, "case.tif", blob_volume((10, 48, 40)), spacing=(0.8, 0.4, 0.4))
-    assert _run(clean_root, fixture_resources)[0] == 0
+    _fuse_folder(clean_root, fixture_resources)
 
     def oom_for_batches(runner, batch):
         if len(batch) > 1:
             raise FakeCudaOom()
         return runner(batch)
 
-    _wrap_patch_runner(monkeypatch, oom_for_batches)
-    code, report, _ = _run(oom_root, fixture_resources)
-    assert code == 0
+    reports, pol, _ = _fuse_folder(oom_root, fixture_resources, wrapping_loader(oom_for_batches))
+    assert reports[0].status == "ok"
     clean = tifffile.imread(clean_root / OUTPUT_SUBDIR / "case.tif")
     oom = tifffile.imread(oom_root / OUTPUT_SUBDIR / "case.tif")
     np.testing.assert_allclose(oom, clean, atol=1e-5)
-    assert any("out of memory" in e for e in report["policy"]["events"])
-    assert report["files"][0]["stages"]["patch"]["batch_size"] == 1
+    assert any("out of memory" in e for e in pol.events)
+    assert reports[0].stages["patch"]["batch_size"] == 1
 
 
 @pytest.mark.parametrize("budget", [3.0, 0.6])
-def test_slow_model_still_writes_every_output_within_the_time_budget(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float) -> None:
+def test_slow_model_still_writes_every_output_within_the_time_budget(fixture_resources: Path, tmp_path: Path, budget: float) -> None:
     folder = tmp_path / INPUT_SUBDIR
     folder.mkdir(parents=True)
     for i in range(2):
@@ -181,14 +195,12 @@ def test_slow_model_still_writes_every_output_within_the_time_budget(fixture_res
         time.sleep(0.1)  # ~ 0.05 s per patch: the full run would need > 100 patches per file
         return runner(batch)
 
-    _wrap_patch_runner(monkeypatch, slow)
-    code, report, seconds = _run(tmp_path, fixture_resources, "--time-budget", str(budget))
-    assert code == 0
+    reports, pol, seconds = _fuse_folder(tmp_path, fixture_resources, wrapping_loader(slow), time_budget=budget)
+    assert all(r.status == "ok" for r in reports)
     assert seconds <= budget * 1.05
     assert sorted(p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()) == ["case_0.tif", "case_1.tif"]
-    levels = [f["degradation"] for f in report["files"]]
-    assert all(level >= 1 for level in levels)
-    assert any("time budget: level" in e for e in report["policy"]["events"])
+    assert all(r.degradation >= 1 for r in reports)
+    assert any("time budget: level" in e for e in pol.events)
     for name in ("case_0.tif", "case_1.tif"):
         out = tifffile.imread(tmp_path / OUTPUT_SUBDIR / name)
         assert out.shape == (24, 64, 64) and np.isfinite(out).all()
@@ -206,7 +218,7 @@ def test_memory_estimate_grows_with_the_high_resolution_grid() -> None:
     assert fine > coarse > 100 * 500 * 500 * 2
 
 
-def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: Path, tmp_path: Path) -> None:
     folder = tmp_path / INPUT_SUBDIR
     folder.mkdir(parents=True)
     write_case(folder, "case.tif", blob_volume((24, 64, 64)), spacing=(0.6, 0.6, 0.6))
@@ -218,13 +230,12 @@ def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: P
             time.sleep(3.5)  # one-time cost: at this rate the file would need > 4× the budget
         return runner(batch)
 
-    _wrap_patch_runner(monkeypatch, warm_up_once)
-    code, report, seconds = _run(tmp_path, fixture_resources, "--time-budget", "12")
-    assert code == 0
-    case = report["files"][0]
-    total = case["stages"]["patch"]["patches"]
+    reports, _, seconds = _fuse_folder(tmp_path, fixture_resources, wrapping_loader(warm_up_once), time_budget=12)
+    case = reports[0]
+    assert case.status == "ok"
+    total = case.stages["patch"]["patches"]
     assert total * 3.5 / calls[0] > 4 * 12  # a projection from the first batch alone: hopeless by far
-    assert case["degradation"] == 0 and seconds < 12
+    assert case.degradation == 0 and seconds < 12
 
 
 class AlwaysOomRunner:
@@ -245,28 +256,26 @@ def _case(folder: Path, name: str = "case.tif", seed: int = 0) -> Path:
     return write_case(folder, name, blob_volume((24, 64, 64), seed=seed), spacing=(0.6, 0.6, 0.6))
 
 
-def _cpu_fuser(resources: Path, **costs: LinearCost) -> Fuser:
+def _cpu_fuser(resources: Path, loader=load_stage, **costs: LinearCost) -> Fuser:
     pol = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
-    pol.stage_costs.update(costs)
-    return Fuser(load_manifest(resources), pol)
+    return Fuser(load_manifest(resources), pol, loader=loader, costs={**default_stage_costs(), **costs})
 
 
-def test_after_a_cpu_fallback_the_next_file_starts_on_the_cpu(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_a_cpu_fallback_the_next_file_starts_on_the_cpu(fixture_resources: Path, tmp_path: Path) -> None:
     gpu = AlwaysOomRunner()
 
-    def stage(self: Fuser, channel, which):  # a 'CUDA' patch stage that always runs out of memory
-        if which == "global":
-            return self.cpu_runner(channel, "global")
-        return LoadedStage(spec=channel.patch_stage, runner=gpu, file="gpu_stage2.pt")
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:  # a 'CUDA' patch stage that always runs out of memory
+        if device == "cuda" and spec.patch_size is not None:
+            return LoadedStage(spec=spec, runner=gpu, file="gpu_stage2.pt")
+        return load_stage(manifest, spec, backend, "cpu", **{**options, "half": False, "vram_budget_gib": None})
 
-    monkeypatch.setattr(Fuser, "stage", stage)
     pol = BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
-    fuser = Fuser(load_manifest(fixture_resources), pol)
+    fuser = Fuser(load_manifest(fixture_resources), pol, loader=loader)
     first = process_file(_case(tmp_path / "in", "a.tif", seed=0), tmp_path / "out", fuser, "float32")
     calls_after_first = gpu.calls
     second = process_file(_case(tmp_path / "in", "b.tif", seed=1), tmp_path / "out", fuser, "float32")
     assert first.status == second.status == "ok", (first.error, second.error)
-    assert pol.forced_cpu and calls_after_first > 0
+    assert fuser.patch_stage(fuser.manifest.channel("nucleus")).ladder.forced_cpu and calls_after_first > 0
     assert gpu.calls == calls_after_first  # the second file never touched the device runner
     for case in (first, second):
         assert case.stages["patch"]["provider"] == "CPU" and case.stages["patch"]["file"] != "gpu_stage2.pt"
@@ -288,13 +297,13 @@ def test_stage_costs_learn_from_large_files_only() -> None:
 
 
 def test_finish_cost_is_learned_from_a_fully_fused_file_only() -> None:
-    pol = policy()
+    costs = default_stage_costs()
     report = CaseReport(file="big.tif", status="ok", shape=[309, 1920, 1920], seconds={"postprocess": 80.0, "write": 20.0})
     skipped = CaseReport(file="fast.tif", status="ok", shape=[309, 1920, 1920], seconds={"write": 3.0}, degradation=3)
-    learn_finish_cost(pol, skipped)
-    assert pol.stage_costs["finish"].per_voxel_s == default_stage_costs()["finish"].per_voxel_s
-    learn_finish_cost(pol, report)
-    assert pol.stage_costs["finish"].per_voxel_s == pytest.approx(1.25 * 98.0 / (309 * 1920 * 1920))
+    learn_finish_cost(costs, skipped)
+    assert costs["finish"].per_voxel_s == default_stage_costs()["finish"].per_voxel_s
+    learn_finish_cost(costs, report)
+    assert costs["finish"].per_voxel_s == pytest.approx(1.25 * 98.0 / (309 * 1920 * 1920))
 
 
 @pytest.mark.parametrize("finish_rate, level", [(2.5e-7, 0), (1e-3, 3)])
@@ -305,30 +314,29 @@ def test_reserve_for_postprocessing_grows_with_the_voxel_count(fixture_resources
     assert ("global_stage" in report.seconds) == (level == 0)
 
 
-def test_global_stage_estimated_too_slow_is_skipped_on_the_first_file(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_global_stage_estimated_too_slow_is_skipped_on_the_first_file(fixture_resources: Path, tmp_path: Path) -> None:
     calls = []
-    _wrap_patch_runner(monkeypatch, lambda runner, batch: calls.append(1) or runner(batch), which_stage="global")
-    fuser = _cpu_fuser(fixture_resources, **{"global": LinearCost(2.0, 1e-3)})  # ~200 s for this stack
+    counting = wrapping_loader(lambda runner, batch: calls.append(1) or runner(batch), which_stage="global")
+    fuser = _cpu_fuser(fixture_resources, counting, **{"global": LinearCost(2.0, 1e-3)})  # ~200 s for this stack
     report = process_file(_case(tmp_path / "in"), tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 30.0)
     assert report.status == "ok" and report.degradation == 3
     assert not calls and "global_stage" not in report.seconds
     assert any("global stage needs" in w for w in report.warnings)
 
 
-def test_deadline_passed_in_a_slow_global_stage_goes_to_the_normalised_input(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deadline_passed_in_a_slow_global_stage_goes_to_the_normalised_input(fixture_resources: Path, tmp_path: Path) -> None:
     _case(tmp_path / INPUT_SUBDIR)
 
     def slow(runner, batch):
         time.sleep(4.0)  # the estimate (~2 s) fits in the budget, the real stage does not
         return runner(batch)
 
-    _wrap_patch_runner(monkeypatch, slow, which_stage="global")
     budget = 6.0
-    code, report, seconds = _run(tmp_path, fixture_resources, "--time-budget", str(budget))
-    assert code == 0 and seconds <= budget * 1.05
-    case = report["files"][0]
-    assert case["degradation"] == 3 and "global_stage" in case["seconds"] and "patch_stage" not in case["seconds"]
-    assert any("during the global stage" in w for w in case["warnings"])
+    reports, _, seconds = _fuse_folder(tmp_path, fixture_resources, wrapping_loader(slow, which_stage="global"), time_budget=budget)
+    case = reports[0]
+    assert case.status == "ok" and seconds <= budget * 1.05
+    assert case.degradation == 3 and "global_stage" in case.seconds and "patch_stage" not in case.seconds
+    assert any("during the global stage" in w for w in case.warnings)
 
 
 NVRM_PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\nGCC version:  gcc version 12.2.0\n"
@@ -358,7 +366,7 @@ def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
     import sys
 
     held = np.ones(400 * 2**20 // 8)  # 400 MiB touched here: ru_maxrss would hand it to the child
-    code = "import sys; sys.path.insert(0, '.'); from fusemycells.budget import peak_rss_mib; print(peak_rss_mib())"
+    code = "import sys; sys.path.insert(0, '.'); from fusemycells.devices import peak_rss_mib; print(peak_rss_mib())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(child.stdout) < 300  # numpy + the module: tens of MiB
     assert held.sum() > 0

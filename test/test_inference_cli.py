@@ -18,7 +18,7 @@ from conftest import REPO, blob_volume, write_case
 import inference
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io import read_volume
-from fusemycells.preprocess import percentile_normalise
+from fusemycells.reference import percentile_normalise
 
 STAGE_SECONDS = ("preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.postprocess import blend, difference_weight, finalise, to_output_dtype, weight_stats
+from fusemycells.postprocess import weight_stats
+from fusemycells.reference import blend, difference_weight, finalise, to_output_dtype
 
 SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
 
@@ -166,11 +167,22 @@ def test_output_sigma_isotropic_in_um_scales_z_by_the_spacing_ratio():
     assert output_sigma_zyx(physical, None) == (0.8, 0.8, 0.8)
 
 
+def test_output_sigma_isotropic_in_um_also_scales_y_when_its_spacing_differs_from_x():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import output_sigma_zyx
+
+    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.8, output_sigma_isotropic_um=True)
+    sigma = output_sigma_zyx(spec, (2.0, 0.2, 0.4))  # Y pixels half the X ones: 0.32 µm is 1.6 Y voxels
+    assert sigma == pytest.approx((0.16, 1.6, 0.8))
+    assert [s * d for s, d in zip(sigma, (2.0, 0.2, 0.4))] == pytest.approx([0.32] * 3)  # one width in µm
+
+
 def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack():
     from dataclasses import replace
 
     from fusemycells.postprocess import final_source, output_filters
-    from fusemycells.preprocess import ArraySource, materialise
+    from fusemycells.sources import ArraySource, materialise
 
     vol = np.zeros((12, 16, 16), dtype=np.float32)
     vol[6, 8, 8] = 1.0
@@ -180,3 +192,17 @@ def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack
     assert out[6, 8, 7] / out[6, 8, 8] == pytest.approx(np.exp(-0.5), rel=0.05)  # σ_y 1 voxel
     lazy = materialise(final_source(ArraySource(vol), spec, spacing=(2.5, 0.25, 0.25)))
     np.testing.assert_allclose(lazy, finalise(vol, spec, (2.5, 0.25, 0.25)), atol=1e-6)
+
+
+def test_weight_filters_are_diff_grid_voxels_by_default_and_a_physical_width_when_given_in_um():
+    from dataclasses import replace
+
+    from fusemycells.postprocess import weight_filters
+
+    spec = PostprocessSpec(diff_grid=(128, 128, 128), max_filter=9, sigma=3.0)
+    assert weight_filters(spec, (92.0, 38.4, 38.4)) == (9, 3.0)  # shipped: voxels, whatever the extent
+    physical = replace(spec, max_filter_um=2.7, sigma_um=0.9)
+    size, sigma = weight_filters(physical, (92.16, 38.4, 38.4))  # diff voxels of 0.72, 0.3, 0.3 µm
+    assert size == (3, 9, 9)  # 2.7 µm: 3.75 → 3 voxels in Z (odd), 9 in Y/X
+    assert sigma == pytest.approx((1.25, 3.0, 3.0))
+    assert weight_filters(physical, None) == (9, 3.0)  # without an extent: the voxel sizes

@@ -9,16 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusemycells.preprocess import (
-    antialias_sigma,
-    iter_resized,
-    normalise_intensity,
-    percentile_normalise,
-    resample_to_spacing,
-    resize,
-    sanitise,
-    shape_for_spacing,
-)
+from fusemycells.preprocess import ResizedSource, antialias_sigma, resize
+from fusemycells.reference import normalise_intensity, percentile_normalise, resample_to_spacing, sanitise
+from fusemycells.sources import iter_planes, shape_for_spacing
 
 ANISO = (2.0, 0.3, 0.3)  # typical light-sheet grid (z, y, x µm)
 ISO = (0.6, 0.6, 0.6)
@@ -77,9 +70,9 @@ def test_resize_without_antialias_equals_torch_trilinear(
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_iter_resized_slabs_tile_the_output_in_order() -> None:
+def test_resized_source_slabs_tile_the_output_in_order() -> None:
     vol = np.random.default_rng(2).random((6, 7, 8), dtype=np.float32)
-    pieces = list(iter_resized(vol, (70, 5, 9), antialias=False, slab=32))
+    pieces = list(iter_planes(ResizedSource(vol, (70, 5, 9), antialias=False, cache=False), slab=32))
     assert [(z0, z1) for z0, z1, _ in pieces] == [(0, 32), (32, 64), (64, 70)]
     np.testing.assert_array_equal(np.concatenate([p for _, _, p in pieces]), resize(vol, (70, 5, 9), antialias=False))
 
@@ -161,7 +154,8 @@ def test_sanitise_integer_input_becomes_float32_without_replacements() -> None:
 
 
 def test_resized_source_reads_big_planes_in_small_requests_with_the_same_result():
-    from fusemycells.preprocess import SLAB_BYTES, ResizedSource, materialise
+    from fusemycells.preprocess import SLAB_BYTES
+    from fusemycells.sources import materialise
 
     class Big:  # 309 planes of 1920² (never allocated whole): only its shape matters here
         shape = (309, 1920, 1920)

@@ -26,12 +26,14 @@ from conftest import REPO, blob_volume, write_case
 from sandbox import SANDBOX
 
 import inference
-from fusemycells.backends import LoadedStage
+from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.budget import BudgetPolicy
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, ChannelSpec, load_manifest, sha256_of
+from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest, sha256_of
 from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
-from fusemycells.pipeline import FLOAT16_MAX, CaseReport, Fuser
-from fusemycells.preprocess import ArraySource, percentile_normalise
+from fusemycells.pipeline import Fuser
+from fusemycells.postprocess import FLOAT16_MAX, blend_slabs
+from fusemycells.preprocess import percentile_normalise
+from fusemycells.sources import ArraySource
 
 
 def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -363,7 +365,7 @@ def test_compact_float16_blend_clips_to_the_float16_range_instead_of_inf() -> No
     x_in = ArraySource(data, offset=100.0, scale=2.0)  # a percentile span of 0.5: 65535 → 130870
     correction = np.zeros((6, 10, 10), np.float16)  # on a finer grid H
     weight = np.full((4, 4, 4), 0.5, np.float32)
-    out = Fuser._blend(data, x_in, correction, weight, compact=True).array
+    out = blend_slabs(data, x_in, correction, weight, compact=True).array
     assert out.dtype == np.float16 and np.shares_memory(out, data)  # the compact in-place path
     assert np.isfinite(out).all()
     assert out[1, 2, 3] == FLOAT16_MAX and out[0, 0, 0] == 0.0
@@ -378,20 +380,17 @@ class _DeviceOomRunner:
 
 def test_global_stage_rerun_on_cpu_after_device_oom_is_reported_as_cpu(fixture_resources: Path) -> None:
     manifest = load_manifest(fixture_resources)
-    cpu = Fuser(manifest, BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1))
+
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:  # the global stage runs out of device memory
+        loaded = load_stage(manifest, spec, backend, "cpu", threads=1)
+        if device == "cuda" and spec.grid is not None:
+            return replace(loaded, runner=_DeviceOomRunner(), file="device_" + loaded.file)
+        return loaded
+
     policy = BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
-    fuser = Fuser(manifest, policy)
-
-    def device_stage(channel: ChannelSpec, which: str) -> LoadedStage:
-        loaded = cpu.stage(channel, which)
-        return replace(loaded, runner=_DeviceOomRunner(), file="device_" + loaded.file) if which == "global" else loaded
-
-    fuser.stage = device_stage  # type: ignore[method-assign]
-    fuser.cpu_runner = cpu.stage  # type: ignore[method-assign]
-    report = CaseReport(file="case.tif")
-    volume = Volume(data=blob_volume((6, 24, 24)), spacing=(1.0, 0.39, 0.39), channel="nucleus")
-    fuser.fuse(volume, report)
-    cpu_global = cpu.stage(manifest.channel("nucleus"), "global")
+    fuser = Fuser(manifest, policy, loader=loader)
+    report = fuser.fuse(blob_volume((6, 24, 24)), (1.0, 0.39, 0.39), "nucleus").report
+    cpu_global = load_stage(manifest, manifest.channel("nucleus").global_stage, "auto", "cpu", threads=1)
     assert report.stages["global"] == {"file": cpu_global.file, "backend": cpu_global.runner.backend, "provider": "CPU"}
     assert any("out of memory in the global stage" in e for e in policy.events)
 

@@ -145,13 +145,29 @@ def test_lazy_plane_sources_give_the_same_result_as_arrays() -> None:
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
-def test_progress_reports_every_batch_up_to_the_total() -> None:
+def test_after_batch_is_told_every_batch_up_to_the_total() -> None:
     calls: list[tuple[int, int]] = []
     _, stats = sliding_window(
-        two_channels((21, 23, 29)), pointwise, PATCH, batch_size=4, progress=lambda d, t: calls.append((d, t))
+        two_channels((21, 23, 29)), pointwise, PATCH, batch_size=4, after_batch=lambda d, t: calls.append((d, t))
     )
     assert len(calls) == stats.batches
-    assert calls[-1] == (stats.patches, stats.patches)
+    assert calls[-1] == (stats.patches, stats.patches) and stats.stopped is None
+
+
+def test_a_reason_returned_after_a_batch_stops_the_run_and_is_reported() -> None:
+    calls = [0]
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return pointwise(batch)
+
+    emitted: list[int] = []
+    _, stats = sliding_window(
+        two_channels((16, 60, 60)), counting, PATCH, batch_size=1, workers=2,
+        emit=lambda z0, z1, planes: emitted.append(z0), after_batch=lambda done, total: "too slow" if done >= 3 else None,
+    )  # fmt: skip
+    assert stats.stopped == "too slow" and stats.patches == 3
+    assert calls[0] <= 3 + 2 and not emitted  # the batches in flight finish; no new ones start
 
 
 def test_mismatched_channel_shapes_are_rejected() -> None:
@@ -235,7 +251,7 @@ def test_workers_run_that_many_batches_at_once_and_never_more() -> None:
         assert peak[0] == workers
 
 
-def test_an_error_in_progress_stops_concurrent_workers_and_propagates() -> None:
+def test_an_error_after_a_batch_stops_concurrent_workers_and_propagates() -> None:
     calls = [0]
 
     def counting(batch: np.ndarray) -> np.ndarray:
@@ -247,5 +263,5 @@ def test_an_error_in_progress_stops_concurrent_workers_and_propagates() -> None:
             raise RuntimeError("deadline")
 
     with pytest.raises(RuntimeError, match="deadline"):
-        sliding_window(two_channels((16, 60, 60)), counting, PATCH, overlap=0.5, batch_size=1, workers=2, progress=stop)
+        sliding_window(two_channels((16, 60, 60)), counting, PATCH, overlap=0.5, batch_size=1, workers=2, after_batch=stop)
     assert calls[0] <= 4 + 2  # the batches in flight finish; no new ones start

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from fusemycells.io import read_volume
-from fusemycells.preprocess import normalise_intensity, resize, sanitise, shape_for_spacing
+from fusemycells.preprocess import resize
+from fusemycells.reference import normalise_intensity, sanitise
+from fusemycells.sources import shape_for_spacing
 
 PAIR_RE = re.compile(r"^image_(?P<index>\d+)_(?P<channel>nucleus|membrane)_angle\.tiff?$", re.IGNORECASE)
 

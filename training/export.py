@@ -21,6 +21,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -30,22 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of, verify_files
+from fusemycells.config import (
+    DEFAULT_POSTPROCESS,
+    DEFAULT_TIME_BUDGET_S,
+    MANIFEST_NAME,
+    PATCH_STAGE_DEFAULTS,
+    load_manifest,
+    sha256_of,
+    verify_files,
+)
 
 from .models import ResidualUNet3D
 
 log = logging.getLogger("training.export")
+REPO = Path(__file__).resolve().parent.parent
 OPSET = 17
-DEFAULT_TIME_BUDGET_S = 1500.0
-DEFAULT_POSTPROCESS = {
-    "diff_grid": [128, 128, 128],
-    "max_filter": 9,
-    "sigma": 3.0,
-    "weight_percentiles": [2.0, 98.0],
-    "output_max_filter": 0,
-    "output_gaussian_sigma": 0.0,
-    "output_percentiles": [2.0, 99.8],
-}
 
 
 class ExportError(RuntimeError):
@@ -130,11 +130,36 @@ def export_channel(checkpoints: Path, channel: str, out_dir: Path, tolerance: fl
         "target_spacing_um": float(g_ckpt["target_spacing_um"]),
         "normalisation": dict(g_ckpt["normalisation"]),
         "global_stage": {"in_channels": 1, "grid": list(grid), "files": g["files"]},
-        "patch_stage": {"in_channels": 2, "patch_size": list(patch), "overlap": 0.5, "batch_size": 2, "files": p["files"]},
+        "patch_stage": {"in_channels": 2, "patch_size": list(patch), **PATCH_STAGE_DEFAULTS, "files": p["files"]},
         "postprocess": postprocess,
-        "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": g_ckpt.get("command"), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
+        "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": relative_command(g_ckpt.get("command"), REPO), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
         "parity": {"global": g["parity"], "patch": p["parity"]},
     }
+
+
+def relative_command(command: str | None, root: Path) -> str | None:
+    """``command`` with its absolute paths inside the repository ``root`` written relative to it.
+
+    A path of another checkout of the repository (the training machine's) is cut to the part from
+    an entry that exists in ``root`` on ('/work/main/training/train.py' → 'training/train.py'), so
+    the manifest names no machine's folders.
+    """
+    if not command:
+        return command
+    return " ".join(_relative_path(token, root) for token in shlex.split(command))
+
+
+def _relative_path(token: str, root: Path) -> str:
+    path = Path(token)
+    if not path.is_absolute():
+        return token
+    if path.is_relative_to(root):
+        return str(path.relative_to(root))
+    for start in range(1, len(path.parts)):
+        tail = Path(*path.parts[start:])
+        if (root / tail).exists():
+            return str(tail)
+    return token
 
 
 def parse_overrides(items: list[str]) -> dict[str, float]:

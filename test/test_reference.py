@@ -1,38 +1,21 @@
-"""Streaming (z-range) computations equal their whole-volume counterparts."""
+"""The streamed pipeline steps equal their whole-volume twins in fusemycells.reference."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
-from conftest import blob_volume, write_case
+from conftest import blob_volume
 from scipy import ndimage
 
-import inference
-from fusemycells import budget
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, PostprocessSpec
-from fusemycells.postprocess import (
-    correction_weight,
-    difference_weight,
-    final_source,
-    finalise,
-    output_filters,
-    to_output_dtype,
-)
-from fusemycells.preprocess import (
-    ArraySource,
-    ResizedSource,
-    intensity_affine,
-    materialise,
-    normalise_intensity,
-    resize,
-    sanitise,
-    sanitise_inplace,
-)
+from fusemycells.budget import BudgetPolicy
+from fusemycells.config import NormalisationSpec, PostprocessSpec, load_manifest
+from fusemycells.pipeline import Fuser
+from fusemycells.postprocess import correction_weight, final_source, output_filters
+from fusemycells.preprocess import ResizedSource, intensity_affine, resize, sanitise_inplace
+from fusemycells.reference import difference_weight, finalise, normalise_intensity, sanitise, to_output_dtype
+from fusemycells.sources import ArraySource, materialise
 
 
 def volume(shape=(23, 31, 27), seed=0) -> np.ndarray:
@@ -101,8 +84,9 @@ def test_chained_sources_equal_materialised_steps() -> None:
 @pytest.mark.parametrize("kind", ["percentile", "zscore"])
 def test_intensity_affine_reproduces_normalise_intensity(kind: str) -> None:
     vol = (volume() * 1000).astype(np.uint16)
-    offset, scale = intensity_affine(vol, kind, 1.0, 99.8)
-    np.testing.assert_allclose(ArraySource(vol, offset, scale).planes(0, vol.shape[0]), normalise_intensity(vol, kind, 1.0, 99.8), atol=1e-5)
+    offset, scale = intensity_affine(vol, NormalisationSpec(kind, 1.0, 99.8))
+    expected = normalise_intensity(vol, kind, 1.0, 99.8)
+    np.testing.assert_allclose(ArraySource(vol, offset, scale).planes(0, vol.shape[0]), expected, atol=1e-5)
 
 
 def test_in_place_sanitise_matches_the_copying_one() -> None:
@@ -138,41 +122,16 @@ def test_halo_filters_are_exact_at_slab_borders() -> None:
     np.testing.assert_allclose(np.concatenate([lazy.planes(0, 7), lazy.planes(7, 20), lazy.planes(20, 37)]), whole, atol=1e-6)
 
 
-def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    roots = {name: tmp_path / name for name in ("exact", "compact")}
-    for root in roots.values():
-        folder = root / INPUT_SUBDIR
-        folder.mkdir(parents=True)
-        write_case(folder, "case.tif", blob_volume((12, 40, 36)))
+def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixture_resources: Path) -> None:
     outputs = {}
-    for name, root in roots.items():
-        if name == "compact":
-            monkeypatch.setattr(budget, "COMPACT_OUTPUT_VOXELS", 0)
-        report = root / "report.json"
-        assert inference.main(["--input", str(root), "--output", str(root), "--resources", str(fixture_resources), "--device", "cpu", "--report", str(report)]) == 0
-        outputs[name] = tifffile.imread(root / OUTPUT_SUBDIR / "case.tif")
-        assert json.loads(report.read_text())["files"][0]["status"] == "ok"
+    for name, compact_voxels in (("exact", 1 << 27), ("compact", 0)):
+        policy = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1, compact_voxels=compact_voxels)
+        fused = Fuser(load_manifest(fixture_resources), policy).fuse(blob_volume((12, 40, 36)), (1.0, 0.39, 0.39), "nucleus")
+        outputs[name] = fused.to_array()
+        assert fused.report.degradation == 0 and not fused.report.warnings
     scale = float(np.abs(outputs["exact"]).max())
     assert np.abs(outputs["compact"] - outputs["exact"]).max() <= 2e-3 * scale
     assert not np.array_equal(outputs["compact"], outputs["exact"])  # the compact path really ran
-
-
-def test_network_gate_zero_skips_both_stages_and_reports_the_noise_policy(fixture_resources, tmp_path):
-    resources = tmp_path / "res"
-    shutil.copytree(fixture_resources, resources)
-    raw = json.loads((resources / "manifest.json").read_text())
-    for channel in raw["channels"].values():
-        channel["postprocess"].update(gate_knots=[[0.0, 0.0]], sigma_knots=[[0.0, 0.5]])
-    (resources / "manifest.json").write_text(json.dumps(raw))
-    folder = tmp_path / "in" / "images" / "fluorescence-lightsheet-3D-microscopy"
-    folder.mkdir(parents=True)
-    write_case(folder, "a.tif", blob_volume((6, 24, 20)))
-    report = tmp_path / "report.json"
-    assert inference.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--resources", str(resources), "--report", str(report), "--device", "cpu"]) == 0
-    case = json.loads(report.read_text())["files"][0]
-    assert case["adaptive"]["network_gate"] == 0.0 and case["adaptive"]["output_sigma"] == 0.5
-    assert case["adaptive"]["relative_noise"] > 0
-    assert case["stages"] == {}  # neither network ran
 
 
 def test_streamed_percentile_sample_does_not_keep_slabs_alive():
@@ -197,3 +156,12 @@ def test_streamed_percentile_sample_does_not_keep_slabs_alive():
     sample = _strided_sample(source, max_samples=1000, slab=8)
     assert sample.size >= 1000 // 2
     assert source.max_alive <= 1  # each slab is released before the next is read
+
+
+def test_correction_weight_with_filters_in_um_equals_difference_weight() -> None:
+    inp, pred = volume(seed=1), volume(seed=2)
+    spec = PostprocessSpec(diff_grid=(9, 12, 10), max_filter_um=5.0, sigma_um=2.0)
+    extent = (46.0, 12.4, 10.8)
+    expected = difference_weight(inp, pred, spec, extent)
+    np.testing.assert_allclose(correction_weight(ArraySource(pred - inp), spec, extent), expected, atol=1e-5)
+    assert not np.allclose(expected, difference_weight(inp, pred, spec))  # the µm sizes really differ here

@@ -1,0 +1,83 @@
+"""The time left for one file, and the watcher that says when the patch stage must degrade.
+
+Times are seconds of a monotonic ``clock`` (``time.perf_counter`` unless a test passes another).
+Nothing here raises: the pipeline asks, explicitly, and decides what to do with the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Deadline:
+    """When one file must be written (``at``, a clock time; None: no deadline), less ``reserve_s``
+    kept back for post-processing and writing (both scale with the input's voxel count)."""
+
+    at: float | None = None
+    reserve_s: float = 0.0
+    clock: Clock = field(default=time.perf_counter, repr=False)
+
+    def left(self) -> float:
+        """Seconds left for the networks (inf without a deadline; negative once overrun)."""
+        return math.inf if self.at is None else self.at - self.reserve_s - self.clock()
+
+    def shown(self) -> str:
+        """:meth:`left` for a message ('12.3 s'; 0 once passed)."""
+        return f"{max(self.left(), 0.0):.1f} s"
+
+
+class PatchRateWatcher:
+    """Learns the patch stage's seconds per patch and says when a run will miss its deadline.
+
+    The first batch of a run pays one-time costs (the first row of patches is resampled from the
+    input, session warm-up, allocations): on a 309×1920×1920 stack it took 14× a steady batch,
+    which on a GPU would wrongly degrade the file, so the rate is learned from the batches after
+    it. The learned rate is kept across runs (files), so a later file can skip a hopeless
+    configuration before starting it (:meth:`too_slow`).
+    """
+
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
+        self.clock = clock
+        self.seconds_per_patch: float | None = None
+        self._deadline = Deadline()
+        self._started = 0.0
+        self._first: tuple[int, float] | None = None  # (patches, seconds) at the end of the first batch
+        self._log_every, self._batch = 1, 1
+
+    def too_slow(self, patches: int, deadline: Deadline) -> str | None:
+        """Why ``patches`` patches at the learned rate would overrun ``deadline`` (None: they fit)."""
+        rate = self.seconds_per_patch
+        if rate is not None and patches * rate > deadline.left():
+            return f"{patches} patches × {rate:.3f} s > {deadline.shown()} left"
+        return None
+
+    def start(self, total: int, deadline: Deadline, batch_size: int) -> None:
+        """Begin watching a run of ``total`` patches in batches of ``batch_size``."""
+        self._deadline = deadline
+        self._started = self.clock()
+        self._first = None
+        self._log_every, self._batch = max(1, total // 10), max(1, batch_size)
+
+    def after_batch(self, done: int, total: int) -> str | None:
+        """Record that ``done`` of ``total`` patches are finished; a reason to stop when the rest
+        would overrun the deadline at the rate learned since the first batch, else None."""
+        elapsed = self.clock() - self._started
+        if done == total or done % self._log_every < self._batch:
+            log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
+        if self._first is None:
+            self._first = (done, elapsed)
+            return None
+        rate = (elapsed - self._first[1]) / max(done - self._first[0], 1)
+        self.seconds_per_patch = rate
+        if done < total and (total - done) * rate > self._deadline.left():
+            return f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {self._deadline.shown()} left"
+        return None

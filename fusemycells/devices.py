@@ -1,0 +1,171 @@
+"""Facts about the machine: device choice, GPU driver, memory readers, out-of-memory errors.
+
+Nothing here decides how much work to do (that is :mod:`fusemycells.budget`); these functions only
+say what the machine has and what it used. torch is imported lazily: a CPU-only reader of
+``/proc`` needs none of it.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
+"""Where the host's NVIDIA kernel driver states its version (absent without a GPU driver)."""
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+"""cgroup v2 and v1 memory limit files (the usage file sits beside each)."""
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device (False when torch is missing or CPU-only)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_device(requested: str) -> str:
+    """'cuda' or 'cpu' for a ``--device`` value; 'cuda' without a GPU is an error, 'auto' falls back."""
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"unknown device '{requested}' (expected auto, cuda or cpu)")
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
+    return "cpu"
+
+
+def free_vram_gib() -> float | None:
+    """Free memory of CUDA device 0 in GiB, or None without CUDA."""
+    if not cuda_available():
+        return None
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def parse_driver_version(text: str) -> str | None:
+    """The NVIDIA kernel driver version (e.g. '535.104.05') in the text of :data:`NVIDIA_VERSION_FILE`."""
+    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", text)
+    return match.group(1) if match else None
+
+
+def nvidia_driver_version(path: str = NVIDIA_VERSION_FILE) -> str | None:
+    """The host's NVIDIA driver version, or None when no NVIDIA driver is visible."""
+    try:
+        with open(path) as handle:
+            return parse_driver_version(handle.read())
+    except OSError:
+        return None
+
+
+def proc_status_mib(key: str) -> float | None:
+    """A memory line of /proc/self/status (e.g. 'VmRSS', 'VmHWM') in MiB; None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (MiB).
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    ``ru_maxrss`` is only the fallback: Linux carries it across fork and exec, so a program started
+    by a parent that once held 1 GB reports at least 1 GB.
+    """
+    peak_mib = proc_status_mib("VmHWM")
+    if peak_mib is not None:
+        return peak_mib
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def peak_vram_mib() -> float | None:
+    """Peak GPU memory torch reserved in this process so far (MiB); None without CUDA in use.
+
+    Covers the TorchScript backend (the default on CUDA); ONNX Runtime's CUDA arena is not seen
+    by torch, so with ``--backend onnx`` this is only torch's share (resampling runs on the CPU).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return float(torch.cuda.max_memory_reserved()) / 2**20
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _mem_available_bytes(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_ram_bytes() -> int | None:
+    """Memory the process may still use: MemAvailable, capped by a cgroup limit when one is set."""
+    available = _mem_available_bytes()
+    candidates = [] if available is None else [available]
+    for path in CGROUP_LIMITS:
+        limit = _read_int(path)
+        if limit is None or limit >= 1 << 60:
+            continue
+        usage_path = path.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
+        candidates.append(limit - (_read_int(usage_path) or 0))
+    return min(candidates) if candidates else None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/ONNX Runtime/host out-of-memory errors."""
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    text = str(exc).lower()
+    return name == "OutOfMemoryError" or "out of memory" in text or "failed to allocate memory" in text
+
+
+def free_device_cache() -> None:
+    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after (None: unchanged).
+
+    The count is process-wide, so it also applies to the resampling done meanwhile.
+    """
+    torch = sys.modules.get("torch")
+    if count is None or torch is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,112 @@
+"""Reference implementations: whole-volume (eager) twins of the streamed pipeline steps.
+
+**The streamed code must equal these.** The pipeline never calls this module: it works on plane
+sources, z-range by z-range, in place where it can, so that a 1e9-voxel stack needs no float32
+copy. Each function here does the same step on whole arrays, in the plainest numpy, and
+``test/test_reference.py`` checks each streamed step against its twin. The training code uses
+:func:`normalise_intensity` and :func:`sanitise` to prepare pairs exactly as inference does.
+
+All arrays are ZYX; spacings are (z, y, x) µm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .config import NormalisationSpec, PostprocessSpec
+from .postprocess import output_sigma_zyx, weight_from_coarse
+from .preprocess import intensity_affine, percentile_affine, resize
+from .sources import Spacing3, apply_affine, shape_for_spacing
+
+
+def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> np.ndarray:
+    """(v − p_low) / (p_high − p_low) as float32, without clipping (the challenge's definition).
+
+    A constant volume maps to zeros instead of dividing by zero.
+    """
+    return apply_affine(volume, *percentile_affine(volume, low, high, eps))
+
+
+def normalise_intensity(
+    volume: np.ndarray, kind: str = "percentile", low: float = 1.0, high: float = 99.8
+) -> np.ndarray:
+    """Network input normalisation named by the manifest (``kind`` 'percentile' or 'zscore'), float32 ZYX.
+
+    Twin of ``ArraySource(volume, *intensity_affine(volume, spec))``. Non-finite voxels must be
+    removed before calling.
+    """
+    return apply_affine(volume, *intensity_affine(volume, NormalisationSpec(kind, low, high)))
+
+
+def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:
+    """float32 copy with NaN/±inf replaced by the finite median; returns (volume, count replaced).
+
+    Twin of :func:`fusemycells.preprocess.sanitise_inplace`.
+    """
+    data = np.asarray(volume)
+    if data.dtype.kind != "f":
+        return data.astype(np.float32), 0
+    finite = np.isfinite(data)
+    bad = int(data.size - np.count_nonzero(finite))
+    out = data.astype(np.float32, copy=True)
+    if bad:
+        fill = float(np.median(data[finite])) if bad < data.size else 0.0
+        out[~finite] = fill
+    return out, bad
+
+
+def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:
+    """Resample a ZYX volume from ``spacing`` to ``target_spacing`` (both µm), same physical extent."""
+    return resize(volume, shape_for_spacing(volume.shape, spacing, target_spacing))
+
+
+def difference_weight(
+    inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
+    """Weight map on ``spec.diff_grid`` (voxels) from |inp − pred| (same-shape ZYX arrays; ``extent_um``
+    their ZYX size in µm). Twin of :func:`fusemycells.postprocess.correction_weight` (which reads pred − inp lazily).
+    """
+    return weight_from_coarse(np.abs(resize(inp, spec.diff_grid) - resize(pred, spec.diff_grid)), spec, extent_um)
+
+
+def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``inp·(1 − w) + pred·w`` with ``w`` resized to the input grid (ZYX, float32).
+
+    Twin of :func:`fusemycells.pipeline.blend_slabs` (which adds w·correction slab by slab).
+    """
+    w = resize(weight, inp.shape, antialias=False) if weight.shape != inp.shape else weight
+    np.clip(w, 0.0, 1.0, out=w)
+    out = pred - inp
+    out *= w
+    out += inp
+    return out
+
+
+def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Optional output filters (max filter, Gaussian σ of :func:`output_sigma_zyx`), then percentile
+    normalisation; ZYX float32. Twin of :func:`fusemycells.postprocess.final_source` (float32)."""
+    if spec.output_max_filter > 1:
+        volume = ndimage.maximum_filter(volume, size=spec.output_max_filter, mode="nearest")
+    if spec.output_gaussian_sigma > 0:
+        sigma = output_sigma_zyx(spec, spacing)
+        volume = ndimage.gaussian_filter(volume, sigma=sigma, mode="nearest", output=np.float32)
+    low, high = spec.output_percentiles
+    return percentile_normalise(volume, low, high)
+
+
+def to_output_dtype(volume: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast the final float32 volume: 'float32' as is; 'uint16' by an affine map of [min, max] onto [0, 65535].
+
+    The affine map keeps every value (no clipping), so percentile-normalised scores are unchanged
+    up to quantisation (1/65535 of the range). Twin of ``final_source(..., dtype)``.
+    """
+    if dtype == "float32":
+        return volume.astype(np.float32, copy=False)
+    if dtype == "uint16":
+        lo, hi = float(volume.min()), float(volume.max())
+        scale = 65535.0 / (hi - lo) if hi > lo else 0.0
+        return np.rint((volume - lo) * scale).astype(np.uint16)
+    raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
