@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fusemycells.io import Volume, verify_written, write_volume  # noqa: E402
-from fusemycells.preprocess import ArraySource  # noqa: E402
+from fusemycells.sources import ArraySource  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,7 +54,7 @@ def image_like(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 def normalised_difference(reference: np.ndarray, other: np.ndarray) -> float:
     """max |p(reference) − p(other)| over the outputs of a batch (N1ZYX), p = percentile normalisation 2 / 99.8."""
-    from fusemycells.preprocess import percentile_normalise
+    from fusemycells.reference import percentile_normalise
 
     return max(float(np.abs(percentile_normalise(a[0]) - percentile_normalise(b[0])).max()) for a, b in zip(reference, other))
 
@@ -110,8 +110,8 @@ def parity(device: str, threads: int, resources: Path, quick: bool = False) -> d
 def vram(device: str, backend: str, budget_gib: float, threads: int, resources: Path, quick: bool = False) -> dict:
     """All four stages with ``backend`` under ``budget_gib``, one forward each; device memory in use against the budget."""
     from fusemycells.backends import load_stage
-    from fusemycells.budget import proc_status_mib
     from fusemycells.config import load_manifest
+    from fusemycells.devices import proc_status_mib
 
     manifest = load_manifest(resources)
     torch = None

@@ -57,7 +57,8 @@ def require_distributed() -> Any:
         import distributed
     except ImportError as exc:
         raise MissingDependency(
-            f"fusemycells.batch needs the optional packages dask and distributed ({exc.name} is missing): {INSTALL_HINT}"
+            f"fusemycells.batch needs the optional packages dask and distributed ({exc.name} is missing): "
+            f"{INSTALL_HINT}"
         ) from exc
     return distributed
 
@@ -97,7 +98,8 @@ def input_format(path: Path) -> str | None:
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(path, format) of every input: named files and images, and the TIFFs / OME-Zarr images directly inside named folders.
+    """(path, format) of every input: named files and images, and the TIFFs / OME-Zarr images directly
+    inside named folders.
 
     Raises :class:`SetupError` for a path that does not exist or is neither a TIFF, an OME-Zarr
     image nor a folder.
@@ -169,7 +171,9 @@ def _files_of(path: Path) -> list[Path]:
 
 
 def content_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
-    """Bytes, file count and sha256 of a file, or of every file under a folder (relative names included, in sorted order)."""
+    """Bytes, file count and sha256 of a file, or of every file under a folder (relative names included, in sorted
+    order).
+    """
     digest = hashlib.sha256()
     total = 0
     files = _files_of(path)
@@ -277,8 +281,7 @@ def _new_report(name: str) -> Any:
 
 def _check_memory(fuser: Any, shape: tuple[int, int, int], dtype: Any, spacing: tuple[float, float, float]) -> None:
     """Refuse (MemoryError) a stack over the worker's RAM budget before its pixels are read."""
-    target = min(c.target_spacing_um for c in fuser.manifest.channels.values())
-    fuser.policy.check_memory(shape, dtype.itemsize, spacing, target)
+    fuser.check_memory(shape, dtype, spacing)
 
 
 def _read_tiff(path: Path, fuser: Any) -> Any:
@@ -291,15 +294,19 @@ def _read_tiff(path: Path, fuser: Any) -> Any:
 def _make_volume(
     data: Any, spacing: tuple[float, float, float], channel: str, metadata: dict[str, Any], warnings: list[str]
 ) -> Any:
-    """An ``io.Volume`` for an array read here (ZYX, spacing (z, y, x) µm)."""
+    """An ``io.Volume`` for an array read here (ZYX, spacing (z, y, x) µm): what the TIFF writer copies metadata from.
+    """
     from .io import Volume
 
     return Volume(data=data, spacing=spacing, channel=channel, metadata=metadata, warnings=list(warnings))
 
 
 def _fuse(fuser: Any, volume: Any, report: Any, deadline: float | None, output_dtype: str) -> Any:
-    """``Fuser.fuse``: the fused ZYX plane source on the input grid."""
-    return fuser.fuse(volume, report, deadline=deadline, output_dtype=output_dtype)
+    """``Fuser.fuse`` on the volume's array: the fused ZYX plane source on the input grid."""
+    fused = fuser.fuse(
+        volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
+    )
+    return fused.output
 
 
 def _write_tiff(path: Path, source: Any, like: Any) -> None:
@@ -309,7 +316,7 @@ def _write_tiff(path: Path, source: Any, like: Any) -> None:
 
 
 def _peak_rss_mib() -> float:
-    from .budget import peak_rss_mib
+    from .devices import peak_rss_mib
 
     return round(peak_rss_mib(), 1)
 
@@ -332,7 +339,8 @@ class WorkerSettings:
 
 
 class FuserPlugin(WorkerPlugin):
-    """Builds one ``Fuser`` per worker process when the worker starts; its networks load once, on first use, and stay."""
+    """Builds one ``Fuser`` per worker process when the worker starts; its networks load once, on first use, and stay.
+    """
 
     name = PLUGIN_NAME
 
@@ -486,7 +494,9 @@ def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]
 
 
 def visible_gpus(device: str) -> list[str]:
-    """CUDA device ids the local workers may use: none for ``--device cpu``, else CUDA_VISIBLE_DEVICES or every device torch counts."""
+    """CUDA device ids the local workers may use: none for ``--device cpu``, else CUDA_VISIBLE_DEVICES or every device
+    torch counts.
+    """
     if device == "cpu":
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -513,7 +523,9 @@ def default_workers(gpus: int, cores: int) -> int:
 def worker_specs(
     workers: int, threads: int, gpus: Sequence[str], memory_limit: int | str, silence_logs: int = logging.WARNING
 ) -> dict[str, dict[str, Any]]:
-    """Local worker specs: one single-task Nanny process each, GPU ``gpus[i % len(gpus)]`` (CUDA_VISIBLE_DEVICES), ``threads`` CPU threads."""
+    """Local worker specs: one single-task Nanny process each, GPU ``gpus[i % len(gpus)]`` (CUDA_VISIBLE_DEVICES),
+    ``threads`` CPU threads.
+    """
     from distributed import Nanny
 
     specs = {}
@@ -534,7 +546,9 @@ def worker_specs(
 
 
 def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboard: str | None = None) -> Any:
-    """A local cluster of ``workers`` processes (dask's SpecCluster, as LocalCluster, but with one environment per worker for its GPU)."""
+    """A local cluster of ``workers`` processes (dask's SpecCluster, as LocalCluster, but with one environment per
+    worker for its GPU).
+    """
     from distributed import Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
@@ -556,7 +570,11 @@ class Progress:
         self.counts[entry["status"]] = self.counts.get(entry["status"], 0) + 1
         done = sum(self.counts.values())
         elapsed = time.perf_counter() - self.started
-        summary = f"{done}/{self.total} files ({self.counts['ok']} written, {self.counts['skipped']} skipped, {self.counts['refused']} refused) {elapsed:.0f} s"
+        counts = self.counts
+        summary = (
+            f"{done}/{self.total} files ({counts['ok']} written, {counts['skipped']} skipped, "
+            f"{counts['refused']} refused) {elapsed:.0f} s"
+        )
         if self.tty:
             filled = int(self.width * done / max(self.total, 1))
             self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {summary}")
@@ -701,7 +719,9 @@ def _weights_fingerprint(resources: Path) -> str:
 
 
 def _available_ram_gib() -> float:
-    """Memory available to new processes here (GiB): psutil's estimate, capped by dask's view of this host's limit (cgroups)."""
+    """Memory available to new processes here (GiB): psutil's estimate, capped by dask's view of this host's limit
+    (cgroups).
+    """
     import psutil
     from distributed.system import MEMORY_LIMIT
 

@@ -242,7 +242,10 @@ def cuda_failure_message(
             f", or a data-centre GPU on {branches} with the image's cuda-compat libraries" if branches else ""
         )
     tried = " (with the image's cuda-compat libraries)" if route == "compat" else ""
-    return f"NVIDIA driver {driver} found but CUDA did not start{tried}; this image needs {requirement}. Consequence: {consequence}."
+    return (
+        f"NVIDIA driver {driver} found but CUDA did not start{tried}; this image needs {requirement}. "
+        f"Consequence: {consequence}."
+    )
 
 
 # ---- readers (I/O at the edges; each takes its source as a parameter for tests) ----
@@ -307,7 +310,9 @@ def libcuda_cuda_version(loader: Callable[[str], object] = ctypes.CDLL) -> str |
 
 
 def installed_cuda_builds() -> dict[str, str | None]:
-    """CUDA version each installed GPU library was built for ({'torch': '12.6', 'onnxruntime': '12.8'}), without importing them."""
+    """CUDA version each installed GPU library was built for ({'torch': '12.6', 'onnxruntime': '12.8'}), without
+    importing them.
+    """
     builds: dict[str, str | None] = {}
     try:
         builds["torch"] = cuda_from_torch_version(importlib.metadata.version("torch"))

@@ -242,7 +242,9 @@ def read_level(info: LevelInfo) -> np.ndarray:
 
 
 def auto_levels(shape: Sequence[int]) -> int:
-    """Pyramid levels for a ZYX shape: halve Y/X while the smaller side stays ≥ :data:`MIN_LEVEL_YX` (≤ :data:`MAX_LEVELS`)."""
+    """Pyramid levels for a ZYX shape: halve Y/X while the smaller side stays ≥ :data:`MIN_LEVEL_YX` (≤
+    :data:`MAX_LEVELS`).
+    """
     levels, side = 1, min(shape[1], shape[2])
     while levels < MAX_LEVELS and side // 2 >= MIN_LEVEL_YX:
         levels, side = levels + 1, side // 2

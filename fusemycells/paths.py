@@ -65,7 +65,10 @@ def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
         )
         return f"--input {root} is {what}, not the input root: pass {layout}, e.g. --input {above}"
     if list_inputs(root):
-        return f"--input {root} holds .tif/.tiff files directly: move them to {folder}/ (the Grand Challenge layout) and pass --input {root}"
+        return (
+            f"--input {root} holds .tif/.tiff files directly: move them to {folder}/ "
+            f"(the Grand Challenge layout) and pass --input {root}"
+        )
     return (
         f"input folder not found: --input {root} exists but has no {subdir.as_posix()}/ inside; --input takes {layout}"
     )

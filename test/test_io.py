@@ -29,7 +29,7 @@ from fusemycells.io import (
     verify_written,
     write_volume,
 )
-from fusemycells.preprocess import ArraySource
+from fusemycells.sources import ArraySource
 
 SPACING = (2.0, 0.3, 0.25)  # z, y, x (µm): all different so an axis swap is caught
 

@@ -11,7 +11,7 @@ from conftest import blob_volume
 
 from fusemycells import omezarr
 from fusemycells.omezarr import OmeZarrError, downsample_yx, level_info, level_shapes, multiscale_datasets
-from fusemycells.preprocess import ArraySource
+from fusemycells.sources import ArraySource
 
 needs_zarr = pytest.mark.skipif(
     importlib.util.find_spec("zarr") is None or importlib.util.find_spec("ome_zarr") is None,

@@ -32,7 +32,7 @@ from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest, sha25
 from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX, blend_slabs
-from fusemycells.preprocess import percentile_normalise
+from fusemycells.reference import percentile_normalise
 from fusemycells.sources import ArraySource
 
 
