@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import postprocess
+from . import postprocess, trust
 from .backends import LoadedStage, load_stage, warm_up
 from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
@@ -60,6 +60,7 @@ class CaseReport:
     degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
+    trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: signals, factor, cost (mode 'case')
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -99,6 +100,8 @@ class HighRes:
 
     x_h: PlaneSource
     p1_h: PlaneSource
+    coarse: np.ndarray | None = None  # the normalised input on the global grid (ZYX)
+    p1: np.ndarray | None = None  # the stage-1 prediction on the global grid (ZYX)
 
 
 @dataclass
@@ -173,15 +176,17 @@ class Fuser:
         case = self._prepare(data, spacing, channel, report)
         clock = Deadline(deadline, reserve_s=self.costs["finish"].estimate(case.data.size))
         correction = None
+        decision = trust.TrustDecision("off", case.gate)
         if self._networks_wanted(case):
             high = self._global_stage(case, clock, report)
             if high is not None:
                 correction = self._patch_stage(case, high, clock, report)
+                decision = self._trust(case, high, correction, report)
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
-        if correction is None:
+        if correction is None or decision.factor <= 0.0:
             return Fused(self._finish(case, case.x_in, output_dtype), report)
         with timed(report.seconds, "postprocess"):
-            blended = self._blend(case, correction, report)
+            blended = self._blend(case, correction, report, decision)
             del correction  # the largest array of a big stack
             return Fused(self._finish(case, blended, output_dtype), report)
 
@@ -231,7 +236,6 @@ class Fuser:
             assert case.channel.global_stage.grid is not None
             coarse = materialise(ResizedSource(x_h, case.channel.global_stage.grid, cache=False))
             p1, stage = self._run_global(case.channel, coarse)
-            del coarse
             report.stages["global"] = {
                 "file": stage.file,
                 "backend": stage.runner.backend,
@@ -243,7 +247,7 @@ class Fuser:
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
             )
             return None
-        return HighRes(x_h, ResizedSource(p1, case.grid_h))
+        return HighRes(x_h, ResizedSource(p1, case.grid_h), coarse, p1)
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
         """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
@@ -271,10 +275,42 @@ class Fuser:
             report.stages["patch"] = result.info
         return result.correction
 
-    def _blend(self, case: Prepared, correction: np.ndarray, report: CaseReport) -> PlaneSource:
-        """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`)."""
+    def _trust(self, case: Prepared, high: HighRes, correction: np.ndarray, report: CaseReport) -> trust.TrustDecision:
+        """The factor on the correction: the constant gate (trust 'off'), or decided from the case's
+        own data (:func:`fusemycells.trust.decide`); the constant gate too when the time budget
+        already cut the patch stage (level ≥ 2, or ≥ 1 where the signals need extra forwards)."""
+        spec = case.channel.trust
+        if spec.mode == "off":
+            return trust.TrustDecision("off", case.gate)
+        if report.degradation >= 2 or (report.degradation >= 1 and trust.needs(spec)) or high.coarse is None:
+            decision = trust.TrustDecision("fallback", case.gate, why=f"degradation level {report.degradation}")
+        else:
+            assert high.p1 is not None and case.channel.patch_stage.patch_size is not None
+            channel, patch = case.channel, case.channel.patch_stage.patch_size
+            with timed(report.seconds, "trust"):
+                decision = trust.decide(
+                    spec, case.noise, high.coarse, high.p1, correction, case.post.diff_grid,
+                    global_predict=lambda batch: self._run_global(channel, batch[0, 0])[0][None, None],
+                    probe=lambda count: trust.flip_probe(
+                        self.patch_stage(channel).ladder, high.x_h, high.p1_h, correction, patch, count,
+                        spec.foreground, channel.patch_stage.batch_size,
+                    ),
+                    patches=int(report.stages.get("patch", {}).get("patches", 0)),
+                )  # fmt: skip
+        report.trust = decision.as_report()
+        log.info("    trust %s", decision.summary())
+        return decision
+
+    def _blend(
+        self, case: Prepared, correction: np.ndarray, report: CaseReport, decision: trust.TrustDecision
+    ) -> PlaneSource:
+        """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`);
+        ``decision`` gives the factor on the correction (and per region, where it has a map)."""
         extent_um = [n * s for n, s in zip(case.data.shape, case.spacing)]
-        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um)
+        gate = decision.factor if decision.region is None else decision.factor * decision.region
+        # trust already resized the correction to the diff grid: the same weight map, one pass over H less
+        source = correction if decision.coarse_correction is None else decision.coarse_correction
+        weight = postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um)
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
         return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact)
