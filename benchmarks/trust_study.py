@@ -35,6 +35,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -241,35 +242,61 @@ def score_case(fuser: Fuser, case: Case, artefacts: dict[str, np.ndarray], old_g
     return scores
 
 
+def case_row(fuser: Fuser, shipped: Manifest, case: Case, cache: Path, probe_fraction: float) -> dict[str, Any]:
+    """One case's row (set, case, channel, signals, N-SSIM per policy, seconds, patches), cached as JSON
+    beside its artefacts (delete the cache folder after changing the weights or the scoring)."""
+    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".row.json")
+    if path.is_file():
+        row = json.loads(path.read_text())
+        if row.get("version") == CACHE_VERSION:
+            return row
+    artefacts = load_or_compute(fuser, case, cache, probe_fraction)
+    noise = float(artefacts["noise"])
+    old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
+    scores = score_case(fuser, case, artefacts, old_gate)
+    parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
+    row = {
+        "version": CACHE_VERSION,
+        "set": case.set_name,
+        "case": case.name,
+        "channel": case.channel,
+        "signals": signals_of(artefacts, TrustSpec()),
+        "old_gate": old_gate,
+        "n_ssim": scores,
+        "seconds": dict(zip(parts, map(float, artefacts["seconds"]))),
+        "patches": int(artefacts["patches"]),
+        "probe_tiles": int(artefacts["probe"][2]),
+    }
+    path.write_text(json.dumps(row))
+    log.info("[%s/%s] %s", case.set_name, case.name, " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return row
+
+
+_WORKER: dict[str, Any] = {}
+"""A worker process's Fuser and manifest (built once per process by :func:`_init_worker`)."""
+
+
+def _init_worker(resources: Path, threads: int, backend: str) -> None:
+    logging.getLogger("fusemycells").setLevel(logging.ERROR)
+    shipped = load_manifest(resources)
+    _WORKER["shipped"] = shipped
+    _WORKER["fuser"] = Fuser(ungated(shipped), BudgetPolicy.create("cpu", None, None, threads), backend=backend)
+
+
+def _worker_row(case: Case, cache: Path, probe_fraction: float) -> dict[str, Any]:
+    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, probe_fraction)
+
+
 def study(
-    sets: dict[str, Path], fuser: Fuser, shipped: Manifest, cache: Path, probe_fraction: float
+    sets: dict[str, Path], resources: Path, cache: Path, probe_fraction: float, threads: int, backend: str, workers: int
 ) -> list[dict[str, Any]]:
-    """Per-case rows: set, case, channel, signals, N-SSIM per policy, seconds, patches."""
-    rows = []
-    for set_name, root in sets.items():
-        for case in find_cases(set_name, root):
-            artefacts = load_or_compute(fuser, case, cache, probe_fraction)
-            noise = float(artefacts["noise"])
-            old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
-            scores = score_case(fuser, case, artefacts, old_gate)
-            seconds = dict(
-                zip(("global", "global_flip", "patch", "probe", "signals", "resize"), map(float, artefacts["seconds"]))
-            )
-            rows.append(
-                {
-                    "set": set_name,
-                    "case": case.name,
-                    "channel": case.channel,
-                    "signals": signals_of(artefacts, TrustSpec()),
-                    "old_gate": old_gate,
-                    "n_ssim": scores,
-                    "seconds": seconds,
-                    "patches": int(artefacts["patches"]),
-                    "probe_tiles": int(artefacts["probe"][2]),
-                }
-            )
-            log.info("[%s/%s] %s", set_name, case.name, " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    return rows
+    """The rows of every case of ``sets``, ``workers`` cases at a time (each with ``threads`` threads)."""
+    cases = [case for name, root in sets.items() for case in find_cases(name, root)]
+    if workers <= 1:
+        _init_worker(resources, threads, backend)
+        return [_worker_row(case, cache, probe_fraction) for case in cases]
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resources, threads, backend)) as pool:
+        return list(pool.map(_worker_row, cases, [cache] * len(cases), [probe_fraction] * len(cases)))
 
 
 # ---------------------------------------------------------------- analysis
@@ -391,6 +418,8 @@ def candidates(rows: list[dict[str, Any]], signals: Iterable[str]) -> list[Polic
 
 def evaluate(policy: Policy, rows: list[dict[str, Any]]) -> tuple[float, float]:
     """(mean benefit over gate 0 with every set weighted equally, worst benefit of a case)."""
+    if not rows:
+        return 0.0, 0.0
     per_set: dict[str, list[float]] = {}
     for r in rows:
         per_set.setdefault(r["set"], []).append(benefit(r, policy.key(r["signals"])))
@@ -449,6 +478,9 @@ def leave_one_set_out(rows: list[dict[str, Any]], margin: float) -> None:
     print("\t".join(["held-back set", "channel", "n", "policy", "benefit mean", "worst drop", "trusted"]))
     for channel in sorted({r["channel"] for r in rows}):
         mine = [r for r in rows if r["channel"] == channel]
+        if len({r["set"] for r in mine}) < 2:
+            print(f"{channel}: one set only, nothing to hold back")
+            continue
         for held in sorted({r["set"] for r in mine}):
             fit = [r for r in mine if r["set"] != held]
             test = [r for r in mine if r["set"] == held]
@@ -489,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", required=True, metavar="NAME=ROOT", help="a tuning set (repeat)")
     parser.add_argument("--cache", type=Path, required=True, help="folder for the per-case network outputs")
     parser.add_argument("--resources", type=Path, default=DEFAULT_RESOURCES, help="weights folder (manifest.json)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
+    parser.add_argument("--workers", type=int, default=1, help="cases run at once, each in its own process")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torchscript"])
     parser.add_argument("--probe-fraction", type=float, default=TrustSpec().probe_fraction)
     parser.add_argument("--json", type=Path, default=None, help="write the per-case rows here")
@@ -500,11 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fusemycells").setLevel(logging.ERROR)
-    shipped = load_manifest(args.resources)
-    fuser = Fuser(ungated(shipped), BudgetPolicy.create("cpu", None, None, args.threads), backend=args.backend)
     sets = parse_sets(args.set)
-    rows = study(sets, fuser, shipped, args.cache, args.probe_fraction)
+    rows = study(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers)
     print_tables(rows)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -292,3 +292,59 @@ def test_when_the_time_budget_skipped_the_patch_stage_the_constant_gate_is_used_
     assert fused.report.degradation == 2  # stage 1 only: its correction would agree with itself (s12_corr 1)
     assert fused.report.trust == {"mode": "fallback", "factor": 1.0, "why": "degradation level 2"}
     assert "trust" not in fused.report.seconds
+
+
+def _study_module():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import trust_study
+
+    return trust_study
+
+
+def _row(set_name: str, signal: float, gains: dict[str, float]) -> dict:
+    scores = {"none@0": 0.3} | {key: 0.3 + gain for key, gain in gains.items()}
+    return {"set": set_name, "channel": "nucleus", "signals": {"s12_corr": signal, "noise": 0.02}, "n_ssim": scores}
+
+
+def test_calibration_finds_the_threshold_that_separates_helped_from_harmed_cases_within_the_margin() -> None:
+    study = _study_module()
+    full = {f"{r}@{g:g}": 0.0 for r in ("none", "agreement") for g in study.GATES[1:]}
+    helped = full | {"none@0.5": 0.10, "none@1": 0.15}
+    harmed = full | {"none@0.5": -0.05, "none@1": -0.20, "none@0.25": -0.02}
+    rows = [_row("a", 0.9, helped), _row("a", 0.3, harmed), _row("b", 0.8, helped), _row("b", 0.4, harmed)]
+    policy = study.calibrate(rows, margin=0.01)
+    assert policy.signal == "s12_corr" and policy.above and 0.4 < policy.threshold < 0.8 and policy.gate == 1.0
+    assert study.evaluate(policy, rows) == (pytest.approx(0.075), pytest.approx(0.0))
+    # the policy as manifest knots gives the same factors in the container's rule code
+    spec = policy.spec()
+    assert [trust.case_factor(r["signals"], dict(spec.rules))[0] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+    # nothing is safe when every case is harmed: networks off
+    assert study.calibrate([_row("a", 0.9, harmed)], margin=0.01).gate == 0.0
+
+
+def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(fixture_resources: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from conftest import write_case
+
+    study = _study_module()
+    flat = tmp_path / "ours"  # training/simulate.py's layout
+    for i, channel in enumerate(("nucleus", "membrane")):
+        data = blob_volume((8, 32, 28), seed=i)
+        write_case(flat, f"image_{i}_{channel}_angle.tif", data, channel=channel)
+        write_case(flat, f"image_{i}_{channel}_fused.tif", (data * 0.9).astype(np.uint16), channel=channel)
+    resources = tmp_path / "res"
+    shutil.copytree(fixture_resources, resources)
+    args = ["--set", f"ours={flat}", "--cache", str(tmp_path / "cache"), "--resources", str(resources), "--threads", "1"]
+    assert study.main([*args, "--calibrate", "--write-manifest", str(resources), "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "correlation" in out and "leave-one-set-out" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) == 2 and set(rows[0]["signals"]) == set(trust.SIGNALS)
+    assert {"none@0", "none@1", "agreement@0.5", "old"} <= set(rows[0]["n_ssim"])
+    manifest = load_manifest(resources)
+    assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
+    assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 2
+    assert study.main(args) == 0  # a rerun reads its cache
