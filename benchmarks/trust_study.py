@@ -18,12 +18,22 @@ without and with the region factor ('agreement'), and the shipped constant gate 
 the per-case table, per set/channel the correlation (Pearson r / Spearman ρ) of each signal with the
 benefit N-SSIM(gate g) − N-SSIM(gate 0), the mean N-SSIM per gate, and the cost of each signal.
 
-``--calibrate`` chooses, per channel, the trust policy (region factor or none; no rule or one step
-rule "factor G when signal ≥ t" or "≤ t") that maximises the mean benefit over gate 0 (each set
-weighted equally) among the policies that put no tuning case more than ``--margin`` below its
-gate-0 score; it prints the policy, its tuning figures next to gates 0 and 1 and the old gate, and
-a leave-one-set-out check (calibrated without a set, scored on it). ``--write-manifest`` writes the
-chosen policies into that manifest's channels (``trust``), keeping everything else.
+``--calibrate`` chooses, per channel, the trust policy from the family "factor G (¼, ½, ¾, 1), with
+or without the region factor, constant or when one signal is ≥ t (or ≤ t)": the family is the one
+with the best leave-one-set-out benefit (thresholds fitted without a set, scored on it) among those
+that keep every held-back case within ``--tolerance`` (0.02, the quality bar) of gate 0; its
+threshold is then fitted on all sets, as the best mean benefit over gate 0 (sets weighted equally)
+that puts no tuning case more than ``--margin`` below gate 0, even with the threshold moved
+``--buffer`` standard deviations of the signal towards trusting more. No family gaining ≥ 0.002
+held-back: networks off. Cases where the manifest's noise gate (``gate_knots``) skips the networks
+count as networks off, as in the container. It prints each policy's tuning figures next to gates 0
+and 1 and the old constant gate, and the leave-one-set-out figures. ``--write-manifest`` writes the
+chosen policies into that manifest (``channels.<ch>.trust``, and ``provenance.trust_calibration``),
+keeping everything else.
+
+Recalibrating new weights: delete the cache (it holds the old networks' outputs), then run with the
+same ``--set`` list, ``--calibrate --write-manifest resources/manifest.json``; ``--workers N`` runs
+N cases at once.
 """
 
 from __future__ import annotations
@@ -376,44 +386,41 @@ class Policy:
     above: bool = True  # trust when the signal is ≥ threshold (else ≤)
     threshold: float = 0.0
 
-    def factor(self, signals: dict[str, float]) -> float:
+    def factor(self, row: dict[str, Any]) -> float:
+        """The factor on a case's correction; 0 where the manifest's noise gate skips the networks."""
+        if row.get("old_gate", 1.0) <= 0.0:
+            return 0.0  # postprocess.gate_knots: the networks do not run at all (pipeline._networks_wanted)
         if self.signal is None:
             return self.gate
-        value = signals[self.signal]
-        trusted = value >= self.threshold if self.above else value <= self.threshold
-        return self.gate if trusted else 0.0
+        value = row["signals"][self.signal]
+        return self.gate if (value >= self.threshold if self.above else value <= self.threshold) else 0.0
 
-    def key(self, signals: dict[str, float]) -> str:
-        factor = self.factor(signals)
+    def key(self, row: dict[str, Any]) -> str:
+        factor = self.factor(row)
         return "none@0" if factor == 0 else f"{self.region}@{factor:g}"
 
+    def family(self) -> tuple[str, float, str | None, bool]:
+        return (self.region, self.gate, self.signal, self.above)
+
     def spec(self) -> TrustSpec:
-        """The manifest form: a steep ramp of width 1e-6·max(1, |t|) at the threshold."""
-        rules: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
-        if self.signal is not None:
-            t, eps = self.threshold, 1e-6 * max(1.0, abs(self.threshold))
-            knots = ((t - eps, 0.0), (t, self.gate)) if self.above else ((t, self.gate), (t + eps, 0.0))
-            rules = ((self.signal, knots),)
+        """The manifest form: a step at the threshold (a ramp 1e-4 wide, outside the trusted side)."""
+        if self.signal is None:
+            return TrustSpec(mode="case", rules=(("noise", ((0.0, self.gate),)),), region=self.region)
+        t = self.threshold
+        if self.above:
+            knots = ((round(t - 1e-4, 6), 0.0), (t, self.gate))
         else:
-            rules = (("noise", ((0.0, self.gate),)),)  # a constant factor
-        return TrustSpec(mode="case", rules=rules, region=self.region)
+            knots = ((t, self.gate), (round(t + 1e-4, 6), 0.0))
+        return TrustSpec(mode="case", rules=((self.signal, knots),), region=self.region)
 
     def describe(self) -> str:
-        if self.signal is None:
-            return f"constant factor {self.gate:g}, region {self.region}"
+        if self.signal is None or self.gate == 0:
+            return f"constant factor {self.gate:g}" + (f", region {self.region}" if self.gate else " (networks off)")
         side = "≥" if self.above else "≤"
         return f"factor {self.gate:g} when {self.signal} {side} {self.threshold:.4g} (else 0), region {self.region}"
 
 
-def candidates(rows: list[dict[str, Any]], signals: Iterable[str]) -> list[Policy]:
-    """Every policy of the family: constant gates, and step rules at the midpoints between the cases' signal values."""
-    out = [Policy(region, gate) for region in REGIONS for gate in GATES]
-    for name in signals:
-        values = np.unique([r["signals"][name] for r in rows if name in r["signals"]])
-        thresholds = (values[1:] + values[:-1]) / 2.0
-        for region, gate, above, t in itertools.product(REGIONS, GATES[1:], (True, False), thresholds):
-            out.append(Policy(region, gate, name, above, float(t)))
-    return out
+OFF = Policy("none", 0.0)
 
 
 def evaluate(policy: Policy, rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -422,75 +429,119 @@ def evaluate(policy: Policy, rows: list[dict[str, Any]]) -> tuple[float, float]:
         return 0.0, 0.0
     per_set: dict[str, list[float]] = {}
     for r in rows:
-        per_set.setdefault(r["set"], []).append(benefit(r, policy.key(r["signals"])))
-    means = [float(np.mean(v)) for v in per_set.values()]
-    return float(np.mean(means)), float(min(min(v) for v in per_set.values()))
+        per_set.setdefault(r["set"], []).append(benefit(r, policy.key(r)))
+    return float(np.mean([np.mean(v) for v in per_set.values()])), float(min(min(v) for v in per_set.values()))
 
 
-def calibrate(rows: list[dict[str, Any]], margin: float, signals: Iterable[str] = trust.SIGNALS) -> Policy:
-    """The policy with the best mean benefit among those with no case below −``margin`` (ties: the simpler)."""
-    best, best_mean = Policy("none", 0.0), 0.0
-    for policy in candidates(rows, signals):
+def families(signals: Iterable[str] = trust.SIGNALS) -> list[tuple[str, float, str | None, bool]]:
+    """(region, gate, signal or None, above) of every policy family: constant factors and step rules."""
+    out: list[tuple[str, float, str | None, bool]] = [(r, g, None, True) for r in REGIONS for g in GATES[1:]]
+    out += list(itertools.product(REGIONS, GATES[1:], signals, (True, False)))
+    return out
+
+
+def fit_family(
+    family: tuple[str, float, str | None, bool], rows: list[dict[str, Any]], margin: float, buffer: float
+) -> Policy:
+    """The family's policy with the best mean benefit on ``rows`` among the *safe* ones (``OFF`` if none).
+
+    Safe: no case more than ``margin`` below gate 0, also with the threshold moved ``buffer`` standard
+    deviations of the signal towards trusting more (a threshold that only just separates the harmed
+    cases from the helped ones on a handful of tuning cases does not hold on new ones). Thresholds
+    are the midpoints between the cases' signal values.
+    """
+    region, gate, signal, above = family
+    if signal is None:
+        policy = Policy(region, gate)
+        return policy if evaluate(policy, rows)[1] >= -margin else OFF
+    values = np.array([r["signals"][signal] for r in rows if signal in r["signals"]])
+    if values.size < 2:
+        return OFF
+    shift = buffer * float(values.std()) * (-1.0 if above else 1.0)
+    unique = np.unique(values)
+    best, best_mean = OFF, 0.0
+    for lo, hi in zip(unique[:-1], unique[1:]):
+        t = float(np.round((lo + hi) / 2.0, 4))  # a readable threshold, strictly between the two cases
+        t = t if lo < t < hi else float((lo + hi) / 2.0)
+        policy = Policy(region, gate, signal, above, float(t))
         mean, worst = evaluate(policy, rows)
-        if worst >= -margin and mean > best_mean + 1e-9:
+        if worst < -margin or mean <= best_mean + 1e-9:
+            continue
+        if evaluate(replace(policy, threshold=float(t) + shift), rows)[1] >= -margin:
             best, best_mean = policy, mean
     return best
 
 
-def report_policy(name: str, rows: list[dict[str, Any]], policy: Policy) -> None:
-    """The policy's tuning figures per set next to gates 0 and 1 and the old gate."""
-    print(f"\n{name}: {policy.describe()}")
-    print(
-        "\t".join(
-            [
-                "set",
-                "n",
-                "gate 0 mean/min",
-                "gate 1 mean/min",
-                "old gate mean/min",
-                "policy mean/min",
-                "worst drop",
-                "trusted",
-            ]
-        )
+@dataclass
+class Calibration:
+    """The chosen policy of a channel and its leave-one-set-out figures."""
+
+    policy: Policy
+    loso_mean: float  # mean over held-back sets of the mean benefit over gate 0
+    loso_worst: float  # worst benefit of a held-back case
+    per_set: dict[str, tuple[str, float, float]]  # held-back set → (policy fitted without it, mean, worst)
+
+
+def leave_one_set_out(
+    family: tuple[str, float, str | None, bool], rows: list[dict[str, Any]], margin: float, buffer: float
+) -> Calibration:
+    """Fit the family without each set in turn and score the held-back set (an honest estimate)."""
+    per_set = {}
+    for held in sorted({r["set"] for r in rows}):
+        policy = fit_family(family, [r for r in rows if r["set"] != held], margin, buffer)
+        gains = [benefit(r, policy.key(r)) for r in rows if r["set"] == held]
+        per_set[held] = (policy.describe(), float(np.mean(gains)), float(min(gains)))
+    means = [v[1] for v in per_set.values()]
+    worst = min((v[2] for v in per_set.values()), default=0.0)
+    return Calibration(
+        fit_family(family, rows, margin, buffer), float(np.mean(means)) if means else 0.0, worst, per_set
     )
+
+
+def calibrate(
+    rows: list[dict[str, Any]], margin: float, tolerance: float = 0.02, buffer: float = 0.25, min_gain: float = 0.002
+) -> Calibration:
+    """Choose a channel's policy: the family with the best leave-one-set-out mean benefit among those whose
+    held-back cases all stay within ``tolerance`` of gate 0 (the quality bar), fitted on every set; networks
+    off (``OFF``) unless that mean is at least ``min_gain``. With one set, the family's in-sample fit.
+    """
+    if len({r["set"] for r in rows}) < 2:
+        fits = [fit_family(f, rows, margin, buffer) for f in families()]
+        best = max(fits, key=lambda p: evaluate(p, rows)[0], default=OFF)
+        gain = evaluate(best, rows)[0]
+        return Calibration(best if gain >= min_gain else OFF, gain, evaluate(best, rows)[1], {})
+    best = Calibration(OFF, 0.0, 0.0, {})
+    for family in families():
+        result = leave_one_set_out(family, rows, margin, buffer)
+        if result.loso_worst >= -tolerance and result.loso_mean > max(best.loso_mean, min_gain - 1e-12) + 1e-9:
+            best = result
+    return best
+
+
+def report_policy(name: str, rows: list[dict[str, Any]], calibration: Calibration) -> None:
+    """The policy's tuning figures per set next to gates 0 and 1 and the old gate, and its leave-one-set-out check."""
+    policy = calibration.policy
+    print(f"\n{name}: {policy.describe()}")
+    head = ["set", "n", "gate 0 mean/min", "gate 1 mean/min", "old gate mean/min", "policy mean/min", "worst vs gate 0"]
+    print("\t".join([*head, "trusted"]))
     by_set: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_set.setdefault(r["set"], []).append(r)
     for set_name, members in [*by_set.items(), ("all", rows)]:
+        keys = [policy.key(m) for m in members]
 
         def cell(keys: list[str], members: list[dict[str, Any]] = members) -> str:
             values = [m["n_ssim"][k] for m, k in zip(members, keys)]
             return f"{np.mean(values):.3f} / {min(values):.3f}"
 
-        keys = [policy.key(m["signals"]) for m in members]
         worst = min(benefit(m, k) for m, k in zip(members, keys))
-        trusted = sum(k != "none@0" for k in keys)
-        print("\t".join([
-            set_name, str(len(members)), cell(["none@0"] * len(members)), cell(["none@1"] * len(members)),
-            cell(["old"] * len(members)), cell(keys), f"{worst:+.3f}", f"{trusted}/{len(members)}",
-        ]))  # fmt: skip
-
-
-def leave_one_set_out(rows: list[dict[str, Any]], margin: float) -> None:
-    """Calibrate without each set in turn and score the held-back set: an honest check of the choice."""
-    print("\nleave-one-set-out (calibrated on the other sets, scored on this one)")
-    print("\t".join(["held-back set", "channel", "n", "policy", "benefit mean", "worst drop", "trusted"]))
-    for channel in sorted({r["channel"] for r in rows}):
-        mine = [r for r in rows if r["channel"] == channel]
-        if len({r["set"] for r in mine}) < 2:
-            print(f"{channel}: one set only, nothing to hold back")
-            continue
-        for held in sorted({r["set"] for r in mine}):
-            fit = [r for r in mine if r["set"] != held]
-            test = [r for r in mine if r["set"] == held]
-            policy = calibrate(fit, margin)
-            gains = [benefit(r, policy.key(r["signals"])) for r in test]
-            trusted = sum(policy.factor(r["signals"]) > 0 for r in test)
-            print("\t".join([
-                held, channel, str(len(test)), policy.describe(), f"{np.mean(gains):+.3f}", f"{min(gains):+.3f}",
-                f"{trusted}/{len(test)}",
-            ]))  # fmt: skip
+        n = len(members)
+        cells = [cell(["none@0"] * n), cell(["none@1"] * n), cell(["old"] * n), cell(keys), f"{worst:+.3f}"]
+        print("\t".join([set_name, str(n), *cells, f"{sum(k != 'none@0' for k in keys)}/{n}"]))
+    if calibration.per_set:
+        print(f"leave-one-set-out: mean benefit {calibration.loso_mean:+.4f}, worst case {calibration.loso_worst:+.3f}")
+        for held, (described, mean, worst) in calibration.per_set.items():
+            print(f"  without {held}: {described}; on {held}: mean {mean:+.4f}, worst {worst:+.3f}")
 
 
 def write_manifest(path: Path, policies: dict[str, Policy], provenance: dict[str, Any]) -> None:
@@ -500,7 +551,7 @@ def write_manifest(path: Path, policies: dict[str, Policy], provenance: dict[str
         if channel in raw.get("channels", {}):
             raw["channels"][channel]["trust"] = trust_form(policy.spec())
     raw.setdefault("provenance", {})["trust_calibration"] = provenance
-    path.write_text(json.dumps(raw, indent=2) + "\n")
+    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- command line
@@ -528,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the per-case rows here")
     parser.add_argument("--calibrate", action="store_true", help="choose the policy per channel")
     parser.add_argument("--margin", type=float, default=0.01, help="largest drop below gate 0 allowed on a tuning case")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest drop allowed on a held-back case")
+    parser.add_argument("--buffer", type=float, default=0.25, help="threshold shift (signal σ) that must stay safe")
     parser.add_argument(
         "--write-manifest", type=Path, default=None, help="write the chosen policies into this manifest"
     )
@@ -539,25 +592,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.calibrate:
-        policies = {}
+        chosen = {}
         for channel in sorted({r["channel"] for r in rows}):
             mine = [r for r in rows if r["channel"] == channel]
-            policies[channel] = calibrate(mine, args.margin)
-            report_policy(channel, mine, policies[channel])
-        leave_one_set_out(rows, args.margin)
+            chosen[channel] = calibrate(mine, args.margin, args.tolerance, args.buffer)
+            report_policy(channel, mine, chosen[channel])
         if args.write_manifest is not None:
+            shipped = load_manifest(args.resources)
             provenance = {
                 "command": "benchmarks/trust_study.py --calibrate",
+                "date": time.strftime("%Y-%m-%d"),
+                "weights_sha256": {  # the networks this calibration is for (first 12 hex digits per stage file)
+                    name: sorted(f.sha256[:12] for st in (ch.global_stage, ch.patch_stage) for f in st.files.values())
+                    for name, ch in shipped.channels.items()
+                },
                 "sets": sorted(sets),
                 "cases": len(rows),
                 "margin": args.margin,
-                "policies": {ch: p.describe() for ch, p in policies.items()},
+                "tolerance": args.tolerance,
+                "buffer": args.buffer,
+                "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
+                "leave_one_set_out": {ch: [round(c.loso_mean, 4), round(c.loso_worst, 4)] for ch, c in chosen.items()},
             }
-            write_manifest(
-                args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest,
-                policies,
-                provenance,
-            )
+            target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
+            write_manifest(target, {ch: c.policy for ch, c in chosen.items()}, provenance)
     return 0
 
 

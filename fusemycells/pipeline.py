@@ -214,11 +214,11 @@ class Fuser:
 
     @staticmethod
     def _networks_wanted(case: Prepared) -> bool:
-        if case.gate > 0.0:
+        if case.gate > 0.0 and not trust.never(case.channel.trust):
             return True
         sigma = case.post.output_gaussian_sigma
         log.info(
-            "    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f",
+            "    relative noise %.4f: network correction gated off (manifest gate_knots or trust); output σ %.2f",
             case.noise,
             sigma,
         )

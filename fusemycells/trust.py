@@ -167,6 +167,12 @@ def agreement_map(c1: np.ndarray, c2: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def never(spec: TrustSpec) -> bool:
+    """Whether ``spec`` gives factor 0 whatever the signals (a rule whose knots are all 0): the networks
+    need not run."""
+    return spec.mode == "case" and any(all(k[1] <= 0.0 for k in knots) for _, knots in spec.rules)
+
+
 def needs(spec: TrustSpec) -> set[str]:
     """The signals with an extra cost that ``spec`` needs: 'global_flip' and/or 'patch_flip'."""
     return {name for name, _ in spec.rules if name in ("global_flip", "patch_flip")}

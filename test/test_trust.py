@@ -232,14 +232,15 @@ def test_fuser_reports_the_trust_decision_and_a_zero_factor_writes_the_networks_
         and set(entry["signals"]) == {"noise", "corr_to_noise", "s12_corr", "s12_ratio"}
     )
     assert "trust" in fused.report.seconds and "region_mean" in entry and entry["extra_forwards"] == {}
-    zero = Fuser(
-        load_manifest(
-            fixture_with_trust(fixture_resources, tmp_path / "b", {"mode": "case", "rules": {"noise": [[0, 0]]}})
-        ),
-        cpu_policy(),
-    )
+    zero_here = {"mode": "case", "rules": {"s12_corr": [[1.5, 0], [2, 1]]}}  # s12_corr ≤ 1: factor 0 on this case
+    zero = Fuser(load_manifest(fixture_with_trust(fixture_resources, tmp_path / "b", zero_here)), cpu_policy())
     gated_off = zero.fuse(data.copy(), SPACING, "nucleus")
     assert gated_off.report.trust["factor"] == 0.0 and "postprocess" not in gated_off.report.seconds
+    always_zero = {"mode": "case", "rules": {"noise": [[0, 0]]}}
+    never = Fuser(load_manifest(fixture_with_trust(fixture_resources, tmp_path / "c", always_zero)), cpu_policy())
+    skipped = never.fuse(data.copy(), SPACING, "nucleus")
+    assert skipped.report.stages == {} and skipped.report.trust == {}  # factor 0 whatever the case: no network runs
+    np.testing.assert_array_equal(skipped.to_array(), gated_off.to_array())
     manifest = load_manifest(fixture_resources)
     channel = manifest.channel("nucleus")
     off_channel = dataclasses.replace(
@@ -313,38 +314,56 @@ def test_calibration_finds_the_threshold_that_separates_helped_from_harmed_cases
     full = {f"{r}@{g:g}": 0.0 for r in ("none", "agreement") for g in study.GATES[1:]}
     helped = full | {"none@0.5": 0.10, "none@1": 0.15}
     harmed = full | {"none@0.5": -0.05, "none@1": -0.20, "none@0.25": -0.02}
-    rows = [_row("a", 0.9, helped), _row("a", 0.3, harmed), _row("b", 0.8, helped), _row("b", 0.4, harmed)]
-    policy = study.calibrate(rows, margin=0.01)
+    rows = [_row(s, v, helped if v > 0.6 else harmed) for s in "abc" for v in (0.9, 0.8, 0.3, 0.4)]
+    chosen = study.calibrate(rows, margin=0.01, buffer=0.0)
+    policy = chosen.policy
     assert policy.signal == "s12_corr" and policy.above and 0.4 < policy.threshold < 0.8 and policy.gate == 1.0
     assert study.evaluate(policy, rows) == (pytest.approx(0.075), pytest.approx(0.0))
+    assert chosen.loso_mean == pytest.approx(0.075) and chosen.loso_worst == 0.0 and set(chosen.per_set) == {"a", "b", "c"}
     # the policy as manifest knots gives the same factors in the container's rule code
     spec = policy.spec()
-    assert [trust.case_factor(r["signals"], dict(spec.rules))[0] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+    assert [trust.case_factor(r["signals"], dict(spec.rules))[0] for r in rows] == [1.0, 1.0, 0.0, 0.0] * 3
+    # where the manifest's noise gate skips the networks, the container writes the networks-off output
+    assert policy.factor(rows[0] | {"old_gate": 0.0}) == 0.0
     # nothing is safe when every case is harmed: networks off
-    assert study.calibrate([_row("a", 0.9, harmed)], margin=0.01).gate == 0.0
+    assert study.calibrate([_row(s, 0.9, harmed) for s in "ab"], margin=0.01).policy == study.OFF
+
+
+def test_a_threshold_that_only_just_separates_the_cases_is_refused_by_the_buffer() -> None:
+    study = _study_module()
+    full = {f"{r}@{g:g}": 0.0 for r in ("none", "agreement") for g in study.GATES[1:]}
+    helped, harmed = full | {"none@1": 0.1}, full | {"none@1": -0.3}
+    rows = [_row("a", 0.80, helped), _row("a", 0.79, harmed), _row("a", 0.1, harmed), _row("a", 0.95, helped)]
+    family = ("none", 1.0, "s12_corr", True)
+    assert study.fit_family(family, rows, margin=0.01, buffer=0.0).threshold == pytest.approx(0.795)
+    assert study.fit_family(family, rows, margin=0.01, buffer=0.25).threshold == pytest.approx(0.875)
 
 
 def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(fixture_resources: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
     from conftest import write_case
+    from scipy import ndimage
 
     study = _study_module()
-    flat = tmp_path / "ours"  # training/simulate.py's layout
+    flat, split = tmp_path / "ours", tmp_path / "xc"  # training/simulate.py's and crosscheck_sim.py's layouts
     for i, channel in enumerate(("nucleus", "membrane")):
         data = blob_volume((8, 32, 28), seed=i)
+        truth = ndimage.gaussian_filter(data.astype(np.float32), 1.0).astype(np.uint16)
         write_case(flat, f"image_{i}_{channel}_angle.tif", data, channel=channel)
-        write_case(flat, f"image_{i}_{channel}_fused.tif", (data * 0.9).astype(np.uint16), channel=channel)
+        write_case(flat, f"image_{i}_{channel}_fused.tif", truth, channel=channel)
+        write_case(split / study.INPUT_DIR, f"image_{i}_{channel}_angle.tif", data, channel=channel)
+        write_case(split / study.GT_DIR, f"image_{i}_{channel}_angle.tif", truth, channel=channel)
     resources = tmp_path / "res"
     shutil.copytree(fixture_resources, resources)
-    args = ["--set", f"ours={flat}", "--cache", str(tmp_path / "cache"), "--resources", str(resources), "--threads", "1"]
+    args = ["--set", f"ours={flat}", "--set", f"xc={split}", "--cache", str(tmp_path / "cache"), "--resources", str(resources), "--threads", "1"]
     assert study.main([*args, "--calibrate", "--write-manifest", str(resources), "--json", str(tmp_path / "rows.json")]) == 0
     out = capsys.readouterr().out
     assert "correlation" in out and "leave-one-set-out" in out
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert len(rows) == 2 and set(rows[0]["signals"]) == set(trust.SIGNALS)
+    assert len(rows) == 4 and set(rows[0]["signals"]) == set(trust.SIGNALS)
     assert {"none@0", "none@1", "agreement@0.5", "old"} <= set(rows[0]["n_ssim"])
     manifest = load_manifest(resources)
     assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
-    assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 2
+    assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 4
     assert study.main(args) == 0  # a rerun reads its cache
