@@ -554,6 +554,30 @@ def write_manifest(path: Path, policies: dict[str, Policy], provenance: dict[str
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
 
 
+def cost(shape: Sequence[int], resources: Path, channel: str = "nucleus", seed: int = 0) -> dict[str, float]:
+    """Seconds of :func:`fusemycells.trust.decide` (the manifest's ``channel`` policy; shipped rules need no
+    network) on a synthetic float16 correction of ``shape`` (H, ZYX voxels), and of the weight map computed
+    from the correction itself and from the coarse correction trust hands on (what the pipeline does)."""
+    spec = load_manifest(resources).channel(channel)
+    grid = spec.postprocess.diff_grid
+    rng = np.random.default_rng(seed)
+    correction = np.empty(tuple(int(n) for n in shape), dtype=np.float16)
+    for z0 in range(0, correction.shape[0], 16):
+        block = rng.standard_normal((min(16, correction.shape[0] - z0), *correction.shape[1:]), dtype=np.float32)
+        correction[z0 : z0 + 16] = 0.05 * block
+    coarse = rng.random(grid, dtype=np.float32)
+    p1 = coarse + 0.1 * rng.random(grid, dtype=np.float32)
+    trusted = replace(spec.trust, mode="case")
+    decision = trust.decide(trusted, 0.02, coarse, p1, correction, grid)
+    started = time.perf_counter()
+    postprocess.correction_weight(correction, spec.postprocess)
+    from_h = time.perf_counter() - started
+    started = time.perf_counter()
+    postprocess.correction_weight(decision.coarse_correction, spec.postprocess)
+    from_coarse = time.perf_counter() - started
+    return {**decision.seconds, "weight_map_from_H": from_h, "weight_map_from_coarse": from_coarse}
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -569,8 +593,11 @@ def parse_sets(values: list[str]) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", action="append", required=True, metavar="NAME=ROOT", help="a tuning set (repeat)")
-    parser.add_argument("--cache", type=Path, required=True, help="folder for the per-case network outputs")
+    parser.add_argument("--set", action="append", metavar="NAME=ROOT", help="a tuning set (repeat)")
+    parser.add_argument("--cache", type=Path, help="folder for the per-case network outputs")
+    parser.add_argument(
+        "--cost", type=int, nargs=3, metavar=("Z", "Y", "X"), help="only time trust on a synthetic H of this size"
+    )
     parser.add_argument("--resources", type=Path, default=DEFAULT_RESOURCES, help="weights folder (manifest.json)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--workers", type=int, default=1, help="cases run at once, each in its own process")
@@ -586,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    if args.cost:
+        print(json.dumps({k: round(v, 3) for k, v in cost(args.cost, args.resources).items()}))
+        return 0
+    if not args.set or args.cache is None:
+        parser.error("--set and --cache are required (or --cost)")
     sets = parse_sets(args.set)
     rows = study(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers)
     print_tables(rows)

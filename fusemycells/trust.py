@@ -121,13 +121,19 @@ def case_signals(
     (:func:`coarse_correction`), ``mask``: :func:`foreground_mask`; ``p1_flip``: the stage-1
     prediction of the mirrored input, mirrored back; ``probe``: :func:`flip_probe`'s sums.
     """
-    c1, c2m = (p1 - coarse)[mask], c2[mask]
-    rms1, rms2 = _rms(c1), _rms(c2m)
-    both = c1.std() > 0 and c2m.std() > 0
+    c1 = (p1 - coarse)[mask].astype(np.float64)
+    c2m = c2[mask].astype(np.float64)
+    n = max(c1.size, 1)
+    m1, m2 = c1.sum() / n, c2m.sum() / n
+    s11, s22, s12 = float(c1 @ c1) / n, float(c2m @ c2m) / n, float(c1 @ c2m) / n  # raw second moments
+    rms1, rms2 = math.sqrt(s11), math.sqrt(s22)
+    var1, var2 = s11 - m1 * m1, s22 - m2 * m2
     out = {
         "noise": float(noise),
         "corr_to_noise": _ratio(rms2, max(noise, 1e-4)),
-        "s12_corr": float(np.corrcoef(c1, c2m)[0, 1]) if both else 0.0,
+        "s12_corr": float(np.clip((s12 - m1 * m2) / math.sqrt(var1 * var2), -1.0, 1.0))
+        if min(var1, var2) > 1e-18
+        else 0.0,
         "s12_ratio": _ratio(rms2, rms1),
     }
     if p1_flip is not None:

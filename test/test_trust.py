@@ -366,4 +366,10 @@ def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(f
     manifest = load_manifest(resources)
     assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
     assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 4
-    assert study.main(args) == 0  # a rerun reads its cache
+    assert study.main([*args, "--workers", "2"]) == 0  # a rerun reads its cache, here in two worker processes
+
+
+def test_the_cost_probe_times_trust_and_both_weight_maps(fixture_resources: Path) -> None:
+    seconds = _study_module().cost((20, 24, 24), fixture_resources)
+    assert {"coarse_correction", "signals", "weight_map_from_H", "weight_map_from_coarse"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
