@@ -162,3 +162,33 @@ def test_training_records_steps_hardware_and_a_portable_command(tiny_dataset, tm
     assert prov["seconds"]["patch"] > 0 and "/" not in prov["command"].split("--out")[0].replace("<outside>/", "")
     assert str(tmp_path) not in json.dumps(prov) and prov["command"].startswith("python -m training.train")
     shutil.rmtree(out)
+
+
+def test_export_records_steps_seconds_and_hardware_without_machine_paths():
+    from training.export import training_record
+
+    config = {"in_channels": 1, "out_channels": 1, "base": 8, "depth": 3, "first_stride": 2}
+    legacy = training_record({"steps": 202, "command": "/work/main/training/train.py --data work_dirs/data2/train --init resources", "config": config}, {"steps": 759, "config": config})
+    assert legacy["command"] == "python -m training.train --data work_dirs/data2/train --init resources" and (legacy["global_steps"], legacy["patch_steps"]) == (202, 759)
+    prov = {"seconds": {"global": 10.0, "patch": 20.0}, "hardware": ["CPU x"], "world_size": 1, "amp": "off", "preset": "cpu", "command": "python -m training.train"}
+    new = training_record({"steps": 3, "command": "python -m training.train --preset cpu", "config": config}, {"steps": 4, "config": config, "provenance": prov})
+    assert new["seconds"] == {"global": 10.0, "patch": 20.0} and new["hardware"] == ["CPU x"] and new["preset"] == "cpu"
+
+
+def test_evaluate_sets_gates_the_networks_and_compares_each_case_with_networks_off():
+    from training.evaluate_sets import markdown, summarise, with_constant_gate
+
+    manifest = {"channels": {"nucleus": {"postprocess": {"gate_knots": [[0.06, 0.5], [0.09, 0.0]], "sigma": 3.0}}, "membrane": {}}}
+    gated = with_constant_gate(manifest, 0.0)
+    assert gated["channels"]["nucleus"]["postprocess"] == {"gate_knots": [[0.0, 0.0], [1.0, 0.0]], "sigma": 3.0}
+    assert gated["channels"]["membrane"]["postprocess"]["gate_knots"] == [[0.0, 0.0], [1.0, 0.0]]
+    assert manifest["channels"]["nucleus"]["postprocess"]["gate_knots"][0] == [0.06, 0.5]  # the original is untouched
+
+    def cases(values):
+        return {"cases": [{"name": f"c{i}", "channel": "nucleus", "n_ssim": v, "n_ssim_gaussian": 0.1} for i, v in enumerate(values)]}
+
+    table = summarise({"set": {"policy": cases([0.5, 0.2]), "gate0": cases([0.4, 0.3]), "gate1": cases([0.7, -0.1])}})
+    row = table["set"]["nucleus"]
+    assert row["policy_minus_off_mean"] == pytest.approx(0.0) and row["policy_minus_off_worst"] == pytest.approx(-0.1)
+    assert row["gate1_minus_off_worst"] == pytest.approx(-0.4) and row["gate1_below0"] == 1 and row["gate0_min"] == pytest.approx(0.3)
+    assert "| set | nucleus | 2 | 0.350 (0.200) |" in markdown(table)

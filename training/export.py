@@ -33,6 +33,7 @@ import torch
 from fusemycells.config import MANIFEST_NAME, load_manifest, sha256_of, verify_files
 
 from .models import ResidualUNet3D
+from .provenance import portable_legacy_command
 
 log = logging.getLogger("training.export")
 OPSET = 17
@@ -132,9 +133,26 @@ def export_channel(checkpoints: Path, channel: str, out_dir: Path, tolerance: fl
         "global_stage": {"in_channels": 1, "grid": list(grid), "files": g["files"]},
         "patch_stage": {"in_channels": 2, "patch_size": list(patch), "overlap": 0.5, "batch_size": 2, "files": p["files"]},
         "postprocess": postprocess,
-        "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": g_ckpt.get("command"), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
+        "training": training_record(g_ckpt, p_ckpt),
         "parity": {"global": g["parity"], "patch": p["parity"]},
     }
+
+
+def training_record(g_ckpt: dict[str, Any], p_ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``training`` entry of a channel: steps, model configs, and how they were trained.
+
+    Commands carry no machine paths (older checkpoints' absolute script paths are rewritten as
+    ``python -m training.train ...``); checkpoints written by the current trainer add the wall time
+    per stage (s), the hardware, the number of processes, the mixed precision and the preset.
+    """
+    command = g_ckpt.get("command")
+    if isinstance(command, str) and command.startswith("/"):
+        command = portable_legacy_command(command)
+    record: dict[str, Any] = {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": command, "model": g_ckpt["config"], "patch_model": p_ckpt["config"]}
+    provenance = p_ckpt.get("provenance")  # written after both stages: covers both
+    if isinstance(provenance, dict):
+        record.update({k: provenance[k] for k in ("seconds", "hardware", "world_size", "amp", "preset") if k in provenance})
+    return record
 
 
 def parse_overrides(items: list[str]) -> dict[str, float]:
