@@ -97,7 +97,8 @@ class PhaseRates:
     patch_s: float  # one 64³ patch of the patch stage (steady rate)
     first_batch_s: float  # the first batch of a run: its row of patches resampled from the input, warm-up
     fallback: LinearCost
-    finish: LinearCost
+    finish: LinearCost  # post-processing (weight map, blend) and writing
+    write: LinearCost  # writing alone (output filters and normalisation computed as written): level 3's finish
 
 
 CPU_2CORE = PhaseRates(
@@ -110,10 +111,11 @@ CPU_2CORE = PhaseRates(
     first_batch_s=4.0,
     fallback=LinearCost(1.0, 2.0e-8, 2.2e-8),
     finish=LinearCost(2.0, 0.94e-7, 0.67e-7),
+    write=LinearCost(1.0, 2.7e-8),
 )
 """Phase times on the development machine's 2 CPU cores (ONNX Runtime, shipped networks), calibrated
 on the 309×1920×1920 run in README *Performance* (preprocess 2.1 s, global stage 51.8 s, 0.131 s
-per patch, post-processing + write 162.7 s), with the split between input and H voxels from
+per patch, post-processing + write 162.7 s, write 31.1 s), with the split between input and H voxels from
 ``benchmarks/budget_costs.py`` on 150×960×960 at 1.01 µm and 40×960×960 at 5 µm Z spacing (README
 *Budgets*)."""
 
@@ -147,7 +149,8 @@ def plan_first_file(
 
     Follows :meth:`fusemycells.pipeline.Fuser.fuse`: the time kept back (``Fuser.reserve_s``: the
     level-2 fallback, post-processing and writing) and the global stage's guard come from the
-    policy's estimates (``costs``, default :func:`default_stage_costs`); the patch stage is tried
+    policy's estimates (``costs``, default :func:`default_stage_costs`); the reserve grows by the
+    factor the global stage overran its estimate, if it did; the patch stage is tried
     with overlap, stopped after its first two batches if the rate they show would overrun, then
     tried without overlap only if that fits (the watcher's rule), else the fallback runs. What each
     phase really takes is ``rates`` on a machine ``speed``× as fast (ZYX ``shape`` voxels,
@@ -169,11 +172,13 @@ def plan_first_file(
         return budget_s - sum(seconds.values()) - reserve
 
     finish = rates.finish.estimate(n_in, n_h) / speed
+    write = rates.write.estimate(n_in) / speed  # level 3: no blend
     if left() <= costs["global"].estimate(n_in, n_h):
-        return FilePlan(3, grid_h, {**seconds, "finish": finish})
+        return FilePlan(3, grid_h, {**seconds, "finish": write})
     seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed
+    reserve *= max(1.0, seconds["global_stage"] / costs["global"].estimate(n_in, n_h))  # Fuser._global_stage
     if left() <= 0.0:
-        return FilePlan(3, grid_h, {**seconds, "finish": finish})
+        return FilePlan(3, grid_h, {**seconds, "finish": write})
     rate = rates.patch_s / speed
     full, plain = count_windows(grid_h, patch, overlap), count_windows(grid_h, patch, 0.0)
     level = 2

@@ -256,6 +256,13 @@ class Fuser:
                 "provider": stage.runner.provider,
             }
         self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
+        slower = report.seconds["global_stage"] / need
+        if slower > 1.0:  # this machine (now) is slower than the estimates assume: so is what follows
+            deadline.reserve_s *= slower
+            self.policy.events.add(
+                f"{report.file}: the global stage took {slower:.2f}× its estimate; "
+                f"time kept back for finishing raised to {deadline.reserve_s:.0f} s"
+            )
         if deadline.left() <= 0.0:
             self._degrade(
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
