@@ -98,12 +98,12 @@ class PhaseRates:
     first_batch_s: float  # the first batch of a run: its row of patches resampled from the input, warm-up
     fallback: LinearCost
     finish: LinearCost  # post-processing (weight map, blend) and writing
-    write: LinearCost  # writing alone (output filters and normalisation computed as written): level 3's finish
+    level3_finish: LinearCost  # level 3: the output's normalisation and filters, computed as it is written
 
 
 CPU_2CORE = PhaseRates(
-    startup_s=8.0,
-    read=LinearCost(0.0, 4.4e-9),
+    startup_s=5.0,
+    read=LinearCost(0.0, 1.25e-8),
     load_s=1.5,
     preprocess=LinearCost(0.0, 1.85e-9),
     global_stage=LinearCost(2.0, 4.3e-9, 5.5e-8),
@@ -111,13 +111,15 @@ CPU_2CORE = PhaseRates(
     first_batch_s=4.0,
     fallback=LinearCost(1.0, 2.0e-8, 2.2e-8),
     finish=LinearCost(2.0, 0.94e-7, 0.67e-7),
-    write=LinearCost(1.0, 2.7e-8),
+    level3_finish=LinearCost(1.0, 4.3e-8),
 )
 """Phase times on the development machine's 2 CPU cores (ONNX Runtime, shipped networks), calibrated
 on the 309×1920×1920 run in README *Performance* (preprocess 2.1 s, global stage 51.8 s, 0.131 s
-per patch, post-processing + write 162.7 s, write 31.1 s), with the split between input and H voxels from
+per patch, post-processing + write 162.7 s), with the split between input and H voxels from
 ``benchmarks/budget_costs.py`` on 150×960×960 at 1.01 µm and 40×960×960 at 5 µm Z spacing (README
-*Budgets*)."""
+*Budgets*); level 3's finish from a level-3 run of that stack on the shared machine (110.7 s while
+its global stage took 2.24× the quiet 51.8 s); start-up (4.0–4.4 s) and reading the 2.1 GiB file
+(14.2–18.2 s) from the two runs of README *Budgets*."""
 
 
 @dataclass(frozen=True)
@@ -166,13 +168,13 @@ def plan_first_file(
         "load_weights": rates.load_s / speed,
         "preprocess": rates.preprocess.estimate(n_in) / speed,
     }
-    reserve = costs["fallback"].estimate(0.0, n_h) + costs["finish"].estimate(n_in, n_h)
+    reserve = costs["fallback"].estimate(n_in, n_h) + costs["finish"].estimate(n_in, n_h)
 
     def left() -> float:
         return budget_s - sum(seconds.values()) - reserve
 
     finish = rates.finish.estimate(n_in, n_h) / speed
-    write = rates.write.estimate(n_in) / speed  # level 3: no blend
+    write = rates.level3_finish.estimate(n_in) / speed  # level 3: no blend
     if left() <= costs["global"].estimate(n_in, n_h):
         return FilePlan(3, grid_h, {**seconds, "finish": write})
     seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed

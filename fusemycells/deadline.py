@@ -59,13 +59,15 @@ def time_account(
     """The report's ``clock`` entry: when the budget started counting and what each phase took of it.
 
     ``startup_s``: seconds from the clock's start to the first file (interpreter, imports, setup);
-    ``files``: (name, seconds per phase) of each file in order (``total`` is left out of the phases);
-    ``elapsed_s``: seconds from the start to now. ``unaccounted_s`` is what no phase covers (between
-    files, the report).
+    ``files``: (name, seconds per phase) of each file in order; its ``total`` less its phases is the
+    file's ``untimed`` phase (e.g. the output normalisation of a level-3 file); ``elapsed_s``:
+    seconds from the start to now. ``unaccounted_s`` is what no phase covers (between files, the report).
     """
     phases: list[tuple[str, float]] = [("start-up", round(startup_s, 3))]
     for name, seconds in files:
-        phases += [(f"{name}: {phase}", float(value)) for phase, value in seconds.items() if phase != "total"]
+        timed = [(f"{name}: {phase}", float(value)) for phase, value in seconds.items() if phase != "total"]
+        untimed = float(seconds.get("total", 0.0)) - sum(value for _, value in timed)
+        phases += timed + ([(f"{name}: untimed", round(untimed, 3))] if untimed >= 0.05 else [])
     return {
         "started": clock.iso(),
         "origin": clock.origin,

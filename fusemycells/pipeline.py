@@ -189,7 +189,7 @@ class Fuser:
     def reserve_s(self, voxels: int, h_voxels: int) -> float:
         """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
         the level-2 fallback (should the patch stage stop) plus post-processing and writing."""
-        return self.costs["fallback"].estimate(0, h_voxels) + self.costs["finish"].estimate(voxels, h_voxels)
+        return self.costs["fallback"].estimate(voxels, h_voxels) + self.costs["finish"].estimate(voxels, h_voxels)
 
     def load_stages(self, channel_name: str) -> None:
         """Load a channel's networks now (the global stage on the policy's device and the patch stage),
