@@ -33,6 +33,8 @@ RAM_SAFE_FRACTION = 0.85
 """Share of the available RAM a file may need when no ``--ram-budget`` is given."""
 LEARN_MARGIN = 1.25
 """Safety factor on a per-voxel rate learned from a finished file (see :class:`LinearCost`)."""
+
+
 @dataclass
 class LinearCost:
     """Seconds of a stage ≈ ``fixed_s + per_voxel_s × voxels + per_h_voxel_s × h_voxels``, learned across files.
