@@ -53,9 +53,12 @@ class LinearCost:
         """Expected seconds for ``voxels`` input(-grid) voxels and ``h_voxels`` voxels of H."""
         return self.fixed_s + self.per_voxel_s * voxels + self.per_h_voxel_s * h_voxels
 
-    def scaled(self, factor: float) -> LinearCost:
-        """The same cost with the per-voxel rates × ``factor`` (a margin, or a slower machine)."""
-        return LinearCost(self.fixed_s, self.per_voxel_s * factor, self.per_h_voxel_s * factor)
+    def scaled(self, factor: float, fixed: bool = False) -> LinearCost:
+        """The same cost with the per-voxel rates × ``factor`` (a margin), and ``fixed_s`` too when
+        ``fixed`` (a slower machine)."""
+        return LinearCost(
+            self.fixed_s * (factor if fixed else 1.0), self.per_voxel_s * factor, self.per_h_voxel_s * factor
+        )
 
     def learn(self, voxels: float, seconds: float, h_voxels: float = 0.0) -> None:
         """Scale the rates so that they predict the measured ``seconds`` × :data:`LEARN_MARGIN`, when the
@@ -180,7 +183,8 @@ def plan_first_file(
     if left() <= costs["global"].estimate(n_in, n_h):
         return FilePlan(3, grid_h, {**seconds, "finish": write})
     seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed
-    reserve *= max(1.0, seconds["global_stage"] / costs["global"].estimate(n_in, n_h))  # Fuser._global_stage
+    slower = max(1.0, seconds["global_stage"] / costs["global"].estimate(n_in, n_h))  # as Fuser._global_stage
+    reserve = sum(costs[name].scaled(slower, fixed=True).estimate(n_in, n_h) for name in ("fallback", "finish"))
     if left() <= 0.0:
         return FilePlan(3, grid_h, {**seconds, "finish": write})
     rate = rates.patch_s / speed

@@ -258,7 +258,9 @@ class Fuser:
         self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
         slower = report.seconds["global_stage"] / need
         if slower > 1.0:  # this machine (now) is slower than the estimates assume: so is what follows
-            deadline.reserve_s *= slower
+            for name in ("fallback", "finish"):  # kept for later files until a fully fused file teaches them
+                self.costs[name] = self.costs[name].scaled(slower, fixed=True)
+            deadline.reserve_s = self.reserve_s(voxels, h_voxels)
             self.policy.events.add(
                 f"{report.file}: the global stage took {slower:.2f}× its estimate; "
                 f"time kept back for finishing raised to {deadline.reserve_s:.0f} s"
