@@ -183,7 +183,8 @@ def plan_first_file(
     if left() <= costs["global"].estimate(n_in, n_h):
         return FilePlan(3, grid_h, {**seconds, "finish": write})
     seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed
-    slower = max(1.0, seconds["global_stage"] / costs["global"].estimate(n_in, n_h))  # as Fuser._global_stage
+    need, fixed = costs["global"].estimate(n_in, n_h), costs["global"].fixed_s
+    slower = max(1.0, seconds["global_stage"] / need) if need - fixed > fixed else 1.0  # as Fuser._global_stage
     reserve = sum(costs[name].scaled(slower, fixed=True).estimate(n_in, n_h) for name in ("fallback", "finish"))
     if left() <= 0.0:
         return FilePlan(3, grid_h, {**seconds, "finish": write})

@@ -257,7 +257,8 @@ class Fuser:
             }
         self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
         slower = report.seconds["global_stage"] / need
-        if slower > 1.0:  # this machine (now) is slower than the estimates assume: so is what follows
+        fixed = self.costs["global"].fixed_s
+        if slower > 1.0 and need - fixed > fixed:  # a slower machine (not the fixed overhead of a small stack)
             for name in ("fallback", "finish"):  # kept for later files until a fully fused file teaches them
                 self.costs[name] = self.costs[name].scaled(slower, fixed=True)
             deadline.reserve_s = self.reserve_s(voxels, h_voxels)
