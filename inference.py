@@ -148,6 +148,7 @@ class RunState:
     cases: list[dict[str, Any]] = field(default_factory=list)  # per-file entries of the files done
     startup_s: float | None = None  # seconds from the clock's start to the first file
     budget_s: float | None = None
+    policy: Any = None  # the run's BudgetPolicy once created (its events grow while files run)
 
     def add_case(self, case: Any) -> None:
         """``run_directory``'s ``on_case``: keep a finished file's report entry."""
@@ -190,6 +191,8 @@ def report_termination(state: RunState, why: str) -> int:
     written = [str(c["file"]) for c in state.cases if c.get("status") == "ok"]
     log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", why, len(written))
     report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir), **state.report}
+    if state.policy is not None:
+        report["policy"] = state.policy.as_report()  # with the events up to the signal
     report.update({"error": why, "terminated": True, "written": written, "files": state.cases, "clock": state.account()})
     _write_report(config, report)
     return TERMINATED_EXIT_CODE
@@ -292,7 +295,7 @@ def _main(argv: list[str] | None, state: RunState) -> int:
         from fusemycells.pipeline import Fuser, run_directory
 
         state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
-        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)
+        policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)
         report["resources"] = str(resources)
         report["policy"] = policy.as_report()  # with the CUDA ERROR, if any (policy.cuda_error)
         fuser = Fuser(manifest, policy, backend=config.backend)
