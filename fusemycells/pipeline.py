@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -29,7 +29,7 @@ from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetEx
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
 from .deadline import Deadline
 from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
-from .io import InputError, list_inputs, read_volume, write_volume
+from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
 from .patch_stage import PatchStage
 from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
 from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
@@ -57,6 +57,7 @@ class CaseReport:
     peak_rss_mib: float | None = None
     peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
     non_finite_replaced: int = 0
+    out_of_range_clipped: int = 0  # finite input values outside preprocess.safe_range, clipped to it
     degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
@@ -171,7 +172,7 @@ class Fuser:
         """
         report = CaseReport(file="<array>") if report is None else report
         case = self._prepare(data, spacing, channel, report)
-        clock = Deadline(deadline, reserve_s=self.costs["finish"].estimate(case.data.size))
+        clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
         correction = None
         if self._networks_wanted(case):
             high = self._global_stage(case, clock, report)
@@ -185,6 +186,18 @@ class Fuser:
             del correction  # the largest array of a big stack
             return Fused(self._finish(case, blended, output_dtype), report)
 
+    def reserve_s(self, voxels: int, h_voxels: int) -> float:
+        """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
+        the level-2 fallback (should the patch stage stop) plus post-processing and writing."""
+        return self.costs["fallback"].estimate(voxels, h_voxels) + self.costs["finish"].estimate(voxels, h_voxels)
+
+    def load_stages(self, channel_name: str) -> None:
+        """Load a channel's networks now (the global stage on the policy's device and the patch stage),
+        so that their loading is timed apart from the stages; nothing to do once they are loaded."""
+        channel = self.manifest.channel(channel_name)
+        self._load(channel, "global", self.policy.device)
+        self.patch_stage(channel)
+
     def _prepare(self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport) -> Prepared:
         """Sanitise, normalise (lazily), estimate the noise policy, choose H; fills the report's facts."""
         channel = self.manifest.channel(channel_name)
@@ -193,9 +206,14 @@ class Fuser:
         with timed(report.seconds, "preprocess"):
             if data.dtype.kind == "f" and not data.flags.writeable:
                 data = data.copy()
-            report.non_finite_replaced = sanitise_inplace(data)
-            if report.non_finite_replaced:
-                warn(report, f"{report.non_finite_replaced} non-finite voxels replaced by the median")
+            sanitised = sanitise_inplace(data)  # before any float32 cast (ArraySource)
+            report.non_finite_replaced, report.out_of_range_clipped = sanitised.non_finite, sanitised.clipped
+            if sanitised.clipped and sanitised.limits is not None:
+                low, high = sanitised.limits
+                clipped = f"{sanitised.clipped} voxels outside [{low:.4g}, {high:.4g}] clipped to it"
+                warn(report, f"{clipped} (corrupt or absurd values: far beyond the image's range or float32's)")
+            if sanitised.non_finite:
+                warn(report, f"{sanitised.non_finite} non-finite voxels replaced by the median")
             x_in = ArraySource(data, *intensity_affine(data, channel.normalisation))
             noise = postprocess.relative_noise(data)
             sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
@@ -221,8 +239,8 @@ class Fuser:
 
     def _global_stage(self, case: Prepared, deadline: Deadline, report: CaseReport) -> HighRes | None:
         """Stage 1 on the global grid, its prediction resized to H lazily; None when time is short (level 3)."""
-        voxels = case.data.size + math.prod(case.grid_h)
-        need = self.costs["global"].estimate(voxels)
+        voxels, h_voxels = case.data.size, math.prod(case.grid_h)
+        need = self.costs["global"].estimate(voxels, h_voxels)
         if deadline.left() <= need:
             self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
             return None
@@ -237,7 +255,17 @@ class Fuser:
                 "backend": stage.runner.backend,
                 "provider": stage.runner.provider,
             }
-        self.costs["global"].learn(voxels, report.seconds["global_stage"])
+        self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
+        slower = report.seconds["global_stage"] / need
+        fixed = self.costs["global"].fixed_s
+        if slower > 1.0 and need - fixed > fixed:  # a slower machine (not the fixed overhead of a small stack)
+            for name in ("fallback", "finish"):  # kept for later files until a fully fused file teaches them
+                self.costs[name] = self.costs[name].scaled(slower, fixed=True)
+            deadline.reserve_s = self.reserve_s(voxels, h_voxels)
+            self.policy.events.add(
+                f"{report.file}: the global stage took {slower:.2f}× its estimate; "
+                f"time kept back for finishing raised to {deadline.reserve_s:.0f} s"
+            )
         if deadline.left() <= 0.0:
             self._degrade(
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
@@ -325,8 +353,10 @@ class Fuser:
 
     def check_memory(self, shape: Shape3, dtype: np.dtype, spacing: Spacing3) -> None:
         """Refuse a stack (MemoryError) before its pixels are read when it would exceed the RAM budget."""
-        target = min(c.target_spacing_um for c in self.manifest.channels.values())
-        self.policy.check_memory(shape, dtype.itemsize, spacing, target)
+        channels = self.manifest.channels.values()
+        target = min(c.target_spacing_um for c in channels)
+        patch = [max(p) for p in zip(*(c.patch_stage.patch_size or (1, 1, 1) for c in channels))]
+        self.policy.check_memory(shape, dtype.itemsize, spacing, target, patch)
 
 
 def describe(report: CaseReport, data: np.ndarray, spacing: Spacing3, channel: str) -> None:
@@ -392,12 +422,18 @@ def input_warnings(
 def process_file(
     path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None
 ) -> CaseReport:
-    """Read, fuse and write one file; never raises for a problem with this file (see ``status``)."""
+    """Read, fuse and write one file; never raises for a problem with this file (see ``status``).
+
+    The output name is checked first (before any pixel is read); ``seconds`` gets ``read``,
+    ``load_weights`` (the channel's networks, when not loaded yet), the stages, ``write`` and ``total``.
+    """
     report = CaseReport(file=path.name)
     started = time.perf_counter()
     log.info("[%s] reading", path.name)
     try:
-        volume = read_volume(path, check=fuser.check_memory)
+        check_output_name(output_dir, path.name)
+        with timed(report.seconds, "read"):
+            volume = read_volume(path, check=fuser.check_memory)
         for warning in volume.warnings:
             warn(report, warning)
         if volume.data.dtype != np.uint16:
@@ -405,6 +441,8 @@ def process_file(
         log.info(
             "[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel
         )
+        with timed(report.seconds, "load_weights"):
+            fuser.load_stages(volume.channel)
         fused = fuser.fuse(
             volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
         )
@@ -447,8 +485,18 @@ def record_peaks(report: CaseReport) -> None:
     )
 
 
-def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype: str) -> list[CaseReport]:
-    """Process every TIFF in ``input_dir`` into ``output_dir`` (same file names)."""
+def run_directory(
+    input_dir: Path,
+    output_dir: Path,
+    fuser: Fuser,
+    output_dtype: str,
+    on_case: Callable[[CaseReport], None] | None = None,
+) -> list[CaseReport]:
+    """Process every TIFF in ``input_dir`` into ``output_dir`` (same file names).
+
+    ``on_case(report)`` is called after each file (so that a caller stopped midway, e.g. by SIGTERM,
+    can report the files done).
+    """
     files = list_inputs(input_dir)
     log.info("%d input file(s) in %s", len(files), input_dir)
     reports = []
@@ -457,15 +505,19 @@ def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype:
         deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
         reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
         learn_finish_cost(fuser.costs, reports[-1])
+        if on_case is not None:
+            on_case(reports[-1])
     return reports
 
 
 def learn_finish_cost(costs: dict[str, LinearCost], report: CaseReport) -> None:
-    """Teach ``costs['finish']`` the post-processing + writing seconds per input voxel of a fully fused file.
+    """Teach ``costs['finish']`` the post-processing + writing seconds of a fully fused file (per input
+    voxel and per voxel of its high-resolution grid H).
 
     Files that skipped the blend (degradation level 3, gated network) finish faster and are not used.
     """
     if report.status != "ok" or report.shape is None or "postprocess" not in report.seconds:
         return
     seconds = report.seconds["postprocess"] + report.seconds.get("write", 0.0)
-    costs["finish"].learn(math.prod(report.shape), seconds)
+    h_voxels = math.prod(report.high_res_grid) if report.high_res_grid else 0
+    costs["finish"].learn(math.prod(report.shape), seconds, h_voxels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -231,21 +232,67 @@ def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True)
     return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False))
 
 
-def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> int:
-    """Replace NaN/±inf of a float ZYX array by the finite median, in place, z-slab by z-slab.
+INPUT_SAFE_ABS = 1e15
+"""Largest magnitude an input voxel keeps (raw units), whatever the data: the pipeline computes in
+float32 (max 3.4e38), a float64 1e39 becomes inf when cast, and the patch network's instance norms
+sum squares of normalised values over a 64³ patch (2.6e5 voxels)."""
+RELATIVE_SAFE_SPREAD = 1e4
+"""Values further than this many times the spread of the 0.1–99.9 percentiles beyond those
+percentiles are clipped too (see :func:`safe_range`): a normalised voxel then stays below ≈ 1e4,
+within any float32 arithmetic, and no real intensity is that far out."""
 
-    Returns the number of voxels replaced; integer arrays are left untouched (count 0).
+
+@dataclass(frozen=True)
+class Sanitised:
+    """What :func:`sanitise_inplace` changed: voxels counted, not positions."""
+
+    non_finite: int  # NaN/±inf replaced by the finite median
+    clipped: int  # finite values outside safe_range(), clipped to it
+    limits: tuple[float, float] | None = None  # the range clipped to (None: none applied)
+
+
+def safe_range(volume: np.ndarray) -> tuple[float, float]:
+    """The range of values a ZYX array keeps (raw units): ±:data:`INPUT_SAFE_ABS`, narrowed to
+    :data:`RELATIVE_SAFE_SPREAD` × (p99.9 − p0.1) beyond the 0.1 and 99.9 percentiles of its finite
+    voxels when that spread is > 0."""
+    low, high = -INPUT_SAFE_ABS, INPUT_SAFE_ABS
+    p_low, p_high = percentiles(volume, 0.1, 99.9)
+    spread = p_high - p_low
+    if spread > 0:
+        low, high = max(low, p_low - RELATIVE_SAFE_SPREAD * spread), min(high, p_high + RELATIVE_SAFE_SPREAD * spread)
+    return low, high
+
+
+def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> Sanitised:
+    """Make a ZYX array safe for the float32 pipeline, in place, z-slab by z-slab.
+
+    Finite values outside :func:`safe_range` are clipped to it, in the array's own dtype (before any
+    cast to float32, which would turn a float64 1e39 into inf); NaN/±inf are replaced by the median
+    of the finite voxels (0 when none is finite). 8–32-bit integers and float16 cannot overflow the
+    pipeline and are left untouched.
     """
-    if volume.dtype.kind != "f":
-        return 0
-    bad = sum(
-        int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab)
-    )
-    if not bad:
-        return 0
-    lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
-    fill = lo if bad < volume.size else 0.0
+    kind = volume.dtype.kind
+    if kind not in "fiu" or (kind != "f" and volume.dtype.itemsize <= 4):
+        return Sanitised(0, 0)
+    bad = 0
+    if kind == "f":
+        counts = (int(np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab))
+        bad = volume.size - sum(counts)
+    if bad:
+        lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
+        fill = lo if bad < volume.size else 0.0
+        for z0, z1 in slabs(len(volume), slab):
+            block = volume[z0:z1]
+            block[~np.isfinite(block)] = fill
+    if volume.dtype == np.float16:
+        return Sanitised(bad, 0)
+    low, high = safe_range(volume)
+    clipped = 0
     for z0, z1 in slabs(len(volume), slab):
         block = volume[z0:z1]
-        block[~np.isfinite(block)] = fill
-    return bad
+        for bound, over in ((high, block > high), (low, block < low)):  # comparisons only: no float copy
+            count = int(np.count_nonzero(over))
+            if count:
+                block[over] = bound
+                clipped += count
+    return Sanitised(bad, clipped, (low, high))
