@@ -39,7 +39,7 @@ from fusemycells.config import (
 )
 from fusemycells.deadline import RunClock, describe_account, time_account
 from fusemycells.devices import process_age_s
-from fusemycells.paths import input_root_problem
+from fusemycells.paths import ensure_writable, input_root_problem
 
 log = logging.getLogger("fusemycells")
 
@@ -327,16 +327,6 @@ def note_stale_partials(folder: Path, clock: RunClock, report: dict[str, object]
     if removed:
         log.warning("removed %d temporary output file(s) left by an earlier, killed run: %s", len(removed), ", ".join(removed))
         report["stale_partials_removed"] = removed
-
-
-def ensure_writable(directory: Path) -> None:
-    """Create the output folder if needed; raise PermissionError when files cannot be written there."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
 
 
 def _write_report(config: RunConfig, report: dict[str, object]) -> bool:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
+from .paths import ensure_writable
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -703,16 +703,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ensure_writable(directory: Path) -> None:
-    """Create ``directory``; :class:`SetupError` when files cannot be written there."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise SetupError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
-
-
 def _weights_fingerprint(resources: Path) -> str:
     """sha256 of manifest.json, which lists every weight file's sha256."""
     return hashlib.sha256((resources / "manifest.json").read_bytes()).hexdigest()
@@ -757,7 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ManifestError as exc:
             raise SetupError(str(exc)) from exc
         output_dir = args.output.resolve()
-        ensure_writable(output_dir)
+        try:
+            ensure_writable(output_dir)
+        except PermissionError as exc:
+            raise SetupError(str(exc)) from exc
         fingerprint = {
             "weights": _weights_fingerprint(resources),
             "backend": args.backend,
