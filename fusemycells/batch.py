@@ -10,6 +10,7 @@ process). An output is written atomically, then a completion record ``<output>.d
 verifies and redoes the others. A task whose worker dies is retried on another worker by the
 scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused).
 Exit code as ``inference.py``: 0 every file written or verified, 1 some refused, 2 setup error.
+The ``--report`` JSON is documented key by key in ``fusemycells/report.schema.json``.
 
 Needs the optional packages of ``requirements-scale.txt`` (dask, distributed; zarr and ome-zarr
 for OME-Zarr); this module imports without them and says what to install.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
+from .report import batch_report, case_entry, manifest_sha256, write_report
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -399,7 +401,7 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
         fuser = worker_fuser()
     deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
     if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
-        report = asdict(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
+        report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
     else:
         report = _process_any(job, fuser, deadline)
     if report["status"] == "ok":
@@ -486,7 +488,7 @@ def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]
     log.info(
         "[%s] %s in %.1f s (peak RSS %.0f MiB)", job.name, report.status, report.seconds["total"], report.peak_rss_mib
     )
-    return asdict(report)
+    return case_entry(report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,11 +715,6 @@ def ensure_writable(directory: Path) -> None:
         raise SetupError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
 
 
-def _weights_fingerprint(resources: Path) -> str:
-    """sha256 of manifest.json, which lists every weight file's sha256."""
-    return hashlib.sha256((resources / "manifest.json").read_bytes()).hexdigest()
-
-
 def _available_ram_gib() -> float:
     """Memory available to new processes here (GiB): psutil's estimate, capped by dask's view of this host's limit
     (cgroups).
@@ -737,7 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     started = time.perf_counter()
-    report: dict[str, Any] = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
+    base = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
+    known: dict[str, Any] = {}  # what the report says besides the files, as it becomes known
     cluster = client = None
     try:
         distributed = require_distributed()
@@ -759,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir = args.output.resolve()
         ensure_writable(output_dir)
         fingerprint = {
-            "weights": _weights_fingerprint(resources),
+            "weights": manifest_sha256(resources),
             "backend": args.backend,
             "output_dtype": args.output_dtype,
             "level": args.level,
@@ -812,9 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.register_plugin(FuserPlugin(settings), name=PLUGIN_NAME)
         cluster_info["workers"] = len(client.scheduler_info(n_workers=-1).get("workers", {}))
         cluster_info["threads_per_worker"] = threads
-        report.update(
+        known.update(
             {
+                "jobs": len(jobs),
                 "resources": str(resources),
+                "manifest_sha256": fingerprint["weights"],
                 "cluster": cluster_info,
                 "settings": asdict(settings),
                 "fingerprint": fingerprint,
@@ -824,18 +824,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries = run_batch(client, jobs, progress=Progress(len(jobs)))
     except (SetupError, MissingDependency, OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
-        report["error"] = str(exc)
-        _write_report(args.report, report)
         _close(client, cluster)
+        seconds = time.perf_counter() - started
+        _write_report(args.report, batch_report(**base, exit_code=2, seconds=seconds, error=str(exc), **known))
         return 2
     _close(client, cluster)
     refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
-    report["files"] = entries
-    report["written"] = sum(e["status"] == "ok" for e in entries)
-    report["skipped"] = sum(e["status"] == "skipped" for e in entries)
-    report["refused"] = refused
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    _write_report(args.report, report)
+    exit_code = 1 if refused else 0
+    seconds = time.perf_counter() - started
+    report = batch_report(**base, exit_code=exit_code, seconds=seconds, entries=entries, **known)
+    if not _write_report(args.report, report):
+        return 2
     log.info(
         "done: %d written, %d skipped (verified complete), %d refused, %.1f s",
         report["written"],
@@ -843,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(refused),
         report["seconds"],
     )
-    return 1 if refused else 0
+    return exit_code
 
 
 def _close(client: Any, cluster: Any) -> None:
@@ -855,11 +854,12 @@ def _close(client: Any, cluster: Any) -> None:
                 log.debug("closing %s: %s", type(thing).__name__, exc)
 
 
-def _write_report(path: Path | None, report: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
+def _write_report(path: Path | None, report: dict[str, Any]) -> bool:
+    """Write the gathered report if one was asked for; False (logged) when it could not be written."""
+    problem = None if path is None else write_report(path, report)
+    if problem is not None:
+        log.error("%s", problem)
+    return problem is None
 
 
 if __name__ == "__main__":
