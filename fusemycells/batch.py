@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
+from .progress import Bar, interactive, log_lines_only
 from .report import batch_report, case_entry, manifest_sha256, write_report
 
 try:  # optional: the package must import without dask (the container never has it)
@@ -265,7 +266,8 @@ def _make_fuser(settings: WorkerSettings) -> Any:
     policy = BudgetPolicy.create(
         settings.device, settings.vram_budget_gib, None, settings.threads, settings.ram_budget_gib
     )
-    return Fuser(manifest, policy, backend=settings.backend)
+    # workers share the client's terminal: no patch bars there (the client shows the files' bar)
+    return Fuser(manifest, policy, backend=settings.backend, progress=log_lines_only)
 
 
 def _process_tiff(path: Path, output_dir: Path, fuser: Any, output_dtype: str, deadline: float | None) -> Any:
@@ -560,31 +562,34 @@ def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboa
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one log line per finished file otherwise."""
+    """Files done: a bar with the estimated time left on a terminal (:func:`fusemycells.progress.interactive`),
+    one log line per finished file otherwise."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        stream = sys.stderr if stream is None else stream
+        self.total = total
         self.counts: dict[str, int] = {"ok": 0, "skipped": 0, "refused": 0}
         self.started = time.perf_counter()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar = Bar(total, "files", stream) if interactive(stream) else None
 
     def update(self, entry: dict[str, Any]) -> None:
         self.counts[entry["status"]] = self.counts.get(entry["status"], 0) + 1
         done = sum(self.counts.values())
         elapsed = time.perf_counter() - self.started
         counts = self.counts
-        summary = (
-            f"{done}/{self.total} files ({counts['ok']} written, {counts['skipped']} skipped, "
-            f"{counts['refused']} refused) {elapsed:.0f} s"
-        )
-        if self.tty:
-            filled = int(self.width * done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {summary}")
+        outcomes = f"{counts['ok']} written, {counts['skipped']} skipped, {counts['refused']} refused"
+        if self.bar is not None:
+            self.bar.update(done, elapsed, outcomes)
             if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+                self.close()
         else:
+            summary = f"{done}/{self.total} files ({outcomes}) {elapsed:.0f} s"
             log.info("%s %s: %s", entry["status"], entry["file"], summary)
+
+    def close(self) -> None:
+        """Close the bar (its last state stays on the terminal); nothing to do without one."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_batch(
@@ -595,8 +600,6 @@ def run_batch(
     A job whose worker died more often than the scheduler allows (``KilledWorker``) or whose task
     failed outside the pipeline is reported as refused; the others carry on.
     """
-    from distributed import as_completed
-
     token = uuid.uuid4().hex[:8]
     order = sorted(range(len(jobs)), key=lambda i: -input_stamp(Path(jobs[i].source))["bytes"])
     futures = {}
@@ -604,6 +607,18 @@ def run_batch(
         future = client.submit(run_job, jobs[i], before_file, key=f"fuse-{jobs[i].name}-{token}", pure=False)
         futures[future] = i
     entries: list[dict[str, Any] | None] = [None] * len(jobs)
+    try:
+        _gather(futures, jobs, entries, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return [e for e in entries if e is not None]
+
+
+def _gather(futures: dict[Any, int], jobs: Sequence[Job], entries: list[Any], progress: Progress | None) -> None:
+    """Each job's report entry into ``entries`` (by job index) as its future completes."""
+    from distributed import as_completed
+
     for future in as_completed(list(futures)):
         job = jobs[futures[future]]
         try:
@@ -621,7 +636,6 @@ def run_batch(
         if progress is not None:
             progress.update(entry)
         future.release()
-    return [e for e in entries if e is not None]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

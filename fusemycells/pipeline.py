@@ -32,6 +32,7 @@ from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vra
 from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
 from .patch_stage import PatchStage
 from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .progress import ProgressFactory, progress_for
 from .report import CaseReport
 from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
 
@@ -112,7 +113,8 @@ class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files.
+    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``progress``
+    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal).
     """
 
     def __init__(
@@ -122,8 +124,10 @@ class Fuser:
         loader: StageLoader = load_stage,
         backend: str = "auto",
         costs: dict[str, LinearCost] | None = None,
+        progress: ProgressFactory = progress_for,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
+        self.progress = progress
         self.costs = default_stage_costs() if costs is None else costs
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
@@ -292,7 +296,7 @@ class Fuser:
         """The channel's patch stage (created, and its network loaded, on first use)."""
         if channel.name not in self._patch_stages:
             self._patch_stages[channel.name] = PatchStage(
-                channel.patch_stage, partial(self._load, channel, "patch"), self.policy
+                channel.patch_stage, partial(self._load, channel, "patch"), self.policy, progress=self.progress
             )
         return self._patch_stages[channel.name]
 
