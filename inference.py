@@ -6,12 +6,12 @@ reads  /input/images/fluorescence-lightsheet-3D-microscopy/*.tif|*.tiff
 writes /output/images/fused-fluorescence-lightsheet-3D-microscopy/<same file name>
 Exit code: 0 when every file was written, 1 when any file was refused, 2 for a setup error
 (including an invalid option value), 143 when stopped by SIGTERM.
+The --report JSON is documented key by key in fusemycells/report.schema.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from fusemycells.config import (
 from fusemycells.deadline import RunClock, describe_account, time_account
 from fusemycells.devices import process_age_s
 from fusemycells.paths import ensure_writable, input_root_problem
+from fusemycells.report import RunFacts, case_entry, manifest_sha256, run_report, write_report
 
 log = logging.getLogger("fusemycells")
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resources", type=Path, default=None, help="weights folder with manifest.json (default: /opt/ml/model if valid, else bundled resources/)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="compute device (default auto)")
     parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto", help="network format (default auto: TorchScript on CUDA, ONNX on CPU, the other as fallback)")
-    parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here")
+    parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here (keys: fusemycells/report.schema.json)")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
     parser.add_argument("--vram-budget", type=positive_number, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
     parser.add_argument("--ram-budget", type=positive_number, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
@@ -144,7 +145,7 @@ class RunState:
     clock: RunClock  # where the time budget counts from
     argv: list[str] | None = None
     config: RunConfig | None = None
-    report: dict[str, object] = field(default_factory=dict)  # the JSON report as built so far
+    facts: RunFacts | None = None  # what the report says about the run besides its files
     cases: list[dict[str, Any]] = field(default_factory=list)  # per-file entries of the files done
     startup_s: float | None = None  # seconds from the clock's start to the first file
     budget_s: float | None = None
@@ -152,13 +153,19 @@ class RunState:
 
     def add_case(self, case: Any) -> None:
         """``run_directory``'s ``on_case``: keep a finished file's report entry."""
-        self.cases.append(asdict(case))
+        self.cases.append(case_entry(case))
 
     def account(self) -> dict[str, object]:
         """The report's ``clock`` entry (see :func:`fusemycells.deadline.time_account`)."""
         files = [(str(c["file"]), c.get("seconds") or {}) for c in self.cases]
         startup = self.startup_s if self.startup_s is not None else self.clock.elapsed()
         return time_account(self.clock, self.budget_s, startup, files, self.clock.elapsed())
+
+    def report(self, config: RunConfig, exit_code: int, error: str | None = None, terminated: bool = False) -> dict[str, Any]:
+        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`)."""
+        facts = self.facts or RunFacts(str(config.input_dir), str(config.output_dir))
+        policy = None if self.policy is None else self.policy.as_report()  # with its events so far
+        return run_report(facts, exit_code=exit_code, cases=self.cases, clock=self.account(), policy=policy, error=error, terminated=terminated)
 
 
 def process_clock() -> RunClock:
@@ -190,11 +197,7 @@ def report_termination(state: RunState, why: str) -> int:
     config = state.config or build_config(parse_args(state.argv))
     written = [str(c["file"]) for c in state.cases if c.get("status") == "ok"]
     log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", why, len(written))
-    report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir), **state.report}
-    if state.policy is not None:
-        report["policy"] = state.policy.as_report()  # with the events up to the signal
-    report.update({"error": why, "terminated": True, "written": written, "files": state.cases, "clock": state.account()})
-    _write_report(config, report)
+    _write_report(config, state.report(config, TERMINATED_EXIT_CODE, error=why, terminated=True))
     return TERMINATED_EXIT_CODE
 
 
@@ -249,16 +252,17 @@ def report_path_problem(path: Path | None) -> str | None:
     return None
 
 
-def note_skipped_inputs(config: RunConfig, report: dict[str, object]) -> None:
+def note_skipped_inputs(config: RunConfig, facts: RunFacts) -> None:
     """Log the TIFF-named entries of the input folder that are not processed (dangling symlinks,
-    FIFOs, folders, ...) and put them in the report under ``skipped``; log an early error for
-    every input whose output name cannot be created in the output folder."""
+    FIFOs, folders, ...) and note them for the report (``skipped``) with the count of inputs; log an
+    early error for every input whose output name cannot be created in the output folder."""
     from fusemycells.io import InputError, check_output_name, scan_inputs
 
     scan = scan_inputs(config.input_dir)
     for name, reason in scan.skipped:
         log.warning("skipped %r: %s", name, reason)
-    report["skipped"] = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    facts.skipped = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    facts.inputs = len(scan.files)
     for path in scan.files:
         try:
             check_output_name(config.output_dir, path.name)
@@ -278,68 +282,60 @@ def _main(argv: list[str] | None, state: RunState) -> int:
     if (problem := report_path_problem(config.report)) is not None:
         log.error("%s", problem)
         return 2
-    report = state.report
-    report.update({"input_dir": str(config.input_dir), "output_dir": str(config.output_dir)})
+    facts = state.facts = RunFacts(str(config.input_dir), str(config.output_dir))
     try:
         problem = input_root_problem(args.input)
         if problem is not None:
             raise FileNotFoundError(problem)
-        note_skipped_inputs(config, report)
+        note_skipped_inputs(config, facts)
         resources, why = resolve_resources_dir(config.resources_dir)
         log.info("weights from %s (%s)", resources, why)
+        facts.resources = str(resources)
         manifest = load_manifest(resources)
+        facts.manifest_sha256 = manifest_sha256(resources)
         ensure_writable(config.output_dir)
-        note_stale_partials(config.output_dir, state.clock, report)
+        facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
         # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
         from fusemycells.budget import BudgetPolicy
         from fusemycells.pipeline import Fuser, run_directory
 
         state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
         policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)
-        report["resources"] = str(resources)
-        report["policy"] = policy.as_report()  # with the CUDA ERROR, if any (policy.cuda_error)
         fuser = Fuser(manifest, policy, backend=config.backend)
         state.startup_s = state.clock.elapsed()
         cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype, on_case=state.add_case)
     except Exception as exc:  # every setup failure exits 2: exit 1 means "a file was refused"
         expected = isinstance(exc, (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError))
         log.error("%s", exc if expected else f"setup failed: {type(exc).__name__}: {exc}", exc_info=None if expected else exc)
-        report["error"] = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        _write_report(config, report)
+        _write_report(config, state.report(config, 2, error=str(exc) if expected else f"{type(exc).__name__}: {exc}"))
         return 2
-    report["policy"] = policy.as_report()
-    report["files"] = state.cases
-    report["clock"] = account = state.account()
-    log.info("%s", describe_account(account))
-    report["seconds"] = account["elapsed_s"]
     refused = [c.file for c in cases if c.status != "ok"]
-    report["refused"] = refused
+    exit_code = 1 if refused else 0
+    report = state.report(config, exit_code)  # the policy with every event, and the time account
+    log.info("%s", describe_account(report["clock"]))
     if not _write_report(config, report):
         return 2
     log.info("done: %d written, %d refused, %.1f s since %s", len(cases) - len(refused), len(refused), state.clock.elapsed(), state.clock.origin)
-    return 1 if refused else 0
+    return exit_code
 
 
-def note_stale_partials(folder: Path, clock: RunClock, report: dict[str, object]) -> None:
+def note_stale_partials(folder: Path, clock: RunClock) -> list[str]:
     """Remove the temporary output files a killed earlier run left (see :func:`remove_stale_partials`),
-    with a warning naming them; listed in the report as ``stale_partials_removed``."""
+    with a warning naming them; their names (the report's ``stale_partials_removed``)."""
     removed = remove_stale_partials(folder, before=clock.wall)
     if removed:
         log.warning("removed %d temporary output file(s) left by an earlier, killed run: %s", len(removed), ", ".join(removed))
-        report["stale_partials_removed"] = removed
+    return removed
 
 
-def _write_report(config: RunConfig, report: dict[str, object]) -> bool:
+def _write_report(config: RunConfig, report: dict[str, Any]) -> bool:
     """Write the JSON report if one was asked for; False (logged) when it could not be written."""
     if config.report is None:
         return True
-    try:
-        config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(json.dumps(report, indent=2, default=str))
-    except OSError as exc:
-        log.error("report not written: %s (%s)", config.report, exc.strerror or exc)
-        return False
-    return True
+    problem = write_report(config.report, report)
+    if problem is not None:
+        log.error("%s", problem)
+    return problem is None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from .progress import Progress, ProgressFactory, progress_for
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
@@ -117,15 +119,20 @@ class PatchRateWatcher:
     which on a GPU would wrongly degrade the file, so the rate is learned from the batches after
     it. The learned rate is kept across runs (files), so a later file can skip a hopeless
     configuration before starting it (:meth:`too_slow`).
+
+    It also shows the run's progress (``progress``: a bar on a terminal, else a log line about every
+    tenth of the patches; see :func:`fusemycells.progress.progress_for`) from :meth:`start` to
+    :meth:`finish`.
     """
 
-    def __init__(self, clock: Clock = time.perf_counter) -> None:
+    def __init__(self, clock: Clock = time.perf_counter, progress: ProgressFactory = progress_for) -> None:
         self.clock = clock
+        self.progress = progress
         self.seconds_per_patch: float | None = None
         self._deadline = Deadline()
         self._started = 0.0
         self._first: tuple[int, float] | None = None  # (patches, seconds) at the end of the first batch
-        self._log_every, self._batch = 1, 1
+        self._shown: Progress | None = None
 
     def too_slow(self, patches: int, deadline: Deadline) -> str | None:
         """Why ``patches`` patches at the learned rate would overrun ``deadline`` (None: they fit)."""
@@ -135,18 +142,25 @@ class PatchRateWatcher:
         return None
 
     def start(self, total: int, deadline: Deadline, batch_size: int) -> None:
-        """Begin watching a run of ``total`` patches in batches of ``batch_size``."""
+        """Begin watching a run of ``total`` patches in batches of ``batch_size`` (call :meth:`finish` after it)."""
+        self.finish()
         self._deadline = deadline
         self._started = self.clock()
         self._first = None
-        self._log_every, self._batch = max(1, total // 10), max(1, batch_size)
+        self._shown = self.progress(total, "patches", step=max(1, batch_size))
+
+    def finish(self) -> None:
+        """The run ended (done, stopped or failed): close its progress display; nothing to do when none is open."""
+        if self._shown is not None:
+            shown, self._shown = self._shown, None
+            shown.close()
 
     def after_batch(self, done: int, total: int) -> str | None:
         """Record that ``done`` of ``total`` patches are finished; a reason to stop when the rest
         would overrun the deadline at the rate learned since the first batch, else None."""
         elapsed = self.clock() - self._started
-        if done == total or done % self._log_every < self._batch:
-            log.info("    patches %d/%d (%.1f s)", done, total, elapsed)
+        if self._shown is not None:
+            self._shown.update(done, elapsed)
         if self._first is None:
             self._first = (done, elapsed)
             return None

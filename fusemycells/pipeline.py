@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,37 +32,14 @@ from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vra
 from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
 from .patch_stage import PatchStage
 from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .progress import ProgressFactory, progress_for
+from .report import CaseReport
 from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
 
 log = logging.getLogger(__name__)
 
 ANISOTROPY_WARNING = 10.0
 """Z spacing / XY spacing from which a file is reported as extremely anisotropic."""
-
-
-@dataclass
-class CaseReport:
-    """What happened to one input file (one entry of the JSON report)."""
-
-    file: str
-    status: str = "pending"  # ok | refused
-    shape: list[int] | None = None
-    spacing_um: list[float] | None = None
-    channel: str | None = None
-    input_dtype: str | None = None
-    output_dtype: str | None = None
-    high_res_grid: list[int] | None = None
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mib: float | None = None
-    peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
-    non_finite_replaced: int = 0
-    out_of_range_clipped: int = 0  # finite input values outside preprocess.safe_range, clipped to it
-    degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
-    weight_map: dict[str, float] = field(default_factory=dict)
-    adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
 
 
 @contextmanager
@@ -136,7 +113,8 @@ class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files.
+    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``progress``
+    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal).
     """
 
     def __init__(
@@ -146,8 +124,10 @@ class Fuser:
         loader: StageLoader = load_stage,
         backend: str = "auto",
         costs: dict[str, LinearCost] | None = None,
+        progress: ProgressFactory = progress_for,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
+        self.progress = progress
         self.costs = default_stage_costs() if costs is None else costs
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
@@ -316,7 +296,7 @@ class Fuser:
         """The channel's patch stage (created, and its network loaded, on first use)."""
         if channel.name not in self._patch_stages:
             self._patch_stages[channel.name] = PatchStage(
-                channel.patch_stage, partial(self._load, channel, "patch"), self.policy
+                channel.patch_stage, partial(self._load, channel, "patch"), self.policy, progress=self.progress
             )
         return self._patch_stages[channel.name]
 

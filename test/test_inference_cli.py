@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
+from report_check import assert_valid_report
 
 import inference
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
@@ -232,7 +233,9 @@ def test_sigterm_stops_the_run_with_a_log_line_a_report_and_exit_143(fixture_res
     assert proc.wait(timeout=60) == inference.TERMINATED_EXIT_CODE == 143, "".join(log)[-3000:]
     assert any("terminated by SIGTERM: stopping; 1 output(s) written" in line for line in log), "".join(log)[-3000:]
     report = json.loads(report_path.read_text())
-    assert report["terminated"] is True and report["written"] == ["a.tif"]
+    assert_valid_report(report)
+    assert report["terminated"] is True and report["written"] == ["a.tif"] and report["exit_code"] == 143
+    assert report["counts"] == {"inputs": 2, "written": 1, "refused": 0, "unfinished": 1, "skipped": 0}
     assert [p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()] == ["a.tif"]  # no b.tif, no temporary file
     [entry] = report["files"]  # the per-file entry of the file done, as in a normal report
     assert entry["file"] == "a.tif" and entry["status"] == "ok" and entry["shape"] == [6, 24, 24] and entry["seconds"]["write"] >= 0
