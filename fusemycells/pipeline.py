@@ -135,11 +135,21 @@ class StageLoader(Protocol):
     ) -> LoadedStage: ...
 
 
+class OpsFactory(Protocol):
+    """Where a case's non-network steps run (see :func:`fusemycells.ops_torch.choose_ops`, the default)."""
+
+    def __call__(
+        self, device: str, vram_budget_gib: float | None, profile: Profile, threads: int | None
+    ) -> Ops: ...
+
+
 class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files.
+    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``ops`` says where a
+    case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`; tests pass the numpy
+    reference or the GPU's code path on the CPU).
     """
 
     def __init__(
@@ -149,8 +159,10 @@ class Fuser:
         loader: StageLoader = load_stage,
         backend: str = "auto",
         costs: dict[str, LinearCost] | None = None,
+        ops: OpsFactory = choose_ops,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
+        self.ops = ops
         self.costs = default_stage_costs() if costs is None else costs
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
@@ -199,7 +211,7 @@ class Fuser:
         channel = self.manifest.channel(channel_name)
         zyx: Spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         describe(report, data, zyx, channel_name)
-        ops = choose_ops(self.policy.device, self.policy.vram_budget_gib, profile, self.policy.threads)
+        ops = self.ops(self.policy.device, self.policy.vram_budget_gib, profile, self.policy.threads)
         with timed(report.seconds, "preprocess"), profile.section("input_statistics_s"):
             if data.dtype.kind == "f" and not data.flags.writeable:
                 data = data.copy()
