@@ -202,9 +202,9 @@ class Ops:
 
     ``device`` is a torch device ('cpu', 'cuda'), or None for the numpy reference path; ``slab_bytes``
     the float32 working set of one slab there; ``profile`` receives the exclusive seconds; ``threads``
-    the worker threads of the scipy filters. ``cpu_hybrid`` (CPU only): use the steps measured fastest
-    on the CPU (:meth:`band_worthwhile`, :attr:`scipy_filters`) instead of the GPU's code path; tests
-    turn it off to run the GPU's code on the CPU.
+    the worker threads on the CPU. ``cpu_hybrid`` (CPU only): use the filters measured fastest on the CPU
+    (:attr:`scipy_filters`) instead of the GPU's code path; tests turn it off to run the GPU's code on the
+    CPU.
     """
 
     device: str | None = None
@@ -223,15 +223,6 @@ class Ops:
         filters did more voxels per CPU second than torch's shifted sums, convolutions or band products for
         kernels of a few taps (README, *Performance*)."""
         return self.device == "cpu" and self.cpu_hybrid
-
-    def band_worthwhile(self, plan: ResizePlan) -> bool:
-        """Whether :meth:`resample` should compute ``plan`` (else the numpy path does). Always on a GPU; on the
-        CPU unless Y or X shrinks mildly (by less than 2×): there scipy's short prefilter (≤ 5 taps) and
-        bilinear interpolation took fewer CPU seconds than band products, which pay for their blocks'
-        ~100-voxel windows (measured on the input → H resize of a 120×1200×1200 stack: 2.2 against 3.5 s)."""
-        if self.device != "cpu" or not self.cpu_hybrid:
-            return self.torch
-        return not any(1.0 < m.n_in / m.n_out < 2.0 for m in plan.maps[1:])
 
     @cached_property
     def pool(self) -> ThreadPoolExecutor:
@@ -469,8 +460,9 @@ def choose_ops(
     'cuda' (the networks run on the GPU) and torch sees CUDA: every step as torch ops on the GPU, with slabs
     of :data:`GPU_SLAB_FRACTION` of the VRAM budget (at most :data:`GPU_SLAB_BYTES_MAX`), the host holding
     only the input, the correction and the output. Else on the CPU, each step by what measured fastest
-    there (``cpu_hybrid``: band products for the strong downsamplings, torch for blending and bilinear
-    upsampling, scipy for short filters; README, *Performance*), on ``threads`` threads.
+    there (``cpu_hybrid``: band products for every resize, torch for blending and bilinear upsampling,
+    scipy for the X pass of short filters and for the weight map's small filters; README, *Performance*),
+    on ``threads`` single-threaded workers.
     """
     profile = Profile() if profile is None else profile
     cuda = device == "cuda" and torch.cuda.is_available()

@@ -123,8 +123,7 @@ class ResizedSource:
             if self.plan.in_shape != self.source.shape or self.plan.out_shape != self.shape:
                 fits = f"{self.plan.in_shape} → {self.plan.out_shape}"
                 raise ValueError(f"plan {fits} does not fit {self.source.shape} → {self.shape}")
-            if plan is not None or ops.band_worthwhile(self.plan):
-                self.ops = ops
+            self.ops = ops
         elif plan is not None:
             raise ValueError("a resize plan needs torch ops (ops.device set)")
         self._cache_z0 = 0
