@@ -307,10 +307,8 @@ class Fuser:
 
     @staticmethod
     def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
-        """Output filters, percentile normalisation and the output dtype, lazily (a blended output, this step's
-        own buffer, is filtered in place; the input is only read)."""
-        consume = source is not case.x_in
-        return postprocess.final_source(source, case.post, output_dtype, case.spacing, case.ops, consume=consume)
+        """Output filters, percentile normalisation and the output dtype, lazily."""
+        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing, ops=case.ops)
 
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""

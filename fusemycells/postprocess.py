@@ -343,23 +343,19 @@ def final_source(
     dtype: str = "float32",
     spacing: Sequence[float] | None = None,
     ops: Ops | None = None,
-    consume: bool = False,
 ) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
     Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the
     percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
     volume is made. ``spacing`` is the stack's ZYX spacing in µm. With torch ``ops`` the filters and
-    the affine maps run on its device (:class:`TorchOutputSource`); with ``consume`` as well, a blended
-    float16/float32 array (an :class:`ArraySource` seen as is) is overwritten by its filtered values (plus a
-    float16 residual array for float16), so the filters run once instead of twice (the percentile pass and
-    the write).
+    the affine maps run on its device (:class:`TorchOutputSource`).
     """
     if dtype not in ("float32", "uint16"):
         raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
     torch_ops = _torch(ops)
     if torch_ops is not None:
-        return _final_torch(blended, spec, dtype, spacing, torch_ops, consume)
+        return _final_torch(blended, spec, dtype, spacing, torch_ops)
     filtered = output_filters(blended, spec, spacing)
     with _section(ops, "percentile_normalisation_s"):
         sample = _strided_sample(filtered)
@@ -398,25 +394,6 @@ class TorchOutputSource:
         self.sigma = output_sigma_zyx(spec, spacing)
         self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_gaussian_sigma > 0 else None
         self.preferred_slab = ops.slab_planes(self.shape[1] * self.shape[2], factor=3.0)
-
-    def over(self, source: PlaneSource) -> TorchOutputSource:
-        """The same filters and maps reading ``source`` (same shape) instead."""
-        out = TorchOutputSource.__new__(TorchOutputSource)
-        out.__dict__.update(self.__dict__)
-        out.source = source
-        return out
-
-    def halo_below(self) -> int:
-        """How many planes below its first one a request reads (the filters' z-reach, at most)."""
-        below = self.max_size // 2 if self.max_size else 0
-        if self.plan is not None:
-            m = self.plan.maps[0]
-            below += int((np.arange(m.n_out) - m.starts).max())
-        return below
-
-    @property
-    def filters(self) -> bool:
-        return self.plan is not None or bool(self.max_size)
 
     def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> TorchOutputSource:
         """This source followed by ``(v − offset)·scale`` (then rounded when ``dtype`` is an integer type)."""
@@ -475,117 +452,6 @@ class TorchOutputSource:
         return out
 
 
-def _in_place_capable(source: PlaneSource) -> bool:
-    """Whether a blended output may be filtered in place: a writable C-order float16/float32 array seen as is."""
-    if not isinstance(source, ArraySource) or source.offset != 0.0 or source.scale != 1.0:
-        return False
-    array = source.array
-    return array.dtype in (np.float16, np.float32) and array.flags.c_contiguous and array.flags.writeable
-
-
-class _Rolling:
-    """A ZYX array being overwritten in increasing z, as a plane source of its original values: planes below
-    ``frontier`` come from the copies :meth:`keep` made before they were overwritten."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.frontier = array, 0
-        self.shape: Shape3 = tuple(int(n) for n in array.shape)  # type: ignore[assignment]
-        self.saved: dict[int, np.ndarray] = {}
-
-    def keep(self, z0: int, z1: int) -> None:
-        """Copy planes z0:z1 (still original) and forget the copies below z0."""
-        for z in range(max(0, z0), z1):
-            if z not in self.saved:
-                self.saved[z] = self.array[z].copy()
-        for z in [z for z in self.saved if z < z0]:
-            del self.saved[z]
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        parts = [self.saved[z][None] for z in range(z0, min(z1, self.frontier))]
-        if z1 > self.frontier:
-            parts.append(self.array[max(z0, self.frontier) : z1])
-        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0], copy=True)
-
-
-class _StoredOutput:
-    """A filtered output kept as ``hi`` (the blended buffer, float16 or float32) + ``lo`` (float16 residual,
-    None for float32): float32 planes ``hi + lo`` (within 2.4e-7 of the filtered values), then affine maps."""
-
-    def __init__(self, hi: np.ndarray, lo: np.ndarray | None, ops: Ops) -> None:
-        self.hi, self.lo, self.ops = hi, lo, ops
-        self.shape: Shape3 = tuple(int(n) for n in hi.shape)  # type: ignore[assignment]
-        self.affines: list[tuple[float, float]] = []
-        self.dtype = np.dtype(np.float32)
-        self.preferred_slab = ops.slab_planes(self.shape[1] * self.shape[2], factor=2.0)
-
-    def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> _StoredOutput:
-        out = _StoredOutput(self.hi, self.lo, self.ops)
-        out.affines, out.dtype = [*self.affines, (offset, scale)], np.dtype(dtype)
-        return out
-
-    def tensor(self, z0: int, z1: int) -> torch.Tensor:
-        planes = self.ops.read(self.hi, z0, z1)
-        return planes if self.lo is None else planes.add_(self.ops.read(self.lo, z0, z1))
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        out = np.empty((z1 - z0, *self.shape[1:]), dtype=self.dtype)
-
-        def one(a: int, b: int) -> None:
-            planes = self.tensor(a, b)
-            for offset, scale in self.affines:
-                planes = planes.sub_(float(np.float32(offset))).mul_(float(np.float32(scale)))
-            if self.dtype.kind in "ui":
-                out[a - z0 : b - z0] = torch.round(planes).cpu().numpy().astype(self.dtype)
-            else:
-                torch.from_numpy(out[a - z0 : b - z0]).copy_(planes)
-
-        with self.ops.section("percentile_normalisation_s"):
-            self.ops.parallel(one, *zip(*self.ops.split(z0, z1)))
-        return out
-
-
-def _filter_in_place(
-    filtered: TorchOutputSource, array: np.ndarray, ops: Ops, stride: int
-) -> tuple[_StoredOutput, np.ndarray, tuple[float, float]]:
-    """Apply ``filtered``'s filters once, overwriting the blended ``array`` (float16 or float32, ZYX) slab by slab
-    in increasing z (the planes later slabs still read are copied first), with the float16 rounding residual in a
-    second float16 array: no second filter pass at writing time. Returns the stored output, the strided
-    percentile sample (every ``stride``-th voxel, as :func:`_strided_sample`) and the (min, max) of the stored
-    values, all taken from the float32 ``hi + lo`` the output will be made of."""
-    rolling = _Rolling(array)
-    source = filtered.over(rolling)
-    lo = np.empty_like(array) if array.dtype == np.float16 else None
-    stored = _StoredOutput(array, lo, ops)
-    ny, nx = array.shape[1:]
-    below = filtered.halo_below()
-    parts = max(1, ops.threads) if ops.device == "cpu" else 1
-    samples: list[np.ndarray] = []
-    extremes = [np.inf, -np.inf]
-    for z0, z1 in slabs(array.shape[0], filtered.preferred_slab * parts):
-        ranges = ops.split(z0, z1, parts)
-        with ops.section("output_filter_s"):
-            results = ops.parallel(source.tensor, *zip(*ranges))
-            rolling.keep(z1 - below, z1)  # original planes the next slabs still read, before they are overwritten
-
-        def store(a: int, b: int, planes: torch.Tensor) -> tuple[np.ndarray, float, float]:
-            hi_t = torch.from_numpy(array[a:b])
-            hi_t.copy_(planes)
-            if lo is not None:
-                residual = planes.sub_(hi_t.to(planes.device, torch.float32))
-                torch.from_numpy(lo[a:b]).copy_(residual)
-            values = stored.tensor(a, b).reshape(-1)
-            first = (-(a * ny * nx)) % stride
-            return values[first::stride].cpu().numpy().copy(), float(values.min()), float(values.max())
-
-        with ops.section("percentile_normalisation_s"):
-            for sample, low, high in ops.parallel(store, *zip(*ranges), results):
-                samples.append(sample)
-                extremes = [min(extremes[0], low), max(extremes[1], high)]
-        rolling.frontier = z1
-        del results
-    return stored, np.concatenate(samples), (extremes[0], extremes[1])
-
-
 def _max_valid(block: torch.Tensor, size: int) -> torch.Tensor:
     """The max filter (``size`` voxels per axis) of a block that carries its z-halo (``size`` − 1 planes):
     the ``len(block) − size + 1`` planes it determines, y and x edge-padded (scipy's 'nearest')."""
@@ -596,30 +462,13 @@ def _max_valid(block: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _final_torch(
-    blended: PlaneSource,
-    spec: PostprocessSpec,
-    dtype: str,
-    spacing: Sequence[float] | None,
-    ops: Ops,
-    consume: bool = False,
+    blended: PlaneSource, spec: PostprocessSpec, dtype: str, spacing: Sequence[float] | None, ops: Ops
 ) -> PlaneSource:
-    """:func:`final_source` with torch ops: one streamed pass for the percentile sample (and one more for the
-    uint16 range), the output computed again while it is written; or, with ``consume``, the filters applied
-    once in place (:func:`_filter_in_place`)."""
+    """:func:`final_source` with torch ops: one streamed pass for the percentile sample (on big stacks only at
+    the sampled voxels, :func:`gathered_sample`; one more pass for the uint16 range), the output computed
+    again while it is written."""
     filtered = TorchOutputSource(blended, spec, spacing, ops)
     stride = _sample_stride(filtered.shape)
-    if consume and filtered.filters and _in_place_capable(blended):
-        assert isinstance(blended, ArraySource)
-        stored, sample, extremes = _filter_in_place(filtered, blended.array, ops, stride)
-        with ops.section("percentile_normalisation_s"):
-            low, high = spec.output_percentiles
-            offset, scale = percentile_affine(sample, low, high)
-        normalised = stored.with_affine(offset, scale)
-        if dtype == "float32":
-            return normalised
-        lo, hi = ((np.float32(v) - np.float32(offset)) * np.float32(scale) for v in extremes)  # the map is monotonic
-        factor = 65535.0 / (hi - lo) if hi > lo else 0.0
-        return normalised.with_affine(float(lo), factor, np.uint16)
     if ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size and stride >= GATHER_MIN_STRIDE:
         with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
             sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
