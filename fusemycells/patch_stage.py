@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from .backends import LoadedStage
 from .budget import BudgetPolicy, EventLog
@@ -119,8 +120,9 @@ class PatchResult:
 def store(out: np.ndarray, z0: int, z1: int, planes: np.ndarray) -> None:
     """``out[z0:z1] = planes`` (ZYX); into a float16 ``out`` clipped to ±:data:`FLOAT16_MAX` first
     (in ``planes``), since a value beyond it would become ±inf and then NaN (inf·0) downstream."""
-    if out.dtype == np.float16:
-        np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+    if out.dtype == np.float16:  # torch's clamp and float16 cast took a fifth of numpy's CPU time on 32×1242² planes
+        torch.from_numpy(out[z0:z1]).copy_(torch.from_numpy(planes).clamp_(-FLOAT16_MAX, FLOAT16_MAX))
+        return
     out[z0:z1] = planes
 
 

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,11 +30,13 @@ from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
 from .deadline import Deadline
 from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
 from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
+from .ops_torch import Ops, choose_ops
 from .patch_stage import PatchStage
-from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
 from .progress import ProgressFactory, progress_for
 from .report import CaseReport
 from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
+from .timing import Profile
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Prepared:
     post: PostprocessSpec  # the channel's post-processing with the noise-adaptive output σ
     gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
     noise: float  # the input's relative noise (see postprocess.relative_noise)
+    ops: Ops  # where the non-network steps run, and the case's profile (see ops_torch.choose_ops)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Fused:
 
     output: PlaneSource
     report: CaseReport
+    profile: Profile = field(default_factory=Profile)  # exclusive seconds per kind of work, also while writing
 
     def to_array(self) -> np.ndarray:
         """The output as one array (float32, or uint16 for that output dtype)."""
@@ -109,12 +113,22 @@ class StageLoader(Protocol):
     ) -> LoadedStage: ...
 
 
+class OpsFactory(Protocol):
+    """Where a case's non-network steps run (see :func:`fusemycells.ops_torch.choose_ops`, the default)."""
+
+    def __call__(
+        self, device: str, vram_budget_gib: float | None, profile: Profile, threads: int | None
+    ) -> Ops: ...
+
+
 class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
     (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``progress``
-    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal).
+    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal);
+    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
+    tests pass the numpy reference or the GPU's code path on the CPU).
     """
 
     def __init__(
@@ -125,9 +139,10 @@ class Fuser:
         backend: str = "auto",
         costs: dict[str, LinearCost] | None = None,
         progress: ProgressFactory = progress_for,
+        ops: OpsFactory = choose_ops,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
-        self.progress = progress
+        self.progress, self.ops = progress, ops
         self.costs = default_stage_costs() if costs is None else costs
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
@@ -151,7 +166,10 @@ class Fuser:
         :data:`DEGRADATION_LEVELS`. ``report`` collects what happened (a new one when None).
         """
         report = CaseReport(file="<array>") if report is None else report
-        case = self._prepare(data, spacing, channel, report)
+        profile = Profile(report.seconds.setdefault("profile_s", {}))
+        if "read" in report.seconds:
+            profile.add("read_s", report.seconds["read"])
+        case = self._prepare(data, spacing, channel, report, profile)
         clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
         correction = None
         if self._networks_wanted(case):
@@ -160,11 +178,11 @@ class Fuser:
                 correction = self._patch_stage(case, high, clock, report)
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None:
-            return Fused(self._finish(case, case.x_in, output_dtype), report)
+            return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
         with timed(report.seconds, "postprocess"):
             blended = self._blend(case, correction, report)
             del correction  # the largest array of a big stack
-            return Fused(self._finish(case, blended, output_dtype), report)
+            return Fused(self._finish(case, blended, output_dtype), report, profile)
 
     def reserve_s(self, voxels: int, h_voxels: int) -> float:
         """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
@@ -178,12 +196,15 @@ class Fuser:
         self._load(channel, "global", self.policy.device)
         self.patch_stage(channel)
 
-    def _prepare(self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport) -> Prepared:
+    def _prepare(
+        self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport, profile: Profile
+    ) -> Prepared:
         """Sanitise, normalise (lazily), estimate the noise policy, choose H; fills the report's facts."""
         channel = self.manifest.channel(channel_name)
         zyx: Spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         describe(report, data, zyx, channel_name)
-        with timed(report.seconds, "preprocess"):
+        ops = self.ops(self.policy.device, self.policy.vram_budget_gib, profile, self.policy.threads)
+        with timed(report.seconds, "preprocess"), profile.section("input_statistics_s"):
             if data.dtype.kind == "f" and not data.flags.writeable:
                 data = data.copy()
             sanitised = sanitise_inplace(data)  # before any float32 cast (ArraySource)
@@ -203,7 +224,7 @@ class Fuser:
             report.high_res_grid = list(grid_h)
             for message in input_warnings(data, zyx, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
                 warn(report, message)
-        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise)
+        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise, ops)
 
     @staticmethod
     def _networks_wanted(case: Prepared) -> bool:
@@ -225,10 +246,12 @@ class Fuser:
             self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
             return None
         with timed(report.seconds, "global_stage"):
-            x_h = ResizedSource(case.x_in, case.grid_h)
+            x_h = ResizedSource(case.x_in, case.grid_h, ops=case.ops)
             assert case.channel.global_stage.grid is not None
-            coarse = materialise(ResizedSource(x_h, case.channel.global_stage.grid, cache=False))
-            p1, stage = self._run_global(case.channel, coarse)
+            # input → H → global grid, composed into one resize with torch ops (H itself is not computed here)
+            coarse = resize_through(case.x_in, [case.grid_h, case.channel.global_stage.grid], case.ops)
+            with case.ops.section("forward_s"):
+                p1, stage = self._run_global(case.channel, coarse)
             del coarse
             report.stages["global"] = {
                 "file": stage.file,
@@ -251,7 +274,7 @@ class Fuser:
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
             )
             return None
-        return HighRes(x_h, ResizedSource(p1, case.grid_h))
+        return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops))
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
         """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
@@ -269,8 +292,10 @@ class Fuser:
 
     def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
-        with timed(report.seconds, "patch_stage"):
+        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
             result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
+        if result.info is not None:  # the forward passes ran inside the sliding window
+            case.ops.profile.move("stitching_s", "forward_s", result.info["forward_s"])
         for level, why in result.degradations:
             self._degrade(report, level, why)
         for message in result.warnings:
@@ -282,15 +307,15 @@ class Fuser:
     def _blend(self, case: Prepared, correction: np.ndarray, report: CaseReport) -> PlaneSource:
         """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`)."""
         extent_um = [n * s for n, s in zip(case.data.shape, case.spacing)]
-        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um)
+        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um, ops=case.ops)
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
-        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact)
+        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact, ops=case.ops)
 
     @staticmethod
     def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
         """Output filters, percentile normalisation and the output dtype, lazily."""
-        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing)
+        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing, ops=case.ops)
 
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""
@@ -426,8 +451,9 @@ def process_file(
         fused = fuser.fuse(
             volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
         )
-        with timed(report.seconds, "write"):
+        with timed(report.seconds, "write"), fused.profile.section("write_s"):
             write_volume(output_dir / path.name, fused.output, like=volume)
+        log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
         report.output_dtype = output_dtype
         report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others

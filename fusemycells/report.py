@@ -105,7 +105,7 @@ class CaseReport:
     output_dtype: str | None = None
     high_res_grid: list[int] | None = None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, Any] = field(default_factory=dict)  # per phase; "profile_s": per kind of work (timing.SECTIONS)
     peak_rss_mib: float | None = None
     peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
     non_finite_replaced: int = 0
