@@ -6,24 +6,26 @@ reads  /input/images/fluorescence-lightsheet-3D-microscopy/*.tif|*.tiff
 writes /output/images/fused-fluorescence-lightsheet-3D-microscopy/<same file name>
 Exit code: 0 when every file was written, 1 when any file was refused, 2 for a setup error
 (including an invalid option value), 143 when stopped by SIGTERM.
+The --report JSON is documented key by key in fusemycells/report.schema.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fusemycells.config import (
     GC_INPUT_ROOT,
@@ -35,10 +37,16 @@ from fusemycells.config import (
     load_manifest,
     resolve_resources_dir,
 )
-from fusemycells.cuda_support import log_cuda_failure
-from fusemycells.paths import input_root_problem
+from fusemycells.deadline import RunClock, describe_account, time_account
+from fusemycells.devices import process_age_s
+from fusemycells.paths import ensure_writable, input_root_problem
+from fusemycells.report import RunFacts, case_entry, manifest_sha256, run_report, write_report
 
 log = logging.getLogger("fusemycells")
+
+IMPORTED = RunClock.now("inference.py import")
+"""Where the time budget counts from when the process's start cannot be read (no Linux ``/proc``); the
+imports above it are the standard library's and the light modules of the package (milliseconds)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resources", type=Path, default=None, help="weights folder with manifest.json (default: /opt/ml/model if valid, else bundled resources/)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="compute device (default auto)")
     parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto", help="network format (default auto: TorchScript on CUDA, ONNX on CPU, the other as fallback)")
-    parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here")
+    parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here (keys: fusemycells/report.schema.json)")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
     parser.add_argument("--vram-budget", type=positive_number, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
     parser.add_argument("--ram-budget", type=positive_number, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
@@ -130,45 +138,97 @@ def disable_native_telemetry() -> None:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; SIGTERM stops it with a log line, a report of the outputs written and exit code 143."""
+@dataclass
+class RunState:
+    """What the run has done so far, kept by :func:`main` so that the SIGTERM handler can report it."""
+
+    clock: RunClock  # where the time budget counts from
+    argv: list[str] | None = None
+    config: RunConfig | None = None
+    facts: RunFacts | None = None  # what the report says about the run besides its files
+    cases: list[dict[str, Any]] = field(default_factory=list)  # per-file entries of the files done
+    startup_s: float | None = None  # seconds from the clock's start to the first file
+    budget_s: float | None = None
+    policy: Any = None  # the run's BudgetPolicy once created (its events grow while files run)
+
+    def add_case(self, case: Any) -> None:
+        """``run_directory``'s ``on_case``: keep a finished file's report entry."""
+        self.cases.append(case_entry(case))
+
+    def account(self) -> dict[str, object]:
+        """The report's ``clock`` entry (see :func:`fusemycells.deadline.time_account`)."""
+        files = [(str(c["file"]), c.get("seconds") or {}) for c in self.cases]
+        startup = self.startup_s if self.startup_s is not None else self.clock.elapsed()
+        return time_account(self.clock, self.budget_s, startup, files, self.clock.elapsed())
+
+    def report(self, config: RunConfig, exit_code: int, error: str | None = None, terminated: bool = False) -> dict[str, Any]:
+        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`)."""
+        facts = self.facts or RunFacts(str(config.input_dir), str(config.output_dir))
+        policy = None if self.policy is None else self.policy.as_report()  # with its events so far
+        return run_report(facts, exit_code=exit_code, cases=self.cases, clock=self.account(), policy=policy, error=error, terminated=terminated)
+
+
+def process_clock() -> RunClock:
+    """The time budget's clock for a run started as a program: the process's start (kept across an
+    ``exec()``, as by the image's entry point), else this module's import."""
+    return RunClock.since(process_age_s(), fallback=IMPORTED)
+
+
+def main(argv: list[str] | None = None, clock: RunClock | None = None) -> int:
+    """Run the CLI; SIGTERM stops it with a log line, a report of the outputs written and exit code 143.
+
+    ``clock``: where the time budget counts from (the program passes the process's start; default:
+    this call).
+    """
     disable_native_telemetry()
-    started_at = time.time()
+    state = RunState(clock or RunClock.now("main() call"), argv)
     with sigterm_raises():
         try:
-            return _main(argv)
+            return _main(argv, state)
         except Terminated as exc:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report; the block restores the handler
-            return report_termination(build_config(parse_args(argv)), str(exc), started_at)
+            return report_termination(state, str(exc))
 
 
-def report_termination(config: RunConfig, why: str, started_at: float) -> int:
-    """Log the termination, write the report (the outputs written since ``started_at``, a
-    ``time.time()`` value), return :data:`TERMINATED_EXIT_CODE`. The file being written when the
-    signal came was removed by the writer."""
-    written = outputs_written_since(config, started_at)
+def report_termination(state: RunState, why: str) -> int:
+    """Log the termination, write the report (the files done, their per-file entries, the time
+    account), return :data:`TERMINATED_EXIT_CODE`. The file being written when the signal came was
+    removed by the writer."""
+    config = state.config or build_config(parse_args(state.argv))
+    written = [str(c["file"]) for c in state.cases if c.get("status") == "ok"]
     log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", why, len(written))
-    report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir), "error": why, "terminated": True, "written": written}
-    _write_report(config, report)
+    _write_report(config, state.report(config, TERMINATED_EXIT_CODE, error=why, terminated=True))
     return TERMINATED_EXIT_CODE
 
 
-def outputs_written_since(config: RunConfig, started_at: float) -> list[str]:
-    """Names of the inputs whose output exists and was modified at or after ``started_at`` (``time.time()``)."""
-    from fusemycells.io import list_inputs
+PARTIAL_PATTERN = ".fmc-*.partial"
+"""Names of the temporary files ``fusemycells.io.write_volume`` writes an output to before renaming it."""
+STALE_PARTIAL_S = 600.0
+"""A temporary output file untouched this long (s) is no other run's write in progress (see :func:`remove_stale_partials`)."""
 
-    try:
-        names = [p.name for p in list_inputs(config.input_dir)]
-    except OSError:
-        return []
-    written = []
-    for name in names:
+
+def remove_stale_partials(folder: Path, before: float, min_age_s: float = STALE_PARTIAL_S, now: float | None = None) -> list[str]:
+    """Remove the temporary output files (:data:`PARTIAL_PATTERN`) a killed earlier run left in ``folder``; their names.
+
+    Removed: regular files (never a symlink's target) last modified before ``before`` (``time.time()``
+    of this process's start) and at least ``min_age_s`` before ``now``. The writer names its file
+    with a random suffix (no process id to check) and writes it continuously, plane slab after plane
+    slab, renaming it within a second of the last write, so a file untouched for 10 minutes belongs
+    to no write in progress. Should a writer have been suspended that long, its read-back check or
+    rename fails and that run refuses the file with an error: no wrong output is ever produced.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for path in sorted(folder.glob(PARTIAL_PATTERN)):
         try:
-            if (config.output_dir / name).stat().st_mtime >= started_at - 1.0:  # coarse file system clocks
-                written.append(name)
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before or now - info.st_mtime < min_age_s:
+                continue
+            path.unlink()
         except OSError:
             continue
-    return written
+        removed.append(path.name)
+    return removed
 
 
 def report_path_problem(path: Path | None) -> str | None:
@@ -192,16 +252,17 @@ def report_path_problem(path: Path | None) -> str | None:
     return None
 
 
-def note_skipped_inputs(config: RunConfig, report: dict[str, object]) -> None:
+def note_skipped_inputs(config: RunConfig, facts: RunFacts) -> None:
     """Log the TIFF-named entries of the input folder that are not processed (dangling symlinks,
-    FIFOs, folders, ...) and put them in the report under ``skipped``; log an early error for
-    every input whose output name cannot be created in the output folder."""
+    FIFOs, folders, ...) and note them for the report (``skipped``) with the count of inputs; log an
+    early error for every input whose output name cannot be created in the output folder."""
     from fusemycells.io import InputError, check_output_name, scan_inputs
 
     scan = scan_inputs(config.input_dir)
     for name, reason in scan.skipped:
         log.warning("skipped %r: %s", name, reason)
-    report["skipped"] = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    facts.skipped = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    facts.inputs = len(scan.files)
     for path in scan.files:
         try:
             check_output_name(config.output_dir, path.name)
@@ -209,7 +270,7 @@ def note_skipped_inputs(config: RunConfig, report: dict[str, object]) -> None:
             log.error("will be refused: %s", exc)
 
 
-def _main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None, state: RunState) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -217,71 +278,65 @@ def _main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    config = build_config(args)
+    config = state.config = build_config(args)
     if (problem := report_path_problem(config.report)) is not None:
         log.error("%s", problem)
         return 2
-    started = time.perf_counter()
-    report: dict[str, object] = {"input_dir": str(config.input_dir), "output_dir": str(config.output_dir)}
+    facts = state.facts = RunFacts(str(config.input_dir), str(config.output_dir))
     try:
         problem = input_root_problem(args.input)
         if problem is not None:
             raise FileNotFoundError(problem)
-        note_skipped_inputs(config, report)
+        note_skipped_inputs(config, facts)
         resources, why = resolve_resources_dir(config.resources_dir)
         log.info("weights from %s (%s)", resources, why)
+        facts.resources = str(resources)
         manifest = load_manifest(resources)
+        facts.manifest_sha256 = manifest_sha256(resources)
         ensure_writable(config.output_dir)
+        facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
         # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
         from fusemycells.budget import BudgetPolicy
         from fusemycells.pipeline import Fuser, run_directory
 
-        time_budget = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
-        policy = BudgetPolicy.create(config.device, config.vram_budget_gib, time_budget, config.threads, config.ram_budget_gib, started=started)
-        log_cuda_failure(policy.device, config.device, policy.nvidia_driver)  # ERROR when a driver is there but CUDA is not
-        report["resources"] = str(resources)
-        report["policy"] = policy.as_report()
+        state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
+        policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)
         fuser = Fuser(manifest, policy, backend=config.backend)
-        cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype)
+        state.startup_s = state.clock.elapsed()
+        cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype, on_case=state.add_case)
     except Exception as exc:  # every setup failure exits 2: exit 1 means "a file was refused"
         expected = isinstance(exc, (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError))
         log.error("%s", exc if expected else f"setup failed: {type(exc).__name__}: {exc}", exc_info=None if expected else exc)
-        report["error"] = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        _write_report(config, report)
+        _write_report(config, state.report(config, 2, error=str(exc) if expected else f"{type(exc).__name__}: {exc}"))
         return 2
-    report["policy"] = policy.as_report()
-    report["files"] = [asdict(case) for case in cases]
-    report["seconds"] = round(time.perf_counter() - started, 3)
     refused = [c.file for c in cases if c.status != "ok"]
-    report["refused"] = refused
+    exit_code = 1 if refused else 0
+    report = state.report(config, exit_code)  # the policy with every event, and the time account
+    log.info("%s", describe_account(report["clock"]))
     if not _write_report(config, report):
         return 2
-    log.info("done: %d written, %d refused, %.1f s", len(cases) - len(refused), len(refused), report["seconds"])
-    return 1 if refused else 0
+    log.info("done: %d written, %d refused, %.1f s since %s", len(cases) - len(refused), len(refused), state.clock.elapsed(), state.clock.origin)
+    return exit_code
 
 
-def ensure_writable(directory: Path) -> None:
-    """Create the output folder if needed; raise PermissionError when files cannot be written there."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
+def note_stale_partials(folder: Path, clock: RunClock) -> list[str]:
+    """Remove the temporary output files a killed earlier run left (see :func:`remove_stale_partials`),
+    with a warning naming them; their names (the report's ``stale_partials_removed``)."""
+    removed = remove_stale_partials(folder, before=clock.wall)
+    if removed:
+        log.warning("removed %d temporary output file(s) left by an earlier, killed run: %s", len(removed), ", ".join(removed))
+    return removed
 
 
-def _write_report(config: RunConfig, report: dict[str, object]) -> bool:
+def _write_report(config: RunConfig, report: dict[str, Any]) -> bool:
     """Write the JSON report if one was asked for; False (logged) when it could not be written."""
     if config.report is None:
         return True
-    try:
-        config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(json.dumps(report, indent=2, default=str))
-    except OSError as exc:
-        log.error("report not written: %s (%s)", config.report, exc.strerror or exc)
-        return False
-    return True
+    problem = write_report(config.report, report)
+    if problem is not None:
+        log.error("%s", problem)
+    return problem is None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(clock=process_clock()))

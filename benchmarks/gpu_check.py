@@ -38,6 +38,9 @@ PARITY_GOAL = 1e-2
 """Largest allowed difference after percentile normalisation (issue #13)."""
 E2E_GOAL_S = 60.0
 """309×1920×1920 end to end on an H100/H200-class GPU (issue #13)."""
+NON_NETWORK_GOAL_S = 15.0
+"""Seconds outside the network forward passes (read, resampling, stitching, weight map, blend, output filter,
+normalisation, write) of that end-to-end run on an H100/H200-class GPU (issue #16)."""
 STEPS = ("env", "make_case", "pytest_cuda", "parity", "vram_torchscript", "vram_onnx", "e2e")
 
 
@@ -198,11 +201,23 @@ def max_vram_sample(text: str) -> float | None:
     return max(values) if values else None
 
 
+def non_network_seconds(seconds: dict | None) -> float | None:
+    """A file's seconds outside the network forward passes: its ``total`` less ``profile_s['forward_s']`` (the
+    per-kind profile of the report; None when either is missing)."""
+    seconds = seconds or {}
+    profile = seconds.get("profile_s") or {}
+    if "total" not in seconds or "forward_s" not in profile:
+        return None
+    return round(float(seconds["total"]) - float(profile["forward_s"]), 3)
+
+
 def e2e_facts(report: dict, vram_samples: str | None) -> dict:
-    """Per-file seconds per stage, degradation, peak VRAM (torch's and the device's sampled peak) of an inference.py report."""
+    """Per-file seconds per stage and per kind of work, the non-network seconds, degradation, peak VRAM (torch's and the
+    device's sampled peak) of an inference.py report."""
     files = report.get("files") or []
     first = files[0] if files else {}
     return {
+        "non_network_s": non_network_seconds(first.get("seconds")),
         "wall_s": report.get("seconds"), "status": first.get("status"), "shape": first.get("shape"), "seconds": first.get("seconds"),
         "degradation": first.get("degradation"), "peak_vram_mib_torch": first.get("peak_vram_mib"), "peak_rss_mib": first.get("peak_rss_mib"),
         "peak_vram_mib_device": max_vram_sample(vram_samples) if vram_samples else None,
@@ -223,6 +238,8 @@ def summarize(steps: dict[str, dict | None], outputs: dict[str, dict | None], de
         "vram_budget_honoured": {b: (None if v is None else v.get("honoured")) for b, v in vram_out.items()},
         "e2e_written": None if e2e is None else e2e.get("status") == "ok",
         "e2e_within_goal_s": None if e2e is None or device != "cuda" or quick or e2e.get("wall_s") is None else bool(e2e["wall_s"] <= E2E_GOAL_S),
+        "non_network_within_goal_s": None if e2e is None or device != "cuda" or quick or e2e.get("non_network_s") is None
+        else bool(e2e["non_network_s"] <= NON_NETWORK_GOAL_S),
     }
     return {
         "device": device, "quick": quick, "elapsed_s": elapsed_s, "total_s": total_s,
@@ -251,6 +268,7 @@ def render_summary(result: dict) -> str:
     if e2e:
         lines.append(f"- end to end {e2e.get('shape')}: {e2e.get('status')}, {e2e.get('wall_s')} s, stages {e2e.get('seconds')}, degradation {e2e.get('degradation')}, "
                      f"peak VRAM torch {e2e.get('peak_vram_mib_torch')} MiB / device {e2e.get('peak_vram_mib_device')} MiB, providers {e2e.get('providers')}")
+        lines.append(f"- non-network seconds (total − forward): {e2e.get('non_network_s')} s (goal ≤ {NON_NETWORK_GOAL_S} s on an H100/H200)")
     lines += ["", "checks: " + json.dumps(result["checks"])]
     return "\n".join(lines) + "\n"
 

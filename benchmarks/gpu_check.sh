@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU verification (issue #13): environment and CUDA route, the CUDA test subset (pytest -m cuda),
 # TorchScript fp16 / ONNX Runtime CUDA (IOBinding) parity against the CPU, the VRAM budget with all stages
-# loaded, and end to end on a generated 309x1920x1920 stack (seconds per stage, peak VRAM, degradation).
+# loaded, and end to end on a generated 309x1920x1920 stack (seconds per stage, the non-network seconds, i.e.
+# total less the forward passes (issue #16, goal <= 15 s), peak VRAM, degradation).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [--device cuda|cpu] [--quick] [--total SECONDS] [--vram-budget GiB]
 #
@@ -14,7 +15,7 @@
 # --device cpu --quick is the CPU dry run on a small stack (what test/test_gpu_check.py runs).
 set -uo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 OUT=""
 DEVICE="cuda"

@@ -10,6 +10,7 @@ process). An output is written atomically, then a completion record ``<output>.d
 verifies and redoes the others. A task whose worker dies is retried on another worker by the
 scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused).
 Exit code as ``inference.py``: 0 every file written or verified, 1 some refused, 2 setup error.
+The ``--report`` JSON is documented key by key in ``fusemycells/report.schema.json``.
 
 Needs the optional packages of ``requirements-scale.txt`` (dask, distributed; zarr and ome-zarr
 for OME-Zarr); this module imports without them and says what to install.
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
+from .paths import ensure_writable
+from .progress import Bar, interactive, log_lines_only
+from .report import batch_report, case_entry, manifest_sha256, write_report
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -263,7 +266,8 @@ def _make_fuser(settings: WorkerSettings) -> Any:
     policy = BudgetPolicy.create(
         settings.device, settings.vram_budget_gib, None, settings.threads, settings.ram_budget_gib
     )
-    return Fuser(manifest, policy, backend=settings.backend)
+    # workers share the client's terminal: no patch bars there (the client shows the files' bar)
+    return Fuser(manifest, policy, backend=settings.backend, progress=log_lines_only)
 
 
 def _process_tiff(path: Path, output_dir: Path, fuser: Any, output_dtype: str, deadline: float | None) -> Any:
@@ -399,7 +403,7 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
         fuser = worker_fuser()
     deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
     if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
-        report = asdict(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
+        report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
     else:
         report = _process_any(job, fuser, deadline)
     if report["status"] == "ok":
@@ -486,7 +490,7 @@ def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]
     log.info(
         "[%s] %s in %.1f s (peak RSS %.0f MiB)", job.name, report.status, report.seconds["total"], report.peak_rss_mib
     )
-    return asdict(report)
+    return case_entry(report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,31 +562,34 @@ def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboa
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one log line per finished file otherwise."""
+    """Files done: a bar with the estimated time left on a terminal (:func:`fusemycells.progress.interactive`),
+    one log line per finished file otherwise."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        stream = sys.stderr if stream is None else stream
+        self.total = total
         self.counts: dict[str, int] = {"ok": 0, "skipped": 0, "refused": 0}
         self.started = time.perf_counter()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.bar = Bar(total, "files", stream) if interactive(stream) else None
 
     def update(self, entry: dict[str, Any]) -> None:
         self.counts[entry["status"]] = self.counts.get(entry["status"], 0) + 1
         done = sum(self.counts.values())
         elapsed = time.perf_counter() - self.started
         counts = self.counts
-        summary = (
-            f"{done}/{self.total} files ({counts['ok']} written, {counts['skipped']} skipped, "
-            f"{counts['refused']} refused) {elapsed:.0f} s"
-        )
-        if self.tty:
-            filled = int(self.width * done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {summary}")
+        outcomes = f"{counts['ok']} written, {counts['skipped']} skipped, {counts['refused']} refused"
+        if self.bar is not None:
+            self.bar.update(done, elapsed, outcomes)
             if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+                self.close()
         else:
+            summary = f"{done}/{self.total} files ({outcomes}) {elapsed:.0f} s"
             log.info("%s %s: %s", entry["status"], entry["file"], summary)
+
+    def close(self) -> None:
+        """Close the bar (its last state stays on the terminal); nothing to do without one."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_batch(
@@ -593,8 +600,6 @@ def run_batch(
     A job whose worker died more often than the scheduler allows (``KilledWorker``) or whose task
     failed outside the pipeline is reported as refused; the others carry on.
     """
-    from distributed import as_completed
-
     token = uuid.uuid4().hex[:8]
     order = sorted(range(len(jobs)), key=lambda i: -input_stamp(Path(jobs[i].source))["bytes"])
     futures = {}
@@ -602,6 +607,18 @@ def run_batch(
         future = client.submit(run_job, jobs[i], before_file, key=f"fuse-{jobs[i].name}-{token}", pure=False)
         futures[future] = i
     entries: list[dict[str, Any] | None] = [None] * len(jobs)
+    try:
+        _gather(futures, jobs, entries, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return [e for e in entries if e is not None]
+
+
+def _gather(futures: dict[Any, int], jobs: Sequence[Job], entries: list[Any], progress: Progress | None) -> None:
+    """Each job's report entry into ``entries`` (by job index) as its future completes."""
+    from distributed import as_completed
+
     for future in as_completed(list(futures)):
         job = jobs[futures[future]]
         try:
@@ -619,7 +636,6 @@ def run_batch(
         if progress is not None:
             progress.update(entry)
         future.release()
-    return [e for e in entries if e is not None]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -703,19 +719,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ensure_writable(directory: Path) -> None:
-    """Create ``directory``; :class:`SetupError` when files cannot be written there."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise SetupError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc
-
-
-def _weights_fingerprint(resources: Path) -> str:
-    """sha256 of manifest.json, which lists every weight file's sha256."""
-    return hashlib.sha256((resources / "manifest.json").read_bytes()).hexdigest()
 
 
 def _available_ram_gib() -> float:
@@ -737,7 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     started = time.perf_counter()
-    report: dict[str, Any] = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
+    base = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
+    known: dict[str, Any] = {}  # what the report says besides the files, as it becomes known
     cluster = client = None
     try:
         distributed = require_distributed()
@@ -757,9 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ManifestError as exc:
             raise SetupError(str(exc)) from exc
         output_dir = args.output.resolve()
-        ensure_writable(output_dir)
+        try:
+            ensure_writable(output_dir)
+        except PermissionError as exc:
+            raise SetupError(str(exc)) from exc
         fingerprint = {
-            "weights": _weights_fingerprint(resources),
+            "weights": manifest_sha256(resources),
             "backend": args.backend,
             "output_dtype": args.output_dtype,
             "level": args.level,
@@ -812,9 +819,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.register_plugin(FuserPlugin(settings), name=PLUGIN_NAME)
         cluster_info["workers"] = len(client.scheduler_info(n_workers=-1).get("workers", {}))
         cluster_info["threads_per_worker"] = threads
-        report.update(
+        known.update(
             {
+                "jobs": len(jobs),
                 "resources": str(resources),
+                "manifest_sha256": fingerprint["weights"],
                 "cluster": cluster_info,
                 "settings": asdict(settings),
                 "fingerprint": fingerprint,
@@ -824,18 +833,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         entries = run_batch(client, jobs, progress=Progress(len(jobs)))
     except (SetupError, MissingDependency, OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
-        report["error"] = str(exc)
-        _write_report(args.report, report)
         _close(client, cluster)
+        seconds = time.perf_counter() - started
+        _write_report(args.report, batch_report(**base, exit_code=2, seconds=seconds, error=str(exc), **known))
         return 2
     _close(client, cluster)
     refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
-    report["files"] = entries
-    report["written"] = sum(e["status"] == "ok" for e in entries)
-    report["skipped"] = sum(e["status"] == "skipped" for e in entries)
-    report["refused"] = refused
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    _write_report(args.report, report)
+    exit_code = 1 if refused else 0
+    seconds = time.perf_counter() - started
+    report = batch_report(**base, exit_code=exit_code, seconds=seconds, entries=entries, **known)
+    if not _write_report(args.report, report):
+        return 2
     log.info(
         "done: %d written, %d skipped (verified complete), %d refused, %.1f s",
         report["written"],
@@ -843,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(refused),
         report["seconds"],
     )
-    return 1 if refused else 0
+    return exit_code
 
 
 def _close(client: Any, cluster: Any) -> None:
@@ -855,11 +863,12 @@ def _close(client: Any, cluster: Any) -> None:
                 log.debug("closing %s: %s", type(thing).__name__, exc)
 
 
-def _write_report(path: Path | None, report: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
+def _write_report(path: Path | None, report: dict[str, Any]) -> bool:
+    """Write the gathered report if one was asked for; False (logged) when it could not be written."""
+    problem = None if path is None else write_report(path, report)
+    if problem is not None:
+        log.error("%s", problem)
+    return problem is None
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cuda_support import log_cuda_failure
+from .deadline import RunClock
 from .devices import available_ram_bytes, choose_device, free_vram_gib, nvidia_driver_version
 from .sources import Shape3, Spacing3, shape_for_spacing
+from .stitching import count_windows
 
 log = logging.getLogger(__name__)
 
@@ -34,53 +37,211 @@ LEARN_MARGIN = 1.25
 
 @dataclass
 class LinearCost:
-    """Seconds of a stage ≈ ``fixed_s + per_voxel_s × voxels``; the rate is learned across files.
+    """Seconds of a stage ≈ ``fixed_s + per_voxel_s × voxels + per_h_voxel_s × h_voxels``, learned across files.
 
-    A file only teaches the rate when its per-voxel part dominates (more than ``fixed_s``), so
-    small files, whose time is mostly fixed overhead, never inflate the estimate for a large one.
+    ``voxels`` counts the input grid (for the global stage: input + H voxels), ``h_voxels`` the
+    high-resolution grid H. A file only teaches the rates when its per-voxel part dominates (more
+    than ``fixed_s``), so small files, whose time is mostly fixed overhead, never inflate the
+    estimate for a large one; both rates are then scaled by the same factor.
     """
 
     fixed_s: float
     per_voxel_s: float
+    per_h_voxel_s: float = 0.0
 
-    def estimate(self, voxels: float) -> float:
-        """Expected seconds for ``voxels`` voxels."""
-        return self.fixed_s + self.per_voxel_s * voxels
+    def estimate(self, voxels: float, h_voxels: float = 0.0) -> float:
+        """Expected seconds for ``voxels`` input(-grid) voxels and ``h_voxels`` voxels of H."""
+        return self.fixed_s + self.per_voxel_s * voxels + self.per_h_voxel_s * h_voxels
 
-    def learn(self, voxels: float, seconds: float) -> None:
-        """Adopt the measured rate (× :data:`LEARN_MARGIN`) when the per-voxel part dominates."""
+    def scaled(self, factor: float, fixed: bool = False) -> LinearCost:
+        """The same cost with the per-voxel rates × ``factor`` (a margin), and ``fixed_s`` too when
+        ``fixed`` (a slower machine)."""
+        return LinearCost(
+            self.fixed_s * (factor if fixed else 1.0), self.per_voxel_s * factor, self.per_h_voxel_s * factor
+        )
+
+    def learn(self, voxels: float, seconds: float, h_voxels: float = 0.0) -> None:
+        """Scale the rates so that they predict the measured ``seconds`` × :data:`LEARN_MARGIN`, when the
+        per-voxel part dominates."""
         variable = seconds - self.fixed_s
-        if voxels > 0 and variable > self.fixed_s:
-            self.per_voxel_s = LEARN_MARGIN * variable / voxels
+        predicted = self.per_voxel_s * voxels + self.per_h_voxel_s * h_voxels
+        if predicted > 0 and variable > self.fixed_s:
+            factor = LEARN_MARGIN * variable / predicted
+            self.per_voxel_s *= factor
+            self.per_h_voxel_s *= factor
 
 
 def default_stage_costs() -> dict[str, LinearCost]:
-    """First-file estimates, conservative for 2 CPU cores (measured on a 309×1920×1920 stack).
+    """First-file estimates of the stages the deadline plans with, for 2 CPU cores (Grand Challenge's
+    4 vCPUs are 2 hyperthreaded cores: README *Budgets*); later files learn them (``learn``).
 
-    * ``global``: resize to H and to the global grid, plus the stage-1 forward, per input + H
-      voxel (59.7 s for 1.14e9 + 8.0e8 voxels: 3.1e-8 s/voxel).
-    * ``finish``: post-processing and writing, per input voxel ((165 + 40) s / 1.14e9 voxels:
-      1.8e-7 s/voxel).
+    Each is :data:`CPU_2CORE` (measured) × a margin: ``global`` (resize to H and to the global grid,
+    the stage-1 forward) × 1.25, since over-estimating it skips the networks needlessly; ``fallback``
+    (the stage-1 correction on H, degradation level 2) and ``finish`` (post-processing: the weight
+    map and the blend read the correction on H; writing) × 1.5, since they are what is reserved to
+    write the output before the budget ends, also on a machine 0.7× as fast.
     """
-    return {"global": LinearCost(fixed_s=2.0, per_voxel_s=5e-8), "finish": LinearCost(fixed_s=2.0, per_voxel_s=2.5e-7)}
+    measured = CPU_2CORE
+    return {
+        "global": measured.global_stage.scaled(1.25),
+        "fallback": measured.fallback.scaled(1.5),
+        "finish": measured.finish.scaled(1.5),
+    }
 
 
-def estimate_peak_bytes(shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> int:
-    """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack.
+@dataclass(frozen=True)
+class PhaseRates:
+    """Seconds of the pipeline's phases on one machine, as linear functions of the voxel counts
+    (what a run took there, not what the policy assumes). Input voxels and H voxels: see :class:`LinearCost`."""
+
+    startup_s: float  # process start to the first file: interpreter, imports, setup
+    read: LinearCost  # reading the TIFF, per input voxel (uint16)
+    load_s: float  # loading and warming up a channel's two networks
+    preprocess: LinearCost  # sanitise, normalisation, noise estimate
+    global_stage: LinearCost
+    patch_s: float  # one 64³ patch of the patch stage (steady rate)
+    first_batch_s: float  # the first batch of a run: its row of patches resampled from the input, warm-up
+    fallback: LinearCost
+    finish: LinearCost  # post-processing (weight map, blend) and writing
+    level3_finish: LinearCost  # level 3: the output's normalisation and filters, computed as it is written
+
+
+CPU_2CORE = PhaseRates(
+    startup_s=5.0,
+    read=LinearCost(0.0, 1.25e-8),
+    load_s=1.5,
+    preprocess=LinearCost(0.0, 1.85e-9),
+    global_stage=LinearCost(2.0, 4.3e-9, 5.5e-8),
+    patch_s=0.131,
+    first_batch_s=4.0,
+    fallback=LinearCost(1.0, 2.0e-8, 2.2e-8),
+    finish=LinearCost(2.0, 0.94e-7, 0.67e-7),
+    level3_finish=LinearCost(1.0, 4.3e-8),
+)
+"""Phase times on the development machine's 2 CPU cores (ONNX Runtime, shipped networks), calibrated
+on the 309×1920×1920 run in README *Performance* (preprocess 2.1 s, global stage 51.8 s, 0.131 s
+per patch, post-processing + write 162.7 s), with the split between input and H voxels from
+``benchmarks/budget_costs.py`` on 150×960×960 at 1.01 µm and 40×960×960 at 5 µm Z spacing (README
+*Budgets*); level 3's finish from a level-3 run of that stack on the shared machine (110.7 s while
+its global stage took 2.24× the quiet 51.8 s); start-up (4.0–4.4 s) and reading the 2.1 GiB file
+(14.2–18.2 s) from the two runs of README *Budgets*."""
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What :func:`plan_first_file` expects: the degradation level and the seconds of each phase."""
+
+    level: int
+    high_res_grid: Shape3
+    seconds: dict[str, float]
+
+    @property
+    def total_s(self) -> float:
+        """Seconds from the process's start to the output written."""
+        return sum(self.seconds.values())
+
+
+def plan_first_file(
+    shape: Shape3,
+    spacing: Spacing3,
+    budget_s: float,
+    target_um: float = 0.6,
+    patch: Shape3 = (64, 64, 64),
+    overlap: float = 0.5,
+    rates: PhaseRates = CPU_2CORE,
+    speed: float = 1.0,
+    costs: dict[str, LinearCost] | None = None,
+) -> FilePlan:
+    """The level the deadline rules choose for a run's first (only) file, and when its output is written.
+
+    Follows :meth:`fusemycells.pipeline.Fuser.fuse`: the time kept back (``Fuser.reserve_s``: the
+    level-2 fallback, post-processing and writing) and the global stage's guard come from the
+    policy's estimates (``costs``, default :func:`default_stage_costs`); the reserve grows by the
+    factor the global stage overran its estimate, if it did; the patch stage is tried
+    with overlap, stopped after its first two batches if the rate they show would overrun, then
+    tried without overlap only if that fits (the watcher's rule), else the fallback runs. What each
+    phase really takes is ``rates`` on a machine ``speed``× as fast (ZYX ``shape`` voxels,
+    ``spacing`` µm, ``budget_s`` from the process's start).
+    """
+    costs = default_stage_costs() if costs is None else costs
+    n_in = float(np.prod(shape, dtype=np.float64))
+    grid_h = shape_for_spacing(shape, spacing, (target_um,) * 3)
+    n_h = float(np.prod(grid_h, dtype=np.float64))
+    seconds = {
+        "start-up": rates.startup_s / speed,
+        "read": rates.read.estimate(n_in) / speed,
+        "load_weights": rates.load_s / speed,
+        "preprocess": rates.preprocess.estimate(n_in) / speed,
+    }
+    reserve = costs["fallback"].estimate(n_in, n_h) + costs["finish"].estimate(n_in, n_h)
+
+    def left() -> float:
+        return budget_s - sum(seconds.values()) - reserve
+
+    finish = rates.finish.estimate(n_in, n_h) / speed
+    write = rates.level3_finish.estimate(n_in) / speed  # level 3: no blend
+    if left() <= costs["global"].estimate(n_in, n_h):
+        return FilePlan(3, grid_h, {**seconds, "finish": write})
+    seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed
+    need, fixed = costs["global"].estimate(n_in, n_h), costs["global"].fixed_s
+    slower = max(1.0, seconds["global_stage"] / need) if need - fixed > fixed else 1.0  # as Fuser._global_stage
+    reserve = sum(costs[name].scaled(slower, fixed=True).estimate(n_in, n_h) for name in ("fallback", "finish"))
+    if left() <= 0.0:
+        return FilePlan(3, grid_h, {**seconds, "finish": write})
+    rate = rates.patch_s / speed
+    full, plain = count_windows(grid_h, patch, overlap), count_windows(grid_h, patch, 0.0)
+    level = 2
+    if full * rate <= left() - rates.first_batch_s / speed:
+        level, seconds["patch_stage"] = 0, rates.first_batch_s / speed + full * rate
+    else:
+        seconds["patch_stage"] = rates.first_batch_s / speed + 2 * rate  # two batches, then the watcher stops
+        if plain * rate <= left():
+            level, seconds["patch_stage"] = 1, seconds["patch_stage"] + plain * rate
+    if level == 2:
+        seconds["fallback"] = rates.fallback.estimate(n_in, n_h) / speed
+    return FilePlan(level, grid_h, {**seconds, "finish": finish})
+
+
+def estimate_peak_bytes(
+    shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float, patch: Sequence[int] | None = None
+) -> int:
+    """Conservative peak host memory (bytes) of :meth:`Fuser.fuse` for a ZYX stack (``spacing`` µm).
 
     The input pixels (``itemsize`` each; the blended output reuses them, or needs 4 bytes a voxel
-    more for small stacks, counted always), the correction on the high-resolution grid (float16,
+    more for small stacks, counted always), the correction on the high-resolution grid H (float16,
     2 bytes a voxel, on big stacks; float32 below :data:`COMPACT_OUTPUT_VOXELS`), z-slab buffers
-    (a 16-plane input slab and a 64-plane H slab, float32 ×8) and a fixed 1 GiB for the networks,
-    the global grid and the libraries.
+    (a 16-plane input slab and a 64-plane H slab, float32 ×8; the H slab as wide as the stitching
+    pads it to a ``patch``), a fixed 1 GiB for the networks, the global grid and the libraries, and,
+    when H is smaller than a ``patch`` (ZYX voxels) along some axis, the network inputs the
+    stitching materialises and pads (:func:`padded_input_bytes`).
     """
     n_input = float(np.prod(shape, dtype=np.float64))
     high = shape_for_spacing(shape, spacing, (target_spacing,) * 3)
     n_high = float(np.prod(high, dtype=np.float64))
-    slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * high[1] * high[2])
+    wide = high if patch is None else tuple(max(n, p) for n, p in zip(high, patch))
+    slabs = 8 * 4 * (16 * shape[1] * shape[2] + 64 * wide[1] * wide[2])
     compact = n_input > COMPACT_OUTPUT_VOXELS and itemsize in (2, 4)
     correction = 2 if n_high > COMPACT_OUTPUT_VOXELS else 4  # float16 on big stacks (PatchStage)
-    return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + (1 << 30))
+    padded = 0 if patch is None else padded_input_bytes(high, patch)
+    return int(n_input * (itemsize + (0 if compact else 4)) + correction * n_high + slabs + padded + (1 << 30))
+
+
+def padded_input_bytes(high: Shape3, patch: Sequence[int], channels: int = 2) -> int:
+    """Bytes the stitching holds for a volume of ``high`` voxels (H, ZYX) smaller than ``patch`` along
+    some axis; 0 when H is at least a patch everywhere (the inputs are then read one row of patches
+    at a time).
+
+    Each of the ``channels`` float32 inputs is materialised on H and reflect-padded to at least the
+    patch on every axis (``stitching._as_rows``), and numpy's reflect padding copies overlapping
+    chunks: measured 1.47× one padded channel for a 5000×10×10 volume padded to 5000×64×64, so one
+    more padded channel is counted. A 100000×16×16 stack at 1.0/0.39 µm: H 166667×10×10, padded
+    166667×64×64, 8.2 GB.
+    """
+    if all(n >= p for n, p in zip(high, patch)):
+        return 0
+    n_high = float(np.prod(high, dtype=np.float64))
+    n_padded = float(np.prod([max(n, p) for n, p in zip(high, patch)], dtype=np.float64))
+    return int(4 * (channels * (n_high + n_padded) + n_padded))
 
 
 class EventLog:
@@ -119,8 +280,9 @@ class BudgetPolicy:
     time_budget_s: float | None
     threads: int | None
     ram_budget_bytes: int | None = None
-    started: float = field(default_factory=time.perf_counter)  # perf_counter() at the start of the run
+    clock: RunClock = field(default_factory=RunClock.now)  # where the time budget counts from
     nvidia_driver: str | None = None  # host NVIDIA driver version (None: no driver visible)
+    cuda_error: str | None = None  # the ERROR logged when a driver is there but CUDA did not start
     compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
     events: EventLog = field(default_factory=EventLog, compare=False)
 
@@ -132,10 +294,19 @@ class BudgetPolicy:
         time_budget_s: float | None,
         threads: int | None,
         ram_budget_gib: float | None = None,
-        started: float | None = None,
+        clock: RunClock | None = None,
+        *,
+        read_driver: Callable[[], str | None] = nvidia_driver_version,
+        cuda_check: Callable[[str, str, str | None], str | None] = log_cuda_failure,
     ) -> BudgetPolicy:
-        """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads."""
+        """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads.
+
+        ``clock``: where the time budget counts from (default: now). ``read_driver()`` gives the host's
+        NVIDIA driver version; ``cuda_check(chosen, requested, driver)`` logs and returns the ERROR text
+        when a driver is there but CUDA did not start (:func:`fusemycells.cuda_support.log_cuda_failure`).
+        """
         chosen = choose_device(device)
+        driver = read_driver()
         if chosen == "cuda" and vram_budget_gib is None:
             free = free_vram_gib()
             vram_budget_gib = None if free is None else round(free * VRAM_SAFE_FRACTION, 2)
@@ -151,10 +322,16 @@ class BudgetPolicy:
             time_budget_s=time_budget_s,
             threads=(os.cpu_count() or 1) if threads is None else threads,
             ram_budget_bytes=ram_budget,
-            started=time.perf_counter() if started is None else started,
-            nvidia_driver=nvidia_driver_version(),
+            clock=RunClock.now() if clock is None else clock,
+            nvidia_driver=driver,
+            cuda_error=cuda_check(chosen, device, driver),
         )
         log.info("%s", policy.describe())
+        if time_budget_s is not None:
+            log.info(
+                "time budget %.0f s counted from %s at %s (%.1f s ago)",
+                time_budget_s, policy.clock.origin, policy.clock.iso(), policy.clock.elapsed(),
+            )  # fmt: skip
         return policy
 
     def describe(self) -> str:
@@ -183,7 +360,7 @@ class BudgetPolicy:
         """Seconds left of the run's time budget (None: no budget)."""
         if self.time_budget_s is None:
             return None
-        return self.time_budget_s - (time.perf_counter() - self.started)
+        return self.time_budget_s - self.clock.elapsed()
 
     def file_deadline(self, files_left: int) -> float | None:
         """perf_counter() time by which the current file must be written: an equal share of what is left."""
@@ -192,11 +369,14 @@ class BudgetPolicy:
             return None
         return time.perf_counter() + max(0.0, remaining) / max(1, files_left)
 
-    def check_memory(self, shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float) -> None:
-        """Raise :class:`MemoryBudgetExceeded` (before any allocation) when a stack would exceed the RAM budget."""
+    def check_memory(
+        self, shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float, patch: Sequence[int] | None = None
+    ) -> None:
+        """Raise :class:`MemoryBudgetExceeded` (before any allocation) when a stack would exceed the RAM
+        budget (see :func:`estimate_peak_bytes`)."""
         if self.ram_budget_bytes is None:
             return
-        need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing)
+        need = estimate_peak_bytes(shape, itemsize, spacing, target_spacing, patch)
         if need > self.ram_budget_bytes:
             where = f"shape {shape} at spacing {tuple(round(s, 4) for s in spacing)} µm"
             budget = self.ram_budget_bytes / (1 << 30)
@@ -222,8 +402,11 @@ class BudgetPolicy:
             "fp16": self.half,
             "vram_budget_gib": self.vram_budget_gib,
             "time_budget_s": self.time_budget_s,
+            "clock_started": self.clock.iso(),
+            "clock_origin": self.clock.origin,
             "threads": self.threads,
             "nvidia_driver": self.nvidia_driver,
+            "cuda_error": self.cuda_error,
             "events": list(self.events),
         }
 

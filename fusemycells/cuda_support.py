@@ -28,16 +28,15 @@ import logging
 import os
 import re
 import runpy
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .devices import NVIDIA_VERSION_FILE, nvidia_driver_version
+
 log = logging.getLogger(__name__)
 
-NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
-"""Where the host's NVIDIA kernel driver states its version (absent without a driver)."""
 COMPAT_DIR = "/usr/local/cuda/compat"
 """The cuda-compat package's libraries (libcuda.so.1 of a newer driver) in nvidia/cuda base images."""
 ROUTE_ENV = "FUSEMYCELLS_CUDA_ROUTE"
@@ -92,20 +91,6 @@ def version_tuple(text: str | None) -> tuple[int, ...] | None:
     if text is None or not re.fullmatch(r"\d+(\.\d+)*", text.strip()):
         return None
     return tuple(int(part) for part in text.strip().split("."))
-
-
-def driver_from_proc(text: str) -> str | None:
-    """The kernel driver version in the text of /proc/driver/nvidia/version (proprietary or open module)."""
-    match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", text)
-    return match.group(1) if match else None
-
-
-def driver_from_nvidia_smi(output: str) -> str | None:
-    """The driver version in ``nvidia-smi --query-gpu=driver_version --format=csv,noheader`` output (first GPU)."""
-    for line in output.splitlines():
-        if version_tuple(line.strip()) is not None:
-            return line.strip()
-    return None
 
 
 def libcuda_version_from_name(name: str) -> str | None:
@@ -259,29 +244,6 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def nvidia_smi_driver(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str | None:
-    """The driver version nvidia-smi reports, or None without nvidia-smi or a working driver."""
-    try:
-        proc = run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return driver_from_nvidia_smi(proc.stdout) if proc.returncode == 0 else None
-
-
-def host_driver_version(
-    proc_path: str = NVIDIA_VERSION_FILE, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
-) -> str | None:
-    """The host's NVIDIA driver version: /proc/driver/nvidia/version, else nvidia-smi; None without a driver."""
-    text = read_text(proc_path)
-    version = driver_from_proc(text) if text else None
-    return version if version is not None else nvidia_smi_driver(run)
-
-
 def compat_libcuda_version(compat_dir: str = COMPAT_DIR) -> str | None:
     """Driver version of the cuda-compat libcuda in ``compat_dir`` (the target of libcuda.so.1), or None."""
     folder = Path(compat_dir)
@@ -327,7 +289,7 @@ def installed_cuda_builds() -> dict[str, str | None]:
 
 def host_plan(proc_path: str = NVIDIA_VERSION_FILE, compat_dir: str = COMPAT_DIR) -> CudaPlan:
     """:func:`plan_cuda` for this machine and the installed libraries."""
-    driver = host_driver_version(proc_path)
+    driver = nvidia_driver_version(proc_path)  # /proc, else nvidia-smi (the one reader, in devices)
     driver_cuda = libcuda_cuda_version() if driver is None else None
     return plan_cuda(driver, image_cuda(installed_cuda_builds()), compat_libcuda_version(compat_dir), driver_cuda)
 

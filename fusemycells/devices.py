@@ -7,10 +7,13 @@ say what the machine has and what it used. torch is imported lazily: a CPU-only 
 
 from __future__ import annotations
 
+import os
 import re
 import resource
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
@@ -52,18 +55,85 @@ def free_vram_gib() -> float | None:
 
 
 def parse_driver_version(text: str) -> str | None:
-    """The NVIDIA kernel driver version (e.g. '535.104.05') in the text of :data:`NVIDIA_VERSION_FILE`."""
+    """The NVIDIA kernel driver version (e.g. '535.104.05') in the text of :data:`NVIDIA_VERSION_FILE`
+    (proprietary or open kernel module)."""
     match = re.search(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", text)
     return match.group(1) if match else None
 
 
-def nvidia_driver_version(path: str = NVIDIA_VERSION_FILE) -> str | None:
-    """The host's NVIDIA driver version, or None when no NVIDIA driver is visible."""
+def parse_nvidia_smi_version(output: str) -> str | None:
+    """The driver version in ``nvidia-smi --query-gpu=driver_version --format=csv,noheader`` output (first GPU)."""
+    for line in output.splitlines():
+        if re.fullmatch(r"\d+(\.\d+)+", line.strip()):
+            return line.strip()
+    return None
+
+
+def nvidia_smi_driver(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str | None:
+    """The driver version nvidia-smi reports, or None without nvidia-smi or a working driver."""
+    try:
+        proc = run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi_version(proc.stdout) if proc.returncode == 0 else None
+
+
+def nvidia_driver_version(
+    path: str = NVIDIA_VERSION_FILE, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> str | None:
+    """The host's NVIDIA driver version: :data:`NVIDIA_VERSION_FILE`, else nvidia-smi; None without a driver.
+
+    The one reader of the driver version (the CUDA route of :mod:`fusemycells.cuda_support` and the
+    budget policy's report both use it).
+    """
     try:
         with open(path) as handle:
-            return parse_driver_version(handle.read())
+            version = parse_driver_version(handle.read())
     except OSError:
+        version = None
+    return version if version is not None else nvidia_smi_driver(run)
+
+
+def parse_start_ticks(stat: str) -> int | None:
+    """The start time (clock ticks after boot) in the text of ``/proc/<pid>/stat`` (field 22).
+
+    The command name (field 2) is in parentheses and may itself hold spaces or ')', so fields are
+    counted after the last ')'.
+    """
+    head, _, tail = stat.rpartition(")")
+    fields = tail.split()
+    if not head or len(fields) < 20 or not fields[19].isdigit():
         return None
+    return int(fields[19])
+
+
+def process_age_s(
+    stat_path: str = "/proc/self/stat",
+    boot_clock: Callable[[], float] | None = None,
+    ticks_per_s: int | None = None,
+) -> float | None:
+    """Seconds since this process started (Linux; None where ``/proc`` or ``CLOCK_BOOTTIME`` is missing).
+
+    The kernel's start time of the process, so interpreter start-up, imports, and anything before
+    an ``exec()`` into a new program of the same process (the image's entry point may do that) are
+    included. Resolution: one clock tick (10 ms).
+    """
+    try:
+        with open(stat_path) as handle:
+            start = parse_start_ticks(handle.read())
+        clock = boot_clock or (lambda: time.clock_gettime(time.CLOCK_BOOTTIME))
+        ticks = ticks_per_s or os.sysconf("SC_CLK_TCK")
+        now = clock()
+    except (OSError, AttributeError, ValueError):
+        return None
+    if start is None or ticks <= 0:
+        return None
+    return max(0.0, now - start / ticks)
 
 
 def proc_status_mib(key: str) -> float | None:

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from .backends import LoadedStage
 from .budget import BudgetPolicy, EventLog
@@ -23,6 +24,7 @@ from .config import StageSpec
 from .deadline import Clock, Deadline, PatchRateWatcher
 from .devices import free_device_cache, is_out_of_memory, torch_threads
 from .postprocess import FLOAT16_MAX
+from .progress import ProgressFactory, progress_for
 from .sources import PlaneSource, Shape3, read_only, slabs
 from .stitching import Predict, StitchStats, count_windows, sliding_window
 
@@ -118,8 +120,9 @@ class PatchResult:
 def store(out: np.ndarray, z0: int, z1: int, planes: np.ndarray) -> None:
     """``out[z0:z1] = planes`` (ZYX); into a float16 ``out`` clipped to ±:data:`FLOAT16_MAX` first
     (in ``planes``), since a value beyond it would become ±inf and then NaN (inf·0) downstream."""
-    if out.dtype == np.float16:
-        np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+    if out.dtype == np.float16:  # torch's clamp and float16 cast took a fifth of numpy's CPU time on 32×1242² planes
+        torch.from_numpy(out[z0:z1]).copy_(torch.from_numpy(planes).clamp_(-FLOAT16_MAX, FLOAT16_MAX))
+        return
     out[z0:z1] = planes
 
 
@@ -156,6 +159,7 @@ class PatchStage:
         policy: BudgetPolicy,
         clock: Clock = time.perf_counter,
         min_sub_patch: int = 16,
+        progress: ProgressFactory = progress_for,
     ) -> None:
         assert spec.patch_size is not None
         self.spec, self.patch, self.overlap = spec, spec.patch_size, spec.overlap
@@ -163,7 +167,7 @@ class PatchStage:
         self.device_stage = load(policy.device)
         cpu = None if policy.device == "cpu" else (lambda: load("cpu").runner)
         self.ladder = OomLadder(self.device_stage.runner, cpu, policy.events, min_sub_patch)
-        self.watcher = PatchRateWatcher(clock)
+        self.watcher = PatchRateWatcher(clock, progress)
 
     @property
     def current(self) -> LoadedStage:
@@ -208,10 +212,13 @@ class PatchStage:
         self.watcher.start(total, deadline, batch_size)
         emit = partial(store_difference, result.correction, read_only(x_h))
         with torch_threads(1 if workers > 1 else None):  # one thread per concurrent forward
-            _, stats = sliding_window(
-                [x_h, p1_h], self.ladder, self.patch, overlap=overlap, batch_size=batch_size,
-                emit=emit, after_batch=self.watcher.after_batch, workers=workers,
-            )  # fmt: skip
+            try:
+                _, stats = sliding_window(
+                    [x_h, p1_h], self.ladder, self.patch, overlap=overlap, batch_size=batch_size,
+                    emit=emit, after_batch=self.watcher.after_batch, workers=workers,
+                )  # fmt: skip
+            finally:
+                self.watcher.finish()  # closes a progress bar, also on an error or SIGTERM
         if stats.stopped is not None:
             return stats.stopped
         result.info = self._info(stats, overlap, workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import tempfile
 from pathlib import Path
 
 from .config import INPUT_SUBDIR
@@ -72,3 +73,13 @@ def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
     return (
         f"input folder not found: --input {root} exists but has no {subdir.as_posix()}/ inside; --input takes {layout}"
     )
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create the output folder ``directory`` if needed; raise PermissionError when files cannot be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"output folder not writable: {directory} ({exc.strerror or exc})") from exc

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -29,40 +29,19 @@ from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetEx
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
 from .deadline import Deadline
 from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
-from .io import InputError, list_inputs, read_volume, write_volume
+from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
+from .ops_torch import Ops, choose_ops
 from .patch_stage import PatchStage
-from .preprocess import ResizedSource, intensity_affine, sanitise_inplace
+from .preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
+from .progress import ProgressFactory, progress_for
+from .report import CaseReport
 from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
+from .timing import Profile
 
 log = logging.getLogger(__name__)
 
 ANISOTROPY_WARNING = 10.0
 """Z spacing / XY spacing from which a file is reported as extremely anisotropic."""
-
-
-@dataclass
-class CaseReport:
-    """What happened to one input file (one entry of the JSON report)."""
-
-    file: str
-    status: str = "pending"  # ok | refused
-    shape: list[int] | None = None
-    spacing_um: list[float] | None = None
-    channel: str | None = None
-    input_dtype: str | None = None
-    output_dtype: str | None = None
-    high_res_grid: list[int] | None = None
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mib: float | None = None
-    peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
-    non_finite_replaced: int = 0
-    degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
-    weight_map: dict[str, float] = field(default_factory=dict)
-    adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
-    trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: signals, factor, cost (mode 'case')
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
 
 
 @contextmanager
@@ -92,6 +71,7 @@ class Prepared:
     post: PostprocessSpec  # the channel's post-processing with the noise-adaptive output σ
     gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
     noise: float  # the input's relative noise (see postprocess.relative_noise)
+    ops: Ops  # where the non-network steps run, and the case's profile (see ops_torch.choose_ops)
 
 
 @dataclass
@@ -110,6 +90,7 @@ class Fused:
 
     output: PlaneSource
     report: CaseReport
+    profile: Profile = field(default_factory=Profile)  # exclusive seconds per kind of work, also while writing
 
     def to_array(self) -> np.ndarray:
         """The output as one array (float32, or uint16 for that output dtype)."""
@@ -134,11 +115,22 @@ class StageLoader(Protocol):
     ) -> LoadedStage: ...
 
 
+class OpsFactory(Protocol):
+    """Where a case's non-network steps run (see :func:`fusemycells.ops_torch.choose_ops`, the default)."""
+
+    def __call__(
+        self, device: str, vram_budget_gib: float | None, profile: Profile, threads: int | None
+    ) -> Ops: ...
+
+
 class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files.
+    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``progress``
+    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal);
+    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
+    tests pass the numpy reference or the GPU's code path on the CPU).
     """
 
     def __init__(
@@ -148,8 +140,11 @@ class Fuser:
         loader: StageLoader = load_stage,
         backend: str = "auto",
         costs: dict[str, LinearCost] | None = None,
+        progress: ProgressFactory = progress_for,
+        ops: OpsFactory = choose_ops,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
+        self.progress, self.ops = progress, ops
         self.costs = default_stage_costs() if costs is None else costs
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
@@ -173,8 +168,11 @@ class Fuser:
         :data:`DEGRADATION_LEVELS`. ``report`` collects what happened (a new one when None).
         """
         report = CaseReport(file="<array>") if report is None else report
-        case = self._prepare(data, spacing, channel, report)
-        clock = Deadline(deadline, reserve_s=self.costs["finish"].estimate(case.data.size))
+        profile = Profile(report.seconds.setdefault("profile_s", {}))
+        if "read" in report.seconds:
+            profile.add("read_s", report.seconds["read"])
+        case = self._prepare(data, spacing, channel, report, profile)
+        clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
         correction = None
         decision = trust.TrustDecision("off", case.gate)
         if self._networks_wanted(case):
@@ -184,23 +182,43 @@ class Fuser:
                 decision = self._trust(case, high, correction, report)
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None or decision.factor <= 0.0:
-            return Fused(self._finish(case, case.x_in, output_dtype), report)
+            return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
         with timed(report.seconds, "postprocess"):
             blended = self._blend(case, correction, report, decision)
             del correction  # the largest array of a big stack
-            return Fused(self._finish(case, blended, output_dtype), report)
+            return Fused(self._finish(case, blended, output_dtype), report, profile)
 
-    def _prepare(self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport) -> Prepared:
+    def reserve_s(self, voxels: int, h_voxels: int) -> float:
+        """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
+        the level-2 fallback (should the patch stage stop) plus post-processing and writing."""
+        return self.costs["fallback"].estimate(voxels, h_voxels) + self.costs["finish"].estimate(voxels, h_voxels)
+
+    def load_stages(self, channel_name: str) -> None:
+        """Load a channel's networks now (the global stage on the policy's device and the patch stage),
+        so that their loading is timed apart from the stages; nothing to do once they are loaded."""
+        channel = self.manifest.channel(channel_name)
+        self._load(channel, "global", self.policy.device)
+        self.patch_stage(channel)
+
+    def _prepare(
+        self, data: np.ndarray, spacing: Sequence[float], channel_name: str, report: CaseReport, profile: Profile
+    ) -> Prepared:
         """Sanitise, normalise (lazily), estimate the noise policy, choose H; fills the report's facts."""
         channel = self.manifest.channel(channel_name)
         zyx: Spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         describe(report, data, zyx, channel_name)
-        with timed(report.seconds, "preprocess"):
+        ops = self.ops(self.policy.device, self.policy.vram_budget_gib, profile, self.policy.threads)
+        with timed(report.seconds, "preprocess"), profile.section("input_statistics_s"):
             if data.dtype.kind == "f" and not data.flags.writeable:
                 data = data.copy()
-            report.non_finite_replaced = sanitise_inplace(data)
-            if report.non_finite_replaced:
-                warn(report, f"{report.non_finite_replaced} non-finite voxels replaced by the median")
+            sanitised = sanitise_inplace(data)  # before any float32 cast (ArraySource)
+            report.non_finite_replaced, report.out_of_range_clipped = sanitised.non_finite, sanitised.clipped
+            if sanitised.clipped and sanitised.limits is not None:
+                low, high = sanitised.limits
+                clipped = f"{sanitised.clipped} voxels outside [{low:.4g}, {high:.4g}] clipped to it"
+                warn(report, f"{clipped} (corrupt or absurd values: far beyond the image's range or float32's)")
+            if sanitised.non_finite:
+                warn(report, f"{sanitised.non_finite} non-finite voxels replaced by the median")
             x_in = ArraySource(data, *intensity_affine(data, channel.normalisation))
             noise = postprocess.relative_noise(data)
             sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
@@ -210,7 +228,7 @@ class Fuser:
             report.high_res_grid = list(grid_h)
             for message in input_warnings(data, zyx, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
                 warn(report, message)
-        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise)
+        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise, ops)
 
     @staticmethod
     def _networks_wanted(case: Prepared) -> bool:
@@ -226,28 +244,40 @@ class Fuser:
 
     def _global_stage(self, case: Prepared, deadline: Deadline, report: CaseReport) -> HighRes | None:
         """Stage 1 on the global grid, its prediction resized to H lazily; None when time is short (level 3)."""
-        voxels = case.data.size + math.prod(case.grid_h)
-        need = self.costs["global"].estimate(voxels)
+        voxels, h_voxels = case.data.size, math.prod(case.grid_h)
+        need = self.costs["global"].estimate(voxels, h_voxels)
         if deadline.left() <= need:
             self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
             return None
         with timed(report.seconds, "global_stage"):
-            x_h = ResizedSource(case.x_in, case.grid_h)
+            x_h = ResizedSource(case.x_in, case.grid_h, ops=case.ops)
             assert case.channel.global_stage.grid is not None
-            coarse = materialise(ResizedSource(x_h, case.channel.global_stage.grid, cache=False))
-            p1, stage = self._run_global(case.channel, coarse)
+            # input → H → global grid, composed into one resize with torch ops (H itself is not computed here)
+            coarse = resize_through(case.x_in, [case.grid_h, case.channel.global_stage.grid], case.ops)
+            with case.ops.section("forward_s"):
+                p1, stage = self._run_global(case.channel, coarse)
             report.stages["global"] = {
                 "file": stage.file,
                 "backend": stage.runner.backend,
                 "provider": stage.runner.provider,
             }
-        self.costs["global"].learn(voxels, report.seconds["global_stage"])
+        self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
+        slower = report.seconds["global_stage"] / need
+        fixed = self.costs["global"].fixed_s
+        if slower > 1.0 and need - fixed > fixed:  # a slower machine (not the fixed overhead of a small stack)
+            for name in ("fallback", "finish"):  # kept for later files until a fully fused file teaches them
+                self.costs[name] = self.costs[name].scaled(slower, fixed=True)
+            deadline.reserve_s = self.reserve_s(voxels, h_voxels)
+            self.policy.events.add(
+                f"{report.file}: the global stage took {slower:.2f}× its estimate; "
+                f"time kept back for finishing raised to {deadline.reserve_s:.0f} s"
+            )
         if deadline.left() <= 0.0:
             self._degrade(
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
             )
             return None
-        return HighRes(x_h, ResizedSource(p1, case.grid_h), coarse, p1)
+        return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops), coarse, p1)
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
         """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
@@ -265,8 +295,10 @@ class Fuser:
 
     def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
-        with timed(report.seconds, "patch_stage"):
+        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
             result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
+        if result.info is not None:  # the forward passes ran inside the sliding window
+            case.ops.profile.move("stitching_s", "forward_s", result.info["forward_s"])
         for level, why in result.degradations:
             self._degrade(report, level, why)
         for message in result.warnings:
@@ -310,21 +342,21 @@ class Fuser:
         gate = decision.factor if decision.region is None else decision.factor * decision.region
         # trust already resized the correction to the diff grid: the same weight map, one pass over H less
         source = correction if decision.coarse_correction is None else decision.coarse_correction
-        weight = postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um)
+        weight = postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um, ops=case.ops)
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
-        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact)
+        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact, ops=case.ops)
 
     @staticmethod
     def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
         """Output filters, percentile normalisation and the output dtype, lazily."""
-        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing)
+        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing, ops=case.ops)
 
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""
         if channel.name not in self._patch_stages:
             self._patch_stages[channel.name] = PatchStage(
-                channel.patch_stage, partial(self._load, channel, "patch"), self.policy
+                channel.patch_stage, partial(self._load, channel, "patch"), self.policy, progress=self.progress
             )
         return self._patch_stages[channel.name]
 
@@ -361,8 +393,10 @@ class Fuser:
 
     def check_memory(self, shape: Shape3, dtype: np.dtype, spacing: Spacing3) -> None:
         """Refuse a stack (MemoryError) before its pixels are read when it would exceed the RAM budget."""
-        target = min(c.target_spacing_um for c in self.manifest.channels.values())
-        self.policy.check_memory(shape, dtype.itemsize, spacing, target)
+        channels = self.manifest.channels.values()
+        target = min(c.target_spacing_um for c in channels)
+        patch = [max(p) for p in zip(*(c.patch_stage.patch_size or (1, 1, 1) for c in channels))]
+        self.policy.check_memory(shape, dtype.itemsize, spacing, target, patch)
 
 
 def describe(report: CaseReport, data: np.ndarray, spacing: Spacing3, channel: str) -> None:
@@ -428,12 +462,18 @@ def input_warnings(
 def process_file(
     path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None
 ) -> CaseReport:
-    """Read, fuse and write one file; never raises for a problem with this file (see ``status``)."""
+    """Read, fuse and write one file; never raises for a problem with this file (see ``status``).
+
+    The output name is checked first (before any pixel is read); ``seconds`` gets ``read``,
+    ``load_weights`` (the channel's networks, when not loaded yet), the stages, ``write`` and ``total``.
+    """
     report = CaseReport(file=path.name)
     started = time.perf_counter()
     log.info("[%s] reading", path.name)
     try:
-        volume = read_volume(path, check=fuser.check_memory)
+        check_output_name(output_dir, path.name)
+        with timed(report.seconds, "read"):
+            volume = read_volume(path, check=fuser.check_memory)
         for warning in volume.warnings:
             warn(report, warning)
         if volume.data.dtype != np.uint16:
@@ -441,11 +481,14 @@ def process_file(
         log.info(
             "[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel
         )
+        with timed(report.seconds, "load_weights"):
+            fuser.load_stages(volume.channel)
         fused = fuser.fuse(
             volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
         )
-        with timed(report.seconds, "write"):
+        with timed(report.seconds, "write"), fused.profile.section("write_s"):
             write_volume(output_dir / path.name, fused.output, like=volume)
+        log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
         report.output_dtype = output_dtype
         report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others
@@ -483,8 +526,18 @@ def record_peaks(report: CaseReport) -> None:
     )
 
 
-def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype: str) -> list[CaseReport]:
-    """Process every TIFF in ``input_dir`` into ``output_dir`` (same file names)."""
+def run_directory(
+    input_dir: Path,
+    output_dir: Path,
+    fuser: Fuser,
+    output_dtype: str,
+    on_case: Callable[[CaseReport], None] | None = None,
+) -> list[CaseReport]:
+    """Process every TIFF in ``input_dir`` into ``output_dir`` (same file names).
+
+    ``on_case(report)`` is called after each file (so that a caller stopped midway, e.g. by SIGTERM,
+    can report the files done).
+    """
     files = list_inputs(input_dir)
     log.info("%d input file(s) in %s", len(files), input_dir)
     reports = []
@@ -493,15 +546,19 @@ def run_directory(input_dir: Path, output_dir: Path, fuser: Fuser, output_dtype:
         deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
         reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
         learn_finish_cost(fuser.costs, reports[-1])
+        if on_case is not None:
+            on_case(reports[-1])
     return reports
 
 
 def learn_finish_cost(costs: dict[str, LinearCost], report: CaseReport) -> None:
-    """Teach ``costs['finish']`` the post-processing + writing seconds per input voxel of a fully fused file.
+    """Teach ``costs['finish']`` the post-processing + writing seconds of a fully fused file (per input
+    voxel and per voxel of its high-resolution grid H).
 
     Files that skipped the blend (degradation level 3, gated network) finish faster and are not used.
     """
     if report.status != "ok" or report.shape is None or "postprocess" not in report.seconds:
         return
     seconds = report.seconds["postprocess"] + report.seconds.get("write", 0.0)
-    costs["finish"].learn(math.prod(report.shape), seconds)
+    h_voxels = math.prod(report.high_res_grid) if report.high_res_grid else 0
+    costs["finish"].learn(math.prod(report.shape), seconds, h_voxels)

@@ -8,27 +8,51 @@ clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .config import PostprocessSpec
+from .ops_torch import FILTER_TRUNCATE, Ops, filter_plan, resize_plan
 from .preprocess import ResizedSource, percentile_affine, percentiles
 from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
+def _torch(ops: Ops | None) -> Ops | None:
+    """``ops`` when it runs torch, else None (the numpy reference path)."""
+    return ops if ops is not None and ops.torch else None
+
+
+def _section(ops: Ops | None, name: str):
+    """``ops.profile``'s section ``name`` (a no-op without ops)."""
+    return nullcontext() if ops is None else ops.section(name)
+
+
 def correction_weight(
-    correction: PlaneSource | np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+    correction: PlaneSource | np.ndarray,
+    spec: PostprocessSpec,
+    extent_um: Sequence[float] | None = None,
+    ops: Ops | None = None,
 ) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
     Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
     |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
     ``extent_um`` (the stack's ZYX size in µm) is needed for filters given in µm (:func:`weight_filters`).
+    With torch ``ops`` the resize and the filters run there (:func:`weight_from_coarse`).
     """
+    torch_ops = _torch(ops)
+    if torch_ops is not None:
+        plan = resize_plan(correction.shape, spec.diff_grid)
+        coarse_t = torch_ops.resample_all(plan, correction).abs_()
+        with torch_ops.section("weight_map_s"):
+            return weight_from_coarse_torch(coarse_t, spec, extent_um, torch_ops)
     coarse = materialise(ResizedSource(as_source(correction), spec.diff_grid, cache=False))
-    return weight_from_coarse(np.abs(coarse), spec, extent_um)
+    with _section(ops, "weight_map_s"):
+        return weight_from_coarse(np.abs(coarse), spec, extent_um)
 
 
 def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> tuple[Any, Any]:
@@ -67,6 +91,25 @@ def weight_from_coarse(
         # flat difference map: nothing stands out, so keep the input (the conservative choice)
         return np.zeros(spec.diff_grid, dtype=np.float32)
     return np.clip((coarse - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def weight_from_coarse_torch(
+    coarse: torch.Tensor, spec: PostprocessSpec, extent_um: Sequence[float] | None, ops: Ops
+) -> np.ndarray:
+    """:func:`weight_from_coarse` of a tensor on ``ops``'s device (max filter by max pooling over
+    edge-padded borders, Gaussian as band matrices); the percentiles are taken on the host. Returns
+    the host float32 weight map."""
+    size, sigma = weight_filters(spec, extent_um)
+    if np.max(size) > 1:
+        coarse = ops.maximum_filter(coarse, size)
+    if np.max(sigma) > 0:
+        coarse = ops.gaussian(coarse, sigma)
+    host = ops.to_host(coarse)
+    low, high = spec.weight_percentiles
+    lo, hi = percentiles(host, low, high)
+    if hi - lo < 1e-8:
+        return np.zeros(spec.diff_grid, dtype=np.float32)
+    return np.clip((host - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
@@ -116,7 +159,7 @@ def adaptive_settings(noise: float, spec: PostprocessSpec) -> tuple[float, float
 
 
 def background_mask(
-    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0
+    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0, ops: Ops | None = None
 ) -> np.ndarray:
     """Factor in [0, 1] on ``spec.diff_grid``: 0 in empty background, 1 on the specimen.
 
@@ -127,9 +170,16 @@ def background_mask(
     """
     if spec.background_threshold <= 0:
         return np.ones(spec.diff_grid, dtype=np.float32)
+    torch_ops = _torch(ops)
+    if torch_ops is not None:
+        coarse_t = torch_ops.resample_all(resize_plan(normalised_input.shape, spec.diff_grid), normalised_input)
+        with torch_ops.section("weight_map_s"):
+            coarse = torch_ops.to_host(torch_ops.gaussian(coarse_t, smooth))
+            return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
     coarse = materialise(ResizedSource(as_source(normalised_input), spec.diff_grid, cache=False))
-    coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
-    return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
+    with _section(ops, "weight_map_s"):
+        coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
+        return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -142,22 +192,28 @@ def blend_weight(
     spec: PostprocessSpec,
     gate: float | np.ndarray,
     extent_um: Sequence[float] | None = None,
+    ops: Ops | None = None,
 ) -> np.ndarray:
     """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
 
     ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
     :func:`adaptive_settings`, or the factor of :mod:`fusemycells.trust`), a number or a factor per
     region (an array on ``spec.diff_grid``); ``correction`` is prediction − input on any grid (ZYX);
-    ``extent_um`` the stack's ZYX size in µm.
+    ``extent_um`` the stack's ZYX size in µm; ``ops`` where the steps run (None: numpy).
     """
-    weight = correction_weight(correction, spec, extent_um)
-    weight *= background_mask(normalised_input, spec)
+    weight = correction_weight(correction, spec, extent_um, ops=ops)
+    weight *= background_mask(normalised_input, spec, ops=ops)
     weight *= np.asarray(gate, dtype=np.float32)
     return weight
 
 
 def blend_slabs(
-    data: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, compact: bool
+    data: np.ndarray,
+    x_in: ArraySource,
+    correction: np.ndarray,
+    weight: np.ndarray,
+    compact: bool,
+    ops: Ops | None = None,
 ) -> ArraySource:
     """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
 
@@ -165,7 +221,8 @@ def blend_slabs(
     the weight map (on the diff grid) are resized to the input grid per slab. In place, each slab
     of the input is read before the same slab of the output overwrites it (float16 over 2-byte
     pixels, float32 over 4-byte ones); float16 values are clipped to ±:data:`FLOAT16_MAX` so the
-    output stays finite. Twin of :func:`fusemycells.reference.blend`.
+    output stays finite. With torch ``ops`` each slab is resized and blended on its device (only the
+    input, the correction and the output stay on the host). Twin of :func:`fusemycells.reference.blend`.
     """
     in_place = compact and data.flags.c_contiguous and data.flags.writeable
     if in_place and data.dtype.itemsize == 2:
@@ -174,18 +231,54 @@ def blend_slabs(
         out = data.view(np.float32)
     else:
         out = np.empty(data.shape, dtype=np.float32)
-    corr = ResizedSource(correction, data.shape, cache=False)
-    wmap = ResizedSource(weight, data.shape, antialias=False, cache=False)
+    torch_ops = _torch(ops)
+    if torch_ops is not None:
+        _blend_torch(out, x_in, correction, weight, torch_ops)
+        return ArraySource(out)
+    corr = ResizedSource(correction, data.shape, cache=False, ops=ops)
+    wmap = ResizedSource(weight, data.shape, antialias=False, cache=False, ops=ops)
     for z0, z1 in slabs(data.shape[0]):
-        planes = x_in.planes(z0, z1)
         w = wmap.planes(z0, z1)
-        np.clip(w, 0.0, 1.0, out=w)
-        w *= corr.planes_readonly(z0, z1)
-        planes += w
-        if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
-            np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
-        out[z0:z1] = planes
+        c = corr.planes_readonly(z0, z1)
+        with _section(ops, "blend_s"):
+            planes = x_in.planes(z0, z1)
+            np.clip(w, 0.0, 1.0, out=w)
+            w *= c
+            planes += w
+            if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
+                np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
+            out[z0:z1] = planes
     return ArraySource(out)
+
+
+def _blend_torch(out: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, ops: Ops) -> None:
+    """:func:`blend_slabs`' loop on ``ops``' device, into the host array ``out`` (float16 or float32): per slab,
+    the weights and the correction resized (in parallel z-ranges on the CPU), then blended and stored."""
+    shape: Shape3 = tuple(int(n) for n in out.shape)  # type: ignore[assignment]
+    corr_plan = resize_plan(correction.shape, shape)
+    weight_plan = resize_plan(weight.shape, shape, antialias=False)
+    weight_t = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).to(ops.device)
+    target = torch.from_numpy(out)
+    size = ops.slab_planes(shape[1] * shape[2], factor=4.0)  # input, correction, weights and temporaries, float32
+    parts = max(1, ops.threads) if ops.device == "cpu" else 1
+
+    def resized(z0: int, z1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.resample(weight_plan, weight_t, z0, z1), ops.resample(corr_plan, correction, z0, z1)
+
+    def blend(z0: int, z1: int, w: torch.Tensor, c: torch.Tensor) -> None:
+        planes = ops.read(x_in, z0, z1)  # before out[z0:z1] overwrites these input planes (in place)
+        planes.addcmul_(w.clamp_(0.0, 1.0), c)
+        if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
+            planes.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
+        target[z0:z1].copy_(planes)
+
+    for z0, z1 in slabs(shape[0], size * parts):
+        ranges = ops.split(z0, z1, parts)
+        with ops.section("resampling_s"):
+            maps = ops.parallel(resized, *zip(*ranges))
+        with ops.section("blend_s"):
+            ops.parallel(blend, *zip(*ranges), *zip(*maps))
+        del maps
 
 
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
@@ -246,26 +339,247 @@ def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence
 
 
 def final_source(
-    blended: PlaneSource, spec: PostprocessSpec, dtype: str = "float32", spacing: Sequence[float] | None = None
+    blended: PlaneSource,
+    spec: PostprocessSpec,
+    dtype: str = "float32",
+    spacing: Sequence[float] | None = None,
+    ops: Ops | None = None,
 ) -> PlaneSource:
     """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
 
     Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the
     percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
-    volume is made. ``spacing`` is the stack's ZYX spacing in µm.
+    volume is made. ``spacing`` is the stack's ZYX spacing in µm. With torch ``ops`` the filters and
+    the affine maps run on its device (:class:`TorchOutputSource`).
     """
+    if dtype not in ("float32", "uint16"):
+        raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
+    torch_ops = _torch(ops)
+    if torch_ops is not None:
+        return _final_torch(blended, spec, dtype, spacing, torch_ops)
     filtered = output_filters(blended, spec, spacing)
-    sample = _strided_sample(filtered)
-    low, high = spec.output_percentiles
-    offset, scale = percentile_affine(sample, low, high)
-    normalised = _AffineSource(filtered, offset, scale)
-    if dtype == "float32":
-        return normalised
-    if dtype == "uint16":
+    with _section(ops, "percentile_normalisation_s"):
+        sample = _strided_sample(filtered)
+        low, high = spec.output_percentiles
+        offset, scale = percentile_affine(sample, low, high)
+        normalised = _AffineSource(filtered, offset, scale)
+        if dtype == "float32":
+            return normalised
         lo, hi = _min_max(normalised)
         factor = 65535.0 / (hi - lo) if hi > lo else 0.0
         return _AffineSource(normalised, lo, factor, round_to=np.uint16)
-    raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
+
+
+class TorchOutputSource:
+    """The output filters of :func:`output_filters`, then affine maps, computed with torch per z-range.
+
+    ``planes`` returns host arrays of ``dtype`` (float32, or uint16 rounded to nearest after the last
+    map); :meth:`tensor` the float32 planes on the device before the affine maps. Max filter: max
+    pooling over edge-padded borders; Gaussian: band matrices (:func:`fusemycells.ops_torch.filter_plan`),
+    both exact twins of scipy's 'nearest' mode, the z-halo read from the source.
+    """
+
+    def __init__(
+        self,
+        source: PlaneSource,
+        spec: PostprocessSpec,
+        spacing: Sequence[float] | None,
+        ops: Ops,
+        affines: Sequence[tuple[float, float]] = (),
+        dtype: type = np.float32,
+    ) -> None:
+        self.source, self.ops, self.affines = source, ops, list(affines)
+        self.shape: Shape3 = source.shape
+        self.dtype = np.dtype(dtype)
+        self.max_size = int(spec.output_max_filter) if spec.output_max_filter > 1 else 0
+        self.sigma = output_sigma_zyx(spec, spacing)
+        self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_gaussian_sigma > 0 else None
+        self.preferred_slab = ops.slab_planes(self.shape[1] * self.shape[2], factor=3.0)
+
+    def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> TorchOutputSource:
+        """This source followed by ``(v − offset)·scale`` (then rounded when ``dtype`` is an integer type)."""
+        out = TorchOutputSource.__new__(TorchOutputSource)
+        out.__dict__.update(self.__dict__)
+        out.affines, out.dtype = [*self.affines, (offset, scale)], np.dtype(dtype)
+        return out
+
+    def _maximum(self, z0: int, z1: int) -> torch.Tensor:
+        """Planes z0:z1 after the max filter (or as read, without one)."""
+        if not self.max_size:
+            return self.ops.read(self.source, z0, z1)
+        before, after = self.max_size // 2, self.max_size - 1 - self.max_size // 2
+        lo, hi = max(0, z0 - before), min(self.shape[0], z1 + after)
+        block = self.ops.read(self.source, lo, hi)
+        with self.ops.section("output_filter_s"):
+            pad_lo, pad_hi = before - (z0 - lo), after - (hi - z1)
+            if pad_lo or pad_hi:
+                block = torch.cat([block[:1].expand(pad_lo, -1, -1), block, block[-1:].expand(pad_hi, -1, -1)])
+            return _max_valid(block, self.max_size)
+
+    def tensor(self, z0: int, z1: int) -> torch.Tensor:
+        """Planes z0:z1 after the filters (float32, on the device), before the affine maps."""
+        if self.plan is None:
+            return self._maximum(z0, z1)
+        a, b = self.plan.maps[0].span(z0, z1)
+        block = self._maximum(a, b)
+        with self.ops.section("output_filter_s"):
+            return self.ops.gaussian_planes(self.plan, block, z0, z1, a, FILTER_TRUNCATE)
+
+    def normalised(self, z0: int, z1: int) -> torch.Tensor:
+        """Planes z0:z1 after the filters and the affine maps (float32, rounded for an integer dtype)."""
+        return self._affine(self.tensor(z0, z1))
+
+    def _affine(self, planes: torch.Tensor) -> torch.Tensor:
+        """The affine maps (in place) and the rounding of an integer dtype."""
+        for offset, scale in self.affines:
+            planes = planes.sub_(float(np.float32(offset))).mul_(float(np.float32(scale)))
+        return torch.round(planes) if self.dtype.kind in "ui" else planes
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        out = np.empty((z1 - z0, *self.shape[1:]), dtype=self.dtype)
+        ranges = self.ops.split(z0, z1)
+        with self.ops.section("output_filter_s"):
+            filtered = self.ops.parallel(self.tensor, *zip(*ranges))
+
+        def store(a: int, b: int, planes: torch.Tensor) -> None:
+            planes = self._affine(planes)
+            if self.dtype.kind in "ui":
+                out[a - z0 : b - z0] = planes.cpu().numpy().astype(self.dtype)
+            else:
+                torch.from_numpy(out[a - z0 : b - z0]).copy_(planes)
+
+        with self.ops.section("percentile_normalisation_s"):
+            self.ops.parallel(store, *zip(*ranges), filtered)
+        return out
+
+
+def _max_valid(block: torch.Tensor, size: int) -> torch.Tensor:
+    """The max filter (``size`` voxels per axis) of a block that carries its z-halo (``size`` − 1 planes):
+    the ``len(block) − size + 1`` planes it determines, y and x edge-padded (scipy's 'nearest')."""
+    before = size // 2
+    pads = [before, size - 1 - before, before, size - 1 - before, 0, 0]
+    padded = torch.nn.functional.pad(block[None, None], pads, mode="replicate")
+    return torch.nn.functional.max_pool3d(padded, kernel_size=size, stride=1)[0, 0]
+
+
+def _final_torch(
+    blended: PlaneSource, spec: PostprocessSpec, dtype: str, spacing: Sequence[float] | None, ops: Ops
+) -> PlaneSource:
+    """:func:`final_source` with torch ops: one streamed pass for the percentile sample (on big stacks only at
+    the sampled voxels, :func:`gathered_sample`; one more pass for the uint16 range), the output computed
+    again while it is written."""
+    filtered = TorchOutputSource(blended, spec, spacing, ops)
+    stride = _sample_stride(filtered.shape)
+    if ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size and stride >= GATHER_MIN_STRIDE:
+        with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
+            sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
+            sample = gathered_sample(blended, sigma, stride, ops=ops)
+    else:
+        with ops.section("output_filter_s"):  # and the sampling (in the worker threads on the CPU)
+            parts = ops.parallel(lambda z0, z1: _sampled(filtered, z0, z1, stride), *zip(*_ranges(filtered)))
+        sample = np.concatenate(parts)
+    with ops.section("percentile_normalisation_s"):
+        low, high = spec.output_percentiles
+        offset, scale = percentile_affine(sample, low, high)
+    normalised = filtered.with_affine(offset, scale)
+    if dtype == "float32":
+        return normalised
+
+    def extremes(z0: int, z1: int) -> tuple[float, float]:
+        block = normalised.normalised(z0, z1)
+        return float(block.min()), float(block.max())
+
+    with ops.section("output_filter_s"):  # the uint16 range: one more pass (the affine maps in it are cheap)
+        ranges = ops.parallel(extremes, *zip(*_ranges(normalised)))
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    factor = 65535.0 / (hi - lo) if hi > lo else 0.0
+    return normalised.with_affine(lo, factor, np.uint16)
+
+
+GATHER_MIN_STRIDE = 100
+"""From this sampling stride on (stacks of ≥ 4·10⁸ voxels) the percentile sample of a filtered output is computed
+at the sampled voxels only (:func:`gathered_sample`) instead of filtering the whole volume once more."""
+
+
+def _sample_stride(shape: Sequence[int], max_samples: int = 4_000_000) -> int:
+    """The stride of :func:`_strided_sample` (and :func:`percentiles`) for a volume of ``shape``."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return max(1, -(-size // max_samples)) if size > max_samples else 1
+
+
+def gathered_sample(
+    source: ArraySource,
+    sigma: Sequence[float],
+    stride: int,
+    truncate: float = FILTER_TRUNCATE,
+    chunk: int = 1 << 15,
+    ops: Ops | None = None,
+) -> np.ndarray:
+    """The voxels ``0, stride, 2·stride, …`` (C order) of ``gaussian_filter(source, sigma, mode='nearest',
+    truncate)`` computed from their neighbourhoods only: the strided sample of :func:`_strided_sample` on the
+    filtered output without filtering the whole volume (float32; equal to float32 rounding).
+
+    Each sample gathers its (2r_z + 1) × (2r_y + 1) rows of 2r_x + 1 contiguous voxels (a sliding-window view,
+    the x-window moved inside the row at the borders, its weights folded accordingly) and reduces Z, then Y,
+    then X, the order of scipy's separable filter. ``source`` is an :class:`ArraySource` (its affine map applied
+    to the gathered voxels).
+    """
+    from .ops_torch import gaussian_kernel
+
+    array = source.array
+    nz, ny, nx = array.shape
+    kernels = [gaussian_kernel(s, truncate) if s > 1e-15 else np.ones(1) for s in sigma]
+    rz, ry, rx = (len(k) // 2 for k in kernels)
+    width = min(2 * rx + 1, nx)
+    kz, ky, kx = (torch.from_numpy(k.astype(np.float32)) for k in kernels)
+    windows = np.lib.stride_tricks.sliding_window_view(array.reshape(-1), width)  # a view, no copy
+    positions = np.arange(0, array.size, stride, dtype=np.int64)
+    out = np.empty(len(positions), dtype=np.float32)
+    offset, scale = float(np.float32(source.offset)), float(np.float32(source.scale))
+
+    def one(c0: int) -> None:
+        pos = positions[c0 : c0 + chunk]
+        z, rem = np.divmod(pos, ny * nx)
+        y, x = np.divmod(rem, nx)
+        zz = np.clip(z[:, None] + np.arange(-rz, rz + 1), 0, nz - 1)
+        yy = np.clip(y[:, None] + np.arange(-ry, ry + 1), 0, ny - 1)
+        xs = np.clip(x - rx, 0, nx - width)
+        starts = (zz[:, :, None] * ny + yy[:, None, :]) * nx + xs[:, None, None]
+        block = torch.from_numpy(windows[starts]).to(torch.float32)  # (n, 2r_z + 1, 2r_y + 1, width)
+        if offset != 0.0 or scale != 1.0:
+            block.sub_(offset).mul_(scale)
+        lines = torch.einsum("nyk,y->nk", torch.einsum("nzyk,z->nyk", block, kz), ky)
+        # X taps on the window: the kernel where it is centred, folded (edge voxels repeat) near the borders
+        wx = kx[None].repeat(len(pos), 1) if width == 2 * rx + 1 else torch.zeros(len(pos), width)
+        edge = np.flatnonzero((x < rx) | (x >= nx - rx) | (width != 2 * rx + 1))
+        if len(edge):
+            wx[edge] = 0.0
+            for tap in range(2 * rx + 1):
+                cols = np.clip(x[edge] + tap - rx, 0, nx - 1) - xs[edge]
+                wx[edge, cols] += kx[tap]
+        out[c0 : c0 + len(pos)] = (lines * wx).sum(1).numpy()
+
+    starts = range(0, len(positions), chunk)
+    if ops is not None and ops.device == "cpu":
+        ops.parallel(one, starts)
+    else:
+        for c0 in starts:
+            one(c0)
+    return out
+
+
+def _ranges(source: TorchOutputSource) -> list[tuple[int, int]]:
+    """The z-ranges of ``source.preferred_slab`` planes covering it."""
+    return list(slabs(source.shape[0], source.preferred_slab))
+
+
+def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> np.ndarray:
+    """The voxels of :func:`_strided_sample` (every ``stride``-th in C order) among planes z0:z1 of the
+    filtered source, taken on its device (a host copy)."""
+    ny, nx = source.shape[1:]
+    flat = source.tensor(z0, z1).reshape(-1)
+    first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
+    return flat[first::stride].cpu().numpy().copy()
 
 
 class _AffineSource:

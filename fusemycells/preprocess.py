@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .config import NormalisationSpec
+from .ops_torch import Ops, ResizePlan, compose, parallel_safe, resize_plan
 from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
 
 ANTIALIAS_TRUNCATE = 3.0
@@ -91,10 +93,22 @@ class ResizedSource:
     planes are kept, so overlapping requests in increasing z (sliding-window rows) reuse them;
     with ``cache=False`` nothing is kept (for one pass of disjoint requests, where a cache would
     only hold a second copy of each request).
+
+    With ``ops`` on a torch device (see :func:`fusemycells.ops_torch.choose_ops`) the planes are
+    computed there instead, as the band matrices of :func:`fusemycells.ops_torch.resize_plan` (the same
+    map, to float32 rounding), or of ``plan`` when given (e.g. two resizes composed into one); the
+    time goes to ``ops.profile`` ('resampling_s'). Without (or with ``Ops(device=None)``): numpy/scipy,
+    the reference.
     """
 
     def __init__(
-        self, source: PlaneSource | np.ndarray, out_shape: Sequence[int], antialias: bool = True, cache: bool = True
+        self,
+        source: PlaneSource | np.ndarray,
+        out_shape: Sequence[int],
+        antialias: bool = True,
+        cache: bool = True,
+        ops: Ops | None = None,
+        plan: ResizePlan | None = None,
     ) -> None:
         self.source: PlaneSource = as_source(source)
         self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
@@ -102,6 +116,17 @@ class ResizedSource:
         self.sigma = tuple(float(v) for v in sigma)
         self.halo = int(ANTIALIAS_TRUNCATE * self.sigma[0] + 0.5) if self.sigma[0] > 0 else 0
         self.cache = cache
+        self.profile_ops = ops  # its profile gets the time, on either path
+        self.ops: Ops | None = None
+        self.plan: ResizePlan | None = None
+        if ops is not None and ops.torch:
+            self.plan = plan if plan is not None else resize_plan(self.source.shape, self.shape, antialias)
+            if self.plan.in_shape != self.source.shape or self.plan.out_shape != self.shape:
+                fits = f"{self.plan.in_shape} → {self.plan.out_shape}"
+                raise ValueError(f"plan {fits} does not fit {self.source.shape} → {self.shape}")
+            self.ops = ops
+        elif plan is not None:
+            raise ValueError("a resize plan needs torch ops (ops.device set)")
         self._cache_z0 = 0
         self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)
         # Output planes per request that keep the source block read for it (plus its filtered
@@ -109,6 +134,9 @@ class ResizedSource:
         in_plane = 4 * self.source.shape[1] * self.source.shape[2]
         per_out = in_plane * max(1.0, self.source.shape[0] / max(self.shape[0], 1))
         self.preferred_slab = int(min(32, max(1, SLAB_BYTES // max(per_out, 1))))
+        if self.ops is not None:  # torch: the larger of the source block and the output slab within ops.slab_bytes
+            per_out = max(per_out, 4 * self.shape[1] * self.shape[2])
+            self.preferred_slab = int(min(64, max(1, self.ops.slab_bytes // max(per_out, 1))))
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
         if not self.cache:
@@ -154,17 +182,41 @@ class ResizedSource:
         """``_compute`` in requests of ``preferred_slab`` planes, so the source block read (and its
         filtered copy) stays near SLAB_BYTES however many planes are asked for; into ``out`` if given."""
         step = self.preferred_slab
+        ops = self.profile_ops
+        parallel = ops is not None and ops.device == "cpu" and parallel_safe(self.source)
+        if parallel:  # at least one range per worker thread of the CPU ops
+            assert ops is not None
+            step = max(1, min(step, -(-(z1 - z0) // max(1, ops.threads))))
         if out is None:
-            if z1 - z0 <= step:
+            if z1 - z0 <= step and not parallel:
                 return self._compute(z0, z1)
             out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
-        for a in range(z0, z1, step):
-            b = min(z1, a + step)
+        ranges = [(a, min(z1, a + step)) for a in range(z0, z1, step)]
+        if parallel:
+            assert ops is not None
+            with ops.section("resampling_s"):
+                ops.parallel(lambda a, b: self._compute(a, b, out=out[a - z0 : b - z0]), *zip(*ranges))
+            return out
+        for a, b in ranges:
             self._compute(a, b, out=out[a - z0 : b - z0])
         return out
 
     def _compute(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Output planes z0:z1 (float32), written into ``out`` when given (no second copy of the range)."""
+        if self.ops is not None:
+            assert self.plan is not None
+            planes = self.ops.resample(self.plan, self.source, z0, z1)
+            if out is None:
+                return self.ops.to_host(planes)
+            torch.from_numpy(out).copy_(planes)
+            return out
+        if self.profile_ops is not None:
+            with self.profile_ops.section("resampling_s"):
+                return self._compute_numpy(z0, z1, out)
+        return self._compute_numpy(z0, z1, out)
+
+    def _compute_numpy(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`_compute` with scipy and numpy (the reference path)."""
         nz_in, nz_out = self.source.shape[0], self.shape[0]
         coords = np.clip((np.arange(z0, z1) + 0.5) * (nz_in / nz_out) - 0.5, 0, nz_in - 1)
         src0 = int(np.floor(coords[0]))
@@ -231,21 +283,88 @@ def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True)
     return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False))
 
 
-def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> int:
-    """Replace NaN/±inf of a float ZYX array by the finite median, in place, z-slab by z-slab.
+def resize_through(
+    source: PlaneSource | np.ndarray, shapes: Sequence[Sequence[int]], ops: Ops | None = None
+) -> np.ndarray:
+    """A ZYX source resized through each grid of ``shapes`` in turn (antialiased), the last one materialised
+    (float32). With torch ``ops`` the chain is composed into one map per axis and applied once, so the
+    intermediate grids are never computed (same values to float32 rounding); else chained
+    :class:`ResizedSource` s, the reference."""
+    source = as_source(source)
+    grids = [tuple(int(n) for n in shape) for shape in shapes]
+    if ops is not None and ops.torch:
+        plan = resize_plan(source.shape, grids[0])
+        previous = grids[0]
+        for grid in grids[1:]:
+            plan = compose(plan, resize_plan(previous, grid))
+            previous = grid
+        return ops.to_host(ops.resample_all(plan, source))
+    for grid in grids[:-1]:
+        source = ResizedSource(source, grid, ops=ops)
+    return materialise(ResizedSource(source, grids[-1], cache=False, ops=ops))
 
-    Returns the number of voxels replaced; integer arrays are left untouched (count 0).
+
+INPUT_SAFE_ABS = 1e15
+"""Largest magnitude an input voxel keeps (raw units), whatever the data: the pipeline computes in
+float32 (max 3.4e38), a float64 1e39 becomes inf when cast, and the patch network's instance norms
+sum squares of normalised values over a 64³ patch (2.6e5 voxels)."""
+RELATIVE_SAFE_SPREAD = 1e4
+"""Values further than this many times the spread of the 0.1–99.9 percentiles beyond those
+percentiles are clipped too (see :func:`safe_range`): a normalised voxel then stays below ≈ 1e4,
+within any float32 arithmetic, and no real intensity is that far out."""
+
+
+@dataclass(frozen=True)
+class Sanitised:
+    """What :func:`sanitise_inplace` changed: voxels counted, not positions."""
+
+    non_finite: int  # NaN/±inf replaced by the finite median
+    clipped: int  # finite values outside safe_range(), clipped to it
+    limits: tuple[float, float] | None = None  # the range clipped to (None: none applied)
+
+
+def safe_range(volume: np.ndarray) -> tuple[float, float]:
+    """The range of values a ZYX array keeps (raw units): ±:data:`INPUT_SAFE_ABS`, narrowed to
+    :data:`RELATIVE_SAFE_SPREAD` × (p99.9 − p0.1) beyond the 0.1 and 99.9 percentiles of its finite
+    voxels when that spread is > 0."""
+    low, high = -INPUT_SAFE_ABS, INPUT_SAFE_ABS
+    p_low, p_high = percentiles(volume, 0.1, 99.9)
+    spread = p_high - p_low
+    if spread > 0:
+        low, high = max(low, p_low - RELATIVE_SAFE_SPREAD * spread), min(high, p_high + RELATIVE_SAFE_SPREAD * spread)
+    return low, high
+
+
+def sanitise_inplace(volume: np.ndarray, slab: int = SLAB) -> Sanitised:
+    """Make a ZYX array safe for the float32 pipeline, in place, z-slab by z-slab.
+
+    Finite values outside :func:`safe_range` are clipped to it, in the array's own dtype (before any
+    cast to float32, which would turn a float64 1e39 into inf); NaN/±inf are replaced by the median
+    of the finite voxels (0 when none is finite). 8–32-bit integers and float16 cannot overflow the
+    pipeline and are left untouched.
     """
-    if volume.dtype.kind != "f":
-        return 0
-    bad = sum(
-        int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab)
-    )
-    if not bad:
-        return 0
-    lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
-    fill = lo if bad < volume.size else 0.0
+    kind = volume.dtype.kind
+    if kind not in "fiu" or (kind != "f" and volume.dtype.itemsize <= 4):
+        return Sanitised(0, 0)
+    bad = 0
+    if kind == "f":
+        counts = (int(np.count_nonzero(np.isfinite(volume[z0:z1]))) for z0, z1 in slabs(len(volume), slab))
+        bad = volume.size - sum(counts)
+    if bad:
+        lo, _ = percentiles(volume, 50.0, 50.0)  # median of the finite voxels (subsampled on huge stacks)
+        fill = lo if bad < volume.size else 0.0
+        for z0, z1 in slabs(len(volume), slab):
+            block = volume[z0:z1]
+            block[~np.isfinite(block)] = fill
+    if volume.dtype == np.float16:
+        return Sanitised(bad, 0)
+    low, high = safe_range(volume)
+    clipped = 0
     for z0, z1 in slabs(len(volume), slab):
         block = volume[z0:z1]
-        block[~np.isfinite(block)] = fill
-    return bad
+        for bound, over in ((high, block > high), (low, block < low)):  # comparisons only: no float copy
+            count = int(np.count_nonzero(over))
+            if count:
+                block[over] = bound
+                clipped += count
+    return Sanitised(bad, clipped, (low, high))

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .config import NormalisationSpec, PostprocessSpec
 from .postprocess import output_sigma_zyx, weight_from_coarse
-from .preprocess import intensity_affine, percentile_affine, resize
+from .preprocess import intensity_affine, percentile_affine, resize, safe_range
 from .sources import Spacing3, apply_affine, shape_for_spacing
 
 
@@ -42,20 +42,25 @@ def normalise_intensity(
 
 
 def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:
-    """float32 copy with NaN/±inf replaced by the finite median; returns (volume, count replaced).
+    """float32 copy with NaN/±inf replaced by the finite median and values outside
+    :func:`~fusemycells.preprocess.safe_range` clipped (in the input's dtype, before the cast);
+    returns (volume, count replaced).
 
     Twin of :func:`fusemycells.preprocess.sanitise_inplace`.
     """
-    data = np.asarray(volume)
-    if data.dtype.kind != "f":
-        return data.astype(np.float32), 0
-    finite = np.isfinite(data)
-    bad = int(data.size - np.count_nonzero(finite))
-    out = data.astype(np.float32, copy=True)
-    if bad:
-        fill = float(np.median(data[finite])) if bad < data.size else 0.0
-        out[~finite] = fill
-    return out, bad
+    data = np.array(volume, copy=True)
+    kind = data.dtype.kind
+    bad = 0
+    if kind == "f":
+        finite = np.isfinite(data)
+        bad = int(data.size - np.count_nonzero(finite))
+        if bad:
+            data[~finite] = float(np.median(data[finite])) if bad < data.size else 0.0
+    if (kind == "f" and data.dtype != np.float16) or (kind in "iu" and data.dtype.itemsize > 4):
+        low, high = safe_range(data)
+        data[data > high] = high
+        data[data < low] = low
+    return data.astype(np.float32), bad
 
 
 def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
+from report_check import assert_valid_report
 
 from fusemycells import batch
 from fusemycells.batch import SetupError, WorkerSettings, collect_inputs, plan_jobs, run_job, verify_complete
@@ -293,7 +294,9 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
     ]
     assert batch.main(argv) == 1
     data = json.loads(report.read_text())
+    assert_valid_report(data)  # every key documented in fusemycells/report.schema.json
     assert data["refused"] == ["broken.tif"] and data["written"] == 2 and data["cluster"]["workers"] == 2
+    assert data["counts"] == {"inputs": 3, "written": 2, "refused": 1, "skipped": 0} and data["exit_code"] == 1
     by_name = {e["file"]: e for e in data["files"]}
     assert "not a readable TIFF" in by_name["broken.tif"]["error"]
     assert all(
@@ -302,7 +305,9 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
     )
     (folder / "broken.tif").unlink()
     assert batch.main(argv) == 0
-    assert json.loads(report.read_text())["skipped"] == 2
+    resumed = json.loads(report.read_text())
+    assert_valid_report(resumed)
+    assert resumed["skipped"] == 2 and resumed["counts"]["skipped"] == 2
 
 
 @needs_scale

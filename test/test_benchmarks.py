@@ -10,6 +10,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_stages  # noqa: E402
 import bench_stitching  # noqa: E402
 import profile_memory  # noqa: E402
 
@@ -69,3 +70,17 @@ def test_window_positions_agree_with_monai_only_when_the_size_fits_the_step() ->
     assert not bench_stitching.same_windows([440, 653, 355], 64, 0.5)
     assert bench_stitching.same_windows([448, 640, 352], 64, 0.5)
     assert bench_stitching.same_windows([40, 64, 30], 64, 0.5)  # axes shorter than a patch: one window
+
+
+def test_stage_benchmark_times_a_full_run_with_an_instant_network_and_profiles_it(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "stages.json"
+    assert bench_stages.main(["--shape", "8", "64", "64", "--case-dir", str(tmp_path / "cases"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    best = result["best"]
+    assert best["status"] == "ok" and best["degradation"] == 0 and result["shape"] == [8, 64, 64]
+    assert {"read", "preprocess", "global_stage", "patch_stage", "postprocess", "write", "total"} <= set(best["seconds"])
+    assert {"read_s", "resampling_s", "forward_s", "stitching_s", "blend_s", "write_s"} <= set(best["profile_s"])
+    assert 0 < best["non_network_s"] < best["seconds"]["total"] and best["peak_rss_mib"] > 0 and best["cpu_s"] > 0
+    assert (tmp_path / "cases" / "8x64x64").is_dir()  # the generated stack is kept for the next run

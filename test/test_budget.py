@@ -4,33 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-from conftest import blob_volume, write_case
+from conftest import blob_volume, fixture_manifest, write_case
 
 import inference
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.budget import (
+    CPU_2CORE,
     MAX_CPU_WORKERS,
     BudgetPolicy,
     LinearCost,
     default_stage_costs,
     estimate_peak_bytes,
+    plan_first_file,
 )
-from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.config import DEFAULT_RESOURCES, DEFAULT_TIME_BUDGET_S, INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.deadline import RunClock
 from fusemycells.devices import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
+    parse_start_ticks,
     peak_vram_mib,
+    process_age_s,
     torch_threads,
 )
 from fusemycells.patch_stage import OomLadder
 from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file, run_directory
+from fusemycells.sources import shape_for_spacing
 from fusemycells.stitching import sliding_window
 
 
@@ -157,11 +166,11 @@ def _run(root: Path, resources: Path, *extra: str) -> tuple[int, dict, float]:
 
 def _fuse_folder(root: Path, resources: Path, loader=load_stage, time_budget: float | None = None) -> tuple[list[CaseReport], BudgetPolicy, float]:
     """run_directory on ``root``'s challenge folders with an injected stage loader (CPU, 1 thread)."""
-    started = time.perf_counter()
-    pol = BudgetPolicy.create("cpu", None, time_budget, 1, started=started)
+    clock = RunClock.now()
+    pol = BudgetPolicy.create("cpu", None, time_budget, 1, clock=clock)
     fuser = Fuser(load_manifest(resources), pol, loader=loader)
     reports = run_directory(root / INPUT_SUBDIR, root / OUTPUT_SUBDIR, fuser, "float32")
-    return reports, pol, time.perf_counter() - started
+    return reports, pol, clock.elapsed()
 
 
 def test_pipeline_with_injected_oom_writes_the_same_output_as_without(fixture_resources: Path, tmp_path: Path) -> None:
@@ -282,9 +291,9 @@ def test_after_a_cpu_fallback_the_next_file_starts_on_the_cpu(fixture_resources:
 
 
 def test_first_file_reserve_covers_the_measured_large_cpu_run() -> None:
-    voxels = 309 * 1920 * 1920
-    assert default_stage_costs()["finish"].estimate(voxels) >= 165 + 40  # postprocess + write, 2 CPU cores
-    assert default_stage_costs()["global"].estimate(voxels + 520 * 1242 * 1242) >= 59.7
+    voxels, h_voxels = 309 * 1920 * 1920, 520 * 1242 * 1242
+    assert default_stage_costs()["finish"].estimate(voxels, h_voxels) >= 131.6 + 31.1  # postprocess + write, 2 CPU cores
+    assert default_stage_costs()["global"].estimate(voxels, h_voxels) >= 51.8
 
 
 def test_stage_costs_learn_from_large_files_only() -> None:
@@ -303,7 +312,9 @@ def test_finish_cost_is_learned_from_a_fully_fused_file_only() -> None:
     learn_finish_cost(costs, skipped)
     assert costs["finish"].per_voxel_s == default_stage_costs()["finish"].per_voxel_s
     learn_finish_cost(costs, report)
-    assert costs["finish"].per_voxel_s == pytest.approx(1.25 * 98.0 / (309 * 1920 * 1920))
+    before = default_stage_costs()["finish"]
+    factor = 1.25 * 98.0 / (before.per_voxel_s * 309 * 1920 * 1920)  # no H grid in this report: input voxels only
+    assert costs["finish"].per_voxel_s == pytest.approx(before.per_voxel_s * factor)
 
 
 @pytest.mark.parametrize("finish_rate, level", [(2.5e-7, 0), (1e-3, 3)])
@@ -348,16 +359,29 @@ def test_nvidia_driver_version_is_read_from_the_kernel_module_text(tmp_path: Pat
     assert parse_driver_version(NVRM_OPEN) == "570.86.15"
     assert parse_driver_version("no driver here") is None
     (tmp_path / "version").write_text(NVRM_OPEN)
-    assert nvidia_driver_version(str(tmp_path / "version")) == "570.86.15"
-    assert nvidia_driver_version(str(tmp_path / "missing")) is None
+
+    def no_nvidia_smi(cmd, **_kw):
+        raise FileNotFoundError(cmd[0])
+
+    assert nvidia_driver_version(str(tmp_path / "version"), no_nvidia_smi) == "570.86.15"
+    assert nvidia_driver_version(str(tmp_path / "missing"), no_nvidia_smi) is None
 
 
-def test_policy_report_and_log_name_the_nvidia_driver(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr("fusemycells.budget.nvidia_driver_version", lambda: "535.104.05")
+def test_policy_report_and_log_name_the_nvidia_driver_and_the_cuda_error(caplog: pytest.LogCaptureFixture) -> None:
+    checked = []
+
+    def cuda_check(chosen: str, requested: str, driver: str | None) -> str | None:
+        checked.append((chosen, requested, driver))
+        return "NVIDIA driver 535.104.05 found but CUDA did not start; ..."
+
     with caplog.at_level("INFO", logger="fusemycells"):
-        pol = BudgetPolicy.create("cpu", None, None, 1)
-    assert pol.as_report()["nvidia_driver"] == "535.104.05"
+        pol = BudgetPolicy.create("auto", None, None, 1, read_driver=lambda: "535.104.05", cuda_check=cuda_check)
+    report = pol.as_report()
+    assert report["nvidia_driver"] == "535.104.05" and checked == [(pol.device, "auto", "535.104.05")]
+    assert report["cuda_error"] == "NVIDIA driver 535.104.05 found but CUDA did not start; ..."
     assert any("NVIDIA driver 535.104.05" in r.getMessage() for r in caplog.records)
+    quiet = BudgetPolicy.create("cpu", None, None, 1, read_driver=lambda: None)  # the real check: nothing to say
+    assert quiet.as_report()["cuda_error"] is None
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -420,3 +444,165 @@ def test_peak_vram_is_none_on_a_cpu_run_and_torchs_reserved_peak_on_cuda(fixture
     assert peak_vram_mib() == 3072.0
     cuda.is_initialized = lambda: False  # CUDA present but never used (e.g. a CPU run on a GPU machine)
     assert peak_vram_mib() is None
+
+
+PEAK_SCRIPT = """
+import dataclasses, json, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[1] + "/test", sys.argv[1]]
+import numpy as np
+from conftest import write_case
+from fusemycells.backends import load_stage
+from fusemycells.budget import BudgetPolicy
+from fusemycells.config import load_manifest
+from fusemycells.devices import peak_rss_mib, proc_status_mib
+from fusemycells.pipeline import Fuser, process_file
+
+folder, resources, shape = Path(sys.argv[2]), Path(sys.argv[3]), tuple(int(n) for n in sys.argv[4].split("x"))
+data = (np.random.default_rng(0).random(shape) * 1000).astype(np.uint16)
+path = write_case(folder / "in", "case.tif", data, spacing=(1.0, 0.39, 0.39))
+del data
+
+class Stage1Channel:  # a fast stand-in for the patch network: the memory of the stitching is what is measured
+    backend, provider, device = "stand-in", "CPU", "cpu"
+    def __call__(self, batch):
+        return np.ascontiguousarray(batch[:, 1:2])
+
+def loader(manifest, spec, backend, device, **options):
+    loaded = load_stage(manifest, spec, backend, device, **options)
+    return dataclasses.replace(loaded, runner=Stage1Channel()) if spec.patch_size is not None else loaded
+
+policy = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
+fuser = Fuser(load_manifest(resources), policy, loader=loader)
+fuser.load_stages("nucleus")
+baseline = proc_status_mib("VmRSS")
+report = process_file(path, folder / "out", fuser, "float32")
+print(json.dumps({"status": report.status, "baseline_mib": baseline, "peak_mib": peak_rss_mib()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def patch64_resources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fixture networks with the shipped networks' 64³ patch."""
+    resources = tmp_path_factory.mktemp("patch64")
+    fixture_manifest(resources, patch=64)
+    return resources
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("shape", [(2000, 16, 16), (150, 1000, 24), (2, 600, 600)], ids=["long", "narrow", "flat"])
+def test_memory_estimate_bounds_the_measured_peak_of_long_narrow_and_flat_stacks(patch64_resources: Path, tmp_path: Path, shape: tuple[int, int, int]) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, str(script), str(repo), str(tmp_path), str(patch64_resources), "x".join(map(str, shape))], capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    assert child.returncode == 0, child.stderr[-3000:]
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    assert measured["status"] == "ok"
+    estimate = estimate_peak_bytes(shape, 2, (1.0, 0.39, 0.39), 0.6, (64, 64, 64))
+    above_baseline = (measured["peak_mib"] - measured["baseline_mib"]) * 2**20  # the stack's own memory, networks loaded
+    assert above_baseline <= estimate - (1 << 30), (measured, estimate / 2**20)  # the 1 GiB is for the libraries and networks
+    assert measured["peak_mib"] * 2**20 <= estimate
+
+
+def test_reserve_scales_with_the_high_resolution_grid_not_only_the_input(fixture_resources: Path, tmp_path: Path) -> None:
+    finish = LinearCost(0.0, 0.0, 1e-4)  # post-processing priced per voxel of H only: 2.8 s isotropic, 23 s at 5 µm
+    data = blob_volume((12, 48, 48))
+    levels = {}
+    for name, spacing in (("iso", (0.6, 0.6, 0.6)), ("z5", (5.0, 0.6, 0.6))):
+        path = write_case(tmp_path / "in", f"{name}.tif", data, spacing=spacing)
+        fuser = _cpu_fuser(fixture_resources, finish=finish)
+        assert fuser.reserve_s(data.size, 100 * 48 * 48) > 20.0 > fuser.reserve_s(data.size, data.size)
+        report = process_file(path, tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 15.0)
+        assert report.status == "ok", report.error
+        levels[name] = report.degradation
+    assert levels == {"iso": 0, "z5": 3}  # same input voxels, 8.3× the H voxels: no time left for the networks
+
+
+def test_linear_cost_learns_input_and_high_resolution_rates_in_proportion() -> None:
+    cost = LinearCost(fixed_s=2.0, per_voxel_s=1e-7, per_h_voxel_s=3e-7)
+    cost.learn(1e8, 2.0 + 60.0, h_voxels=1e8)  # estimated 40 s of per-voxel work, measured 60 s
+    assert cost.per_voxel_s == pytest.approx(1.25 * 1.5e-7) and cost.per_h_voxel_s == pytest.approx(1.25 * 4.5e-7)
+    assert cost.estimate(1e8, 1e8) == pytest.approx(2.0 + 1.25 * 60.0)
+    assert cost.scaled(2.0).estimate(1e8, 1e8) == pytest.approx(2.0 + 2.5 * 60.0)
+
+
+STUDY_SHAPES = {  # the real study shapes (ZYX voxels, ZYX µm) listed in README and issue #13
+    "222x731x860": ((222, 731, 860), (1.0, 0.195, 0.195)),
+    "264x2008x1091": ((264, 2008, 1091), (1.0, 0.195, 0.195)),
+    "891x817x817": ((891, 817, 817), (1.0, 0.39, 0.39)),
+    "80x1920x1920": ((80, 1920, 1920), (3.0, 0.33, 0.33)),
+    "309x1920x1920": ((309, 1920, 1920), (1.01, 0.388, 0.388)),
+}
+
+
+@pytest.mark.parametrize("speed", [0.4, 0.7, 1.0, 1.3])  # 0.4: a machine shared with other jobs
+@pytest.mark.parametrize("study", sorted(STUDY_SHAPES))
+def test_every_study_shape_gets_an_output_within_the_default_budget_on_the_cpu_fallback(study: str, speed: float) -> None:
+    shape, spacing = STUDY_SHAPES[study]
+    manifest = load_manifest(DEFAULT_RESOURCES)
+    channel = manifest.channel("nucleus")
+    assert manifest.time_budget_s == DEFAULT_TIME_BUDGET_S == 480.0
+    assert channel.patch_stage.patch_size == (64, 64, 64) and channel.target_spacing_um == 0.6
+    plan = plan_first_file(shape, spacing, manifest.time_budget_s, speed=speed)  # 2 cores ≈ 4 vCPUs, ×0.7..1.3
+    assert plan.total_s <= manifest.time_budget_s, plan
+    assert plan.level <= (3 if speed < 0.7 else 2), plan  # the networks run (at least stage 1) from 0.7× on
+    if speed == 1.0 and study == "309x1920x1920":
+        assert plan.level == 2 and plan.high_res_grid == (520, 1242, 1242)  # as estimated in README (Budgets)
+
+
+def test_first_file_estimates_are_not_below_the_measured_cpu_phases() -> None:
+    costs = default_stage_costs()
+    for shape, spacing in STUDY_SHAPES.values():
+        n_in = math.prod(shape)
+        n_h = math.prod(shape_for_spacing(shape, spacing, (0.6, 0.6, 0.6)))
+        for name, measured, margin in (("global", CPU_2CORE.global_stage, 1.25), ("fallback", CPU_2CORE.fallback, 1.5), ("finish", CPU_2CORE.finish, 1.5)):
+            variable = measured.estimate(n_in, n_h) - measured.fixed_s
+            assert costs[name].estimate(n_in, n_h) >= measured.fixed_s + margin * variable - 1e-9, (name, shape)
+
+
+def test_process_start_is_read_from_proc_and_survives_exec(tmp_path: Path) -> None:
+    assert parse_start_ticks("4242 (py (x) y) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 123456 99 100") == 123456
+    assert parse_start_ticks("garbage") is None
+    stat = tmp_path / "stat"
+    stat.write_text("7 (python3) R " + " ".join(["0"] * 18) + " 5000 1 2\n")  # started 50.00 s after boot
+    assert process_age_s(str(stat), boot_clock=lambda: 62.5, ticks_per_s=100) == pytest.approx(12.5)
+    assert process_age_s(str(tmp_path / "missing")) is None
+    if not Path("/proc/self/stat").exists():
+        return
+    import subprocess
+    import sys
+
+    child = "import sys; sys.path.insert(0, '.'); from fusemycells.devices import process_age_s; print(process_age_s())"
+    parent = f"import os, sys, time; time.sleep(1.5); os.execv(sys.executable, [sys.executable, '-c', {child!r}])"
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert 1.5 <= float(out.stdout) < 60  # the age counts from before the exec()
+
+
+def test_run_clock_names_its_start_in_wall_clock_time_and_falls_back_when_unknown() -> None:
+    fallback = RunClock.now("inference.py import")
+    assert RunClock.since(None, fallback) is fallback
+    clock = RunClock.since(30.0, fallback)
+    assert clock.origin == "process start" and clock.elapsed() == pytest.approx(30.0, abs=1.0)
+    started = datetime.fromisoformat(clock.iso())
+    assert started.tzinfo is not None and abs(started.timestamp() - (time.time() - 30.0)) < 1.0
+    assert datetime.fromisoformat(clock.iso(480.0)).timestamp() == pytest.approx(started.timestamp() + 480.0, abs=1e-3)
+    policy = BudgetPolicy.create("cpu", None, 480.0, 1, clock=clock, read_driver=lambda: None)
+    assert policy.remaining_s() == pytest.approx(450.0, abs=1.0)
+    assert policy.as_report()["clock_started"] == clock.iso() and policy.as_report()["clock_origin"] == "process start"
+
+
+def test_a_global_stage_slower_than_estimated_raises_the_time_kept_for_finishing(fixture_resources: Path, tmp_path: Path) -> None:
+    def slow(runner, batch):
+        time.sleep(3.3)  # 3× the estimate below: this machine is slower than the estimates assume
+        return runner(batch)
+
+    costs = {"global": LinearCost(0.1, 1e-5), "finish": LinearCost(4.0, 0.0)}  # global ~1.1 s; reserve: 4 s + the fallback's 1 s
+    fuser = _cpu_fuser(fixture_resources, wrapping_loader(slow, which_stage="global"), **costs)
+    report = process_file(_case(tmp_path / "in"), tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 12.0)
+    assert report.status == "ok" and report.degradation == 3, report.warnings  # 5 s × 3 > what is left after it
+    assert any("took" in e and "its estimate; time kept back for finishing raised to" in e for e in fuser.policy.events)

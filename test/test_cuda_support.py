@@ -15,6 +15,7 @@ import pytest
 
 from fusemycells import cuda_support as cs
 from fusemycells.cuda_support import plan_cuda
+from fusemycells.devices import nvidia_driver_version, parse_driver_version, parse_nvidia_smi_version
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,11 +24,11 @@ PROC_OPEN = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20
 
 
 def test_driver_versions_are_read_from_proc_nvidia_smi_and_libcuda_names():
-    assert cs.driver_from_proc(PROC_PROPRIETARY) == "470.256.02"
-    assert cs.driver_from_proc(PROC_OPEN) == "570.133.20"
-    assert cs.driver_from_proc("no driver here") is None
-    assert cs.driver_from_nvidia_smi("535.104.05\n535.104.05\n") == "535.104.05"
-    assert cs.driver_from_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.") is None
+    assert parse_driver_version(PROC_PROPRIETARY) == "470.256.02"
+    assert parse_driver_version(PROC_OPEN) == "570.133.20"
+    assert parse_driver_version("no driver here") is None
+    assert parse_nvidia_smi_version("535.104.05\n535.104.05\n") == "535.104.05"
+    assert parse_nvidia_smi_version("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.") is None
     assert cs.libcuda_version_from_name("/usr/local/cuda/compat/libcuda.so.560.35.05") == "560.35.05"
     assert cs.libcuda_version_from_name("libcuda.so.1") is None
     assert cs.cuda_from_driver_api(12020) == "12.2" and cs.cuda_from_driver_api(11040) == "11.4" and cs.cuda_from_driver_api(0) is None
@@ -136,8 +137,8 @@ def test_host_driver_comes_from_proc_else_nvidia_smi(tmp_path: Path):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, stdout="535.104.05\n", stderr="")
 
-    assert cs.host_driver_version(str(proc), smi) == "570.133.20" and calls == []
-    assert cs.host_driver_version(str(tmp_path / "missing"), smi) == "535.104.05" and calls[0][0] == "nvidia-smi"
+    assert nvidia_driver_version(str(proc), smi) == "570.133.20" and calls == []
+    assert nvidia_driver_version(str(tmp_path / "missing"), smi) == "535.104.05" and calls[0][0] == "nvidia-smi"
 
     def no_smi(cmd, **_kw):
         raise FileNotFoundError(cmd[0])
@@ -145,8 +146,8 @@ def test_host_driver_comes_from_proc_else_nvidia_smi(tmp_path: Path):
     def broken(cmd, **_kw):
         return subprocess.CompletedProcess(cmd, 9, stdout="", stderr="Failed to initialize NVML")
 
-    assert cs.host_driver_version(str(tmp_path / "missing"), no_smi) is None
-    assert cs.host_driver_version(str(tmp_path / "missing"), broken) is None
+    assert nvidia_driver_version(str(tmp_path / "missing"), no_smi) is None
+    assert nvidia_driver_version(str(tmp_path / "missing"), broken) is None
 
 
 def test_compat_libcuda_version_follows_the_libcuda_link(tmp_path: Path):

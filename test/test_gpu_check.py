@@ -43,8 +43,9 @@ def test_cpu_dry_run_records_every_step_with_parity_vram_and_end_to_end_figures(
     assert {"preprocess", "global_stage", "patch_stage", "postprocess", "write"} <= set(e2e["seconds"]) and e2e["degradation"] == 0
     assert result["checks"] == {
         "cuda_tests_passed": True, "parity_within_goal": True, "vram_budget_honoured": {"torchscript": None, "onnx": None},
-        "e2e_written": True, "e2e_within_goal_s": None,
+        "e2e_written": True, "e2e_within_goal_s": None, "non_network_within_goal_s": None,
     }
+    assert e2e["non_network_s"] is not None and 0 < e2e["non_network_s"] <= e2e["seconds"]["total"]
     assert "onnx_cpu" in (out / "summary.md").read_text() and not (out / "case" / "input").exists()  # the stack is removed
 
 
@@ -63,7 +64,8 @@ def test_step_status_and_checks_from_records():
     assert gpu_check.step_status({"rc": 124, "timed_out": True}) == "timeout"
     assert gpu_check.step_status({"rc": 1, "timed_out": False}) == "failed"
     assert gpu_check.step_status({"rc": 0, "timed_out": False}) == "ok"
-    report = {"seconds": 48.5, "policy": {"device": "cuda"}, "files": [{"status": "ok", "shape": [309, 1920, 1920], "seconds": {"patch_stage": 20.0}, "degradation": 0,
+    report = {"seconds": 48.5, "policy": {"device": "cuda"}, "files": [{"status": "ok", "shape": [309, 1920, 1920], "degradation": 0,
+              "seconds": {"patch_stage": 20.0, "total": 46.0, "profile_s": {"forward_s": 33.5, "blend_s": 2.0}},
               "peak_vram_mib": 3072.0, "stages": {"global": {"backend": "torchscript", "provider": "CUDA"}}}]}
     e2e = gpu_check.e2e_facts(report, "512\n4200\n3900\n")
     assert e2e["peak_vram_mib_device"] == 4200.0 and e2e["providers"] == {"global": ("torchscript", "CUDA")} and e2e["wall_s"] == 48.5
@@ -72,6 +74,8 @@ def test_step_status_and_checks_from_records():
     assert result["checks"]["cuda_tests_passed"] is False  # a CUDA test skipped on a CUDA machine is not a pass
     assert result["checks"]["e2e_within_goal_s"] is True and result["steps"]["parity"]["status"] == "not run"
     assert gpu_check.summarize({}, {"e2e": {**e2e, "wall_s": 75.0}}, "cuda", quick=False)["checks"]["e2e_within_goal_s"] is False
+    assert e2e["non_network_s"] == 12.5 and result["checks"]["non_network_within_goal_s"] is True
+    assert gpu_check.non_network_seconds({"total": 3.0}) is None and gpu_check.non_network_seconds(None) is None
     assert "not run" in gpu_check.render_summary(result)
 
 

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,14 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
+from report_check import assert_valid_report
 
 import inference
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io import read_volume
 from fusemycells.reference import percentile_normalise
 
-STAGE_SECONDS = ("preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")
+STAGE_SECONDS = ("read", "load_weights", "preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")
 
 
 def run_cli(
@@ -104,7 +107,26 @@ def test_outputs_keep_name_shape_and_grid_for_tif_and_tiff_with_full_report(
         assert isinstance(entry["warnings"], list)
     assert files["a_nucleus.tif"]["warnings"] == []
     assert any("channel missing" in w for w in files["b.tiff"]["warnings"])
-    assert report["policy"]["device"] == "cpu"
+    assert report["policy"]["device"] == "cpu" and report["policy"]["cuda_error"] is None
+    assert files["b.tiff"]["seconds"]["load_weights"] < files["a_nucleus.tif"]["seconds"]["load_weights"]  # loaded once
+    assert_time_account(report, proc.stderr, "process start", ["a_nucleus.tif", "b.tiff"])
+
+
+def assert_time_account(report: dict[str, Any], log: str, origin: str, files: list[str]) -> None:
+    """The report's ``clock`` and the log say when the budget started and what each phase took of it."""
+    clock = report["clock"]
+    assert clock["origin"] == origin and clock["time_budget_s"] == 480.0  # the manifest's default
+    started = datetime.fromisoformat(clock["started"])
+    assert datetime.fromisoformat(clock["deadline"]).timestamp() == pytest.approx(started.timestamp() + 480.0, abs=1e-3)
+    phases = clock["phases_s"]
+    assert list(phases)[0] == "start-up" and phases["start-up"] > 0
+    for name in files:
+        assert [p.split(": ")[1] for p in phases if p.startswith(name + ": ")] == list(STAGE_SECONDS[:-1])
+    assert sum(phases.values()) + clock["unaccounted_s"] == pytest.approx(clock["elapsed_s"], abs=2e-3)
+    assert 0 <= clock["unaccounted_s"] < 0.2 * clock["elapsed_s"] + 1.0
+    assert clock["left_s"] == pytest.approx(480.0 - clock["elapsed_s"], abs=2e-3)
+    assert f"time budget 480 s counted from {origin} at {clock['started']}" in log
+    assert f"s of the 480 s budget since {origin} at {clock['started']}: start-up" in log
 
 
 def test_explicit_backends_both_run_and_are_named_in_the_report(fixture_resources: Path, tmp_path: Path) -> None:
@@ -211,5 +233,71 @@ def test_sigterm_stops_the_run_with_a_log_line_a_report_and_exit_143(fixture_res
     assert proc.wait(timeout=60) == inference.TERMINATED_EXIT_CODE == 143, "".join(log)[-3000:]
     assert any("terminated by SIGTERM: stopping; 1 output(s) written" in line for line in log), "".join(log)[-3000:]
     report = json.loads(report_path.read_text())
-    assert report["terminated"] is True and report["written"] == ["a.tif"]
+    assert_valid_report(report)
+    assert report["terminated"] is True and report["written"] == ["a.tif"] and report["exit_code"] == 143
+    assert report["counts"] == {"inputs": 2, "written": 1, "refused": 0, "unfinished": 1, "skipped": 0}
     assert [p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()] == ["a.tif"]  # no b.tif, no temporary file
+    [entry] = report["files"]  # the per-file entry of the file done, as in a normal report
+    assert entry["file"] == "a.tif" and entry["status"] == "ok" and entry["shape"] == [6, 24, 24] and entry["seconds"]["write"] >= 0
+    assert report["policy"]["device"] == "cpu" and report["clock"]["origin"] == "process start"
+    assert "a.tif: write" in report["clock"]["phases_s"]
+
+
+def test_the_budget_counts_from_the_process_start_through_the_image_entry_point_and_exec(fixture_resources: Path, tmp_path: Path) -> None:
+    write_case(_inputs(tmp_path), "case.tif", blob_volume((8, 32, 32)))
+    report_path = tmp_path / "report.json"
+    args = ["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path), "--time-budget", "4"]
+    entry = [sys.executable, "-m", "fusemycells.cuda_support", "--exec", "inference.py", *args]  # the image's ENTRYPOINT
+    # 3 s spent before the exec (as an image's start-up would): the budget of 4 s has 1 s left when inference.py starts
+    starter = f"import os, sys, time; time.sleep(3.0); os.execv(sys.executable, {entry!r})"
+    begun = time.time()
+    proc = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=120, cwd=str(REPO), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    clock = report["clock"]
+    assert clock["origin"] == "process start" and clock["time_budget_s"] == 4.0  # --time-budget overrides the manifest
+    assert abs(datetime.fromisoformat(clock["started"]).timestamp() - begun) < 1.0 and clock["phases_s"]["start-up"] >= 3.0
+    [case] = report["files"]
+    assert case["status"] == "ok" and case["degradation"] == 3  # no time left for the networks: still an output
+    assert (tmp_path / OUTPUT_SUBDIR / "case.tif").is_file()
+
+
+def test_temporary_files_of_a_killed_earlier_run_are_removed_and_reported(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_case(_inputs(tmp_path), "case.tif", blob_volume((6, 24, 24)))
+    out = tmp_path / OUTPUT_SUBDIR
+    out.mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    for name in (".fmc-dead1.partial", ".fmc-recent.partial", "keep.partial"):
+        (out / name).write_bytes(b"half a TIFF")
+    os.utime(out / ".fmc-dead1.partial", (hour_ago, hour_ago))
+    os.utime(out / "keep.partial", (hour_ago, hour_ago))  # not our name: never touched
+    (out / ".fmc-link.partial").symlink_to(tmp_path / "elsewhere")
+    os.utime(out / ".fmc-link.partial", (hour_ago, hour_ago), follow_symlinks=False)
+    report_path = tmp_path / "report.json"
+    with caplog.at_level("INFO", logger="fusemycells"):
+        code = inference.main(["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [".fmc-link.partial", ".fmc-recent.partial", "case.tif", "keep.partial"]
+    report = json.loads(report_path.read_text())
+    assert report["stale_partials_removed"] == [".fmc-dead1.partial"]
+    assert "removed 1 temporary output file(s) left by an earlier, killed run: .fmc-dead1.partial" in caplog.text
+    assert report["clock"]["origin"] == "main() call"  # called in-process: the budget counts from the call
+
+
+def test_the_writers_temporary_files_match_the_pattern_cleaned_up(tmp_path: Path) -> None:
+    from fnmatch import fnmatch
+
+    from fusemycells.io import Volume, write_volume
+
+    seen: list[str] = []
+
+    class Watching:
+        shape, dtype = (3, 8, 8), np.dtype(np.float32)
+
+        def planes(self, z0: int, z1: int) -> np.ndarray:
+            seen.extend(p.name for p in tmp_path.iterdir())
+            return np.zeros((z1 - z0, 8, 8), np.float32)
+
+    write_volume(tmp_path / "out.tif", Watching(), Volume(data=np.zeros((3, 8, 8), np.float32), spacing=(1.0, 0.4, 0.4), channel="nucleus"))
+    assert seen and all(fnmatch(name, inference.PARTIAL_PATTERN) for name in seen)
+    assert inference.remove_stale_partials(tmp_path, before=time.time() + 10, now=time.time() + 4000) == []  # a finished output is never a partial

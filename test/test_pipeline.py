@@ -176,3 +176,35 @@ def test_sub_patch_tiling_after_oom_is_reported_as_a_quality_caveat(fixture_reso
     assert result.info is not None and result.info["sub_patch"] == [8, 8, 8] and not result.degradations
     assert any("sub-patches" in w and "differs" in w for w in result.warnings)
     assert np.isfinite(result.correction).all()
+
+
+@pytest.mark.parametrize("dtype, value", [("float64", 1e39), ("float32", 3e38)])
+def test_a_value_beyond_float32s_range_is_clipped_counted_and_the_output_stays_usable(fixture_resources: Path, tmp_path: Path, dtype: str, value: float) -> None:
+    data = blob_volume((12, 48, 48)).astype(dtype)
+    clean = data.astype(np.float32)
+    data[6, 24, 24] = value  # one corrupt voxel: as float32 it is inf (or overflows the arithmetic)
+    path = write_case(tmp_path / "in", "case.tif", data, spacing=SPACING)
+    fuser = Fuser(load_manifest(fixture_resources), cpu_policy())
+    for output_dtype in ("float32", "uint16"):
+        report = process_file(path, tmp_path / output_dtype, fuser, output_dtype)
+        out = tifffile.imread(tmp_path / output_dtype / "case.tif")
+        assert report.status == "ok" and report.out_of_range_clipped == 1 and report.non_finite_replaced == 0
+        assert any("1 voxels outside" in w and "clipped" in w for w in report.warnings)
+        assert np.isfinite(out).all() and np.count_nonzero(out) > 0  # not NaN, not all zeros
+    far = np.ones(data.shape, dtype=bool)
+    far[2:11, 12:37, 12:37] = False  # away from the clipped voxel's neighbourhood
+    reference = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(clean, SPACING, "nucleus").to_array()
+    out = tifffile.imread(tmp_path / "float32" / "case.tif")
+    assert np.corrcoef(out[far], reference[far])[0, 1] > 0.5  # the rest of the image is still there
+
+
+def test_an_output_name_the_output_folder_cannot_hold_is_refused_before_any_pixel_is_read(fixture_resources: Path, tmp_path: Path) -> None:
+    path = tmp_path / "in" / "case.tif"
+    path.parent.mkdir()
+    path.write_bytes(b"not a TIFF at all")  # reading it would refuse it for another reason
+    too_deep = tmp_path.joinpath(*["d" * 200] * 25)  # an output path over the 4096-byte limit (not created)
+    fuser = Fuser(load_manifest(fixture_resources), cpu_policy())
+    report = process_file(path, too_deep, fuser, "float32")
+    assert report.status == "refused" and "readable" not in report.error
+    assert "path limit" in report.error or "File name too long" in report.error  # io.check_output_name's words or the OS's
+    assert "read" not in report.seconds

@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusemycells.preprocess import ResizedSource, antialias_sigma, resize
+from fusemycells.preprocess import (
+    INPUT_SAFE_ABS,
+    ResizedSource,
+    Sanitised,
+    antialias_sigma,
+    resize,
+    safe_range,
+    sanitise_inplace,
+)
 from fusemycells.reference import normalise_intensity, percentile_normalise, resample_to_spacing, sanitise
 from fusemycells.sources import iter_planes, shape_for_spacing
 
@@ -151,6 +159,35 @@ def test_sanitise_replaces_non_finite_with_the_finite_median() -> None:
 def test_sanitise_integer_input_becomes_float32_without_replacements() -> None:
     out, count = sanitise(np.ones((2, 2, 2), dtype=np.uint16))
     assert out.dtype == np.float32 and count == 0
+
+
+@pytest.mark.parametrize("dtype, value", [("float64", 1e39), ("float64", -1e300), ("float32", 3e38), ("int64", 2**62)])
+def test_values_beyond_the_safe_range_are_clipped_before_any_cast_and_counted(dtype: str, value: float) -> None:
+    vol = (np.random.default_rng(0).random((6, 20, 20)) * 1000).astype(dtype)
+    vol[3, 10, 10] = value
+    vol[1, 2, 3] = np.nan if vol.dtype.kind == "f" else 0
+    expected, count = sanitise(vol)
+    result = sanitise_inplace(vol)
+    assert result.clipped == 1 and result.non_finite == count == (1 if vol.dtype.kind == "f" else 0)
+    low, high = result.limits
+    assert -INPUT_SAFE_ABS <= low < 0 and 1000 < high <= 1e4 * 1000 + 1000  # the data's spread × 1e4 beyond it
+    assert vol[3, 10, 10] == vol.dtype.type(high if value > 0 else low)
+    as_float32 = vol.astype(np.float32)  # what ArraySource does next
+    assert np.isfinite(as_float32).all() and np.abs(as_float32).max() <= 1.1e7
+    np.testing.assert_array_equal(as_float32, expected)  # the whole-volume twin agrees
+
+
+def test_in_range_values_and_small_integer_types_are_never_clipped() -> None:
+    rng = np.random.default_rng(1)
+    floats = rng.lognormal(0.0, 3.0, (8, 16, 16))  # heavy-tailed: max / p99.9 ≈ 20, far below the relative limit
+    kept = floats.copy()
+    assert sanitise_inplace(floats).clipped == 0 and np.array_equal(floats, kept)
+    ints = rng.integers(0, 2**32, (4, 8, 8), dtype=np.uint32)
+    ints[0, 0, 0] = 2**32 - 1
+    assert sanitise_inplace(ints) == Sanitised(0, 0) and ints[0, 0, 0] == 2**32 - 1
+    constant = np.zeros((2, 4, 4))
+    constant[0, 0, 0] = 1e20  # no spread to scale by: only the absolute limit applies
+    assert safe_range(constant) == (-INPUT_SAFE_ABS, INPUT_SAFE_ABS)
 
 
 def test_resized_source_reads_big_planes_in_small_requests_with_the_same_result():

@@ -94,7 +94,7 @@ def test_in_place_sanitise_matches_the_copying_one() -> None:
     vol[0, :3, 0] = np.nan
     vol[5, 5, 5] = np.inf
     expected, count = sanitise(vol)
-    assert sanitise_inplace(vol) == count == 4
+    assert sanitise_inplace(vol).non_finite == count == 4
     np.testing.assert_array_equal(vol, expected)
 
 

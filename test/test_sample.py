@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
+from report_check import assert_valid_report
 
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io import read_volume
@@ -38,6 +39,7 @@ def test_bundled_sample_runs_quietly_with_every_stage_on_onnx_when_torchscript_f
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
+    assert_valid_report(report)  # every key documented in fusemycells/report.schema.json, every number with a unit
     assert sorted(f["file"] for f in report["files"]) == ["image_0_nucleus_angle.tif", "image_1_membrane_angle.tif"]
     for case in report["files"]:
         assert case["status"] == "ok" and case["warnings"] == [] and case["degradation"] == 0

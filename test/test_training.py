@@ -128,7 +128,7 @@ def test_random_crop_pads_small_arrays_and_keeps_arrays_aligned():
 def checkpoints(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
     for channel in ("nucleus", "membrane"):
-        rc = train.main(["--data", str(tiny_dataset), "--channel", channel, "--out", str(out / channel), *TINY, "--max-steps", "2", "--threads", "1"])
+        rc = train.main(["--data", str(tiny_dataset), "--channel", channel, "--out", str(out / channel), *TINY, "--steps-global", "2", "--steps-patch", "2", "--threads", "1"])
         assert rc == 0
     return out
 
@@ -145,7 +145,7 @@ def test_one_adversarial_step_updates_generator_and_discriminator(tiny_dataset, 
     torch.manual_seed(0)
     disc = PatchDiscriminator3D(2, base=4)
     before = [p.detach().clone() for p in disc.parameters()]
-    rc = train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path), *TINY, "--max-steps", "1", "--adversarial", "--threads", "1"])
+    rc = train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path), *TINY, "--steps-global", "1", "--steps-patch", "1", "--adversarial", "--threads", "1"])
     assert rc == 0
     assert (tmp_path / "patch.pt").is_file()
     # train_patch really stepped its discriminator: one loss recorded and its parameters moved
@@ -172,7 +172,7 @@ def test_init_fine_tunes_from_exported_torchscript_weights(checkpoints, tiny_dat
             traced.head.weight.normal_(0, 0.3)
         traced.save(str(exported / f"nucleus_{stage}.pt"))
     out = tmp_path / "ft"
-    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(out), *TINY, "--max-steps", "0", "--threads", "1", "--init", str(exported)]) == 0
+    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(out), *TINY, "--steps-global", "0", "--steps-patch", "0", "--threads", "1", "--init", str(exported)]) == 0
     for stage in ("global", "patch"):  # zero steps: the checkpoint is exactly the exported network
         saved = torch.load(out / f"{stage}.pt", weights_only=False)["state_dict"]
         source = torch.jit.load(str(exported / f"nucleus_{stage}.pt")).state_dict()
@@ -180,7 +180,7 @@ def test_init_fine_tunes_from_exported_torchscript_weights(checkpoints, tiny_dat
         assert all(torch.equal(saved[k], source[k]) for k in saved)
         assert saved["head.weight"].abs().sum() > 0
     wide = [*TINY[: TINY.index("--base")], "--base", "8", "--depth", "2", "--batch", "2"]
-    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path / "bad"), *wide, "--max-steps", "0", "--init", str(exported)]) == 2
+    assert train.main(["--data", str(tiny_dataset), "--channel", "nucleus", "--out", str(tmp_path / "bad"), *wide, "--steps-global", "0", "--steps-patch", "0", "--init", str(exported)]) == 2
     with pytest.raises(train.InitError, match="membrane_global.pt"):
         train.init_state(exported, "membrane", "global", ResidualUNet3D(1, base=4, depth=2, first_stride=2).config)
 
@@ -193,7 +193,7 @@ def test_pairs_whose_shapes_differ_are_skipped(tiny_dataset, tmp_path):
     small = simulate_pair(300, "nucleus", shape=(8, 40, 40), spacing=(2.0, 0.4, 0.4))
     write_pair(small, data, 5, "study_a")
     (data / "image_1_nucleus_fused.tif").write_bytes((data / "image_5_nucleus_fused.tif").read_bytes())  # 8×40×40 vs 10×48×48
-    rc = train.main(["--data", str(data), "--channel", "nucleus", "--out", str(tmp_path / "ckpt"), *TINY, "--max-steps", "1", "--threads", "1"])
+    rc = train.main(["--data", str(data), "--channel", "nucleus", "--out", str(tmp_path / "ckpt"), *TINY, "--steps-global", "1", "--steps-patch", "1", "--threads", "1"])
     assert rc == 0
     assert json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["pairs"] == 2
 

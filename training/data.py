@@ -141,3 +141,64 @@ def random_crop(
         start = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch)]
     sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
     return [np.ascontiguousarray(a[sl]) for a in arrays]
+
+
+def cached_resize(source: np.ndarray, shape: tuple[int, int, int], path: Path) -> np.ndarray:
+    """``resize(source, shape)`` (the inference path) cached at ``path``: a read-only memory map."""
+    if not Path(path).is_file():
+        save_npy(Path(path), resize(np.asarray(source), shape))
+    return np.load(path, mmap_mode="r")
+
+
+class CropDataset:
+    """Training samples of one stage: sample ``k`` is a pure function of (seed, stage, rank, k).
+
+    Each case is a list of array files (``.npy``, ZYX, the last one the target) opened as memory
+    maps in whichever process reads them (DataLoader workers included), so only crops reach RAM.
+    Sample ``k`` picks a case and a crop of ``crop`` voxels (every second sample centred on one of
+    the case's ``bright`` voxels when given), a random flip, and (``augment``) the augmentations of
+    :mod:`training.augment`. Returns (inputs (C, Z, Y, X), target (1, Z, Y, X)) float32 tensors.
+    Different ranks draw different samples for the same ``k`` (DistributedSampler-like sharding).
+    """
+
+    def __init__(
+        self,
+        cases: list[list[Path]],
+        crop: tuple[int, int, int],
+        seed: int,
+        stage: int,
+        rank: int = 0,
+        bright: list[np.ndarray] | None = None,
+        augment: bool = False,
+    ) -> None:
+        self.cases, self.crop, self.seed, self.stage, self.rank = cases, tuple(crop), seed, stage, rank
+        self.bright, self.augment = bright, augment
+        self._open: dict[Path, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return 2**62  # an endless stream, indexed by sample number
+
+    def _array(self, path: Path) -> np.ndarray:
+        if path not in self._open:
+            self._open[path] = np.load(path, mmap_mode="r")
+        return self._open[path]
+
+    def sample(self, k: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """(input channels, target) of sample ``k`` as numpy arrays."""
+        from .augment import augment
+
+        rng = np.random.default_rng([self.seed, self.stage, self.rank, k])
+        index = int(rng.integers(len(self.cases)))
+        arrays = [self._array(p) for p in self.cases[index]]
+        centres = self.bright[index] if self.bright is not None and k % 2 == 0 else None
+        crops = random_flip(random_crop(arrays, self.crop, rng, centres=centres), rng)
+        inputs, target = [np.ascontiguousarray(c, dtype=np.float32) for c in crops[:-1]], np.ascontiguousarray(crops[-1], dtype=np.float32)
+        if self.augment:
+            inputs, target = augment(inputs, target, rng)
+        return inputs, target
+
+    def __getitem__(self, k: int):  # noqa: ANN204 - torch tensors
+        import torch
+
+        inputs, target = self.sample(int(k))
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(target[None].copy())

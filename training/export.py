@@ -21,7 +21,6 @@ import datetime
 import json
 import logging
 import os
-import shlex
 import shutil
 import tempfile
 import warnings
@@ -42,6 +41,7 @@ from fusemycells.config import (
 )
 
 from .models import ResidualUNet3D
+from .provenance import portable_legacy_command
 
 log = logging.getLogger("training.export")
 REPO = Path(__file__).resolve().parent.parent
@@ -132,34 +132,26 @@ def export_channel(checkpoints: Path, channel: str, out_dir: Path, tolerance: fl
         "global_stage": {"in_channels": 1, "grid": list(grid), "files": g["files"]},
         "patch_stage": {"in_channels": 2, "patch_size": list(patch), **PATCH_STAGE_DEFAULTS, "files": p["files"]},
         "postprocess": postprocess,
-        "training": {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": relative_command(g_ckpt.get("command"), REPO), "model": g_ckpt["config"], "patch_model": p_ckpt["config"]},
+        "training": training_record(g_ckpt, p_ckpt),
         "parity": {"global": g["parity"], "patch": p["parity"]},
     }
 
 
-def relative_command(command: str | None, root: Path) -> str | None:
-    """``command`` with its absolute paths inside the repository ``root`` written relative to it.
+def training_record(g_ckpt: dict[str, Any], p_ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``training`` entry of a channel: steps, model configs, and how they were trained.
 
-    A path of another checkout of the repository (the training machine's) is cut to the part from
-    an entry that exists in ``root`` on ('/work/main/training/train.py' → 'training/train.py'), so
-    the manifest names no machine's folders.
+    Commands carry no machine paths (older checkpoints' absolute script paths are rewritten as
+    ``python -m training.train ...``); checkpoints written by the current trainer add the wall time
+    per stage (s), the hardware, the number of processes, the mixed precision and the preset.
     """
-    if not command:
-        return command
-    return " ".join(_relative_path(token, root) for token in shlex.split(command))
-
-
-def _relative_path(token: str, root: Path) -> str:
-    path = Path(token)
-    if not path.is_absolute():
-        return token
-    if path.is_relative_to(root):
-        return str(path.relative_to(root))
-    for start in range(1, len(path.parts)):
-        tail = Path(*path.parts[start:])
-        if (root / tail).exists():
-            return str(tail)
-    return token
+    command = g_ckpt.get("command")
+    if isinstance(command, str) and command.startswith("/"):
+        command = portable_legacy_command(command)
+    record: dict[str, Any] = {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": command, "model": g_ckpt["config"], "patch_model": p_ckpt["config"]}
+    provenance = p_ckpt.get("provenance")  # written after both stages: covers both
+    if isinstance(provenance, dict):
+        record.update({k: provenance[k] for k in ("seconds", "hardware", "world_size", "amp", "preset") if k in provenance})
+    return record
 
 
 def parse_overrides(items: list[str]) -> dict[str, float]:

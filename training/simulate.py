@@ -42,6 +42,9 @@ from scipy.special import expit
 
 from fusemycells.io import Volume, write_volume
 
+from . import domain as dr
+from .domain import DomainParams
+
 log = logging.getLogger("training.simulate")
 
 CHANNELS = ("nucleus", "membrane")
@@ -85,6 +88,7 @@ class SimParams:
     light_axis: int = 0  # axis (ZYX) the light sheet travels along: 0 = Z, 1 = Y, 2 = X
     gt_axial_factor: float = 1.0  # the fused views' axial ratio is axial_ratio × this (≤ 1)
     extra: dict[str, Any] = field(default_factory=dict)
+    domain: DomainParams | None = None  # domain randomisation (training/domain.py); None = the v2 simulator
 
     def entry_at_start(self, axis: int) -> bool:
         """Whether the light enters at index 0 of ``axis`` in the *written* (flipped) arrays."""
@@ -110,11 +114,14 @@ def draw_params(
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
     sharpen_gt: bool = True,
+    randomise: bool = False,
 ) -> SimParams:
     """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose).
 
     ``light_axis`` and ``gt_axial_factor`` come from a separate stream of the seed; with
-    ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1).
+    ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1). ``randomise``
+    adds the domain-randomisation parameters (:func:`training.domain.draw_domain`, stream
+    ``[seed, 11]``; every other parameter is drawn as without it).
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
@@ -158,6 +165,7 @@ def draw_params(
         gt_photon_factor=float(rng.uniform(3.0, 10.0)),
         light_axis=int(extra_rng.choice(LIGHT_AXES, p=LIGHT_AXIS_P)),
         gt_axial_factor=gt_axial_factor if sharpen_gt else 1.0,
+        domain=dr.draw_domain(seed) if randomise else None,
     )
 
 
@@ -237,6 +245,71 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return label.astype(np.float32), tissue
 
 
+def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`specimen` with domain randomisation (``p.domain``): (label, tissue), float32 ZYX in [0, ~3].
+
+    Irregular embryo outline; cells of varied size in dense and sparse regions; rotated, irregular,
+    possibly touching nuclei with chromatin granules and nucleoli; membranes of real thickness
+    (plateau profile) whose faces differ in brightness.
+    """
+    d = p.domain
+    assert d is not None
+    shape, spacing = p.shape, p.spacing
+    z, y, x = _coordinates(shape, spacing)
+    half = tuple(max((n - 1) / 2 * s, 1e-6) for n, s in zip(shape, spacing))
+    semi = p.semi_axes_um
+    level = (z / semi[0]) ** 2 + (y / semi[1]) ** 2 + (x / semi[2]) ** 2
+    level = level / np.clip(1.0 + d.embryo_irregularity * dr.field_on_grid(dr.smooth_field(rng), shape), 0.5, None) ** 2
+    tissue = expit((1.0 - level) * 25.0).astype(np.float32)
+    centres, scales = dr.variable_cell_centres(
+        semi, half, p.n_cells, p.cell_distance_um, d.min_distance_fraction, dr.smooth_field(rng), d.size_variation,
+        dr.smooth_field(rng), d.density_contrast, d.density_bias, rng,
+    )
+    label = np.zeros(shape, dtype=np.float32)
+    if p.channel == "nucleus" and len(centres):
+        texture = dr.chromatin_texture(shape, spacing, rng, d.chromatin_granule_um, d.chromatin_amplitude)
+        base_radius = d.nucleus_fraction * p.cell_distance_um / 2
+        bumps = dr.unit_noise(shape, tuple(max(0.4 * base_radius / s, 0.3) for s in spacing), rng)
+        edge_um = 0.3
+        for c, s in zip(centres, scales):
+            radii = base_radius * s * rng.uniform(0.7, 1.3, size=3)
+            brightness = float(rng.lognormal(0.0, d.brightness_sigma))
+            if rng.random() < 0.04:  # dividing / apoptotic cells: small and very bright
+                radii *= 0.6
+                brightness *= 2.5
+            rotation = dr.random_rotation(rng)
+            reach = float(radii.max()) * (1.0 + d.irregularity * 3) + 2 * edge_um
+            lo = [max(0, int(np.floor((c[a] - reach) / spacing[a] + (shape[a] - 1) / 2))) for a in range(3)]
+            hi = [min(shape[a], int(np.ceil((c[a] + reach) / spacing[a] + (shape[a] - 1) / 2)) + 1) for a in range(3)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)):
+                continue
+            box = tuple(slice(lo[a], hi[a]) for a in range(3))
+            offsets = tuple(coord[tuple(box[a] if a == i else slice(None) for a in range(3))] - c[i] for i, coord in enumerate((z, y, x)))
+            inside = dr.nucleus_occupancy(offsets, radii, rotation, edge_um, bumps[box], d.irregularity)  # type: ignore[arg-type]
+            if rng.random() < d.nucleolus_probability:  # a dark nucleolus off the centre
+                n_radii = radii * rng.uniform(0.2, 0.35)
+                shift = rotation @ (radii * rng.uniform(-0.35, 0.35, size=3))
+                hole = dr.nucleus_occupancy(tuple(o - shift[i] for i, o in enumerate(offsets)), n_radii, rotation, edge_um)  # type: ignore[arg-type]
+                inside = inside * (1.0 - 0.7 * hole)
+            region = label[box]
+            np.maximum(region, brightness * inside, out=region)
+        label *= texture
+    elif len(centres):
+        coords = np.stack(np.broadcast_arrays(z, y, x), axis=-1).reshape(-1, 3)
+        dist, idx = cKDTree(centres).query(coords, k=2, workers=1)
+        gap = ((dist[:, 1] - dist[:, 0]) / 2).reshape(shape)  # distance to the Voronoi boundary (µm)
+        face = rng.lognormal(0.0, d.brightness_sigma, size=len(centres)).astype(np.float32)
+        face_brightness = np.sqrt(face[idx[:, 0]] * face[idx[:, 1]]).reshape(shape)
+        label = dr.membrane_profile(gap, d.membrane_thickness_um) * face_brightness
+        del coords, dist, idx, gap, face_brightness
+        surface_um = np.abs(np.sqrt(level) - 1.0) * float(np.mean(semi))
+        label = np.maximum(label * tissue, 1.3 * dr.membrane_profile(surface_um, d.membrane_thickness_um)).astype(np.float32)
+        label *= np.clip(1.0 + 0.3 * dr.unit_noise(shape, tuple(float(np.clip(0.8 / s, 0.3, 4)) for s in spacing), rng), 0.2, None)
+    label *= tissue
+    label += d.autofluorescence * tissue
+    return label.astype(np.float32), tissue
+
+
 def optical_depth(tissue: np.ndarray, spacing_um: float, mu: float, side: str, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(τ, depth in tissue in µm) per voxel for light travelling along ``axis`` (ZYX) from ``side``.
 
@@ -252,21 +325,29 @@ def optical_depth(tissue: np.ndarray, spacing_um: float, mu: float, side: str, a
     return (mu * depth).astype(np.float32), np.ascontiguousarray(depth)
 
 
-def clean_view(label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str, axial_ratio: float | None = None) -> np.ndarray:
+def clean_view(
+    label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str, axial_ratio: float | None = None, extra_tau: np.ndarray | None = None
+) -> np.ndarray:
     """Noise-free single view, light along ``p.light_axis`` from ``side``: attenuation, depth-dependent PSF, haze (float32).
 
     ``axial_ratio`` (default ``p.axial_ratio``) sets the Z σ relative to the lateral σ, whatever the light axis.
+    ``extra_tau`` (e.g. the absorbers' optical depth from ``side``) adds to the tissue's. With
+    ``p.domain``: the sheet thickens with depth (:func:`training.domain.psf_sigmas_um`) and a
+    scattering halo grows with depth (:func:`training.domain.scatter_halo`).
     """
     axis = p.light_axis
     ratio = p.axial_ratio if axial_ratio is None else axial_ratio
+    sheet_growth = p.domain.sheet_growth if p.domain is not None else 0.0
     tau, depth = optical_depth(tissue, p.spacing[axis], p.mu_per_um, side, axis)
+    if extra_tau is not None:
+        tau = tau + extra_tau
     attenuated = label * np.exp(-2.0 * tau)  # excitation and emission both attenuated
     max_depth = max(float(depth.max()), 1e-3)
     levels = np.linspace(0.0, max_depth, BLUR_LEVELS)
     blurred = []
     for d in levels:
-        sxy = p.psf_sigma0_um + p.psf_growth * d
-        sigma_vox = (ratio * sxy / p.spacing[0], sxy / p.spacing[1], sxy / p.spacing[2])
+        sz, sy, sx = dr.psf_sigmas_um(float(d), p.psf_sigma0_um, p.psf_growth, ratio, sheet_growth)
+        sigma_vox = (sz / p.spacing[0], sy / p.spacing[1], sx / p.spacing[2])
         blurred.append(ndimage.gaussian_filter(attenuated, sigma_vox, mode="nearest"))
     # Linear interpolation between the blur levels at each voxel's depth.
     pos = np.clip(depth / max_depth * (BLUR_LEVELS - 1), 0, BLUR_LEVELS - 1 - 1e-6)
@@ -280,6 +361,8 @@ def clean_view(label: np.ndarray, tissue: np.ndarray, p: SimParams, side: str, a
         wide = tuple(float(8.0 / s) for s in p.spacing)
         haze = ndimage.gaussian_filter(attenuated, wide, mode="nearest")
         view += p.haze * haze * np.clip(depth / max_depth, 0, 1)
+    if p.domain is not None and p.domain.halo > 0:
+        view += p.domain.halo * dr.scatter_halo(attenuated, p.spacing, p.domain.halo_radius_um) * np.clip(depth / max_depth, 0, 1)
     return view
 
 
@@ -304,31 +387,59 @@ def simulate_pair(
     photons: tuple[float, float] | None = None,
     sharpen_gt: bool = True,
     return_clean: bool = False,
+    randomise: bool = False,
 ) -> SimulatedPair:
     """Simulate one (single view, fused) pair; deterministic in ``seed``.
 
     ``photons`` (min, max) replaces the photon budget's range (log-uniform, drawn from a separate
     stream of the seed, so every other parameter stays as without it): e.g. clean stress sets.
     ``sharpen_gt=False`` gives the fused views the input's axial ratio. ``return_clean`` also
-    returns the noise-free specimen (``pair.clean``, float32, same grid and flips).
+    returns the noise-free specimen (``pair.clean``, float32, same grid and flips). ``randomise``
+    switches on domain randomisation (:mod:`training.domain`): the specimen of
+    :func:`specimen_randomised`, absorbers casting stripes along the light axis, sheet thickening,
+    scattering halo, refractive defocus, intensity drift between planes, misregistered views and
+    the target's residual blur; without it the arrays are exactly those of the simulator before.
     """
-    p = draw_params(seed, channel, shape, spacing, sharpen_gt)
+    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise)
     if photons is not None:
         p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
-    label, tissue = specimen(p, rng)
-    gt_ratio = p.axial_ratio * p.gt_axial_factor
-    top = clean_view(label, tissue, p, "top", gt_ratio)
-    bottom = clean_view(label, tissue, p, "bottom", gt_ratio)
+    d = p.domain
+    if d is None:
+        label, tissue = specimen(p, rng)
+    else:
+        label, tissue = specimen_randomised(p, rng)
     axis = p.light_axis
+    d_rng = np.random.default_rng([seed, 12])  # the randomised effects' own stream
+    extra_top = extra_bottom = None
+    if d is not None and d.absorbers > 0:
+        absorb = dr.absorber_density(tissue, p.spacing, d_rng, d.absorbers, d.absorber_radius_um, d.absorber_tau, axis)
+        extra_top = optical_depth(absorb, p.spacing[axis], 1.0, "top", axis)[0]
+        extra_bottom = optical_depth(absorb, p.spacing[axis], 1.0, "bottom", axis)[0]
+        del absorb
+    gt_ratio = p.axial_ratio * p.gt_axial_factor
+    top = clean_view(label, tissue, p, "top", gt_ratio, extra_top)
+    bottom = clean_view(label, tissue, p, "bottom", gt_ratio, extra_bottom)
     tau_top, _ = optical_depth(tissue, p.spacing[axis], p.mu_per_um, "top", axis)
     tau_bottom, _ = optical_depth(tissue, p.spacing[axis], p.mu_per_um, "bottom", axis)
+    if extra_top is not None and extra_bottom is not None:
+        tau_top, tau_bottom = tau_top + extra_top, tau_bottom + extra_bottom
+    if d is not None:
+        bottom = dr.misregister(bottom, d.gt_view_shift_um, p.spacing)
     fused = fuse_views(top, bottom, tau_top, tau_bottom)
-    if p.gt_axial_factor == 1.0:
+    del tau_top, tau_bottom
+    if p.gt_axial_factor == 1.0 and d is None:
         single = top if p.side == "top" else bottom
     else:
-        single = clean_view(label, tissue, p, p.side)
+        single = clean_view(label, tissue, p, p.side, None, extra_top if p.side == "top" else extra_bottom)
     del top, bottom
+    if d is not None:
+        fused = dr.refractive_defocus(fused, tissue, p.spacing, d.defocus_growth * p.gt_axial_factor, d.detection_side)
+        fused = dr.residual_blur(fused, p.spacing, d.gt_residual_blur_um, gt_ratio)
+        single = dr.refractive_defocus(single, tissue, p.spacing, d.defocus_growth, d.detection_side)
+        single = dr.misregister(single, d.input_shift_um, p.spacing)
+        gains = dr.plane_gains(p.shape[0], d_rng, d.drift_sigma, d.bleaching, reverse=d.detection_side != "top")
+        single = single * gains[:, None, None]
     scale = 1.0 / max(float(np.percentile(fused, 99.9)), 1e-6)  # 'photons' = count at a bright voxel
     inp = acquire(single * scale, p.photons, p.offset, p.read_noise, rng)
     gt = acquire(fused * scale, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
@@ -361,12 +472,14 @@ def write_dataset(
     shape: tuple[int, int, int] | None = None,
     photons: tuple[float, float] | None = None,
     sharpen_gt: bool = True,
+    randomise: bool = False,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
     Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
     offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
     also written to ``params.json``. ``shape`` (ZYX voxels) fixes the stack size; default random.
+    ``randomise`` switches on domain randomisation (:func:`simulate_pair`).
     """
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -376,7 +489,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -395,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", default="simulated")
     parser.add_argument("--photons", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="photon budget range at a bright voxel (default 30–30000, log-uniform)")
     parser.add_argument("--no-gt-sharpening", action="store_true", help="fused views keep the input's axial ratio (no Z sharpening of the target)")
+    parser.add_argument("--randomise", action="store_true", help="domain randomisation (training/domain.py): wider morphology, light-sheet artefacts, misregistration, target blur")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise)
     return 0
 
 

@@ -1,0 +1,227 @@
+"""Torch twins of the non-network steps (fusemycells.ops_torch): equal to the numpy reference path.
+
+The GPU's code path (``Ops(device, cpu_hybrid=False)``: band products, max pooling, torch filters) runs here
+on the CPU, so these tests check on any machine the code that runs on CUDA; ``-m cuda`` repeats the
+pipeline comparison on a GPU where there is one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import blob_volume
+from scipy import ndimage
+
+from fusemycells.budget import BudgetPolicy
+from fusemycells.config import PostprocessSpec, load_manifest
+from fusemycells.ops_torch import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
+from fusemycells.pipeline import Fuser
+from fusemycells.postprocess import (
+    _sample_stride,
+    blend_slabs,
+    blend_weight,
+    final_source,
+    gathered_sample,
+)
+from fusemycells.preprocess import ResizedSource, resize_through
+from fusemycells.reference import percentile_normalise
+from fusemycells.sources import ArraySource, materialise
+from fusemycells.timing import SECTIONS, Profile
+
+SPACING = (1.01, 0.388, 0.388)
+
+
+def gpu_path(device: str = "cpu", **fields) -> Ops:
+    """The GPU's code path (no scipy shortcuts), on ``device``; small slabs so that every loop runs several times."""
+    return Ops(device=device, cpu_hybrid=False, slab_bytes=1 << 16, threads=2, **fields)
+
+
+def cpu_path(**fields) -> Ops:
+    """The CPU's per-step choice (what ``choose_ops('cpu')`` runs), with small slabs."""
+    return Ops(device="cpu", slab_bytes=1 << 16, threads=2, **fields)
+
+
+OPS = {"gpu code path": gpu_path, "cpu choice": cpu_path}
+
+
+def smooth_stack(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    return (ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5) * 60000).astype(np.uint16)
+
+
+def test_an_axis_map_is_the_gaussian_prefilter_then_linear_interpolation_of_scipy_and_torch() -> None:
+    values = np.random.default_rng(0).random(97)
+    for n_out, sigma in ((31, 1.3), (250, 0.0), (97, 0.9), (40, 0.0)):
+        filtered = ndimage.gaussian_filter1d(values, sigma, mode="nearest", truncate=3.0) if sigma else values
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(filtered)[None, None], size=n_out, mode="linear", align_corners=False
+        )[0, 0].numpy()
+        got = axis_map(97, n_out, sigma).dense() @ values
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    m = axis_map(500, 40, 3.0)
+    assert m.width < 500 and band(m.dense()).dense().tolist() == m.dense().tolist()  # the band holds every weight
+    assert np.allclose(m.dense().sum(1), 1.0)  # rows sum to 1: affine maps commute with resizes
+
+
+def test_composed_resizes_equal_the_chain_of_resizes() -> None:
+    first, second = resize_plan((30, 50, 40), (45, 33, 20)), resize_plan((45, 33, 20), (8, 9, 10))
+    both = compose(first, second)
+    assert both.in_shape == (30, 50, 40) and both.out_shape == (8, 9, 10)
+    for a, b, ab in zip(first.maps, second.maps, both.maps):
+        np.testing.assert_allclose(ab.dense(), b.dense() @ a.dense(), atol=1e-15)
+    with pytest.raises(ValueError, match="cannot compose"):
+        compose(second, first)
+
+
+@pytest.mark.parametrize("path", list(OPS))
+@pytest.mark.parametrize("out_shape", [(50, 130, 117), (12, 16, 16), (60, 300, 250), (30, 100, 300)])
+def test_torch_resize_equals_the_numpy_resize(path: str, out_shape: tuple[int, int, int]) -> None:
+    data = smooth_stack((30, 200, 180))
+    source = ArraySource(data, 100.0, 1 / 3000)
+    expected = materialise(ResizedSource(source, out_shape))
+    got = materialise(ResizedSource(source, out_shape, ops=OPS[path]()))
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    rows = ResizedSource(source, out_shape, ops=OPS[path]())  # sliding-window requests reuse the row cache
+    np.testing.assert_allclose(rows.planes_readonly(2, 9), expected[2:9], atol=2e-5)
+    np.testing.assert_allclose(rows.planes_readonly(5, 12), expected[5:12], atol=2e-5)
+
+
+@pytest.mark.parametrize("path", list(OPS))
+def test_resizing_through_a_grid_in_one_composed_map_equals_two_resizes(path: str) -> None:
+    source = ArraySource(smooth_stack((30, 200, 180)), 50.0, 1 / 2000)
+    grids = [(50, 130, 117), (16, 16, 16)]
+    np.testing.assert_allclose(resize_through(source, grids, OPS[path]()), resize_through(source, grids), atol=2e-5)
+
+
+@pytest.mark.parametrize("path", list(OPS))
+def test_torch_weight_map_and_blend_equal_the_numpy_ones(path: str) -> None:
+    data = smooth_stack((30, 200, 180))
+    x_in = ArraySource(data, 100.0, 1 / 3000)
+    correction = np.random.default_rng(1).normal(0, 0.1, (50, 130, 117)).astype(np.float32)
+    spec = PostprocessSpec(diff_grid=(16, 32, 32), max_filter=3, sigma=1.5, background_threshold=0.1)
+    weight = blend_weight(correction, x_in, spec, 0.8, extent_um=(30.3, 77.6, 69.8))
+    np.testing.assert_allclose(blend_weight(correction, x_in, spec, 0.8, (30.3, 77.6, 69.8), ops=OPS[path]()), weight, atol=1e-5)
+    for compact, corr in ((False, correction), (True, correction.astype(np.float16))):
+        expected_data, got_data = data.copy(), data.copy()  # in place over the input's own pixels when compact
+        expected = blend_slabs(expected_data, ArraySource(expected_data, 100.0, 1 / 3000), corr, weight, compact=compact)
+        got = blend_slabs(got_data, ArraySource(got_data, 100.0, 1 / 3000), corr, weight, compact=compact, ops=OPS[path]())
+        assert got.array.dtype == expected.array.dtype == (np.float16 if compact else np.float32)
+        assert (got.array.ctypes.data == got_data.ctypes.data) == compact
+        np.testing.assert_allclose(got.array.astype(np.float32), expected.array.astype(np.float32), atol=1e-3 if compact else 2e-6)
+
+
+@pytest.mark.parametrize("path", list(OPS))
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+@pytest.mark.parametrize("spec", [PostprocessSpec(output_gaussian_sigma=0.9), PostprocessSpec(output_gaussian_sigma=1.2, output_max_filter=3), PostprocessSpec()])
+def test_torch_output_filters_and_normalisation_equal_the_numpy_ones(path: str, dtype: str, spec: PostprocessSpec) -> None:
+    blended = ArraySource(np.random.default_rng(2).random((20, 90, 70)).astype(np.float16))
+    expected = materialise(final_source(blended, spec, dtype, spacing=SPACING))
+    got = materialise(final_source(blended, spec, dtype, spacing=SPACING, ops=OPS[path]()))
+    assert got.dtype == expected.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=1 if dtype == "uint16" else 1e-5)
+
+
+def test_the_percentile_sample_gathered_at_the_sampled_voxels_equals_filtering_everything() -> None:
+    volume = np.random.default_rng(3).random((20, 90, 70)).astype(np.float16)
+    source = ArraySource(volume, 0.1, 2.0)
+    sigma = (0.35, 0.9, 1.3)
+    filtered = ndimage.gaussian_filter((volume.astype(np.float32) - np.float32(0.1)) * np.float32(2.0), sigma, mode="nearest", output=np.float32)
+    for stride in (1, 7, 101):  # the x-window moves inside the row at both borders
+        np.testing.assert_allclose(gathered_sample(source, sigma, stride, ops=cpu_path()), filtered.reshape(-1)[::stride], atol=1e-6)
+    assert _sample_stride((309, 1920, 1920)) == 285 and _sample_stride((10, 10, 10)) == 1
+
+
+def test_small_filters_on_the_gpu_code_path_equal_scipy() -> None:
+    volume = torch.from_numpy(np.random.default_rng(4).random((17, 23, 19)).astype(np.float32))
+    ops = gpu_path()
+    for size in (3, (5, 1, 3), 4):
+        np.testing.assert_array_equal(ops.maximum_filter(volume, size).numpy(), ndimage.maximum_filter(volume.numpy(), size=size, mode="nearest"))
+    expected = ndimage.gaussian_filter(volume.numpy(), (0.7, 2.0, 1.1), mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(ops.gaussian(volume, (0.7, 2.0, 1.1)).numpy(), expected, atol=1e-6)
+    plan = filter_plan(volume.shape, (0.7, 2.0, 1.1))
+    np.testing.assert_allclose(ops.resample_all(plan, volume).numpy(), expected, atol=1e-6)
+
+
+def test_the_device_policy_runs_the_steps_on_the_gpu_only_when_the_networks_run_on_cuda() -> None:
+    cpu = choose_ops("cpu", None, threads=3)
+    assert cpu.device == "cpu" and cpu.cpu_hybrid and cpu.threads == 3 and cpu.scipy_filters
+    cuda = choose_ops("cuda", 4.0)
+    assert cuda.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert not gpu_path().scipy_filters and Ops(None).torch is False
+    assert ResizedSource(smooth_stack((30, 200, 180)), (50, 130, 117), ops=cpu).ops is cpu
+    assert ResizedSource(smooth_stack((30, 200, 180)), (50, 130, 117), ops=Ops(None)).ops is None  # the numpy reference
+
+
+def test_parallel_work_runs_on_single_threaded_workers_and_never_nests() -> None:
+    ops = cpu_path()
+    outer = torch.get_num_threads()
+    seen = ops.parallel(lambda _: (torch.get_num_threads(), threading.current_thread().name), range(4))
+    assert {n for n, _ in seen} == {1} and all(name.startswith("fmc-ops") for _, name in seen)
+    assert torch.get_num_threads() == outer  # restored
+    nested = ops.parallel(lambda _: ops.parallel(lambda i: i * 2, range(3)), range(2))  # runs inline, no deadlock
+    assert nested == [[0, 2, 4], [0, 2, 4]]
+    assert ops.split(3, 10) == [(3, 6), (6, 10)] and ops.split(3, 4) == [(3, 4)]
+
+
+def test_a_profile_counts_each_stretch_once_in_its_innermost_section() -> None:
+    seconds: dict[str, float] = {}
+    profile = Profile(seconds)
+    with profile.section("blend_s"):
+        time.sleep(0.02)
+        with profile.section("resampling_s"):
+            time.sleep(0.03)
+        threading.Thread(target=lambda: profile.section("write_s").__enter__()).start()  # other threads: not counted
+        time.sleep(0.01)
+    assert set(seconds) == {"blend_s", "resampling_s"}
+    assert 0.025 <= seconds["blend_s"] < 0.06 and 0.025 <= seconds["resampling_s"] < 0.06
+    profile.move("blend_s", "forward_s", 1.0)  # never below zero
+    assert seconds["blend_s"] == 0.0 and seconds["forward_s"] >= 0.025
+    assert profile.describe().startswith("resampling_s") and set(SECTIONS) >= set(seconds)
+
+
+def fuse_with(resources: Path, ops_factory, data: np.ndarray, channel: str = "nucleus"):
+    policy = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=2, compact_voxels=0)
+    return Fuser(load_manifest(resources), policy, ops=ops_factory).fuse(data, SPACING, channel)
+
+
+@pytest.mark.parametrize("channel", ["nucleus", "membrane"])
+def test_the_pipeline_gives_the_same_output_on_every_path_and_profiles_the_case(fixture_resources: Path, channel: str) -> None:
+    data = blob_volume((14, 90, 80))
+    reference = fuse_with(fixture_resources, lambda device, vram, profile, threads: Ops(None, profile=profile), data.copy(), channel)
+    out_ref = reference.to_array()
+    for factory in (
+        choose_ops,
+        lambda device, vram, profile, threads: gpu_path(profile=profile),
+    ):
+        fused = fuse_with(fixture_resources, factory, data.copy(), channel)
+        out = fused.to_array()
+        assert np.abs(percentile_normalise(out) - percentile_normalise(out_ref)).max() <= 1e-3
+        assert np.abs(out - out_ref).max() <= 1e-3
+    profile = fused.report.seconds["profile_s"]
+    assert set(profile) <= set(SECTIONS) and {"input_statistics_s", "resampling_s", "forward_s", "stitching_s", "blend_s"} <= set(profile)
+    stages = sum(v for k, v in fused.report.seconds.items() if k != "profile_s")
+    assert sum(profile.values()) <= stages + 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_path_on_cuda_equals_the_numpy_path(fixture_resources: Path) -> None:
+    data = blob_volume((14, 90, 80))
+    out_ref = fuse_with(fixture_resources, lambda device, vram, profile, threads: Ops(None, profile=profile), data.copy()).to_array()
+    out = fuse_with(fixture_resources, lambda device, vram, profile, threads: gpu_path("cuda", profile=profile), data.copy()).to_array()
+    assert np.abs(percentile_normalise(out) - percentile_normalise(out_ref)).max() <= 1e-3
+    source = ArraySource(smooth_stack((30, 200, 180)), 100.0, 1 / 3000)
+    np.testing.assert_allclose(materialise(ResizedSource(source, (50, 130, 117), ops=gpu_path("cuda"))), materialise(ResizedSource(source, (50, 130, 117))), atol=1e-4)
+
+
+def test_spec_with_no_output_filter_on_the_gated_path_streams_the_input(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = replace(manifest.channel("nucleus").postprocess, output_gaussian_sigma=0.0)
+    source = ArraySource(blob_volume((6, 40, 30)), 100.0, 1 / 2000)
+    np.testing.assert_allclose(materialise(final_source(source, spec, ops=cpu_path())), materialise(final_source(source, spec)), atol=1e-6)
+

@@ -1,0 +1,316 @@
+"""Domain randomisation of the simulator: one small function per physical effect.
+
+Used by :mod:`training.simulate` when a pair is simulated with ``randomise=True``; without it the
+simulator is unchanged (the documented seeds keep their meaning). Arrays are float32 ZYX, lengths
+in µm unless a name ends in ``_vox``. Every random parameter is drawn by :func:`draw_domain` from
+its own stream of the seed; the effects themselves take an explicit ``numpy.random.Generator``.
+
+Specimen: :func:`smooth_field` (low-frequency random fields: dense and sparse regions, varied cell
+size, irregular embryo outline), :func:`variable_cell_centres`, :func:`nucleus_occupancy`
+(rotated, irregular, touching nuclei), :func:`chromatin_texture`, :func:`membrane_profile`
+(membranes of real thickness). Light sheet: :func:`absorber_density` (absorbers whose shadows are
+stripes along the light axis), :func:`psf_sigmas_um` (sheet thickening with depth),
+:func:`scatter_halo`, :func:`refractive_defocus`, :func:`plane_gains` (intensity drift between
+planes), :func:`misregister` (views slightly misregistered), :func:`residual_blur` (the fused
+target's own blur).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit
+
+
+@dataclass
+class DomainParams:
+    """The randomised parameters of one pair (lengths in µm)."""
+
+    embryo_irregularity: float  # relative modulation of the embryo outline (0 = ellipsoid)
+    size_variation: float  # σ of the log of the local cell size factor (0 = all cells alike)
+    density_contrast: float  # gain of the acceptance field: 0 = uniform packing, large = dense and empty regions
+    density_bias: float  # offset of the acceptance field (logit)
+    min_distance_fraction: float  # closest centres / cell distance (small: touching nuclei)
+    nucleus_fraction: float  # nucleus radius / half the local cell distance (replaces the v1 draw)
+    irregularity: float  # relative modulation of each nucleus' radius (0 = ellipsoid)
+    brightness_sigma: float  # σ of the log-normal nucleus / membrane-face brightness
+    chromatin_granule_um: float  # size of the chromatin granules
+    chromatin_amplitude: float  # relative amplitude of the chromatin texture
+    nucleolus_probability: float  # chance that a nucleus holds a dark nucleolus
+    membrane_thickness_um: float  # full width at half maximum of a membrane
+    autofluorescence: float  # cytoplasm signal relative to a bright structure
+    absorbers: int  # number of absorbing bodies (their shadows: stripes along the light axis)
+    absorber_radius_um: float
+    absorber_tau: float  # optical depth of the darkest shadow (attenuation exp(-2τ))
+    halo: float  # amplitude of the scattering halo at the deepest point
+    halo_radius_um: float
+    sheet_growth: float  # axial σ growth (µm) per µm of depth along the light axis
+    defocus_growth: float  # lateral σ growth (µm) per µm of depth along Z from the detection side
+    detection_side: str  # 'top': the objective looks from Z index 0
+    drift_sigma: float  # σ of the log gain random walk between Z planes
+    bleaching: float  # fraction of the signal lost from the first to the last acquired plane
+    input_shift_um: tuple[float, float, float]  # misregistration of the single view vs the target (ZYX)
+    gt_view_shift_um: tuple[float, float, float]  # misregistration between the two fused views (ZYX)
+    gt_residual_blur_um: float  # lateral σ of the fused target's residual blur (axial: × the axial ratio)
+
+
+def draw_domain(seed: int) -> DomainParams:
+    """All domain-randomisation parameters of a pair, from the stream ``[seed, 11]``."""
+    rng = np.random.default_rng([seed, 11])
+    return DomainParams(
+        embryo_irregularity=float(rng.uniform(0.0, 0.2)),
+        size_variation=float(rng.uniform(0.0, 0.35)),
+        density_contrast=float(rng.uniform(0.0, 4.0)),
+        density_bias=float(rng.uniform(-0.5, 2.0)),
+        min_distance_fraction=float(rng.uniform(0.45, 0.8)),
+        nucleus_fraction=float(rng.uniform(0.45, 0.95)),
+        irregularity=float(rng.uniform(0.0, 0.3)),
+        brightness_sigma=float(rng.uniform(0.2, 0.7)),
+        chromatin_granule_um=float(rng.uniform(0.3, 0.9)),
+        chromatin_amplitude=float(rng.uniform(0.1, 0.6)),
+        nucleolus_probability=float(rng.uniform(0.0, 0.8)),
+        membrane_thickness_um=float(rng.uniform(0.4, 1.6)),
+        autofluorescence=float(rng.uniform(0.0, 0.08)),
+        absorbers=int(rng.uniform(0.0, 1.0) ** 2 * 60),
+        absorber_radius_um=float(rng.uniform(0.5, 4.0)),
+        absorber_tau=float(rng.uniform(0.05, 1.0)),
+        halo=float(rng.uniform(0.0, 0.5)),
+        halo_radius_um=float(rng.uniform(1.5, 4.0)),
+        sheet_growth=float(rng.uniform(0.0, 0.02)),
+        defocus_growth=float(rng.uniform(0.0, 0.006)),
+        detection_side=str(rng.choice(["top", "bottom"])),
+        drift_sigma=float(rng.uniform(0.0, 0.08)),
+        bleaching=float(rng.uniform(0.0, 0.3)),
+        input_shift_um=tuple(float(v) for v in rng.uniform(-0.4, 0.4, size=3)),  # type: ignore[arg-type]
+        gt_view_shift_um=tuple(float(v) for v in rng.uniform(-0.3, 0.3, size=3)),  # type: ignore[arg-type]
+        gt_residual_blur_um=float(rng.uniform(0.0, 0.3)),
+    )
+
+
+# --- specimen -------------------------------------------------------------------------------
+
+
+def smooth_field(rng: np.random.Generator, n: int = 6) -> np.ndarray:
+    """A coarse (n, n, n) random field with zero mean and unit σ, spanning the stack ([-1, 1] per axis)."""
+    coarse = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 1.0, mode="wrap")
+    return ((coarse - coarse.mean()) / max(float(coarse.std()), 1e-9)).astype(np.float32)
+
+
+def field_at(field: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Values of a :func:`smooth_field` at (N, 3) points in stack-normalised coordinates ([-1, 1] ZYX), trilinear."""
+    n = np.asarray(field.shape, dtype=np.float64)
+    idx = (np.clip(np.asarray(points, dtype=np.float64), -1, 1) + 1) / 2 * (n - 1)
+    return ndimage.map_coordinates(field, idx.T, order=1, mode="nearest").astype(np.float32)
+
+
+def field_on_grid(field: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A :func:`smooth_field` sampled on every voxel of a ZYX grid of ``shape`` (trilinear)."""
+    axes = [np.linspace(0, n - 1, s) for n, s in zip(field.shape, shape)]
+    out = field
+    for a, coords in enumerate(axes):  # separable linear interpolation, one axis at a time
+        lo = np.floor(coords).astype(int).clip(0, field.shape[a] - 2)
+        frac = (coords - lo).astype(np.float32).reshape([-1 if i == a else 1 for i in range(3)])
+        out = np.take(out, lo, axis=a) * (1 - frac) + np.take(out, lo + 1, axis=a) * frac
+    return out.astype(np.float32)
+
+
+def variable_cell_centres(
+    semi_um: tuple[float, float, float],
+    half_extent_um: tuple[float, float, float],
+    n_cells: int,
+    cell_distance_um: float,
+    min_fraction: float,
+    scale_field: np.ndarray,
+    size_variation: float,
+    density_field: np.ndarray,
+    density_contrast: float,
+    density_bias: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """((N, 3) centres in µm inside the ellipsoid ``semi_um``, (N,) local size factors).
+
+    The local size factor is exp(size_variation · scale_field) (varied cell size); a candidate is
+    kept with probability expit(density_contrast · density_field + density_bias) (dense and sparse
+    regions) and only if no kept centre is closer than min_fraction · cell_distance · the mean size
+    factor of the two (small fractions give touching nuclei). Fields are :func:`smooth_field`s over
+    the stack (half extent ``half_extent_um``).
+    """
+    semi, half = np.asarray(semi_um), np.asarray(half_extent_um)
+    centres = np.zeros((n_cells, 3), dtype=np.float64)
+    scales = np.zeros(n_cells, dtype=np.float64)
+    count = 0
+    for _ in range(60):
+        cand = rng.uniform(-1, 1, size=(4 * n_cells, 3))
+        cand = cand[(cand**2).sum(1) < 0.92] * semi
+        if not len(cand):
+            continue
+        norm = cand / half
+        scale = np.exp(size_variation * field_at(scale_field, norm))
+        keep = rng.random(len(cand)) < expit(density_contrast * field_at(density_field, norm) + density_bias)
+        for c, s in zip(cand[keep], scale[keep]):
+            if count >= n_cells:
+                break
+            if count and np.any(np.linalg.norm(centres[:count] - c, axis=1) < min_fraction * cell_distance_um * (s + scales[:count]) / 2):
+                continue
+            centres[count], scales[count] = c, s
+            count += 1
+        if count >= n_cells:
+            break
+    return centres[:count].astype(np.float32), scales[:count].astype(np.float32)
+
+
+def nucleus_occupancy(
+    offsets_um: tuple[np.ndarray, np.ndarray, np.ndarray],
+    radii_um: np.ndarray,
+    rotation: np.ndarray,
+    edge_um: float,
+    bumps: np.ndarray | None = None,
+    irregularity: float = 0.0,
+) -> np.ndarray:
+    """Soft occupancy in [0, 1] of one nucleus: a rotated ellipsoid whose radius is modulated by ``bumps``.
+
+    ``offsets_um`` are broadcastable ZYX offsets from the centre (µm), ``radii_um`` the semi-axes in
+    the nucleus frame, ``rotation`` a 3×3 matrix (columns: the nucleus axes in ZYX), ``bumps`` a
+    unit-σ smooth field on the same voxels: the radius is scaled by 1 + irregularity · bumps.
+    """
+    dz, dy, dx = offsets_um
+    r2 = 0.0
+    for k in range(3):
+        along = rotation[0, k] * dz + rotation[1, k] * dy + rotation[2, k] * dx
+        r2 = r2 + (along / radii_um[k]) ** 2
+    r = np.sqrt(r2)
+    if bumps is not None and irregularity > 0:
+        r = r / np.clip(1.0 + irregularity * bumps, 0.3, None)
+    return expit((1.0 - r) * float(np.mean(radii_um)) / edge_um).astype(np.float32)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3×3 rotation matrix (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _sigma_vox(sigma_um: float, spacing: tuple[float, float, float], floor: float = 0.3) -> tuple[float, ...]:
+    return tuple(float(max(sigma_um / s, floor)) for s in spacing)
+
+
+def unit_noise(shape: tuple[int, ...], sigma_vox: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-smoothed white noise with zero mean and unit σ (float32)."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    return ((noise - noise.mean()) / max(float(noise.std()), 1e-6)).astype(np.float32)
+
+
+def chromatin_texture(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator, granule_um: float, amplitude: float
+) -> np.ndarray:
+    """Multiplicative chromatin texture (mean ≈ 1, ≥ 0.1): granules of ≈ ``granule_um`` over a 2 µm mottle.
+
+    The granules are skewed towards bright foci (heterochromatin): exp of a smooth field.
+    """
+    fine = unit_noise(shape, _sigma_vox(granule_um / 2, spacing), rng)
+    coarse = unit_noise(shape, _sigma_vox(1.0, spacing), rng)
+    foci = np.exp(0.8 * fine)
+    foci /= float(foci.mean())
+    return np.clip(1.0 + amplitude * (0.7 * (foci - 1.0) / max(float(foci.std()), 1e-6) + 0.3 * coarse), 0.1, None).astype(np.float32)
+
+
+def membrane_profile(distance_um: np.ndarray, thickness_um: float) -> np.ndarray:
+    """Membrane intensity at ``distance_um`` from the cell boundary: a plateau of full width ``thickness_um`` at half maximum.
+
+    The edges are soft over min(0.12, thickness / 10) µm, so the plateau reaches > 0.99.
+    """
+    softness_um = min(0.12, thickness_um / 10)
+    return expit((thickness_um / 2 - np.abs(distance_um)) / softness_um).astype(np.float32)
+
+
+# --- light sheet ----------------------------------------------------------------------------
+
+
+def absorber_density(
+    tissue: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator, count: int, radius_um: float, tau: float, axis: int
+) -> np.ndarray:
+    """Absorption coefficient (1/µm, ZYX) of ``count`` absorbing bodies placed inside the tissue.
+
+    Blobs of Gaussian radius ``radius_um`` and log-normal strength, scaled so that the darkest line
+    through them along ``axis`` (the light axis) has optical depth ``tau``: downstream they cast
+    shadows, i.e. stripes along the light axis (see :func:`training.simulate.optical_depth`).
+    """
+    out = np.zeros(tissue.shape, dtype=np.float32)
+    inside = np.flatnonzero(tissue.reshape(-1) > 0.5)
+    if count <= 0 or not len(inside):
+        return out
+    picks = rng.choice(inside, size=min(count, len(inside)), replace=False)
+    out.reshape(-1)[picks] = rng.lognormal(0.0, 0.5, size=len(picks)).astype(np.float32)
+    out = ndimage.gaussian_filter(out, _sigma_vox(radius_um, spacing, floor=0.5))
+    line = out.sum(axis=axis) * spacing[axis]  # optical depth through each line (µm · 1/µm)
+    return (out * (tau / max(float(line.max()), 1e-12))).astype(np.float32)
+
+
+def psf_sigmas_um(depth_um: float, sigma0_um: float, growth: float, axial_ratio: float, sheet_growth: float = 0.0) -> tuple[float, float, float]:
+    """(σ_z, σ_y, σ_x) in µm of the PSF at ``depth_um`` along the light axis.
+
+    Lateral σ = σ0 + growth · depth (scattering); axial σ = axial_ratio · lateral σ, plus
+    sheet_growth · depth for a light sheet that thickens as it travels into the tissue.
+    """
+    sxy = sigma0_um + growth * depth_um
+    return axial_ratio * sxy + sheet_growth * depth_um, sxy, sxy
+
+
+def scatter_halo(signal: np.ndarray, spacing: tuple[float, float, float], radius_um: float) -> np.ndarray:
+    """Scattered light around bright structures: ``signal`` blurred with a Gaussian of ``radius_um`` (same total)."""
+    return ndimage.gaussian_filter(signal, _sigma_vox(radius_um, spacing), mode="nearest").astype(np.float32)
+
+
+def refractive_defocus(
+    view: np.ndarray, tissue: np.ndarray, spacing: tuple[float, float, float], growth: float, detection_side: str
+) -> np.ndarray:
+    """Each Z plane blurred laterally by σ = growth · (tissue depth of the plane along Z from the objective) µm.
+
+    Refractive-index mismatch defocuses planes deeper in the specimen as seen from the detection
+    objective (``detection_side`` 'top' = Z index 0). The depth of a plane counts the planes with
+    tissue between it and the objective.
+    """
+    has_tissue = tissue.reshape(tissue.shape[0], -1).max(axis=1) > 0.5
+    order = has_tissue if detection_side == "top" else has_tissue[::-1]
+    depth = (np.cumsum(order) - 0.5 * order) * spacing[0]
+    if detection_side != "top":
+        depth = depth[::-1]
+    out = np.empty_like(view)
+    for z in range(view.shape[0]):
+        sigma = growth * float(depth[z])
+        out[z] = ndimage.gaussian_filter(view[z], (sigma / spacing[1], sigma / spacing[2]), mode="nearest") if sigma / spacing[1] > 0.05 else view[z]
+    return out
+
+
+def plane_gains(n_planes: int, rng: np.random.Generator, drift_sigma: float, bleaching: float, reverse: bool = False) -> np.ndarray:
+    """(n_planes,) multiplicative gains of the Z planes: a log-normal random walk (laser drift) times linear bleaching.
+
+    Bleaching loses ``bleaching`` of the signal from the first acquired plane to the last (``reverse``:
+    acquired from the last index).
+    """
+    walk = np.cumsum(rng.standard_normal(n_planes))
+    walk = (walk - walk.mean()) / max(float(walk.std()), 1e-9) if n_planes > 1 else np.zeros(1)
+    fade = 1.0 - bleaching * np.linspace(0.0, 1.0, n_planes)
+    gains = np.exp(drift_sigma * walk) * (fade[::-1] if reverse else fade)
+    return gains.astype(np.float32)
+
+
+def misregister(volume: np.ndarray, shift_um: tuple[float, float, float], spacing: tuple[float, float, float]) -> np.ndarray:
+    """``volume`` translated by ``shift_um`` (ZYX, µm; positive = towards higher indices), linear interpolation."""
+    shift_vox = [s / sp for s, sp in zip(shift_um, spacing)]
+    if all(abs(s) < 1e-6 for s in shift_vox):
+        return volume
+    return ndimage.shift(volume, shift_vox, order=1, mode="nearest").astype(np.float32)
+
+
+def residual_blur(volume: np.ndarray, spacing: tuple[float, float, float], sigma_um: float, axial_ratio: float) -> np.ndarray:
+    """The fused target's own blur: Gaussian of lateral σ ``sigma_um`` and axial σ ``axial_ratio`` × that (µm)."""
+    if sigma_um <= 0:
+        return volume
+    sigma_vox = (axial_ratio * sigma_um / spacing[0], sigma_um / spacing[1], sigma_um / spacing[2])
+    return ndimage.gaussian_filter(volume, sigma_vox, mode="nearest").astype(np.float32)
