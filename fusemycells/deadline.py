@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from .progress import Progress, ProgressFactory, progress_for
 
@@ -51,23 +52,28 @@ class RunClock:
         return datetime.fromtimestamp(self.wall + offset_s).astimezone().isoformat(timespec="milliseconds")
 
 
+NOT_PHASES = ("total", "profile_s")
+"""Keys of a file's ``seconds`` that are not phases of the time account (a sum, and a breakdown by kind of work)."""
+
+
 def time_account(
     clock: RunClock,
     budget_s: float | None,
     startup_s: float,
-    files: Sequence[tuple[str, Mapping[str, float]]],
+    files: Sequence[tuple[str, Mapping[str, Any]]],
     elapsed_s: float,
 ) -> dict[str, object]:
     """The report's ``clock`` entry: when the budget started counting and what each phase took of it.
 
     ``startup_s``: seconds from the clock's start to the first file (interpreter, imports, setup);
     ``files``: (name, seconds per phase) of each file in order; its ``total`` less its phases is the
-    file's ``untimed`` phase (e.g. the output normalisation of a level-3 file); ``elapsed_s``:
+    file's ``untimed`` phase (e.g. the output normalisation of a level-3 file; the nested ``profile_s``,
+    a breakdown of the same seconds by kind of work, is not a phase); ``elapsed_s``:
     seconds from the start to now. ``unaccounted_s`` is what no phase covers (between files, the report).
     """
     phases: list[tuple[str, float]] = [("start-up", round(startup_s, 3))]
     for name, seconds in files:
-        timed = [(f"{name}: {phase}", float(value)) for phase, value in seconds.items() if phase != "total"]
+        timed = [(f"{name}: {phase}", float(value)) for phase, value in seconds.items() if phase not in NOT_PHASES]
         untimed = float(seconds.get("total", 0.0)) - sum(value for _, value in timed)
         phases += timed + ([(f"{name}: untimed", round(untimed, 3))] if untimed >= 0.05 else [])
     return {

@@ -22,6 +22,7 @@ import inference
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io import read_volume
 from fusemycells.reference import percentile_normalise
+from fusemycells.timing import SECTIONS
 
 STAGE_SECONDS = ("read", "load_weights", "preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")
 
@@ -102,7 +103,10 @@ def test_outputs_keep_name_shape_and_grid_for_tif_and_tiff_with_full_report(
             assert entry["stages"][stage]["backend"] == "onnx"  # auto on CPU
             assert entry["stages"][stage]["provider"] == "CPU"
         assert set(STAGE_SECONDS) <= set(entry["seconds"])
-        assert all(v >= 0 for v in entry["seconds"].values())
+        phases = {k: v for k, v in entry["seconds"].items() if k != "profile_s"}
+        assert all(v >= 0 for v in phases.values())
+        profile = entry["seconds"]["profile_s"]  # seconds per kind of work
+        assert "forward_s" in profile and set(profile) <= set(SECTIONS) and all(v >= 0 for v in profile.values())
         assert entry["peak_rss_mib"] > 0
         assert isinstance(entry["warnings"], list)
     assert files["a_nucleus.tif"]["warnings"] == []

@@ -116,12 +116,12 @@ def valid_report(fixture_resources: Path, tmp_path_factory: pytest.TempPathFacto
 def test_an_undocumented_key_is_named_with_the_place_to_document_it(valid_report: dict[str, Any]) -> None:
     assert report_problems(valid_report) == []
     report = copy.deepcopy(valid_report)
-    report["files"][0]["seconds"]["profile_s"] = {"resample": 0.1}  # a new nested timer, not yet in the schema
-    report["files"][0]["trust"] = {"score": 0.7}  # a new per-file block
+    report["files"][0]["seconds"]["queue_wait"] = 0.1  # a new phase timer, not yet in the schema
+    report["files"][0]["quality_estimate"] = {"score": 0.7}  # a new per-file block
     report["policy"]["new_limit"] = 3
     problems = report_problems(report)
-    assert "$.files[0].seconds: undocumented key 'profile_s': add it to fusemycells/report.schema.json at #/$defs/seconds/properties with a type and a description" in problems
-    assert any(p.startswith("$.files[0]: undocumented key 'trust'") and "#/$defs/case/properties" in p for p in problems), problems
+    assert "$.files[0].seconds: undocumented key 'queue_wait': add it to fusemycells/report.schema.json at #/$defs/seconds/properties with a type and a description" in problems
+    assert any(p.startswith("$.files[0]: undocumented key 'quality_estimate'") and "#/$defs/case/properties" in p for p in problems), problems
     assert any(p.startswith("$.policy: undocumented key 'new_limit'") and "#/$defs/run_report/properties/policy/properties" in p for p in problems), problems
     assert len(problems) == 3
 
