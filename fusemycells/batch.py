@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -85,6 +85,7 @@ class Job:
     time_budget_s: float | None = None  # per file; None: no deadline (full quality)
     overwrite: bool = False  # redo even when a verified output exists
     fingerprint: dict[str, Any] = field(default_factory=dict)  # settings an output must have been made with
+    run_token: str = ""  # the batch run that submitted it (set by run_batch; in its completion record)
 
     @property
     def name(self) -> str:
@@ -212,6 +213,8 @@ def write_record(job: Job, report: dict[str, Any]) -> dict[str, Any]:
         "shape": report.get("shape"),
         "degradation": report.get("degradation"),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_token": job.run_token,
+        "entry": report,  # the file's report entry, for a retry of this run whose result was lost with its worker
     }
     path = record_path(output)
     tmp = path.with_name(f".{path.name}.partial")
@@ -388,6 +391,9 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
     where = _where()
     if not job.overwrite:
         complete, why = verify_complete(job)
+        recovered = recovered_entry(job) if complete else None
+        if recovered is not None:
+            return recovered
         if complete:
             return {
                 "file": job.name,
@@ -406,14 +412,34 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
         report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
     else:
         report = _process_any(job, fuser, deadline)
+    report.update({"input": job.source, "output": job.output, **where})
+    report.setdefault("seconds", {})["job"] = round(time.perf_counter() - started, 3)
     if report["status"] == "ok":
         try:
             report["record"] = write_record(job, report)["output"]
         except OSError as exc:
             report["status"], report["error"] = "refused", f"{job.name}: completion record not written: {exc}"
-    report.update({"input": job.source, "output": job.output, **where})
-    report.setdefault("seconds", {})["job"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def recovered_entry(job: Job) -> dict[str, Any] | None:
+    """The report entry of a verified-complete output written by this same batch run (its completion
+    record has the job's ``run_token``), marked ``recovered``; None otherwise.
+
+    Dask recomputes a finished task whose result was held by a worker that died; the retry then finds
+    the output it wrote complete. It was written in this run, so it is reported as written (``ok``).
+    """
+    if not job.run_token:
+        return None
+    try:
+        record = json.loads(record_path(Path(job.output)).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    entry = record.get("entry")
+    if record.get("run_token") != job.run_token or not isinstance(entry, dict) or entry.get("status") != "ok":
+        return None
+    lost = "written earlier in this run by a worker that was lost before its result was gathered"
+    return {**entry, "recovered": lost}
 
 
 def _where() -> dict[str, Any]:
@@ -604,7 +630,8 @@ def run_batch(
     order = sorted(range(len(jobs)), key=lambda i: -input_stamp(Path(jobs[i].source))["bytes"])
     futures = {}
     for i in order:
-        future = client.submit(run_job, jobs[i], before_file, key=f"fuse-{jobs[i].name}-{token}", pure=False)
+        job = replace(jobs[i], run_token=token)
+        future = client.submit(run_job, job, before_file, key=f"fuse-{job.name}-{token}", pure=False)
         futures[future] = i
     entries: list[dict[str, Any] | None] = [None] * len(jobs)
     try:

@@ -138,6 +138,18 @@ def test_inputs_are_tiffs_and_ome_zarr_images_and_outputs_keep_their_names(tmp_p
         collect_inputs([tmp_path / "missing"])
 
 
+def test_a_retry_in_the_same_run_reports_the_written_file_as_written_not_skipped(fuser: Any, tmp_path: Path) -> None:
+    # dask recomputes a finished task whose result died with its worker: the retry finds the output complete
+    source = make_inputs(tmp_path / "in", CASES[:1])[0]
+    job = replace(plan_jobs(collect_inputs([source]), tmp_path / "out")[0], run_token="run-a")
+    first = run_job(job, fuser=fuser)
+    retry = run_job(job, fuser=fuser)
+    assert retry["status"] == "ok" and "recovered" in retry
+    assert retry["pid"] == first["pid"] and retry["shape"] == first["shape"] and retry["seconds"] == first["seconds"]
+    later_run = run_job(replace(job, run_token="run-b"), fuser=fuser)
+    assert later_run["status"] == "skipped" and "recovered" not in later_run
+
+
 def test_verified_outputs_are_skipped_and_anything_else_is_redone(fuser: Any, tmp_path: Path) -> None:
     source = make_inputs(tmp_path / "in", CASES[:1])[0]
     job = plan_jobs(collect_inputs([source]), tmp_path / "out", fingerprint={"weights": "w1"})[0]
