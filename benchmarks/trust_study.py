@@ -64,9 +64,11 @@ from fusemycells.deadline import Deadline  # noqa: E402
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.io import read_volume  # noqa: E402
 from fusemycells.metrics import metric_normalise, n_ssim, ssim  # noqa: E402
-from fusemycells.pipeline import CaseReport, Fuser, HighRes, Prepared  # noqa: E402
+from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
+from fusemycells.report import CaseReport  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
+from fusemycells.timing import Profile  # noqa: E402
 
 log = logging.getLogger("trust_study")
 
@@ -117,7 +119,7 @@ def prepare(fuser: Fuser, case: Case) -> tuple[Prepared, CaseReport]:
     """The container's first step on a case (sanitise, normalise, noise, σ, grid H)."""
     volume = read_volume(case.input_path)
     report = CaseReport(file=case.name)
-    return fuser._prepare(volume.data, volume.spacing, case.channel, report), report
+    return fuser._prepare(volume.data, volume.spacing, case.channel, report, Profile({})), report
 
 
 def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[str, np.ndarray]:
