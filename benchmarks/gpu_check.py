@@ -295,9 +295,25 @@ def collect(out: Path, device: str, quick: bool, elapsed_s: float | None = None,
     return summarize(steps, outputs, device, quick, elapsed_s, total_s)
 
 
+def write_full_path_resources(resources: Path, out: Path) -> Path:
+    """A copy of the weights folder with no ``trust`` in its manifest (the constant noise gate), so that the
+    end-to-end run times the whole pipeline (both networks and the blend) whatever trust would decide on
+    the generated stack: the worst case for the time limit. Returns ``out``."""
+    import shutil
+
+    from fusemycells.config import MANIFEST_NAME
+
+    shutil.copytree(resources, out, dirs_exist_ok=True)
+    raw = json.loads((out / MANIFEST_NAME).read_text())
+    for spec in raw.get("channels", {}).values():
+        spec.pop("trust", None)
+    (out / MANIFEST_NAME).write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["env", "parity", "vram", "summarize"])
+    parser.add_argument("step", choices=["env", "parity", "vram", "full-path-resources", "summarize"])
     parser.add_argument("folder", nargs="?", type=Path, help="summarize: the output folder")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, help="JSON file of this step")
@@ -315,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         text = render_summary(result)
         (args.folder / "summary.md").write_text(text)
         print(text)
+        return 0
+    if args.step == "full-path-resources":
+        print(write_full_path_resources(args.resources, args.out))
         return 0
     if args.step == "env":
         result = env_facts(args.device)

@@ -21,7 +21,9 @@ Manifest schema (format_version 1)::
                           "batch_size": 2, "files": {...}},
           "postprocess": {"diff_grid": [128, 128, 128], "max_filter": 9, "sigma": 3.0,
                           "weight_percentiles": [2.0, 98.0], "output_max_filter": 0,
-                          "output_gaussian_sigma": 0.0, "output_percentiles": [2.0, 99.8]}
+                          "output_gaussian_sigma": 0.0, "output_percentiles": [2.0, 99.8]},
+          "trust": {"mode": "case", "rules": {"s12_corr": [[0.8, 0.0], [0.85, 0.5]]},
+                    "region": "none"}   # optional; absent = mode "off" (the constant gate)
         },
         "membrane": {...}
       }
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,48 @@ DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
 """The manifest's ``postprocess`` defaults: what ``training/export.py`` writes unless told otherwise."""
 
 
+TRUST_MODES = ("off", "case")
+TRUST_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "global_flip", "patch_flip")
+"""Signals a trust rule may name (defined in :mod:`fusemycells.trust`)."""
+TRUST_REGIONS = ("none", "agreement")
+
+
+@dataclass(frozen=True)
+class TrustSpec:
+    """Per-case trust in the network correction (see :mod:`fusemycells.trust`).
+
+    ``mode`` 'off': the constant gate of ``postprocess.gate_knots`` (the default, so manifests
+    without a ``trust`` entry behave as before); 'case': the factor on the correction is the
+    minimum over ``rules`` of each rule's knots (signal value, factor) interpolated at the case's
+    signal, and ``gate_knots`` only decide whether the networks run at all (gate > 0).
+    """
+
+    mode: str = "off"
+    rules: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()  # (signal name, knots)
+    region: str = "none"  # 'agreement': × the local stage-1/stage-2 agreement (per region)
+    region_sigma: float = 1.5  # Gaussian σ of the agreement map (global-grid voxels)
+    foreground: float = 0.1  # normalised input level above which voxels count for the signals
+    probe_fraction: float = 0.125  # patch flip probe: tiles per forward of the patch stage
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRUST_MODES:
+            raise ValueError(f"unknown trust mode '{self.mode}' (expected one of {TRUST_MODES})")
+        if self.region not in TRUST_REGIONS:
+            raise ValueError(f"unknown trust region '{self.region}' (expected one of {TRUST_REGIONS})")
+        unknown = [name for name, _ in self.rules if name not in TRUST_SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown trust signal(s) {unknown} (known: {TRUST_SIGNALS})")
+        if not 0.0 < self.probe_fraction <= 1.0:
+            raise ValueError(f"trust probe_fraction must be in (0, 1], got {self.probe_fraction}")
+
+
+def trust_form(spec: TrustSpec) -> dict[str, Any]:
+    """A :class:`TrustSpec` as the manifest's JSON object (rules as {signal: knots}); parses back to ``spec``."""
+    form = {key: _as_json(value) for key, value in asdict(spec).items() if key != "rules"}
+    form["rules"] = {name: _as_json(knots) for name, knots in spec.rules}
+    return form
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """Everything inference needs for one channel ('nucleus' or 'membrane')."""
@@ -145,6 +189,7 @@ class ChannelSpec:
     global_stage: StageSpec
     patch_stage: StageSpec
     postprocess: PostprocessSpec
+    trust: TrustSpec = field(default_factory=TrustSpec)
 
 
 @dataclass(frozen=True)
@@ -160,6 +205,14 @@ class Manifest:
         if name not in self.channels:
             raise ManifestError(f"manifest has no weights for channel '{name}' (has {sorted(self.channels)})")
         return self.channels[name]
+
+
+def without_trust(manifest: Manifest) -> Manifest:
+    """``manifest`` with every channel's trust off (the constant noise gate): the networks and the blend
+    run on every case the noise gate lets through. Benchmarks time this worst case; shipped trust may
+    skip both networks (a factor of 0) and with them most of the work."""
+    channels = {name: replace(spec, trust=TrustSpec()) for name, spec in manifest.channels.items()}
+    return replace(manifest, channels=channels)
 
 
 @dataclass
@@ -226,6 +279,37 @@ def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
     )
 
 
+def _trust(raw: Any, where: str) -> TrustSpec:
+    """The channel's optional ``trust`` object (absent: mode 'off', the constant gate)."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: expected an object, got {raw!r}")
+    known = {"mode", "rules", "region", "region_sigma", "foreground", "probe_fraction"}
+    if set(raw) - known:
+        raise ManifestError(f"{where}: unknown field(s) {sorted(set(raw) - known)} (known: {sorted(known)})")
+    default = TrustSpec()
+    rules = raw.get("rules", {})
+    if not isinstance(rules, dict):
+        raise ManifestError(f"{where}.rules: expected an object {{signal: [[value, factor], ...]}}, got {rules!r}")
+    try:
+        return TrustSpec(
+            mode=str(raw.get("mode", default.mode)),
+            rules=tuple((str(name), _rule_knots(knots, f"{where}.rules.{name}")) for name, knots in rules.items()),
+            region=str(raw.get("region", default.region)),
+            region_sigma=float(raw.get("region_sigma", default.region_sigma)),
+            foreground=float(raw.get("foreground", default.foreground)),
+            probe_fraction=float(raw.get("probe_fraction", default.probe_fraction)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
+
+
+def _rule_knots(value: Any, name: str) -> tuple[tuple[float, float], ...]:
+    knots = _knots(value, name)
+    if not knots:
+        raise ManifestError(f"manifest field '{name}' needs at least one [value, factor] pair")
+    return knots
+
+
 def _normalisation(raw: Any, where: str) -> NormalisationSpec:
     if not isinstance(raw, dict) or set(raw) - {"kind", "low", "high"}:
         raise ManifestError(f"{where}: expected an object with 'kind', 'low', 'high', got {raw!r}")
@@ -282,6 +366,7 @@ def _channel(name: str, entry: Any) -> ChannelSpec:
             global_stage=_stage(entry["global_stage"], f"{where}.global_stage"),
             patch_stage=_stage(entry["patch_stage"], f"{where}.patch_stage"),
             postprocess=_postprocess(entry.get("postprocess", {})),
+            trust=_trust(entry.get("trust", {}), f"{where}.trust"),
         )
     except KeyError as exc:
         raise ManifestError(f"{where}: missing field {exc}") from exc

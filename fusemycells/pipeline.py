@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import postprocess
+from . import postprocess, trust
 from .backends import LoadedStage, load_stage, warm_up
 from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
@@ -80,6 +80,8 @@ class HighRes:
 
     x_h: PlaneSource
     p1_h: PlaneSource
+    coarse: np.ndarray | None = None  # the normalised input on the global grid (ZYX)
+    p1: np.ndarray | None = None  # the stage-1 prediction on the global grid (ZYX)
 
 
 @dataclass
@@ -172,15 +174,17 @@ class Fuser:
         case = self._prepare(data, spacing, channel, report, profile)
         clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
         correction = None
+        decision = trust.TrustDecision("off", case.gate)
         if self._networks_wanted(case):
             high = self._global_stage(case, clock, report)
             if high is not None:
                 correction = self._patch_stage(case, high, clock, report)
+                decision = self._trust(case, high, correction, report)
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
-        if correction is None:
+        if correction is None or decision.factor <= 0.0:
             return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
         with timed(report.seconds, "postprocess"):
-            blended = self._blend(case, correction, report)
+            blended = self._blend(case, correction, report, decision)
             del correction  # the largest array of a big stack
             return Fused(self._finish(case, blended, output_dtype), report, profile)
 
@@ -228,11 +232,11 @@ class Fuser:
 
     @staticmethod
     def _networks_wanted(case: Prepared) -> bool:
-        if case.gate > 0.0:
+        if case.gate > 0.0 and not trust.never(case.channel.trust):
             return True
         sigma = case.post.output_gaussian_sigma
         log.info(
-            "    relative noise %.4f: network correction gated off (manifest gate_knots); output σ %.2f",
+            "    relative noise %.4f: network correction gated off (manifest gate_knots or trust); output σ %.2f",
             case.noise,
             sigma,
         )
@@ -252,7 +256,6 @@ class Fuser:
             coarse = resize_through(case.x_in, [case.grid_h, case.channel.global_stage.grid], case.ops)
             with case.ops.section("forward_s"):
                 p1, stage = self._run_global(case.channel, coarse)
-            del coarse
             report.stages["global"] = {
                 "file": stage.file,
                 "backend": stage.runner.backend,
@@ -274,7 +277,7 @@ class Fuser:
                 report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
             )
             return None
-        return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops))
+        return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops), coarse, p1)
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
         """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
@@ -304,10 +307,42 @@ class Fuser:
             report.stages["patch"] = result.info
         return result.correction
 
-    def _blend(self, case: Prepared, correction: np.ndarray, report: CaseReport) -> PlaneSource:
-        """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`)."""
+    def _trust(self, case: Prepared, high: HighRes, correction: np.ndarray, report: CaseReport) -> trust.TrustDecision:
+        """The factor on the correction: the constant gate (trust 'off'), or decided from the case's
+        own data (:func:`fusemycells.trust.decide`); the constant gate too when the time budget
+        already cut the patch stage (level ≥ 2, or ≥ 1 where the signals need extra forwards)."""
+        spec = case.channel.trust
+        if spec.mode == "off":
+            return trust.TrustDecision("off", case.gate)
+        if report.degradation >= 2 or (report.degradation >= 1 and trust.needs(spec)) or high.coarse is None:
+            decision = trust.TrustDecision("fallback", case.gate, why=f"degradation level {report.degradation}")
+        else:
+            assert high.p1 is not None and case.channel.patch_stage.patch_size is not None
+            channel, patch = case.channel, case.channel.patch_stage.patch_size
+            with timed(report.seconds, "trust"):
+                decision = trust.decide(
+                    spec, case.noise, high.coarse, high.p1, correction, case.post.diff_grid,
+                    global_predict=lambda batch: self._run_global(channel, batch[0, 0])[0][None, None],
+                    probe=lambda count: trust.flip_probe(
+                        self.patch_stage(channel).ladder, high.x_h, high.p1_h, correction, patch, count,
+                        spec.foreground, channel.patch_stage.batch_size,
+                    ),
+                    patches=int(report.stages.get("patch", {}).get("patches", 0)),
+                )  # fmt: skip
+        report.trust = decision.as_report()
+        log.info("    trust %s", decision.summary())
+        return decision
+
+    def _blend(
+        self, case: Prepared, correction: np.ndarray, report: CaseReport, decision: trust.TrustDecision
+    ) -> PlaneSource:
+        """The input plus the weighted correction, on the input grid (see :func:`postprocess.blend_slabs`);
+        ``decision`` gives the factor on the correction (and per region, where it has a map)."""
         extent_um = [n * s for n, s in zip(case.data.shape, case.spacing)]
-        weight = postprocess.blend_weight(correction, case.x_in, case.post, case.gate, extent_um, ops=case.ops)
+        gate = decision.factor if decision.region is None else decision.factor * decision.region
+        # trust already resized the correction to the diff grid: the same weight map, one pass over H less
+        source = correction if decision.coarse_correction is None else decision.coarse_correction
+        weight = postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um, ops=case.ops)
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
         return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact, ops=case.ops)

@@ -190,19 +190,20 @@ def blend_weight(
     correction: PlaneSource | np.ndarray,
     normalised_input: PlaneSource | np.ndarray,
     spec: PostprocessSpec,
-    gate: float,
+    gate: float | np.ndarray,
     extent_um: Sequence[float] | None = None,
     ops: Ops | None = None,
 ) -> np.ndarray:
     """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
 
     ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
-    :func:`adaptive_settings`); ``correction`` is prediction − input on any grid (ZYX);
+    :func:`adaptive_settings`, or the factor of :mod:`fusemycells.trust`), a number or a factor per
+    region (an array on ``spec.diff_grid``); ``correction`` is prediction − input on any grid (ZYX);
     ``extent_um`` the stack's ZYX size in µm; ``ops`` where the steps run (None: numpy).
     """
     weight = correction_weight(correction, spec, extent_um, ops=ops)
     weight *= background_mask(normalised_input, spec, ops=ops)
-    weight *= np.float32(gate)
+    weight *= np.asarray(gate, dtype=np.float32)
     return weight
 
 

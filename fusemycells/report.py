@@ -47,6 +47,11 @@ CASE_UNITS = {
     "adaptive.output_sigma": "voxels of the input grid (X; the manifest's output Gaussian σ)",
     "adaptive.output_sigma_zyx": "voxels of the input grid, (Z, Y, X)",
     "adaptive.network_gate": "factor 0 to 1 on the networks' correction",
+    "trust.factor": "factor 0 to 1 on the networks' correction (per-case trust)",
+    "trust.signals": "dimensionless ratios and correlations (fusemycells.trust)",
+    "trust.rules": "factor 0 to 1 per rule",
+    "trust.seconds": "seconds (wall clock) per part of the trust decision",
+    "trust.extra_forwards": "network forward calls",
     "stages.patch.patches": "patches (network inputs of patch_size voxels on H)",
     "stages.patch.patch_grid": "patches per axis, (Z, Y, X)",
     "stages.patch.overlap": "fraction of the patch size shared by neighbouring patches",
@@ -113,6 +118,7 @@ class CaseReport:
     degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
+    trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: factor, signals, cost (fusemycells.trust)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
