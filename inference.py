@@ -40,6 +40,7 @@ from fusemycells.config import (
 from fusemycells.deadline import RunClock, describe_account, time_account
 from fusemycells.devices import process_age_s
 from fusemycells.paths import ensure_writable, input_root_problem
+from fusemycells.progress import configure_logging
 from fusemycells.report import RunFacts, case_entry, manifest_sha256, run_report, write_report
 
 log = logging.getLogger("fusemycells")
@@ -272,12 +273,7 @@ def note_skipped_inputs(config: RunConfig, facts: RunFacts) -> None:
 
 def _main(argv: list[str] | None, state: RunState) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    configure_logging(args.verbose)
     config = state.config = build_config(args)
     if (problem := report_path_problem(config.report)) is not None:
         log.error("%s", problem)

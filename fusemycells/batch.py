@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
 from .paths import ensure_writable
-from .progress import Bar, interactive, log_lines_only
+from .progress import Bar, configure_logging, interactive, log_lines_only
 from .report import batch_report, case_entry, manifest_sha256, write_report
 
 try:  # optional: the package must import without dask (the container never has it)
@@ -760,12 +760,7 @@ def _available_ram_gib() -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    configure_logging(args.verbose)
     started = time.perf_counter()
     base = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
     known: dict[str, Any] = {}  # what the report says besides the files, as it becomes known

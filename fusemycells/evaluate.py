@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from .io import InputError, read_volume
 from .metrics import CaseScore, score_case
+from .progress import configure_logging
 from .qc import CaseViews, projections, require_matplotlib, write_figure
 
 log = logging.getLogger("fusemycells.evaluate")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=None, help="write the QC figure (PNG) here; needs matplotlib")
     parser.add_argument("--diff", action="store_true", help="add a prediction - ground truth column to the QC figure")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    configure_logging()
     for name in ("input", "pred", "gt"):
         if not getattr(args, name).is_dir():
             log.error("--%s %s is not a folder", name, getattr(args, name))

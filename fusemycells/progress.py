@@ -35,6 +35,17 @@ ProgressFactory = Callable[..., Progress]
 ``unit`` (plural, e.g. 'patches') that advances ``step`` items at a time (see :func:`progress_for`)."""
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The command-line programs' log lines on stderr (time, level, message): INFO, or DEBUG when
+    ``verbose``. One format for ``inference.py``, ``fusemycells.batch`` and ``fusemycells.evaluate``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr
+    )
+
+
 def interactive(stream: Any) -> bool:
     """True when ``stream`` is an interactive terminal (a TTY): the one place that decides between a
     progress bar and log lines. A closed stream, or an object without ``isatty``, is not."""
