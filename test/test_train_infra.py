@@ -178,8 +178,10 @@ def test_export_records_steps_seconds_and_hardware_without_machine_paths():
 def test_evaluate_sets_gates_the_networks_and_compares_each_case_with_networks_off():
     from training.evaluate_sets import markdown, summarise, with_constant_gate
 
-    manifest = {"channels": {"nucleus": {"postprocess": {"gate_knots": [[0.06, 0.5], [0.09, 0.0]], "sigma": 3.0}}, "membrane": {}}}
+    trust = {"mode": "case", "rules": [["s12_ratio", [[1.0, 0.0], [2.0, 0.75]]]]}
+    manifest = {"channels": {"nucleus": {"postprocess": {"gate_knots": [[0.06, 0.5], [0.09, 0.0]], "sigma": 3.0}, "trust": trust}, "membrane": {}}}
     gated = with_constant_gate(manifest, 0.0)
+    assert "trust" not in gated["channels"]["nucleus"] and manifest["channels"]["nucleus"]["trust"] == trust  # the gate is the factor
     assert gated["channels"]["nucleus"]["postprocess"] == {"gate_knots": [[0.0, 0.0], [1.0, 0.0]], "sigma": 3.0}
     assert gated["channels"]["membrane"]["postprocess"]["gate_knots"] == [[0.0, 0.0], [1.0, 0.0]]
     assert manifest["channels"]["nucleus"]["postprocess"]["gate_knots"][0] == [0.06, 0.5]  # the original is untouched

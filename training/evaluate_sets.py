@@ -46,10 +46,12 @@ def run(cmd: list[str], log_path: Path) -> None:
 
 
 def with_constant_gate(manifest: dict[str, Any], gate: float) -> dict[str, Any]:
-    """A copy of ``manifest`` whose every channel applies the networks' correction with the constant factor ``gate``."""
+    """A copy of ``manifest`` whose every channel applies the networks' correction with the constant factor ``gate``
+    (per-case ``trust`` removed: it would replace the factor)."""
     out = json.loads(json.dumps(manifest))
     for channel in out["channels"].values():
         channel.setdefault("postprocess", {})["gate_knots"] = [[0.0, gate], [1.0, gate]]
+        channel.pop("trust", None)
     return out
 
 
