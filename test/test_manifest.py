@@ -26,8 +26,17 @@ def test_training_commands_are_recorded_without_machine_paths():
     assert "training.train" in record["command"] and "--channel nucleus" in record["command"]
 
 
+def test_a_patch_stage_finished_by_another_invocation_records_that_command_too():
+    first = {"command": "python -m training.train --channel nucleus --out CKPT", "config": {}}
+    resumed = {"command": "python -m training.train --channel nucleus --out CKPT --steps-patch 3200 --resume", "config": {}}
+    record = export.training_record(first, resumed)
+    assert record["command"] == first["command"] and record["patch_command"] == resumed["command"]
+    assert "patch_command" not in export.training_record(first, {**first})
+
+
 def test_the_shipped_manifest_names_no_absolute_path_in_its_provenance():
     manifest = json.loads((REPO / "resources" / "manifest.json").read_text())
     for name, channel in manifest["channels"].items():
-        command = channel["training"]["command"]
-        assert not any(token.startswith("/") for token in shlex.split(command)), (name, command)
+        for key in ("command", "patch_command"):
+            command = channel["training"].get(key, "")
+            assert not any(token.startswith("/") for token in shlex.split(command)), (name, command)

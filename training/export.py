@@ -141,13 +141,17 @@ def training_record(g_ckpt: dict[str, Any], p_ckpt: dict[str, Any]) -> dict[str,
     """The manifest's ``training`` entry of a channel: steps, model configs, and how they were trained.
 
     Commands carry no machine paths (older checkpoints' absolute script paths are rewritten as
-    ``python -m training.train ...``); checkpoints written by the current trainer add the wall time
+    ``python -m training.train ...``); ``command`` finished the global stage, ``patch_command`` the patch
+    stage when that was another invocation (a ``--resume`` with other flags); checkpoints written by the current trainer add the wall time
     per stage (s), the hardware, the number of processes, the mixed precision and the preset.
     """
-    command = g_ckpt.get("command")
-    if isinstance(command, str) and command.startswith("/"):
-        command = portable_legacy_command(command)
+    def portable(command: Any) -> Any:
+        return portable_legacy_command(command) if isinstance(command, str) and command.startswith("/") else command
+
+    command, patch_command = portable(g_ckpt.get("command")), portable(p_ckpt.get("command"))
     record: dict[str, Any] = {"global_steps": g_ckpt.get("steps"), "patch_steps": p_ckpt.get("steps"), "command": command, "model": g_ckpt["config"], "patch_model": p_ckpt["config"]}
+    if patch_command is not None and patch_command != command:
+        record["patch_command"] = patch_command  # the invocation that finished the patch stage (e.g. a --resume)
     provenance = p_ckpt.get("provenance")  # written after both stages: covers both
     if isinstance(provenance, dict):
         record.update({k: provenance[k] for k in ("seconds", "hardware", "world_size", "amp", "preset") if k in provenance})
