@@ -47,3 +47,19 @@ def test_bundled_sample_runs_quietly_with_every_stage_on_onnx_when_torchscript_f
             assert case["stages"][stage]["backend"] == "onnx" and case["stages"][stage]["file"].endswith(".onnx")
         source = read_volume(REPO / "test" / "input" / INPUT_SUBDIR / case["file"])
         assert read_volume(out / OUTPUT_SUBDIR / case["file"]).data.shape == source.data.shape
+
+
+def test_the_shipped_container_as_it_is_decides_trust_per_case_in_a_documented_report(tmp_path: Path):
+    """The README's first command with the shipped manifest untouched (its per-case trust on): both files
+    written quietly, each with a trust decision in mode 'case', and every key of the report documented."""
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    cmd = [sys.executable, "inference.py", "--input", "test/input", "--output", str(out), "--device", "cpu",
+           "--report", str(report_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert_valid_report(report)
+    for case in report["files"]:
+        assert case["status"] == "ok" and case["trust"]["mode"] == "case", case
+        assert 0.0 <= case["trust"]["factor"] <= 1.0 and case["seconds"]["trust"] >= 0.0
