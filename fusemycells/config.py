@@ -150,7 +150,10 @@ class TrustSpec:
     ``mode`` 'off': the constant gate of ``postprocess.gate_knots`` (the default, so manifests
     without a ``trust`` entry behave as before); 'case': the factor on the correction is the
     minimum over ``rules`` of each rule's knots (signal value, factor) interpolated at the case's
-    signal, and ``gate_knots`` only decide whether the networks run at all (gate > 0).
+    signal, and ``gate_knots`` only decide whether the networks run at all (gate > 0). Where the
+    signals cannot be measured (the time budget cut the patch stage) the factor is
+    ``fallback_factor``: 0 by default, networks off, since the calibrated policies keep them off
+    unless a signal vouches for them (the constant gate harmed held-out cases, README *Quality*).
     """
 
     mode: str = "off"
@@ -159,6 +162,7 @@ class TrustSpec:
     region_sigma: float = 1.5  # Gaussian σ of the agreement map (global-grid voxels)
     foreground: float = 0.1  # normalised input level above which voxels count for the signals
     probe_fraction: float = 0.125  # patch flip probe: tiles per forward of the patch stage
+    fallback_factor: float = 0.0  # the factor when the signals cannot be measured (the time budget cut the patch stage)
 
     def __post_init__(self) -> None:
         if self.mode not in TRUST_MODES:
@@ -170,6 +174,8 @@ class TrustSpec:
             raise ValueError(f"unknown trust signal(s) {unknown} (known: {TRUST_SIGNALS})")
         if not 0.0 < self.probe_fraction <= 1.0:
             raise ValueError(f"trust probe_fraction must be in (0, 1], got {self.probe_fraction}")
+        if not 0.0 <= self.fallback_factor <= 1.0:
+            raise ValueError(f"trust fallback_factor must be in [0, 1], got {self.fallback_factor}")
 
 
 def trust_form(spec: TrustSpec) -> dict[str, Any]:
@@ -283,7 +289,7 @@ def _trust(raw: Any, where: str) -> TrustSpec:
     """The channel's optional ``trust`` object (absent: mode 'off', the constant gate)."""
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: expected an object, got {raw!r}")
-    known = {"mode", "rules", "region", "region_sigma", "foreground", "probe_fraction"}
+    known = {"mode", "rules", "region", "region_sigma", "foreground", "probe_fraction", "fallback_factor"}
     if set(raw) - known:
         raise ManifestError(f"{where}: unknown field(s) {sorted(set(raw) - known)} (known: {sorted(known)})")
     default = TrustSpec()
@@ -298,6 +304,7 @@ def _trust(raw: Any, where: str) -> TrustSpec:
             region_sigma=float(raw.get("region_sigma", default.region_sigma)),
             foreground=float(raw.get("foreground", default.foreground)),
             probe_fraction=float(raw.get("probe_fraction", default.probe_fraction)),
+            fallback_factor=float(raw.get("fallback_factor", default.fallback_factor)),
         )
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: {exc}") from exc

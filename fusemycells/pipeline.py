@@ -309,13 +309,14 @@ class Fuser:
 
     def _trust(self, case: Prepared, high: HighRes, correction: np.ndarray, report: CaseReport) -> trust.TrustDecision:
         """The factor on the correction: the constant gate (trust 'off'), or decided from the case's
-        own data (:func:`fusemycells.trust.decide`); the constant gate too when the time budget
-        already cut the patch stage (level ≥ 2, or ≥ 1 where the signals need extra forwards)."""
+        own data (:func:`fusemycells.trust.decide`); the spec's ``fallback_factor`` (0: networks off) when
+        the time budget already cut the patch stage (level ≥ 2, or ≥ 1 where the signals need extra forwards)."""
         spec = case.channel.trust
         if spec.mode == "off":
             return trust.TrustDecision("off", case.gate)
         if report.degradation >= 2 or (report.degradation >= 1 and trust.needs(spec)) or high.coarse is None:
-            decision = trust.TrustDecision("fallback", case.gate, why=f"degradation level {report.degradation}")
+            why = f"degradation level {report.degradation}: no signals; the manifest's fallback_factor"
+            decision = trust.TrustDecision("fallback", spec.fallback_factor, why=why)
         else:
             assert high.p1 is not None and case.channel.patch_stage.patch_size is not None
             channel, patch = case.channel, case.channel.patch_stage.patch_size

@@ -282,17 +282,32 @@ def test_flip_rules_run_the_extra_forwards_in_the_pipeline_and_count_them(
     assert set(report.trust["seconds"]) == {"coarse_correction", "signals", "global_flip", "patch_flip"}
 
 
-def test_when_the_time_budget_skipped_the_patch_stage_the_constant_gate_is_used_and_reported(fixture_resources: Path, tmp_path: Path) -> None:
+def test_when_the_time_budget_skipped_the_patch_stage_the_fallback_factor_is_used_and_reported(fixture_resources: Path, tmp_path: Path) -> None:
     import time
 
-    entry = {"mode": "case", "rules": {"s12_corr": [[0.5, 0.0], [0.6, 1.0]]}}
-    manifest = load_manifest(fixture_with_trust(fixture_resources, tmp_path, entry))
-    fuser = Fuser(manifest, cpu_policy())
-    fuser.patch_stage(manifest.channel("nucleus")).watcher.seconds_per_patch = 1e3  # learned: far too slow
-    fused = fuser.fuse(blob_volume((10, 40, 36)), SPACING, "nucleus", deadline=time.perf_counter() + 60.0)
-    assert fused.report.degradation == 2  # stage 1 only: its correction would agree with itself (s12_corr 1)
-    assert fused.report.trust == {"mode": "fallback", "factor": 1.0, "why": "degradation level 2"}
-    assert "trust" not in fused.report.seconds
+    data = blob_volume((10, 40, 36))
+    why = "degradation level 2: no signals; the manifest's fallback_factor"
+    outputs = {}
+    for fallback in (None, 0.5):  # None: the default, networks off
+        entry = {"mode": "case", "rules": {"s12_corr": [[0.5, 0.0], [0.6, 1.0]]}}
+        if fallback is not None:
+            entry["fallback_factor"] = fallback
+        manifest = load_manifest(fixture_with_trust(fixture_resources, tmp_path / str(fallback), entry))
+        fuser = Fuser(manifest, cpu_policy())
+        fuser.patch_stage(manifest.channel("nucleus")).watcher.seconds_per_patch = 1e3  # learned: far too slow
+        fused = fuser.fuse(data.copy(), SPACING, "nucleus", deadline=time.perf_counter() + 60.0)
+        assert fused.report.degradation == 2  # stage 1 only: its correction would agree with itself (s12_corr 1)
+        assert fused.report.trust == {"mode": "fallback", "factor": 0.0 if fallback is None else 0.5, "why": why}
+        assert "trust" not in fused.report.seconds
+        outputs[fallback] = fused.to_array()
+    manifest = load_manifest(fixture_resources)
+    channel = manifest.channel("nucleus")
+    off = dataclasses.replace(channel, postprocess=dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),)))
+    networks_off = Fuser(dataclasses.replace(manifest, channels={"nucleus": off}), cpu_policy()).fuse(
+        data.copy(), SPACING, "nucleus"
+    )
+    np.testing.assert_array_equal(outputs[None], networks_off.to_array())  # factor 0: exactly networks off
+    assert not np.array_equal(outputs[0.5], outputs[None])
 
 
 def _study_module():
