@@ -328,7 +328,7 @@ class Fuser:
                         self.patch_stage(channel).ladder, high.x_h, high.p1_h, correction, patch, count,
                         spec.foreground, channel.patch_stage.batch_size,
                     ),
-                    patches=int(report.stages.get("patch", {}).get("patches", 0)),
+                    patches=int(report.stages.get("patch", {}).get("patches", 0)), ops=case.ops,
                 )  # fmt: skip
         report.trust = decision.as_report()
         log.info("    trust %s", decision.summary())

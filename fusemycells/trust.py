@@ -45,7 +45,8 @@ import numpy as np
 from scipy import ndimage
 
 from .config import TRUST_SIGNALS, TrustSpec
-from .preprocess import ResizedSource
+from .ops_torch import Ops
+from .preprocess import ResizedSource, resize_through
 from .sources import PlaneSource, as_source, materialise
 from .stitching import pad_to_patch, window_starts
 
@@ -63,13 +64,14 @@ def flipped(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(volume[::-1, ::-1, ::-1])
 
 
-def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """The stage-2 correction (ZYX, on H) resized to ``grid`` (the diff grid), read in z-ranges.
+def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int], ops: Ops | None = None) -> np.ndarray:
+    """The stage-2 correction (ZYX, on H) resized to ``grid`` (the diff grid), read in z-ranges, where
+    ``ops`` runs the resizes (None: numpy, the reference; see :func:`fusemycells.preprocess.resize_through`).
 
     The same resize as :func:`fusemycells.postprocess.correction_weight`, so the weight map computed
     from this array equals the one computed from the correction itself (a same-shape resize is exact).
     """
-    return materialise(ResizedSource(as_source(correction), tuple(int(n) for n in grid), cache=False))
+    return resize_through(correction, [grid], ops)
 
 
 def on_grid(volume: np.ndarray, grid: Sequence[int]) -> np.ndarray:
@@ -297,6 +299,7 @@ def decide(
     global_predict: Predict | None = None,
     probe: Callable[[int], ProbeResult] | None = None,
     patches: int = 0,
+    ops: Ops | None = None,
 ) -> TrustDecision:
     """The trust decision of one case (``spec.mode`` must be 'case').
 
@@ -304,7 +307,8 @@ def decide(
     ``correction``: the stage-2 correction on H (ZYX); ``grid``: the weight map's diff grid, where
     the signals are measured; ``global_predict`` runs the global network
     (needed for a 'global_flip' rule), ``probe(count)`` the patch flip probe (for 'patch_flip'),
-    ``patches``: the patch stage's forward count (the probe does ``spec.probe_fraction`` of it).
+    ``patches``: the patch stage's forward count (the probe does ``spec.probe_fraction`` of it);
+    ``ops``: where the correction's resize to ``grid`` runs (the pipeline's, as for the weight map).
     """
     seconds: dict[str, float] = {}
     forwards: dict[str, int] = {}
@@ -314,7 +318,7 @@ def decide(
     if "patch_flip" in wanted and probe is None:
         raise ValueError("a 'patch_flip' rule needs the patch network")
     started = time.perf_counter()
-    c2 = coarse_correction(correction, grid)  # reused by the weight map: not a cost of trust
+    c2 = coarse_correction(correction, grid, ops)  # reused by the weight map: not a cost of trust
     seconds["coarse_correction"] = time.perf_counter() - started
     p1_flip = result = None
     if global_predict is not None and "global_flip" in wanted:
