@@ -7,6 +7,7 @@ clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -17,7 +18,7 @@ from scipy import ndimage
 
 from .config import PostprocessSpec
 from .ops_torch import FILTER_TRUNCATE, Ops, filter_plan, resize_plan
-from .preprocess import ResizedSource, percentile_affine, percentiles
+from .preprocess import MAX_SAMPLES, ResizedSource, percentile_affine, percentiles, sample_stride
 from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
@@ -469,7 +470,7 @@ def _final_torch(
     the sampled voxels, :func:`gathered_sample`; one more pass for the uint16 range), the output computed
     again while it is written."""
     filtered = TorchOutputSource(blended, spec, spacing, ops)
-    stride = _sample_stride(filtered.shape)
+    stride = sample_stride(math.prod(filtered.shape))  # the stride of _strided_sample and percentiles
     if ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size and stride >= GATHER_MIN_STRIDE:
         with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
             sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
@@ -501,10 +502,11 @@ GATHER_MIN_STRIDE = 100
 at the sampled voxels only (:func:`gathered_sample`) instead of filtering the whole volume once more."""
 
 
-def _sample_stride(shape: Sequence[int], max_samples: int = 4_000_000) -> int:
-    """The stride of :func:`_strided_sample` (and :func:`percentiles`) for a volume of ``shape``."""
-    size = int(np.prod(shape, dtype=np.int64))
-    return max(1, -(-size // max_samples)) if size > max_samples else 1
+def _in_slab(flat: Any, z0: int, plane_voxels: int, stride: int) -> Any:
+    """The sampled voxels (every ``stride``-th of the volume in C order) among a flattened slab that starts
+    at plane ``z0`` (a strided view of the numpy array or tensor ``flat``)."""
+    first = (-(z0 * plane_voxels)) % stride  # index of the first sampled voxel inside this slab
+    return flat[first::stride]
 
 
 def gathered_sample(
@@ -577,9 +579,7 @@ def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> np.nda
     """The voxels of :func:`_strided_sample` (every ``stride``-th in C order) among planes z0:z1 of the
     filtered source, taken on its device (a host copy)."""
     ny, nx = source.shape[1:]
-    flat = source.tensor(z0, z1).reshape(-1)
-    first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
-    return flat[first::stride].cpu().numpy().copy()
+    return _in_slab(source.tensor(z0, z1).reshape(-1), z0, ny * nx, stride).cpu().numpy().copy()
 
 
 class _AffineSource:
@@ -595,16 +595,14 @@ class _AffineSource:
         return np.rint(block).astype(self.round_to) if self.round_to is not None else block
 
 
-def _strided_sample(source: PlaneSource, max_samples: int = 4_000_000, slab: int = SLAB) -> np.ndarray:
+def _strided_sample(source: PlaneSource, max_samples: int = MAX_SAMPLES, slab: int = SLAB) -> np.ndarray:
     """The voxels :func:`percentiles` would sample from the materialised volume (same stride)."""
     nz, ny, nx = source.shape
-    size = nz * ny * nx
-    stride = max(1, -(-size // max_samples)) if size > max_samples else 1
+    stride = sample_stride(nz * ny * nx, max_samples)
     parts = []
     for z0, z1 in slabs(nz, slab):
         flat = source.planes(z0, z1).reshape(-1)
-        first = (-(z0 * ny * nx)) % stride  # index of the first sampled voxel inside this slab
-        parts.append(flat[first::stride].copy())  # a copy: a strided view would keep the whole slab alive
+        parts.append(_in_slab(flat, z0, ny * nx, stride).copy())  # a copy: a view would keep the whole slab alive
     return np.concatenate(parts)
 
 

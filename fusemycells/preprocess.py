@@ -24,15 +24,24 @@ ANTIALIAS_TRUNCATE = 3.0
 """Gaussian prefilter radius in σ (scipy's ``truncate``)."""
 
 
-def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = 4_000_000) -> tuple[float, float]:
+MAX_SAMPLES = 4_000_000
+"""Voxels a percentile estimate samples at most (every k-th voxel in C order, see :func:`sample_stride`)."""
+
+
+def sample_stride(size: int, max_samples: int = MAX_SAMPLES) -> int:
+    """The stride k of the percentile sample of ``size`` voxels: every voxel up to ``max_samples``, else
+    every ⌈size / max_samples⌉-th (C order, starting at voxel 0)."""
+    return -(-int(size) // max_samples) if size > max_samples else 1
+
+
+def percentiles(volume: np.ndarray, low: float, high: float, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
     """(low, high) percentiles of the finite voxels; a strided subsample above ``max_samples``.
 
     Subsampling keeps the cost bounded on 1e9-voxel stacks; with a few million samples the
     percentile error is far below one grey level of the normalised output.
     """
     flat = volume.reshape(-1)
-    if flat.size > max_samples:
-        flat = flat[:: math.ceil(flat.size / max_samples)]
+    flat = flat[:: sample_stride(flat.size, max_samples)]
     flat = flat[np.isfinite(flat)] if flat.dtype.kind == "f" else flat
     if flat.size == 0:
         return 0.0, 1.0

@@ -23,13 +23,12 @@ from fusemycells.config import PostprocessSpec, load_manifest
 from fusemycells.ops_torch import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import (
-    _sample_stride,
     blend_slabs,
     blend_weight,
     final_source,
     gathered_sample,
 )
-from fusemycells.preprocess import ResizedSource, resize_through
+from fusemycells.preprocess import ResizedSource, resize_through, sample_stride
 from fusemycells.reference import percentile_normalise
 from fusemycells.sources import ArraySource, materialise
 from fusemycells.timing import SECTIONS, Profile
@@ -133,7 +132,7 @@ def test_the_percentile_sample_gathered_at_the_sampled_voxels_equals_filtering_e
     filtered = ndimage.gaussian_filter((volume.astype(np.float32) - np.float32(0.1)) * np.float32(2.0), sigma, mode="nearest", output=np.float32)
     for stride in (1, 7, 101):  # the x-window moves inside the row at both borders
         np.testing.assert_allclose(gathered_sample(source, sigma, stride, ops=cpu_path()), filtered.reshape(-1)[::stride], atol=1e-6)
-    assert _sample_stride((309, 1920, 1920)) == 285 and _sample_stride((10, 10, 10)) == 1
+    assert sample_stride(309 * 1920 * 1920) == 285 and sample_stride(10 * 10 * 10) == 1
 
 
 def test_small_filters_on_the_gpu_code_path_equal_scipy() -> None:
