@@ -292,8 +292,11 @@ def _main(argv: list[str] | None, state: RunState) -> int:
         ensure_writable(config.output_dir)
         facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
         # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
+        from fusemycells import allocator
         from fusemycells.budget import BudgetPolicy
         from fusemycells.pipeline import Fuser, run_directory
+
+        allocator.configure()  # malloc and numpy settings for the streamed steps (fusemycells/allocator.py)
 
         state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
         policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)

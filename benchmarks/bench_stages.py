@@ -85,11 +85,13 @@ def worker(path: Path, out: Path, device: str, threads: int) -> dict:
     """process_file on ``path`` with the instant network; the report and the fake forward seconds."""
     import dataclasses
 
+    from fusemycells import allocator
     from fusemycells.budget import BudgetPolicy
     from fusemycells.config import load_manifest, without_trust
     from fusemycells.devices import peak_rss_mib
     from fusemycells.pipeline import Fuser, process_file
 
+    allocator.configure()  # as inference.py does at start-up
     seconds = [0.0]
     policy = BudgetPolicy(device=device, half=device == "cuda", vram_budget_gib=None, time_budget_s=None, threads=threads)
     manifest = without_trust(load_manifest(REPO / "resources"))  # the whole pipeline, whatever trust would decide

@@ -261,10 +261,12 @@ def verify_complete(job: Job) -> tuple[bool, str]:
 
 def _make_fuser(settings: WorkerSettings) -> Any:
     """A ``pipeline.Fuser`` with its own ``BudgetPolicy`` (no run-wide deadline: files get their own)."""
+    from . import allocator
     from .budget import BudgetPolicy
     from .config import load_manifest
     from .pipeline import Fuser
 
+    allocator.configure()  # this worker process's malloc and numpy settings, as inference.py's
     manifest = load_manifest(Path(settings.resources))
     policy = BudgetPolicy.create(
         settings.device, settings.vram_budget_gib, None, settings.threads, settings.ram_budget_gib

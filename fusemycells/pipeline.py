@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import postprocess, trust
+from .allocator import reuse_freed_memory
 from .backends import LoadedStage, load_stage, warm_up
 from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
 from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
@@ -183,7 +184,7 @@ class Fuser:
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None or decision.factor <= 0.0:
             return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
-        with timed(report.seconds, "postprocess"):
+        with timed(report.seconds, "postprocess"), reuse_freed_memory():
             blended = self._blend(case, correction, report, decision)
             del correction  # the largest array of a big stack
             return Fused(self._finish(case, blended, output_dtype), report, profile)
@@ -249,7 +250,7 @@ class Fuser:
         if deadline.left() <= need:
             self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
             return None
-        with timed(report.seconds, "global_stage"):
+        with timed(report.seconds, "global_stage"), reuse_freed_memory():
             x_h = ResizedSource(case.x_in, case.grid_h, ops=case.ops)
             assert case.channel.global_stage.grid is not None
             # input → H → global grid, composed into one resize with torch ops (H itself is not computed here)
@@ -295,7 +296,7 @@ class Fuser:
 
     def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
-        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
+        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"), reuse_freed_memory():
             result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
         if result.info is not None:  # the forward passes ran inside the sliding window
             case.ops.profile.move("stitching_s", "forward_s", result.info["forward_s"])
@@ -350,8 +351,9 @@ class Fuser:
 
     @staticmethod
     def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
-        """Output filters, percentile normalisation and the output dtype, lazily."""
-        return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing, ops=case.ops)
+        """Output filters, percentile normalisation and the output dtype, lazily (the percentiles' pass now)."""
+        with reuse_freed_memory():
+            return postprocess.final_source(source, case.post, output_dtype, spacing=case.spacing, ops=case.ops)
 
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""
@@ -487,7 +489,7 @@ def process_file(
         fused = fuser.fuse(
             volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
         )
-        with timed(report.seconds, "write"), fused.profile.section("write_s"):
+        with timed(report.seconds, "write"), fused.profile.section("write_s"), reuse_freed_memory():
             write_volume(output_dir / path.name, fused.output, like=volume)
         log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
         report.output_dtype = output_dtype
