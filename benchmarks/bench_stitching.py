@@ -117,6 +117,7 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
     baseline = peak_rss_bytes()
     started = time.perf_counter()
     if method == "ours":
+        from fusemycells import allocator
         from fusemycells.devices import torch_threads
         from fusemycells.stitching import sliding_window
 
@@ -136,8 +137,10 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
             planes -= image.planes(z0, z1)  # in place, as the pipeline does
             correction[z0:z1] = planes
 
-        # As in the pipeline: TorchScript on a CPU runs `workers` single-threaded forwards side by side.
-        with torch_threads(1 if workers > 1 else None):
+        # As in the pipeline: TorchScript on a CPU runs `workers` single-threaded forwards side by side,
+        # with inference.py's allocator settings and freed memory reused within the patch stage.
+        allocator.configure()
+        with torch_threads(1 if workers > 1 else None), allocator.reuse_freed_memory():
             _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit, workers=workers)
         wall = time.perf_counter() - started
         forward_s = stats.forward_s if workers == 1 else pure_forward_seconds(predict, stats.batches, workers, (batch, 2, patch, patch, patch))

@@ -5,8 +5,8 @@ The streamed steps (rows of the sliding window, blend slabs, output slabs) alloc
 the same tens-of-MiB temporaries thousands of times. glibc serves each block above its mmap
 threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, so every slab is
 faulted in and zeroed by the kernel again: on a 120×1200×1200 stack the non-network steps
-faulted in ≈ 10 GiB, 4.98 of 18.2 CPU seconds in the kernel (``/usr/bin/time -v`` of
-``bench_stages.py``'s worker). Inside :func:`reuse_freed_memory` big blocks come from the heap
+faulted in ≈ 10 GiB, 7.9 of 20.8 CPU seconds in the kernel (``/usr/bin/time -v`` of
+``bench_stages.py``'s worker; README, *Memory reuse*). Inside :func:`reuse_freed_memory` big blocks come from the heap
 instead and freed ones are reused as they are; on leaving it, the free heap is handed back
 (``malloc_trim``), so the retained memory never outlives the step. Outside Linux/glibc these
 are no-ops.
