@@ -6,10 +6,10 @@ the same tens-of-MiB temporaries thousands of times. glibc serves each block abo
 threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, so every slab is
 faulted in and zeroed by the kernel again: on a 120×1200×1200 stack the non-network steps
 faulted in ≈ 10 GiB, 7.9 of 20.8 CPU seconds in the kernel (``/usr/bin/time -v`` of
-``bench_stages.py``'s worker; README, *Memory reuse*). Inside :func:`reuse_freed_memory` big blocks come from the heap
-instead and freed ones are reused as they are; on leaving it, the free heap is handed back
-(``malloc_trim``), so the retained memory never outlives the step. Outside Linux/glibc these
-are no-ops.
+``bench_stages.py``'s worker; README, *Memory reuse*). Inside :func:`reuse_freed_memory` big
+blocks come from the heap instead and freed ones are reused as they are; on leaving it, the free
+heap is handed back (``malloc_trim``), so the retained memory never outlives the step. Outside
+Linux/glibc these are no-ops.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ def available() -> bool:
 def configure() -> None:
     """Process-wide settings for a run, called once at start-up (the container's and the CLI's entry points).
 
-    One malloc arena (as the image's ``MALLOC_ARENA_MAX=1``: per-thread arenas kept up to 3× more
-    memory), fixed mmap and trim thresholds (glibc's moving ones depend on the order of frees), and
-    numpy's ``MADV_HUGEPAGE`` hint off: on this project's development host (THP ``madvise``,
-    defrag ``madvise``) first touching a 486 MiB float32 array cost 0.41 s with the hint (the kernel
-    compacts memory to find huge pages) against 0.28–0.33 s without, and the whole non-network run
-    on 120×1200×1200 took 12.2 s with it, 9.9 s without (same worker, ``NUMPY_MADVISE_HUGEPAGE=0``).
+    One malloc arena (as the image's ``MALLOC_ARENA_MAX=1``: per-thread arenas each keep their freed
+    blocks; 133 MiB less peak RSS on the patch-stage benchmark, see the Dockerfile), fixed mmap and
+    trim thresholds (glibc's moving ones depend on the order of frees), and numpy's ``MADV_HUGEPAGE``
+    hint off: on this project's development host (THP ``madvise``, defrag ``madvise``) first touching
+    a 486 MiB float32 array cost 0.41 s with the hint (the kernel compacts memory to find huge pages)
+    against 0.28–0.33 s without, and the whole non-network run on 120×1200×1200 took 12.2 s with it,
+    9.9 s without (same worker, ``NUMPY_MADVISE_HUGEPAGE=0``).
     """
     libc = _glibc()
     if libc is not None:
