@@ -208,3 +208,49 @@ def test_an_output_name_the_output_folder_cannot_hold_is_refused_before_any_pixe
     assert report.status == "refused" and "readable" not in report.error
     assert "path limit" in report.error or "File name too long" in report.error  # io.check_output_name's words or the OS's
     assert "read" not in report.seconds
+
+
+class ThreadCountingRunner:
+    """A runner that records torch's intra-op thread count at each call (stands in for ``backend`` on ``device``)."""
+
+    def __init__(self, runner, backend: str, device: str) -> None:
+        self.runner, self.backend, self.device, self.provider = runner, backend, device, runner.provider
+        self.threads: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.threads.append(torch.get_num_threads())
+        return self.runner(batch)
+
+
+@pytest.mark.parametrize(
+    "backend, device, policy_threads, expected",
+    [
+        ("onnx", "cpu", 2, 1),  # ONNX Runtime's own threads: torch's OpenMP pool kept out of their way
+        ("torchscript", "cuda", 2, 1),  # the forward is on the device: the host's addcmul_ on one thread
+        ("torchscript", "cpu", 2, 1),  # two single-threaded forwards side by side
+        ("torchscript", "cpu", 1, None),  # one TorchScript forward on the CPU keeps torch's threads
+    ],
+)
+def test_the_patch_stage_runs_torch_on_one_thread_unless_one_torchscript_cpu_forward_needs_them(
+    fixture_resources: Path, backend: str, device: str, policy_threads: int, expected: int | None
+) -> None:
+    import torch
+
+    manifest = load_manifest(fixture_resources)
+    spec = manifest.channel("nucleus").patch_stage
+    runner: list[ThreadCountingRunner] = []
+
+    def load(dev: str) -> LoadedStage:
+        cpu = load_stage(manifest, spec, "onnx", "cpu", threads=1)
+        runner.append(ThreadCountingRunner(cpu.runner, backend, device))
+        return dataclasses.replace(cpu, runner=runner[-1])
+
+    policy = BudgetPolicy(device=device, half=False, vram_budget_gib=None, time_budget_s=None, threads=policy_threads)
+    outside = torch.get_num_threads()
+    rng = np.random.default_rng(0)
+    x_h, p1_h = (ArraySource(rng.random((16, 24, 24), dtype=np.float32)) for _ in range(2))
+    PatchStage(spec, load, policy)(x_h, p1_h, Deadline())
+    assert runner[0].threads and set(runner[0].threads) == {outside if expected is None else expected}
+    assert torch.get_num_threads() == outside  # restored
