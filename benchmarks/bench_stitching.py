@@ -138,9 +138,9 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
             correction[z0:z1] = planes
 
         # As in the pipeline: TorchScript on a CPU runs `workers` single-threaded forwards side by side,
-        # with inference.py's allocator settings and freed memory reused within the patch stage.
+        # with inference.py's allocator settings.
         allocator.configure()
-        with torch_threads(1 if workers > 1 else None), allocator.reuse_freed_memory():
+        with torch_threads(1 if workers > 1 else None):
             _, stats = sliding_window([image, NpyPlanes(data, 1)], predict, (patch,) * 3, overlap=overlap, batch_size=batch, emit=emit, workers=workers)
         wall = time.perf_counter() - started
         forward_s = stats.forward_s if workers == 1 else pure_forward_seconds(predict, stats.batches, workers, (batch, 2, patch, patch, patch))

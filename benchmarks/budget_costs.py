@@ -32,10 +32,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_large_case import planes  # noqa: E402
 
+from fusemycells import allocator  # noqa: E402
 from fusemycells.backends import LoadedStage, load_stage  # noqa: E402
 from fusemycells.budget import BudgetPolicy  # noqa: E402
-from fusemycells.config import DEFAULT_RESOURCES, load_manifest  # noqa: E402
+from fusemycells.config import DEFAULT_RESOURCES, load_manifest, without_trust  # noqa: E402
 from fusemycells.io import Volume, read_volume, write_volume  # noqa: E402
+from fusemycells.ops_torch import choose_ops  # noqa: E402
 from fusemycells.patch_stage import stage1_correction  # noqa: E402
 from fusemycells.pipeline import Fuser, process_file  # noqa: E402
 from fusemycells.preprocess import ResizedSource, intensity_affine  # noqa: E402
@@ -63,13 +65,15 @@ def fallback_seconds(path: Path, manifest_dir: Path, channel: str) -> float:
     volume = read_volume(path)
     spec = load_manifest(manifest_dir).channel(channel)
     grid_h = shape_for_spacing(volume.data.shape, volume.spacing, (spec.target_spacing_um,) * 3)
-    x_h = ResizedSource(ArraySource(volume.data, *intensity_affine(volume.data, spec.normalisation)), grid_h)
+    ops = choose_ops("cpu")  # the pipeline's CPU steps (its x_h and p1_h are resized with the case's ops)
+    x_h = ResizedSource(ArraySource(volume.data, *intensity_affine(volume.data, spec.normalisation)), grid_h, ops=ops)
     assert spec.global_stage.grid is not None
     p1 = np.random.default_rng(0).random(spec.global_stage.grid, dtype=np.float32)
     dtype = np.float16 if math.prod(grid_h) > 1 << 27 else np.float32
     correction = np.empty(grid_h, dtype=dtype)
     started = time.perf_counter()
-    stage1_correction(x_h, ResizedSource(p1, grid_h), correction)
+    with allocator.reuse_freed_memory():  # as inside the pipeline's patch stage
+        stage1_correction(x_h, ResizedSource(p1, grid_h, ops=ops), correction)
     return round(time.perf_counter() - started, 3)
 
 
@@ -89,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / "case.tif"
         write_volume(path, data, Volume(data=data, spacing=tuple(args.spacing), channel=args.channel))
         del data
+        allocator.configure()  # as inference.py at start-up
         policy = BudgetPolicy.create("cpu", None, None, args.threads)
-        fuser = Fuser(load_manifest(args.resources), policy, loader=loader)
+        # without trust: the blend and its weight map always run (the reserve must cover them)
+        fuser = Fuser(without_trust(load_manifest(args.resources)), policy, loader=loader)
         report = process_file(path, folder / "out", fuser, "float32")
         assert report.status == "ok", report.error
         fallback = fallback_seconds(path, args.resources, args.channel)

@@ -1,14 +1,14 @@
 """How the process gets memory from the system: the one place that sets glibc's malloc and numpy's
 huge-page hint.
 
-The streamed steps (rows of the sliding window, blend slabs, output slabs) allocate and free
-the same tens-of-MiB temporaries thousands of times. glibc serves each block above its mmap
+The streamed passes over the input grid (blend slabs, output slabs) allocate and free the same
+tens-to-hundreds-of-MiB temporaries again and again. glibc serves each block above its mmap
 threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, so every slab is
 faulted in and zeroed by the kernel again: on a 120×1200×1200 stack the non-network steps
 faulted in ≈ 10 GiB, 7.9 of 20.8 CPU seconds in the kernel (``/usr/bin/time -v`` of
 ``bench_stages.py``'s worker; README, *Memory reuse*). Inside :func:`reuse_freed_memory` big
-blocks come from the heap instead and freed ones are reused as they are; on leaving it, the free
-heap is handed back (``malloc_trim``), so the retained memory never outlives the step. Outside
+blocks come from the heap instead and freed ones are reused as they are; on entering and leaving
+it, the free heap is handed back (``malloc_trim``), so the retained memory never outlives the step. Outside
 Linux/glibc these are no-ops.
 """
 
@@ -78,9 +78,12 @@ def configure() -> None:
 @contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Within the block, every allocation comes from the heap and freed blocks are reused without being
-    unmapped (no page faults for the next slab of the same size); on leaving the outermost block the free
-    heap is returned to the system. For streamed loops whose temporaries repeat; the process's peak RSS
-    then includes what the loop freed but kept, at most its largest set of temporaries."""
+    unmapped (no page faults for the next slab of the same size); on entering and on leaving the outermost
+    block the free heap is returned to the system. For streamed passes whose temporaries repeat; the
+    process's peak RSS then includes what the pass freed but kept. Not for steps that allocate buffers
+    outliving them (the patch stage's row caches): freed later, outside the block, such a heap block stays a
+    resident hole (measured: the level-2 fallback after a stopped sliding window peaked ≈ 1 GiB higher on
+    309×1920×1920 when the sliding window ran inside a block)."""
     global _depth
     libc = _glibc()
     if libc is None:
@@ -89,6 +92,7 @@ def reuse_freed_memory() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1:
+            libc.malloc_trim(0)  # blocks freed since the last step (e.g. its row caches) are not kept resident
             libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # an int: 2 GiB
             libc.mallopt(M_MMAP_MAX, 0)
     try:
@@ -100,3 +104,4 @@ def reuse_freed_memory() -> Iterator[None]:
                 libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 libc.malloc_trim(0)
+

@@ -111,20 +111,26 @@ CPU_2CORE = PhaseRates(
     read=LinearCost(0.0, 1.25e-8),
     load_s=1.5,
     preprocess=LinearCost(0.0, 1.85e-9),
-    global_stage=LinearCost(2.0, 4.3e-9, 5.5e-8),
+    global_stage=LinearCost(1.0, 1.5e-9, 1.0e-9),
     patch_s=0.131,
     first_batch_s=4.0,
-    fallback=LinearCost(1.0, 2.0e-8, 2.2e-8),
-    finish=LinearCost(2.0, 0.94e-7, 0.67e-7),
-    level3_finish=LinearCost(1.0, 4.3e-8),
+    fallback=LinearCost(1.0, 3.5e-9, 1.25e-8),
+    finish=LinearCost(2.0, 3.6e-8, 1.0e-9),
+    level3_finish=LinearCost(1.0, 3.5e-8),
 )
-"""Phase times on the development machine's 2 CPU cores (ONNX Runtime, shipped networks), calibrated
-on the 309×1920×1920 run in README *Performance* (preprocess 2.1 s, global stage 51.8 s, 0.131 s
-per patch, post-processing + write 162.7 s), with the split between input and H voxels from
-``benchmarks/budget_costs.py`` on 150×960×960 at 1.01 µm and 40×960×960 at 5 µm Z spacing (README
-*Budgets*); level 3's finish from a level-3 run of that stack on the shared machine (110.7 s while
-its global stage took 2.24× the quiet 51.8 s); start-up (4.0–4.4 s) and reading the 2.1 GiB file
-(14.2–18.2 s) from the two runs of README *Budgets*."""
+"""Phase times on the development machine's 2 CPU cores (ONNX Runtime, shipped networks).
+
+Global stage, level-2 fallback and post-processing: the pipeline after issue #16 (torch band products,
+memory reuse), quiet machine, ``benchmarks/budget_costs.py`` on 150×960×960 @ 1.01 µm, 40×960×960 @
+5 µm and 309×1920×1920 @ 1.01 µm (global 0.81 / 0.70 / 2.87 s, fallback 0.98 / 1.00 / 13.1 s,
+post-processing 2.01 / 1.14 / 11.2 s), fitted per input and per H voxel and rounded up. Writing is
+kept at the slowest real-run figure, 31.1 s for the 4.5 GB output of 309×1920×1920 (2.73e-8 s per
+input voxel; quiet now: 20.2 s, but a host's disk may be slower than this one's page cache), so
+``finish`` (post-processing + writing) is ≈ 0.88e-8 + 2.73e-8 s per input voxel; level 3's finish
+(filters and normalisation as the output is written) measured 15.8 s on that stack, 2.6 s on
+120×1200×1200 (``inference.py --time-budget 15``), again with the slow disk's write. Patch rate,
+start-up, loading, preprocessing and reading (14.2–18.2 s for the 2.1 GiB file, not in the page
+cache) from the real 309×1920×1920 runs of README *Budgets* and *Performance*."""
 
 
 @dataclass(frozen=True)

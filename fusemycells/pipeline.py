@@ -183,6 +183,7 @@ class Fuser:
                 decision = self._trust(case, high, correction, report)
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None or decision.factor <= 0.0:
+            del correction  # unused (networks off for this file): not held while the output is computed
             return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
         with timed(report.seconds, "postprocess"), reuse_freed_memory():
             blended = self._blend(case, correction, report, decision)
@@ -250,7 +251,7 @@ class Fuser:
         if deadline.left() <= need:
             self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
             return None
-        with timed(report.seconds, "global_stage"), reuse_freed_memory():
+        with timed(report.seconds, "global_stage"):
             x_h = ResizedSource(case.x_in, case.grid_h, ops=case.ops)
             assert case.channel.global_stage.grid is not None
             # input → H → global grid, composed into one resize with torch ops (H itself is not computed here)
@@ -296,7 +297,7 @@ class Fuser:
 
     def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
-        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"), reuse_freed_memory():
+        with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
             result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
         if result.info is not None:  # the forward passes ran inside the sliding window
             case.ops.profile.move("stitching_s", "forward_s", result.info["forward_s"])

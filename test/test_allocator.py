@@ -81,3 +81,4 @@ def test_blocks_work_where_the_allocator_cannot_be_tuned(monkeypatch):
             values = [1, 2, 3]
     assert values == [1, 2, 3]
     allocator.configure()  # numpy's hint only
+
