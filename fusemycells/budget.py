@@ -111,7 +111,7 @@ CPU_2CORE = PhaseRates(
     read=LinearCost(0.0, 1.25e-8),
     load_s=1.5,
     preprocess=LinearCost(0.0, 1.85e-9),
-    global_stage=LinearCost(1.0, 1.5e-9, 1.0e-9),
+    global_stage=LinearCost(1.0, 2.0e-9, 2.0e-9),
     patch_s=0.131,
     first_batch_s=4.0,
     fallback=LinearCost(1.0, 3.5e-9, 1.25e-8),
@@ -123,7 +123,10 @@ CPU_2CORE = PhaseRates(
 Global stage, level-2 fallback and post-processing: the pipeline after issue #16 (torch band products,
 memory reuse), quiet machine, ``benchmarks/budget_costs.py`` on 150×960×960 @ 1.01 µm, 40×960×960 @
 5 µm and 309×1920×1920 @ 1.01 µm (global 0.81 / 0.70 / 2.87 s, fallback 0.98 / 1.00 / 13.1 s,
-post-processing 2.01 / 1.14 / 11.2 s), fitted per input and per H voxel and rounded up. Writing is
+post-processing 2.01 / 1.14 / 11.2 s; measured while the global stage and the fallback still ran inside
+memory-reuse blocks), fitted per input and per H voxel and rounded up; the global stage raised to the real
+level-2 run with the final code (``inference.py`` on 309×1920×1920: global stage 3.83 s, patch attempt and
+fallback 14.6 s). Writing is
 kept at the slowest real-run figure, 31.1 s for the 4.5 GB output of 309×1920×1920 (2.73e-8 s per
 input voxel; quiet now: 20.2 s, but a host's disk may be slower than this one's page cache), so
 ``finish`` (post-processing + writing) is ≈ 0.88e-8 + 2.73e-8 s per input voxel; level 3's finish
