@@ -126,10 +126,9 @@ memory reuse), quiet machine, ``benchmarks/budget_costs.py`` on 150×960×960 @ 
 post-processing 2.01 / 1.14 / 11.2 s; measured while the global stage and the fallback still ran inside
 memory-reuse blocks), fitted per input and per H voxel and rounded up; the global stage raised to the real
 level-2 run with the final code (``inference.py`` on 309×1920×1920: global stage 3.83 s, patch attempt and
-fallback 14.6 s). Writing is
-kept at the slowest real-run figure, 31.1 s for the 4.5 GB output of 309×1920×1920 (2.73e-8 s per
-input voxel; quiet now: 20.2 s, but a host's disk may be slower than this one's page cache), so
-``finish`` (post-processing + writing) is ≈ 0.88e-8 + 2.73e-8 s per input voxel; level 3's finish
+fallback 14.6 s). Writing is kept at the slowest real-run figure, 31.1 s for the 4.5 GB output of
+309×1920×1920 (2.73e-8 s per input voxel; quiet now: 20.2 s, but a host's disk may be slower than this
+one's page cache), so ``finish`` (post-processing + writing) is ≈ 0.88e-8 + 2.73e-8 s per input voxel; level 3's finish
 (filters and normalisation as the output is written) measured 15.8 s on that stack, 2.6 s on
 120×1200×1200 (``inference.py --time-budget 15``), again with the slow disk's write. Patch rate,
 start-up, loading, preprocessing and reading (14.2–18.2 s for the 2.1 GiB file, not in the page
