@@ -104,4 +104,3 @@ def reuse_freed_memory() -> Iterator[None]:
                 libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 libc.malloc_trim(0)
-
