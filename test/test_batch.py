@@ -412,7 +412,9 @@ def _zarr_store(path: Path, data: np.ndarray, axes: str = "zyx", omero: dict | N
     spatial = {"z": 1.5, "y": 0.4, "x": 0.4}
     units = {a: "micrometer" for a in axes if a in spatial}
     scale = {a: spatial.get(a, 1.0) for a in axes}
-    write_image(data, group, scale_factors=[], axes=axes, scale=scale, axes_units=units, metadata=omero or {})
+    write_image(data, group, scale_factors=[], axes=axes, scale=scale, axes_units=units)
+    if omero:
+        group.attrs["ome"] = {**group.attrs["ome"], **omero}
     return path
 
 
