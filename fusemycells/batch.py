@@ -686,6 +686,17 @@ def worker_specs(
     return specs
 
 
+def dashboard_link(address: str, client: Any) -> str:
+    """The dashboard's link: the host of ``--dashboard`` (the scheduler's host when it names none,
+    as in ``:8787``) and the port the dashboard really listens on (``:0`` picks a free one)."""
+    from urllib.parse import urlsplit
+
+    default = urlsplit(client.dashboard_link)
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    port = client.scheduler_info().get("services", {}).get("dashboard", default.port)
+    return f"{default.scheme}://{host or default.hostname}:{port}/status"
+
+
 def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboard: str | None = None) -> Any:
     """A local cluster of ``workers`` processes (dask's SpecCluster, as LocalCluster, but with one environment per
     worker for its GPU).
@@ -1059,7 +1070,7 @@ def _run(run: BatchRun, before_file: FileHook | None) -> int:
                 "scheduler": run.cluster.scheduler_address,
                 "local_workers": workers,
                 "gpus": gpus,
-                "dashboard": run.client.dashboard_link if args.dashboard else None,
+                "dashboard": dashboard_link(args.dashboard, run.client) if args.dashboard else None,
             }
             if args.dashboard:
                 log.info("dashboard at %s", cluster_info["dashboard"])

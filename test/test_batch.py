@@ -313,7 +313,7 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
     data = json.loads(report.read_text())
     assert_valid_report(data)  # every key documented in fusemycells/report.schema.json
     assert data["ignored"] == [{"file": str((folder / "notes.txt").resolve()), "reason": "not a TIFF file or OME-Zarr image"}]
-    assert "ignored " + repr(str((folder / "notes.txt").resolve())) + ": not a TIFF file or OME-Zarr image" in caplog.text
+    assert "skipped " + repr(str((folder / "notes.txt").resolve())) + ": not a TIFF file or OME-Zarr image" in caplog.text
     assert data["cluster"]["workers_lost"] == 0 and all(e["retries"] == 0 for e in data["files"])
     assert data["refused"] == ["broken.tif"] and data["written"] == 2 and data["cluster"]["workers"] == 2
     assert data["counts"] == {"inputs": 3, "written": 2, "refused": 1, "skipped": 0} and data["exit_code"] == 1
