@@ -458,19 +458,9 @@ class FuserPlugin(WorkerPlugin):
                 logging.Formatter(f"%(asctime)s {worker.name} %(levelname)-7s %(message)s", "%H:%M:%S")
             )
             package_log.addHandler(handler)
-        _ignore_sigint()
         require_torch(f" (on worker {worker.name})")
         self.fuser = _make_fuser(self.settings)
 
-
-def _ignore_sigint() -> None:
-    """A worker ignores SIGINT: Ctrl-C in a terminal signals the whole process group, and the client
-    stops the run (and its local workers) itself."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 FileHook = Callable[[str], None]
@@ -704,7 +694,9 @@ def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboa
     from distributed import Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard, "dashboard": dashboard is not None}}
+    # without a dashboard the scheduler's HTTP routes take a free port (not 8787, perhaps another cluster's)
+    address = dashboard if dashboard is not None else ":0"
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": address, "dashboard": dashboard is not None}}
     specs = worker_specs(workers, threads, gpus, int(MEMORY_LIMIT / workers))
     return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="fusemycells")
 
@@ -1130,6 +1122,7 @@ def _report_stop(run: BatchRun, stopped: Stopped) -> int:
     written (atomically) or not, as its worker goes on.
     """
     run.count_lost_workers()
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # stopping on purpose: no warnings of cancelled tasks
     _close(run.client, run.cluster)
     removed: list[str] = []
     if run.cluster is not None and run.output_dir is not None:  # its workers are gone: their partials are orphans
