@@ -5,7 +5,7 @@ With no arguments it follows the Grand Challenge contract:
 reads  /input/images/fluorescence-lightsheet-3D-microscopy/*.tif|*.tiff
 writes /output/images/fused-fluorescence-lightsheet-3D-microscopy/<same file name>
 Exit code: 0 when every file was written, 1 when any file was refused, 2 for a setup error
-(including an invalid option value), 143 when stopped by SIGTERM.
+(including an invalid option value), 143 when stopped by SIGTERM, 130 by SIGINT (Ctrl-C).
 The --report JSON is documented key by key in fusemycells/report.schema.json.
 """
 
@@ -15,14 +15,7 @@ import argparse
 import logging
 import math
 import os
-import signal
-import stat
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +32,27 @@ from fusemycells.config import (
 )
 from fusemycells.deadline import RunClock, describe_account, time_account
 from fusemycells.devices import process_age_s
-from fusemycells.paths import ensure_writable, input_root_problem
+from fusemycells.io import PARTIAL_PATTERN  # noqa: F401  (the writer's temporary files; tests use this name)
+from fusemycells.paths import (  # noqa: F401
+    STALE_PARTIAL_S,
+    ensure_writable,
+    input_root_problem,
+    remove_stale_partials,
+    report_path_problem,
+)
 from fusemycells.progress import configure_logging
 from fusemycells.report import RunFacts, case_entry, manifest_sha256, run_report, write_report
+from fusemycells.stopping import (  # noqa: F401
+    TERMINATED_EXIT_CODE,
+    Stopped,
+    Terminated,
+    ignore_stop_signals,
+    stop_flags,
+    stop_signals_raise,
+)
+
+sigterm_raises = stop_signals_raise
+"""The older name of :func:`fusemycells.stopping.stop_signals_raise` (SIGTERM and SIGINT raise)."""
 
 log = logging.getLogger("fusemycells")
 
@@ -105,33 +116,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived. A BaseException, so the per-file error handling does not swallow it and the
-    writer removes its temporary file on the way out."""
-
-
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
-"""Exit code after SIGTERM (the shell's convention: 143)."""
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the previous handler
-    is restored after). Elsewhere than in the main thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum: int, frame: object) -> None:
-        raise Terminated(f"terminated by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 def disable_native_telemetry() -> None:
     """Stop onnxruntime's telemetry before it is imported: it writes a device id and an SQLite
     database under ``$HOME/.cache/Microsoft/DeveloperTools`` on import (measured with onnxruntime
@@ -141,7 +125,7 @@ def disable_native_telemetry() -> None:
 
 @dataclass
 class RunState:
-    """What the run has done so far, kept by :func:`main` so that the SIGTERM handler can report it."""
+    """What the run has done so far, kept by :func:`main` so that a stopped run (SIGTERM, SIGINT) can report it."""
 
     clock: RunClock  # where the time budget counts from
     argv: list[str] | None = None
@@ -162,11 +146,11 @@ class RunState:
         startup = self.startup_s if self.startup_s is not None else self.clock.elapsed()
         return time_account(self.clock, self.budget_s, startup, files, self.clock.elapsed())
 
-    def report(self, config: RunConfig, exit_code: int, error: str | None = None, terminated: bool = False) -> dict[str, Any]:
-        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`)."""
+    def report(self, config: RunConfig, exit_code: int, error: str | None = None, stopped: Stopped | None = None) -> dict[str, Any]:
+        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`); ``stopped``: the signal's exception."""
         facts = self.facts or RunFacts(str(config.input_dir), str(config.output_dir))
         policy = None if self.policy is None else self.policy.as_report()  # with its events so far
-        return run_report(facts, exit_code=exit_code, cases=self.cases, clock=self.account(), policy=policy, error=error, terminated=terminated)
+        return run_report(facts, exit_code=exit_code, cases=self.cases, clock=self.account(), policy=policy, error=error, **stop_flags(stopped))
 
 
 def process_clock() -> RunClock:
@@ -176,93 +160,43 @@ def process_clock() -> RunClock:
 
 
 def main(argv: list[str] | None = None, clock: RunClock | None = None) -> int:
-    """Run the CLI; SIGTERM stops it with a log line, a report of the outputs written and exit code 143.
+    """Run the CLI; SIGTERM (SIGINT) stops it with a log line, a report of the outputs written and exit code 143 (130).
 
     ``clock``: where the time budget counts from (the program passes the process's start; default:
     this call).
     """
     disable_native_telemetry()
     state = RunState(clock or RunClock.now("main() call"), argv)
-    with sigterm_raises():
+    with stop_signals_raise():
         try:
             return _main(argv, state)
-        except Terminated as exc:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report; the block restores the handler
-            return report_termination(state, str(exc))
+        except Stopped as exc:
+            ignore_stop_signals()  # finish the report; the block restores the handlers
+            return report_stop(state, exc)
 
 
-def report_termination(state: RunState, why: str) -> int:
-    """Log the termination, write the report (the files done, their per-file entries, the time
-    account), return :data:`TERMINATED_EXIT_CODE`. The file being written when the signal came was
-    removed by the writer."""
+def report_stop(state: RunState, stopped: Stopped) -> int:
+    """Log the stop in one line, write the report (the files done, their per-file entries, the time
+    account), return the signal's exit code (143 SIGTERM, 130 SIGINT). The file being written when
+    the signal came was removed by the writer."""
     config = state.config or build_config(parse_args(state.argv))
     written = [str(c["file"]) for c in state.cases if c.get("status") == "ok"]
-    log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", why, len(written))
-    _write_report(config, state.report(config, TERMINATED_EXIT_CODE, error=why, terminated=True))
-    return TERMINATED_EXIT_CODE
-
-
-PARTIAL_PATTERN = ".fmc-*.partial"
-"""Names of the temporary files ``fusemycells.io.write_volume`` writes an output to before renaming it."""
-STALE_PARTIAL_S = 600.0
-"""A temporary output file untouched this long (s) is no other run's write in progress (see :func:`remove_stale_partials`)."""
-
-
-def remove_stale_partials(folder: Path, before: float, min_age_s: float = STALE_PARTIAL_S, now: float | None = None) -> list[str]:
-    """Remove the temporary output files (:data:`PARTIAL_PATTERN`) a killed earlier run left in ``folder``; their names.
-
-    Removed: regular files (never a symlink's target) last modified before ``before`` (``time.time()``
-    of this process's start) and at least ``min_age_s`` before ``now``. The writer names its file
-    with a random suffix (no process id to check) and writes it continuously, plane slab after plane
-    slab, renaming it within a second of the last write, so a file untouched for 10 minutes belongs
-    to no write in progress. Should a writer have been suspended that long, its read-back check or
-    rename fails and that run refuses the file with an error: no wrong output is ever produced.
-    """
-    now = time.time() if now is None else now
-    removed = []
-    for path in sorted(folder.glob(PARTIAL_PATTERN)):
-        try:
-            info = path.lstat()
-            if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before or now - info.st_mtime < min_age_s:
-                continue
-            path.unlink()
-        except OSError:
-            continue
-        removed.append(path.name)
-    return removed
-
-
-def report_path_problem(path: Path | None) -> str | None:
-    """Why the JSON report cannot be written at ``path`` (None when it can, or when there is none).
-
-    Checked before any work, so a bad ``--report`` is a setup error (exit 2), not a traceback after
-    the outputs were written; its folder is created like the output folder.
-    """
-    if path is None:
-        return None
-    if path.is_dir():
-        return f"--report {path} is a folder"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".report-test-"):
-            pass
-    except OSError as exc:
-        return f"--report {path}: folder not writable ({exc.strerror or exc})"
-    if path.exists() and not os.access(path, os.W_OK):
-        return f"--report {path}: file not writable"
-    return None
+    log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", stopped, len(written))
+    _write_report(config, state.report(config, stopped.exit_code, error=str(stopped), stopped=stopped))
+    return stopped.exit_code
 
 
 def note_skipped_inputs(config: RunConfig, facts: RunFacts) -> None:
-    """Log the TIFF-named entries of the input folder that are not processed (dangling symlinks,
-    FIFOs, folders, ...) and note them for the report (``skipped``) with the count of inputs; log an
-    early error for every input whose output name cannot be created in the output folder."""
-    from fusemycells.io import InputError, check_output_name, scan_inputs
+    """Log the entries of the input folder that are not processed (WARNING for TIFF-named ones:
+    dangling symlinks, FIFOs, folders, ...; INFO for other names) and note them for the report
+    (``skipped``) with the count of inputs; log an early error for every input whose output name
+    cannot be created in the output folder."""
+    from fusemycells.io import InputError, check_output_name, log_not_read, scan_inputs
 
     scan = scan_inputs(config.input_dir)
-    for name, reason in scan.skipped:
-        log.warning("skipped %r: %s", name, reason)
-    facts.skipped = [{"file": name, "reason": reason} for name, reason in scan.skipped]
+    for name, reason in scan.not_read():
+        log_not_read(name, reason)
+    facts.skipped = [{"file": name, "reason": reason} for name, reason in scan.not_read()]
     facts.inputs = len(scan.files)
     for path in scan.files:
         try:
@@ -319,12 +253,11 @@ def _main(argv: list[str] | None, state: RunState) -> int:
 
 
 def note_stale_partials(folder: Path, clock: RunClock) -> list[str]:
-    """Remove the temporary output files a killed earlier run left (see :func:`remove_stale_partials`),
+    """Remove the temporary output files a killed earlier run left (see :func:`fusemycells.paths.note_stale_partials`),
     with a warning naming them; their names (the report's ``stale_partials_removed``)."""
-    removed = remove_stale_partials(folder, before=clock.wall)
-    if removed:
-        log.warning("removed %d temporary output file(s) left by an earlier, killed run: %s", len(removed), ", ".join(removed))
-    return removed
+    from fusemycells import paths
+
+    return paths.note_stale_partials(folder, clock.wall)
 
 
 def _write_report(config: RunConfig, report: dict[str, Any]) -> bool:

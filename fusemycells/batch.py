@@ -8,9 +8,14 @@ keeps its loaded networks for the following files (a worker plugin holds one ``F
 process). An output is written atomically, then a completion record ``<output>.done.json``
 (input size and time, settings, output size and sha256); a later run skips outputs whose record
 verifies and redoes the others. A task whose worker dies is retried on another worker by the
-scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused).
-Exit code as ``inference.py``: 0 every file written or verified, 1 some refused, 2 setup error.
-The ``--report`` JSON is documented key by key in ``fusemycells/report.schema.json``.
+scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused);
+the report counts each file's lost attempts and the workers lost. An output folder that is, or
+lies inside, an input folder or Zarr store is refused before any work, as is an unwritable
+``--report``. SIGTERM and SIGINT (Ctrl-C) stop the run as they stop ``inference.py``: one log
+line, the local workers stopped, the temporary files of the files in progress removed, the report
+of what was finished. Exit code as ``inference.py``: 0 every file written or verified, 1 some
+refused, 2 setup error, 143 SIGTERM, 130 SIGINT. The ``--report`` JSON is documented key by key in
+``fusemycells/report.schema.json``.
 
 Needs the optional packages of ``requirements-scale.txt`` (dask, distributed; zarr and ome-zarr
 for OME-Zarr); this module imports without them and says what to install.
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -31,10 +38,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
-from .paths import ensure_writable
+from .io import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
+from .omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
+from .paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
 from .progress import Bar, configure_logging, interactive, log_lines_only
 from .report import batch_report, case_entry, manifest_sha256, write_report
+from .stopping import Stopped, ignore_stop_signals, stop_flags, stop_signals_raise
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -46,12 +55,24 @@ log = logging.getLogger("fusemycells.batch")
 PLUGIN_NAME = "fusemycells-fuser"
 RECORD_SUFFIX = ".done.json"
 RECORD_FORMAT = 1
-TIFF_SUFFIXES = (".tif", ".tiff")
 FORMATS = ("tiff", "ome-zarr")
+PARTIAL_PATTERNS = (PARTIAL_PATTERN, ".*.partial")
+"""Temporary outputs in the output folder: TIFFs being written (``.fmc-*.partial``), OME-Zarr stores
+being built (``.<name>.partial``) and completion records (``.<name>.done.json.partial``)."""
+NOT_INPUT = "not a TIFF file or OME-Zarr image"
+TORCH_HINT = "torch is missing: install requirements.txt first (README, Quick start: torch, then requirements.txt)"
 
 
 class SetupError(RuntimeError):
     """The run cannot start (inputs, output folder, weights, cluster); exit code 2."""
+
+
+def require_torch(where: str = "") -> None:
+    """Raise :class:`MissingDependency` naming the install when torch cannot be imported (``where``: appended)."""
+    try:
+        importlib.import_module("torch")
+    except ImportError as exc:
+        raise MissingDependency(TORCH_HINT + where) from exc
 
 
 def require_distributed() -> Any:
@@ -81,6 +102,7 @@ class Job:
     output_dtype: str = "float32"
     level: int = 0  # OME-Zarr input: resolution level read
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
+    channel_index: int | None = None  # OME-Zarr input: the channel of a non-singleton c axis fused
     zarr_levels: int | None = None  # OME-Zarr output: pyramid levels (None: automatic)
     time_budget_s: float | None = None  # per file; None: no deadline (full quality)
     overwrite: bool = False  # redo even when a verified output exists
@@ -101,12 +123,22 @@ def input_format(path: Path) -> str | None:
     return None
 
 
-def collect_inputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
+def not_input_reason(path: Path) -> str:
+    """Why a folder entry is not an input (TIFF-named: :func:`fusemycells.io.skip_reason`)."""
+    if path.name.lower().endswith(TIFF_SUFFIXES):
+        return skip_reason(path) or NOT_INPUT
+    if is_zarr_store(path):
+        return NOT_OME
+    return NOT_INPUT
+
+
+def collect_inputs(inputs: Sequence[Path], ignored: list[dict[str, str]] | None = None) -> list[tuple[Path, str]]:
     """(path, format) of every input: named files and images, and the TIFFs / OME-Zarr images directly
-    inside named folders.
+    inside named folders; the other entries of those folders are logged once and added to ``ignored``
+    ({file, reason}).
 
     Raises :class:`SetupError` for a path that does not exist or is neither a TIFF, an OME-Zarr
-    image nor a folder.
+    image nor a folder (a Zarr store without OME metadata is named as such).
     """
     found: list[tuple[Path, str]] = []
     for raw in inputs:
@@ -116,14 +148,47 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
         kind = input_format(path)
         if kind is not None:
             found.append((path, kind))
+        elif is_zarr_store(path):
+            raise SetupError(f"{path} is {NOT_OME}")
         elif path.is_dir():
             for child in sorted(path.iterdir()):
                 child_kind = input_format(child)
                 if child_kind is not None:
                     found.append((child, child_kind))
+                    continue
+                reason = not_input_reason(child)
+                log_not_read(str(child), reason)
+                if ignored is not None:
+                    ignored.append({"file": str(child), "reason": reason})
         else:
             raise SetupError(f"not a TIFF file, OME-Zarr image or folder: {path}")
     return found
+
+
+def overwrite_problem(output_dir: Path, named: Sequence[Path], jobs: Sequence[Job]) -> str | None:
+    """Why writing into ``output_dir`` would overwrite or mix with the inputs, or None.
+
+    Refused: an output folder that is a named input folder or lies inside one or inside a Zarr
+    store (input or the folder of one), and any output path that is an input's path.
+    """
+    out = Path(output_dir).resolve()
+    for raw in named:
+        path = Path(raw).resolve()
+        if not path.is_dir() or not (out == path or path in out.parents):
+            continue
+        what = "Zarr store" if is_zarr_store(path) else "input folder"
+        where = "is the" if out == path else "lies inside the"
+        return f"--output {out} {where} {what} {path}: its outputs would overwrite or mix with the inputs"
+    stores = [Path(j.source).resolve() for j in jobs if j.input_format == "ome-zarr"]
+    for store in stores:
+        if out == store or store in out.parents:
+            return f"--output {out} lies inside the Zarr store {store}: its outputs would overwrite the input"
+    sources = {Path(j.source).resolve(): j for j in jobs}
+    for job in jobs:
+        target = Path(job.output).resolve()
+        if target in sources:
+            return f"--output {out}: {job.name}'s output {target} would overwrite the input {sources[target].source}"
+    return None
 
 
 def output_name(source: Path, output_format: str) -> str:
@@ -236,8 +301,11 @@ def verify_complete(job: Job) -> tuple[bool, str]:
         return False, "completion record without output"
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return False, f"unreadable completion record ({exc})"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _ignored_record(job, f"unreadable completion record ({exc})")
+    problem = record_shape_problem(record)
+    if problem is not None:
+        return _ignored_record(job, f"completion record of the wrong shape ({problem})")
     if record.get("format") != RECORD_FORMAT:
         return False, f"completion record format {record.get('format')!r}"
     if record.get("fingerprint") != job.fingerprint:
@@ -253,6 +321,23 @@ def verify_complete(job: Job) -> tuple[bool, str]:
     if actual["sha256"] != expected.get("sha256"):
         return False, "output checksum differs from its record"
     return True, f"verified complete (sha256 {actual['sha256'][:12]})"
+
+
+def record_shape_problem(record: Any) -> str | None:
+    """What is wrong with the layout of a parsed completion record (None: an object with the keys
+    :func:`verify_complete` reads, of the right types)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key in ("input", "output", "fingerprint"):
+        if not isinstance(record.get(key), dict):
+            return f"{key!r} is {type(record.get(key)).__name__}, not an object"
+    return None
+
+
+def _ignored_record(job: Job, why: str) -> tuple[bool, str]:
+    """(False, why), with a warning: a garbled record is ignored and the file redone."""
+    log.warning("[%s] %s: ignored, the file is fused again", job.name, why)
+    return False, why
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +371,13 @@ def _new_report(name: str) -> Any:
     from .pipeline import CaseReport
 
     return CaseReport(file=name)
+
+
+def _warn(report: Any, message: str) -> None:
+    """``pipeline.warn``: the warning into the file's report and the log."""
+    from .pipeline import warn
+
+    warn(report, message)
 
 
 def _check_memory(fuser: Any, shape: tuple[int, int, int], dtype: Any, spacing: tuple[float, float, float]) -> None:
@@ -366,7 +458,9 @@ class FuserPlugin(WorkerPlugin):
                 logging.Formatter(f"%(asctime)s {worker.name} %(levelname)-7s %(message)s", "%H:%M:%S")
             )
             package_log.addHandler(handler)
+        require_torch(f" (on worker {worker.name})")
         self.fuser = _make_fuser(self.settings)
+
 
 
 FileHook = Callable[[str], None]
@@ -409,12 +503,14 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
         before_file(job.name)
     if fuser is None:
         fuser = worker_fuser()
+    replacing = os.path.lexists(job.output)
     deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
     if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
         report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
     else:
         report = _process_any(job, fuser, deadline)
     report.update({"input": job.source, "output": job.output, **where})
+    report["replaced"] = replacing and report["status"] == "ok"
     report.setdefault("seconds", {})["job"] = round(time.perf_counter() - started, 3)
     if report["status"] == "ok":
         try:
@@ -435,7 +531,9 @@ def recovered_entry(job: Job) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(record_path(Path(job.output)).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict):
         return None
     entry = record.get("entry")
     if record.get("run_token") != job.run_token or not isinstance(entry, dict) or entry.get("status") != "ok":
@@ -463,7 +561,7 @@ def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]
     started = time.perf_counter()
     try:
         if job.input_format == "ome-zarr":
-            info = open_level(Path(job.source), job.level)
+            info = open_level(Path(job.source), job.level, job.channel_index)
             _check_memory(fuser, info.shape, info.dtype, info.spacing)
             channel = job.channel or info.channel
             warnings = list(info.warnings)
@@ -490,7 +588,8 @@ def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]
         report.spacing_um = [round(s, 6) for s in volume.spacing]
         report.channel = volume.channel
         report.input_dtype = str(volume.data.dtype)
-        report.warnings.extend(volume.warnings)
+        for warning in volume.warnings:
+            _warn(report, warning)
         result = _fuse(fuser, volume, report, deadline, job.output_dtype)
         write_started = time.perf_counter()
         if job.output_format == "ome-zarr":
@@ -577,6 +676,17 @@ def worker_specs(
     return specs
 
 
+def dashboard_link(address: str, client: Any) -> str:
+    """The dashboard's link: the host of ``--dashboard`` (the scheduler's host when it names none,
+    as in ``:8787``) and the port the dashboard really listens on (``:0`` picks a free one)."""
+    from urllib.parse import urlsplit
+
+    default = urlsplit(client.dashboard_link)
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    port = client.scheduler_info().get("services", {}).get("dashboard", default.port)
+    return f"{default.scheme}://{host or default.hostname}:{port}/status"
+
+
 def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboard: str | None = None) -> Any:
     """A local cluster of ``workers`` processes (dask's SpecCluster, as LocalCluster, but with one environment per
     worker for its GPU).
@@ -584,7 +694,9 @@ def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboa
     from distributed import Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard, "dashboard": dashboard is not None}}
+    # without a dashboard the scheduler's HTTP routes take a free port (not 8787, perhaps another cluster's)
+    address = dashboard if dashboard is not None else ":0"
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": address, "dashboard": dashboard is not None}}
     specs = worker_specs(workers, threads, gpus, int(MEMORY_LIMIT / workers))
     return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="fusemycells")
 
@@ -621,12 +733,18 @@ class Progress:
 
 
 def run_batch(
-    client: Any, jobs: Sequence[Job], before_file: FileHook | None = None, progress: Progress | None = None
+    client: Any,
+    jobs: Sequence[Job],
+    before_file: FileHook | None = None,
+    progress: Progress | None = None,
+    finished: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Submit every job (largest input first), gather their report entries in input order.
 
     A job whose worker died more often than the scheduler allows (``KilledWorker``) or whose task
-    failed outside the pipeline is reported as refused; the others carry on.
+    failed outside the pipeline is reported as refused; the others carry on. Each entry gets
+    ``retries``: its attempts lost with their worker. ``finished`` gets each entry as it arrives
+    (what a run stopped by a signal reports).
     """
     token = uuid.uuid4().hex[:8]
     order = sorted(range(len(jobs)), key=lambda i: -input_stamp(Path(jobs[i].source))["bytes"])
@@ -637,14 +755,21 @@ def run_batch(
         futures[future] = i
     entries: list[dict[str, Any] | None] = [None] * len(jobs)
     try:
-        _gather(futures, jobs, entries, progress)
+        _gather(client, futures, jobs, entries, progress, finished)
     finally:
         if progress is not None:
             progress.close()
     return [e for e in entries if e is not None]
 
 
-def _gather(futures: dict[Any, int], jobs: Sequence[Job], entries: list[Any], progress: Progress | None) -> None:
+def _gather(
+    client: Any,
+    futures: dict[Any, int],
+    jobs: Sequence[Job],
+    entries: list[Any],
+    progress: Progress | None,
+    finished: list[dict[str, Any]] | None,
+) -> None:
     """Each job's report entry into ``entries`` (by job index) as its future completes."""
     from distributed import as_completed
 
@@ -661,10 +786,45 @@ def _gather(futures: dict[Any, int], jobs: Sequence[Job], entries: list[Any], pr
                 "output": job.output,
             }
             log.error("[%s] refused: %s", job.name, entry["error"])
+        retries = task_retries(client, future.key)
+        if retries is not None:
+            entry["retries"] = retries
+            if retries:
+                log.warning("[%s] %d attempt(s) lost with their worker before this one", job.name, retries)
+        if entry.get("replaced"):
+            log.info("[%s] replaced the existing output %s", job.name, job.output)
         entries[futures[future]] = entry
+        if finished is not None:
+            finished.append(entry)
         if progress is not None:
             progress.update(entry)
         future.release()
+
+
+def task_retries(client: Any, key: Any) -> int | None:
+    """How many attempts at task ``key`` were lost with their worker (the scheduler's ``suspicious``
+    count); None when the scheduler cannot tell."""
+
+    def suspicious(dask_scheduler: Any, key: Any) -> int | None:  # runs on the scheduler (pickled by value)
+        task = dask_scheduler.tasks.get(key)
+        return None if task is None else int(task.suspicious)
+
+    try:
+        return client.run_on_scheduler(suspicious, key=key)
+    except Exception as exc:  # a report detail: never lose the file's entry for it
+        log.debug("retries of %s unknown: %s", key, exc)
+        return None
+
+
+def workers_lost(client: Any) -> int:
+    """Workers the scheduler has lost so far (removed without being asked to close: killed, out of
+    memory); a local cluster's nanny restarts each."""
+    events = client.get_events("all")
+    return sum(
+        1
+        for _, event in events
+        if isinstance(event, dict) and event.get("action") == "remove-worker" and not event.get("expected")
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -714,6 +874,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="force the channel (default: from each input's metadata)",
     )
     parser.add_argument(
+        "--channel-index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="OME-Zarr input with a c axis of several channels: fuse channel N (0-based; default: refuse such images)",
+    )
+    parser.add_argument(
         "--zarr-levels",
         type=int,
         default=None,
@@ -760,16 +927,72 @@ def _available_ram_gib() -> float:
     return min(psutil.virtual_memory().available, MEMORY_LIMIT) / (1 << 30)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@dataclass
+class BatchRun:
+    """What a batch run has done so far, kept by :func:`main` so that a stopped run can report it."""
+
+    args: argparse.Namespace
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)  # where this run's temporary files start
+    known: dict[str, Any] = field(default_factory=dict)  # what the report says besides the files
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    finished: list[dict[str, Any]] = field(default_factory=list)  # entries gathered so far
+    output_dir: Path | None = None
+    client: Any = None
+    cluster: Any = None  # the local cluster this run started (None: --scheduler)
+    lost_before: int | None = None
+    order: dict[str, int] = field(default_factory=dict)  # input path → job index (the report's order)
+
+    def report(self, exit_code: int, entries: Sequence[dict[str, Any]] = (), **extra: Any) -> dict[str, Any]:
+        """The gathered report (see :func:`fusemycells.report.batch_report`)."""
+        return batch_report(
+            inputs=[str(p) for p in self.args.inputs],
+            output_dir=str(self.args.output),
+            exit_code=exit_code,
+            seconds=time.perf_counter() - self.started,
+            entries=entries,
+            ignored=self.ignored,
+            stale_partials_removed=self.stale,
+            **self.known,
+            **extra,
+        )
+
+    def count_lost_workers(self) -> None:
+        """Put the workers lost since the jobs were submitted into the report's ``cluster``."""
+        cluster = self.known.get("cluster")
+        if self.client is None or cluster is None or self.lost_before is None:
+            return
+        try:
+            cluster["workers_lost"] = workers_lost(self.client) - self.lost_before
+        except Exception as exc:  # a report detail
+            log.debug("lost workers unknown: %s", exc)
+
+
+def main(argv: Sequence[str] | None = None, before_file: FileHook | None = None) -> int:
+    """Run the command; ``before_file``: a worker-side test hook (see :data:`FileHook`)."""
     args = parse_args(argv)
     configure_logging(args.verbose)
-    started = time.perf_counter()
-    base = {"inputs": [str(p) for p in args.inputs], "output_dir": str(args.output)}
-    known: dict[str, Any] = {}  # what the report says besides the files, as it becomes known
-    cluster = client = None
+    problem = report_path_problem(args.report)  # before any work, as inference.py
+    if problem is not None:
+        log.error("%s", problem)
+        return 2
+    run = BatchRun(args)
+    with stop_signals_raise():
+        try:
+            return _run(run, before_file)
+        except Stopped as exc:
+            ignore_stop_signals()  # finish the report; the block restores the handlers
+            return _report_stop(run, exc)
+
+
+def _run(run: BatchRun, before_file: FileHook | None) -> int:
+    args, known = run.args, run.known
     try:
         distributed = require_distributed()
-        inputs = collect_inputs(args.inputs)
+        if not args.scheduler:
+            require_torch()  # the local workers share this environment
+        inputs = collect_inputs(args.inputs, run.ignored)
         if not inputs:
             raise SetupError(f"no TIFF files or OME-Zarr images in {', '.join(map(str, args.inputs))}")
         if args.output_format == "ome-zarr" or any(kind == "ome-zarr" for _, kind in inputs):
@@ -785,22 +1008,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ManifestError as exc:
             raise SetupError(str(exc)) from exc
         output_dir = args.output.resolve()
-        try:
-            ensure_writable(output_dir)
-        except PermissionError as exc:
-            raise SetupError(str(exc)) from exc
         fingerprint = {
             "weights": manifest_sha256(resources),
             "backend": args.backend,
             "output_dtype": args.output_dtype,
             "level": args.level,
             "channel": args.channel,
+            "channel_index": args.channel_index,
             "zarr_levels": args.zarr_levels,
             "time_budget_s": args.time_budget,
         }
         options = {
             "level": args.level,
             "channel": args.channel,
+            "channel_index": args.channel_index,
             "zarr_levels": args.zarr_levels,
             "overwrite": args.overwrite,
         }
@@ -813,9 +1034,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             fingerprint=fingerprint,
             **options,
         )
+        run.order = {job.source: i for i, job in enumerate(jobs)}
+        problem = overwrite_problem(output_dir, args.inputs, jobs)
+        if problem is not None:
+            raise SetupError(problem)
+        try:
+            ensure_writable(output_dir)
+        except PermissionError as exc:
+            raise SetupError(str(exc)) from exc
+        run.output_dir = output_dir
+        run.stale = note_stale_partials(output_dir, run.started_wall, PARTIAL_PATTERNS)
         threads, ram_gib = args.threads, args.ram_budget
         if args.scheduler:
-            client = distributed.Client(args.scheduler, timeout="20s")
+            run.client = distributed.Client(args.scheduler, timeout="20s")
             cluster_info: dict[str, Any] = {"scheduler": args.scheduler}
         else:
             gpus = visible_gpus(args.device)
@@ -823,14 +1054,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads = threads or max(1, (os.cpu_count() or 1) // workers)
             if ram_gib is None:
                 ram_gib = round(0.85 * _available_ram_gib() / workers, 2)
-            cluster = start_local_cluster(workers, threads, gpus, args.dashboard)
-            client = distributed.Client(cluster)
+            if args.dashboard and importlib.util.find_spec("bokeh") is None:
+                log.warning("--dashboard needs bokeh: %s", INSTALL_HINT)
+            run.cluster = start_local_cluster(workers, threads, gpus, args.dashboard)
+            run.client = distributed.Client(run.cluster)
             cluster_info = {
-                "scheduler": cluster.scheduler_address,
+                "scheduler": run.cluster.scheduler_address,
                 "local_workers": workers,
                 "gpus": gpus,
-                "dashboard": client.dashboard_link if args.dashboard else None,
+                "dashboard": dashboard_link(args.dashboard, run.client) if args.dashboard else None,
             }
+            if args.dashboard:
+                log.info("dashboard at %s", cluster_info["dashboard"])
+        client = run.client
         settings = WorkerSettings(
             str(resources),
             args.device,
@@ -854,18 +1090,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         )
         log.info("%d input(s) on %d worker(s) (%s)", len(jobs), cluster_info["workers"], cluster_info["scheduler"])
-        entries = run_batch(client, jobs, progress=Progress(len(jobs)))
+        run.lost_before = workers_lost(client)
+        entries = run_batch(client, jobs, before_file, progress=Progress(len(jobs)), finished=run.finished)
+        run.count_lost_workers()
     except (SetupError, MissingDependency, OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
-        _close(client, cluster)
-        seconds = time.perf_counter() - started
-        _write_report(args.report, batch_report(**base, exit_code=2, seconds=seconds, error=str(exc), **known))
+        _close(run.client, run.cluster)
+        _write_report(args.report, run.report(2, error=str(exc)))
         return 2
-    _close(client, cluster)
+    _close(run.client, run.cluster)
     refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
     exit_code = 1 if refused else 0
-    seconds = time.perf_counter() - started
-    report = batch_report(**base, exit_code=exit_code, seconds=seconds, entries=entries, **known)
+    report = run.report(exit_code, entries)
     if not _write_report(args.report, report):
         return 2
     log.info(
@@ -876,6 +1112,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["seconds"],
     )
     return exit_code
+
+
+def _report_stop(run: BatchRun, stopped: Stopped) -> int:
+    """Stop the local workers, remove the temporary files of the files in progress, write the report
+    of what was finished, log one line; the signal's exit code (143 SIGTERM, 130 SIGINT).
+
+    With ``--scheduler`` the remote workers are not ours to stop: a file in progress there is
+    written (atomically) or not, as its worker goes on.
+    """
+    run.count_lost_workers()
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # stopping on purpose: no warnings of cancelled tasks
+    _close(run.client, run.cluster)
+    removed: list[str] = []
+    if run.cluster is not None and run.output_dir is not None:  # its workers are gone: their partials are orphans
+        removed = remove_partials(run.output_dir, since=run.started_wall, patterns=PARTIAL_PATTERNS)
+    entries = sorted(run.finished, key=lambda e: run.order.get(str(e.get("input")), len(run.order)))
+    written = sum(e.get("status") == "ok" for e in entries)
+    log.error(
+        "%s: stopping; %d output(s) written before it, the files in progress were not written "
+        "(%d temporary file(s) removed)",
+        stopped,
+        written,
+        len(removed),
+    )
+    _write_report(run.args.report, run.report(stopped.exit_code, entries, error=str(stopped), **stop_flags(stopped)))
+    return stopped.exit_code
 
 
 def _close(client: Any, cluster: Any) -> None:

@@ -11,10 +11,12 @@ defaults, and every fallback is recorded in :attr:`Volume.warnings`.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import stat
 import tempfile
 import zlib
@@ -37,6 +39,11 @@ CHANNELS = ("nucleus", "membrane")
 PLAUSIBLE_SPACING_UM = (0.01, 100.0)
 """Declared spacings outside this range (µm) are ignored as implausible (then: fallbacks)."""
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""The first 4 bytes of a TIFF (little / big endian) or BigTIFF file."""
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".fmc-", ".partial"
+PARTIAL_PATTERN = f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"
+"""Names of the temporary files :func:`write_volume` writes an output to before renaming it."""
 
 _AXIS_KEYS = {
     "x": ("PhysicalSizeX", "physicalsizex", "physical_size_x"),
@@ -56,6 +63,25 @@ _EXTRA_AXES = {"C": "extra channels", "S": "RGB samples", "T": "time points"}
 
 class InputError(ValueError):
     """A single input file cannot be processed (the reason is in the message)."""
+
+
+class DiskFullError(InputError):
+    """An output did not fit on its file system (the message says how much was needed and free)."""
+
+
+def disk_full_error(name: str, folder: Path, needed_bytes: int, exc: OSError) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``exc`` when it is a full disk (ENOSPC, or a short write with less
+    free space in ``folder`` than ``needed_bytes``); None for any other error. Call it after the
+    partial output was removed, so that "free" is what the file system has without it."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if exc.errno != errno.ENOSPC and free >= needed_bytes:
+        return None
+    return DiskFullError(
+        f"{name}: no space left on device (needed ≈ {needed_bytes / 1e6:.1f} MB, free {free / 1e6:.1f} MB in {folder})"
+    )
 
 
 @dataclass
@@ -439,6 +465,24 @@ def _open_tiff(path: Path) -> Iterator[tuple[tifffile.TiffFile, dict[str, Any] |
         tif.close()
 
 
+def _magic_problem(path: Path) -> str | None:
+    """Why ``path`` is not a TIFF by its first 4 bytes ('empty file', 'not a TIFF: bad magic'), or None.
+
+    Checked before tifffile opens it, whose refusal quotes the bytes it found: of a text file
+    (a symlink to ``/etc/passwd``) they would end up in the log and the report.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror or type(exc).__name__}"
+    if not head:
+        return "empty file"
+    if head not in TIFF_MAGICS:
+        return "not a TIFF: bad magic"
+    return None
+
+
 def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
     """Read a TIFF as a ZYX stack with its spacing (µm), channel and metadata.
 
@@ -448,6 +492,9 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
     zstd, ...) are decoded by ``imagecodecs``.
     """
     path = Path(path)
+    problem = _magic_problem(path)
+    if problem is not None:
+        raise InputError(f"{path.name}: not a readable TIFF ({problem})")
     try:
         with _open_tiff(path) as (tif, described, warnings):
             all_series = tif.series
@@ -729,7 +776,7 @@ def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> Wr
     if tile is not None:
         kwargs["tile"] = tile
         stream = _tiles(stream, pages, length, width, tile)
-    fd, name = tempfile.mkstemp(prefix=".fmc-", suffix=".partial", dir=path.parent)  # O_EXCL | O_NOFOLLOW, mode 0600
+    fd, name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=path.parent)  # O_EXCL | O_NOFOLLOW, mode 0600
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -739,10 +786,19 @@ def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> Wr
         digest = WrittenDigest(shape, dtype, pages, (length, width), dict(checked.crc))
         if verify:
             verify_written(tmp, digest)
+        replacing = os.path.lexists(path)
         os.replace(tmp, path)  # never a half-written file under the final name; a symlink there is replaced, not followed
-    except BaseException:  # including KeyboardInterrupt and the CLI's SIGTERM exception
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(path.name, path.parent, math.prod(shape) * dtype.itemsize, exc)
+        if full is not None:
+            raise full from exc
+        raise
+    except BaseException:  # including KeyboardInterrupt and the CLI's SIGTERM / SIGINT exceptions
         tmp.unlink(missing_ok=True)
         raise
+    if replacing:
+        log.info("[%s] replaced the existing output %s", path.name, path)
     return digest
 
 
@@ -767,13 +823,22 @@ def verify_written(path: Path, digest: WrittenDigest) -> None:
 
 @dataclass(frozen=True)
 class InputScan:
-    """The input folder's entries: the TIFF files to process and the skipped TIFF-named entries."""
+    """The input folder's entries: the TIFF files to process, the skipped TIFF-named entries and the
+    other entries (not TIFF-named), each with the reason it is not read."""
 
     files: list[Path]
     skipped: list[tuple[str, str]]  # (entry name, reason)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (entry name, NOT_TIFF)
+
+    def not_read(self) -> list[tuple[str, str]]:
+        """Every entry that is not processed, with its reason, sorted by name."""
+        return sorted(self.skipped + self.ignored)
 
 
-def _skip_reason(path: Path) -> str | None:
+NOT_TIFF = "not a .tif/.tiff file"
+
+
+def skip_reason(path: Path) -> str | None:
     """Why a TIFF-named folder entry is not processed (None: it is a regular file to read)."""
     try:
         mode = path.stat().st_mode  # follows symbolic links
@@ -794,19 +859,27 @@ def _skip_reason(path: Path) -> str | None:
 
 def scan_inputs(directory: Path) -> InputScan:
     """Regular ``*.tif``/``*.tiff`` files (any case) directly inside ``directory``, sorted by name,
-    and the TIFF-named entries skipped with their reason (dangling symlinks, FIFOs, folders, a
-    file named just ``.tif``). Other names are not inputs and not listed."""
+    the TIFF-named entries skipped with their reason (dangling symlinks, FIFOs, folders, a file
+    named just ``.tif``) and the other entries (:data:`NOT_TIFF`)."""
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
+    ignored: list[tuple[str, str]] = []
     for path in sorted(Path(directory).iterdir()):
         if not path.name.lower().endswith(TIFF_SUFFIXES):
+            ignored.append((path.name, NOT_TIFF))
             continue
-        reason = _skip_reason(path)
+        reason = skip_reason(path)
         if reason is None:
             files.append(path)
         else:
             skipped.append((path.name, reason))
-    return InputScan(files, skipped)
+    return InputScan(files, skipped, ignored)
+
+
+def log_not_read(name: str, reason: str, level: int = logging.WARNING) -> None:
+    """The one log line of a folder entry that is not read (``inference.py`` and ``fusemycells.batch``):
+    WARNING for a TIFF-named entry (it looks like an input), INFO for other names."""
+    log.log(level if name.lower().endswith(TIFF_SUFFIXES) else logging.INFO, "skipped %r: %s", name, reason)
 
 
 def list_inputs(directory: Path) -> list[Path]:

@@ -16,6 +16,7 @@ Volumes are ZYX; spacings are (z, y, x) in µm.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .io import disk_full_error
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -r requirements-scale.txt"
 ZARR_SUFFIXES = (".zarr",)
@@ -87,6 +92,17 @@ def ome_attributes(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def is_zarr_store(path: Path) -> bool:
+    """True when ``path`` is a folder with Zarr metadata (v3 ``zarr.json``, v2 ``.zgroup`` / ``.zattrs`` /
+    ``.zarray``), OME or not."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zattrs", ".zarray"))
+
+
+NOT_OME = "a Zarr store without OME multiscales metadata"
+"""Why a Zarr store is not an input (no ``multiscales`` in its group attributes)."""
+
+
 def is_ome_zarr(path: Path) -> bool:
     """True when ``path`` is a folder holding an OME-Zarr multiscale image."""
     attrs = ome_attributes(path) if Path(path).is_dir() else None
@@ -139,17 +155,26 @@ class LevelInfo:
     levels: int  # how many levels the image has
     name: str | None = None
     warnings: list[str] = field(default_factory=list)
+    channel_index: int | None = None  # the channel read from a non-singleton c axis
 
 
 def level_info(
-    multiscale: dict[str, Any], level: int, array_shape: Sequence[int], dtype: Any, path: Path, omero: Any = None
+    multiscale: dict[str, Any],
+    level: int,
+    array_shape: Sequence[int],
+    dtype: Any,
+    path: Path,
+    omero: Any = None,
+    channel_index: int | None = None,
 ) -> LevelInfo:
     """Parse one multiscale entry for ``level`` (pure: the array's shape and dtype are passed in).
 
     Spacing: the level's ``scale`` times the multiscale-wide ``scale`` (NGFF), per axis, in µm
-    after the axis ``unit``. Singleton axes other than z, y, x are dropped; a missing z axis makes
-    a single slice (spacing 1 µm, with a warning). Raises :class:`OmeZarrError` for an unknown
-    level, a non-singleton channel/time axis, or a non-positive scale.
+    after the axis ``unit``. Singleton axes other than z, y, x are dropped; ``channel_index`` picks
+    one channel of a ``c`` axis; a missing z axis makes a single slice (spacing 1 µm, with a
+    warning). Raises :class:`OmeZarrError` for an unknown level, a non-singleton channel axis
+    without ``channel_index`` (or an index out of range), a non-singleton time axis, or a
+    non-positive scale.
     """
     datasets = multiscale.get("datasets") or []
     if not 0 <= level < len(datasets):
@@ -163,10 +188,18 @@ def level_info(
     warnings: list[str] = []
     if _scale_of(dataset.get("coordinateTransformations"), ndim) is None:
         warnings.append(f"level {level} has no scale transformation: spacing 1 per axis")
-    extra = [(n, s) for n, s in zip(names, array_shape) if n not in ("z", "y", "x") and s > 1]
+    if channel_index is not None:
+        channels = array_shape[names.index("c")] if "c" in names else 1
+        if not 0 <= channel_index < channels:
+            raise OmeZarrError(
+                f"{path.name}: --channel-index {channel_index} not found (the image has {channels} channel(s))"
+            )
+    picked = ("c",) if channel_index is not None else ()
+    extra = [(n, s) for n, s in zip(names, array_shape) if n not in ("z", "y", "x", *picked) and s > 1]
     if extra:
         found = ", ".join(f"{n}={s}" for n, s in extra)
-        raise OmeZarrError(f"{path.name}: non-singleton axes beyond z, y, x ({found}) are not supported")
+        hint = "; pick one channel with --channel-index N" if any(n == "c" for n, _ in extra) else ""
+        raise OmeZarrError(f"{path.name}: non-singleton axes beyond z, y, x ({found}) are not supported{hint}")
     if "y" not in names or "x" not in names:
         raise OmeZarrError(f"{path.name}: axes {names} lack y or x")
     spacing: dict[str, float] = {}
@@ -186,7 +219,7 @@ def level_info(
     nz = array_shape[names.index("z")] if "z" in names else 1
     if "z" not in names:
         spacing["z"] = 1.0
-        warnings.append("no z axis: read as a single slice with spacing 1 µm")
+        warnings.append("no z axis: read as a single slice; Z spacing 1 µm used (also the output's Z scale)")
     shape = (int(nz), int(array_shape[names.index("y")]), int(array_shape[names.index("x")]))
     return LevelInfo(
         path=path,
@@ -197,18 +230,23 @@ def level_info(
         shape=shape,
         dtype=np.dtype(dtype),
         spacing=(spacing["z"], spacing["y"], spacing["x"]),
-        channel=channel_of(omero, multiscale.get("name"), path.name),
+        channel=channel_of(omero, multiscale.get("name"), path.name, index=channel_index),
         levels=len(datasets),
         name=multiscale.get("name"),
         warnings=warnings,
+        channel_index=channel_index,
     )
 
 
-def channel_of(omero: Any, *names: Any) -> str | None:
-    """'nucleus' or 'membrane' from the omero channel label, else the image or store name; None if none says."""
+def channel_of(omero: Any, *names: Any, index: int | None = None) -> str | None:
+    """'nucleus' or 'membrane' from the omero channel label (of channel ``index`` when given), else the
+    image or store name; None if none says."""
     labels: list[Any] = []
     if isinstance(omero, dict):
-        labels += [c.get("label") for c in omero.get("channels", []) if isinstance(c, dict)]
+        channels = [c for c in omero.get("channels", []) if isinstance(c, dict)]
+        if index is not None:
+            channels = channels[index : index + 1]
+        labels += [c.get("label") for c in channels]
     for text in [*labels, *names]:
         if not isinstance(text, str):
             continue
@@ -219,26 +257,32 @@ def channel_of(omero: Any, *names: Any) -> str | None:
     return None
 
 
-def open_level(path: Path, level: int = 0) -> LevelInfo:
-    """Metadata of one level of the OME-Zarr image at ``path`` (the pixels are not read)."""
+def open_level(path: Path, level: int = 0, channel_index: int | None = None) -> LevelInfo:
+    """Metadata of one level (and channel, see :func:`level_info`) of the OME-Zarr image at ``path``
+    (the pixels are not read)."""
     zarr, _ = require_zarr()
     path = Path(path)
     attrs = ome_attributes(path)
     if not attrs or not attrs.get("multiscales"):
-        raise OmeZarrError(f"{path.name}: not an OME-Zarr image (no multiscales metadata)")
+        raise OmeZarrError(f"{path.name} is {NOT_OME}")
     multiscale = attrs["multiscales"][0]
     datasets = multiscale.get("datasets") or []
     if not 0 <= level < len(datasets):
         raise OmeZarrError(f"{path.name}: level {level} not found (the image has {len(datasets)} level(s))")
     array = zarr.open_array(str(path / str(datasets[level]["path"])), mode="r")
-    return level_info(multiscale, level, array.shape, array.dtype, path, attrs.get("omero"))
+    return level_info(multiscale, level, array.shape, array.dtype, path, attrs.get("omero"), channel_index)
 
 
 def read_level(info: LevelInfo) -> np.ndarray:
-    """The pixels of a level as a ZYX array in the stored dtype (singleton t/c axes dropped)."""
+    """The pixels of a level as a ZYX array in the stored dtype (singleton t/c axes dropped, the
+    channel ``info.channel_index`` of a c axis taken)."""
     zarr, _ = require_zarr()
     array = zarr.open_array(str(info.path / info.array_path), mode="r")
-    return np.asarray(array[...]).reshape(info.shape)
+    index = tuple(
+        slice(None) if name in ("z", "y", "x") else (info.channel_index or 0) if name == "c" else 0
+        for name in info.axes
+    )
+    return np.asarray(array[index]).reshape(info.shape)
 
 
 def auto_levels(shape: Sequence[int]) -> int:
@@ -364,12 +408,22 @@ def write_ome_zarr(
         )
         if extra:
             group.attrs["fusemycells"] = extra
-        if path.exists():
+        replacing = path.exists()
+        if replacing:
             shutil.rmtree(path)
         tmp.rename(path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(math.prod(s) for s in shapes) * dtype.itemsize
+        full = disk_full_error(path.name, path.parent, needed, exc)
+        if full is not None:
+            raise full from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replacing:
+        log.info("[%s] replaced the existing output %s", path.name, path)
     return {
         "path": str(path),
         "levels": levels,

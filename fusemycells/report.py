@@ -79,11 +79,13 @@ BATCH_UNITS = {
     "cluster.local_workers": "worker processes",
     "cluster.workers": "worker processes",
     "cluster.threads_per_worker": "CPU threads",
+    "cluster.workers_lost": "worker processes",
     "settings.threads": "CPU threads per worker",
     "settings.log_level": "Python logging level of the workers (10 DEBUG, 20 INFO, 30 WARNING)",
     "fingerprint.level": "OME-Zarr resolution level (0: full resolution)",
     "fingerprint.zarr_levels": "OME-Zarr pyramid levels",
     "files[].pid": "process id",
+    "files[].retries": "attempts lost with their worker",
     "files[].record.bytes": "bytes",
     "files[].record.files": "files",
     **{f"files[].{path}": unit for path, unit in CASE_UNITS.items()},
@@ -167,7 +169,7 @@ class RunFacts:
     inputs: int = 0  # TIFF files found in the input folder
     resources: str | None = None  # the weights folder used
     manifest_sha256: str | None = None
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {file, reason}: TIFF-named entries not read
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {file, reason}: entries of the input folder not read
     stale_partials_removed: list[str] = field(default_factory=list)
 
 
@@ -180,6 +182,7 @@ def run_report(
     policy: Mapping[str, Any] | None = None,
     error: str | None = None,
     terminated: bool = False,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     """The report of ``inference.py --report`` (every key always present; see ``report.schema.json``).
 
@@ -196,6 +199,7 @@ def run_report(
         "exit_code": exit_code,
         "error": error,
         "terminated": terminated,
+        "interrupted": interrupted,
         "counts": {
             "inputs": facts.inputs,
             "written": len(written),
@@ -233,12 +237,18 @@ def batch_report(
     cluster: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
     fingerprint: Mapping[str, Any] | None = None,
+    ignored: Sequence[Mapping[str, str]] = (),
+    stale_partials_removed: Sequence[str] = (),
+    terminated: bool = False,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     """The gathered report of ``python -m fusemycells.batch --report`` (every key always present).
 
     ``inputs``: the paths given on the command line; ``jobs``: the input files and images found in
     them; ``entries``: one per job, in input order (a :func:`case_entry` with the batch's keys, or a
-    skipped / refused entry); the rest is None when the run stopped before it was known.
+    skipped / refused entry; a stopped run: the jobs finished); ``ignored``: the entries of the
+    input folders that are not inputs ({file, reason}); the rest is None when the run stopped before
+    it was known.
     """
     counts = file_counts(entries)
     return {
@@ -247,6 +257,8 @@ def batch_report(
         "fusemycells_version": __version__,
         "exit_code": exit_code,
         "error": error,
+        "terminated": terminated,
+        "interrupted": interrupted,
         "counts": {"inputs": jobs, **counts},
         "inputs": [str(p) for p in inputs],
         "output_dir": output_dir,
@@ -259,6 +271,8 @@ def batch_report(
         "written": counts["written"],
         "skipped": counts["skipped"],
         "refused": [str(e["file"]) for e in entries if e.get("status") not in ("ok", "skipped")],
+        "ignored": [dict(e) for e in ignored],
+        "stale_partials_removed": list(stale_partials_removed),
         "files": [dict(e) for e in entries],
         "units": units_block(BATCH_UNITS),
     }

@@ -270,6 +270,7 @@ def test_a_file_whose_worker_is_killed_is_finished_by_another_worker(client: Any
     make_inputs(tmp_path / "in")
     jobs = plan_jobs(collect_inputs([tmp_path / "in"]), tmp_path / "out")
     marker = tmp_path / "stalled.pid"
+    lost_before = batch.workers_lost(client)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(batch.run_batch, client, jobs, StallOnce(jobs[1].name, marker))
         killed = int(wait_for_file(marker))
@@ -277,17 +278,20 @@ def test_a_file_whose_worker_is_killed_is_finished_by_another_worker(client: Any
         entries = running.result(timeout=120)
     assert [e["status"] for e in entries] == ["ok"] * len(jobs)
     assert entries[1]["pid"] != killed
+    assert [e["retries"] for e in entries] == [0, 1, 0, 0]  # the killed attempt is counted on its file
+    assert batch.workers_lost(client) - lost_before == 1  # and the run counts the worker it lost
     assert all(verify_complete(job)[0] for job in jobs)
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
 
 
 @needs_scale
 def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
-    client: Any, fixture_resources: Path, tmp_path: Path
+    client: Any, fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "in"
     make_inputs(folder, CASES[:2])
     (folder / "broken.tif").write_bytes(b"not a tiff")
+    (folder / "notes.txt").write_text("not an image")
     out, report = tmp_path / "out", tmp_path / "report.json"
     argv = [
         str(folder),
@@ -304,9 +308,13 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
         "--report",
         str(report),
     ]
-    assert batch.main(argv) == 1
+    with caplog.at_level("INFO", logger="fusemycells"):
+        assert batch.main(argv) == 1
     data = json.loads(report.read_text())
     assert_valid_report(data)  # every key documented in fusemycells/report.schema.json
+    assert data["ignored"] == [{"file": str((folder / "notes.txt").resolve()), "reason": "not a TIFF file or OME-Zarr image"}]
+    assert "skipped " + repr(str((folder / "notes.txt").resolve())) + ": not a TIFF file or OME-Zarr image" in caplog.text
+    assert data["cluster"]["workers_lost"] == 0 and all(e["retries"] == 0 for e in data["files"])
     assert data["refused"] == ["broken.tif"] and data["written"] == 2 and data["cluster"]["workers"] == 2
     assert data["counts"] == {"inputs": 3, "written": 2, "refused": 1, "skipped": 0} and data["exit_code"] == 1
     by_name = {e["file"]: e for e in data["files"]}
@@ -320,6 +328,12 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
     resumed = json.loads(report.read_text())
     assert_valid_report(resumed)
     assert resumed["skipped"] == 2 and resumed["counts"]["skipped"] == 2
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusemycells"):
+        assert batch.main([*argv, "--overwrite"]) == 0  # outputs replaced, as asked: one line says so per file
+    replaced = [r.getMessage() for r in caplog.records if "replaced the existing output" in r.getMessage()]
+    assert len(replaced) == 2 and all(r.levelname == "INFO" for r in caplog.records if "replaced the" in r.getMessage())
+    assert all(e["replaced"] for e in json.loads(report.read_text())["files"])
 
 
 @needs_scale
@@ -378,3 +392,258 @@ def test_the_image_gets_none_of_the_scale_out_packages() -> None:
     image_requirements = (REPO / "requirements.txt").read_text().lower()
     assert "requirements-scale" not in dockerfile
     assert not any(name in image_requirements for name in ("dask", "distributed", "zarr"))
+
+
+# --- issue 27: the scale-out path keeps inference.py's promises ----------------------------------
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _zarr_store(path: Path, data: np.ndarray, axes: str = "zyx", omero: dict | None = None) -> Path:
+    """An OME-Zarr image (NGFF 0.5) of ``data`` with the given axes, written by ome-zarr."""
+    import zarr
+    from ome_zarr.writer import write_image
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    spatial = {"z": 1.5, "y": 0.4, "x": 0.4}
+    units = {a: "micrometer" for a in axes if a in spatial}
+    scale = {a: spatial.get(a, 1.0) for a in axes}
+    write_image(data, group, scale_factors=[], axes=axes, scale=scale, axes_units=units)
+    if omero:
+        group.attrs["ome"] = {**group.attrs["ome"], **omero}
+    return path
+
+
+@needs_scale
+@pytest.mark.parametrize("where", ["the_input_folder", "inside_the_input_folder", "inside_a_zarr_store", "next_to_an_input_file"])
+def test_an_output_folder_that_would_overwrite_inputs_is_refused_before_any_work(fixture_resources: Path, tmp_path: Path, where: str) -> None:
+    folder = tmp_path / "in"
+    tif = make_inputs(folder, CASES[:1])[0]
+    store = _zarr_store(folder / "embryo_nucleus.ome.zarr", blob_volume((4, 16, 16)))
+    inputs, output = {
+        "the_input_folder": ([folder], folder),
+        "inside_the_input_folder": ([folder], folder / "fused"),
+        "inside_a_zarr_store": ([store], store / "fused"),
+        "next_to_an_input_file": ([tif], folder),
+    }[where]
+    before = _md5s(folder)
+    report = tmp_path / "report.json"
+    argv = [*map(str, inputs), "--output", str(output), "--resources", str(fixture_resources), "--report", str(report)]
+    assert batch.main(argv) == 2
+    assert _md5s(folder) == before  # nothing written, nothing replaced
+    error = json.loads(report.read_text())["error"]
+    assert "would overwrite" in error or "inside" in error, error
+    assert str(output.resolve()) in error
+
+
+@pytest.mark.parametrize("garbage", ["[1, 2]", "null", '"text"', "OUTPUT_NULL", "INPUT_LIST", "FINGERPRINT_STRING"])
+def test_a_completion_record_of_the_wrong_shape_is_ignored_with_a_warning_and_the_file_redone(
+    fuser: Any, tmp_path: Path, garbage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_inputs(tmp_path / "in", CASES[:1])[0]
+    job = plan_jobs(collect_inputs([source]), tmp_path / "out")[0]
+    assert run_job(job, fuser=fuser)["status"] == "ok"
+    path = batch.record_path(Path(job.output))
+    record = json.loads(path.read_text())
+    spoilt = {"OUTPUT_NULL": {**record, "output": None}, "INPUT_LIST": {**record, "input": [1]}, "FINGERPRINT_STRING": {**record, "fingerprint": "x"}}
+    path.write_text(json.dumps(spoilt[garbage]) if garbage in spoilt else garbage)
+    with caplog.at_level("WARNING", logger="fusemycells"):
+        entry = run_job(job, fuser=fuser)
+    assert entry["status"] == "ok" and "recovered" not in entry  # fused and written again
+    assert any(r.levelname == "WARNING" and "completion record" in r.getMessage() for r in caplog.records), caplog.text
+    assert verify_complete(job)[0]  # a fresh record
+
+
+@needs_scale
+@pytest.mark.parametrize("where", ["a_folder", "under_a_file"])
+def test_an_unwritable_report_path_is_refused_before_any_work(fixture_resources: Path, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    make_inputs(tmp_path / "in", CASES[:1])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file cannot hold a report folder")
+    report = tmp_path if where == "a_folder" else blocker / "report.json"
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    code = batch.main([str(tmp_path / "in"), "--output", str(out), "--resources", str(fixture_resources), "--workers", "1", "--report", str(report)])
+    assert code == 2
+    assert "--report" in caplog.text
+    assert not out.exists() and time.perf_counter() - started < 5  # no cluster, no file fused
+
+
+def test_entries_that_are_not_inputs_are_listed_with_their_reason(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    tif = make_inputs(folder, CASES[:1])[0]
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "plain.zarr").mkdir()
+    (folder / "plain.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (folder / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    ignored: list[dict[str, str]] = []
+    assert collect_inputs([folder], ignored) == [(tif.resolve(), "tiff")]
+    reasons = {Path(e["file"]).name: e["reason"] for e in ignored}
+    assert reasons == {
+        "gone.tif": "dangling symbolic link",
+        "notes.txt": "not a TIFF file or OME-Zarr image",
+        "plain.zarr": "a Zarr store without OME multiscales metadata",
+    }
+
+
+@needs_scale
+def test_a_zarr_store_without_multiscales_named_as_input_says_so(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.zarr"
+    plain.mkdir()
+    (plain / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    with pytest.raises(SetupError, match="plain.zarr is a Zarr store without OME multiscales metadata"):
+        collect_inputs([plain])
+
+
+@needs_scale
+def test_a_2d_zarr_image_is_written_with_a_warning_naming_the_spacing_used(fuser: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = _zarr_store(tmp_path / "plane_nucleus.ome.zarr", blob_volume((1, 40, 36))[0], axes="yx")
+    job = plan_jobs(collect_inputs([store]), tmp_path / "out")[0]
+    with caplog.at_level("WARNING", logger="fusemycells"):
+        entry = run_job(job, fuser=fuser)
+    assert entry["status"] == "ok" and entry["shape"] == [1, 40, 36]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no z axis" in m and "1 µm" in m for m in warned), warned
+
+
+@needs_scale
+def test_one_channel_of_a_multichannel_zarr_image_is_fused_with_channel_index(fuser: Any, tmp_path: Path) -> None:
+    from fusemycells import omezarr
+
+    nuclei, membranes = blob_volume((12, 40, 36), seed=1), blob_volume((12, 40, 36), seed=2)
+    omero = {"omero": {"channels": [{"label": "nuclei"}, {"label": "membranes"}]}}
+    store = _zarr_store(tmp_path / "two.ome.zarr", np.stack([nuclei, membranes]), axes="czyx", omero=omero)
+    plain = _zarr_store(tmp_path / "one" / "two.ome.zarr", membranes, axes="zyx", omero={"omero": {"channels": [{"label": "membranes"}]}})
+    refused = run_job(plan_jobs(collect_inputs([store]), tmp_path / "none")[0], fuser=fuser)
+    assert refused["status"] == "refused" and "--channel-index" in refused["error"]
+    picked = run_job(plan_jobs(collect_inputs([store]), tmp_path / "picked", channel_index=1)[0], fuser=fuser)
+    single = run_job(plan_jobs(collect_inputs([plain]), tmp_path / "single")[0], fuser=fuser)
+    assert picked["status"] == single["status"] == "ok" and picked["channel"] == "membrane"
+    a = omezarr.read_level(omezarr.open_level(tmp_path / "picked" / store.name))
+    b = omezarr.read_level(omezarr.open_level(tmp_path / "single" / store.name))
+    np.testing.assert_array_equal(a, b)  # channel 1 fused exactly as the same stack stored alone
+    assert batch.parse_args(["x", "--output", "y", "--channel-index", "1"]).channel_index == 1
+
+
+def test_a_worker_without_torch_says_to_install_requirements_txt_first(fixture_resources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    plugin = batch.FuserPlugin(WorkerSettings(str(fixture_resources), device="cpu", threads=1))
+
+    class FakeWorker:
+        name = "w0"
+
+    with pytest.raises(ImportError, match="torch is missing: install requirements.txt first"):
+        plugin.setup(FakeWorker())
+
+
+def test_the_batch_command_without_torch_exits_2_saying_what_to_install(tmp_path: Path) -> None:
+    make_inputs(tmp_path / "in", CASES[:1])
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from fusemycells import batch\n"
+        f"sys.exit(batch.main([{str(tmp_path / 'in')!r}, '--output', {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "torch is missing: install requirements.txt first" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bokeh_is_pinned_in_the_scale_extra_at_a_version_dask_accepts() -> None:
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements-scale.txt").read_text().splitlines()
+    [pin] = [Requirement(line) for line in lines if line.startswith("bokeh")]
+    [version] = [s.version for s in pin.specifier]
+    if importlib.util.find_spec("distributed") is not None:
+        from distributed.versions import BOKEH_REQUIREMENT
+
+        assert BOKEH_REQUIREMENT.specifier.contains(version), (BOKEH_REQUIREMENT, version)
+
+
+BATCH_SCRIPT = """
+import sys
+sys.path.insert(0, {test_dir!r})
+from batch_hooks import StallInWrite
+from fusemycells import batch
+sys.exit(batch.main({argv!r}, before_file=StallInWrite({name!r}, {marker!r})))
+"""
+
+
+@needs_scale
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+def test_a_stopped_batch_removes_its_partials_and_reports_what_was_finished(
+    fixture_resources: Path, tmp_path: Path, how: str
+) -> None:
+    folder = tmp_path / "in"
+    write_case(folder, "a_first.tif", blob_volume((12, 48, 48), seed=1))  # larger: submitted first
+    write_case(folder, "b_stalls.tif", blob_volume((24, 24, 24), seed=2))
+    out, report_path, marker = tmp_path / "out", tmp_path / "report.json", tmp_path / "stalled.pid"
+    out.mkdir()
+    stale = out / ".fmc-earlier.partial"
+    stale.write_bytes(b"half a TIFF of a killed earlier run")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    argv = [str(folder), "--output", str(out), "--resources", str(fixture_resources), "--workers", "1", "--threads", "1",
+            "--device", "cpu", "--report", str(report_path)]
+    script = BATCH_SCRIPT.format(test_dir=str(REPO / "test"), argv=argv, name="b_stalls.tif", marker=str(marker))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), start_new_session=True)
+    assert proc.stderr is not None
+    try:
+        wait_for_file(marker, timeout=120)
+        assert any(p.name.startswith(".fmc-") and p != stale for p in out.iterdir())  # a write in progress
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)  # as a job runner stops it
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        code = proc.wait(timeout=120)
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    expected = 143 if how == "sigterm" else 130
+    assert code == expected, log[-3000:]
+    assert "Traceback" not in log and "leaked" not in log, log[-3000:]
+    stopped = [line for line in log.splitlines() if "stopping" in line]
+    assert len(stopped) == 1 and "1 output(s) written" in stopped[0], log[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["a_first.tif", "a_first.tif.done.json"]  # no partial left
+    report = json.loads(report_path.read_text())
+    assert_valid_report(report)
+    assert report["exit_code"] == expected and report["terminated"] is (how == "sigterm") and report["interrupted"] is (how == "ctrl_c")
+    assert [(e["file"], e["status"]) for e in report["files"]] == [("a_first.tif", "ok")]
+    assert report["stale_partials_removed"] == [".fmc-earlier.partial"]
+
+
+@needs_scale
+def test_the_dashboard_link_is_printed_at_start_and_serves_the_status_page(fixture_resources: Path, tmp_path: Path) -> None:
+    import re
+    import urllib.request
+
+    folder = tmp_path / "in"
+    write_case(folder, "b_stalls.tif", blob_volume((24, 24, 24), seed=2))
+    marker = tmp_path / "stalled.pid"
+    argv = [str(folder), "--output", str(tmp_path / "out"), "--resources", str(fixture_resources), "--workers", "1",
+            "--threads", "1", "--device", "cpu", "--dashboard", "127.0.0.1:0"]
+    script = BATCH_SCRIPT.format(test_dir=str(REPO / "test"), argv=argv, name="b_stalls.tif", marker=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
+    assert proc.stderr is not None
+    try:
+        link = None
+        for line in proc.stderr:
+            if (found := re.search(r"dashboard at (http://\S+)", line)) is not None:
+                link = found.group(1)
+                break
+        assert link is not None
+        wait_for_file(marker, timeout=120)  # the run is under way: the page shows it
+        with urllib.request.urlopen(link, timeout=30) as page:
+            assert page.status == 200 and b"Dask needs bokeh" not in page.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -305,3 +305,29 @@ def test_the_writers_temporary_files_match_the_pattern_cleaned_up(tmp_path: Path
     write_volume(tmp_path / "out.tif", Watching(), Volume(data=np.zeros((3, 8, 8), np.float32), spacing=(1.0, 0.4, 0.4), channel="nucleus"))
     assert seen and all(fnmatch(name, inference.PARTIAL_PATTERN) for name in seen)
     assert inference.remove_stale_partials(tmp_path, before=time.time() + 10, now=time.time() + 4000) == []  # a finished output is never a partial
+
+
+def test_ctrl_c_stops_the_run_with_one_line_a_report_and_exit_130(fixture_resources: Path, tmp_path: Path) -> None:
+    folder = _inputs(tmp_path)
+    write_case(folder, "a.tif", blob_volume((6, 24, 24), seed=1))
+    write_case(folder, "b.tif", blob_volume((24, 96, 96), seed=2))  # seconds of work: the signal comes during it
+    report_path = tmp_path / "report.json"
+    cmd = [sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(REPO), start_new_session=True)
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if "file 2/2" in line:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole process group
+            break
+    log += proc.stderr.readlines()
+    assert proc.wait(timeout=60) == 130, "".join(log)[-3000:]
+    text = "".join(log)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert [line for line in log if "stopping" in line] == [next(line for line in log if "interrupted by SIGINT: stopping; 1 output(s) written" in line)]
+    report = json.loads(report_path.read_text())
+    assert_valid_report(report)
+    assert report["interrupted"] is True and report["terminated"] is False and report["exit_code"] == 130
+    assert report["written"] == ["a.tif"] and report["counts"]["unfinished"] == 1
+    assert [p.name for p in (tmp_path / OUTPUT_SUBDIR).iterdir()] == ["a.tif"]  # no b.tif, no temporary file

@@ -512,7 +512,7 @@ def test_skipped_tiff_named_entries_are_listed_with_their_reason(tmp_path: Path)
     os.mkfifo(tmp_path / "pipe.tif")
     (tmp_path / "y.tif").mkdir()
     (tmp_path / ".tif").write_bytes(b"II*\x00")
-    (tmp_path / "notes.txt").write_text("not an input, not listed")
+    (tmp_path / "notes.txt").write_text("not an input")
     scan = scan_inputs(tmp_path)
     assert [p.name for p in scan.files] == ["good.tif"]
     assert dict(scan.skipped) == {
@@ -521,6 +521,7 @@ def test_skipped_tiff_named_entries_are_listed_with_their_reason(tmp_path: Path)
         "pipe.tif": "not a regular file (FIFO)",
         "y.tif": "a folder, not a file",
     }
+    assert scan.ignored == [("notes.txt", "not a .tif/.tiff file")]  # not an input: listed apart (issue 27)
 
 
 def test_read_back_sample_is_bounded_in_pages_and_bytes_and_keeps_both_ends() -> None:
@@ -530,3 +531,27 @@ def test_read_back_sample_is_bounded_in_pages_and_bytes_and_keeps_both_ends() ->
     big = sampled_pages(309, 1920 * 1920 * 4)  # 14 MiB pages: 4 fit 64 MiB
     assert big == [0, 103, 205, 308]
     assert sampled_pages(3, 2**30) == [0, 2]  # at least the ends, even over the byte budget
+
+
+def test_a_full_disk_during_a_write_is_named_with_the_space_needed_and_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from fusemycells import io
+
+    def short_write(*args: object, **kwargs: object) -> None:
+        raise OSError("16384 requested and 16252 written")  # what tifffile raises on a full disk
+
+    monkeypatch.setattr(io.tifffile, "imwrite", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 200_000))
+    data = blob_volume((16, 64, 64)).astype(np.float32)  # 256 KiB
+    with pytest.raises(io.DiskFullError, match=r"out.tif: no space left on device \(needed ≈ 0.3 MB, free 0.2 MB"):
+        write_volume(tmp_path / "out.tif", data, Volume(data=data, spacing=(1.0, 0.4, 0.4), channel="nucleus"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_text_file_is_refused_as_bad_magic_without_quoting_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.tif"
+    path.write_text("root:x:0:0:root")
+    with pytest.raises(InputError) as refused:
+        read_volume(path)
+    assert "not a TIFF: bad magic" in str(refused.value) and "root" not in str(refused.value)

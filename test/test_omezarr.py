@@ -195,3 +195,23 @@ def test_a_failed_write_leaves_no_store_and_keeps_an_older_one(tmp_path: Path) -
         omezarr.write_ome_zarr(out, FailingSource(np.zeros((40, 8, 8), np.float32)), (1.0, 1.0, 1.0), levels=1)
     assert not list(tmp_path.glob(".*.partial"))
     np.testing.assert_array_equal(omezarr.read_level(omezarr.open_level(out, 0)), old)
+
+
+class FullDiskSource(CountingSource):
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        if z0 > 0:
+            import errno
+            import os
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().planes(z0, z1)
+
+
+@needs_zarr
+def test_a_full_disk_while_writing_a_store_is_named_and_leaves_nothing(tmp_path: Path) -> None:
+    from fusemycells.io import DiskFullError
+
+    source = FullDiskSource(blob_volume((40, 32, 32)))
+    with pytest.raises(DiskFullError, match=r"out.ome.zarr: no space left on device \(needed ≈ 0.2 MB, free "):
+        omezarr.write_ome_zarr(tmp_path / "out.ome.zarr", source, (1.0, 0.4, 0.4), levels=1)
+    assert list(tmp_path.iterdir()) == []

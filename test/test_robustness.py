@@ -591,3 +591,62 @@ def test_random_shapes_spacings_and_dtypes_always_give_finite_outputs_of_the_inp
     assert code == 0, [f["error"] for f in report["files"] if f["status"] != "ok"]
     for name, shape in expected.items():
         assert_processed(tmp_path, report, name, shape, warned=False)  # random cases: not all need a warning
+
+
+# issue 27: interruptions, the file system, what is not an input --------------------------------
+def test_files_that_are_not_tiffs_are_listed_as_skipped_with_one_info_line(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = inputs(tmp_path)
+    write_case(folder, "good.tif", blob_volume((5, 20, 20)))
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level("INFO", logger="fusemycells"):
+        code, report = run(tmp_path, fixture_resources)
+    assert code == 0
+    assert report["skipped"] == [{"file": "notes.txt", "reason": "not a .tif/.tiff file"}] and report["counts"]["skipped"] == 1
+    lines = [r for r in caplog.records if "notes.txt" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [("INFO", "skipped 'notes.txt': not a .tif/.tiff file")]
+
+
+def test_an_existing_output_is_replaced_with_one_info_line(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
+    assert run(tmp_path, fixture_resources)[0] == 0
+    first = output_of(tmp_path, "case.tif")
+    with caplog.at_level("INFO", logger="fusemycells"):
+        assert run(tmp_path, fixture_resources)[0] == 0  # Grand Challenge reruns overwrite: still allowed
+    np.testing.assert_array_equal(output_of(tmp_path, "case.tif"), first)
+    lines = [r for r in caplog.records if "replaced the existing output" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO" and "case.tif" in lines[0].getMessage()
+
+
+def test_a_symlink_to_a_text_file_is_refused_without_quoting_its_contents(fixture_resources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (inputs(tmp_path) / "x.tif").symlink_to(secret)
+    code, report = run(tmp_path, fixture_resources)
+    assert code == 1
+    assert_refused(tmp_path, report, "x.tif", "not a TIFF: bad magic")
+    assert "root" not in json.dumps(report["files"]) and "root" not in caplog.text
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_named_with_the_space_needed_and_free(fixture_resources: Path, tmp_path: Path) -> None:
+    write_case(inputs(tmp_path), "big.tif", blob_volume((16, 96, 96)))  # 576 KiB of float32 output
+    out_root = tmp_path / "out"
+    if not _mount_tmpfs(out_root, "256k"):
+        pytest.skip("cannot mount a tmpfs here (not root); test_io injects ENOSPC instead")
+    try:
+        report_path = tmp_path / "report.json"
+        code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
+        report = json.loads(report_path.read_text())
+        leftovers = [p.name for p in (out_root / OUTPUT_SUBDIR).iterdir()]
+    finally:
+        subprocess.run(["umount", str(out_root)], check=True)
+    assert code == 1
+    [entry] = report["files"]
+    assert entry["status"] == "refused" and "no space left on device (needed ≈ 0.6 MB, free " in entry["error"], entry["error"]
+    assert "requested and" not in entry["error"] and leftovers == []  # no raw OSError, no partial file
