@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from .config import BACKENDS
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
 from .paths import ensure_writable
 from .progress import Bar, configure_logging, interactive, log_lines_only
@@ -696,7 +697,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--resources", type=Path, default=None, help="weights folder with manifest.json (as inference.py)"
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32")
     parser.add_argument(
         "--output-format",
