@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fusemycells.config import (
+    BACKENDS,
     GC_INPUT_ROOT,
     GC_OUTPUT_ROOT,
     INPUT_SUBDIR,
@@ -40,6 +41,7 @@ from fusemycells.paths import (  # noqa: F401
     remove_stale_partials,
     report_path_problem,
 )
+from fusemycells.precision import PRECISIONS
 from fusemycells.progress import configure_logging
 from fusemycells.report import RunFacts, case_entry, manifest_sha256, run_report, write_report
 from fusemycells.stopping import (  # noqa: F401
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=GC_OUTPUT_ROOT, help=f"output root; files go to {OUTPUT_SUBDIR}/ (default /output)")
     parser.add_argument("--resources", type=Path, default=None, help="weights folder with manifest.json (default: /opt/ml/model if valid, else bundled resources/)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="compute device (default auto)")
-    parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto", help="network format (default auto: TorchScript on CUDA, ONNX on CPU, the other as fallback)")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto", help="network runtime (default auto: TorchScript on CUDA; on a CPU OpenVINO, then ONNX Runtime; TorchScript when bf16; the others as fallback)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="CPU forward precision (default auto: bf16 on a CPU with native bf16, AMX or AVX512-BF16; fp32 elsewhere)")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here (keys: fusemycells/report.schema.json)")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32", help="output voxel type (default float32, percentile-normalised values)")
     parser.add_argument("--vram-budget", type=positive_number, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
@@ -85,6 +88,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         resources_dir=args.resources,
         device=args.device,
         backend=args.backend,
+        precision=args.precision,
         report=args.report,
         output_dtype=args.output_dtype,
         vram_budget_gib=args.vram_budget,
@@ -233,7 +237,7 @@ def _main(argv: list[str] | None, state: RunState) -> int:
         allocator.configure()  # malloc and numpy settings for the streamed steps (fusemycells/allocator.py)
 
         state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
-        policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock)
+        policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock, precision=config.precision)
         fuser = Fuser(manifest, policy, backend=config.backend)
         state.startup_s = state.clock.elapsed()
         cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype, on_case=state.add_case)

@@ -38,7 +38,7 @@ SPACING = (1.01, 0.388, 0.388)
 class InstantRunner:
     """A stand-in network: ``fn`` of the batch (N, C, Z, Y, X) → (N, 1, Z, Y, X), timing its own calls."""
 
-    backend = "fake"
+    backend, precision = "fake", "fp32"
 
     def __init__(self, fn, device: str, seconds: list[float]) -> None:
         self.fn, self.device, self.seconds = fn, device, seconds

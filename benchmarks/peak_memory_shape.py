@@ -35,7 +35,7 @@ from fusemycells.pipeline import Fuser, process_file  # noqa: E402
 class Stage1Channel:
     """Stand-in patch runner: returns channel 1 (the stage-1 prediction) of each batch."""
 
-    backend, provider, device = "stand-in", "CPU", "cpu"
+    backend, provider, device, precision = "stand-in", "CPU", "cpu", "fp32"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(batch[:, 1:2])

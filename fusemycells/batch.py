@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from .config import BACKENDS
 from .io import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
 from .omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
 from .paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
@@ -856,7 +857,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--resources", type=Path, default=None, help="weights folder with manifest.json (as inference.py)"
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
     parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32")
     parser.add_argument(
         "--output-format",

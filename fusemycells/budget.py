@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from .cuda_support import log_cuda_failure
 from .deadline import RunClock
 from .devices import available_ram_bytes, choose_device, free_vram_gib, nvidia_driver_version
+from .precision import cpu_flags, cpu_precision
 from .sources import Shape3, Spacing3, shape_for_spacing
 from .stitching import count_windows
 
@@ -292,6 +293,7 @@ class BudgetPolicy:
     nvidia_driver: str | None = None  # host NVIDIA driver version (None: no driver visible)
     cuda_error: str | None = None  # the ERROR logged when a driver is there but CUDA did not start
     compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
+    cpu_precision: str = "fp32"  # a CPU forward's precision, 'fp32' or 'bf16' (fusemycells.precision)
     events: EventLog = field(default_factory=EventLog, compare=False)
 
     @classmethod
@@ -304,10 +306,15 @@ class BudgetPolicy:
         ram_budget_gib: float | None = None,
         clock: RunClock | None = None,
         *,
+        precision: str = "auto",
         read_driver: Callable[[], str | None] = nvidia_driver_version,
         cuda_check: Callable[[str, str, str | None], str | None] = log_cuda_failure,
+        read_cpu_flags: Callable[[], Iterable[str]] = cpu_flags,
     ) -> BudgetPolicy:
         """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads.
+
+        ``precision`` ('auto', 'fp32', 'bf16') decides a CPU forward's precision from ``read_cpu_flags()``
+        (:func:`fusemycells.precision.cpu_precision`: bf16 only where the CPU has it natively).
 
         ``clock``: where the time budget counts from (default: now). ``read_driver()`` gives the host's
         NVIDIA driver version; ``cuda_check(chosen, requested, driver)`` logs and returns the ERROR text
@@ -333,6 +340,7 @@ class BudgetPolicy:
             clock=RunClock.now() if clock is None else clock,
             nvidia_driver=driver,
             cuda_error=cuda_check(chosen, device, driver),
+            cpu_precision=cpu_precision(precision, read_cpu_flags()),
         )
         log.info("%s", policy.describe())
         if time_budget_s is not None:
@@ -346,7 +354,8 @@ class BudgetPolicy:
         """One log line: device, budgets, threads, driver."""
         ram = "unknown" if self.ram_budget_bytes is None else f"{self.ram_budget_bytes / (1 << 30):.1f}"
         return (
-            f"device {self.device} (fp16 {self.half}), VRAM budget {self.vram_budget_gib} GiB, "
+            f"device {self.device} (fp16 {self.half}), CPU precision {self.cpu_precision}, "
+            f"VRAM budget {self.vram_budget_gib} GiB, "
             f"RAM budget {ram} GiB, time budget {self.time_budget_s} s, {self.threads} CPU threads, "
             f"NVIDIA driver {self.nvidia_driver or 'none'}"
         )
@@ -408,6 +417,7 @@ class BudgetPolicy:
             "device": self.device,
             "ram_budget_gib": None if self.ram_budget_bytes is None else round(self.ram_budget_bytes / (1 << 30), 2),
             "fp16": self.half,
+            "cpu_precision": self.cpu_precision,
             "vram_budget_gib": self.vram_budget_gib,
             "time_budget_s": self.time_budget_s,
             "clock_started": self.clock.iso(),

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("torchscript", "onnx")
+BACKEND_FORMAT = {"torchscript": "torchscript", "onnx": "onnx", "openvino": "onnx"}
+"""The weights file (manifest format) each network runtime runs: OpenVINO runs the ONNX file."""
+BACKENDS = tuple(BACKEND_FORMAT)
 GC_INPUT_ROOT = Path("/input")
 GC_OUTPUT_ROOT = Path("/output")
 GC_MODEL_DIR = Path("/opt/ml/model")
@@ -229,7 +232,8 @@ class RunConfig:
     output_dir: Path = GC_OUTPUT_ROOT / OUTPUT_SUBDIR
     resources_dir: Path | None = None  # None: /opt/ml/model when valid, else bundled resources/
     device: str = "auto"  # auto | cuda | cpu
-    backend: str = "auto"  # auto | torchscript | onnx
+    backend: str = "auto"  # auto | torchscript | onnx | openvino
+    precision: str = "auto"  # auto | fp32 | bf16 (a CPU forward's; see fusemycells.precision)
     report: Path | None = None
     output_dtype: str = "float32"  # float32 | uint16
     vram_budget_gib: float | None = None  # None: a safe fraction of free device memory

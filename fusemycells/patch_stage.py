@@ -247,6 +247,7 @@ class PatchStage:
             "file": used.file,
             "backend": used.runner.backend,
             "provider": used.runner.provider,
+            "precision": used.runner.precision,
             "patches": stats.patches,
             "patch_grid": list(stats.grid),
             "overlap": overlap,

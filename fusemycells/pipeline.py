@@ -113,6 +113,7 @@ class StageLoader(Protocol):
         strict: bool,
         vram_budget_gib: float | None,
         vram_sessions: int,
+        precision: str,
     ) -> LoadedStage: ...
 
 
@@ -262,6 +263,7 @@ class Fuser:
                 "file": stage.file,
                 "backend": stage.runner.backend,
                 "provider": stage.runner.provider,
+                "precision": stage.runner.precision,
             }
         self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
         slower = report.seconds["global_stage"] / need
@@ -380,11 +382,13 @@ class Fuser:
                 strict=self.backend != "auto",
                 vram_budget_gib=self.policy.vram_budget_gib if on_device else None,
                 vram_sessions=2 * len(self.manifest.channels),  # a global and a patch stage per channel
+                precision=self.policy.cpu_precision,
             )
             runner = loaded.runner
             log.info(
-                "loaded %s %s stage: %s (%s on %s)", channel.name, stage, loaded.file, runner.backend, runner.provider
-            )
+                "loaded %s %s stage: %s (%s on %s, %s)",
+                channel.name, stage, loaded.file, runner.backend, runner.provider, runner.precision,
+            )  # fmt: skip
             warm_up(loaded)
             self._stages[key] = loaded
         return self._stages[key]

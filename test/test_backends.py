@@ -72,10 +72,11 @@ def test_load_stage_strict_with_explicit_backend_uses_it(fixture_resources: Path
     assert loaded.file == spec.files[fmt].path
 
 
-def test_backend_order_prefers_onnx_on_cpu_and_torchscript_on_cuda() -> None:
-    assert backend_order("auto", "cpu") == ["onnx", "torchscript"]
+def test_backend_order_prefers_openvino_on_a_cpu_torchscript_for_bf16_and_on_cuda() -> None:
+    assert backend_order("auto", "cpu") == ["openvino", "onnx", "torchscript"]
+    assert backend_order("auto", "cpu", "bf16") == ["torchscript", "openvino", "onnx"]
     assert backend_order("auto", "cuda") == ["torchscript", "onnx"]
-    assert backend_order("torchscript", "cpu") == ["torchscript", "onnx"]
+    assert backend_order("torchscript", "cpu") == ["torchscript", "onnx", "openvino"]
     with pytest.raises(ValueError):
         backend_order("tensorrt", "cpu")
 
@@ -326,7 +327,7 @@ def test_onnx_cuda_io_binding_matches_the_cpu_after_percentile_normalisation(fix
 class CountingRunner:
     """Records the batch shapes it is called with; raises ``error`` when one is given."""
 
-    backend, provider, device = "onnx", "CPU", "cpu"
+    backend, provider, device, precision = "onnx", "CPU", "cpu", "fp32"
 
     def __init__(self, error: Exception | None = None) -> None:
         self.shapes: list[tuple[int, ...]] = []

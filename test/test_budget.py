@@ -140,6 +140,7 @@ class Wrapped:
     def __init__(self, runner, wrapper) -> None:
         self.runner, self.wrapper = runner, wrapper
         self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
+        self.precision = runner.precision
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.wrapper(self.runner, batch)
@@ -165,10 +166,14 @@ def _run(root: Path, resources: Path, *extra: str) -> tuple[int, dict, float]:
 
 
 def _fuse_folder(root: Path, resources: Path, loader=load_stage, time_budget: float | None = None) -> tuple[list[CaseReport], BudgetPolicy, float]:
-    """run_directory on ``root``'s challenge folders with an injected stage loader (CPU, 1 thread)."""
+    """run_directory on ``root``'s challenge folders with an injected stage loader (CPU, 1 thread).
+
+    ONNX Runtime runs the networks: these tests time the deadline's decisions on sub-second budgets, and
+    OpenVINO's model compilation (the CPU default) adds about a second per stage to loading (measured).
+    """
     clock = RunClock.now()
     pol = BudgetPolicy.create("cpu", None, time_budget, 1, clock=clock)
-    fuser = Fuser(load_manifest(resources), pol, loader=loader)
+    fuser = Fuser(load_manifest(resources), pol, loader=loader, backend="onnx")
     reports = run_directory(root / INPUT_SUBDIR, root / OUTPUT_SUBDIR, fuser, "float32")
     return reports, pol, clock.elapsed()
 
@@ -250,7 +255,7 @@ def test_a_slow_first_batch_alone_does_not_degrade_the_file(fixture_resources: P
 class AlwaysOomRunner:
     """A 'GPU' patch runner that runs out of memory for any batch, however small."""
 
-    backend, provider, device = "torchscript", "CUDA", "cuda"
+    backend, provider, device, precision = "torchscript", "CUDA", "cuda", "fp16"
 
     def __init__(self) -> None:
         self.calls = 0
@@ -423,7 +428,9 @@ def test_torchscript_on_cpu_workers_write_the_same_file_and_restore_torch_thread
         assert code == 0
         assert report["files"][0]["stages"]["patch"]["workers"] == int(threads)
         outputs[threads] = tifffile.imread(root / OUTPUT_SUBDIR / "case.tif")
-    np.testing.assert_array_equal(outputs["3"], outputs["1"])
+    # the global stage's forward runs on torch's 3 or 1 threads: on some CPUs (AMD EPYC, AVX2) its sums
+    # round differently (1.2e-7 seen); the patch workers' own outputs are the same patch for patch
+    np.testing.assert_allclose(outputs["3"], outputs["1"], rtol=0, atol=1e-6)
 
 
 def test_torch_threads_is_restored_after_an_error() -> None:
@@ -469,7 +476,7 @@ path = write_case(folder / "in", "case.tif", data, spacing=(1.0, 0.39, 0.39))
 del data
 
 class Stage1Channel:  # a fast stand-in for the patch network: the memory of the stitching is what is measured
-    backend, provider, device = "stand-in", "CPU", "cpu"
+    backend, provider, device, precision = "stand-in", "CPU", "cpu", "fp32"
     def __call__(self, batch):
         return np.ascontiguousarray(batch[:, 1:2])
 

@@ -100,7 +100,7 @@ def test_outputs_keep_name_shape_and_grid_for_tif_and_tiff_with_full_report(
         assert entry["spacing_um"] == pytest.approx(list(spacing))
         assert entry["channel"] == channel
         for stage in ("global", "patch"):
-            assert entry["stages"][stage]["backend"] == "onnx"  # auto on CPU
+            assert entry["stages"][stage]["backend"] == "openvino"  # auto on CPU: the ONNX file
             assert entry["stages"][stage]["provider"] == "CPU"
         assert set(STAGE_SECONDS) <= set(entry["seconds"])
         phases = {k: v for k, v in entry["seconds"].items() if k != "profile_s"}

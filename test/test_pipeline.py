@@ -32,6 +32,7 @@ class ScaledRunner:
     def __init__(self, runner, factor: float = 1.0, offset: float = 0.0) -> None:
         self.runner, self.factor, self.offset = runner, factor, offset
         self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
+        self.precision = runner.precision
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return (self.runner(batch) * self.factor + self.offset).astype(np.float32)
@@ -105,7 +106,7 @@ def test_the_stage1_fallback_correction_is_clipped_to_float16_too() -> None:
 
 
 class FailingRunner:
-    backend, provider, device = "onnx", "CPU", "cpu"
+    backend, provider, device, precision = "onnx", "CPU", "cpu", "fp32"
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -149,7 +150,7 @@ def test_a_stack_over_the_ram_budget_is_refused_as_such_before_computing(fixture
 class SubPatchOnlyRunner:
     """A 'GPU' runner that runs out of memory for patches above ``max_voxels`` and runs smaller ones."""
 
-    backend, provider, device = "torchscript", "CUDA", "cuda"
+    backend, provider, device, precision = "torchscript", "CUDA", "cuda", "fp16"
 
     def __init__(self, runner, max_voxels: int) -> None:
         self.runner, self.max_voxels = runner, max_voxels
@@ -215,6 +216,7 @@ class ThreadCountingRunner:
 
     def __init__(self, runner, backend: str, device: str) -> None:
         self.runner, self.backend, self.device, self.provider = runner, backend, device, runner.provider
+        self.precision = runner.precision
         self.threads: list[int] = []
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -131,6 +131,7 @@ class FailingAfter:
     def __init__(self, runner, ok: int) -> None:
         self.runner, self.ok = runner, ok
         self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
+        self.precision = runner.precision
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.ok -= 1

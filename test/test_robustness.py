@@ -372,7 +372,7 @@ def test_compact_float16_blend_clips_to_the_float16_range_instead_of_inf() -> No
 
 
 class _DeviceOomRunner:
-    backend, provider, device = "onnx", "CUDA", "cuda"
+    backend, provider, device, precision = "onnx", "CUDA", "cuda", "fp32"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -391,7 +391,8 @@ def test_global_stage_rerun_on_cpu_after_device_oom_is_reported_as_cpu(fixture_r
     fuser = Fuser(manifest, policy, loader=loader)
     report = fuser.fuse(blob_volume((6, 24, 24)), (1.0, 0.39, 0.39), "nucleus").report
     cpu_global = load_stage(manifest, manifest.channel("nucleus").global_stage, "auto", "cpu", threads=1)
-    assert report.stages["global"] == {"file": cpu_global.file, "backend": cpu_global.runner.backend, "provider": "CPU"}
+    expected = {"file": cpu_global.file, "backend": cpu_global.runner.backend, "provider": "CPU", "precision": "fp32"}
+    assert report.stages["global"] == expected
     assert any("out of memory in the global stage" in e for e in policy.events)
 
 

@@ -18,7 +18,7 @@ from fusemycells.io import read_volume
 def test_bundled_sample_runs_quietly_with_every_stage_on_onnx_when_torchscript_files_are_absent_or_corrupt(tmp_path: Path):
     """TorchScript (torch.jit) is deprecated in torch: ONNX alone must serve both stages of both
     channels. The nucleus TorchScript files are deleted, the membrane ones fail their checksum.
-    The run must log no WARNING: on a CPU the default backend is ONNX, so this is also the
+    The run must log no WARNING: on a CPU the default backend is OpenVINO (the ONNX files), so this is also the
     README's first command, which must be quiet on the bundled sample."""
     resources = tmp_path / "resources"
     shutil.copytree(REPO / "resources", resources)
@@ -44,7 +44,7 @@ def test_bundled_sample_runs_quietly_with_every_stage_on_onnx_when_torchscript_f
     for case in report["files"]:
         assert case["status"] == "ok" and case["warnings"] == [] and case["degradation"] == 0
         for stage in ("global", "patch"):
-            assert case["stages"][stage]["backend"] == "onnx" and case["stages"][stage]["file"].endswith(".onnx")
+            assert case["stages"][stage]["backend"] == "openvino" and case["stages"][stage]["file"].endswith(".onnx")
         source = read_volume(REPO / "test" / "input" / INPUT_SUBDIR / case["file"])
         assert read_volume(out / OUTPUT_SUBDIR / case["file"]).data.shape == source.data.shape
 

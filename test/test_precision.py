@@ -1,0 +1,93 @@
+"""The CPU forward's precision: chosen from the processor's flags, forced by --precision, carried into the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusemycells.backends import OpenVinoRunner, TorchScriptRunner, load_stage
+from fusemycells.budget import BudgetPolicy
+from fusemycells.config import load_manifest
+from fusemycells.precision import cpu_flags, cpu_precision
+
+AMX_XEON = {"fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+AVX2_EPYC = {"fpu", "avx", "avx2", "fma"}
+
+
+@pytest.mark.parametrize(
+    ("requested", "flags", "expected"),
+    [
+        ("auto", AMX_XEON, "bf16"),
+        ("auto", {"avx512f", "avx512_bf16"}, "bf16"),
+        ("auto", AVX2_EPYC, "fp32"),
+        ("auto", set(), "fp32"),
+        ("fp32", AMX_XEON, "fp32"),  # --precision fp32 forces full precision where bf16 is native
+        ("bf16", AVX2_EPYC, "bf16"),  # asked for explicitly: emulated, slow, but what was asked
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(requested: str, flags: set[str], expected: str) -> None:
+    assert cpu_precision(requested, flags) == expected
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        cpu_precision("fp8", AMX_XEON)
+
+
+def test_cpu_flags_are_read_from_the_first_processor_entry(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags.__wrapped__(cpuinfo) == frozenset({"fpu", "avx2", "amx_bf16"})
+    assert cpu_flags.__wrapped__(tmp_path / "missing") == frozenset()
+
+
+def test_policy_takes_the_precision_from_the_cpu_flags_and_reports_it() -> None:
+    def make(precision: str, flags: set[str]) -> BudgetPolicy:
+        return BudgetPolicy.create(
+            "cpu", None, None, 1, precision=precision, read_driver=lambda: None,
+            cuda_check=lambda *_: None, read_cpu_flags=lambda: flags,
+        )  # fmt: skip
+
+    assert make("auto", AMX_XEON).cpu_precision == "bf16"
+    assert make("auto", AVX2_EPYC).cpu_precision == "fp32"
+    assert make("fp32", AMX_XEON).as_report()["cpu_precision"] == "fp32"
+
+
+@pytest.mark.parametrize("stage", ["global", "patch"])
+def test_bf16_torchscript_and_openvino_stay_close_to_onnx_runtime_fp32(fixture_resources: Path, stage: str) -> None:
+    """Parity of the reduced-precision and the OpenVINO paths on the fixture networks (bf16 runs emulated where
+    the CPU lacks it: the numbers, not the speed, are what is checked)."""
+    manifest = load_manifest(fixture_resources)
+    channel = manifest.channel("nucleus")
+    spec = channel.global_stage if stage == "global" else channel.patch_stage
+    shape = (1, 1, *spec.grid) if stage == "global" else (2, 2, *spec.patch_size)
+    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
+    reference = load_stage(manifest, spec, "onnx", "cpu", strict=True).runner(batch)
+    bf16 = load_stage(manifest, spec, "torchscript", "cpu", strict=True, precision="bf16")
+    assert isinstance(bf16.runner, TorchScriptRunner) and bf16.runner.precision == "bf16"
+    scale = float(np.sqrt(np.mean(reference**2)))
+    reduced = bf16.runner(batch)
+    assert float(np.sqrt(np.mean((reduced - reference) ** 2))) < 0.02 * scale  # bf16: 8 bits of mantissa
+    assert float(np.abs(reduced - reference).max()) > 1e-5  # really computed in bf16, not fp32 under another name
+    openvino = load_stage(manifest, spec, "openvino", "cpu", strict=True)
+    assert isinstance(openvino.runner, OpenVinoRunner) and openvino.runner.precision == "fp32"
+    np.testing.assert_allclose(openvino.runner(batch), reference, rtol=0, atol=1e-4 * max(scale, 1.0))
+
+
+def test_fp32_torchscript_on_the_cpu_does_not_autocast(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = manifest.channel("nucleus").patch_stage
+    batch = np.random.default_rng(1).random((1, 2, *spec.patch_size), dtype=np.float32)
+    fp32 = load_stage(manifest, spec, "torchscript", "cpu", strict=True, precision="fp32").runner
+    onnx = load_stage(manifest, spec, "onnx", "cpu", strict=True).runner
+    assert fp32.precision == "fp32"
+    np.testing.assert_allclose(fp32(batch), onnx(batch), rtol=0, atol=1e-5)
+
+
+def test_openvino_refuses_a_cuda_device_so_that_the_next_backend_runs(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = manifest.channel("nucleus").patch_stage
+    with pytest.raises(Exception, match="CPU only"):
+        OpenVinoRunner(manifest.root / spec.files["onnx"].path, "cuda")
