@@ -56,6 +56,23 @@ def export_fixture_stage(model: torch.nn.Module, in_channels: int, out_dir: Path
     }
 
 
+class PositionNet(torch.nn.Module):
+    """Fixture patch network whose output depends on where a voxel sits inside its patch (so the
+    stitching weights matter): the mean of its two input channels plus ``strength`` × a bump that is
+    the product of each axis's relative position (0, 1] within the patch, largest at the far corner."""
+
+    def __init__(self, strength: float = 0.3) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(x[:, :1])
+        bump = ones
+        for dim in (2, 3, 4):  # cumsum / sum: shape-generic, so the traced and exported graphs keep it
+            bump = bump * (torch.cumsum(ones, dim) / ones.sum(dim, keepdim=True))
+        return 0.5 * (x[:, :1] + x[:, 1:2]) + self.strength * bump
+
+
 class IdentityNet(torch.nn.Module):
     """Fixture network that returns its first input channel unchanged (the 'nothing to fix' model)."""
 
