@@ -81,14 +81,19 @@ class IdentityNet(torch.nn.Module):
 
 
 def fixture_manifest(
-    resources: Path, grid: int = 24, patch: int = 16, patch_net: torch.nn.Module | None = None
+    resources: Path,
+    grid: int = 24,
+    patch: int = 16,
+    patch_net: torch.nn.Module | None = None,
+    global_net: torch.nn.Module | None = None,
 ) -> dict:
     """Write fixture networks and a manifest for both channels into ``resources``; returns the dict.
 
-    ``patch_net`` replaces the stage-2 network (default ``SmoothingNet(2)``).
+    ``patch_net`` and ``global_net`` replace the stage-2 and stage-1 networks (default ``SmoothingNet(2)``
+    and ``SmoothingNet(1)``).
     """
     resources.mkdir(parents=True, exist_ok=True)
-    stage1 = export_fixture_stage(SmoothingNet(1), 1, resources, "fixture_stage1")
+    stage1 = export_fixture_stage(global_net if global_net is not None else SmoothingNet(1), 1, resources, "fixture_stage1")
     stage2_net = patch_net if patch_net is not None else SmoothingNet(2)
     stage2 = export_fixture_stage(stage2_net, 2, resources, "fixture_stage2")
     channel = {
