@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             outcome = verdict(code)
             results.append((m, outcome))
             print(f"[{index}/{len(chosen)}] {outcome:26s} {m.name} ({seconds:.0f} s)", flush=True)
+            for line in tail.splitlines():
+                if line.startswith(("FAILED ", "ERROR ")):  # which test caught it (a flaky one would show here)
+                    print(f"    {line}", flush=True)
             if outcome == "survived":
                 print(f"    {m.file}: {m.original.strip()!r} → {m.mutated.strip()!r}: {m.breaks}", flush=True)
     killed = sum(outcome != "survived" for _, outcome in results)
