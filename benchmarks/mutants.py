@@ -86,7 +86,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "output-dtype-forced-float32", "fusemycells/io.py",
         'dtype = np.dtype(getattr(data, "dtype", np.float32))',
         "dtype = np.dtype(np.float32)",
-        ("test/test_io.py", "test/test_pipeline.py"), "a uint16 output is written as float32",
+        ("test/test_io.py", "test/test_inference_cli.py"), "a uint16 output is written as float32",
     ),
     Mutant(
         "sha256-not-checked", "fusemycells/config.py",
