@@ -35,6 +35,7 @@ import oracle
 import pytest
 import torch
 from conftest import PositionNet, SmoothingNet, blob_volume, export_fixture_stage
+from scipy import ndimage
 
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.budget import BudgetPolicy
@@ -111,7 +112,7 @@ def channel_json(resources: Path) -> dict[str, Any]:
 
 
 def empty_space_volume(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
-    """uint16 ZYX stack: blobs on a noisy background over most of X, and an empty (all-zero) band at low X
+    """uint16 ZYX stack: blobs on a noisy background, and an empty (all-zero) band over the lowest 3/8 of X,
     wide enough for the background mask to be 0 inside it."""
     data = blob_volume(shape, seed=3)
     data[:, :, : shape[2] * 3 // 8] = 0
@@ -222,10 +223,6 @@ def test_a_slow_patch_network_is_stopped_mid_run_and_the_file_finishes_in_time_a
     assert np.abs(out - oracle_fuse(composed_resources, data, 1).output).max() <= TOLERANCE
 
 
-def fuse_with_gate(resources: Path, data: np.ndarray) -> np.ndarray:
-    return Fuser(load_manifest(resources), cpu_policy()).fuse(data.copy(), SPACING, "nucleus", output_dtype="float32").to_array()
-
-
 @pytest.mark.parametrize("gate", [0.5, 1.0])
 def test_a_gate_adds_that_fraction_of_the_weighted_correction(tmp_path: Path, gate: float) -> None:
     """Output = normalise(x + gate·w·correction): gate 0.5 adds half of what gate 1 adds (the same w·correction)."""
@@ -235,7 +232,7 @@ def test_a_gate_adds_that_fraction_of_the_weighted_correction(tmp_path: Path, ga
     full = oracle_fuse(tmp_path, data, 0, gate=1.0)
     assert full.added is not None
     expected = oracle.finish(full.x + gate * full.added, post, SPACING)
-    assert np.abs(fuse_with_gate(tmp_path, data) - expected).max() <= TOLERANCE
+    assert np.abs(fused_output(tmp_path, data) - expected).max() <= TOLERANCE
     other = oracle.finish(full.x + (1.5 - gate) * full.added, post, SPACING)  # the other gate's output
     assert np.abs(other - expected).max() > 10 * TOLERANCE
 
@@ -268,7 +265,7 @@ def test_with_a_background_threshold_empty_space_gets_the_normalised_filtered_in
     composed = oracle_fuse(tmp_path, data, 0)
     assert composed.added is not None
     radius = int(4 * 0.7 + 0.5)  # the output Gaussian's reach (σ 0.7 along X; less along Z and Y)
-    empty = ndimage_max(np.abs(composed.added) > 0, 2 * radius + 1) == 0
+    empty = ndimage.maximum_filter(np.abs(composed.added) > 0, size=2 * radius + 1, mode="nearest") == 0
     assert empty.mean() > 0.2  # a fair share of the volume
     out = fused_output(tmp_path, data)
     normalised_input = oracle.finish(composed.x, POSTPROCESS, SPACING)
@@ -278,11 +275,6 @@ def test_with_a_background_threshold_empty_space_gets_the_normalised_filtered_in
     assert np.ptp(correction_there) > 100 * TOLERANCE
 
 
-def ndimage_max(mask: np.ndarray, size: int) -> np.ndarray:
-    from scipy import ndimage
-
-    return ndimage.maximum_filter(mask.astype(np.uint8), size=size, mode="nearest")
-
-
 def fused_output(resources: Path, data: np.ndarray) -> np.ndarray:
+    """The shipped pipeline's float32 output for ``data`` with the manifest in ``resources``."""
     return Fuser(load_manifest(resources), cpu_policy()).fuse(data.copy(), SPACING, "nucleus", output_dtype="float32").to_array()
