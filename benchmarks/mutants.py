@@ -183,7 +183,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "float16-output-not-clipped", "fusemycells/postprocess.py",
         "            planes.clamp_(-FLOAT16_MAX, FLOAT16_MAX)\n",
         "            pass\n",
-        ("test/test_pipeline.py",), "a compact output overflows to inf (then NaN)",
+        ("test/test_postprocess.py", "test/test_pipeline.py"), "a compact output overflows to inf (then NaN)",
     ),
     Mutant(
         "blend-subtracts-the-correction", "fusemycells/postprocess.py",
