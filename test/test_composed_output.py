@@ -191,7 +191,9 @@ class SlowRunner:
 
     def __init__(self, runner, seconds: float) -> None:
         self.runner, self.seconds = runner, seconds
-        self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
+
+    def __getattr__(self, name: str):  # backend, provider, device, ...: the real runner's
+        return getattr(self.runner, name)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.seconds)
