@@ -56,6 +56,23 @@ def export_fixture_stage(model: torch.nn.Module, in_channels: int, out_dir: Path
     }
 
 
+class PositionNet(torch.nn.Module):
+    """Fixture patch network whose output depends on where a voxel sits inside its patch (so the
+    stitching weights matter): the mean of its two input channels plus ``strength`` × a bump that is
+    the product of each axis's relative position (0, 1] within the patch, largest at the far corner."""
+
+    def __init__(self, strength: float = 0.3) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(x[:, :1])
+        bump = ones
+        for dim in (2, 3, 4):  # cumsum / sum: shape-generic, so the traced and exported graphs keep it
+            bump = bump * (torch.cumsum(ones, dim) / ones.sum(dim, keepdim=True))
+        return 0.5 * (x[:, :1] + x[:, 1:2]) + self.strength * bump
+
+
 class IdentityNet(torch.nn.Module):
     """Fixture network that returns its first input channel unchanged (the 'nothing to fix' model)."""
 
@@ -64,14 +81,19 @@ class IdentityNet(torch.nn.Module):
 
 
 def fixture_manifest(
-    resources: Path, grid: int = 24, patch: int = 16, patch_net: torch.nn.Module | None = None
+    resources: Path,
+    grid: int = 24,
+    patch: int = 16,
+    patch_net: torch.nn.Module | None = None,
+    global_net: torch.nn.Module | None = None,
 ) -> dict:
     """Write fixture networks and a manifest for both channels into ``resources``; returns the dict.
 
-    ``patch_net`` replaces the stage-2 network (default ``SmoothingNet(2)``).
+    ``patch_net`` and ``global_net`` replace the stage-2 and stage-1 networks (default ``SmoothingNet(2)``
+    and ``SmoothingNet(1)``).
     """
     resources.mkdir(parents=True, exist_ok=True)
-    stage1 = export_fixture_stage(SmoothingNet(1), 1, resources, "fixture_stage1")
+    stage1 = export_fixture_stage(global_net if global_net is not None else SmoothingNet(1), 1, resources, "fixture_stage1")
     stage2_net = patch_net if patch_net is not None else SmoothingNet(2)
     stage2 = export_fixture_stage(stage2_net, 2, resources, "fixture_stage2")
     channel = {

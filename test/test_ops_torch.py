@@ -8,7 +8,6 @@ pipeline comparison on a GPU where there is one.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,19 +166,38 @@ def test_parallel_work_runs_on_single_threaded_workers_and_never_nests() -> None
     assert ops.split(3, 10) == [(3, 6), (6, 10)] and ops.split(3, 4) == [(3, 4)]
 
 
-def test_a_profile_counts_each_stretch_once_in_its_innermost_section() -> None:
+class SteppedClock:
+    """A ``time`` stand-in whose ``perf_counter`` moves only when the test says (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_profile_counts_each_stretch_once_in_its_innermost_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusemycells.timing
+
+    clock = SteppedClock()
+    monkeypatch.setattr(fusemycells.timing, "time", clock)  # exact seconds: no sleeps to overshoot on a busy machine
     seconds: dict[str, float] = {}
     profile = Profile(seconds)
     with profile.section("blend_s"):
-        time.sleep(0.02)
+        clock.sleep(0.02)
         with profile.section("resampling_s"):
-            time.sleep(0.03)
-        threading.Thread(target=lambda: profile.section("write_s").__enter__()).start()  # other threads: not counted
-        time.sleep(0.01)
+            clock.sleep(0.03)
+        worker = threading.Thread(target=lambda: profile.section("write_s").__enter__())  # other threads: not counted
+        worker.start()
+        worker.join()
+        clock.sleep(0.01)
     assert set(seconds) == {"blend_s", "resampling_s"}
-    assert 0.025 <= seconds["blend_s"] < 0.06 and 0.025 <= seconds["resampling_s"] < 0.06
+    assert seconds["blend_s"] == pytest.approx(0.03) and seconds["resampling_s"] == pytest.approx(0.03)
     profile.move("blend_s", "forward_s", 1.0)  # never below zero
-    assert seconds["blend_s"] == 0.0 and seconds["forward_s"] >= 0.025
+    assert seconds["blend_s"] == 0.0 and seconds["forward_s"] == pytest.approx(0.03)
     assert profile.describe().startswith("resampling_s") and set(SECTIONS) >= set(seconds)
 
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.postprocess import weight_stats
+from fusemycells.ops_torch import Ops
+from fusemycells.postprocess import FLOAT16_MAX, blend_slabs, weight_stats
 from fusemycells.reference import blend, difference_weight, finalise, to_output_dtype
+from fusemycells.sources import ArraySource
 
 SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
 
@@ -206,3 +208,18 @@ def test_weight_filters_are_diff_grid_voxels_by_default_and_a_physical_width_whe
     assert size == (3, 9, 9)  # 2.7 µm: 3.75 → 3 voxels in Z (odd), 9 in Y/X
     assert sigma == pytest.approx((1.25, 3.0, 3.0))
     assert weight_filters(physical, None) == (9, 3.0)  # without an extent: the voxel sizes
+
+
+@pytest.mark.parametrize("ops", [None, Ops("cpu", threads=2), Ops("cpu", cpu_hybrid=False, threads=2)], ids=["numpy", "cpu", "gpu code"])
+def test_the_compact_blend_clips_to_float16s_range_so_the_output_stays_finite(ops: Ops | None) -> None:
+    """In place over 2-byte pixels the blend is float16: an input of 6·10⁴ (normalised) plus a correction at
+    float16's limit (as the patch stage stores it) exceeds ±65504 and would be ±inf, then NaN downstream."""
+    data = np.full((4, 8, 8), 600, dtype=np.uint16)
+    data[:, :, :4] = 0
+    x_in = ArraySource(data, 0.0, 100.0)  # 60000 and 0
+    correction = np.full((4, 8, 8), FLOAT16_MAX, dtype=np.float16)
+    correction[:, :, :4] = -FLOAT16_MAX
+    out = blend_slabs(data, x_in, correction, np.ones((2, 4, 4), np.float32), compact=True, ops=ops).array
+    assert out.dtype == np.float16 and np.shares_memory(out, data)
+    assert np.isfinite(out).all()
+    assert (out[:, :, 4:] == FLOAT16_MAX).all() and (out[:, :, :4] == -FLOAT16_MAX).all()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import blob_volume
+import torch
+from conftest import blob_volume, fixture_manifest
 
 from fusemycells import trust
 from fusemycells.budget import BudgetPolicy
@@ -278,8 +279,28 @@ def test_flip_rules_run_the_extra_forwards_in_the_pipeline_and_count_them(
     report = fuser.fuse(blob_volume((10, 40, 36)), SPACING, "nucleus").report
     patches = report.stages["patch"]["patches"]
     assert report.trust["extra_forwards"] == {"global": 1, "patch": trust.probe_count(patches, 0.25)}
-    assert report.trust["signals"]["global_flip"] >= 0 and report.trust["signals"]["patch_flip"] >= 0
+    # the fixture networks' random 3×3×3 convolutions do not commute with mirroring: both signals well above 0
+    assert report.trust["signals"]["global_flip"] > 0.005 and report.trust["signals"]["patch_flip"] > 0.05
     assert set(report.trust["seconds"]) == {"coarse_correction", "signals", "global_flip", "patch_flip"}
+
+
+class PointwiseNet(torch.nn.Module):
+    """Fixture network acting voxel by voxel (mirroring its input mirrors its output): 0.8 × the mean of its
+    input channels + 0.05, a correction everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.8 * x.mean(dim=1, keepdim=True) + 0.05
+
+
+def test_flip_signals_are_zero_for_networks_that_mirror_with_their_input(tmp_path: Path) -> None:
+    resources = tmp_path / "pointwise"
+    fixture_manifest(resources, patch_net=PointwiseNet(), global_net=PointwiseNet())
+    entry = {"mode": "case", "rules": {"global_flip": [[0, 1]], "patch_flip": [[0, 1]]}, "probe_fraction": 0.25}
+    fuser = Fuser(load_manifest(fixture_with_trust(resources, tmp_path, entry)), cpu_policy())
+    report = fuser.fuse(blob_volume((10, 40, 36)), SPACING, "nucleus").report
+    signals = report.trust["signals"]
+    assert signals["s12_ratio"] > 0.5  # both stages correct the input: the flip ratios are not 0 / 0
+    assert signals["global_flip"] < 1e-4 and signals["patch_flip"] < 1e-4
 
 
 def test_when_the_time_budget_skipped_the_patch_stage_the_fallback_factor_is_used_and_reported(fixture_resources: Path, tmp_path: Path) -> None:
