@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from .omezarr import INSTALL_HINT, MissingDependency, is_ome_zarr
 from .paths import ensure_writable
 from .progress import Bar, configure_logging, interactive, log_lines_only
-from .report import batch_report, case_entry, manifest_sha256, write_report
+from .report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -78,7 +78,7 @@ class Job:
     output: str
     input_format: str  # tiff | ome-zarr
     output_format: str  # tiff | ome-zarr
-    output_dtype: str = "float32"
+    output_dtype: str = "uint16"
     level: int = 0  # OME-Zarr input: resolution level read
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
     zarr_levels: int | None = None  # OME-Zarr output: pyramid levels (None: automatic)
@@ -697,7 +697,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--backend", choices=["auto", "torchscript", "onnx"], default="auto")
-    parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32")
+    parser.add_argument("--output-dtype", choices=["uint16", "float32"], default="uint16")
     parser.add_argument(
         "--output-format",
         choices=["auto", *FORMATS],
@@ -862,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_report(args.report, batch_report(**base, exit_code=2, seconds=seconds, error=str(exc), **known))
         return 2
     _close(client, cluster)
-    refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
+    refused = [e["file"] for e in entries if e["status"] not in (*WRITTEN_STATUSES, "skipped")]
     exit_code = 1 if refused else 0
     seconds = time.perf_counter() - started
     report = batch_report(**base, exit_code=exit_code, seconds=seconds, entries=entries, **known)

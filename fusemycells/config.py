@@ -231,7 +231,7 @@ class RunConfig:
     device: str = "auto"  # auto | cuda | cpu
     backend: str = "auto"  # auto | torchscript | onnx
     report: Path | None = None
-    output_dtype: str = "float32"  # float32 | uint16
+    output_dtype: str = "uint16"  # uint16 (the normalised output's [min, max] scaled to 0..65535) | float32
     vram_budget_gib: float | None = None  # None: a safe fraction of free device memory
     ram_budget_gib: float | None = None  # None: a safe fraction of available host memory
     time_budget_s: float | None = None  # None: no deadline

@@ -215,8 +215,14 @@ def blend_slabs(
     weight: np.ndarray,
     compact: bool,
     ops: Ops | None = None,
+    start: int = 0,
+    done: list[int] | None = None,
 ) -> ArraySource:
     """x_in + w·correction on the input grid, slab by slab (float32, or float16 in place when ``compact``).
+
+    ``done[0]`` (when given) is set to the planes blended so far after each slab; ``start`` resumes there
+    (a rerun after a device fault: in place, the planes from ``start`` on still hold the input; with a new
+    output array ``start`` is ignored).
 
     ``data`` is the input array ``x_in`` normalises (ZYX, input grid); the correction (on H) and
     the weight map (on the diff grid) are resized to the input grid per slab. In place, each slab
@@ -231,14 +237,14 @@ def blend_slabs(
     elif in_place and data.dtype.itemsize == 4:
         out = data.view(np.float32)
     else:
-        out = np.empty(data.shape, dtype=np.float32)
+        out, start = np.empty(data.shape, dtype=np.float32), 0
     torch_ops = _torch(ops)
     if torch_ops is not None:
-        _blend_torch(out, x_in, correction, weight, torch_ops)
+        _blend_torch(out, x_in, correction, weight, torch_ops, start, done)
         return ArraySource(out)
     corr = ResizedSource(correction, data.shape, cache=False, ops=ops)
     wmap = ResizedSource(weight, data.shape, antialias=False, cache=False, ops=ops)
-    for z0, z1 in slabs(data.shape[0]):
+    for z0, z1 in slabs_from(start, data.shape[0]):
         w = wmap.planes(z0, z1)
         c = corr.planes_readonly(z0, z1)
         with _section(ops, "blend_s"):
@@ -249,12 +255,29 @@ def blend_slabs(
             if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
                 np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
             out[z0:z1] = planes
+        if done is not None:
+            done[0] = z1
     return ArraySource(out)
 
 
-def _blend_torch(out: np.ndarray, x_in: ArraySource, correction: np.ndarray, weight: np.ndarray, ops: Ops) -> None:
+def slabs_from(start: int, n: int, size: int | None = None) -> list[tuple[int, int]]:
+    """:func:`~fusemycells.sources.slabs` of planes ``start:n`` (z-ranges)."""
+    parts = slabs(n - start) if size is None else slabs(n - start, size)
+    return [(start + a, start + b) for a, b in parts]
+
+
+def _blend_torch(
+    out: np.ndarray,
+    x_in: ArraySource,
+    correction: np.ndarray,
+    weight: np.ndarray,
+    ops: Ops,
+    start: int = 0,
+    done: list[int] | None = None,
+) -> None:
     """:func:`blend_slabs`' loop on ``ops``' device, into the host array ``out`` (float16 or float32): per slab,
-    the weights and the correction resized (in parallel z-ranges on the CPU), then blended and stored."""
+    the weights and the correction resized (in parallel z-ranges on the CPU), then blended and stored (from
+    plane ``start``; ``done[0]``: the planes stored so far)."""
     shape: Shape3 = tuple(int(n) for n in out.shape)  # type: ignore[assignment]
     corr_plan = resize_plan(correction.shape, shape)
     weight_plan = resize_plan(weight.shape, shape, antialias=False)
@@ -273,13 +296,15 @@ def _blend_torch(out: np.ndarray, x_in: ArraySource, correction: np.ndarray, wei
             planes.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
         target[z0:z1].copy_(planes)
 
-    for z0, z1 in slabs(shape[0], size * parts):
+    for z0, z1 in slabs_from(start, shape[0], size * parts):
         ranges = ops.split(z0, z1, parts)
         with ops.section("resampling_s"):
             maps = ops.parallel(resized, *zip(*ranges))
         with ops.section("blend_s"):
             ops.parallel(blend, *zip(*ranges), *zip(*maps))
         del maps
+        if done is not None:
+            done[0] = z1
 
 
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:

@@ -50,10 +50,10 @@ def patch_loader(make_runner):
 def test_fuse_on_an_array_gives_the_file_pipelines_output_and_its_own_report(fixture_resources: Path, tmp_path: Path) -> None:
     data = blob_volume((10, 40, 36))
     path = write_case(tmp_path / "in", "case.tif", data.copy(), spacing=SPACING)
-    written = process_file(path, tmp_path / "out", Fuser(load_manifest(fixture_resources), cpu_policy()), "float32")
-    fused = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(data, SPACING, "nucleus")
+    written = process_file(path, tmp_path / "out", Fuser(load_manifest(fixture_resources), cpu_policy()), "uint16")
+    fused = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(data, SPACING, "nucleus")  # uint16 by default
     out = fused.to_array()
-    assert out.dtype == np.float32 and out.shape == data.shape
+    assert out.dtype == np.uint16 and out.shape == data.shape
     np.testing.assert_array_equal(out, tifffile.imread(tmp_path / "out" / "case.tif"))
     report = fused.report
     assert report.file == "<array>" and report.shape == [10, 40, 36] and report.channel == "nucleus"
