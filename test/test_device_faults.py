@@ -81,18 +81,18 @@ def device_loader(manifest, spec, backend, device, **options) -> LoadedStage:
 
 
 def device_ops(device: str, vram_budget_gib, profile, threads) -> Ops:
-    """'cuda' ops run the GPU's code path on the CPU; 'cpu' ops are the CPU's own."""
+    """'cuda' ops run the GPU's code path on the CPU, in slabs of a few planes; 'cpu' ops are the CPU's own."""
     if device == "cuda":
-        return Ops(device="cpu", profile=profile, threads=1, cpu_hybrid=False)
+        return Ops(device="cpu", slab_bytes=2**16, profile=profile, threads=1, cpu_hybrid=False)
     return choose_ops("cpu", None, profile, 1)
 
 
-def device_policy() -> BudgetPolicy:
-    return BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
+def device_policy(**fields) -> BudgetPolicy:
+    return BudgetPolicy(device="cuda", half=False, vram_budget_gib=None, time_budget_s=None, threads=1, **fields)
 
 
-def cpu_policy() -> BudgetPolicy:
-    return BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1)
+def cpu_policy(**fields) -> BudgetPolicy:
+    return BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1, **fields)
 
 
 def folder(root: Path, count: int = 1) -> Path:
@@ -155,6 +155,30 @@ def test_a_device_fault_reruns_the_step_on_the_cpu_and_writes_the_cpu_runs_outpu
     json.dumps([case_entry(r) for r in reports])  # the entries serialise (schema-checked in test_report.py)
 
 
+def test_a_fault_at_the_nth_patch_batch_continues_there_on_the_cpu_without_redoing_the_others() -> None:
+    from fusemycells.patch_stage import OomLadder
+
+    calls: list[str] = []
+
+    def device(batch: np.ndarray) -> np.ndarray:
+        calls.append("device")
+        if len(calls) == 3:
+            raise CUDA_ERRORS["cudnn"]()
+        return batch[:, :1] * 2.0
+
+    def cpu(batch: np.ndarray) -> np.ndarray:
+        calls.append("cpu")
+        return batch[:, :1] * 2.0
+
+    policy = device_policy()
+    ladder = OomLadder(device, lambda: cpu, policy.events, on_fault=lambda exc: policy.device_fault("patch stage", exc))
+    batches = [np.full((2, 2, 4, 4, 4), i, np.float32) for i in range(5)]
+    outputs = [ladder(b) for b in batches]
+    assert calls == ["device", "device", "device", "cpu", "cpu", "cpu"]  # the failed batch once more, on the CPU
+    assert all(np.array_equal(o, 2.0 * b[:, :1]) for o, b in zip(outputs, batches))
+    assert ladder.forced_cpu and policy.active_device == "cpu" and policy.health.fault.step == "patch stage"
+
+
 class FailingSource:
     """A plane source whose planes from ``z_fail`` on raise (a device fault while the output is written)."""
 
@@ -180,6 +204,22 @@ def test_a_device_fault_while_the_output_is_written_writes_it_again_from_the_cpu
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "case.tif"), good)
     assert policy.health.fault is not None and policy.health.fault.step == "output filter"
     assert not list(tmp_path.glob(".fmc-*"))  # the failed write left no temporary file
+
+
+def test_a_fault_midway_through_an_in_place_blend_resumes_on_the_cpu_at_the_first_slab_not_blended(
+    fixture_resources: Path, tmp_path: Path
+) -> None:
+    # compact_voxels=0: the blend overwrites the input's own buffer (float16), as on a big stack; the fault
+    # comes at the third slab, after two were blended in place
+    cpu_root, device_root = folder(tmp_path / "cpu"), folder(tmp_path / "device")
+    manifest = load_manifest(fixture_resources)
+    run_directory(cpu_root / INPUT_SUBDIR, cpu_root / OUTPUT_SUBDIR, Fuser(manifest, cpu_policy(compact_voxels=0)), "float32")
+    policy = device_policy(compact_voxels=0)
+    loader, ops = faults.inject(device_loader, device_ops, faults.parse_fault_plan("ops:blend_s:3"), raising("cudnn"))
+    [report] = run_directory(device_root / INPUT_SUBDIR, device_root / OUTPUT_SUBDIR, Fuser(manifest, policy, loader=loader, ops=ops), "float32")
+    assert report.status == "ok" and report.device_fault["step"] == "blend"
+    expected = tifffile.imread(cpu_root / OUTPUT_SUBDIR / "case0.tif")
+    np.testing.assert_allclose(tifffile.imread(device_root / OUTPUT_SUBDIR / "case0.tif"), expected, atol=2e-3, rtol=0)
 
 
 def test_the_device_fault_is_logged_at_error_once_with_the_original_error(fixture_resources: Path, tmp_path: Path, caplog) -> None:
@@ -314,7 +354,8 @@ def test_fault_switch_values_are_parsed_or_refused() -> None:
     assert faults.parse_fault_plan("patch:4") == faults.FaultPlan("patch", at=4)
     assert faults.parse_fault_plan("ops") == faults.FaultPlan("ops", section="output_filter_s")
     assert faults.parse_fault_plan("ops:blend_s").section == "blend_s" and faults.parse_fault_plan("global").step == "global"
-    for bad in ("patch", "patch:0", "gpu", "global:2"):
+    assert faults.parse_fault_plan("ops:blend_s:3") == faults.FaultPlan("ops", at=3, section="blend_s")
+    for bad in ("patch", "patch:0", "gpu", "global:2", "ops:blend_s:0"):
         with pytest.raises(ValueError, match=faults.FAULT_ENV):
             faults.parse_fault_plan(bad)
 
