@@ -19,7 +19,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fusemycells.io import Volume, verify_written, write_volume  # noqa: E402
-from fusemycells.sources import ArraySource  # noqa: E402
+
+
+class TypedPlanes:
+    """A ZYX array as a plane source of its own dtype, streamed as the pipeline's output sources are."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype = data, data.shape, data.dtype
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.data[z0:z1].copy()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         data[z] = z * 97
     like = Volume(data, (1.0, 0.39, 0.39), "nucleus")
     start = time.perf_counter()
-    digest = write_volume(args.out, ArraySource(data), like=like, verify=False)
+    digest = write_volume(args.out, TypedPlanes(data), like=like, verify=False)
     written = time.perf_counter() - start
     start = time.perf_counter()
     verify_written(args.out, digest)
