@@ -496,6 +496,7 @@ def _final_torch(
     again while it is written."""
     filtered = TorchOutputSource(blended, spec, spacing, ops)
     stride = sample_stride(math.prod(filtered.shape))  # the stride of _strided_sample and percentiles
+    extremes_seen: tuple[float, float] | None = None  # the filtered output's [min, max] when the pass saw it all
     if ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size and stride >= GATHER_MIN_STRIDE:
         with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
             sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
@@ -503,13 +504,18 @@ def _final_torch(
     else:
         with ops.section("output_filter_s"):  # and the sampling (in the worker threads on the CPU)
             parts = ops.parallel(lambda z0, z1: _sampled(filtered, z0, z1, stride), *zip(*_ranges(filtered)))
-        sample = np.concatenate(parts)
+        sample = np.concatenate([p[0] for p in parts])
+        extremes_seen = min(p[1] for p in parts), max(p[2] for p in parts)
     with ops.section("percentile_normalisation_s"):
         low, high = spec.output_percentiles
         offset, scale = percentile_affine(sample, low, high)
     normalised = filtered.with_affine(offset, scale)
     if dtype == "float32":
         return normalised
+    if extremes_seen is not None:  # the uint16 range from the sampling pass: no pass more
+        lo, hi = (_affine_value(v, offset, scale) for v in extremes_seen)
+        factor = 65535.0 / (hi - lo) if hi > lo else 0.0
+        return normalised.with_affine(lo, factor, np.uint16)
 
     def extremes(z0: int, z1: int) -> tuple[float, float]:
         block = normalised.normalised(z0, z1)
@@ -600,11 +606,19 @@ def _ranges(source: TorchOutputSource) -> list[tuple[int, int]]:
     return list(slabs(source.shape[0], source.preferred_slab))
 
 
-def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> np.ndarray:
+def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> tuple[np.ndarray, float, float]:
     """The voxels of :func:`_strided_sample` (every ``stride``-th in C order) among planes z0:z1 of the
-    filtered source, taken on its device (a host copy)."""
+    filtered source, taken on its device (a host copy), and the planes' min and max."""
     ny, nx = source.shape[1:]
-    return _in_slab(source.tensor(z0, z1).reshape(-1), z0, ny * nx, stride).cpu().numpy().copy()
+    planes = source.tensor(z0, z1)
+    sample = _in_slab(planes.reshape(-1), z0, ny * nx, stride).cpu().numpy().copy()
+    return sample, float(planes.min()), float(planes.max())
+
+
+def _affine_value(value: float, offset: float, scale: float) -> float:
+    """``(value − offset)·scale`` rounded as :meth:`TorchOutputSource._affine` computes it per voxel (float32):
+    the map is monotone, so the normalised output's extremes are the images of the filtered output's."""
+    return float((np.float32(value) - np.float32(offset)) * np.float32(scale))
 
 
 class _AffineSource:
