@@ -121,11 +121,13 @@ def _failing_fuser(resources: Path, error: BaseException) -> Fuser:
     return Fuser(load_manifest(resources), cpu_policy(), loader=loader)
 
 
-def test_an_unexpected_error_refuses_the_file_with_its_traceback_logged_at_error(fixture_resources: Path, tmp_path: Path, caplog) -> None:
+def test_an_unexpected_error_writes_the_identity_output_with_its_traceback_logged_at_error(fixture_resources: Path, tmp_path: Path, caplog) -> None:
+    # the identity's values: test_device_faults.py
     path = write_case(tmp_path / "in", "case.tif", blob_volume((6, 24, 24)), spacing=SPACING)
     with caplog.at_level("INFO", logger="fusemycells"):
         report = process_file(path, tmp_path / "out", _failing_fuser(fixture_resources, ValueError("a bug")), "float32")
-    assert report.status == "refused" and report.error == "case.tif: ValueError: a bug"
+    assert report.status == "fallback_identity" and report.error == "case.tif: ValueError: a bug"
+    assert (tmp_path / "out" / "case.tif").exists()
     logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info is not None]
     assert logged and logged[0].exc_info[0] is ValueError  # the traceback is in the container's log
 
@@ -134,7 +136,7 @@ def test_running_out_of_host_memory_while_computing_is_not_called_a_budget_refus
     path = write_case(tmp_path / "in", "case.tif", blob_volume((6, 24, 24)), spacing=SPACING)
     with caplog.at_level("INFO", logger="fusemycells"):
         report = process_file(path, tmp_path / "out", _failing_fuser(fixture_resources, MemoryError("cannot allocate 2 GiB")), "float32")
-    assert report.status == "refused"
+    assert report.status == "fallback_identity"  # the read input gets the identity output (docs/output_and_device_faults.md)
     assert "budget" not in report.error and "ran out of memory while processing" in report.error and "cannot allocate 2 GiB" in report.error
     assert any(r.levelname == "ERROR" and r.exc_info is not None for r in caplog.records)
 
