@@ -92,7 +92,7 @@ def test_a_huge_float16_correction_is_clipped_so_the_output_stays_finite(fixture
     # float16's ±65504: cast unclipped it is ±inf, and inf·0 is NaN in the interpolation and weight map
     loader = patch_loader(lambda runner: ScaledRunner(runner, factor=1e6))
     fuser = Fuser(load_manifest(fixture_resources), cpu_policy(compact_voxels=0), loader=loader)
-    fused = fuser.fuse(blob_volume((6, 32, 32)), SPACING, "nucleus")
+    fused = fuser.fuse(blob_volume((6, 32, 32)), SPACING, "nucleus", output_dtype="float32")  # the values themselves
     out = fused.to_array()
     assert np.isfinite(out).all() and out.max() > out.min()
     assert fused.report.degradation == 0 and np.isfinite(list(fused.report.weight_map.values())).all()
@@ -195,7 +195,7 @@ def test_a_value_beyond_float32s_range_is_clipped_counted_and_the_output_stays_u
         assert np.isfinite(out).all() and np.count_nonzero(out) > 0  # not NaN, not all zeros
     far = np.ones(data.shape, dtype=bool)
     far[2:11, 12:37, 12:37] = False  # away from the clipped voxel's neighbourhood
-    reference = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(clean, SPACING, "nucleus").to_array()
+    reference = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(clean, SPACING, "nucleus", output_dtype="float32").to_array()
     out = tifffile.imread(tmp_path / "float32" / "case.tif")
     assert np.corrcoef(out[far], reference[far])[0, 1] > 0.5  # the rest of the image is still there
 
