@@ -5,9 +5,9 @@
 - ``load``: the patch network's warm-up right after loading;
 - ``global``: the global stage's forward pass;
 - ``patch:N``: the N-th forward batch of the patch stage (its warm-up not counted);
-- ``ops[:SECTION]``: the first entry of the non-network torch steps into a profile section
-  (:data:`fusemycells.timing.SECTIONS`; default ``output_filter_s``: the output filter and the
-  percentile pass; ``resampling_s``, ``blend_s``, ...).
+- ``ops[:SECTION[:N]]``: the N-th (default first) entry of the non-network torch steps into a profile
+  section (:data:`fusemycells.timing.SECTIONS`; default ``output_filter_s``: the output filter and the
+  percentile pass; ``resampling_s``, ``blend_s`` (N: the N-th slab), ...).
 
 On a CUDA run the fault is a real one: a device-side assert (an out-of-range index on the GPU), after
 which the CUDA context fails every later call, as after an illegal memory access; the pipeline must
@@ -38,7 +38,7 @@ STEPS = ("load", "global", "patch", "ops")
 @dataclass(frozen=True)
 class FaultPlan:
     """Where the injected device fault happens: ``step`` (see :data:`STEPS`), at its ``at``-th call
-    (patch forwards), or at the first entry into ``section`` (ops)."""
+    (patch forwards) or ``at``-th entry into ``section`` (ops)."""
 
     step: str
     at: int = 1
@@ -46,17 +46,20 @@ class FaultPlan:
 
 
 def parse_fault_plan(text: str) -> FaultPlan:
-    """The :class:`FaultPlan` of a switch value (``global``, ``patch:3``, ``ops:blend_s``, ``load``);
+    """The :class:`FaultPlan` of a switch value (``global``, ``patch:3``, ``ops:blend_s:2``, ``load``);
     ValueError when it names none."""
     step, _, arg = text.strip().partition(":")
     if step not in STEPS or (arg and step in ("load", "global")):
-        raise ValueError(f"{FAULT_ENV}={text!r}: expected load, global, patch:N or ops[:SECTION]")
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected load, global, patch:N or ops[:SECTION[:N]]")
     if step == "patch":
         if not arg.isdigit() or int(arg) < 1:
             raise ValueError(f"{FAULT_ENV}={text!r}: patch needs the forward batch that fails, patch:N with N ≥ 1")
         return FaultPlan("patch", at=int(arg))
     if step == "ops" and arg:
-        return FaultPlan("ops", section=arg)
+        section, _, at = arg.partition(":")
+        if at and (not at.isdigit() or int(at) < 1):
+            raise ValueError(f"{FAULT_ENV}={text!r}: the entry that fails is a number ≥ 1")
+        return FaultPlan("ops", at=int(at or 1), section=section)
     return FaultPlan(step)
 
 
@@ -88,17 +91,18 @@ class FaultyRunner:
         return self.runner(batch)
 
 
-def faulty_ops(ops: Any, section: str, fault: Callable[[], None]) -> Any:
-    """``ops`` whose first entry into profile ``section`` calls ``fault()`` (which raises)."""
-    armed = [True]
+def faulty_ops(ops: Any, section: str, fault: Callable[[], None], at: int = 1) -> Any:
+    """``ops`` whose ``at``-th entry into profile ``section`` calls ``fault()`` (which raises)."""
+    entries = [0]
     plain = ops.section
 
     @contextmanager
     def section_with_fault(name: str) -> Iterator[None]:
         with plain(name):
-            if name == section and armed[0]:
-                armed[0] = False
-                fault()
+            if name == section:
+                entries[0] += 1
+                if entries[0] == at:
+                    fault()
             yield
 
     ops.section = section_with_fault  # on this one Ops object only
@@ -120,7 +124,7 @@ def inject(loader: Any, ops_factory: Any, plan: FaultPlan, fault: Callable[[], N
 
     def faulty_ops_factory(device: str, *args: Any, **kwargs: Any) -> Any:
         ops = ops_factory(device, *args, **kwargs)
-        return ops if device == "cpu" or plan.step != "ops" else faulty_ops(ops, plan.section, fault)
+        return ops if device == "cpu" or plan.step != "ops" else faulty_ops(ops, plan.section, fault, plan.at)
 
     return faulty_loader, faulty_ops_factory
 

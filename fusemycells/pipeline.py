@@ -376,8 +376,9 @@ class Fuser:
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
         """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM,
-        or any other fault of the device (:meth:`BudgetPolicy.device_fault`), it reruns on the CPU, and
-        that CPU stage is returned."""
+        or any other fault of the device (:meth:`BudgetPolicy.device_fault`), the forward reruns on the
+        CPU, and that CPU stage is returned (also for trust's extra forwards; a fault in the stage's
+        resampling is :meth:`_step`'s)."""
         device = self.policy.active_device
         try:
             stage = self._load(channel, "global", device)
