@@ -6,6 +6,11 @@ For each shape, ``fusemycells.budget.plan_first_file``: the policy's first-file 
 (reserve, global-stage guard), the patch stage's level follows from the real patch rate, and each
 phase takes the measured 2-core time (``CPU_2CORE``) divided by ``speed`` (Grand Challenge's 4 vCPUs
 are 2 hyperthreaded cores: speed ≈ 1, read as 0.7–1.3; README *Budgets*). No computation is run.
+
+The last columns are the transfer margin: Grand Challenge's limit per case (``--limit``, 600 s) holds the
+download of the input (uint16) and the upload of the output besides the process, whose budget counts from
+its start; the time left is the limit less the slowest speed's planned total, and the rate shown is what
+moving the input and the output (uint16, the default, / float32) in that time needs.
 """
 
 from __future__ import annotations
@@ -31,16 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from the process start")
     parser.add_argument("--speed", type=float, nargs="+", default=[0.7, 1.0, 1.3])
+    parser.add_argument("--limit", type=float, default=600.0, help="seconds per case, transfers included")
     args = parser.parse_args(argv)
     speeds = " | ".join(f"speed {s:g}: level, s" for s in args.speed)
-    print(f"| stack @ µm (H grid) | {speeds} |")
-    print("|---|" + "---|" * len(args.speed))
+    print(f"| stack @ µm (H grid) | {speeds} | input, output MB (uint16 / float32) | transfer s left | MB/s needed |")
+    print("|---|" + "---|" * (len(args.speed) + 3))
     for shape, spacing in STUDY_SHAPES:
         plans = [plan_first_file(shape, spacing, args.budget, speed=s) for s in args.speed]
         name = "×".join(map(str, shape)) + f" @ {spacing[0]:g}/{spacing[1]:g} ({'×'.join(map(str, plans[0].high_res_grid))})"
         cells = " | ".join(f"{p.level}, {p.total_s:.0f}" for p in plans)
-        print(f"| {name} | {cells} |")
+        moved = transfer_margin(shape, max(p.total_s for p in plans), args.limit)
+        print(f"| {name} | {cells} | {moved} |")
     return 0
+
+
+def transfer_margin(shape: tuple[int, int, int], process_s: float, limit_s: float) -> str:
+    """Table cells: input and output sizes (MB; uint16 input, uint16 / float32 output), the seconds the case's
+    ``limit_s`` leaves after a process of ``process_s``, and the MB/s that moving both needs in them."""
+    voxels = shape[0] * shape[1] * shape[2]
+    input_mb, uint16_mb, float32_mb = 2 * voxels / 1e6, 2 * voxels / 1e6, 4 * voxels / 1e6
+    left = limit_s - process_s
+    rates = " / ".join(f"{(input_mb + out) / left:.0f}" if left > 0 else "∞" for out in (uint16_mb, float32_mb))
+    return f"{input_mb:.0f}, {uint16_mb:.0f} / {float32_mb:.0f} | {left:.0f} | {rates}"
 
 
 if __name__ == "__main__":

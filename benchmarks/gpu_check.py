@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py env     --device cuda --out OUT/env.json
     python benchmarks/gpu_check.py parity  --device cuda --out OUT/parity.json
     python benchmarks/gpu_check.py vram    --device cuda --backend torchscript --out OUT/vram_torchscript.json
+    python benchmarks/gpu_check.py faults  --device cuda --out OUT/faults.json
     python benchmarks/gpu_check.py summarize OUT   (reads OUT/steps/*.json and the step outputs)
 
 parity: each stage of each channel of the shipped networks on an image-like input (global stage: its grid;
@@ -11,7 +12,11 @@ TorchScript fp16 autocast on CUDA, ONNX Runtime CUDA (IOBinding) and ONNX Runtim
 max |p(ref) − p(x)| after percentile normalisation p (2 / 99.8), per output, goal ≤ 1e-2.
 vram: all four stages loaded with one backend under a VRAM budget, one forward each at the pipeline's batch
 shapes; device memory in use (torch.cuda.mem_get_info, above the CUDA context) against the budget.
-On ``--device cpu`` (the dry run) the same code runs on the CPU and the CUDA-only figures are null.
+faults: inference.py on a small generated stack with a real CUDA fault injected (FUSEMYCELLS_INJECT_DEVICE_FAULT:
+global stage, second patch batch, output filter; ``fusemycells/faults.py``), each in a fresh process: the file must
+still be written (exit 0) with the fault in its report entry, in the default output dtype (uint16).
+On ``--device cpu`` (the dry run) the same code runs on the CPU and the CUDA-only figures are null (the fault
+switch is a logged no-op there).
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ E2E_GOAL_S = 60.0
 NON_NETWORK_GOAL_S = 15.0
 """Seconds outside the network forward passes (read, resampling, stitching, weight map, blend, output filter,
 normalisation, write) of that end-to-end run on an H100/H200-class GPU (issue #16)."""
-STEPS = ("env", "make_case", "pytest_cuda", "parity", "vram_torchscript", "vram_onnx", "e2e")
+STEPS = ("env", "make_case", "pytest_cuda", "parity", "vram_torchscript", "vram_onnx", "faults", "e2e")
+FAULT_PLANS = ("global", "patch:2", "ops")
+"""The injected faults of the ``faults`` step (the dry run: the first only)."""
 
 
 def image_like(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -178,6 +185,31 @@ def env_facts(device: str) -> dict:
 # ---- summary (pure: the step records and outputs in, one dictionary and a text out) ----
 
 
+def faults(device: str, work: Path, resources: Path, quick: bool = False) -> dict:
+    """inference.py once per :data:`FAULT_PLANS` entry with that fault injected, on a small generated stack in
+    ``work``; per plan the exit code, the file's status, output dtype and device fault. ``ok``: every run wrote
+    its output with exit 0 (and, on CUDA, named the fault)."""
+    from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
+    from fusemycells.faults import FAULT_ENV
+    from fusemycells.io import Volume, write_volume
+
+    data = (image_like((16, 96, 96), seed=25) * 3000 + 100).astype(np.uint16)
+    write_volume(work / INPUT_SUBDIR / "fault.tif", data, Volume(data, (1.01, 0.388, 0.388), "nucleus"))
+    rows = []
+    for plan in FAULT_PLANS[:1] if quick else FAULT_PLANS:
+        report_path = work / f"report_{plan.replace(':', '_')}.json"
+        command = [sys.executable, str(REPO / "inference.py"), "--input", str(work), "--output", str(work / plan.replace(":", "_")),
+                   "--resources", str(resources), "--device", device, "--report", str(report_path)]
+        proc = subprocess.run(command, env={**os.environ, FAULT_ENV: plan}, capture_output=True, text=True, timeout=120)
+        entry = ((_load_json(report_path) or {}).get("files") or [{}])[0]
+        written = (work / plan.replace(":", "_") / OUTPUT_SUBDIR / "fault.tif").exists()
+        rows.append({"plan": plan, "exit_code": proc.returncode, "status": entry.get("status"), "written": written,
+                     "output_dtype": entry.get("output_dtype"), "device_fault": entry.get("device_fault"),
+                     "log_tail": proc.stderr[-600:] if proc.returncode else ""})
+    ok = all(r["exit_code"] == 0 and r["written"] and (device != "cuda" or r["device_fault"]) for r in rows)
+    return {"device": device, "rows": rows, "ok": ok}
+
+
 def step_status(record: dict | None) -> str:
     """'ok', 'failed', 'timeout' or 'not run' for a step record written by gpu_check.sh."""
     if record is None:
@@ -219,6 +251,7 @@ def e2e_facts(report: dict, vram_samples: str | None) -> dict:
     return {
         "non_network_s": non_network_seconds(first.get("seconds")),
         "wall_s": report.get("seconds"), "status": first.get("status"), "shape": first.get("shape"), "seconds": first.get("seconds"),
+        "output_dtype": first.get("output_dtype"),
         "degradation": first.get("degradation"), "peak_vram_mib_torch": first.get("peak_vram_mib"), "peak_rss_mib": first.get("peak_rss_mib"),
         "peak_vram_mib_device": max_vram_sample(vram_samples) if vram_samples else None,
         "providers": {k: (v.get("backend"), v.get("provider")) for k, v in (first.get("stages") or {}).items() if isinstance(v, dict)},
@@ -232,10 +265,12 @@ def summarize(steps: dict[str, dict | None], outputs: dict[str, dict | None], de
     parity_out = outputs.get("parity")
     vram_out = {b: outputs.get(f"vram_{b}") for b in ("torchscript", "onnx")}
     e2e = outputs.get("e2e")
+    fault_out = outputs.get("faults")
     checks = {
         "cuda_tests_passed": None if pytest_counts is None else bool(pytest_counts["failures"] == 0 and pytest_counts["errors"] == 0 and (device != "cuda" or pytest_counts["skipped"] == 0)),
         "parity_within_goal": None if parity_out is None else parity_out["ok"],
         "vram_budget_honoured": {b: (None if v is None else v.get("honoured")) for b, v in vram_out.items()},
+        "device_faults_recovered": None if fault_out is None else fault_out["ok"],
         "e2e_written": None if e2e is None else e2e.get("status") == "ok",
         "e2e_within_goal_s": None if e2e is None or device != "cuda" or quick or e2e.get("wall_s") is None else bool(e2e["wall_s"] <= E2E_GOAL_S),
         "non_network_within_goal_s": None if e2e is None or device != "cuda" or quick or e2e.get("non_network_s") is None
@@ -244,7 +279,7 @@ def summarize(steps: dict[str, dict | None], outputs: dict[str, dict | None], de
     return {
         "device": device, "quick": quick, "elapsed_s": elapsed_s, "total_s": total_s,
         "steps": {name: {**(steps.get(name) or {}), "status": step_status(steps.get(name))} for name in STEPS},
-        "env": outputs.get("env"), "pytest_cuda": pytest_counts, "parity": parity_out, "vram": vram_out, "e2e": e2e, "checks": checks,
+        "env": outputs.get("env"), "pytest_cuda": pytest_counts, "parity": parity_out, "vram": vram_out, "faults": fault_out, "e2e": e2e, "checks": checks,
     }
 
 
@@ -264,6 +299,8 @@ def render_summary(result: dict) -> str:
     for backend, v in (result.get("vram") or {}).items():
         if v:
             lines.append(f"- VRAM {backend}: budget {v.get('budget_gib')} GiB, used above context {v.get('used_above_context_gib')} GiB, honoured {v.get('honoured')}")
+    for row in (result.get("faults") or {}).get("rows", []):
+        lines.append(f"- injected fault {row['plan']}: exit {row['exit_code']}, {row['status']}, {row['output_dtype']}, device fault {row['device_fault']}")
     e2e = result.get("e2e")
     if e2e:
         lines.append(f"- end to end {e2e.get('shape')}: {e2e.get('status')}, {e2e.get('wall_s')} s, stages {e2e.get('seconds')}, degradation {e2e.get('degradation')}, "
@@ -283,7 +320,7 @@ def _load_json(path: Path) -> dict | None:
 def collect(out: Path, device: str, quick: bool, elapsed_s: float | None = None, total_s: float | None = None) -> dict:
     """Read what the steps left in ``out`` and summarise it."""
     steps = {name: _load_json(out / "steps" / f"{name}.json") for name in STEPS}
-    outputs: dict[str, dict | None] = {name: _load_json(out / f"{name}.json") for name in ("env", "parity", "vram_torchscript", "vram_onnx")}
+    outputs: dict[str, dict | None] = {name: _load_json(out / f"{name}.json") for name in ("env", "parity", "vram_torchscript", "vram_onnx", "faults")}
     junit = out / "pytest_cuda.xml"
     try:
         outputs["pytest_cuda"] = parse_junit(junit.read_text())
@@ -313,7 +350,7 @@ def write_full_path_resources(resources: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["env", "parity", "vram", "full-path-resources", "summarize"])
+    parser.add_argument("step", choices=["env", "parity", "vram", "faults", "full-path-resources", "summarize"])
     parser.add_argument("folder", nargs="?", type=Path, help="summarize: the output folder")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, help="JSON file of this step")
@@ -339,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         result = env_facts(args.device)
     elif args.step == "parity":
         result = parity(args.device, args.threads, args.resources, args.quick)
+    elif args.step == "faults":
+        work = args.out.parent / "faults_case"
+        result = faults(args.device, work, args.resources, args.quick)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     else:
         result = vram(args.device, args.backend, args.vram_budget, args.threads, args.resources, args.quick)
     args.out.write_text(json.dumps(result, indent=2, default=str))

@@ -11,7 +11,10 @@
 # hanging step never stops the others. The stack is generated in the background from the start; the end-to-end
 # run comes last and gets what remains of --total (default 450 s; the whole check ends by --total + 5 s),
 # started as the image starts it (python -m fusemycells.cuda_support --exec inference.py), with a --time-budget
-# 25 s shorter than its limit, so that the pipeline degrades and writes instead of being killed.
+# 25 s shorter than its limit, so that the pipeline degrades and writes instead of being killed. Before it, the
+# faults step runs inference.py on a small stack with a real CUDA fault injected (FUSEMYCELLS_INJECT_DEVICE_FAULT,
+# fusemycells/faults.py: global stage, second patch batch, output filter): each must still write its output.
+# Outputs are the default uint16.
 # --device cpu --quick is the CPU dry run on a small stack (what test/test_gpu_check.py runs).
 set -uo pipefail
 
@@ -40,7 +43,7 @@ fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-for old in steps logs case gpu_check.json env.json parity.json vram_torchscript.json vram_onnx.json e2e_report.json \
+for old in steps logs case gpu_check.json env.json parity.json vram_torchscript.json vram_onnx.json faults.json faults_case e2e_report.json \
            pytest_cuda.xml vram_samples.csv summary.md resources_full_path; do
     rm -rf "${OUT:?}/$old"  # only what an earlier check left here
 done
@@ -84,8 +87,11 @@ for backend in torchscript onnx; do
         --vram-budget "$VRAM_BUDGET" --out "$OUT/vram_$backend.json" "${QUICK_FLAG[@]}"
 done
 
+run_step faults 90 "$PY" benchmarks/gpu_check.py faults --device "$DEVICE" --out "$OUT/faults.json" "${QUICK_FLAG[@]}"
+
 wait "$CASE_PID"
-# The steps above end within 355 s (their limits + 5 s each to kill); the end-to-end run ends 25 s before
+# The steps above end within 450 s (their limits + 5 s each to kill; in practice far less: the end-to-end run
+# gets what they leave); the end-to-end run ends 25 s before
 # --total and the summary takes at most 30 s: the whole check ends by --total + 5 s (455 s by default).
 E2E_LIMIT=$(( $(remaining) - 30 ))
 if (( E2E_LIMIT >= 30 )); then

@@ -43,7 +43,7 @@ from .io import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
 from .omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
 from .paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
 from .progress import Bar, configure_logging, interactive, log_lines_only
-from .report import batch_report, case_entry, manifest_sha256, write_report
+from .report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
 from .stopping import Stopped, ignore_stop_signals, stop_flags, stop_signals_raise
 
 try:  # optional: the package must import without dask (the container never has it)
@@ -100,7 +100,7 @@ class Job:
     output: str
     input_format: str  # tiff | ome-zarr
     output_format: str  # tiff | ome-zarr
-    output_dtype: str = "float32"
+    output_dtype: str = "uint16"
     level: int = 0  # OME-Zarr input: resolution level read
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
     channel_index: int | None = None  # OME-Zarr input: the channel of a non-singleton c axis fused
@@ -858,7 +858,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    parser.add_argument("--output-dtype", choices=["float32", "uint16"], default="float32")
+    parser.add_argument("--output-dtype", choices=["uint16", "float32"], default="uint16")
     parser.add_argument(
         "--output-format",
         choices=["auto", *FORMATS],
@@ -1100,7 +1100,7 @@ def _run(run: BatchRun, before_file: FileHook | None) -> int:
         _write_report(args.report, run.report(2, error=str(exc)))
         return 2
     _close(run.client, run.cluster)
-    refused = [e["file"] for e in entries if e["status"] not in ("ok", "skipped")]
+    refused = [e["file"] for e in entries if e["status"] not in (*WRITTEN_STATUSES, "skipped")]
     exit_code = 1 if refused else 0
     report = run.report(exit_code, entries)
     if not _write_report(args.report, report):
@@ -1129,7 +1129,7 @@ def _report_stop(run: BatchRun, stopped: Stopped) -> int:
     if run.cluster is not None and run.output_dir is not None:  # its workers are gone: their partials are orphans
         removed = remove_partials(run.output_dir, since=run.started_wall, patterns=PARTIAL_PATTERNS)
     entries = sorted(run.finished, key=lambda e: run.order.get(str(e.get("input")), len(run.order)))
-    written = sum(e.get("status") == "ok" for e in entries)
+    written = sum(e.get("status") in WRITTEN_STATUSES for e in entries)
     log.error(
         "%s: stopping; %d output(s) written before it, the files in progress were not written "
         "(%d temporary file(s) removed)",

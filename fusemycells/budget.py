@@ -17,7 +17,14 @@ import numpy as np
 
 from .cuda_support import log_cuda_failure
 from .deadline import RunClock
-from .devices import available_ram_bytes, choose_device, free_vram_gib, nvidia_driver_version
+from .devices import (
+    DeviceHealth,
+    available_ram_bytes,
+    choose_device,
+    free_vram_gib,
+    is_out_of_memory,
+    nvidia_driver_version,
+)
 from .precision import cpu_flags, cpu_precision
 from .sources import Shape3, Spacing3, shape_for_spacing
 from .stitching import count_windows
@@ -280,7 +287,8 @@ class BudgetPolicy:
     What is learned while running is kept by its owner: the OOM ladder's batch size, sub-patch and
     CPU fallback by the patch stage (:class:`fusemycells.patch_stage.PatchStage`), the patch rate by
     its deadline watcher, the stage costs by the :class:`fusemycells.pipeline.Fuser`. ``events``
-    only records.
+    only records. ``health`` is the one mutable fact about the device: once it faulted, every step of the
+    run uses :attr:`active_device` ('cpu'), see :meth:`device_fault`.
     """
 
     device: str
@@ -295,6 +303,34 @@ class BudgetPolicy:
     compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
     cpu_precision: str = "fp32"  # a CPU forward's precision, 'fp32' or 'bf16' (fusemycells.precision)
     events: EventLog = field(default_factory=EventLog, compare=False)
+    health: DeviceHealth = field(default_factory=DeviceHealth, compare=False)
+
+    @property
+    def active_device(self) -> str:
+        """Where the run's work goes now: :attr:`device`, or 'cpu' once the device faulted."""
+        return "cpu" if self.health.failed else self.device
+
+    def device_fault(self, step: str, exc: BaseException) -> bool:
+        """Whether ``exc``, raised in ``step``, is a device fault to recover from by rerunning the step on the
+        CPU: True when the step ran on the device (the fault is recorded, logged at ERROR once with the
+        original error, and listed in ``events``; the device is not used again in this run), False when the
+        run is on the CPU already (the error is the step's own: the caller re-raises it).
+
+        Any exception on the device path counts: CUDA, cuDNN, cuBLAS and ONNX Runtime CUDA-provider errors
+        have no common type, and an unexpected error in GPU code is no reason to lose the case while the
+        CPU path is there. Out-of-memory errors count too when they reach here (the stages' own OOM
+        handling takes them first, without distrusting the device).
+        """
+        if self.active_device == "cpu":
+            return False
+        fault = self.health.record(step, exc)
+        kind = "out of memory" if is_out_of_memory(exc) else "device fault"
+        log.error(
+            "%s on %s in the %s: %s; the step is rerun on the CPU, and the rest of the run stays there",
+            kind, self.device, step, fault.error,
+        )  # fmt: skip
+        self.events.messages.append(f"{kind} in the {step} ({fault.error}): rerun on the CPU; device not used again")
+        return True
 
     @classmethod
     def create(

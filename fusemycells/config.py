@@ -235,7 +235,7 @@ class RunConfig:
     backend: str = "auto"  # auto | torchscript | onnx | openvino
     precision: str = "auto"  # auto | fp32 | bf16 (a CPU forward's; see fusemycells.precision)
     report: Path | None = None
-    output_dtype: str = "float32"  # float32 | uint16
+    output_dtype: str = "uint16"  # uint16 (the normalised output's [min, max] scaled to 0..65535) | float32
     vram_budget_gib: float | None = None  # None: a safe fraction of free device memory
     ram_budget_gib: float | None = None  # None: a safe fraction of available host memory
     time_budget_s: float | None = None  # None: no deadline

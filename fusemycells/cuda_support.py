@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import runpy
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,19 @@ CUDA_RULES: dict[int, CudaRule] = {
     # CUDA 13.0 GA driver 580.65.06; NVIDIA_REQUIRE_CUDA of nvidia/cuda:13.0.x-base (R470 is not listed).
     13: CudaRule(13, "580.65.06", {535: "535", 550: "550", 565: "565", 570: "570", 575: "575"}),
 }
+
+
+BRANCH_CUDA = {418: "10.1", 440: "10.2", 450: "11.0", 460: "11.2", 470: "11.4"}
+"""The CUDA version the libcuda of each older driver branch reports (cuDriverGetVersion): the branch of a host
+whose driver version cannot be read (no ``/proc`` driver file, no nvidia-smi in the container)."""
+
+
+def branch_of_cuda(reported: str | None) -> int | None:
+    """The driver branch whose libcuda reports CUDA ``reported`` (major.minor), e.g. '11.4' → 470; None if none."""
+    have = version_tuple(reported)
+    if have is None:
+        return None
+    return next((branch for branch, cuda in BRANCH_CUDA.items() if version_tuple(cuda) == have[:2]), None)
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,15 @@ def plan_cuda(
             return CudaPlan(
                 "native",
                 reason=f"libcuda reports CUDA {driver_cuda} (minor-version compatibility within CUDA {need[0]})",
+                **found,
+            )
+        branch, compat = branch_of_cuda(driver_cuda), version_tuple(compat_libcuda)
+        if rule is not None and branch in rule.compat_branches and compat is not None and compat[0] > (branch or 0):
+            return CudaPlan(  # the branch's minimum release (e.g. 470.57) cannot be checked: try, CPU if it fails
+                "compat",
+                reason=f"no driver version readable; libcuda reports CUDA {driver_cuda}, driver branch R{branch}: "
+                f"forward compatibility through cuda-compat {compat_libcuda} (needs R{branch} >= "
+                f"{rule.compat_branches[branch]}, unverified)",
                 **found,
             )
         return CudaPlan("unsupported", reason=f"libcuda reports CUDA {driver_cuda}, older than CUDA {need[0]}", **found)
@@ -287,11 +310,19 @@ def installed_cuda_builds() -> dict[str, str | None]:
     return builds
 
 
-def host_plan(proc_path: str = NVIDIA_VERSION_FILE, compat_dir: str = COMPAT_DIR) -> CudaPlan:
-    """:func:`plan_cuda` for this machine and the installed libraries."""
-    driver = nvidia_driver_version(proc_path)  # /proc, else nvidia-smi (the one reader, in devices)
-    driver_cuda = libcuda_cuda_version() if driver is None else None
-    return plan_cuda(driver, image_cuda(installed_cuda_builds()), compat_libcuda_version(compat_dir), driver_cuda)
+def host_plan(
+    proc_path: str = NVIDIA_VERSION_FILE,
+    compat_dir: str = COMPAT_DIR,
+    *,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    loader: Callable[[str], object] = ctypes.CDLL,
+    builds: Callable[[], Mapping[str, str | None]] = installed_cuda_builds,
+) -> CudaPlan:
+    """:func:`plan_cuda` for this machine and the installed libraries (``run``: how nvidia-smi is run,
+    ``loader``: how libcuda is loaded, ``builds``: the libraries' CUDA builds; tests pass fakes)."""
+    driver = nvidia_driver_version(proc_path, run)  # /proc, else nvidia-smi (the one reader, in devices)
+    driver_cuda = libcuda_cuda_version(loader) if driver is None else None
+    return plan_cuda(driver, image_cuda(builds()), compat_libcuda_version(compat_dir), driver_cuda)
 
 
 def log_cuda_failure(device: str, requested: str, driver: str | None, logger: logging.Logger = log) -> str | None:

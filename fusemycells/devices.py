@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 NVIDIA_VERSION_FILE = "/proc/driver/nvidia/version"
 """Where the host's NVIDIA kernel driver states its version (absent without a GPU driver)."""
@@ -171,7 +172,10 @@ def peak_vram_mib() -> float | None:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    return float(torch.cuda.max_memory_reserved()) / 2**20
+    try:
+        return float(torch.cuda.max_memory_reserved()) / 2**20
+    except Exception:  # after a device fault CUDA may refuse even this
+        return None
 
 
 def _read_int(path: str) -> int | None:
@@ -217,10 +221,50 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def free_device_cache() -> None:
-    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
+    """Return cached CUDA blocks to the driver (no-op without CUDA, or once CUDA itself failed: a sticky
+    fault such as an illegal memory access makes every later CUDA call raise)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # the device already failed; its cache is not worth a second error
+            pass
+
+
+@dataclass(frozen=True)
+class DeviceFault:
+    """The first error the accelerator raised in this run: the step it happened in and the original error."""
+
+    step: str  # e.g. 'global stage', 'patch stage', 'output filter'
+    error: str  # 'ExceptionType: message' of the original error
+
+    def as_report(self) -> dict[str, str]:
+        """A file entry's ``device_fault``: where, the original error, and where the step was rerun."""
+        return {"step": self.step, "error": self.error, "rerun_on": "cpu"}
+
+
+class DeviceHealth:
+    """Whether the run still trusts its accelerator (owned by the run's budget policy, the one place that
+    says where work runs).
+
+    The first fault on the device (any exception but an out-of-memory error, which has its own ladder) is
+    recorded here; from then on every step of the run runs on the CPU: a CUDA context after an illegal
+    memory access or a device-side assert fails every later call, and a missing kernel or a broken
+    library fails again the next time.
+    """
+
+    def __init__(self) -> None:
+        self.fault: DeviceFault | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.fault is not None
+
+    def record(self, step: str, exc: BaseException) -> DeviceFault:
+        """Record ``exc`` as the device's fault (the first one is kept); the fault kept."""
+        if self.fault is None:
+            self.fault = DeviceFault(step, f"{type(exc).__name__}: {exc}")
+        return self.fault
 
 
 @contextmanager

@@ -30,13 +30,16 @@ from .stitching import Predict, StitchStats, count_windows, sliding_window
 
 
 class OomLadder:
-    """A batch predictor that survives out-of-memory errors, step by step.
+    """A batch predictor that survives out-of-memory errors, step by step, and device faults.
 
     On OOM: free the device cache and halve the batch; at one patch, tile the patch into
     half-size sub-patches (Gaussian-stitched, so coverage and weighting stay correct) down to
     ``min_sub_patch``; then finish on the CPU predictor. What worked (``max_batch``,
     ``sub_patch``, ``forced_cpu``) is kept here for later patches and files, and each step is
-    recorded in ``events``. Batches are ``(N, C, Z, Y, X)`` float32.
+    recorded in ``events``. Any other error of the device predictor is passed to ``on_fault(exc)``
+    (the policy's :meth:`~fusemycells.budget.BudgetPolicy.device_fault`): when it says so, the batch
+    and every later one run on the CPU predictor (without it such errors are raised). Batches are
+    ``(N, C, Z, Y, X)`` float32.
     """
 
     def __init__(
@@ -45,9 +48,11 @@ class OomLadder:
         cpu_predict: Callable[[], Predict] | None = None,
         events: EventLog | None = None,
         min_sub_patch: int = 16,
+        on_fault: Callable[[BaseException], bool] | None = None,
     ) -> None:
         self.predict = predict
         self.cpu_predict = cpu_predict
+        self.on_fault = on_fault
         self.events = EventLog() if events is None else events
         self.min_sub_patch = min_sub_patch
         self.max_batch: int | None = None  # lowered on OOM, kept for later batches and files
@@ -73,9 +78,20 @@ class OomLadder:
             return self.predict(batch)
         except Exception as exc:
             if not is_out_of_memory(exc):
-                raise
+                if self.forced_cpu or self.cpu_predict is None or self.on_fault is None or not self.on_fault(exc):
+                    raise
+                self.use_cpu()
+                return self._run(batch)
         free_device_cache()
         return self._after_oom(batch)
+
+    def use_cpu(self) -> None:
+        """Run this and every later batch on the CPU predictor (after a device fault), whole patches."""
+        assert self.cpu_predict is not None
+        if not self.forced_cpu:
+            self.forced_cpu = True
+            self.predict = self.cpu_predict()
+            self.sub_patch = None
 
     def _after_oom(self, batch: np.ndarray) -> np.ndarray:
         """The next rung: a smaller batch, a smaller sub-patch, the CPU; MemoryError when none is left."""
@@ -93,10 +109,8 @@ class OomLadder:
             )
             return self._tiled(batch)
         if self.cpu_predict is not None and not self.forced_cpu:
-            self.forced_cpu = True
             self.events.add("out of memory at the smallest sub-patch: finishing the patch stage on the CPU")
-            self.predict = self.cpu_predict()
-            self.sub_patch = None
+            self.use_cpu()
             return self._run(batch)
         raise MemoryError(f"out of memory even for a {current} patch on the CPU")
 
@@ -148,7 +162,9 @@ class PatchStage:
     """The patch network of one channel run as a Gaussian-stitched sliding window on H.
 
     ``load(device)`` returns the loaded patch stage for 'cuda' or 'cpu' (cached by its owner);
-    the device one is loaded here, the CPU one only if the OOM ladder falls back to it. The
+    the device one is loaded here, the CPU one only if the OOM ladder falls back to it, or the
+    device faulted (:meth:`~fusemycells.budget.BudgetPolicy.device_fault`: at any patch, that batch
+    and the rest run on the CPU; a later call starts there). The
     correction is float16 on big stacks (``policy.compact_output``): it halves the largest array
     (rounding ≤ 2.4e-4 of values < 1), while small stacks keep float32 so the two backends agree
     to the networks' own precision there.
@@ -166,9 +182,10 @@ class PatchStage:
         assert spec.patch_size is not None
         self.spec, self.patch, self.overlap = spec, spec.patch_size, spec.overlap
         self.policy, self._load = policy, load
-        self.device_stage = load(policy.device)
-        cpu = None if policy.device == "cpu" else (lambda: load("cpu").runner)
-        self.ladder = OomLadder(self.device_stage.runner, cpu, policy.events, min_sub_patch)
+        self.device_stage = load(policy.active_device)
+        cpu = None if policy.active_device == "cpu" else (lambda: load("cpu").runner)
+        on_fault = partial(policy.device_fault, "patch stage")
+        self.ladder = OomLadder(self.device_stage.runner, cpu, policy.events, min_sub_patch, on_fault)
         self.watcher = PatchRateWatcher(clock, progress)
 
     @property
@@ -191,6 +208,8 @@ class PatchStage:
         Degrades when ``deadline`` cannot be met: without overlap (level 1), then the stage-1
         correction alone (level 2).
         """
+        if self.policy.active_device == "cpu" and self.ladder.cpu_predict is not None:
+            self.ladder.use_cpu()  # the device faulted since this stage was loaded
         dtype = np.float16 if self.policy.compact_output(x_h.shape) else np.float32
         result = PatchResult(correction=np.empty(x_h.shape, dtype=dtype))
         for level, overlap in enumerate(dict.fromkeys((self.overlap, 0.0)), start=1):  # full, then no overlap

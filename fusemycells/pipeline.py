@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,9 +28,9 @@ from . import postprocess, trust
 from .allocator import reuse_freed_memory
 from .backends import LoadedStage, load_stage, warm_up
 from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
-from .config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
+from .config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
 from .deadline import Deadline
-from .devices import free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
+from .devices import DeviceFault, free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
 from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
 from .ops_torch import Ops, choose_ops
 from .patch_stage import PatchStage
@@ -40,6 +41,7 @@ from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, sh
 from .timing import Profile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ANISOTROPY_WARNING = 10.0
 """Z spacing / XY spacing from which a file is reported as extremely anisotropic."""
@@ -73,6 +75,7 @@ class Prepared:
     gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
     noise: float  # the input's relative noise (see postprocess.relative_noise)
     ops: Ops  # where the non-network steps run, and the case's profile (see ops_torch.choose_ops)
+    ops_on: str  # the device ``ops`` were chosen for ('cpu' after a device fault)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Fused:
     output: PlaneSource
     report: CaseReport
     profile: Profile = field(default_factory=Profile)  # exclusive seconds per kind of work, also while writing
+    on_cpu: Callable[[], PlaneSource] | None = None  # the same output computed on the CPU (after a device fault)
 
     def to_array(self) -> np.ndarray:
         """The output as one array (float32, or uint16 for that output dtype)."""
@@ -158,7 +162,7 @@ class Fuser:
         channel: str,
         *,
         deadline: float | None = None,
-        output_dtype: str = "float32",
+        output_dtype: str = "uint16",
         report: CaseReport | None = None,
     ) -> Fused:
         """Fused prediction for one ZYX stack of ``spacing`` (z, y, x) µm and ``channel`` ('nucleus', 'membrane').
@@ -173,23 +177,101 @@ class Fuser:
         profile = Profile(report.seconds.setdefault("profile_s", {}))
         if "read" in report.seconds:
             profile.add("read_s", report.seconds["read"])
+        before = self.policy.health.fault
+        try:
+            return self._fuse(data, spacing, channel, deadline, output_dtype, report, profile)
+        finally:
+            note_device_fault(report, self.policy.health.fault, before)
+
+    def _fuse(
+        self,
+        data: np.ndarray,
+        spacing: Sequence[float],
+        channel: str,
+        deadline: float | None,
+        output_dtype: str,
+        report: CaseReport,
+        profile: Profile,
+    ) -> Fused:
+        """:meth:`fuse`'s steps; each device step is rerun on the CPU after a device fault (:meth:`_step`)."""
         case = self._prepare(data, spacing, channel, report, profile)
         clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
         correction = None
         decision = trust.TrustDecision("off", case.gate)
         if self._networks_wanted(case):
-            high = self._global_stage(case, clock, report)
+            high = self._step(case, "global stage", lambda: self._global_stage(case, clock, report))
             if high is not None:
-                correction = self._patch_stage(case, high, clock, report)
-                decision = self._trust(case, high, correction, report)
+                correction = self._step(case, "patch stage", partial(self._patch_stage, case, high, clock, report))
+                decision = self._step(case, "trust decision", partial(self._trust, case, high, correction, report))
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None or decision.factor <= 0.0:
             del correction  # unused (networks off for this file): not held while the output is computed
-            return Fused(self._finish(case, case.x_in, output_dtype), report, profile)
+            return self._fused(case, case.x_in, output_dtype, report, profile)
         with timed(report.seconds, "postprocess"), reuse_freed_memory():
             blended = self._blend(case, correction, report, decision)
             del correction  # the largest array of a big stack
-            return Fused(self._finish(case, blended, output_dtype), report, profile)
+            return self._fused(case, blended, output_dtype, report, profile)
+
+    def _step(self, case: Prepared, step: str, run: Callable[[], T]) -> T:
+        """``run()``, a step of ``case`` that may use the device; after a device fault in it (any exception while
+        the device is trusted, :meth:`BudgetPolicy.device_fault`) it is rerun once with the case on the CPU,
+        with the time left (the steps degrade by the deadline themselves). ``run`` reads ``case.ops`` when
+        called."""
+        self._follow_device(case)
+        try:
+            return run()
+        except Exception as exc:
+            if isinstance(exc, InputError) or not self.policy.device_fault(step, exc):
+                raise
+        free_device_cache()
+        self._follow_device(case)
+        return run()
+
+    def _follow_device(self, case: Prepared) -> None:
+        """Move the case's non-network steps to the CPU once the run's device faulted (in any step)."""
+        if self.policy.active_device == "cpu" and case.ops_on != "cpu":
+            case.ops = self.ops("cpu", None, case.ops.profile, self.policy.threads)
+            case.ops_on = "cpu"
+
+    @staticmethod
+    def _high_on(case: Prepared, high: HighRes) -> HighRes:
+        """``high`` with its lazy resizes on the case's current ops (rebuilt after a move to the CPU)."""
+        if getattr(high.x_h, "profile_ops", case.ops) is case.ops or high.p1 is None:
+            return high
+        return HighRes(
+            ResizedSource(case.x_in, case.grid_h, ops=case.ops),
+            ResizedSource(high.p1, case.grid_h, ops=case.ops),
+            high.coarse,
+            high.p1,
+        )
+
+    def _fused(
+        self, case: Prepared, source: PlaneSource, output_dtype: str, report: CaseReport, profile: Profile
+    ) -> Fused:
+        """The lazy output of ``source`` (blended, or the normalised input), and how to compute it on the CPU
+        should the device fault while it is written."""
+
+        def on_cpu() -> PlaneSource:
+            self._follow_device(case)
+            return self._finish(case, source, output_dtype)
+
+        output = self._step(case, "output filter", lambda: self._finish(case, source, output_dtype))
+        return Fused(output, report, profile, on_cpu=on_cpu)
+
+    def write(self, fused: Fused, path: Path, like: Any) -> None:
+        """Write ``fused``'s output (computed while it is written) to ``path`` like the input ``like``; after a
+        device fault while computing it, the output is computed on the CPU and written again."""
+        try:
+            write_volume(path, fused.output, like=like)
+            return
+        except Exception as exc:
+            if fused.on_cpu is None or isinstance(exc, InputError):
+                raise
+            if not self.policy.device_fault("output filter", exc):
+                raise
+        free_device_cache()
+        fused.output = fused.on_cpu()
+        write_volume(path, fused.output, like=like)
 
     def reserve_s(self, voxels: int, h_voxels: int) -> float:
         """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
@@ -200,7 +282,15 @@ class Fuser:
         """Load a channel's networks now (the global stage on the policy's device and the patch stage),
         so that their loading is timed apart from the stages; nothing to do once they are loaded."""
         channel = self.manifest.channel(channel_name)
-        self._load(channel, "global", self.policy.device)
+        try:
+            self._load(channel, "global", self.policy.active_device)
+            self.patch_stage(channel)
+            return
+        except Exception as exc:
+            if not self.policy.device_fault("network loading", exc):
+                raise
+        free_device_cache()
+        self._load(channel, "global", "cpu")
         self.patch_stage(channel)
 
     def _prepare(
@@ -210,7 +300,10 @@ class Fuser:
         channel = self.manifest.channel(channel_name)
         zyx: Spacing3 = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         describe(report, data, zyx, channel_name)
-        ops = self.ops(self.policy.device, self.policy.vram_budget_gib, profile, self.policy.threads)
+        device = self.policy.active_device
+        ops = self.ops(device, self.policy.vram_budget_gib, profile, self.policy.threads)
+        if self.policy.health.fault is not None and self.policy.device != "cpu":
+            report.warnings.append(f"on the CPU: the {self.policy.device} device faulted earlier in this run")
         with timed(report.seconds, "preprocess"), profile.section("input_statistics_s"):
             if data.dtype.kind == "f" and not data.flags.writeable:
                 data = data.copy()
@@ -231,7 +324,7 @@ class Fuser:
             report.high_res_grid = list(grid_h)
             for message in input_warnings(data, zyx, grid_h, channel.patch_stage.patch_size, channel.target_spacing_um):
                 warn(report, message)
-        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise, ops)
+        return Prepared(data, zyx, channel, x_in, grid_h, post, gate, noise, ops, device)
 
     @staticmethod
     def _networks_wanted(case: Prepared) -> bool:
@@ -284,21 +377,28 @@ class Fuser:
         return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops), coarse, p1)
 
     def _run_global(self, channel: ChannelSpec, coarse: np.ndarray) -> tuple[np.ndarray, LoadedStage]:
-        """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM
-        it reruns on the CPU, and that CPU stage is returned."""
-        stage = self._load(channel, "global", self.policy.device)
+        """(Stage-1 prediction on the global grid (ZYX float32), the stage that ran it); on device OOM,
+        or any other fault of the device (:meth:`BudgetPolicy.device_fault`), the forward reruns on the
+        CPU, and that CPU stage is returned (also for trust's extra forwards; a fault in the stage's
+        resampling is :meth:`_step`'s)."""
+        device = self.policy.active_device
         try:
+            stage = self._load(channel, "global", device)
             return stage.runner(coarse[None, None])[0, 0], stage
         except Exception as exc:
-            if not is_out_of_memory(exc) or self.policy.device == "cpu":
+            if device == "cpu":
+                raise
+            if is_out_of_memory(exc):
+                self.policy.events.add("out of memory in the global stage: running it on the CPU")
+            elif not self.policy.device_fault("global stage", exc):
                 raise
         free_device_cache()
-        self.policy.events.add("out of memory in the global stage: running it on the CPU")
         stage = self._load(channel, "global", "cpu")
         return stage.runner(coarse[None, None])[0, 0], stage
 
     def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
+        high = self._high_on(case, high)
         with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
             result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
         if result.info is not None:  # the forward passes ran inside the sliding window
@@ -318,6 +418,7 @@ class Fuser:
         spec = case.channel.trust
         if spec.mode == "off":
             return trust.TrustDecision("off", case.gate)
+        high = self._high_on(case, high)
         if report.degradation >= 2 or (report.degradation >= 1 and trust.needs(spec)) or high.coarse is None:
             why = f"degradation level {report.degradation}: no signals; the manifest's fallback_factor"
             decision = trust.TrustDecision("fallback", spec.fallback_factor, why=why)
@@ -347,10 +448,21 @@ class Fuser:
         gate = decision.factor if decision.region is None else decision.factor * decision.region
         # trust already resized the correction to the diff grid: the same weight map, one pass over H less
         source = correction if decision.coarse_correction is None else decision.coarse_correction
-        weight = postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um, ops=case.ops)
+        weight = self._step(
+            case,
+            "weight map",
+            lambda: postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um, ops=case.ops),
+        )
         report.weight_map = postprocess.weight_stats(weight)
         compact = self.policy.compact_output(case.data.shape)
-        return postprocess.blend_slabs(case.data, case.x_in, correction, weight, compact=compact, ops=case.ops)
+        done = [0]  # planes blended so far: a rerun on the CPU resumes there (in place, the rest is still the input)
+        return self._step(
+            case,
+            "blend",
+            lambda: postprocess.blend_slabs(
+                case.data, case.x_in, correction, weight, compact=compact, ops=case.ops, start=done[0], done=done
+            ),
+        )
 
     @staticmethod
     def _finish(case: Prepared, source: PlaneSource, output_dtype: str) -> PlaneSource:
@@ -474,52 +586,140 @@ def process_file(
 
     The output name is checked first (before any pixel is read); ``seconds`` gets ``read``,
     ``load_weights`` (the channel's networks, when not loaded yet), the stages, ``write`` and ``total``.
+    A file that cannot be read, or is refused by validation (:func:`is_refusal`), is ``refused`` with no
+    output; a readable one that fails otherwise (a bug, or host memory running out while it is
+    processed) gets the last resort, :func:`write_identity` (``fallback_identity``).
     """
     report = CaseReport(file=path.name)
     started = time.perf_counter()
+    before = fuser.policy.health.fault
     log.info("[%s] reading", path.name)
     try:
         check_output_name(output_dir, path.name)
         with timed(report.seconds, "read"):
             volume = read_volume(path, check=fuser.check_memory)
-        for warning in volume.warnings:
-            warn(report, warning)
-        if volume.data.dtype != np.uint16:
-            warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
-        log.info(
-            "[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel
-        )
-        with timed(report.seconds, "load_weights"):
-            fuser.load_stages(volume.channel)
-        fused = fuser.fuse(
-            volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
-        )
-        with timed(report.seconds, "write"), fused.profile.section("write_s"), reuse_freed_memory():
-            write_volume(output_dir / path.name, fused.output, like=volume)
-        log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
-        report.output_dtype = output_dtype
-        report.status = "ok"
     except Exception as exc:  # one bad file must not lose the others
         refuse(report, exc)
+    else:
+        try:
+            fuse_and_write(volume, path, output_dir, fuser, output_dtype, deadline, report)
+        except Exception as exc:
+            del volume  # the input's pixels (possibly overwritten by the blend): the last resort reads them again
+            if is_refusal(exc):
+                refuse(report, exc)
+            else:
+                write_identity(path, output_dir, fuser, output_dtype, report, exc)
+    note_device_fault(report, fuser.policy.health.fault, before)
     report.seconds["total"] = round(time.perf_counter() - started, 3)
     record_peaks(report)
     return report
+
+
+def fuse_and_write(
+    volume: Any,
+    path: Path,
+    output_dir: Path,
+    fuser: Fuser,
+    output_dtype: str,
+    deadline: float | None,
+    report: CaseReport,
+) -> None:
+    """:func:`process_file`'s work on a volume that was read: load the networks, fuse, write."""
+    for warning in volume.warnings:
+        warn(report, warning)
+    if volume.data.dtype != np.uint16:
+        warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
+    log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
+    with timed(report.seconds, "load_weights"):
+        fuser.load_stages(volume.channel)
+    fused = fuser.fuse(
+        volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
+    )
+    with timed(report.seconds, "write"), fused.profile.section("write_s"), reuse_freed_memory():
+        fuser.write(fused, output_dir / path.name, volume)
+    log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
+    report.output_dtype = output_dtype
+    report.status = "ok"
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether an error refuses the file (no output, exit 1): the input itself is refused (:class:`InputError`:
+    unreadable, invalid, an output name that cannot be made), it is too big for the RAM budget
+    (:class:`MemoryBudgetExceeded`, before its pixels are read), or the setup cannot serve it
+    (:class:`ManifestError`: no weights for its channel, broken weight files)."""
+    return isinstance(exc, (InputError, MemoryBudgetExceeded, ManifestError))
+
+
+def error_text(file: str, exc: BaseException) -> str:
+    """A report's ``error`` for ``exc`` on ``file``."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, MemoryBudgetExceeded):
+        return f"{file}: out of memory budget: {exc}"
+    if isinstance(exc, MemoryError):
+        return f"{file}: ran out of memory while processing (MemoryError: {exc})"
+    return f"{file}: {type(exc).__name__}: {exc}"
 
 
 def refuse(report: CaseReport, exc: Exception) -> None:
     """Mark a file refused with a message saying what happened; unexpected errors are logged with
     their traceback at ERROR (in the container the log is all there is)."""
     report.status = "refused"
-    expected = isinstance(exc, (InputError, MemoryBudgetExceeded))
-    if isinstance(exc, InputError):
-        report.error = str(exc)
-    elif isinstance(exc, MemoryBudgetExceeded):
-        report.error = f"{report.file}: out of memory budget: {exc}"
-    elif isinstance(exc, MemoryError):
-        report.error = f"{report.file}: ran out of memory while processing (MemoryError: {exc})"
-    else:
-        report.error = f"{report.file}: {type(exc).__name__}: {exc}"
-    log.error("[%s] refused: %s", report.file, report.error, exc_info=None if expected else exc)
+    report.error = error_text(report.file, exc)
+    log.error("[%s] refused: %s", report.file, report.error, exc_info=None if is_refusal(exc) else exc)
+
+
+def identity_output(data: np.ndarray, spec: PostprocessSpec, dtype: str) -> PlaneSource:
+    """The last resort's output of a ZYX stack: the input, percentile-normalised as the pipeline's output
+    is (``spec.output_percentiles``, the same strided sample and affine map), then ``dtype`` (uint16:
+    the normalised range scaled to 0..65535), with numpy only: no device, no network, no output filter.
+    ``data`` is sanitised in place (non-finite voxels replaced, as the pipeline does)."""
+    if not data.flags.writeable:
+        data = data.copy()
+    sanitise_inplace(data)
+    plain = replace(spec, output_max_filter=0, output_gaussian_sigma=0.0)
+    return postprocess.final_source(ArraySource(data), plain, dtype, ops=None)
+
+
+def write_identity(
+    path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, report: CaseReport, exc: BaseException
+) -> None:
+    """The last resort for a readable input that failed for a reason not its own: the identity output
+    (:func:`identity_output`, N-SSIM 0 by definition, where a missing output fails the job), written
+    with an ERROR line and ``status: fallback_identity``. The input is read again: the failed attempt
+    may have overwritten its buffer. Refused when even this fails.
+
+    A ``MemoryError`` while a read file is processed gets this too: the identity needs the input and
+    one slab, far less than the pipeline's peak (a stack too big for the RAM budget was refused before
+    its pixels were read).
+    """
+    report.error = error_text(report.file, exc)
+    log.error("[%s] failed: %s; writing the identity output (the normalised input)", report.file, report.error,
+              exc_info=exc)
+    traceback.clear_frames(exc.__traceback__)  # release the failed attempt's arrays before reading the input again
+    try:
+        with timed(report.seconds, "identity_write"):
+            volume = read_volume(path)
+            try:
+                spec = fuser.manifest.channel(volume.channel).postprocess
+            except ManifestError:
+                spec = PostprocessSpec()
+            write_volume(output_dir / path.name, identity_output(volume.data, spec, output_dtype), like=volume)
+    except Exception as second:
+        report.status = "refused"
+        report.error = f"{report.error}; the identity output failed too: {type(second).__name__}: {second}"
+        log.error("[%s] refused: %s", report.file, report.error, exc_info=second)
+        return
+    report.status = "fallback_identity"
+    report.output_dtype = output_dtype
+    report.warnings.append(f"fallback_identity: the normalised input was written after {report.error}")
+
+
+def note_device_fault(report: CaseReport, fault: DeviceFault | None, before: DeviceFault | None) -> None:
+    """Name the device fault in the file's report when it happened while this file was processed."""
+    if fault is not None and before is None and report.device_fault is None:
+        report.device_fault = fault.as_report()
+        report.warnings.append(f"device fault in the {fault.step} ({fault.error}): rerun on the CPU")
 
 
 def record_peaks(report: CaseReport) -> None:

@@ -11,6 +11,7 @@ All arrays are ZYX; spacings are (z, y, x) µm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -110,8 +111,14 @@ def to_output_dtype(volume: np.ndarray, dtype: str) -> np.ndarray:
     """
     if dtype == "float32":
         return volume.astype(np.float32, copy=False)
-    if dtype == "uint16":
+    if dtype == "uint16":  # [min, max] onto 0..65535 with 0 (the 2nd percentile's level) on an integer level
         lo, hi = float(volume.min()), float(volume.max())
-        scale = 65535.0 / (hi - lo) if hi > lo else 0.0
+        if not hi > lo:
+            return np.zeros(volume.shape, np.uint16)
+        scale = 65535.0 / (hi - lo)
+        if lo < 0.0 < hi:
+            level = math.ceil(-lo * scale)
+            scale = (65535.0 - level) / hi
+            return np.rint(volume * np.float32(scale) + np.float32(level)).astype(np.uint16)
         return np.rint((volume - lo) * scale).astype(np.uint16)
     raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")

@@ -24,6 +24,8 @@ SCHEMA_VERSION = 1
 meaning changes; a key added to the schema does not change it."""
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 """The JSON Schema of both reports: the documentation of every key."""
+WRITTEN_STATUSES = ("ok", "fallback_identity")
+"""A file entry's statuses that mean its output was written (the process may exit 0)."""
 RUN_PROGRAM = "inference.py"
 BATCH_PROGRAM = "fusemycells.batch"
 
@@ -104,7 +106,7 @@ class CaseReport:
     """What happened to one input file (one entry of a report's ``files``; see :func:`case_entry`)."""
 
     file: str
-    status: str = "pending"  # ok | refused
+    status: str = "pending"  # ok | fallback_identity (the normalised input written as the last resort) | refused
     shape: list[int] | None = None
     spacing_um: list[float] | None = None
     channel: str | None = None
@@ -123,6 +125,7 @@ class CaseReport:
     trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: factor, signals, cost (fusemycells.trust)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    device_fault: dict[str, str] | None = None  # the device's fault while this file ran: step, error, rerun_on
 
 
 def degradation_name(level: int) -> str:
@@ -151,11 +154,12 @@ def manifest_sha256(resources: Path) -> str:
 
 
 def file_counts(entries: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Files per ``status`` of the report entries: written (ok), refused, skipped (batch: verified complete)."""
+    """Files per ``status`` of the report entries: written (ok, fallback_identity), refused, skipped (batch:
+    verified complete)."""
     statuses = [entry.get("status") for entry in entries]
     return {
-        "written": statuses.count("ok"),
-        "refused": sum(s not in ("ok", "skipped") for s in statuses),
+        "written": sum(s in WRITTEN_STATUSES for s in statuses),
+        "refused": sum(s not in (*WRITTEN_STATUSES, "skipped") for s in statuses),
         "skipped": statuses.count("skipped"),
     }
 
@@ -190,8 +194,8 @@ def run_report(
     account (:func:`fusemycells.deadline.time_account`); ``policy``: the budget policy's report,
     None when the run stopped before it was made.
     """
-    written = [str(c["file"]) for c in cases if c.get("status") == "ok"]
-    refused = [str(c["file"]) for c in cases if c.get("status") != "ok"]
+    written = [str(c["file"]) for c in cases if c.get("status") in WRITTEN_STATUSES]
+    refused = [str(c["file"]) for c in cases if c.get("status") not in WRITTEN_STATUSES]
     return {
         "schema_version": SCHEMA_VERSION,
         "program": RUN_PROGRAM,
@@ -270,7 +274,7 @@ def batch_report(
         "seconds": round(seconds, 3),
         "written": counts["written"],
         "skipped": counts["skipped"],
-        "refused": [str(e["file"]) for e in entries if e.get("status") not in ("ok", "skipped")],
+        "refused": [str(e["file"]) for e in entries if e.get("status") not in (*WRITTEN_STATUSES, "skipped")],
         "ignored": [dict(e) for e in ignored],
         "stale_partials_removed": list(stale_partials_removed),
         "files": [dict(e) for e in entries],

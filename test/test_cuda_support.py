@@ -77,7 +77,10 @@ def test_a_cuda_13_image_would_need_compat_below_580_and_cannot_run_on_r470(driv
 
 def test_libcuda_answers_decide_when_the_driver_version_is_unknown():
     assert plan_cuda(None, "12.8", None, driver_cuda="12.2").route == "native"  # R535 reports CUDA 12.2
-    assert plan_cuda(None, "12.8", None, driver_cuda="11.4").route == "unsupported"  # R470 reports 11.4
+    assert plan_cuda(None, "12.8", None, driver_cuda="11.4").route == "unsupported"  # R470 reports 11.4, no compat libs
+    assert plan_cuda(None, "12.8", "470.256.02", driver_cuda="11.4").route == "unsupported"  # compat libs not newer
+    assert plan_cuda(None, "12.8", "560.35.05", driver_cuda="11.2").route == "unsupported"  # R460: no forward compat
+    assert plan_cuda(None, "13.0", "580.82.07", driver_cuda="11.4").route == "unsupported"  # CUDA 13 does not serve R470
     assert plan_cuda("470.256.02", None).route == "cpu-build"
     assert plan_cuda("470.256.02", "12.8", "470.256.02").route == "unsupported"  # a compat libcuda not newer than the driver
 
@@ -228,3 +231,42 @@ def test_cuda_starts_on_this_hosts_driver_as_planned():
     assert cs.cuda_failure_message(plan.driver, plan.needed, torch.cuda.is_available()) is None
     torch_cuda = cs.installed_cuda_builds()["torch"]
     assert torch_cuda is not None and torch.version.cuda is not None and torch.version.cuda.startswith(torch_cuda.split(".")[0] + ".")
+
+
+class FakeLibcuda:
+    """libcuda.so.1 whose cuDriverGetVersion reports ``value`` (e.g. 11040: CUDA 11.4, an R470 driver)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __call__(self, name: str) -> FakeLibcuda:
+        assert name == "libcuda.so.1"
+        return self
+
+    def cuDriverGetVersion(self, pointer) -> int:  # the driver API's name
+        pointer._obj.value = self.value
+        return 0
+
+
+def no_nvidia_smi(*args, **kwargs):
+    raise FileNotFoundError("nvidia-smi")
+
+
+def test_r470_without_the_proc_driver_file_or_nvidia_smi_tries_the_compat_route(tmp_path: Path):
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    (compat / "libcuda.so.560.35.05").write_bytes(b"")
+    os.symlink("libcuda.so.560.35.05", compat / "libcuda.so.1")
+    plan = cs.host_plan(
+        str(tmp_path / "no-proc-file"), str(compat), run=no_nvidia_smi, loader=FakeLibcuda(11040), builds=lambda: {"torch": "12.6", "onnxruntime": "12.8"}
+    )
+    assert plan.route == "compat" and plan.driver is None and plan.compat_libcuda == "560.35.05"
+    assert "R470" in plan.reason and "11.4" in plan.reason
+    env = cs.launch_environment(plan, {}, str(compat))
+    assert env["LD_LIBRARY_PATH"] == str(compat) and env[cs.ROUTE_ENV] == "compat"
+    without_compat = cs.host_plan(
+        str(tmp_path / "no-proc-file"), str(tmp_path / "none"), run=no_nvidia_smi, loader=FakeLibcuda(11040), builds=lambda: {"torch": "12.6"}
+    )
+    assert without_compat.route == "unsupported"
+    newer = cs.host_plan(str(tmp_path / "no-proc-file"), str(compat), run=no_nvidia_smi, loader=FakeLibcuda(12020), builds=lambda: {"torch": "12.6"})
+    assert newer.route == "native"  # R535 reports CUDA 12.2: minor-version compatibility, no compat libraries

@@ -39,11 +39,14 @@ def test_cpu_dry_run_records_every_step_with_parity_vram_and_end_to_end_figures(
         assert vram["backend"] == backend and len(vram["stages"]) == 2 and vram["honoured"] is None  # no CUDA: nothing to honour
     assert result["pytest_cuda"]["failures"] == 0 and result["pytest_cuda"]["skipped"] >= 1  # the CUDA test skips without a GPU
     e2e = result["e2e"]
-    assert e2e["status"] == "ok" and e2e["shape"] == [16, 128, 128] and e2e["device"] == "cpu"
+    assert e2e["status"] == "ok" and e2e["shape"] == [16, 128, 128] and e2e["device"] == "cpu" and e2e["output_dtype"] == "uint16"
+    [fault] = result["faults"]["rows"]  # on the CPU the switch is a logged no-op: the run writes its output
+    assert fault["plan"] == "global" and fault["exit_code"] == 0 and fault["written"] and fault["status"] == "ok"
+    assert fault["output_dtype"] == "uint16" and fault["device_fault"] is None
     assert {"preprocess", "global_stage", "patch_stage", "postprocess", "write"} <= set(e2e["seconds"]) and e2e["degradation"] == 0
     assert result["checks"] == {
         "cuda_tests_passed": True, "parity_within_goal": True, "vram_budget_honoured": {"torchscript": None, "onnx": None},
-        "e2e_written": True, "e2e_within_goal_s": None, "non_network_within_goal_s": None,
+        "device_faults_recovered": True, "e2e_written": True, "e2e_within_goal_s": None, "non_network_within_goal_s": None,
     }
     assert e2e["non_network_s"] is not None and 0 < e2e["non_network_s"] <= e2e["seconds"]["total"]
     assert "onnx_cpu" in (out / "summary.md").read_text() and not (out / "case" / "input").exists()  # the stack is removed

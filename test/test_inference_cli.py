@@ -70,7 +70,7 @@ def test_outputs_keep_name_shape_and_grid_for_tif_and_tiff_with_full_report(
     # no channel in the metadata: default with a warning, which must reach the report
     tifffile.imwrite(folder / "b.tiff", b, metadata={"PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3, "PhysicalSizeZ": 2.0})
 
-    proc, report = run_cli(tmp_path, fixture_resources)
+    proc, report = run_cli(tmp_path, fixture_resources, "--output-dtype", "float32")  # the values: percentiles 0 and 1
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out_dir = tmp_path / OUTPUT_SUBDIR
@@ -138,7 +138,7 @@ def test_explicit_backends_both_run_and_are_named_in_the_report(fixture_resource
     for backend in ("torchscript", "onnx"):
         root = tmp_path / backend
         write_case(_inputs(root), "case.tif", blob_volume((8, 32, 30), seed=3), spacing=(1.5, 0.4, 0.4))
-        proc, report = run_cli(root, fixture_resources, "--backend", backend)
+        proc, report = run_cli(root, fixture_resources, "--backend", backend, "--output-dtype", "float32")
         assert proc.returncode == 0, proc.stderr[-3000:]
         stages = report["files"][0]["stages"]
         assert stages["global"]["backend"] == stages["patch"]["backend"] == backend
@@ -150,19 +150,19 @@ def test_explicit_backends_both_run_and_are_named_in_the_report(fixture_resource
 def test_identity_patch_model_output_equals_normalised_input(identity_resources: Path, tmp_path: Path) -> None:
     data = blob_volume((10, 36, 34), seed=4)
     write_case(_inputs(tmp_path), "case.tif", data, spacing=(2.0, 0.3, 0.3))
-    proc, _ = run_cli(tmp_path, identity_resources)
+    proc, _ = run_cli(tmp_path, identity_resources, "--output-dtype", "float32")  # the values, not their uint16 rounding
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = read_volume(tmp_path / OUTPUT_SUBDIR / "case.tif").data
     # where the prediction equals the input the blend keeps the input, whatever the weight map
     np.testing.assert_allclose(out, percentile_normalise(data, 2.0, 99.8), atol=1e-5)
 
 
-def test_uint16_output_dtype_is_written(fixture_resources: Path, tmp_path: Path) -> None:
+def test_uint16_is_the_default_output_dtype_spanning_the_whole_range(fixture_resources: Path, tmp_path: Path) -> None:
     write_case(_inputs(tmp_path), "case.tif", blob_volume((6, 24, 24), seed=5), spacing=(1.0, 0.5, 0.5))
-    proc, report = run_cli(tmp_path, fixture_resources, "--output-dtype", "uint16")
+    proc, report = run_cli(tmp_path, fixture_resources)  # no --output-dtype
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = read_volume(tmp_path / OUTPUT_SUBDIR / "case.tif")
-    assert out.data.dtype == np.uint16 and out.data.max() == 65535
+    assert out.data.dtype == np.uint16 and out.data.min() == 0 and out.data.max() == 65535
     assert out.spacing == pytest.approx((1.0, 0.5, 0.5))
     assert report["files"][0]["output_dtype"] == "uint16"
 
@@ -210,7 +210,7 @@ def test_no_arguments_follow_the_grand_challenge_input_and_output_folders() -> N
     config = inference.build_config(inference.parse_args([]))
     assert config.input_dir == Path("/input/images/fluorescence-lightsheet-3D-microscopy")
     assert config.output_dir == Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
-    assert (config.resources_dir, config.device, config.backend, config.output_dtype) == (None, "auto", "auto", "float32")
+    assert (config.resources_dir, config.device, config.backend, config.output_dtype) == (None, "auto", "auto", "uint16")
 
 
 def test_help_exits_0_and_describes_the_contract() -> None:

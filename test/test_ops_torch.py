@@ -203,7 +203,7 @@ def test_a_profile_counts_each_stretch_once_in_its_innermost_section(monkeypatch
 
 def fuse_with(resources: Path, ops_factory, data: np.ndarray, channel: str = "nucleus"):
     policy = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=2, compact_voxels=0)
-    return Fuser(load_manifest(resources), policy, ops=ops_factory).fuse(data, SPACING, channel)
+    return Fuser(load_manifest(resources), policy, ops=ops_factory).fuse(data, SPACING, channel, output_dtype="float32")
 
 
 @pytest.mark.parametrize("channel", ["nucleus", "membrane"])

@@ -51,10 +51,10 @@ def patch_loader(make_runner):
 def test_fuse_on_an_array_gives_the_file_pipelines_output_and_its_own_report(fixture_resources: Path, tmp_path: Path) -> None:
     data = blob_volume((10, 40, 36))
     path = write_case(tmp_path / "in", "case.tif", data.copy(), spacing=SPACING)
-    written = process_file(path, tmp_path / "out", Fuser(load_manifest(fixture_resources), cpu_policy()), "float32")
-    fused = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(data, SPACING, "nucleus")
+    written = process_file(path, tmp_path / "out", Fuser(load_manifest(fixture_resources), cpu_policy()), "uint16")
+    fused = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(data, SPACING, "nucleus")  # uint16 by default
     out = fused.to_array()
-    assert out.dtype == np.float32 and out.shape == data.shape
+    assert out.dtype == np.uint16 and out.shape == data.shape
     np.testing.assert_array_equal(out, tifffile.imread(tmp_path / "out" / "case.tif"))
     report = fused.report
     assert report.file == "<array>" and report.shape == [10, 40, 36] and report.channel == "nucleus"
@@ -93,7 +93,7 @@ def test_a_huge_float16_correction_is_clipped_so_the_output_stays_finite(fixture
     # float16's ±65504: cast unclipped it is ±inf, and inf·0 is NaN in the interpolation and weight map
     loader = patch_loader(lambda runner: ScaledRunner(runner, factor=1e6))
     fuser = Fuser(load_manifest(fixture_resources), cpu_policy(compact_voxels=0), loader=loader)
-    fused = fuser.fuse(blob_volume((6, 32, 32)), SPACING, "nucleus")
+    fused = fuser.fuse(blob_volume((6, 32, 32)), SPACING, "nucleus", output_dtype="float32")  # the values themselves
     out = fused.to_array()
     assert np.isfinite(out).all() and out.max() > out.min()
     assert fused.report.degradation == 0 and np.isfinite(list(fused.report.weight_map.values())).all()
@@ -122,11 +122,13 @@ def _failing_fuser(resources: Path, error: BaseException) -> Fuser:
     return Fuser(load_manifest(resources), cpu_policy(), loader=loader)
 
 
-def test_an_unexpected_error_refuses_the_file_with_its_traceback_logged_at_error(fixture_resources: Path, tmp_path: Path, caplog) -> None:
+def test_an_unexpected_error_writes_the_identity_output_with_its_traceback_logged_at_error(fixture_resources: Path, tmp_path: Path, caplog) -> None:
+    # the identity's values: test_device_faults.py
     path = write_case(tmp_path / "in", "case.tif", blob_volume((6, 24, 24)), spacing=SPACING)
     with caplog.at_level("INFO", logger="fusemycells"):
         report = process_file(path, tmp_path / "out", _failing_fuser(fixture_resources, ValueError("a bug")), "float32")
-    assert report.status == "refused" and report.error == "case.tif: ValueError: a bug"
+    assert report.status == "fallback_identity" and report.error == "case.tif: ValueError: a bug"
+    assert (tmp_path / "out" / "case.tif").exists()
     logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info is not None]
     assert logged and logged[0].exc_info[0] is ValueError  # the traceback is in the container's log
 
@@ -135,7 +137,7 @@ def test_running_out_of_host_memory_while_computing_is_not_called_a_budget_refus
     path = write_case(tmp_path / "in", "case.tif", blob_volume((6, 24, 24)), spacing=SPACING)
     with caplog.at_level("INFO", logger="fusemycells"):
         report = process_file(path, tmp_path / "out", _failing_fuser(fixture_resources, MemoryError("cannot allocate 2 GiB")), "float32")
-    assert report.status == "refused"
+    assert report.status == "fallback_identity"  # the read input gets the identity output (docs/output_and_device_faults.md)
     assert "budget" not in report.error and "ran out of memory while processing" in report.error and "cannot allocate 2 GiB" in report.error
     assert any(r.levelname == "ERROR" and r.exc_info is not None for r in caplog.records)
 
@@ -194,7 +196,7 @@ def test_a_value_beyond_float32s_range_is_clipped_counted_and_the_output_stays_u
         assert np.isfinite(out).all() and np.count_nonzero(out) > 0  # not NaN, not all zeros
     far = np.ones(data.shape, dtype=bool)
     far[2:11, 12:37, 12:37] = False  # away from the clipped voxel's neighbourhood
-    reference = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(clean, SPACING, "nucleus").to_array()
+    reference = Fuser(load_manifest(fixture_resources), cpu_policy()).fuse(clean, SPACING, "nucleus", output_dtype="float32").to_array()
     out = tifffile.imread(tmp_path / "float32" / "case.tif")
     assert np.corrcoef(out[far], reference[far])[0, 1] > 0.5  # the rest of the image is still there
 

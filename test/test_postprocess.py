@@ -7,7 +7,7 @@ import pytest
 
 from fusemycells.config import PostprocessSpec
 from fusemycells.ops_torch import Ops
-from fusemycells.postprocess import FLOAT16_MAX, blend_slabs, weight_stats
+from fusemycells.postprocess import FLOAT16_MAX, blend_slabs, uint16_affine, weight_stats
 from fusemycells.reference import blend, difference_weight, finalise, to_output_dtype
 from fusemycells.sources import ArraySource
 
@@ -90,17 +90,20 @@ def test_constant_image_gives_no_nan() -> None:
 
 def test_uint16_output_is_affine_and_lossless_within_quantisation() -> None:
     vol = (np.random.default_rng(5).normal(0.4, 0.3, (6, 20, 20))).astype(np.float32)  # includes <0 and >1
+    vol.flat[:50] = 0.0  # a plateau at the 2nd percentile's level, 0 after percentile normalisation
     out = to_output_dtype(vol, "uint16")
     assert out.dtype == np.uint16
-    assert out.min() == 0 and out.max() == 65535
-    lo, hi = float(vol.min()), float(vol.max())
-    step = (hi - lo) / 65535.0
-    restored = out.astype(np.float64) * step + lo
-    assert np.abs(restored - vol).max() <= step / 2 + 1e-6 * (hi - lo)
+    assert out.min() <= 1 and out.max() == 65535
+    offset, scale = uint16_affine(float(vol.min()), float(vol.max()))
+    level = -offset * scale
+    assert level == pytest.approx(round(level), abs=1e-6) and np.all(out.flat[:50] == round(level))  # 0 on a level
+    restored = out.astype(np.float64) / scale + offset
+    assert np.abs(restored - vol).max() <= 0.5 / scale + 1e-6 * (vol.max() - vol.min())
     # affine: a least-squares line through (input, output) leaves less than one grey level anywhere
     slope, intercept = np.polyfit(vol.ravel().astype(np.float64), out.ravel().astype(np.float64), 1)
     residual = out.ravel() - (slope * vol.ravel() + intercept)
     assert np.abs(residual).max() < 1.0
+    assert uint16_affine(0.5, 2.0) == (0.5, 65535.0 / 1.5)  # 0 outside the range: the plain [min, max] map
 
 
 def test_float32_output_is_unchanged_and_unknown_dtype_rejected() -> None:

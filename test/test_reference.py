@@ -126,7 +126,7 @@ def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixt
     outputs = {}
     for name, compact_voxels in (("exact", 1 << 27), ("compact", 0)):
         policy = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=1, compact_voxels=compact_voxels)
-        fused = Fuser(load_manifest(fixture_resources), policy).fuse(blob_volume((12, 40, 36)), (1.0, 0.39, 0.39), "nucleus")
+        fused = Fuser(load_manifest(fixture_resources), policy).fuse(blob_volume((12, 40, 36)), (1.0, 0.39, 0.39), "nucleus", output_dtype="float32")
         outputs[name] = fused.to_array()
         assert fused.report.degradation == 0 and not fused.report.warnings
     scale = float(np.abs(outputs["exact"]).max())

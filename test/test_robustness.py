@@ -37,9 +37,12 @@ from fusemycells.sources import ArraySource
 
 
 def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    """inference.main on ROOT (input and output root); returns (exit code, report)."""
+    """inference.main on ROOT (input and output root); returns (exit code, report). The output is float32 unless
+    ``extra`` says otherwise: these tests check the pipeline's values (finite, in range), which the default uint16
+    would hide behind its rounding (the default itself: test_device_faults, test_inference_cli)."""
     report = root / "report.json"
-    code = inference.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *extra])
+    dtype = [] if "--output-dtype" in extra else ["--output-dtype", "float32"]
+    code = inference.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *dtype, *extra])
     return code, json.loads(report.read_text())
 
 
@@ -69,7 +72,7 @@ def assert_processed(root: Path, report: dict[str, Any], name: str, shape: tuple
         assert [w for w in entry["warnings"] if w not in log] == [], f"{name}: warnings reported but not logged"
     out = output_of(root, name)
     assert out.shape == shape
-    assert out.dtype == np.float32  # documented default output type
+    assert out.dtype == np.float32  # asked for by run()
     assert np.isfinite(out).all()
     return entry
 

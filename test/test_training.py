@@ -249,7 +249,7 @@ def test_export_writes_a_verified_manifest_and_both_backends_agree_in_inference(
     outputs = {}
     for backend in ("torchscript", "onnx"):
         out = tmp_path / f"out_{backend}"
-        cmd = [sys.executable, "inference.py", "--input", str(tmp_path / "in"), "--output", str(out), "--resources", str(resources), "--backend", backend, "--device", "cpu"]
+        cmd = [sys.executable, "inference.py", "--input", str(tmp_path / "in"), "--output", str(out), "--resources", str(resources), "--backend", backend, "--device", "cpu", "--output-dtype", "float32"]  # values, not uint16 levels
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
         outputs[backend] = tifffile.imread(out / "images" / "fused-fluorescence-lightsheet-3D-microscopy" / "case.tif")
     assert outputs["onnx"].shape == (10, 48, 48)

@@ -259,13 +259,13 @@ def test_trust_with_a_constant_rule_equals_the_constant_gate(fixture_resources: 
     channel = manifest.channel("nucleus")
     half = dataclasses.replace(channel, postprocess=dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.5),)))
     old = Fuser(dataclasses.replace(manifest, channels={"nucleus": half}), cpu_policy()).fuse(
-        data.copy(), SPACING, "nucleus"
+        data.copy(), SPACING, "nucleus", output_dtype="float32"
     )
     assert old.report.trust == {}  # trust off: nothing in the report, the gate as before
     spec = TrustSpec(mode="case", rules=(("noise", ((0.0, 0.5),)),))
     new_channel = dataclasses.replace(channel, trust=spec)
     new = Fuser(dataclasses.replace(manifest, channels={"nucleus": new_channel}), cpu_policy()).fuse(
-        data.copy(), SPACING, "nucleus"
+        data.copy(), SPACING, "nucleus", output_dtype="float32"
     )
     assert new.report.trust["factor"] == 0.5 and math.isclose(old.report.adaptive["network_gate"], 0.5)
     np.testing.assert_allclose(new.to_array(), old.to_array(), atol=1e-6)
