@@ -138,7 +138,9 @@ DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
 
 
 TRUST_MODES = ("off", "case")
-TRUST_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "global_flip", "patch_flip")
+TRUST_SIGNALS = (
+    "noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym", "global_flip", "patch_flip"
+)
 """Signals a trust rule may name (defined in :mod:`fusemycells.trust`)."""
 TRUST_REGIONS = ("none", "agreement")
 

@@ -15,6 +15,10 @@ spans the whole stack like the global grid; ``fg`` = its voxels where the normal
 * ``s12_corr`` — Pearson correlation over fg of the stage-1 correction (p1 − input, from the global
   grid) and the stage-2 correction (from H): do the two networks agree on what to change?
 * ``s12_ratio`` — rms(stage-2 correction) / rms(stage-1 correction) over fg.
+* ``corr_rel`` — rms of the stage-2 correction over fg / rms of the normalised input there.
+* ``hf``, ``asym`` — the case's own degradation, from the input alone (:func:`degradation_signals`):
+  the high-frequency share of the foreground's signal, and how much it differs between the two ends
+  of the stack along its worst axis (light-sheet depth blur and attenuation).
 * ``global_flip`` — rms(p1 − p1 of the mirrored input, mirrored back) / rms(stage-1 correction)
   over fg: one extra forward of the global network.
 * ``patch_flip`` — the same for the patch network on a sample of tiles (:func:`flip_probe`), relative
@@ -108,6 +112,34 @@ class ProbeResult:
         return math.sqrt(_ratio(self.disagreement, self.correction))
 
 
+def high_pass_fraction(coarse: np.ndarray, mask: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Per voxel of ``mask``: (x − G_σ x)² and x² (a (2, n) float64 array) of the normalised input
+    (ZYX, diff grid; G a Gaussian of σ ``sigma`` grid voxels): the high-frequency share of the signal."""
+    smooth = ndimage.gaussian_filter(coarse, sigma, mode="nearest")
+    return np.stack([np.square(coarse - smooth, dtype=np.float64)[mask], np.square(coarse, dtype=np.float64)[mask]])
+
+
+def degradation_signals(coarse: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """How far the case looks from clean, from the normalised input alone (ZYX, diff grid, ``mask``
+    its foreground): ``hf`` the high-frequency share of the foreground's signal (blur lowers it);
+    ``asym`` the largest |log| ratio over the three axes of that share between the first and the last
+    third of the foreground along the axis (a light sheet's depth-dependent blur and attenuation make
+    one side worse; a clean stack has ~0)."""
+    energy = high_pass_fraction(coarse, mask)
+    hf = _ratio(float(energy[0].sum()), float(energy[1].sum()))
+    coords = np.nonzero(mask)
+    asym = 0.0
+    for axis in range(3):
+        position = coords[axis]
+        lo, hi = np.percentile(position, [33.3, 66.7]) if position.size else (0.0, 0.0)
+        first, last = energy[:, position <= lo], energy[:, position >= hi]
+        a = _ratio(float(first[0].sum()), float(first[1].sum()))
+        b = _ratio(float(last[0].sum()), float(last[1].sum()))
+        if a > 0 and b > 0:
+            asym = max(asym, abs(math.log(a / b)))
+    return {"hf": hf, "asym": asym}
+
+
 def case_signals(
     noise: float,
     coarse: np.ndarray,
@@ -137,6 +169,8 @@ def case_signals(
         if min(var1, var2) > 1e-18
         else 0.0,
         "s12_ratio": _ratio(rms2, rms1),
+        "corr_rel": _ratio(rms2, _rms(coarse[mask])),
+        **degradation_signals(coarse, mask),
     }
     if p1_flip is not None:
         out["global_flip"] = _ratio(_rms((p1 - p1_flip)[mask]), rms1)

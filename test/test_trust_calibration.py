@@ -1,0 +1,92 @@
+"""Leave-one-family-out calibration of the per-case trust (benchmarks/trust_calibration.py) and the output
+filter's σ on clean stacks (issue #24)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusemycells import trust
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import trust_calibration as cal  # noqa: E402
+
+KEYS = ("none@0.25", "none@0.5", "none@1")
+SEARCH = cal.Search(keys=KEYS, signals=("noise", "hf"))
+
+
+def _row(set_name: str, hf: float, gain: float, noise: float = 0.05) -> dict:
+    """A case whose full-weight correction gains ``gain`` over networks off (linearly less at lower gates)."""
+    scores = {"none@0": 0.3} | {key: 0.3 + gain * float(key.split("@")[1]) for key in KEYS}
+    return {"set": set_name, "channel": "nucleus", "signals": {"hf": hf, "noise": noise}, "old_gate": 1.0, "n_ssim": scores}
+
+
+def _table() -> list[dict]:
+    """Three families; the correction helps (+0.2) where the case is degraded (hf < 0.3) and harms (−0.4)
+    where it is clean (hf > 0.5); noise says nothing."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for fam in ("ours800", "ours805", "xc31337", "near"):
+        for _ in range(4):
+            degraded = rng.random() < 0.5 if fam != "near" else False
+            hf = rng.uniform(0.05, 0.25) if degraded else rng.uniform(0.55, 0.9)
+            rows.append(_row(fam, hf, 0.2 if degraded else -0.4, float(rng.uniform(0.005, 0.1))))
+    return rows
+
+
+def test_the_fitted_policy_trusts_degraded_cases_and_keeps_clean_ones_at_networks_off() -> None:
+    rows = _table()
+    policy = cal.fit(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert policy.key == "none@1" and [(c.signal, c.above) for c in policy.conditions] == [("hf", False)]
+    assert 0.25 < policy.conditions[0].threshold < 0.55
+    # both directions, through the container's own rule code (the manifest form of the policy)
+    rules = policy.rules()
+    helped, harmed = _row("new", 0.1, 0.2), _row("new", 0.8, -0.4)
+    assert trust.case_factor(helped["signals"], rules)[0] == 1.0
+    assert trust.case_factor(harmed["signals"], rules)[0] == 0.0
+    assert cal.benefits([helped, harmed], policy).tolist() == pytest.approx([0.2, 0.0])
+    # where the manifest's noise gate skips the networks the container writes networks off
+    assert policy.key_for(helped | {"old_gate": 0.0}) == "none@0"
+
+
+def test_nothing_safe_means_networks_off() -> None:
+    rows = [_row(f, 0.5, -0.2) for f in ("a", "b") for _ in range(3)]
+    assert cal.fit(rows, SEARCH) == cal.OFF
+    assert cal.OFF.rules() == {"noise": ((0.0, 0.0),)} and cal.OFF.describe() == "networks off"
+
+
+def test_leave_one_family_out_fits_without_the_family_and_is_reproducible() -> None:
+    rows = _table()
+    first = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    again = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert first.policy == again.policy
+    assert {k: (p, g.tolist()) for k, (p, g) in first.held_out.items()} == {
+        k: (p, g.tolist()) for k, (p, g) in again.held_out.items()
+    }
+    assert set(first.held_out) == {"ours", "xc", "near"}  # ours800 and ours805 are one family
+    for fam, (policy, gains) in first.held_out.items():
+        without = [r for r in rows if cal.family_of(r["set"]) != fam]
+        assert policy == cal.fit(without, SEARCH, margin=0.03, buffer=0.0)
+        held = [r for r in rows if cal.family_of(r["set"]) == fam]
+        assert gains.tolist() == pytest.approx(cal.benefits(held, policy).tolist())
+    # the held-out family's own scores never enter its policy: change them, its policy stays
+    changed = [r if cal.family_of(r["set"]) != "near" else _row("near", r["signals"]["hf"], 0.9) for r in rows]
+    assert cal.leave_one_family_out(changed, SEARCH, margin=0.03, buffer=0.0).held_out["near"][0] == first.held_out["near"][0]
+
+
+def test_a_threshold_that_only_just_separates_the_cases_is_refused_by_the_buffer() -> None:
+    rows = [_row("a", 0.20, 0.2), _row("a", 0.21, -0.3), _row("a", 0.9, -0.3), _row("a", 0.05, 0.2)]
+    assert cal.fit(rows, SEARCH, margin=0.03, buffer=0.0).conditions[0].threshold == pytest.approx(0.205)
+    # 0.205 moved 0.25 σ of hf (0.08) towards trusting takes the harmed case at 0.21: the next threshold down
+    assert cal.fit(rows, SEARCH, margin=0.03, buffer=0.25).conditions[0].threshold == pytest.approx(0.125)
+
+
+def test_two_conditions_become_two_rules_whose_minimum_is_the_gate_only_when_both_hold() -> None:
+    policy = cal.Policy("none@0.5", (cal.Condition("hf", False, 0.3), cal.Condition("noise", True, 0.01)))
+    rules = policy.rules()
+    assert trust.case_factor({"hf": 0.2, "noise": 0.02}, rules)[0] == 0.5
+    assert trust.case_factor({"hf": 0.4, "noise": 0.02}, rules)[0] == 0.0
+    assert trust.case_factor({"hf": 0.2, "noise": 0.005}, rules)[0] == 0.0
