@@ -226,11 +226,16 @@ def signals_of(artefacts: dict[str, np.ndarray], spec: TrustSpec) -> dict[str, f
 def ssim_gaussian(a: np.ndarray, b: np.ndarray) -> float:
     """The other SSIM convention in public use for this challenge (BiaPy's evaluation script):
     ``skimage.metrics.structural_similarity`` with a Gaussian window (σ 1.5), population
-    covariance, data range 1, on the metric-normalised ZYX volumes."""
+    covariance, data range 1, on the metric-normalised ZYX volumes. Volumes thinner than the window
+    (11 voxels) on an axis pass the largest odd size that fits (only skimage's size check uses it)."""
     from skimage.metrics import structural_similarity
 
+    smallest = min(a.shape)
+    win = None if smallest >= 11 else max(1, smallest - (1 - smallest % 2))
     return float(
-        structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+        structural_similarity(
+            a, b, win_size=win, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
     )
 
 
