@@ -83,6 +83,7 @@ SCORED = ("none@0.25", "agreement@0.25", "none@0.5", "none@1")
 """The (region, gate) outputs scored per case besides networks off ('none@0')."""
 CACHE_VERSION = 2
 ROW_VERSION = 3
+SIGNALS_VERSION = 2  # bump when fusemycells.trust.case_signals changes: cached rows remeasure their signals
 
 
 @dataclass
@@ -310,7 +311,13 @@ def case_row(
             sigma = postprocess.adaptive_settings(float(stored["noise"]), shipped.channel(case.channel).postprocess)[0]
     row_path = path.with_name(path.stem + f".row-{ROW_VERSION}-{sigma:.4f}.json") if sigma is not None else None
     if row_path is not None and row_path.is_file():
-        return json.loads(row_path.read_text())
+        row = json.loads(row_path.read_text())
+        if row.get("signals_version") != SIGNALS_VERSION:  # the signals' code changed: remeasure them only
+            with np.load(path) as stored:
+                row["signals"] = signals_of({k: stored[k] for k in stored.files}, TrustSpec())
+            row["signals_version"] = SIGNALS_VERSION
+            row_path.write_text(json.dumps(row))
+        return row
     artefacts = load_or_compute(fuser, case, cache, probe_fraction)
     noise = float(artefacts["noise"])
     old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
@@ -318,6 +325,7 @@ def case_row(
     parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
     row = {
         "version": ROW_VERSION,
+        "signals_version": SIGNALS_VERSION,
         "sigma": postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[0],
         "noise": noise,
         "set": case.set_name,

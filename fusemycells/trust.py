@@ -112,29 +112,27 @@ class ProbeResult:
         return math.sqrt(_ratio(self.disagreement, self.correction))
 
 
-def high_pass_fraction(coarse: np.ndarray, mask: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Per voxel of ``mask``: (x − G_σ x)² and x² (a (2, n) float64 array) of the normalised input
-    (ZYX, diff grid; G a Gaussian of σ ``sigma`` grid voxels): the high-frequency share of the signal."""
-    smooth = ndimage.gaussian_filter(coarse, sigma, mode="nearest")
-    return np.stack([np.square(coarse - smooth, dtype=np.float64)[mask], np.square(coarse, dtype=np.float64)[mask]])
-
-
 def degradation_signals(coarse: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """How far the case looks from clean, from the normalised input alone (ZYX, diff grid, ``mask``
-    its foreground): ``hf`` the high-frequency share of the foreground's signal (blur lowers it);
-    ``asym`` the largest |log| ratio over the three axes of that share between the first and the last
-    third of the foreground along the axis (a light sheet's depth-dependent blur and attenuation make
-    one side worse; a clean stack has ~0)."""
-    energy = high_pass_fraction(coarse, mask)
-    hf = _ratio(float(energy[0].sum()), float(energy[1].sum()))
-    coords = np.nonzero(mask)
+    its foreground): ``hf`` the high-frequency share of the foreground's signal, Σ(x − G₁x)² / Σx²
+    (G₁ a Gaussian of σ 1 grid voxel; blur lowers it); ``asym`` the largest |log| ratio over the three
+    axes of that share between the first and the last third of the foreground along the axis (a light
+    sheet's depth-dependent blur and attenuation make one side worse; a clean stack has ~0)."""
+    x = np.asarray(coarse, dtype=np.float32)
+    weight = mask.astype(np.float32)
+    high = np.square(x - ndimage.gaussian_filter(x, 1.0, mode="nearest")) * weight
+    total = np.square(x) * weight
+    hf = _ratio(float(high.sum(dtype=np.float64)), float(total.sum(dtype=np.float64)))
     asym = 0.0
     for axis in range(3):
-        position = coords[axis]
-        lo, hi = np.percentile(position, [33.3, 66.7]) if position.size else (0.0, 0.0)
-        first, last = energy[:, position <= lo], energy[:, position >= hi]
-        a = _ratio(float(first[0].sum()), float(first[1].sum()))
-        b = _ratio(float(last[0].sum()), float(last[1].sum()))
+        others = tuple(a for a in range(3) if a != axis)
+        count = weight.sum(axis=others, dtype=np.float64)
+        if count.sum() <= 0:
+            continue
+        cumulative = np.cumsum(count) / count.sum()
+        first, last = cumulative <= 1.0 / 3.0, cumulative > 2.0 / 3.0
+        e, t = high.sum(axis=others, dtype=np.float64), total.sum(axis=others, dtype=np.float64)
+        a, b = _ratio(float(e[first].sum()), float(t[first].sum())), _ratio(float(e[last].sum()), float(t[last].sum()))
         if a > 0 and b > 0:
             asym = max(asym, abs(math.log(a / b)))
     return {"hf": hf, "asym": asym}
