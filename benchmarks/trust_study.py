@@ -275,11 +275,19 @@ class Scorer:
         return self._both(self.gaussian)
 
 
+V3_SIGMA_KNOTS = {
+    "nucleus": ((0.005, 0.6), (0.01, 0.7), (0.02, 0.9), (0.035, 1.0), (0.06, 1.2), (0.09, 1.4)),
+    "membrane": ((0.01, 0.4), (0.02, 0.6), (0.03, 0.7), (0.045, 0.9), (0.06, 1.1), (0.1, 1.3)),
+}
+"""The output σ knots shipped with v3 (before the clean-stack floor of issue #24): 'off_sigma_v3'."""
+
+
 def score_case(
     fuser: Fuser, case: Case, artefacts: dict[str, np.ndarray]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """N-SSIM per policy key ('none@0' networks off, '<region>@<gate>' of :data:`SCORED`, 'gaussian' the
-    challenge's baseline, 'off_sigma0' networks off without the output filter), under the uniform-window
+    challenge's baseline, 'off_sigma0' networks off without the output filter, 'off_sigma_v3' networks off
+    with the σ of the v3 manifest's knots), under the uniform-window
     SSIM and under :func:`ssim_gaussian` (two dicts)."""
     scorer = Scorer(fuser, case, artefacts["correction"])
     weight = artefacts["weight"]
@@ -288,6 +296,11 @@ def score_case(
     c2 = trust.coarse_correction(artefacts["correction"], grid)
     region = trust.agreement_map(p1 - coarse, c2, TrustSpec().region_sigma)
     both = {"none@0": scorer.score(None), "gaussian": scorer.baseline(), "off_sigma0": scorer.score(None, 0.0)}
+    v3 = postprocess.adaptive_settings(
+        scorer.case.noise, replace(scorer.case.post, sigma_knots=V3_SIGMA_KNOTS[case.channel])
+    )[0]
+    same = abs(v3 - scorer.case.post.output_gaussian_sigma) < 1e-6
+    both["off_sigma_v3"] = both["none@0"] if same else scorer.score(None, v3)
     for key in SCORED:
         area, gate = key.split("@")
         w = np.float32(float(gate)) * weight * (region if area == "agreement" else np.float32(1.0))

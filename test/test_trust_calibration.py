@@ -90,3 +90,27 @@ def test_two_conditions_become_two_rules_whose_minimum_is_the_gate_only_when_bot
     assert trust.case_factor({"hf": 0.2, "noise": 0.02}, rules)[0] == 0.5
     assert trust.case_factor({"hf": 0.4, "noise": 0.02}, rules)[0] == 0.0
     assert trust.case_factor({"hf": 0.2, "noise": 0.005}, rules)[0] == 0.0
+
+
+def _stack(noise_sigma: float, seed: int = 0) -> np.ndarray:
+    """uint16 ZYX: smooth bright blobs on a dark background plus white noise of ``noise_sigma`` ADU."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (16, 64, 64)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(0, n, 40) for n in shape)] = 1.0
+    clean = 100.0 + 4000.0 * ndimage.gaussian_filter(spots, (1.0, 3.0, 3.0)) / 0.01
+    return np.clip(clean + rng.normal(0.0, noise_sigma, shape), 0, 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("channel", ["nucleus", "membrane"])
+def test_the_shipped_output_filter_is_off_on_a_clean_stack_and_on_for_a_noisy_one(channel: str) -> None:
+    from fusemycells.config import DEFAULT_RESOURCES, load_manifest
+    from fusemycells.postprocess import adaptive_settings, relative_noise
+
+    spec = load_manifest(DEFAULT_RESOURCES).channel(channel).postprocess
+    clean, noisy = _stack(1.0), _stack(400.0)
+    assert relative_noise(clean) < 0.008 < 0.02 < relative_noise(noisy)
+    assert adaptive_settings(relative_noise(clean), spec)[0] == 0.0  # little noise: the filter only blurs
+    assert adaptive_settings(relative_noise(noisy), spec)[0] > 0.5
