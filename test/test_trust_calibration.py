@@ -114,3 +114,28 @@ def test_the_shipped_output_filter_is_off_on_a_clean_stack_and_on_for_a_noisy_on
     assert relative_noise(clean) < 0.008 < 0.02 < relative_noise(noisy)
     assert adaptive_settings(relative_noise(clean), spec)[0] == 0.0  # little noise: the filter only blurs
     assert adaptive_settings(relative_noise(noisy), spec)[0] > 0.5
+
+
+def test_degradation_signals_see_depth_dependent_blur_along_any_axis_and_not_on_a_clean_stack() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    shape = (48, 48, 48)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(2, n - 2, 300) for n in shape)] = 1.0
+    clean = ndimage.gaussian_filter(spots, 0.8)
+    clean /= np.percentile(clean, 99.8)
+    mask = trust.foreground_mask(clean, 0.1)
+    flat = trust.degradation_signals(clean, mask)
+    assert flat["asym"] < 0.3
+    for axis in range(3):
+        # a light sheet entering at index 0 of ``axis``: blur grows and intensity falls with depth
+        blurred = [ndimage.gaussian_filter(clean, s) for s in (0.0, 1.0, 2.0)]
+        depth = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)]) / (shape[axis] - 1)
+        level = np.clip(depth * 2.0, 0.0, 2.0)
+        degraded = np.where(level < 1, (1 - level) * blurred[0] + level * blurred[1], (2 - level) * blurred[1] + (level - 1) * blurred[2])
+        degraded = (degraded * np.exp(-1.5 * depth)).astype(np.float32)
+        degraded /= np.percentile(degraded, 99.8)
+        signals = trust.degradation_signals(degraded, trust.foreground_mask(degraded, 0.1))
+        assert signals["asym"] > 1.0 > flat["asym"] + 0.5, axis
+        assert signals["hf"] < flat["hf"], axis
