@@ -83,7 +83,7 @@ SCORED = ("none@0.25", "agreement@0.25", "none@0.5", "none@1")
 """The (region, gate) outputs scored per case besides networks off ('none@0')."""
 CACHE_VERSION = 2
 ROW_VERSION = 3
-SIGNALS_VERSION = 2  # bump when fusemycells.trust.case_signals changes: cached rows remeasure their signals
+SIGNALS_VERSION = 3  # bump when fusemycells.trust.case_signals changes: cached rows remeasure their signals
 
 
 @dataclass
@@ -327,7 +327,9 @@ def case_row(
         row = json.loads(row_path.read_text())
         if row.get("signals_version") != SIGNALS_VERSION:  # the signals' code changed: remeasure them only
             with np.load(path) as stored:
+                started = time.perf_counter()
                 row["signals"] = signals_of({k: stored[k] for k in stored.files}, TrustSpec())
+                row["seconds"]["signals_now"] = time.perf_counter() - started
             row["signals_version"] = SIGNALS_VERSION
             row_path.write_text(json.dumps(row))
         return row
@@ -335,6 +337,9 @@ def case_row(
     noise = float(artefacts["noise"])
     old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
     scores, scores_g = score_case(fuser, case, artefacts)
+    started = time.perf_counter()
+    signals = signals_of(artefacts, TrustSpec())
+    signals_s = time.perf_counter() - started
     parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
     row = {
         "version": ROW_VERSION,
@@ -344,11 +349,11 @@ def case_row(
         "set": case.set_name,
         "case": case.name,
         "channel": case.channel,
-        "signals": signals_of(artefacts, TrustSpec()),
+        "signals": signals,
         "old_gate": old_gate,
         "n_ssim": scores,
         "n_ssim_gaussian_window": scores_g,
-        "seconds": dict(zip(parts, map(float, artefacts["seconds"]))),
+        "seconds": dict(zip(parts, map(float, artefacts["seconds"]))) | {"signals_now": signals_s},
         "patches": int(artefacts["patches"]),
         "probe_tiles": int(artefacts["probe"][2]),
     }
