@@ -82,12 +82,18 @@ class Policy:
             return {"noise": ((0.0, 0.0),)}
         if not self.conditions:
             return {"noise": ((0.0, self.gate),)}
-        out = {}
-        for i, c in enumerate(self.conditions):
-            high = self.gate if i == 0 else 1.0
+        merged: dict[tuple[str, bool], float] = {}  # one rule per signal: the stricter of two thresholds
+        for c in self.conditions:
             t = float(c.threshold)
-            knots = ((round(t - 1e-4, 6), 0.0), (t, high)) if c.above else ((t, high), (round(t + 1e-4, 6), 0.0))
-            out[c.signal] = knots
+            old = merged.get((c.signal, c.above))
+            merged[(c.signal, c.above)] = t if old is None else (max(old, t) if c.above else min(old, t))
+        if len({signal for signal, _ in merged}) < len(merged):
+            raise ValueError(f"{self.describe()}: one signal bounded from both sides is not one manifest rule")
+        out = {}
+        for i, ((signal, above), t) in enumerate(merged.items()):
+            high = self.gate if i == 0 else 1.0
+            knots = ((round(t - 1e-4, 6), 0.0), (t, high)) if above else ((t, high), (round(t + 1e-4, 6), 0.0))
+            out[signal] = knots
         return out
 
     def describe(self) -> str:
@@ -118,12 +124,20 @@ def summary(rows: Sequence[Row], policy: Policy, scores: str = "n_ssim") -> tupl
 
 @dataclass
 class Search:
-    """What :func:`fit` searches: scored keys, signals, thresholds per signal, conditions per policy."""
+    """What :func:`fit` searches: scored keys, signals (with the directions a condition on each may
+    take: ``directions[signal]`` ⊆ {True (≥), False (≤)}, both by default), thresholds per signal, free
+    conditions per policy, and ``required`` conditions every trusting policy carries (a prior, e.g.
+    "never correct a clean stack": noise ≥ the level below which the output filter is off)."""
 
     keys: tuple[str, ...]
     signals: tuple[str, ...]
     max_thresholds: int = 16  # candidate thresholds per signal: midpoints at evenly spaced quantiles
     max_conditions: int = 2
+    directions: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    required: tuple[Condition, ...] = ()
+
+    def sides(self, signal: str) -> tuple[bool, ...]:
+        return tuple(self.directions.get(signal, (True, False)))
 
 
 def _thresholds(values: np.ndarray, count: int) -> np.ndarray:
@@ -180,26 +194,30 @@ def fit(
     n_sig = len(search.signals)
     thresholds = [_thresholds(table.values[:, j], search.max_thresholds) for j in range(n_sig)]
 
+    base = np.array([all(c.holds(r["signals"]) for c in search.required) for r in rows])
+    req = search.required
+
     def mask(j: int, above: bool, ts: np.ndarray) -> np.ndarray:
         v = table.values[:, j][None, :]
-        return (v >= ts[:, None]) if above else (v <= ts[:, None])
+        return ((v >= ts[:, None]) if above else (v <= ts[:, None])) & base
 
     for k, key in enumerate(search.keys):
-        objective, safe = _scores(table, np.ones((1, len(rows)), dtype=bool), k, margin)
+        objective, safe = _scores(table, base[None, :], k, margin)
         if safe[0]:
-            cands.append((float(objective[0]), 0, k, Policy(key)))
+            cands.append((float(objective[0]), 0, k, Policy(key, req)))
         if search.max_conditions >= 1:
             for j in range(n_sig):
-                for above in (True, False):
+                for above in search.sides(search.signals[j]):
                     ts = thresholds[j]
                     if ts.size == 0:
                         continue
                     objective, safe = _scores(table, mask(j, above, ts), k, margin)
                     for i in np.nonzero(safe)[0]:
                         cond = Condition(search.signals[j], above, float(ts[i]))
-                        cands.append((float(objective[i]), 1, k, Policy(key, (cond,))))
+                        cands.append((float(objective[i]), 1, k, Policy(key, (*req, cond))))
         if search.max_conditions >= 2:
-            for (j1, a1), (j2, a2) in itertools.combinations([(j, a) for j in range(n_sig) for a in (True, False)], 2):
+            sided = [(j, a) for j in range(n_sig) for a in search.sides(search.signals[j])]
+            for (j1, a1), (j2, a2) in itertools.combinations(sided, 2):
                 if j1 == j2 or thresholds[j1].size == 0 or thresholds[j2].size == 0:
                     continue
                 m = mask(j1, a1, thresholds[j1])[:, None, :] & mask(j2, a2, thresholds[j2])[None, :, :]
@@ -209,7 +227,7 @@ def fit(
                         Condition(search.signals[j1], a1, float(thresholds[j1][i1])),
                         Condition(search.signals[j2], a2, float(thresholds[j2][i2])),
                     )
-                    cands.append((float(objective[i1, i2]), 2, k, Policy(key, conds)))
+                    cands.append((float(objective[i1, i2]), 2, k, Policy(key, (*req, *conds))))
     cands.sort(key=lambda c: (-round(c[0], 9), c[1], c[2]))
     for objective, _, _, policy in cands:
         if objective < min_gain:
@@ -226,7 +244,9 @@ def _buffer_safe(
     if buffer <= 0 or not policy.conditions:
         return True
     moved = tuple(
-        Condition(
+        c
+        if c in search.required or c.signal not in search.signals
+        else Condition(
             c.signal,
             c.above,
             c.threshold + (-1.0 if c.above else 1.0) * buffer * float(table.std[search.signals.index(c.signal)]),

@@ -508,10 +508,24 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- calibration
 
 
-def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float) -> cal.Calibration:
+DIRECTIONS = {"noise": (True,), "corr_to_noise": (False,)}
+"""Never trust a case *because* its noise is small: no 'noise ≤ t' and no 'corr_to_noise ≥ t' (large
+when the noise is small: the v3 rule that corrected a clean stack at −1.74)."""
+
+
+def clean_noise(manifest: Manifest, channel: str) -> float:
+    """The relative noise below which a stack counts as clean: where the output filter's σ knots first
+    reach σ > 0 (the σ floor, docs/quality.md); 0 when the knots have no floor."""
+    knots = manifest.channel(channel).postprocess.sigma_knots
+    return next((float(n) for n, sigma in knots if sigma > 0), 0.0) if knots and knots[0][1] <= 0 else 0.0
+
+
+def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0) -> cal.Calibration:
     """A channel's policy fitted on every family and each family's held-out figures
-    (:func:`benchmarks.trust_calibration.leave_one_family_out`)."""
-    search = cal.Search(keys=SCORED, signals=SEARCH_SIGNALS)
+    (:func:`benchmarks.trust_calibration.leave_one_family_out`); with ``clean`` > 0 every trusting
+    policy also requires noise ≥ ``clean`` (a clean stack is never corrected, by filter or networks)."""
+    required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
+    search = cal.Search(keys=SCORED, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
     return cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
 
 
@@ -640,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks-only", action="store_true", help="only run the networks into the cache")
     parser.add_argument("--calibrate", action="store_true", help="choose the policy per channel")
     parser.add_argument("--margin", type=float, default=0.03, help="largest drop below networks off allowed on a tuning case")
+    parser.add_argument(
+        "--no-clean-prior", dest="clean_prior", action="store_false",
+        help="let the calibration trust stacks below the σ floor's noise (default: never)",
+    )
     parser.add_argument("--table", type=Path, default=None, help="write the decision table (markdown) here")
     parser.add_argument("--buffer", type=float, default=0.25, help="threshold shift (signal σ) that must stay safe")
     parser.add_argument(
@@ -668,8 +686,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.calibrate:
+        shipped = load_manifest(args.resources)
+        clean = {ch: (clean_noise(shipped, ch) if args.clean_prior else 0.0) for ch in shipped.channels}
         chosen = {
-            channel: calibrate([r for r in rows if r["channel"] == channel], args.margin, args.buffer)
+            channel: calibrate([r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel])
             for channel in sorted({r["channel"] for r in rows})
         }
         report_calibration(rows, chosen)
@@ -678,7 +698,6 @@ def main(argv: list[str] | None = None) -> int:
                 "\n\n".join(f"N-SSIM, {name}:\n\n{quality_table(rows, chosen, key)}" for key, name in CONVENTIONS.items()) + "\n"
             )
         if args.write_manifest is not None:
-            shipped = load_manifest(args.resources)
             provenance = {
                 "command": "benchmarks/trust_study.py --calibrate (leave one family out)",
                 "date": time.strftime("%Y-%m-%d"),
@@ -691,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cases": len(rows),
                 "margin": args.margin,
                 "buffer": args.buffer,
+                "clean_noise": {ch: v for ch, v in clean.items() if ch in chosen},
                 "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
                 "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
             }
