@@ -448,7 +448,7 @@ def study(
 
 SEARCH_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym")
 """Signals the calibration may use: those without extra network forwards (the flip signals cost
-forwards and did not predict the benefit, README *Per-case trust*)."""
+forwards and did not predict the benefit, docs/quality.md)."""
 CONSTANT_GATE = {"nucleus": "none@0.5", "membrane": "none@0.25"}
 """The constant gate of the comparison (½ nuclei, ¼ membranes, no trust)."""
 CONVENTIONS = {"n_ssim": "uniform 7³ window (fusemycells.metrics)", "n_ssim_gaussian_window": "Gaussian window σ 1.5 (skimage, BiaPy)"}
@@ -508,6 +508,12 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- calibration
 
 
+TRUST_KEYS = ("none@0.25", "agreement@0.25", "none@0.5")
+"""Factors a calibrated policy may give (mildest first: ties go to them): at most ½. Full weight is
+scored for the table but not offered: v3 at full weight collapses on whole families (the independent
+simulator's nuclei, near-identity stacks at −5 to −30), and with a handful of cases per family a
+threshold that lets one such case through costs far more than a ½ factor gains (measured: leave one
+family out, worst held-out case −0.100 with full weight offered, −0.018 without, docs/quality.md)."""
 DIRECTIONS = {"noise": (True,), "corr_to_noise": (False,)}
 """Never trust a case *because* its noise is small: no 'noise ≤ t' and no 'corr_to_noise ≥ t' (large
 when the noise is small: the v3 rule that corrected a clean stack at −1.74)."""
@@ -525,7 +531,7 @@ def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: f
     (:func:`benchmarks.trust_calibration.leave_one_family_out`); with ``clean`` > 0 every trusting
     policy also requires noise ≥ ``clean`` (a clean stack is never corrected, by filter or networks)."""
     required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
-    search = cal.Search(keys=SCORED, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
+    search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
     return cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
 
 

@@ -155,7 +155,7 @@ class TrustSpec:
     signal, and ``gate_knots`` only decide whether the networks run at all (gate > 0). Where the
     signals cannot be measured (the time budget cut the patch stage) the factor is
     ``fallback_factor``: 0 by default, networks off, since the calibrated policies keep them off
-    unless a signal vouches for them (the constant gate harmed held-out cases, README *Quality*).
+    unless a signal vouches for them (the constant gate harmed held-out cases, docs/quality.md).
     """
 
     mode: str = "off"
