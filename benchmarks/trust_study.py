@@ -497,12 +497,15 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         for name, members in groups(rows).items():
             corr = correlations(members, names, key)
             print("\t".join([name, str(len(members))] + [f"{corr[n][0]:+.2f}/{corr[n][1]:+.2f}" for n in names]))
-    print("\ncost (CPU, this machine): mean seconds and share of the patch stage")
-    parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
-    print("\t".join(["group", "n", *parts]))
+    print("\ncost (CPU, this machine): mean seconds and share of the patch stage; signals_now: the current signals")
+    print("(with the stage-2 correction's numpy resize to the diff grid, which the pipeline shares with the weight map)")
+    parts = ("global", "global_flip", "patch", "probe", "signals", "resize", "signals_now")
+    print("\t".join(["group", "n", *parts, "signals_now / patch: median, max"]))
     for name, members in groups(rows).items():
-        mean = {p: np.mean([m["seconds"][p] for m in members]) for p in parts}
-        print("\t".join([name, str(len(members)), *(f"{mean[p]:.2f} ({mean[p] / mean['patch']:.0%})" for p in parts)]))
+        mean = {p: np.mean([m["seconds"].get(p, np.nan) for m in members]) for p in parts}
+        share = [m["seconds"]["signals_now"] / m["seconds"]["patch"] for m in members if "signals_now" in m["seconds"]]
+        tail = f"{np.median(share):.1%}, {max(share):.1%}" if share else "-"
+        print("\t".join([name, str(len(members)), *(f"{mean[p]:.2f} ({mean[p] / mean['patch']:.0%})" for p in parts), tail]))
 
 
 # ---------------------------------------------------------------- calibration
