@@ -259,10 +259,12 @@ def _buffer_safe(
 
 @dataclass
 class Calibration:
-    """A channel's policy fitted on every family, and each family's score under the policy fitted without it."""
+    """A channel's shipped policy, the policy fitted on every family, and each family's score under the
+    policy fitted without it."""
 
-    policy: Policy
+    policy: Policy  # what ships: ``fitted`` when its leave-one-family-out figures hold, else OFF
     held_out: dict[str, tuple[Policy, np.ndarray]] = field(default_factory=dict)  # family → (policy, gains)
+    fitted: Policy = OFF
 
     def loso(self) -> tuple[float, float, float]:
         """(mean over families of the held-out mean benefit, worst held-out family mean, worst held-out case)."""
@@ -272,13 +274,35 @@ class Calibration:
         return float(np.mean(means)), float(min(means)), float(min(g.min() for _, g in self.held_out.values()))
 
 
-def leave_one_family_out(rows: Sequence[Row], search: Search, **kwargs: Any) -> Calibration:
-    """:func:`fit` on all rows, and per family the policy fitted without it and its gains on it."""
-    out = Calibration(fit(rows, search, **kwargs))
+def _plain_loso(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: Any) -> tuple[float, float, float]:
+    """The unguarded leave-one-family-out figures of :func:`fit` (what the guard judges)."""
+    return leave_one_family_out(rows, search, guard=False, min_gain=min_gain, **kwargs).loso()
+
+
+def leave_one_family_out(
+    rows: Sequence[Row], search: Search, guard: bool = True, min_gain: float = 0.002, nested: bool = True, **kwargs: Any
+) -> Calibration:
+    """:func:`fit` on all rows, and per family the policy the whole procedure gives without it and its
+    gains on it (with ``guard`` and ``nested``: the guarded procedure itself run on the other families,
+    so the held-out figures are those of what would ship without the family).
+
+    With ``guard`` the fitted policy ships only when the procedure holds up on families it did not see:
+    held-out mean gain (families weighted equally) ≥ ``min_gain``, no held-out family below networks off
+    in the mean and no held-out case more than ``margin`` (kwargs, default 0.03) below it; else networks
+    off (:data:`OFF`).
+    """
+    fitted = fit(rows, search, min_gain=min_gain, **kwargs)
+    out = Calibration(fitted, fitted=fitted)
     scores = kwargs.get("scores", "n_ssim")
     for fam in sorted({family_of(r["set"]) for r in rows}):
         train = [r for r in rows if family_of(r["set"]) != fam]
         held = [r for r in rows if family_of(r["set"]) == fam]
-        policy = fit(train, search, **kwargs)
+        if guard and nested:
+            policy = leave_one_family_out(train, search, guard=True, min_gain=min_gain, nested=False, **kwargs).policy
+        else:
+            policy = fit(train, search, min_gain=min_gain, **kwargs)
         out.held_out[fam] = (policy, benefits(held, policy, scores))
+    mean, worst_family, worst_case = out.loso() if not (guard and nested) else _plain_loso(rows, search, min_gain, **kwargs)
+    if guard and (mean < min_gain or worst_family < 0.0 or worst_case < -kwargs.get("margin", 0.03)):
+        out.policy = OFF
     return out

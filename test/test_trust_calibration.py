@@ -60,8 +60,8 @@ def test_nothing_safe_means_networks_off() -> None:
 
 def test_leave_one_family_out_fits_without_the_family_and_is_reproducible() -> None:
     rows = _table()
-    first = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
-    again = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    first = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    again = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
     assert first.policy == again.policy
     assert {k: (p, g.tolist()) for k, (p, g) in first.held_out.items()} == {
         k: (p, g.tolist()) for k, (p, g) in again.held_out.items()
@@ -74,7 +74,23 @@ def test_leave_one_family_out_fits_without_the_family_and_is_reproducible() -> N
         assert gains.tolist() == pytest.approx(cal.benefits(held, policy).tolist())
     # the held-out family's own scores never enter its policy: change them, its policy stays
     changed = [r if cal.family_of(r["set"]) != "near" else _row("near", r["signals"]["hf"], 0.9) for r in rows]
-    assert cal.leave_one_family_out(changed, SEARCH, margin=0.03, buffer=0.0).held_out["near"][0] == first.held_out["near"][0]
+    again = cal.leave_one_family_out(changed, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert again.held_out["near"][0] == first.held_out["near"][0]
+    # guarded: each held-out family is scored by the whole guarded procedure run without it
+    guarded = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    for fam, (policy, _) in guarded.held_out.items():
+        without = [r for r in rows if cal.family_of(r["set"]) != fam]
+        assert policy == cal.leave_one_family_out(without, SEARCH, nested=False, margin=0.03, buffer=0.0).policy
+
+
+def test_the_guard_ships_networks_off_when_the_fit_does_not_hold_on_unseen_families() -> None:
+    # low hf helps in families a-c; in d it harms, and only d's noise tells its cases apart: a fit on all
+    # families finds "hf low and noise low", a fit without d has no reason to look at the noise
+    rows = [_row(f, hf, 0.2, 0.02) for f in "abc" for hf in (0.1, 0.2)] + [_row(f, 0.8, -0.2, 0.02) for f in "abc"]
+    rows += [_row("d", hf, -0.3, 0.08) for hf in (0.1, 0.2)] + [_row("d", 0.15, 0.2, 0.02)]
+    unguarded = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert unguarded.fitted != cal.OFF and unguarded.loso()[1] < 0  # a fit exists, but it loses on a held-out family
+    assert cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0).policy == cal.OFF
 
 
 def test_a_threshold_that_only_just_separates_the_cases_is_refused_by_the_buffer() -> None:
