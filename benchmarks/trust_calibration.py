@@ -265,6 +265,7 @@ class Calibration:
     policy: Policy  # what ships: ``fitted`` when its leave-one-family-out figures hold, else OFF
     held_out: dict[str, tuple[Policy, np.ndarray]] = field(default_factory=dict)  # family → (policy, gains)
     fitted: Policy = OFF
+    search: Search | None = None  # what was searched (for the record)
 
     def loso(self) -> tuple[float, float, float]:
         """(mean over families of the held-out mean benefit, worst held-out family mean, worst held-out case)."""

@@ -534,7 +534,9 @@ def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: f
     policy also requires noise ≥ ``clean`` (a clean stack is never corrected)."""
     required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
     search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
-    return cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
+    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
+    out.search = search
+    return out
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -723,6 +725,11 @@ def main(argv: list[str] | None = None) -> int:
                 "buffer": args.buffer,
                 "clean_noise": {ch: v for ch, v in clean.items() if ch in chosen},
                 "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
+                "fitted_on_all_families": {ch: c.fitted.describe() for ch, c in chosen.items()},
+                "fitted_leave_one_family_out": {  # the unguarded fit's held-out figures, which the guard judged
+                    ch: [round(v, 4) for v in cal._plain_loso([r for r in rows if r["channel"] == ch], c.search, 0.002, margin=args.margin, buffer=args.buffer)]
+                    for ch, c in chosen.items()
+                },
                 "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
             }
             target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
