@@ -1,39 +1,31 @@
 #!/usr/bin/env python3
-"""Per-case trust in the network correction (issue #14, item 3): offline study and calibration.
+"""Per-case trust in the network correction (issues #14, #24): offline study and calibration.
 
-    python benchmarks/trust_study.py --set NAME=ROOT [--set NAME=ROOT ...] --cache DIR
-        [--resources DIR] [--json FILE] [--calibrate [--write-manifest FILE]] [--margin 0.01]
+    python benchmarks/trust_study.py --set NAME=ROOT[:N] [--set ...] --cache DIR [--resources DIR]
+        [--json FILE] [--networks-only | --cached-only] [--calibrate [--table FILE] [--write-manifest FILE]]
 
-Each ROOT is a simulated TUNING set, in either simulator's layout (``python -m training.simulate
---study tuning``: ``ROOT`` holds ``*_angle.tif`` beside ``*_fused.tif``; ``benchmarks/crosscheck_sim.py``:
-``ROOT/images/...`` and ``ROOT/ground-truth``). Never pass a held-out set.
+Each ROOT is a TUNING set in our simulator's layout (``*_angle.tif`` beside ``*_fused.tif``) or the
+Grand Challenge layout (``ROOT/images/...`` and ``ROOT/ground-truth``: ``benchmarks/crosscheck_sim.py``,
+``benchmarks/families.py``); ``:N`` takes the first N cases per channel. Never pass a held-out set.
+Sets of one generator form a family (``trust_calibration.family_of``: ``ours*``, ``xc*``, else the name).
 
-Per case the container's own steps (:class:`fusemycells.pipeline.Fuser`: prepare, global stage,
-patch stage, weight map; CPU) compute once the network correction on H, its weight map at gate 1 and
-the raw material of every trust signal of :mod:`fusemycells.trust` (a mirrored forward of the global
-network, the patch flip probe on the pipeline's share of tiles), cached in ``DIR/<set>/<case>.npz``
-(a rerun on the same weights only scores; delete the cache for new weights). Then it scores N-SSIM
-(:mod:`fusemycells.metrics`) of the output the container would write for gates 0, ¼, ½, ¾, 1, each
-without and with the region factor ('agreement'), and the shipped constant gate ('old'), and prints:
-the per-case table, per set/channel the correlation (Pearson r / Spearman ρ) of each signal with the
-benefit N-SSIM(gate g) − N-SSIM(gate 0), the mean N-SSIM per gate, and the cost of each signal.
+Per case the container's own steps (:class:`fusemycells.pipeline.Fuser`: prepare, global stage, patch
+stage, weight map; CPU) compute once the network correction on H, its weight map at gate 1 and the raw
+material of every trust signal of :mod:`fusemycells.trust`, cached in
+``DIR/<weights_key>/<set>/<case>.npz`` (keyed by the weights' checksums: new weights never reuse old
+outputs). Then it scores N-SSIM of the output the container would write for networks off, the factors
+of :data:`SCORED` (with and without the region factor), the Gaussian baseline and networks off at σ 0
+and at v3's σ, under both SSIM conventions (:mod:`fusemycells.metrics`' uniform window and
+:func:`ssim_gaussian`), cached per case and output σ; and prints the per-case table, each signal's
+correlation with the benefit over networks off, and the cost of the signals.
 
-``--calibrate`` chooses, per channel, the trust policy from the family "factor G (¼, ½, ¾, 1), with
-or without the region factor, constant or when one signal is ≥ t (or ≤ t)": the family is the one
-with the best leave-one-set-out benefit (thresholds fitted without a set, scored on it) among those
-that keep every held-back case within ``--tolerance`` (0.02, the quality bar) of gate 0; its
-threshold is then fitted on all sets, as the best mean benefit over gate 0 (sets weighted equally)
-that puts no tuning case more than ``--margin`` below gate 0, even with the threshold moved
-``--buffer`` standard deviations of the signal towards trusting more. No family gaining ≥ 0.002
-held-back: networks off. Cases where the manifest's noise gate (``gate_knots``) skips the networks
-count as networks off, as in the container. It prints each policy's tuning figures next to gates 0
-and 1 and the old constant gate, and the leave-one-set-out figures. ``--write-manifest`` writes the
-chosen policies into that manifest (``channels.<ch>.trust``, and ``provenance.trust_calibration``),
-keeping everything else.
-
-Recalibrating new weights: delete the cache (it holds the old networks' outputs), then run with the
-same ``--set`` list, ``--calibrate --write-manifest resources/manifest.json``; ``--workers N`` runs
-N cases at once.
+``--calibrate`` runs :func:`trust_calibration.leave_one_family_out` per channel (policies of up to two
+conditions on :data:`SEARCH_SIGNALS`, factors :data:`TRUST_KEYS`, priors :data:`DIRECTIONS` and
+noise ≥ :data:`CLEAN_NOISE`; the fitted policy ships only if it holds on families it did not see),
+prints the decision table (docs/quality.md) under both conventions (``--table`` writes it) and
+``--write-manifest`` writes the policies into ``channels.<ch>.trust`` and
+``provenance.trust_calibration``, keeping everything else. New weights: the same command with their
+``--resources`` (docs/quality.md gives the full command).
 """
 
 from __future__ import annotations
