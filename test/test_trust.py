@@ -229,7 +229,7 @@ def test_fuser_reports_the_trust_decision_and_a_zero_factor_writes_the_networks_
     assert (
         entry["mode"] == "case"
         and entry["factor"] == 1.0
-        and set(entry["signals"]) == {"noise", "corr_to_noise", "s12_corr", "s12_ratio"}
+        and set(entry["signals"]) == {"noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym"}
     )
     assert "trust" in fused.report.seconds and "region_mean" in entry and entry["extra_forwards"] == {}
     zero_here = {"mode": "case", "rules": {"s12_corr": [[1.5, 0], [2, 1]]}}  # s12_corr ≤ 1: factor 0 on this case
