@@ -1,50 +1,42 @@
 #!/usr/bin/env python3
-"""Per-case trust in the network correction (issue #14, item 3): offline study and calibration.
+"""Per-case trust in the network correction (issues #14, #24): offline study and calibration.
 
-    python benchmarks/trust_study.py --set NAME=ROOT [--set NAME=ROOT ...] --cache DIR
-        [--resources DIR] [--json FILE] [--calibrate [--write-manifest FILE]] [--margin 0.01]
+    python benchmarks/trust_study.py --set NAME=ROOT[:N] [--set ...] --cache DIR [--resources DIR]
+        [--json FILE] [--networks-only | --cached-only] [--calibrate [--table FILE] [--write-manifest FILE]]
 
-Each ROOT is a simulated TUNING set, in either simulator's layout (``python -m training.simulate
---study tuning``: ``ROOT`` holds ``*_angle.tif`` beside ``*_fused.tif``; ``benchmarks/crosscheck_sim.py``:
-``ROOT/images/...`` and ``ROOT/ground-truth``). Never pass a held-out set.
+Each ROOT is a TUNING set in our simulator's layout (``*_angle.tif`` beside ``*_fused.tif``) or the
+Grand Challenge layout (``ROOT/images/...`` and ``ROOT/ground-truth``: ``benchmarks/crosscheck_sim.py``,
+``benchmarks/families.py``); ``:N`` takes the first N cases per channel. Never pass a held-out set.
+Sets of one generator form a family (``trust_calibration.family_of``: ``ours*``, ``xc*``, else the name).
 
-Per case the container's own steps (:class:`fusemycells.pipeline.Fuser`: prepare, global stage,
-patch stage, weight map; CPU) compute once the network correction on H, its weight map at gate 1 and
-the raw material of every trust signal of :mod:`fusemycells.trust` (a mirrored forward of the global
-network, the patch flip probe on the pipeline's share of tiles), cached in ``DIR/<set>/<case>.npz``
-(a rerun on the same weights only scores; delete the cache for new weights). Then it scores N-SSIM
-(:mod:`fusemycells.metrics`) of the output the container would write for gates 0, ¼, ½, ¾, 1, each
-without and with the region factor ('agreement'), and the shipped constant gate ('old'), and prints:
-the per-case table, per set/channel the correlation (Pearson r / Spearman ρ) of each signal with the
-benefit N-SSIM(gate g) − N-SSIM(gate 0), the mean N-SSIM per gate, and the cost of each signal.
+Per case the container's own steps (:class:`fusemycells.pipeline.Fuser`: prepare, global stage, patch
+stage, weight map; CPU) compute once the network correction on H, its weight map at gate 1 and the raw
+material of every trust signal of :mod:`fusemycells.trust`, cached in
+``DIR/<weights_key>/<set>/<case>.npz`` (keyed by the weights' checksums: new weights never reuse old
+outputs). Then it scores N-SSIM of the output the container would write for networks off, the factors
+of :data:`SCORED` (with and without the region factor), the Gaussian baseline and networks off at σ 0
+and at v3's σ, under both SSIM conventions (:mod:`fusemycells.metrics`' uniform window and
+:func:`ssim_gaussian`), cached per case and output σ; and prints the per-case table, each signal's
+correlation with the benefit over networks off, and the cost of the signals.
 
-``--calibrate`` chooses, per channel, the trust policy from the family "factor G (¼, ½, ¾, 1), with
-or without the region factor, constant or when one signal is ≥ t (or ≤ t)": the family is the one
-with the best leave-one-set-out benefit (thresholds fitted without a set, scored on it) among those
-that keep every held-back case within ``--tolerance`` (0.02, the quality bar) of gate 0; its
-threshold is then fitted on all sets, as the best mean benefit over gate 0 (sets weighted equally)
-that puts no tuning case more than ``--margin`` below gate 0, even with the threshold moved
-``--buffer`` standard deviations of the signal towards trusting more. No family gaining ≥ 0.002
-held-back: networks off. Cases where the manifest's noise gate (``gate_knots``) skips the networks
-count as networks off, as in the container. It prints each policy's tuning figures next to gates 0
-and 1 and the old constant gate, and the leave-one-set-out figures. ``--write-manifest`` writes the
-chosen policies into that manifest (``channels.<ch>.trust``, and ``provenance.trust_calibration``),
-keeping everything else.
-
-Recalibrating new weights: delete the cache (it holds the old networks' outputs), then run with the
-same ``--set`` list, ``--calibrate --write-manifest resources/manifest.json``; ``--workers N`` runs
-N cases at once.
+``--calibrate`` runs :func:`trust_calibration.leave_one_family_out` per channel (policies of up to two
+conditions on :data:`SEARCH_SIGNALS`, factors :data:`TRUST_KEYS`, priors :data:`DIRECTIONS` and
+noise ≥ :data:`CLEAN_NOISE`; the fitted policy ships only if it holds on families it did not see),
+prints the decision table (docs/quality.md) under both conventions (``--table`` writes it) and
+``--write-manifest`` writes the policies into ``channels.<ch>.trust`` and
+``provenance.trust_calibration``, keeping everything else. New weights: the same command with their
+``--resources`` (docs/quality.md gives the full command).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,8 +46,11 @@ import numpy as np
 from scipy import stats
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import trust_calibration as cal  # noqa: E402
 
 from fusemycells import postprocess, trust  # noqa: E402
 from fusemycells.budget import BudgetPolicy  # noqa: E402
@@ -63,7 +58,7 @@ from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, Manifest, Trust
 from fusemycells.deadline import Deadline  # noqa: E402
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.io import read_volume  # noqa: E402
-from fusemycells.metrics import metric_normalise, n_ssim, ssim  # noqa: E402
+from fusemycells.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
 from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.report import CaseReport  # noqa: E402
@@ -74,9 +69,13 @@ log = logging.getLogger("trust_study")
 
 INPUT_DIR = "images/fluorescence-lightsheet-3D-microscopy"
 GT_DIR = "ground-truth"
-GATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+GATES = (0.0, 0.25, 0.5, 1.0)
 REGIONS = ("none", "agreement")
+SCORED = ("none@0.25", "agreement@0.25", "none@0.5", "none@1")
+"""The (region, gate) outputs scored per case besides networks off ('none@0')."""
 CACHE_VERSION = 2
+ROW_VERSION = 3
+SIGNALS_VERSION = 3  # bump when fusemycells.trust.case_signals changes: cached rows remeasure their signals
 
 
 @dataclass
@@ -90,8 +89,9 @@ class Case:
     gt_path: Path
 
 
-def find_cases(set_name: str, root: Path) -> list[Case]:
-    """The (input, ground truth) pairs of a set (either simulator's layout)."""
+def find_cases(set_name: str, root: Path, per_channel: int | None = None) -> list[Case]:
+    """The (input, ground truth) pairs of a set (either simulator's layout); the first ``per_channel``
+    of each channel (by name) when given."""
     if (root / INPUT_DIR).is_dir():  # benchmarks/crosscheck_sim.py: same names in two folders
         inputs, gts = tiff_files(root / INPUT_DIR), tiff_files(root / GT_DIR)
     else:  # training/simulate.py: <name>_angle.tif beside <name>_fused.tif
@@ -103,6 +103,8 @@ def find_cases(set_name: str, root: Path) -> list[Case]:
             continue
         channel = "membrane" if "membrane" in name else "nucleus"
         cases.append(Case(set_name, name, channel, path, gt))
+    if per_channel is not None:
+        cases = [c for ch in ("nucleus", "membrane") for c in [c for c in cases if c.channel == ch][:per_channel]]
     return cases
 
 
@@ -214,72 +216,141 @@ def signals_of(artefacts: dict[str, np.ndarray], spec: TrustSpec) -> dict[str, f
     )
 
 
+def ssim_gaussian(a: np.ndarray, b: np.ndarray) -> float:
+    """The other SSIM convention in public use for this challenge (BiaPy's evaluation script):
+    ``skimage.metrics.structural_similarity`` with a Gaussian window (σ 1.5), population
+    covariance, data range 1, on the metric-normalised ZYX volumes. Volumes thinner than the window
+    (11 voxels) on an axis pass the largest odd size that fits (only skimage's size check uses it)."""
+    from skimage.metrics import structural_similarity
+
+    smallest = min(a.shape)
+    win = None if smallest >= 11 else max(1, smallest - (1 - smallest % 2))
+    return float(
+        structural_similarity(
+            a, b, win_size=win, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
+    )
+
+
 class Scorer:
-    """N-SSIM of the container's output for one case and a weight map on the diff grid."""
+    """N-SSIM of the container's output for one case and a weight map on the diff grid, under both
+    SSIM conventions (:func:`fusemycells.metrics.ssim`, the 7³ uniform window, and :func:`ssim_gaussian`)."""
 
     def __init__(self, fuser: Fuser, case: Case, correction: np.ndarray) -> None:
         self.case, _ = prepare(fuser, case)
         self.correction = correction
         self.gt = metric_normalise(read_volume(case.gt_path).data)
-        self.ssim_input = ssim(metric_normalise(read_volume(case.input_path).data), self.gt)
+        raw = read_volume(case.input_path).data
+        inp = metric_normalise(raw)
+        self.ssim_input = (ssim(inp, self.gt), ssim_gaussian(inp, self.gt))
+        self.gaussian = metric_normalise(gaussian_baseline(raw, case.channel))
 
-    def score(self, weight: np.ndarray | None) -> float:
-        """N-SSIM of the output blended with ``weight`` (None: networks off), as ``inference.py`` writes it."""
+    def _both(self, out: np.ndarray) -> tuple[float, float]:
+        return (
+            n_ssim(ssim(out, self.gt), self.ssim_input[0]),
+            n_ssim(ssim_gaussian(out, self.gt), self.ssim_input[1]),
+        )
+
+    def score(self, weight: np.ndarray | None, sigma: float | None = None) -> tuple[float, float]:
+        """N-SSIM (uniform, Gaussian window) of the output blended with ``weight`` (None: networks off),
+        as ``inference.py`` writes it; ``sigma`` replaces the case's output σ (voxels)."""
         case = self.case
         if weight is None:
             blended = case.x_in
         else:
             blended = postprocess.blend_slabs(case.data, case.x_in, self.correction, weight, compact=False)
-        out = materialise(postprocess.final_source(blended, case.post, "float32", spacing=case.spacing))
-        return n_ssim(ssim(metric_normalise(out), self.gt), self.ssim_input)
+        post = case.post if sigma is None else replace(case.post, output_gaussian_sigma=float(sigma))
+        return self._both(materialise(postprocess.final_source(blended, post, "float32", spacing=case.spacing)))
+
+    def baseline(self) -> tuple[float, float]:
+        """N-SSIM of the challenge's Gaussian baseline (:func:`fusemycells.metrics.gaussian_baseline`)."""
+        return self._both(self.gaussian)
 
 
-def score_case(fuser: Fuser, case: Case, artefacts: dict[str, np.ndarray], old_gate: float) -> dict[str, float]:
-    """N-SSIM per '<region>@<gate>' (gate 0 once, as 'none@0') and for the old constant gate ('old')."""
+V3_SIGMA_KNOTS = {
+    "nucleus": ((0.005, 0.6), (0.01, 0.7), (0.02, 0.9), (0.035, 1.0), (0.06, 1.2), (0.09, 1.4)),
+    "membrane": ((0.01, 0.4), (0.02, 0.6), (0.03, 0.7), (0.045, 0.9), (0.06, 1.1), (0.1, 1.3)),
+}
+"""The output σ knots shipped with v3 (before the clean-stack floor of issue #24): 'off_sigma_v3'."""
+
+
+def score_case(
+    fuser: Fuser, case: Case, artefacts: dict[str, np.ndarray]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """N-SSIM per policy key ('none@0' networks off, '<region>@<gate>' of :data:`SCORED`, 'gaussian' the
+    challenge's baseline, 'off_sigma0' networks off without the output filter, 'off_sigma_v3' networks off
+    with the σ of the v3 manifest's knots), under the uniform-window
+    SSIM and under :func:`ssim_gaussian` (two dicts)."""
     scorer = Scorer(fuser, case, artefacts["correction"])
     weight = artefacts["weight"]
     grid = weight.shape
     coarse, p1 = trust.on_grid(artefacts["coarse"], grid), trust.on_grid(artefacts["p1"], grid)
     c2 = trust.coarse_correction(artefacts["correction"], grid)
     region = trust.agreement_map(p1 - coarse, c2, TrustSpec().region_sigma)
-    scores = {"none@0": scorer.score(None)}
-    for gate in GATES[1:]:
-        scores[f"none@{gate:g}"] = scorer.score(np.float32(gate) * weight)
-        scores[f"agreement@{gate:g}"] = scorer.score(np.float32(gate) * weight * region)
-    known = {f"none@{g:g}": g for g in GATES}
-    match = next((k for k, g in known.items() if abs(g - old_gate) < 1e-6), None)
-    scores["old"] = (
-        scores[match] if match else (scorer.score(np.float32(old_gate) * weight) if old_gate > 0 else scores["none@0"])
-    )
-    return scores
+    both = {"none@0": scorer.score(None), "gaussian": scorer.baseline(), "off_sigma0": scorer.score(None, 0.0)}
+    v3 = postprocess.adaptive_settings(
+        scorer.case.noise, replace(scorer.case.post, sigma_knots=V3_SIGMA_KNOTS[case.channel])
+    )[0]
+    same = abs(v3 - scorer.case.post.output_gaussian_sigma) < 1e-6
+    both["off_sigma_v3"] = both["none@0"] if same else scorer.score(None, v3)
+    for key in SCORED:
+        area, gate = key.split("@")
+        w = np.float32(float(gate)) * weight * (region if area == "agreement" else np.float32(1.0))
+        both[key] = scorer.score(w)
+    return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
 
 
-def case_row(fuser: Fuser, shipped: Manifest, case: Case, cache: Path, probe_fraction: float) -> dict[str, Any]:
-    """One case's row (set, case, channel, signals, N-SSIM per policy, seconds, patches), cached as JSON
-    beside its artefacts (delete the cache folder after changing the weights or the scoring)."""
-    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".row.json")
+def case_row(
+    fuser: Fuser, shipped: Manifest, case: Case, cache: Path, probe_fraction: float, cached_only: bool = False
+) -> dict[str, Any] | None:
+    """One case's row (set, case, channel, signals, N-SSIM per policy under both SSIM conventions,
+    seconds, patches), cached as JSON beside its artefacts and keyed by the output σ the manifest gives
+    the case (new σ knots rescore only the cases whose σ they change). With ``cached_only``: None when
+    the network outputs are not cached yet (a scoring pass that runs no network)."""
+    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
+    if cached_only and not path.is_file():
+        return None
+    sigma = None
     if path.is_file():
-        row = json.loads(path.read_text())
-        if row.get("version") == CACHE_VERSION:
-            return row
+        with np.load(path) as stored:
+            sigma = postprocess.adaptive_settings(float(stored["noise"]), shipped.channel(case.channel).postprocess)[0]
+    row_path = path.with_name(path.stem + f".row-{ROW_VERSION}-{sigma:.4f}.json") if sigma is not None else None
+    if row_path is not None and row_path.is_file():
+        row = json.loads(row_path.read_text())
+        if row.get("signals_version") != SIGNALS_VERSION:  # the signals' code changed: remeasure them only
+            with np.load(path) as stored:
+                started = time.perf_counter()
+                row["signals"] = signals_of({k: stored[k] for k in stored.files}, TrustSpec())
+                row["seconds"]["signals_now"] = time.perf_counter() - started
+            row["signals_version"] = SIGNALS_VERSION
+            row_path.write_text(json.dumps(row))
+        return row
     artefacts = load_or_compute(fuser, case, cache, probe_fraction)
     noise = float(artefacts["noise"])
     old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
-    scores = score_case(fuser, case, artefacts, old_gate)
+    scores, scores_g = score_case(fuser, case, artefacts)
+    started = time.perf_counter()
+    signals = signals_of(artefacts, TrustSpec())
+    signals_s = time.perf_counter() - started
     parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
     row = {
-        "version": CACHE_VERSION,
+        "version": ROW_VERSION,
+        "signals_version": SIGNALS_VERSION,
+        "sigma": postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[0],
+        "noise": noise,
         "set": case.set_name,
         "case": case.name,
         "channel": case.channel,
-        "signals": signals_of(artefacts, TrustSpec()),
+        "signals": signals,
         "old_gate": old_gate,
         "n_ssim": scores,
-        "seconds": dict(zip(parts, map(float, artefacts["seconds"]))),
+        "n_ssim_gaussian_window": scores_g,
+        "seconds": dict(zip(parts, map(float, artefacts["seconds"]))) | {"signals_now": signals_s},
         "patches": int(artefacts["patches"]),
         "probe_tiles": int(artefacts["probe"][2]),
     }
-    path.write_text(json.dumps(row))
+    row_path = path.with_name(path.stem + f".row-{ROW_VERSION}-{row['sigma']:.4f}.json")
+    row_path.write_text(json.dumps(row))
     log.info("[%s/%s] %s", case.set_name, case.name, " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return row
 
@@ -295,23 +366,84 @@ def _init_worker(resources: Path, threads: int, backend: str) -> None:
     _WORKER["fuser"] = Fuser(ungated(shipped), BudgetPolicy.create("cpu", None, None, threads), backend=backend)
 
 
-def _worker_row(case: Case, cache: Path, probe_fraction: float) -> dict[str, Any]:
-    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, probe_fraction)
+def _worker_row(case: Case, cache: Path, probe_fraction: float, cached_only: bool = False) -> dict[str, Any] | None:
+    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, probe_fraction, cached_only)
+
+
+def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas: Sequence[float]) -> list[dict[str, Any]]:
+    """Networks off, per case: the input's relative noise, the manifest's output σ for it and N-SSIM
+    (uniform window) of the output at each σ of ``sigmas`` (voxels) and at the manifest's: how much
+    the output filter costs or gains with little noise (no network runs)."""
+    shipped = load_manifest(resources)
+    fuser = Fuser(shipped, BudgetPolicy.create("cpu", None, None, 2), backend="auto")
+    rows = []
+    for name, (root, n) in sets.items():
+        for case in find_cases(name, root, n):
+            scorer = Scorer(fuser, case, np.zeros((1, 1, 1), np.float32))
+            scores = {f"{sigma:g}": scorer.score(None, sigma)[0] for sigma in sigmas}
+            scores["manifest"] = scorer.score(None)[0]
+            row = {"set": name, "case": case.name, "channel": case.channel, "noise": scorer.case.noise,
+                   "sigma": scorer.case.post.output_gaussian_sigma, "ssim_input": scorer.ssim_input[0], "n_ssim": scores}
+            log.info("sigma scan %s", json.dumps(row))
+            rows.append(row)
+    return rows
+
+
+def networks_only(sets: dict[str, tuple[Path, int | None]], resources: Path, cache: Path, probe_fraction: float, threads: int, backend: str) -> int:
+    """Fill the cache with every case's network outputs (the expensive part), scoring nothing; returns
+    the number of cases. A later run scores from the cache."""
+    cache = cache / weights_key(load_manifest(resources))
+    _init_worker(resources, threads, backend)
+    cases = [case for name, (root, n) in sets.items() for case in find_cases(name, root, n)]
+    for case in cases:
+        load_or_compute(_WORKER["fuser"], case, cache, probe_fraction)
+    return len(cases)
+
+
+def weights_key(manifest: Manifest) -> str:
+    """12 hex digits identifying the networks of ``manifest`` (a hash of every stage file's sha256):
+    the cache's subfolder, so new weights never reuse old network outputs."""
+    digest = hashlib.sha256()
+    for name, ch in sorted(manifest.channels.items()):
+        for stage in (ch.global_stage, ch.patch_stage):
+            for kind, f in sorted(stage.files.items()):
+                digest.update(f"{name}/{kind}/{f.sha256};".encode())
+    return digest.hexdigest()[:12]
 
 
 def study(
-    sets: dict[str, Path], resources: Path, cache: Path, probe_fraction: float, threads: int, backend: str, workers: int
+    sets: dict[str, tuple[Path, int | None]],
+    resources: Path,
+    cache: Path,
+    probe_fraction: float,
+    threads: int,
+    backend: str,
+    workers: int,
+    cached_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """The rows of every case of ``sets``, ``workers`` cases at a time (each with ``threads`` threads)."""
-    cases = [case for name, root in sets.items() for case in find_cases(name, root)]
+    """The rows of every case of ``sets``, ``workers`` cases at a time (each with ``threads`` threads);
+    network outputs cached under ``cache/<weights_key>/``; ``cached_only``: only the cases whose network
+    outputs are cached."""
+    cache = cache / weights_key(load_manifest(resources))
+    cases = [case for name, (root, n) in sets.items() for case in find_cases(name, root, n)]
+    n = len(cases)
     if workers <= 1:
         _init_worker(resources, threads, backend)
-        return [_worker_row(case, cache, probe_fraction) for case in cases]
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resources, threads, backend)) as pool:
-        return list(pool.map(_worker_row, cases, [cache] * len(cases), [probe_fraction] * len(cases)))
+        rows = [_worker_row(case, cache, probe_fraction, cached_only) for case in cases]
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resources, threads, backend)) as pool:
+            rows = list(pool.map(_worker_row, cases, [cache] * n, [probe_fraction] * n, [cached_only] * n))
+    return [r for r in rows if r is not None]
 
 
 # ---------------------------------------------------------------- analysis
+
+SEARCH_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym")
+"""Signals the calibration may use: those without extra network forwards (the flip signals cost
+forwards and did not predict the benefit, docs/quality.md)."""
+CONSTANT_GATE = {"nucleus": "none@0.5", "membrane": "none@0.25"}
+"""The constant gate of the comparison (½ nuclei, ¼ membranes, no trust)."""
+CONVENTIONS = {"n_ssim": "uniform 7³ window (fusemycells.metrics)", "n_ssim_gaussian_window": "Gaussian window σ 1.5 (skimage, BiaPy)"}
 
 
 def benefit(row: dict[str, Any], key: str) -> float:
@@ -333,225 +465,138 @@ def correlations(rows: list[dict[str, Any]], names: Sequence[str], key: str) -> 
 
 
 def groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows by 'set/channel' and pooled 'all/channel'."""
+    """Rows by 'family/channel' and pooled 'all/channel'."""
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        out.setdefault(f"{r['set']}/{r['channel']}", []).append(r)
+        out.setdefault(f"{cal.family_of(r['set'])}/{r['channel']}", []).append(r)
         out.setdefault(f"all/{r['channel']}", []).append(r)
     return dict(sorted(out.items()))
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     """Per-case table, correlations, mean N-SSIM per policy, and the cost of the signals."""
-    names = list(trust.SIGNALS)
-    keys = ["none@0", *(f"none@{g:g}" for g in GATES[1:]), *(f"agreement@{g:g}" for g in GATES[1:]), "old"]
-    print("per case: N-SSIM per policy (region@gate) and signals")
-    print("\t".join(["set", "case", *keys, *names]))
+    names = list(SEARCH_SIGNALS)
+    keys = ["none@0", *SCORED, "gaussian", "off_sigma0"]
+    print("per case: N-SSIM per policy (region@gate; off_sigma0: networks off without the output filter) and signals")
+    print("\t".join(["set", "case", "sigma", *keys, *names]))
     for r in rows:
-        cells = [r["set"], r["case"].replace("_angle.tif", "")]
+        cells = [r["set"], r["case"].replace("_angle.tif", ""), f"{r['sigma']:.2f}"]
         cells += [f"{r['n_ssim'][k]:.3f}" for k in keys] + [f"{r['signals'][n]:.3g}" for n in names]
         print("\t".join(cells))
-    for key in ("none@1", "none@0.5", "agreement@0.5"):
+    for key in ("none@1", "none@0.5"):
         print(f"\ncorrelation (Pearson r / Spearman rho) of each signal with the benefit of {key} over gate 0")
         print("\t".join(["group", "n", *names]))
         for name, members in groups(rows).items():
             corr = correlations(members, names, key)
             print("\t".join([name, str(len(members))] + [f"{corr[n][0]:+.2f}/{corr[n][1]:+.2f}" for n in names]))
-    print("\nmean N-SSIM per policy (min over cases in brackets)")
-    print("\t".join(["group", "n", *keys]))
+    print("\ncost (CPU, this machine): mean seconds and share of the patch stage; signals_now: the current signals")
+    print("(with the stage-2 correction's numpy resize to the diff grid, which the pipeline shares with the weight map)")
+    parts = ("global", "global_flip", "patch", "probe", "signals", "resize", "signals_now")
+    print("\t".join(["group", "n", *parts, "signals_now / patch: median, max"]))
     for name, members in groups(rows).items():
-        cells = [
-            f"{np.mean([m['n_ssim'][k] for m in members]):.3f} ({min(m['n_ssim'][k] for m in members):.3f})"
-            for k in keys
-        ]
-        print("\t".join([name, str(len(members)), *cells]))
-    print("\ncost (CPU, this machine): mean seconds and share of the patch stage")
-    parts = ("global", "global_flip", "patch", "probe", "signals", "resize")
-    print("\t".join(["group", "n", *parts, "probe tiles / patches"]))
-    for name, members in groups(rows).items():
-        mean = {p: np.mean([m["seconds"][p] for m in members]) for p in parts}
-        cells = [f"{mean[p]:.2f} ({mean[p] / mean['patch']:.0%})" for p in parts]
-        ratio = np.mean([m["probe_tiles"] / max(m["patches"], 1) for m in members])
-        print("\t".join([name, str(len(members)), *cells, f"{ratio:.2f}"]))
+        mean = {p: np.mean([m["seconds"].get(p, np.nan) for m in members]) for p in parts}
+        share = [m["seconds"]["signals_now"] / m["seconds"]["patch"] for m in members if "signals_now" in m["seconds"]]
+        tail = f"{np.median(share):.1%}, {max(share):.1%}" if share else "-"
+        print("\t".join([name, str(len(members)), *(f"{mean[p]:.2f} ({mean[p] / mean['patch']:.0%})" for p in parts), tail]))
 
 
 # ---------------------------------------------------------------- calibration
 
 
-@dataclass(frozen=True)
-class Policy:
-    """A candidate trust policy: region factor, and one step rule (or none) with factor ``gate``."""
-
-    region: str
-    gate: float
-    signal: str | None = None
-    above: bool = True  # trust when the signal is ≥ threshold (else ≤)
-    threshold: float = 0.0
-
-    def factor(self, row: dict[str, Any]) -> float:
-        """The factor on a case's correction; 0 where the manifest's noise gate skips the networks."""
-        if row.get("old_gate", 1.0) <= 0.0:
-            return 0.0  # postprocess.gate_knots: the networks do not run at all (pipeline._networks_wanted)
-        if self.signal is None:
-            return self.gate
-        value = row["signals"][self.signal]
-        return self.gate if (value >= self.threshold if self.above else value <= self.threshold) else 0.0
-
-    def key(self, row: dict[str, Any]) -> str:
-        factor = self.factor(row)
-        return "none@0" if factor == 0 else f"{self.region}@{factor:g}"
-
-    def family(self) -> tuple[str, float, str | None, bool]:
-        return (self.region, self.gate, self.signal, self.above)
-
-    def spec(self) -> TrustSpec:
-        """The manifest form: a step at the threshold (a ramp 1e-4 wide, outside the trusted side)."""
-        if self.signal is None:
-            return TrustSpec(mode="case", rules=(("noise", ((0.0, self.gate),)),), region=self.region)
-        t = self.threshold
-        if self.above:
-            knots = ((round(t - 1e-4, 6), 0.0), (t, self.gate))
-        else:
-            knots = ((t, self.gate), (round(t + 1e-4, 6), 0.0))
-        return TrustSpec(mode="case", rules=((self.signal, knots),), region=self.region)
-
-    def describe(self) -> str:
-        if self.signal is None or self.gate == 0:
-            return f"constant factor {self.gate:g}" + (f", region {self.region}" if self.gate else " (networks off)")
-        side = "≥" if self.above else "≤"
-        return f"factor {self.gate:g} when {self.signal} {side} {self.threshold:.4g} (else 0), region {self.region}"
+TRUST_KEYS = ("none@0.25", "agreement@0.25", "none@0.5")
+"""Factors a calibrated policy may give (mildest first: ties go to them): at most ½. Full weight is
+scored for the table but not offered: v3 at full weight collapses on whole families (the independent
+simulator's nuclei, near-identity stacks at −5 to −30), and with a handful of cases per family a
+threshold that lets one such case through costs far more than a ½ factor gains (measured: leave one
+family out, worst held-out case −0.100 with full weight offered, −0.018 without, docs/quality.md)."""
+DIRECTIONS = {"noise": (True,), "corr_to_noise": (False,)}
+"""Never trust a case *because* its noise is small: no 'noise ≤ t' and no 'corr_to_noise ≥ t' (large
+when the noise is small: the v3 rule that corrected a clean stack at −1.74)."""
 
 
-OFF = Policy("none", 0.0)
+CLEAN_NOISE = 0.012
+"""Relative noise below which a stack counts as clean and is never corrected (a prior, not learned; NOT
+independent of the near-identity family, whose noise reaches 0.0113: with 0.010 the rule fitted without
+that family corrected its noisiest case at −1.08, docs/quality.md)."""
 
 
-def evaluate(policy: Policy, rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(mean benefit over gate 0 with every set weighted equally, worst benefit of a case)."""
-    if not rows:
-        return 0.0, 0.0
-    per_set: dict[str, list[float]] = {}
-    for r in rows:
-        per_set.setdefault(r["set"], []).append(benefit(r, policy.key(r)))
-    return float(np.mean([np.mean(v) for v in per_set.values()])), float(min(min(v) for v in per_set.values()))
-
-
-def families(signals: Iterable[str] = trust.SIGNALS) -> list[tuple[str, float, str | None, bool]]:
-    """(region, gate, signal or None, above) of every policy family: constant factors and step rules."""
-    out: list[tuple[str, float, str | None, bool]] = [(r, g, None, True) for r in REGIONS for g in GATES[1:]]
-    out += list(itertools.product(REGIONS, GATES[1:], signals, (True, False)))
+def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0) -> cal.Calibration:
+    """A channel's policy fitted on every family and each family's held-out figures
+    (:func:`benchmarks.trust_calibration.leave_one_family_out`); with ``clean`` > 0 every trusting
+    policy also requires noise ≥ ``clean`` (a clean stack is never corrected)."""
+    required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
+    search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
+    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
+    out.search = search
     return out
 
 
-def fit_family(
-    family: tuple[str, float, str | None, bool], rows: list[dict[str, Any]], margin: float, buffer: float
-) -> Policy:
-    """The family's policy with the best mean benefit on ``rows`` among the *safe* ones (``OFF`` if none).
-
-    Safe: no case more than ``margin`` below gate 0, also with the threshold moved ``buffer`` standard
-    deviations of the signal towards trusting more (a threshold that only just separates the harmed
-    cases from the helped ones on a handful of tuning cases does not hold on new ones). Thresholds
-    are the midpoints between the cases' signal values.
-    """
-    region, gate, signal, above = family
-    if signal is None:
-        policy = Policy(region, gate)
-        return policy if evaluate(policy, rows)[1] >= -margin else OFF
-    values = np.array([r["signals"][signal] for r in rows if signal in r["signals"]])
-    if values.size < 2:
-        return OFF
-    shift = buffer * float(values.std()) * (-1.0 if above else 1.0)
-    unique = np.unique(values)
-    best, best_mean = OFF, 0.0
-    for lo, hi in zip(unique[:-1], unique[1:]):
-        t = float(np.round((lo + hi) / 2.0, 4))  # a readable threshold, strictly between the two cases
-        t = t if lo < t < hi else float((lo + hi) / 2.0)
-        policy = Policy(region, gate, signal, above, float(t))
-        mean, worst = evaluate(policy, rows)
-        if worst < -margin or mean <= best_mean + 1e-9:
-            continue
-        if evaluate(replace(policy, threshold=float(t) + shift), rows)[1] >= -margin:
-            best, best_mean = policy, mean
-    return best
+def _cell(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.3f} ({min(values):.3f})"
 
 
-@dataclass
-class Calibration:
-    """The chosen policy of a channel and its leave-one-set-out figures."""
-
-    policy: Policy
-    loso_mean: float  # mean over held-back sets of the mean benefit over gate 0
-    loso_worst: float  # worst benefit of a held-back case
-    per_set: dict[str, tuple[str, float, float]]  # held-back set → (policy fitted without it, mean, worst)
-
-
-def leave_one_set_out(
-    family: tuple[str, float, str | None, bool], rows: list[dict[str, Any]], margin: float, buffer: float
-) -> Calibration:
-    """Fit the family without each set in turn and score the held-back set (an honest estimate)."""
-    per_set = {}
-    for held in sorted({r["set"] for r in rows}):
-        policy = fit_family(family, [r for r in rows if r["set"] != held], margin, buffer)
-        gains = [benefit(r, policy.key(r)) for r in rows if r["set"] == held]
-        per_set[held] = (policy.describe(), float(np.mean(gains)), float(min(gains)))
-    means = [v[1] for v in per_set.values()]
-    worst = min((v[2] for v in per_set.values()), default=0.0)
-    return Calibration(
-        fit_family(family, rows, margin, buffer), float(np.mean(means)) if means else 0.0, worst, per_set
-    )
-
-
-def calibrate(
-    rows: list[dict[str, Any]], margin: float, tolerance: float = 0.02, buffer: float = 0.25, min_gain: float = 0.002
-) -> Calibration:
-    """Choose a channel's policy: the family with the best leave-one-set-out mean benefit among those whose
-    held-back cases all stay within ``tolerance`` of gate 0 (the quality bar), fitted on every set; networks
-    off (``OFF``) unless that mean is at least ``min_gain``. With one set, the family's in-sample fit.
-    """
-    if len({r["set"] for r in rows}) < 2:
-        fits = [fit_family(f, rows, margin, buffer) for f in families()]
-        best = max(fits, key=lambda p: evaluate(p, rows)[0], default=OFF)
-        gain = evaluate(best, rows)[0]
-        return Calibration(best if gain >= min_gain else OFF, gain, evaluate(best, rows)[1], {})
-    best = Calibration(OFF, 0.0, 0.0, {})
-    for family in families():
-        result = leave_one_set_out(family, rows, margin, buffer)
-        if result.loso_worst >= -tolerance and result.loso_mean > max(best.loso_mean, min_gain - 1e-12) + 1e-9:
-            best = result
-    return best
+def quality_table(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration], scores: str = "n_ssim") -> str:
+    """The decision table (markdown): per family × channel the shipped policy (fitted WITHOUT that family),
+    networks off, the constant gate, full weight, the Gaussian baseline, mean (min) N-SSIM under
+    ``scores``; then the families' average and the checks of issue #24."""
+    head = "| family | channel | n | **shipped** (held out) | networks off | constant gate | full weight | Gaussian | shipped − off: mean / worst case | best column |"
+    lines = [head, "|" + "---|" * 10]
+    averages: dict[str, list[tuple[float, float]]] = {}
+    for channel, calibration in sorted(chosen.items()):
+        for fam, (policy, _) in sorted(calibration.held_out.items()):
+            members = [r for r in rows if r["channel"] == channel and cal.family_of(r["set"]) == fam]
+            shipped = [r[scores][policy.key_for(r)] for r in members]
+            columns = {
+                "networks off": [r[scores]["none@0"] for r in members],
+                "constant gate": [r[scores][CONSTANT_GATE[channel]] for r in members],
+                "full weight": [r[scores]["none@1"] for r in members],
+                "Gaussian": [r[scores]["gaussian"] for r in members],
+            }
+            gains = [s - o for s, o in zip(shipped, columns["networks off"])]
+            best = max(columns, key=lambda k: np.mean(columns[k]))
+            gap = float(np.mean(columns[best]) - np.mean(shipped))
+            verdict = "shipped" if gap <= 0 else (f"{best} (+{gap:.3f})" + (" ✗" if gap > 0.01 else ""))
+            cells = [fam, channel, str(len(members)), f"**{_cell(shipped)}**", *(_cell(v) for v in columns.values())]
+            cells += [f"{np.mean(gains):+.3f} / {min(gains):+.3f}", verdict]
+            lines.append("| " + " | ".join(cells) + " |")
+            averages.setdefault(channel, []).append((float(np.mean(shipped)), float(np.mean(columns["networks off"]))))
+    lines.append("")
+    for channel, pairs in sorted(averages.items()):
+        shipped, off = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
+        lines.append(
+            f"- {channel}: averaged over the {len(pairs)} families, shipped (held out) {shipped:.3f} vs networks off "
+            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05)"
+        )
+    return "\n".join(lines)
 
 
-def report_policy(name: str, rows: list[dict[str, Any]], calibration: Calibration) -> None:
-    """The policy's tuning figures per set next to gates 0 and 1 and the old gate, and its leave-one-set-out check."""
-    policy = calibration.policy
-    print(f"\n{name}: {policy.describe()}")
-    head = ["set", "n", "gate 0 mean/min", "gate 1 mean/min", "old gate mean/min", "policy mean/min", "worst vs gate 0"]
-    print("\t".join([*head, "trusted"]))
-    by_set: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_set.setdefault(r["set"], []).append(r)
-    for set_name, members in [*by_set.items(), ("all", rows)]:
-        keys = [policy.key(m) for m in members]
-
-        def cell(keys: list[str], members: list[dict[str, Any]] = members) -> str:
-            values = [m["n_ssim"][k] for m, k in zip(members, keys)]
-            return f"{np.mean(values):.3f} / {min(values):.3f}"
-
-        worst = min(benefit(m, k) for m, k in zip(members, keys))
-        n = len(members)
-        cells = [cell(["none@0"] * n), cell(["none@1"] * n), cell(["old"] * n), cell(keys), f"{worst:+.3f}"]
-        print("\t".join([set_name, str(n), *cells, f"{sum(k != 'none@0' for k in keys)}/{n}"]))
-    if calibration.per_set:
-        print(f"leave-one-set-out: mean benefit {calibration.loso_mean:+.4f}, worst case {calibration.loso_worst:+.3f}")
-        for held, (described, mean, worst) in calibration.per_set.items():
-            print(f"  without {held}: {described}; on {held}: mean {mean:+.4f}, worst {worst:+.3f}")
+def report_calibration(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration]) -> None:
+    """Print each channel's shipped policy, its in-sample figures, each family's held-out policy, and the
+    decision table under both SSIM conventions."""
+    for channel, calibration in sorted(chosen.items()):
+        mine = [r for r in rows if r["channel"] == channel]
+        mean, worst_family, worst_case = cal.summary(mine, calibration.policy)
+        trusted = sum(calibration.policy.key_for(r) != "none@0" for r in mine)
+        print(f"\n{channel}: shipped policy: {calibration.policy.describe()}")
+        print(f"  fitted on every family: {calibration.fitted.describe()}" + (
+            "" if calibration.fitted == calibration.policy else " (not shipped: its leave-one-family-out figures below do not hold)"))
+        print(f"  in-sample gain over networks off: mean of families {mean:+.4f}, worst family {worst_family:+.4f}, worst case {worst_case:+.3f}; trusted {trusted}/{len(mine)}")
+        lo_mean, lo_family, lo_case = calibration.loso()
+        print(f"  leave-one-family-out: mean {lo_mean:+.4f}, worst family {lo_family:+.4f}, worst case {lo_case:+.3f}")
+        for fam, (policy, gains) in calibration.held_out.items():
+            print(f"    without {fam}: {policy.describe()}; on {fam}: mean {gains.mean():+.4f}, worst {gains.min():+.3f}")
+    for scores, name in CONVENTIONS.items():
+        print(f"\nN-SSIM, {name}: mean (min); shipped = the policy calibrated without the row's family")
+        print(quality_table(rows, chosen, scores))
 
 
-def write_manifest(path: Path, policies: dict[str, Policy], provenance: dict[str, Any]) -> None:
+def write_manifest(path: Path, policies: dict[str, cal.Policy], provenance: dict[str, Any]) -> None:
     """Put each channel's policy into the manifest at ``path`` (``channels.<ch>.trust``), keeping the rest."""
     raw = json.loads(path.read_text())
     for channel, policy in policies.items():
         if channel in raw.get("channels", {}):
-            raw["channels"][channel]["trust"] = trust_form(policy.spec())
+            spec = TrustSpec(mode="case", rules=tuple(policy.rules().items()), region=policy.region)
+            raw["channels"][channel]["trust"] = trust_form(spec)
     raw.setdefault("provenance", {})["trust_calibration"] = provenance
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
 
@@ -583,13 +628,15 @@ def cost(shape: Sequence[int], resources: Path, channel: str = "nucleus", seed: 
 # ---------------------------------------------------------------- command line
 
 
-def parse_sets(values: list[str]) -> dict[str, Path]:
-    sets = {}
+def parse_sets(values: list[str]) -> dict[str, tuple[Path, int | None]]:
+    """``NAME=ROOT[:N]`` → {NAME: (ROOT, N)}: N the cases per channel taken from the set (all without)."""
+    sets: dict[str, tuple[Path, int | None]] = {}
     for value in values:
         name, _, root = value.partition("=")
         if not root:
-            raise SystemExit(f"--set expects NAME=ROOT, got {value!r}")
-        sets[name] = Path(root)
+            raise SystemExit(f"--set expects NAME=ROOT[:N], got {value!r}")
+        folder, _, count = root.rpartition(":") if root.rpartition(":")[2].isdigit() else (root, "", "")
+        sets[name] = (Path(folder), int(count) if count else None)
     return sets
 
 
@@ -606,9 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torchscript"])
     parser.add_argument("--probe-fraction", type=float, default=TrustSpec().probe_fraction)
     parser.add_argument("--json", type=Path, default=None, help="write the per-case rows here")
+    parser.add_argument("--sigma-scan", type=float, nargs="+", default=None, metavar="SIGMA", help="networks off: N-SSIM per output σ")
+    parser.add_argument("--cached-only", action="store_true", help="score only the cases whose network outputs are cached")
+    parser.add_argument("--networks-only", action="store_true", help="only run the networks into the cache")
     parser.add_argument("--calibrate", action="store_true", help="choose the policy per channel")
-    parser.add_argument("--margin", type=float, default=0.01, help="largest drop below gate 0 allowed on a tuning case")
-    parser.add_argument("--tolerance", type=float, default=0.02, help="largest drop allowed on a held-back case")
+    parser.add_argument("--margin", type=float, default=0.03, help="largest drop below networks off allowed on a tuning case")
+    parser.add_argument(
+        "--no-clean-prior", dest="clean_prior", action="store_false",
+        help="let the calibration trust stacks below the σ floor's noise (default: never)",
+    )
+    parser.add_argument("--clean-noise", type=float, default=CLEAN_NOISE, help="noise below which a stack is clean")
+    parser.add_argument("--table", type=Path, default=None, help="write the decision table (markdown) here")
     parser.add_argument("--buffer", type=float, default=0.25, help="threshold shift (signal σ) that must stay safe")
     parser.add_argument(
         "--write-manifest", type=Path, default=None, help="write the chosen policies into this manifest"
@@ -621,32 +676,53 @@ def main(argv: list[str] | None = None) -> int:
     if not args.set or args.cache is None:
         parser.error("--set and --cache are required (or --cost)")
     sets = parse_sets(args.set)
-    rows = study(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers)
+    if args.sigma_scan:
+        rows = sigma_scan(sets, args.resources, args.sigma_scan)
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.networks_only:
+        log.info("%d cases' network outputs cached", networks_only(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend))
+        return 0
+    rows = study(
+        sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers, args.cached_only
+    )
     print_tables(rows)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.calibrate:
-        chosen = {}
-        for channel in sorted({r["channel"] for r in rows}):
-            mine = [r for r in rows if r["channel"] == channel]
-            chosen[channel] = calibrate(mine, args.margin, args.tolerance, args.buffer)
-            report_policy(channel, mine, chosen[channel])
+        shipped = load_manifest(args.resources)
+        clean = {ch: (args.clean_noise if args.clean_prior else 0.0) for ch in shipped.channels}
+        chosen = {
+            channel: calibrate([r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel])
+            for channel in sorted({r["channel"] for r in rows})
+        }
+        report_calibration(rows, chosen)
+        if args.table is not None:
+            args.table.write_text(
+                "\n\n".join(f"N-SSIM, {name}:\n\n{quality_table(rows, chosen, key)}" for key, name in CONVENTIONS.items()) + "\n"
+            )
         if args.write_manifest is not None:
-            shipped = load_manifest(args.resources)
             provenance = {
-                "command": "benchmarks/trust_study.py --calibrate",
+                "command": "benchmarks/trust_study.py --calibrate (leave one family out)",
                 "date": time.strftime("%Y-%m-%d"),
                 "weights_sha256": {  # the networks this calibration is for (first 12 hex digits per stage file)
                     name: sorted(f.sha256[:12] for st in (ch.global_stage, ch.patch_stage) for f in st.files.values())
                     for name, ch in shipped.channels.items()
                 },
-                "sets": sorted(sets),
+                "sets": {name: (n if n is not None else "all") for name, (_, n) in sorted(sets.items())},
+                "families": sorted({cal.family_of(name) for name in sets}),
                 "cases": len(rows),
                 "margin": args.margin,
-                "tolerance": args.tolerance,
                 "buffer": args.buffer,
+                "clean_noise": {ch: v for ch, v in clean.items() if ch in chosen},
                 "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
-                "leave_one_set_out": {ch: [round(c.loso_mean, 4), round(c.loso_worst, 4)] for ch, c in chosen.items()},
+                "fitted_on_all_families": {ch: c.fitted.describe() for ch, c in chosen.items()},
+                "fitted_leave_one_family_out": {  # the unguarded fit's held-out figures, which the guard judged
+                    ch: [round(v, 4) for v in cal._plain_loso([r for r in rows if r["channel"] == ch], c.search, 0.002, margin=args.margin, buffer=args.buffer)]
+                    for ch, c in chosen.items()
+                },
+                "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
             }
             target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
             write_manifest(target, {ch: c.policy for ch, c in chosen.items()}, provenance)

@@ -141,7 +141,9 @@ DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
 
 
 TRUST_MODES = ("off", "case")
-TRUST_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "global_flip", "patch_flip")
+TRUST_SIGNALS = (
+    "noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym", "global_flip", "patch_flip"
+)
 """Signals a trust rule may name (defined in :mod:`fusemycells.trust`)."""
 TRUST_REGIONS = ("none", "agreement")
 
@@ -156,7 +158,7 @@ class TrustSpec:
     signal, and ``gate_knots`` only decide whether the networks run at all (gate > 0). Where the
     signals cannot be measured (the time budget cut the patch stage) the factor is
     ``fallback_factor``: 0 by default, networks off, since the calibrated policies keep them off
-    unless a signal vouches for them (the constant gate harmed held-out cases, README *Quality*).
+    unless a signal vouches for them (the constant gate harmed held-out cases, docs/quality.md).
     """
 
     mode: str = "off"

@@ -15,6 +15,10 @@ spans the whole stack like the global grid; ``fg`` = its voxels where the normal
 * ``s12_corr`` — Pearson correlation over fg of the stage-1 correction (p1 − input, from the global
   grid) and the stage-2 correction (from H): do the two networks agree on what to change?
 * ``s12_ratio`` — rms(stage-2 correction) / rms(stage-1 correction) over fg.
+* ``corr_rel`` — rms of the stage-2 correction over fg / rms of the normalised input there.
+* ``hf``, ``asym`` — the case's own degradation, from the input alone (:func:`degradation_signals`):
+  the high-frequency share of the foreground's signal, and how much it differs between the two ends
+  of the stack along its worst axis (light-sheet depth blur and attenuation).
 * ``global_flip`` — rms(p1 − p1 of the mirrored input, mirrored back) / rms(stage-1 correction)
   over fg: one extra forward of the global network.
 * ``patch_flip`` — the same for the patch network on a sample of tiles (:func:`flip_probe`), relative
@@ -27,7 +31,8 @@ Gaussian of σ ``region_sigma`` voxels): the part of the stage-2 correction c2 t
 correction c1 backs up, locally. The stage-2 correction resized to the coarse grid is the input
 of the weight map too: it is computed once (:attr:`TrustDecision.coarse_correction`), so what trust
 adds is a few filters on that grid, plus the extra forwards of a flip rule. The rules are
-calibrated on simulated tuning sets by ``benchmarks/trust_study.py``.
+calibrated on simulated tuning families by ``benchmarks/trust_study.py``, leave one family out
+(docs/quality.md).
 
 All arrays are float32 ZYX; H is the patch network's high-resolution grid, the global grid that of
 stage 1 (see :mod:`fusemycells.pipeline`).
@@ -108,6 +113,32 @@ class ProbeResult:
         return math.sqrt(_ratio(self.disagreement, self.correction))
 
 
+def degradation_signals(coarse: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """How far the case looks from clean, from the normalised input alone (ZYX, diff grid, ``mask``
+    its foreground): ``hf`` the high-frequency share of the foreground's signal, Σ(x − G₁x)² / Σx²
+    (G₁ a Gaussian of σ 1 grid voxel; blur lowers it); ``asym`` the largest |log| ratio over the three
+    axes of that share between the first and the last third of the foreground along the axis (a light
+    sheet's depth-dependent blur and attenuation make one side worse; a clean stack has ~0)."""
+    x = np.asarray(coarse, dtype=np.float32)
+    weight = mask.astype(np.float32)
+    high = np.square(x - ndimage.gaussian_filter(x, 1.0, mode="nearest")) * weight
+    total = np.square(x) * weight
+    hf = _ratio(float(high.sum(dtype=np.float64)), float(total.sum(dtype=np.float64)))
+    asym = 0.0
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        count = weight.sum(axis=others, dtype=np.float64)
+        if count.sum() <= 0:
+            continue
+        cumulative = np.cumsum(count) / count.sum()
+        first, last = cumulative <= 1.0 / 3.0, cumulative > 2.0 / 3.0
+        e, t = high.sum(axis=others, dtype=np.float64), total.sum(axis=others, dtype=np.float64)
+        a, b = _ratio(float(e[first].sum()), float(t[first].sum())), _ratio(float(e[last].sum()), float(t[last].sum()))
+        if a > 0 and b > 0:
+            asym = max(asym, abs(math.log(a / b)))
+    return {"hf": hf, "asym": asym}
+
+
 def case_signals(
     noise: float,
     coarse: np.ndarray,
@@ -137,6 +168,8 @@ def case_signals(
         if min(var1, var2) > 1e-18
         else 0.0,
         "s12_ratio": _ratio(rms2, rms1),
+        "corr_rel": _ratio(rms2, _rms(coarse[mask])),
+        **degradation_signals(coarse, mask),
     }
     if p1_flip is not None:
         out["global_flip"] = _ratio(_rms((p1 - p1_flip)[mask]), rms1)

@@ -1,0 +1,174 @@
+"""Leave-one-family-out calibration of the per-case trust (benchmarks/trust_calibration.py) and the output
+filter's σ on clean stacks (issue #24)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusemycells import trust
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import trust_calibration as cal  # noqa: E402
+
+KEYS = ("none@0.25", "none@0.5", "none@1")
+SEARCH = cal.Search(keys=KEYS, signals=("noise", "hf"))
+
+
+def _row(set_name: str, hf: float, gain: float, noise: float = 0.05) -> dict:
+    """A case whose full-weight correction gains ``gain`` over networks off (linearly less at lower gates)."""
+    scores = {"none@0": 0.3} | {key: 0.3 + gain * float(key.split("@")[1]) for key in KEYS}
+    return {"set": set_name, "channel": "nucleus", "signals": {"hf": hf, "noise": noise}, "old_gate": 1.0, "n_ssim": scores}
+
+
+def _table() -> list[dict]:
+    """Three families; the correction helps (+0.2) where the case is degraded (hf < 0.3) and harms (−0.4)
+    where it is clean (hf > 0.5); noise says nothing."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for fam in ("ours800", "ours805", "xc31337", "near"):
+        for _ in range(4):
+            degraded = rng.random() < 0.5 if fam != "near" else False
+            hf = rng.uniform(0.05, 0.25) if degraded else rng.uniform(0.55, 0.9)
+            rows.append(_row(fam, hf, 0.2 if degraded else -0.4, float(rng.uniform(0.005, 0.1))))
+    return rows
+
+
+def test_the_fitted_policy_trusts_degraded_cases_and_keeps_clean_ones_at_networks_off() -> None:
+    rows = _table()
+    policy = cal.fit(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert policy.key == "none@1" and [(c.signal, c.above) for c in policy.conditions] == [("hf", False)]
+    assert 0.25 < policy.conditions[0].threshold < 0.55
+    # both directions, through the container's own rule code (the manifest form of the policy)
+    rules = policy.rules()
+    helped, harmed = _row("new", 0.1, 0.2), _row("new", 0.8, -0.4)
+    assert trust.case_factor(helped["signals"], rules)[0] == 1.0
+    assert trust.case_factor(harmed["signals"], rules)[0] == 0.0
+    assert cal.benefits([helped, harmed], policy).tolist() == pytest.approx([0.2, 0.0])
+    # where the manifest's noise gate skips the networks the container writes networks off
+    assert policy.key_for(helped | {"old_gate": 0.0}) == "none@0"
+
+
+def test_nothing_safe_means_networks_off() -> None:
+    rows = [_row(f, 0.5, -0.2) for f in ("a", "b") for _ in range(3)]
+    assert cal.fit(rows, SEARCH) == cal.OFF
+    assert cal.OFF.rules() == {"noise": ((0.0, 0.0),)} and cal.OFF.describe() == "networks off"
+
+
+def test_leave_one_family_out_fits_without_the_family_and_is_reproducible() -> None:
+    rows = _table()
+    first = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    again = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert first.policy == again.policy
+    assert {k: (p, g.tolist()) for k, (p, g) in first.held_out.items()} == {
+        k: (p, g.tolist()) for k, (p, g) in again.held_out.items()
+    }
+    assert set(first.held_out) == {"ours", "xc", "near"}  # ours800 and ours805 are one family
+    for fam, (policy, gains) in first.held_out.items():
+        without = [r for r in rows if cal.family_of(r["set"]) != fam]
+        assert policy == cal.fit(without, SEARCH, margin=0.03, buffer=0.0)
+        held = [r for r in rows if cal.family_of(r["set"]) == fam]
+        assert gains.tolist() == pytest.approx(cal.benefits(held, policy).tolist())
+    # the held-out family's own scores never enter its policy: change them, its policy stays
+    changed = [r if cal.family_of(r["set"]) != "near" else _row("near", r["signals"]["hf"], 0.9) for r in rows]
+    again = cal.leave_one_family_out(changed, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert again.held_out["near"][0] == first.held_out["near"][0]
+    # guarded: each held-out family is scored by the whole guarded procedure run without it
+    guarded = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    for fam, (policy, _) in guarded.held_out.items():
+        without = [r for r in rows if cal.family_of(r["set"]) != fam]
+        assert policy == cal.leave_one_family_out(without, SEARCH, nested=False, margin=0.03, buffer=0.0).policy
+
+
+def test_the_guard_ships_networks_off_when_the_fit_does_not_hold_on_unseen_families() -> None:
+    # low hf helps in families a-c; in d it harms, and only d's noise tells its cases apart: a fit on all
+    # families finds "hf low and noise low", a fit without d has no reason to look at the noise
+    rows = [_row(f, hf, 0.2, 0.02) for f in "abc" for hf in (0.1, 0.2)] + [_row(f, 0.8, -0.2, 0.02) for f in "abc"]
+    rows += [_row("d", hf, -0.3, 0.08) for hf in (0.1, 0.2)] + [_row("d", 0.15, 0.2, 0.02)]
+    unguarded = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert unguarded.fitted != cal.OFF and unguarded.loso()[1] < 0  # a fit exists, but it loses on a held-out family
+    assert cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0).policy == cal.OFF
+
+
+def test_a_threshold_that_only_just_separates_the_cases_is_refused_by_the_buffer() -> None:
+    rows = [_row("a", 0.20, 0.2), _row("a", 0.21, -0.3), _row("a", 0.9, -0.3), _row("a", 0.05, 0.2)]
+    assert cal.fit(rows, SEARCH, margin=0.03, buffer=0.0).conditions[0].threshold == pytest.approx(0.205)
+    # 0.205 moved 0.25 σ of hf (0.08) towards trusting takes the harmed case at 0.21: the next threshold down
+    assert cal.fit(rows, SEARCH, margin=0.03, buffer=0.25).conditions[0].threshold == pytest.approx(0.125)
+
+
+def test_two_conditions_become_two_rules_whose_minimum_is_the_gate_only_when_both_hold() -> None:
+    policy = cal.Policy("none@0.5", (cal.Condition("hf", False, 0.3), cal.Condition("noise", True, 0.01)))
+    rules = policy.rules()
+    assert trust.case_factor({"hf": 0.2, "noise": 0.02}, rules)[0] == 0.5
+    assert trust.case_factor({"hf": 0.4, "noise": 0.02}, rules)[0] == 0.0
+    assert trust.case_factor({"hf": 0.2, "noise": 0.005}, rules)[0] == 0.0
+
+
+def _stack(noise_sigma: float, seed: int = 0) -> np.ndarray:
+    """uint16 ZYX: smooth bright blobs on a dark background plus white noise of ``noise_sigma`` ADU."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (16, 64, 64)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(0, n, 40) for n in shape)] = 1.0
+    clean = 100.0 + 4000.0 * ndimage.gaussian_filter(spots, (1.0, 3.0, 3.0)) / 0.01
+    return np.clip(clean + rng.normal(0.0, noise_sigma, shape), 0, 65535).astype(np.uint16)
+
+
+def test_the_shipped_nucleus_output_filter_is_off_on_a_clean_stack_and_on_for_a_noisy_one() -> None:
+    from fusemycells.config import DEFAULT_RESOURCES, load_manifest
+    from fusemycells.postprocess import adaptive_settings, relative_noise
+
+    spec = load_manifest(DEFAULT_RESOURCES).channel("nucleus").postprocess
+    clean, noisy = _stack(1.0), _stack(400.0)
+    assert relative_noise(clean) < 0.008 < 0.02 < relative_noise(noisy)
+    assert adaptive_settings(relative_noise(clean), spec)[0] == 0.0  # little noise: the filter only blurs
+    assert adaptive_settings(relative_noise(noisy), spec)[0] > 0.5
+    # (membranes keep v3's σ 0.4: on clean membrane stacks it cost at most 0.026, a floor cost 0.18 on a
+    # noisier one; docs/quality.md)
+
+
+def test_degradation_signals_see_depth_dependent_blur_along_any_axis_and_not_on_a_clean_stack() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    shape = (48, 48, 48)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(2, n - 2, 300) for n in shape)] = 1.0
+    clean = ndimage.gaussian_filter(spots, 0.8)
+    clean /= np.percentile(clean, 99.8)
+    mask = trust.foreground_mask(clean, 0.1)
+    flat = trust.degradation_signals(clean, mask)
+    assert flat["asym"] < 0.3
+    for axis in range(3):
+        # a light sheet entering at index 0 of ``axis``: blur grows and intensity falls with depth
+        blurred = [ndimage.gaussian_filter(clean, s) for s in (0.0, 1.0, 2.0)]
+        depth = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)]) / (shape[axis] - 1)
+        level = np.clip(depth * 2.0, 0.0, 2.0)
+        degraded = np.where(level < 1, (1 - level) * blurred[0] + level * blurred[1], (2 - level) * blurred[1] + (level - 1) * blurred[2])
+        degraded = (degraded * np.exp(-1.5 * depth)).astype(np.float32)
+        degraded /= np.percentile(degraded, 99.8)
+        signals = trust.degradation_signals(degraded, trust.foreground_mask(degraded, 0.1))
+        assert signals["asym"] > 1.0 > flat["asym"] + 0.5, axis
+        assert signals["hf"] < flat["hf"], axis
+
+
+@pytest.mark.parametrize("channel", ["nucleus", "membrane"])
+def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signals_say(channel: str) -> None:
+    import itertools
+
+    from fusemycells.config import DEFAULT_RESOURCES, load_manifest
+
+    spec = load_manifest(DEFAULT_RESOURCES).channel(channel).trust
+    assert spec.mode == "case"
+    rules = dict(spec.rules)
+    grid = {name: (0.0, 1.2, 50.0) for name in trust.SIGNALS if name != "noise"}
+    for values in itertools.product(*grid.values()):
+        signals = dict(zip(grid, values))
+        for noise in (0.0, 0.004, 0.008, 0.0099):  # below 0.010: a clean stack (benchmarks/trust_study.py)
+            assert trust.case_factor(signals | {"noise": noise}, rules)[0] == 0.0, (signals, noise)
