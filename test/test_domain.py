@@ -208,3 +208,25 @@ def test_background_reaches_the_view_fully_and_the_target_by_its_fraction():
     gain_gt = (float(lit.fused[empty].mean()) - float(base.fused[empty].mean())) / (photons * lit.params.gt_photon_factor)
     assert gain_in == pytest.approx(b.level, rel=0.5)
     assert gain_gt == pytest.approx(b.target_fraction * gain_in, rel=0.2)
+
+
+def test_weaken_scales_attenuation_and_blur_growth_down_and_keeps_the_target_axial_factor_near_one():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mu, growth, factor = dr.weaken(0.02, 0.01, 0.6, rng)
+        assert 0.02 * 0.03 - 1e-12 <= mu <= 0.02 * 0.3 and 0.01 * 0.03 - 1e-12 <= growth <= 0.01 * 0.3
+        assert 0.85 <= factor <= 1.0
+    assert dr.weaken(0.02, 0.01, 0.95, np.random.default_rng(1))[2] >= 0.95  # never sharpens the target more
+
+
+def test_gentle_pairs_keep_the_other_draws_and_their_input_is_closer_to_the_target():
+    plain, gentle = draw_params(40, "nucleus", randomise=True), draw_params(40, "nucleus", randomise=True, gentle=True)
+    assert gentle.mu_per_um < plain.mu_per_um and gentle.psf_growth < plain.psf_growth
+    assert (gentle.shape, gentle.photons, gentle.light_axis, gentle.domain) == (plain.shape, plain.photons, plain.light_axis, plain.domain)
+    assert "gentle" not in plain.extra
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True, photons=(3000, 3001))
+    scores = {}
+    for flag in (False, True):
+        pair = simulate_pair(40, "nucleus", gentle=flag, **kwargs)
+        scores[flag] = ssim(metric_normalise(pair.input.astype(np.float32)), metric_normalise(pair.fused.astype(np.float32)))
+    assert scores[True] > scores[False]

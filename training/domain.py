@@ -15,6 +15,9 @@ planes), :func:`misregister` (views slightly misregistered), :func:`residual_blu
 target's own blur). Camera side (``background=True``, stream ``[seed, 13]``, drawn by
 :func:`draw_background`): :func:`background_field` (a smooth additive background that does not
 follow the specimen — stray light, autofluorescent medium — partly removed in the fused target).
+Degradation strength (``gentle=True``, stream ``[seed, 15]``): :func:`weaken` (transparent, thin
+specimens where the single view is nearly as good as the fusion: the networks must learn to leave
+them almost unchanged).
 """
 
 from __future__ import annotations
@@ -110,6 +113,17 @@ def draw_background(seed: int) -> BackgroundParams:
         length_um=float(rng.uniform(12.0, 70.0)),
         target_fraction=float(rng.uniform(0.0, 1.0)),
     )
+
+
+def weaken(mu_per_um: float, psf_growth: float, gt_axial_factor: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(μ, PSF growth, target axial factor) of a weakly degraded acquisition (near-identity pair).
+
+    Attenuation (1/µm) and the lateral σ growth with depth (µm per µm) are scaled by factors drawn
+    log-uniformly in [0.03, 0.3]; the target's axial factor (fusion sharpening Z, ≤ 1) moves to
+    within [0.85, 1] of the input's: the single view is almost as good as the fusion.
+    """
+    att, blur = (float(10 ** rng.uniform(np.log10(0.03), np.log10(0.3))) for _ in range(2))
+    return mu_per_um * att, psf_growth * blur, float(max(gt_axial_factor, rng.uniform(0.85, 1.0)))
 
 
 # --- specimen -------------------------------------------------------------------------------
