@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     fuser = ts._WORKER["fuser"]
     rows = []
     for name, root in ts.parse_sets(args.set).items():
-        params = {c["file"]: c for c in json.loads((root / "params.json").read_text())}
+        listed = root / "params.json"  # crosscheck_sim.py's drawn parameters (other sets: none)
+        params = {c["file"]: c for c in json.loads(listed.read_text())} if listed.is_file() else {}
         for case in ts.find_cases(name, root):
             if case.channel == args.channel:
                 rows.append(case_figures(fuser, case, args.cache, params.get(case.name, {})))
