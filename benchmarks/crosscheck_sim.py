@@ -17,6 +17,14 @@ view      light enters along a random axis (Z, Y or X) from a random side: atten
           attenuation along Z, haze, offset + slowly varying background, Poisson x gain + read noise.
 truth     both opposite views (Z blur scaled by gt_axial < 1: fusion sharpens Z), optionally mis-registered and
           intensity-mismatched, blended voxel-wise by a smoothed quality weight; higher photon level (or noise-free), own gain/offset/background.
+
+Ablation (``--force KEY=VALUE``, repeatable): pins a drawn parameter right after it is drawn, so every other
+draw keeps its value (``kind`` changes the draws that depend on it). KEY is ``kind``, ``shape``, ``spacing_um``
+or ``<section>.<name>`` with section ``nuc``, ``mem``, ``optics``, ``fusion`` or ``noise`` (names as in
+params.json); VALUE is JSON (``optics.axis=0``, ``fusion.shift_um=[0,0,0]``) or a bare string. Neutral
+settings: ``optics.halo_frac=0``, ``optics.absorber_rel=0``, ``optics.det_tau=0``, ``optics.haze_frac=0``,
+``optics.gt_axial=1``, ``optics.beam_amp=0``, ``fusion.shift_um=[0,0,0]``, ``fusion.mismatch=1``,
+``noise.bg=0``. Without ``--force`` the output is unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +45,33 @@ GT_SUBDIR = Path("ground-truth")
 CHANNELS = ("nucleus", "membrane")
 KINDS = ("cluster", "embryo", "sheet", "scattered", "filled")
 Shape = tuple[int, int, int]
+SECTIONS = ("nuc", "mem", "optics", "fusion", "noise")
+TOP_KEYS = ("kind", "shape", "spacing_um")
+
+
+def parse_force(items: list[str]) -> dict[str, dict]:
+    """``["optics.axis=0", "kind=sheet"]`` → ``{"optics": {"axis": 0}, "": {"kind": "sheet"}}`` (values JSON or strings)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, _, name = key.rpartition(".")
+        if not sep or (section and section not in SECTIONS) or (not section and name not in TOP_KEYS):
+            raise ValueError(f"--force wants KEY=VALUE with KEY in {TOP_KEYS} or <{'|'.join(SECTIONS)}>.<name>, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def pin(drawn: dict, force: dict[str, dict] | None, section: str) -> dict:
+    """``drawn`` with the forced values of ``section`` put in place (in place; unknown names are an error)."""
+    for name, value in ((force or {}).get(section) or {}).items():
+        if section and name not in drawn:
+            raise KeyError(f"--force {section}.{name}: no such drawn parameter (have {sorted(drawn)})")
+        drawn[name] = value
+    return drawn
 
 
 def logu(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -61,9 +96,9 @@ def smooth_noise(rng: np.random.Generator, shape: Shape, spacing: np.ndarray, si
     return ((g - g.mean()) / (g.std() + 1e-12)).astype(np.float32)
 
 
-def draw_specimen(rng: np.random.Generator, extent: np.ndarray) -> dict:
+def draw_specimen(rng: np.random.Generator, extent: np.ndarray, force: dict[str, dict] | None = None) -> dict:
     """Case-level specimen geometry; positions in µm, ZYX, origin at voxel (0, 0, 0)."""
-    kind = str(rng.choice(KINDS, p=[0.3, 0.2, 0.2, 0.12, 0.18]))
+    kind = str(pin({"kind": str(rng.choice(KINDS, p=[0.3, 0.2, 0.2, 0.12, 0.18]))}, force, "")["kind"])
     vol = np.prod(extent + 28.0)
     p: dict = {"kind": kind, "cell_d_um": max(rng.uniform(5, 14), (vol / 15000) ** (1 / 3))}
     if kind in ("cluster", "embryo"):
@@ -130,7 +165,7 @@ def throw_seeds(rng: np.random.Generator, p: dict, extent: np.ndarray) -> np.nda
 
 
 def render_object(rng: np.random.Generator, p: dict, channel: str, shape: Shape, spacing: np.ndarray,
-                  seeds: np.ndarray, phi: np.ndarray) -> np.ndarray:
+                  seeds: np.ndarray, phi: np.ndarray, force: dict[str, dict] | None = None) -> np.ndarray:
     """Fluorophore density on the ZYX grid (float32, ≈1 for bright structures)."""
     n, tree, d = len(seeds), cKDTree(seeds), p["cell_d_um"]
     nn = tree.query(seeds, k=2)[0][:, 1] if n > 1 else np.full(1, d)
@@ -144,6 +179,7 @@ def render_object(rng: np.random.Generator, p: dict, channel: str, shape: Shape,
                         "label_frac": float(min(1.0, rng.uniform(0.5, 1.6))), "mitotic": rng.uniform(0, 0.06),
                         "deform": rng.uniform(0, 0.25), "texture": rng.uniform(0, 0.6),
                         "texture_um": rng.uniform(0.3, 1.0), "nucleoli_dim": rng.uniform(0.3, 1.0)}
+        pin(q, force, "nuc")
         axes = (q["frac"] * nn / 2)[:, None] * np.exp(rng.normal(0, q["aniso"], (n, 3)))
         mit = rng.random(n) < q["mitotic"]
         axes[mit] *= [0.35, 0.7, 0.7]
@@ -155,6 +191,7 @@ def render_object(rng: np.random.Generator, p: dict, channel: str, shape: Shape,
     else:
         q = p["mem"] = {"fwhm_um": rng.uniform(0.3, 1.5), "punctate": rng.uniform(0, 0.5), "punctate_um": rng.uniform(0.5, 2),
                         "surface_gain": rng.uniform(1, 3) if rng.random() < 0.6 else 0.0}
+        pin(q, force, "mem")
         var0 = (q["fwhm_um"] / 2.355) ** 2
         tex = np.clip(1 + q["punctate"] * smooth_noise(rng, shape, spacing, q["punctate_um"]), 0.1, None)
     inside = phi < 0.7 * d
@@ -213,13 +250,14 @@ def render_view(obj: np.ndarray, tau: np.ndarray, level: np.ndarray, o: dict, sp
     return out
 
 
-def simulate(rng: np.random.Generator, channel: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One (input view, fused ground truth) pair, both uint16 ZYX, and its parameters."""
+def simulate(rng: np.random.Generator, channel: str, force: dict[str, dict] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One (input view, fused ground truth) pair, both uint16 ZYX, and its parameters (``force``: :func:`parse_force`)."""
     shape: Shape = (int(rng.integers(24, 81)), int(rng.integers(96, 257)), int(rng.integers(96, 257)))
     xy = rng.uniform(0.195, 0.39)
-    spacing = np.array([rng.uniform(1.0, 3.0), xy, xy])
+    grid = pin({"shape": shape, "spacing_um": [rng.uniform(1.0, 3.0), xy, xy]}, force, "")
+    shape, spacing = tuple(int(n) for n in grid["shape"]), np.array(grid["spacing_um"], dtype=float)
     extent = np.array(shape) * spacing
-    p = draw_specimen(rng, extent)
+    p = draw_specimen(rng, extent, force)
     p.update(shape=shape, spacing_um=spacing, channel=channel)
     z, y, x = (np.arange(n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(3)]) * s
                for i, (n, s) in enumerate(zip(shape, spacing)))
@@ -227,7 +265,7 @@ def simulate(rng: np.random.Generator, channel: str) -> tuple[np.ndarray, np.nda
     phi += p["undulation_um"] * smooth_noise(rng, shape, spacing, 2 * p["cell_d_um"])
     seeds = throw_seeds(rng, p, extent)
     p["n_cells"] = len(seeds)
-    obj = render_object(rng, p, channel, shape, spacing, seeds, phi)
+    obj = render_object(rng, p, channel, shape, spacing, seeds, phi, force)
     # optics: illumination axis/side, extinction, absorbers (stripes), sheet divergence, blur
     o = p["optics"] = {"axis": int(rng.choice(3, p=[0.2, 0.4, 0.4])), "from_low": bool(rng.random() < 0.5),
                        "tau_total": logu(rng, 0.1, 3.0), "kappa_blur": rng.uniform(0.3, 1.5),
@@ -242,6 +280,7 @@ def simulate(rng: np.random.Generator, channel: str) -> tuple[np.ndarray, np.nda
                        "haze_um": rng.uniform(5, 15)}
     o["sigma1_um"] = [o["sigma0_um"][0] * rng.uniform(1.5, 4), *[o["sigma0_um"][1] * rng.uniform(2, 6)] * 2]
     o["gt_axial"] = rng.uniform(0.4, 1.0)  # multi-view fusion also sharpens Z
+    pin(o, force, "optics")
     a, dx = o["axis"], float(spacing[o["axis"]])
     dens = np.clip(expit(-phi / 1.0) * (1 + 0.3 * smooth_noise(rng, shape, spacing, 5.0)), 0, None)
     lines = dens.sum(a) * dx
@@ -269,6 +308,8 @@ def simulate(rng: np.random.Generator, channel: str) -> tuple[np.ndarray, np.nda
     # fusion of the two opposite views
     f = p["fusion"] = {"power": rng.uniform(1, 8), "smooth_um": rng.uniform(2, 10),
                        "shift_um": rng.uniform(-0.6, 0.6, 3) * (rng.random() < 0.5), "mismatch": rng.uniform(0.85, 1.15)}
+    pin(f, force, "fusion")
+    f["shift_um"] = np.asarray(f["shift_um"], dtype=float)
     (va, qa), (vb, qb), vin = views["a"], views["b"], views["in"][0]
     wa = ndimage.gaussian_filter(qa**f["power"] / (qa**f["power"] + qb**f["power"] + 1e-12), f["smooth_um"] / spacing)
     vb = ndimage.shift(vb, f["shift_um"] / spacing, order=1, mode="nearest") * f["mismatch"]
@@ -281,6 +322,7 @@ def simulate(rng: np.random.Generator, channel: str) -> tuple[np.ndarray, np.nda
                       "gt_photon_factor": rng.uniform(5, 50) if rng.random() < 0.75 else 0.0,
                       "gt_peak_adu": rng.uniform(1500, 20000), "gt_offset": rng.uniform(0, 400),
                       "gt_bg_factor": rng.uniform(0.2, 1.0)}
+    pin(n, force, "noise")
     bg = n["bg"] * np.clip(1 + n["bg_var"] * smooth_noise(rng, shape, spacing, n["bg_um"]), 0, None)
     counts = rng.poisson(n["photons"] * (vin + bg)) + rng.normal(0, n["read_e"], shape)
     img = n["offset"] + n["gain"] * counts
@@ -317,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4, help="cases per channel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=CHANNELS)
+    parser.add_argument("--force", action="append", default=[], metavar="KEY=VALUE",
+                        help="pin a drawn parameter after drawing it (ablation; see the module docstring)")
     args = parser.parse_args(argv)
+    force = parse_force(args.force)
     (args.out / INPUT_SUBDIR).mkdir(parents=True, exist_ok=True)
     (args.out / GT_SUBDIR).mkdir(parents=True, exist_ok=True)
     cases = []
@@ -325,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         for channel in args.channels:
             t0 = time.perf_counter()
             entropy = [args.seed, i, CHANNELS.index(channel)]
-            img, gt, p = simulate(np.random.default_rng(np.random.SeedSequence(entropy)), channel)
+            img, gt, p = simulate(np.random.default_rng(np.random.SeedSequence(entropy)), channel, force)
             name = f"image_{i}_{channel}_angle.tif"
             write_tif(args.out / INPUT_SUBDIR / name, img, p["spacing_um"], channel)
             write_tif(args.out / GT_SUBDIR / name, gt, p["spacing_um"], channel)
@@ -333,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {img.shape} {p['kind']} axis={'ZYX'[p['optics']['axis']]} "
                   f"photons={p['noise']['photons']:.0f} ({cases[-1]['seconds']} s)", flush=True)
     (args.out / "params.json").write_text(json.dumps(jsonable(cases), indent=1))
+    if args.force:
+        (args.out / "force.json").write_text(json.dumps(force, indent=1))
     return 0
 
 

@@ -171,3 +171,62 @@ def test_smooth_fields_agree_between_points_and_the_grid():
     point = np.array([[z / 8 * 2 - 1, y / 10 * 2 - 1, x / 12 * 2 - 1]])
     assert dr.field_at(field, point)[0] == pytest.approx(grid[z, y, x], abs=1e-5)
     assert grid[0, 0, 0] == pytest.approx(field[0, 0, 0]) and grid[-1, -1, -1] == pytest.approx(field[-1, -1, -1])
+
+
+def test_background_flag_is_off_by_default_and_leaves_old_seeds_bit_identical():
+    import hashlib
+
+    digests = {}
+    for randomise in (False, True):
+        pair = simulate_pair(31, "nucleus", shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=randomise)
+        digests[randomise] = hashlib.sha256(pair.input.tobytes() + pair.fused.tobytes()).hexdigest()[:16]
+        assert pair.params.background is None
+    assert digests == {False: "6eeeebfc38b02241", True: "9f62248e59f0742d"}  # taken before the flag existed
+    plain, with_bg = draw_params(31, "nucleus", randomise=True), draw_params(31, "nucleus", randomise=True, background=True)
+    assert with_bg.background == dr.draw_background(31) and with_bg.domain == plain.domain and with_bg.photons == plain.photons
+
+
+def test_background_field_is_a_smooth_nonnegative_pedestal_of_the_requested_level():
+    shape, spacing = (30, 120, 120), (2.0, 0.3, 0.3)
+    flat = dr.background_field(shape, spacing, np.random.default_rng(0), 0.05, 0.0, 30.0)
+    np.testing.assert_allclose(flat, 0.05, rtol=1e-6)
+    field = dr.background_field(shape, spacing, np.random.default_rng(0), 0.05, 0.6, 30.0)
+    assert field.min() >= 0 and field.mean() == pytest.approx(0.05, rel=0.25)
+    assert field.std() > 0.01  # it varies ...
+    step = np.abs(np.diff(field, axis=2)).mean()  # ... slowly: neighbouring voxels 0.3 µm apart barely differ
+    assert step < 0.02 * field.std()
+
+
+def test_background_reaches_the_view_fully_and_the_target_by_its_fraction():
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True)
+    base = simulate_pair(35, "nucleus", return_clean=True, **kwargs)  # seed 35: level 0.06, a quarter of it left in the target
+    lit = simulate_pair(35, "nucleus", background=True, **kwargs)
+    b = lit.params.background
+    empty = base.clean <= np.percentile(base.clean, 20)  # voxels without specimen (chosen noise-free: no selection bias)
+    photons = lit.params.photons  # counts per unit signal; the target has gt_photon_factor times more
+    gain_in = (float(lit.input[empty].mean()) - float(base.input[empty].mean())) / photons
+    gain_gt = (float(lit.fused[empty].mean()) - float(base.fused[empty].mean())) / (photons * lit.params.gt_photon_factor)
+    assert gain_in == pytest.approx(b.level, rel=0.5)
+    assert gain_gt == pytest.approx(b.target_fraction * gain_in, rel=0.2)
+
+
+def test_weaken_scales_attenuation_and_blur_growth_down_and_keeps_the_target_axial_factor_near_one():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mu, growth, factor = dr.weaken(0.02, 0.01, 0.6, rng)
+        assert 0.02 * 0.03 - 1e-12 <= mu <= 0.02 * 0.3 and 0.01 * 0.03 - 1e-12 <= growth <= 0.01 * 0.3
+        assert 0.85 <= factor <= 1.0
+    assert dr.weaken(0.02, 0.01, 0.95, np.random.default_rng(1))[2] >= 0.95  # never sharpens the target more
+
+
+def test_gentle_pairs_keep_the_other_draws_and_their_input_is_closer_to_the_target():
+    plain, gentle = draw_params(40, "nucleus", randomise=True), draw_params(40, "nucleus", randomise=True, gentle=True)
+    assert gentle.mu_per_um < plain.mu_per_um and gentle.psf_growth < plain.psf_growth
+    assert (gentle.shape, gentle.photons, gentle.light_axis, gentle.domain) == (plain.shape, plain.photons, plain.light_axis, plain.domain)
+    assert "gentle" not in plain.extra
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True, photons=(3000, 3001))
+    scores = {}
+    for flag in (False, True):
+        pair = simulate_pair(40, "nucleus", gentle=flag, **kwargs)
+        scores[flag] = ssim(metric_normalise(pair.input.astype(np.float32)), metric_normalise(pair.fused.astype(np.float32)))
+    assert scores[True] > scores[False]

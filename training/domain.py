@@ -12,7 +12,12 @@ size, irregular embryo outline), :func:`variable_cell_centres`, :func:`nucleus_o
 stripes along the light axis), :func:`psf_sigmas_um` (sheet thickening with depth),
 :func:`scatter_halo`, :func:`refractive_defocus`, :func:`plane_gains` (intensity drift between
 planes), :func:`misregister` (views slightly misregistered), :func:`residual_blur` (the fused
-target's own blur).
+target's own blur). Camera side (``background=True``, stream ``[seed, 13]``, drawn by
+:func:`draw_background`): :func:`background_field` (a smooth additive background that does not
+follow the specimen — stray light, autofluorescent medium — partly removed in the fused target).
+Degradation strength (``gentle=True``, stream ``[seed, 15]``): :func:`weaken` (transparent, thin
+specimens where the single view is nearly as good as the fusion: the networks must learn to leave
+them almost unchanged).
 """
 
 from __future__ import annotations
@@ -87,6 +92,38 @@ def draw_domain(seed: int) -> DomainParams:
         gt_view_shift_um=tuple(float(v) for v in rng.uniform(-0.3, 0.3, size=3)),  # type: ignore[arg-type]
         gt_residual_blur_um=float(rng.uniform(0.0, 0.3)),
     )
+
+
+@dataclass
+class BackgroundParams:
+    """Additive background of one pair, in units of a bright voxel of the target (lengths in µm)."""
+
+    level: float  # mean background / bright voxel
+    variation: float  # relative σ of its slow spatial variation
+    length_um: float  # correlation length of the variation
+    target_fraction: float  # share of it left in the fused target (fusion and background subtraction remove the rest)
+
+
+def draw_background(seed: int) -> BackgroundParams:
+    """The additive-background parameters of a pair, from the stream ``[seed, 13]`` (no other draw moves)."""
+    rng = np.random.default_rng([seed, 13])
+    return BackgroundParams(
+        level=float(10 ** rng.uniform(-3.0, -1.0)),
+        variation=float(rng.uniform(0.0, 1.0)),
+        length_um=float(rng.uniform(12.0, 70.0)),
+        target_fraction=float(rng.uniform(0.0, 1.0)),
+    )
+
+
+def weaken(mu_per_um: float, psf_growth: float, gt_axial_factor: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(μ, PSF growth, target axial factor) of a weakly degraded acquisition (near-identity pair).
+
+    Attenuation (1/µm) and the lateral σ growth with depth (µm per µm) are scaled by factors drawn
+    log-uniformly in [0.03, 0.3]; the target's axial factor (fusion sharpening Z, ≤ 1) moves to
+    within [0.85, 1] of the input's: the single view is almost as good as the fusion.
+    """
+    att, blur = (float(10 ** rng.uniform(np.log10(0.03), np.log10(0.3))) for _ in range(2))
+    return mu_per_um * att, psf_growth * blur, float(max(gt_axial_factor, rng.uniform(0.85, 1.0)))
 
 
 # --- specimen -------------------------------------------------------------------------------
@@ -306,6 +343,21 @@ def misregister(volume: np.ndarray, shift_um: tuple[float, float, float], spacin
     if all(abs(s) < 1e-6 for s in shift_vox):
         return volume
     return ndimage.shift(volume, shift_vox, order=1, mode="nearest").astype(np.float32)
+
+
+def background_field(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator, level: float, variation: float, length_um: float
+) -> np.ndarray:
+    """Additive background on a ZYX grid (float32, ≥ 0): ``level`` × max(0, 1 + ``variation`` · F).
+
+    F is a unit-σ random field that varies over ≈ ``length_um`` (µm) on every axis, independent of
+    the specimen (stray light, autofluorescent medium): empty regions get a slowly varying pedestal.
+    """
+    extent = np.asarray(shape, dtype=np.float64) * np.asarray(spacing)
+    coarse_shape = tuple(int(np.clip(np.ceil(e / length_um) + 2, 3, 24)) for e in extent)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape), 0.7, mode="wrap")
+    coarse = ((coarse - coarse.mean()) / max(float(coarse.std()), 1e-9)).astype(np.float32)
+    return (level * np.clip(1.0 + variation * field_on_grid(coarse, shape), 0.0, None)).astype(np.float32)
 
 
 def residual_blur(volume: np.ndarray, spacing: tuple[float, float, float], sigma_um: float, axial_ratio: float) -> np.ndarray:

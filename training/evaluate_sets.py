@@ -83,7 +83,7 @@ def prepare_sets(args: argparse.Namespace, root: Path) -> dict[str, tuple[Path, 
             continue
         data = root / name / "data"
         if not (data / "validation" / "params.json").is_file():
-            write_dataset(data, args.n, seed, study="validation", randomise=randomise)
+            write_dataset(data, args.n, seed, channels=tuple(args.channels), study="validation", randomise=randomise)
         inputs = root / name / "input"
         target = inputs / INPUT_SUBDIR
         target.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def prepare_sets(args: argparse.Namespace, root: Path) -> dict[str, tuple[Path, 
     for seed in args.xcheck_seeds:
         folder = root / f"xcheck_{seed}"
         if not (folder / "params.json").is_file():
-            run([sys.executable, "benchmarks/crosscheck_sim.py", "--out", str(folder), "--n", str(args.n), "--seed", str(seed)], root / f"xcheck_{seed}.log")
+            run([sys.executable, "benchmarks/crosscheck_sim.py", "--out", str(folder), "--n", str(args.n), "--seed", str(seed), "--channels", *args.channels], root / f"xcheck_{seed}.log")
         sets[f"xcheck_{seed}"] = (folder, folder / "ground-truth")
     return sets
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-seed", type=int, default=900_000, help="our validation set's first seed (None: skip)")
     parser.add_argument("--val-dr-seed", type=int, default=910_000, help="our domain-randomised validation set's first seed")
     parser.add_argument("--xcheck-seeds", type=int, nargs="*", default=[202611], help="independent-simulator seeds never used for a choice (777777, 31337, 4242 were)")
+    parser.add_argument("--channels", nargs="+", default=["nucleus", "membrane"], choices=["nucleus", "membrane"], help="channels simulated in the sets (a new --out when changed)")
     parser.add_argument("--variants", nargs="+", default=["policy", *GATES], choices=["policy", *GATES])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra inference.py flags (e.g. --device cpu)")
     args = parser.parse_args(argv)

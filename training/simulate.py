@@ -43,7 +43,7 @@ from scipy.special import expit
 from fusemycells.io import Volume, write_volume
 
 from . import domain as dr
-from .domain import DomainParams
+from .domain import BackgroundParams, DomainParams
 
 log = logging.getLogger("training.simulate")
 
@@ -89,6 +89,7 @@ class SimParams:
     gt_axial_factor: float = 1.0  # the fused views' axial ratio is axial_ratio × this (≤ 1)
     extra: dict[str, Any] = field(default_factory=dict)
     domain: DomainParams | None = None  # domain randomisation (training/domain.py); None = the v2 simulator
+    background: BackgroundParams | None = None  # additive background (training/domain.py); None = camera offset only
 
     def entry_at_start(self, axis: int) -> bool:
         """Whether the light enters at index 0 of ``axis`` in the *written* (flipped) arrays."""
@@ -115,13 +116,17 @@ def draw_params(
     spacing: tuple[float, float, float] | None = None,
     sharpen_gt: bool = True,
     randomise: bool = False,
+    background: bool = False,
+    gentle: bool = False,
 ) -> SimParams:
     """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose).
 
     ``light_axis`` and ``gt_axial_factor`` come from a separate stream of the seed; with
     ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1). ``randomise``
     adds the domain-randomisation parameters (:func:`training.domain.draw_domain`, stream
-    ``[seed, 11]``; every other parameter is drawn as without it).
+    ``[seed, 11]``; every other parameter is drawn as without it); ``background`` the additive
+    background's (:func:`training.domain.draw_background`, stream ``[seed, 13]``); ``gentle`` weakens
+    the degradation (:func:`training.domain.weaken`, stream ``[seed, 15]``: a near-identity pair).
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
@@ -141,7 +146,7 @@ def draw_params(
     n_cells = int(np.clip(volume_um3 / cell_distance**3 * rng.uniform(0.5, 0.9), 8, 1500))
     extra_rng = np.random.default_rng([seed, 3])  # new parameters: the main stream stays as before
     gt_axial_factor = float(extra_rng.uniform(*GT_AXIAL_FACTOR))
-    return SimParams(
+    params = SimParams(
         seed=seed,
         channel=channel,
         shape=tuple(int(s) for s in shape),  # type: ignore[arg-type]
@@ -166,7 +171,13 @@ def draw_params(
         light_axis=int(extra_rng.choice(LIGHT_AXES, p=LIGHT_AXIS_P)),
         gt_axial_factor=gt_axial_factor if sharpen_gt else 1.0,
         domain=dr.draw_domain(seed) if randomise else None,
+        background=dr.draw_background(seed) if background else None,
     )
+    if gentle:
+        params.mu_per_um, params.psf_growth, factor = dr.weaken(params.mu_per_um, params.psf_growth, params.gt_axial_factor, np.random.default_rng([seed, 15]))
+        params.gt_axial_factor = factor if sharpen_gt else 1.0
+        params.extra["gentle"] = True
+    return params
 
 
 def _coordinates(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[np.ndarray]:
@@ -388,6 +399,8 @@ def simulate_pair(
     sharpen_gt: bool = True,
     return_clean: bool = False,
     randomise: bool = False,
+    background: bool = False,
+    gentle: bool = False,
 ) -> SimulatedPair:
     """Simulate one (single view, fused) pair; deterministic in ``seed``.
 
@@ -399,8 +412,12 @@ def simulate_pair(
     :func:`specimen_randomised`, absorbers casting stripes along the light axis, sheet thickening,
     scattering halo, refractive defocus, intensity drift between planes, misregistered views and
     the target's residual blur; without it the arrays are exactly those of the simulator before.
+    ``background`` adds a smooth additive background (:func:`training.domain.background_field`,
+    its own stream ``[seed, 14]``) to the view before the camera, and a share of it to the target;
+    without it the arrays are unchanged. ``gentle`` weakens the degradation (near-identity pair,
+    :func:`training.domain.weaken`).
     """
-    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise)
+    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise, background, gentle)
     if photons is not None:
         p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
@@ -441,8 +458,13 @@ def simulate_pair(
         gains = dr.plane_gains(p.shape[0], d_rng, d.drift_sigma, d.bleaching, reverse=d.detection_side != "top")
         single = single * gains[:, None, None]
     scale = 1.0 / max(float(np.percentile(fused, 99.9)), 1e-6)  # 'photons' = count at a bright voxel
-    inp = acquire(single * scale, p.photons, p.offset, p.read_noise, rng)
-    gt = acquire(fused * scale, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
+    single, fused = single * scale, fused * scale
+    if p.background is not None:
+        b = p.background
+        field_ = dr.background_field(p.shape, p.spacing, np.random.default_rng([seed, 14]), b.level, b.variation, b.length_um)
+        single, fused = single + field_, fused + b.target_fraction * field_
+    inp = acquire(single, p.photons, p.offset, p.read_noise, rng)
+    gt = acquire(fused, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
     clean = (label * scale).astype(np.float32) if return_clean else None
     flips = tuple(a for a, f in ((1, p.flip_y), (2, p.flip_x)) if f)
     if flips:
@@ -473,13 +495,15 @@ def write_dataset(
     photons: tuple[float, float] | None = None,
     sharpen_gt: bool = True,
     randomise: bool = False,
+    background: bool = False,
+    gentle: bool = False,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
     Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
     offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
     also written to ``params.json``. ``shape`` (ZYX voxels) fixes the stack size; default random.
-    ``randomise`` switches on domain randomisation (:func:`simulate_pair`).
+    ``randomise`` switches on domain randomisation, ``background`` the additive background, ``gentle`` weak degradation (:func:`simulate_pair`).
     """
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -489,7 +513,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise, background=background, gentle=gentle)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -509,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photons", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="photon budget range at a bright voxel (default 30–30000, log-uniform)")
     parser.add_argument("--no-gt-sharpening", action="store_true", help="fused views keep the input's axial ratio (no Z sharpening of the target)")
     parser.add_argument("--randomise", action="store_true", help="domain randomisation (training/domain.py): wider morphology, light-sheet artefacts, misregistration, target blur")
+    parser.add_argument("--background", action="store_true", help="smooth additive background (stray light, medium) in the view, partly in the target (training/domain.py)")
+    parser.add_argument("--gentle", action="store_true", help="weakly degraded pairs (near-identity: little attenuation and blur growth, target barely sharper; training/domain.py)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise, args.background, args.gentle)
     return 0
 
 
