@@ -217,8 +217,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "refused-file-reported-ok", "fusemycells/pipeline.py",
-        '    report.status = "refused"\n',
-        '    report.status = "ok"\n',
+        '    report.status = "refused"\n    report.error = error_text(report.file, exc)\n',
+        '    report.status = "ok"\n    report.error = error_text(report.file, exc)\n',
         ("test/test_pipeline.py",), "a failed file is reported written",
     ),
 )

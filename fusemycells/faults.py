@@ -82,6 +82,7 @@ class FaultyRunner:
     def __init__(self, runner: Any, fault: Callable[[], None], at: int = 1, skip: int = 0) -> None:
         self.runner, self.fault, self.at, self.skip = runner, fault, at, skip
         self.backend, self.provider, self.device = runner.backend, runner.provider, runner.device
+        self.precision = runner.precision
         self.calls = 0
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def raising(name: str):
 class OnDevice:
     """A CPU runner presented as a CUDA one."""
 
-    backend, provider, device = "torchscript", "CUDA", "cuda"
+    backend, provider, device, precision = "torchscript", "CUDA", "cuda", "fp32"
 
     def __init__(self, runner) -> None:
         self.runner = runner
@@ -272,7 +272,7 @@ def test_a_fault_on_the_cpu_is_not_a_device_fault_but_gets_the_identity_output(f
 class Broken:
     """A runner that raises ``error`` on every call (a bug, or the host out of memory)."""
 
-    backend, provider, device = "onnx", "CPU", "cpu"
+    backend, provider, device, precision = "onnx", "CPU", "cpu", "fp32"
 
     def __init__(self, error: BaseException) -> None:
         self.error = error

@@ -645,7 +645,7 @@ def test_a_full_disk_is_named_with_the_space_needed_and_free(fixture_resources: 
         pytest.skip("cannot mount a tmpfs here (not root); test_io injects ENOSPC instead")
     try:
         report_path = tmp_path / "report.json"
-        code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
+        code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--output-dtype", "float32", "--report", str(report_path)])
         report = json.loads(report_path.read_text())
         leftovers = [p.name for p in (out_root / OUTPUT_SUBDIR).iterdir()]
     finally:
