@@ -644,10 +644,11 @@ def fuse_and_write(
 
 def is_refusal(exc: BaseException) -> bool:
     """Whether an error refuses the file (no output, exit 1): the input itself is refused (:class:`InputError`:
-    unreadable, invalid, an output name that cannot be made), it is too big for the RAM budget
-    (:class:`MemoryBudgetExceeded`, before its pixels are read), or the setup cannot serve it
-    (:class:`ManifestError`: no weights for its channel, broken weight files)."""
-    return isinstance(exc, (InputError, MemoryBudgetExceeded, ManifestError))
+    unreadable, invalid, an output name that cannot be made) or it is too big for the RAM budget
+    (:class:`MemoryBudgetExceeded`, before its pixels are read). Weights the setup cannot serve for the file
+    (:class:`ManifestError`: no weights for its channel, broken weight files) are not the input's fault: the
+    file gets the identity output (:func:`write_identity`), as for any other failure after the read."""
+    return isinstance(exc, (InputError, MemoryBudgetExceeded))
 
 
 def error_text(file: str, exc: BaseException) -> str:

@@ -400,7 +400,7 @@ def test_global_stage_rerun_on_cpu_after_device_oom_is_reported_as_cpu(fixture_r
 
 
 @pytest.mark.parametrize("fault", ["missing", "checksum"])
-def test_broken_weights_in_both_formats_are_a_clear_error_never_random_weights(fixture_resources: Path, tmp_path: Path, fault: str) -> None:
+def test_broken_weights_in_both_formats_are_a_clear_error_never_random_weights_and_the_identity_is_written(fixture_resources: Path, tmp_path: Path, fault: str) -> None:
     resources = _copy_resources(fixture_resources, tmp_path / "res")
     manifest = json.loads((resources / "manifest.json").read_text())
     stage_files = manifest["channels"]["nucleus"]["global_stage"]["files"]
@@ -412,10 +412,13 @@ def test_broken_weights_in_both_formats_are_a_clear_error_never_random_weights(f
             path.write_bytes(path.read_bytes() + b"tampered")
     write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
     code, report = run(tmp_path, resources)
-    assert code == 1
-    error = case_report(report, "case.tif")["error"]
-    assert all(entry["path"] in error for entry in stage_files.values())
-    assert not (tmp_path / OUTPUT_SUBDIR / "case.tif").exists()
+    # never random weights: the error names both files, and the file gets the identity output (the
+    # normalised input; issue #25: a readable input is never left without an output on GC)
+    entry = case_report(report, "case.tif")
+    assert code == 0 and entry["status"] == "fallback_identity"
+    assert all(e["path"] in entry["error"] for e in stage_files.values())
+    written = tifffile.imread(tmp_path / OUTPUT_SUBDIR / "case.tif")
+    np.testing.assert_allclose(written, percentile_normalise(blob_volume((5, 20, 20)), 2.0, 99.8), atol=1e-5)
 
 
 # 15 ---------------------------------------------------------------------------------------------
