@@ -50,7 +50,7 @@ from fusemycells.stopping import (  # noqa: F401
     TERMINATED_EXIT_CODE,
     Stopped,
     Terminated,
-    ignore_stop_signals,
+    run_stoppable,
     stop_flags,
     stop_signals_raise,
 )
@@ -173,12 +173,7 @@ def main(argv: list[str] | None = None, clock: RunClock | None = None) -> int:
     """
     disable_native_telemetry()
     state = RunState(clock or RunClock.now("main() call"), argv)
-    with stop_signals_raise():
-        try:
-            return _main(argv, state)
-        except Stopped as exc:
-            ignore_stop_signals()  # finish the report; the block restores the handlers
-            return report_stop(state, exc)
+    return run_stoppable(lambda: _main(argv, state), lambda stopped: report_stop(state, stopped))
 
 
 def report_stop(state: RunState, stopped: Stopped) -> int:

@@ -44,7 +44,7 @@ from .omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_z
 from .paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
 from .progress import Bar, configure_logging, interactive, log_lines_only
 from .report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
-from .stopping import Stopped, ignore_stop_signals, stop_flags, stop_signals_raise
+from .stopping import Stopped, run_stoppable, stop_flags
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -979,12 +979,7 @@ def main(argv: Sequence[str] | None = None, before_file: FileHook | None = None)
         log.error("%s", problem)
         return 2
     run = BatchRun(args)
-    with stop_signals_raise():
-        try:
-            return _run(run, before_file)
-        except Stopped as exc:
-            ignore_stop_signals()  # finish the report; the block restores the handlers
-            return _report_stop(run, exc)
+    return run_stoppable(lambda: _run(run, before_file), lambda stopped: _report_stop(run, stopped))
 
 
 def _run(run: BatchRun, before_file: FileHook | None) -> int:

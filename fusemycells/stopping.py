@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -77,6 +77,17 @@ def ignore_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def run_stoppable(work: Callable[[], int], on_stop: Callable[[Stopped], int]) -> int:
+    """``work()``'s exit code; when a stop signal arrives meanwhile, further ones are ignored while
+    ``on_stop(exc)`` reports what was finished, and its exit code is returned (the handlers are restored after)."""
+    with stop_signals_raise():
+        try:
+            return work()
+        except Stopped as exc:
+            ignore_stop_signals()
+            return on_stop(exc)
 
 
 def stop_flags(exc: BaseException | None) -> dict[str, bool]:
