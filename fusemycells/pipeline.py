@@ -280,8 +280,11 @@ class Fuser:
 
     def load_stages(self, channel_name: str) -> None:
         """Load a channel's networks now (the global stage on the policy's device and the patch stage),
-        so that their loading is timed apart from the stages; nothing to do once they are loaded."""
+        so that their loading is timed apart from the stages; nothing to do once they are loaded, or when the
+        channel's trust keeps its networks off whatever the case (:func:`trust.never`: they would never run)."""
         channel = self.manifest.channel(channel_name)
+        if trust.never(channel.trust):
+            return
         try:
             self._load(channel, "global", self.policy.active_device)
             self.patch_stage(channel)

@@ -258,3 +258,25 @@ def test_the_patch_stage_runs_torch_on_one_thread_unless_one_torchscript_cpu_for
     PatchStage(spec, load, policy)(x_h, p1_h, Deadline())
     assert runner[0].threads and set(runner[0].threads) == {outside if expected is None else expected}
     assert torch.get_num_threads() == outside  # restored
+
+
+def test_a_channel_whose_trust_keeps_the_networks_off_never_loads_them(fixture_resources: Path, tmp_path: Path) -> None:
+    """Calibrated to networks off (every rule's factor 0: :func:`fusemycells.trust.never`), a channel's networks
+    would never run: loading them (an OpenVINO compile per stage) is skipped, and the file is still written."""
+    from fusemycells.config import TrustSpec
+
+    manifest = load_manifest(fixture_resources)
+    off = TrustSpec(mode="case", rules=(("noise", ((0.0, 0.0), (1.0, 0.0))),))
+    channels = {name: dataclasses.replace(spec, trust=off) for name, spec in manifest.channels.items()}
+    loads: list[str] = []
+
+    def loader(manifest, spec, backend, device, **options) -> LoadedStage:
+        loads.append(spec.files["onnx"].path)
+        return load_stage(manifest, spec, backend, device, **options)
+
+    fuser = Fuser(dataclasses.replace(manifest, channels=channels), cpu_policy(), loader=loader)
+    path = write_case(tmp_path / "in", "case.tif", blob_volume((6, 24, 24)), spacing=SPACING)
+    report = process_file(path, tmp_path / "out", fuser, "float32")
+    assert report.status == "ok" and report.stages == {}
+    assert loads == []
+    assert (tmp_path / "out" / "case.tif").exists()
