@@ -18,7 +18,7 @@
 #   CUDA 12.6 libraries (all 60 cudart symbols it imports exist in cudart 12.6.77), loaded by
 #   onnxruntime.preload_dlls() (fusemycells/backends.py): ONE CUDA user space for both backends.
 #   On the CPU its outputs are bit-identical to 1.31.1's for the shipped models (README).
-# * The entry point (python -m fusemycells.cuda_support) reads the host driver before any CUDA
+# * The entry point (python -m fusemycells.runtime.cuda_support) reads the host driver before any CUDA
 #   library loads and, only where the driver is older than 525.60.13 but on a branch forward
 #   compatibility serves (R470 >= 470.57), puts /usr/local/cuda/compat first on LD_LIBRARY_PATH
 #   (NVIDIA container toolkits >= 1.17.4 no longer mount these libraries by themselves). Where CUDA
@@ -33,7 +33,7 @@ FROM --platform=linux/amd64 nvidia/cuda:12.6.3-base-ubuntu24.04
 # other older driver, although R525/R545 run CUDA 12.6 by minor-version compatibility and a
 # refusal would also kill the CPU fallback. With the check off the container always starts: CUDA
 # runs where the driver (or cuda-compat) allows it, else both backends fall back to the CPU, with
-# an ERROR line naming the driver (fusemycells/cuda_support.py) and the driver in the report.
+# an ERROR line naming the driver (fusemycells/runtime/cuda_support.py) and the driver in the report.
 ENV NVIDIA_DISABLE_REQUIRE=1
 
 # One malloc arena: glibc gives every thread that allocates (prefetch, concurrent CPU forwards, ONNX
@@ -74,4 +74,4 @@ COPY --chown=user:user resources /opt/app/resources
 
 USER 1001:1001
 # The launcher applies the CUDA route (see the top), then runs inference.py with the same arguments.
-ENTRYPOINT ["python", "-m", "fusemycells.cuda_support", "--exec", "inference.py"]
+ENTRYPOINT ["python", "-m", "fusemycells.runtime.cuda_support", "--exec", "inference.py"]

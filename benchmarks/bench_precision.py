@@ -116,7 +116,7 @@ def quantize_int8(path: Path, calibration: list[np.ndarray], out: Path) -> Path:
 
 def cpu_capabilities() -> list[str]:
     """The reduced-precision flags of this CPU (from /proc/cpuinfo), e.g. ['avx512_bf16', 'amx_bf16']."""
-    from fusemycells.precision import cpu_flags
+    from fusemycells.runtime.precision import cpu_flags
 
     return sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni", "avx_vnni"})
 
@@ -146,7 +146,7 @@ def measure(variants: dict[str, Forward], batch: np.ndarray, repeats: int) -> di
 
 def main(argv: list[str] | None = None) -> int:
     from fusemycells.config import load_manifest
-    from fusemycells.precision import cpu_flags, cpu_precision
+    from fusemycells.runtime.precision import cpu_flags, cpu_precision
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resources", type=Path, default=REPO / "resources")

@@ -32,7 +32,7 @@ OUTPUT_SIGMA = (0.35, 0.9, 0.9)
 
 def reset_peak() -> float:
     """Reset this process's peak RSS (Linux: ``echo 5 > /proc/self/clear_refs``); returns the current RSS (MiB)."""
-    from fusemycells.devices import proc_status_mib
+    from fusemycells.runtime.devices import proc_status_mib
 
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -43,7 +43,7 @@ def reset_peak() -> float:
 
 def measure(fn) -> tuple[np.ndarray, dict]:
     """Run ``fn()``; its result and wall / CPU seconds and peak RSS above the start (MiB)."""
-    from fusemycells.devices import proc_status_mib
+    from fusemycells.runtime.devices import proc_status_mib
 
     start = reset_peak()
     wall, cpu = time.perf_counter(), time.process_time()

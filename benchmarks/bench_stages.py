@@ -85,11 +85,11 @@ def worker(path: Path, out: Path, device: str, threads: int) -> dict:
     """process_file on ``path`` with the instant network; the report and the fake forward seconds."""
     import dataclasses
 
-    from fusemycells import allocator
-    from fusemycells.budget import BudgetPolicy
     from fusemycells.config import load_manifest, without_trust
-    from fusemycells.devices import peak_rss_mib
     from fusemycells.pipeline import Fuser, process_file
+    from fusemycells.runtime import allocator
+    from fusemycells.runtime.budget import BudgetPolicy
+    from fusemycells.runtime.devices import peak_rss_mib
 
     allocator.configure()  # as inference.py does at start-up
     seconds = [0.0]

@@ -40,7 +40,7 @@ GOALS = {"time_ratio": 0.67, "rss_ratio": 0.5, "overhead_ratio": 1.15, "max_abs_
 def peak_rss_bytes() -> int:
     """This worker's own peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's peak, which
     Linux carries across fork and exec: here the parent made the input volume)."""
-    from fusemycells.devices import peak_rss_mib
+    from fusemycells.runtime.devices import peak_rss_mib
 
     return int(peak_rss_mib() * 2**20)
 
@@ -87,7 +87,7 @@ def load_model(path: Path, threads: int):
 
 def default_workers(threads: int) -> int:
     """Concurrent patch batches our pipeline would use for TorchScript on ``threads`` CPU cores."""
-    from fusemycells.budget import BudgetPolicy
+    from fusemycells.runtime.budget import BudgetPolicy
 
     return BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=threads).patch_workers("torchscript", "cpu")
 
@@ -97,7 +97,7 @@ def pure_forward_seconds(predict, batches: int, workers: int, shape: tuple[int, 
     timed sample of them (with concurrent forwards, the sum of per-call times would overstate it)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fusemycells.devices import torch_threads
+    from fusemycells.runtime.devices import torch_threads
 
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     count = max(workers, min(batches, sample))
@@ -117,8 +117,8 @@ def worker(method: str, data: Path, model_path: Path, out: Path, patch: int, ove
     baseline = peak_rss_bytes()
     started = time.perf_counter()
     if method == "ours":
-        from fusemycells import allocator
-        from fusemycells.devices import torch_threads
+        from fusemycells.runtime import allocator
+        from fusemycells.runtime.devices import torch_threads
         from fusemycells.stitching import sliding_window
 
         workers = default_workers(threads) if workers is None else workers

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_write.py --shape 280 1920 1000 --out work_dirs/bench_write.tif
     OMP_NUM_THREADS=1 python benchmarks/bench_write.py --shape 309 1920 1920 --dtype uint16
 
-Prints the write time without the check, the read-back check time (:func:`fusemycells.io.verify_written`),
+Prints the write time without the check, the read-back check time (:func:`fusemycells.io.tiff.verify_written`),
 the pages it read and the file size over the data size. The file is removed afterwards.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusemycells.io import Volume, verify_written, write_volume  # noqa: E402
+from fusemycells.io.tiff import Volume, verify_written, write_volume  # noqa: E402
 
 
 class TypedPlanes:

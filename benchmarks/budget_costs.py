@@ -9,7 +9,7 @@ the stage-1 one (as at degradation level 2) and every phase but the patch networ
 It times, per phase: read, weight loading, preprocess, global stage, post-processing, write; and
 separately the level-2 fallback (``patch_stage.stage1_correction``: the stage-1 correction on the
 high-resolution grid H). Printed with the input and H voxel counts, so that rates per input voxel
-and per H voxel can be fitted from stacks of different Z spacing (``fusemycells.budget``'s
+and per H voxel can be fitted from stacks of different Z spacing (``fusemycells.runtime.budget``'s
 ``default_stage_costs`` cite the runs). For measurement, not for CI.
 """
 
@@ -32,15 +32,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_large_case import planes  # noqa: E402
 
-from fusemycells import allocator  # noqa: E402
 from fusemycells.backends import LoadedStage, load_stage  # noqa: E402
-from fusemycells.budget import BudgetPolicy  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES, load_manifest, without_trust  # noqa: E402
-from fusemycells.io import Volume, read_volume, write_volume  # noqa: E402
+from fusemycells.io.tiff import Volume, read_volume, write_volume  # noqa: E402
 from fusemycells.ops_torch import choose_ops  # noqa: E402
 from fusemycells.patch_stage import stage1_correction  # noqa: E402
 from fusemycells.pipeline import Fuser, process_file  # noqa: E402
 from fusemycells.preprocess import ResizedSource, intensity_affine  # noqa: E402
+from fusemycells.runtime import allocator  # noqa: E402
+from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402
 from fusemycells.sources import ArraySource, shape_for_spacing  # noqa: E402
 
 

@@ -41,8 +41,8 @@ import trust_study as ts  # noqa: E402
 
 from fusemycells import postprocess  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES  # noqa: E402
-from fusemycells.io import read_volume  # noqa: E402
-from fusemycells.metrics import metric_normalise, n_ssim, ssim  # noqa: E402
+from fusemycells.evaluation.metrics import metric_normalise, n_ssim, ssim  # noqa: E402
+from fusemycells.io.tiff import read_volume  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
 
 log = logging.getLogger("collapse_study")

@@ -4,7 +4,7 @@
 
 ``PRED_FLOAT32`` holds ``inference.py --output-dtype float32`` outputs; each is converted by
 :func:`fusemycells.reference.to_output_dtype` (the twin of the pipeline's uint16 output) and both are scored
-against the ground truth with :mod:`fusemycells.metrics` (files matched as in ``fusemycells.evaluate``:
+against the ground truth with :mod:`fusemycells.evaluation.metrics` (files matched as in ``fusemycells.evaluate``:
 the input's name, the ground truth's with ``_angle`` → ``_fused``). Prints one JSON line per case.
 """
 
@@ -19,7 +19,8 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusemycells import metrics, reference  # noqa: E402
+from fusemycells import reference  # noqa: E402
+from fusemycells.evaluation import metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fusemycells.io import Volume, write_volume  # noqa: E402
-from fusemycells.metrics import metric_normalise, ssim  # noqa: E402
+from fusemycells.evaluation.metrics import metric_normalise, ssim  # noqa: E402
+from fusemycells.io.tiff import Volume, write_volume  # noqa: E402
 from training import simulate as sim  # noqa: E402
 
 log = logging.getLogger("families")
@@ -120,7 +120,7 @@ def acquire(
 
 
 def input_ssim(inp: np.ndarray, gt: np.ndarray) -> float:
-    """SSIM(input, GT) after the metric's 2/99.8 normalisation (:mod:`fusemycells.metrics`)."""
+    """SSIM(input, GT) after the metric's 2/99.8 normalisation (:mod:`fusemycells.evaluation.metrics`)."""
     return ssim(metric_normalise(inp), metric_normalise(gt))
 
 

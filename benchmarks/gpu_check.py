@@ -13,7 +13,7 @@ max |p(ref) − p(x)| after percentile normalisation p (2 / 99.8), per output, g
 vram: all four stages loaded with one backend under a VRAM budget, one forward each at the pipeline's batch
 shapes; device memory in use (torch.cuda.mem_get_info, above the CUDA context) against the budget.
 faults: inference.py on a small generated stack with a real CUDA fault injected (FUSEMYCELLS_INJECT_DEVICE_FAULT:
-global stage, second patch batch, output filter; ``fusemycells/faults.py``), each in a fresh process: the file must
+global stage, second patch batch, output filter; ``fusemycells/runtime/faults.py``), each in a fresh process: the file must
 still be written (exit 0) with the fault in its report entry, in the default output dtype (uint16).
 On ``--device cpu`` (the dry run) the same code runs on the CPU and the CUDA-only figures are null (the fault
 switch is a logged no-op there).
@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fusemycells import cuda_support  # noqa: E402
+from fusemycells.runtime import cuda_support  # noqa: E402
 
 PARITY_GOAL = 1e-2
 """Largest allowed difference after percentile normalisation (issue #13)."""
@@ -121,7 +121,7 @@ def vram(device: str, backend: str, budget_gib: float, threads: int, resources: 
     """All four stages with ``backend`` under ``budget_gib``, one forward each; device memory in use against the budget."""
     from fusemycells.backends import load_stage
     from fusemycells.config import load_manifest
-    from fusemycells.devices import proc_status_mib
+    from fusemycells.runtime.devices import proc_status_mib
 
     manifest = load_manifest(resources)
     torch = None
@@ -190,8 +190,8 @@ def faults(device: str, work: Path, resources: Path, quick: bool = False) -> dic
     ``work``; per plan the exit code, the file's status, output dtype and device fault. ``ok``: every run wrote
     its output with exit 0 (and, on CUDA, named the fault)."""
     from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
-    from fusemycells.faults import FAULT_ENV
-    from fusemycells.io import Volume, write_volume
+    from fusemycells.io.tiff import Volume, write_volume
+    from fusemycells.runtime.faults import FAULT_ENV
 
     data = (image_like((16, 96, 96), seed=25) * 3000 + 100).astype(np.uint16)
     write_volume(work / INPUT_SUBDIR / "fault.tif", data, Volume(data, (1.01, 0.388, 0.388), "nucleus"))

@@ -10,10 +10,10 @@
 # Every step runs under its own timeout and records its exit status in OUT_DIR/steps/, so a failing or
 # hanging step never stops the others. The stack is generated in the background from the start; the end-to-end
 # run comes last and gets what remains of --total (default 450 s; the whole check ends by --total + 5 s),
-# started as the image starts it (python -m fusemycells.cuda_support --exec inference.py), with a --time-budget
+# started as the image starts it (python -m fusemycells.runtime.cuda_support --exec inference.py), with a --time-budget
 # 25 s shorter than its limit, so that the pipeline degrades and writes instead of being killed. Before it, the
 # faults step runs inference.py on a small stack with a real CUDA fault injected (FUSEMYCELLS_INJECT_DEVICE_FAULT,
-# fusemycells/faults.py: global stage, second patch batch, output filter): each must still write its output.
+# fusemycells/runtime/faults.py: global stage, second patch batch, output filter): each must still write its output.
 # Outputs are the default uint16.
 # --device cpu --quick is the CPU dry run on a small stack (what test/test_gpu_check.py runs).
 set -uo pipefail
@@ -102,7 +102,7 @@ if (( E2E_LIMIT >= 30 )); then
     fi
     # the whole pipeline whatever trust decides on the generated stack (the worst case for the time limit)
     "$PY" benchmarks/gpu_check.py full-path-resources --resources "$REPO/resources" --out "$OUT/resources_full_path" >/dev/null
-    run_step e2e "$E2E_LIMIT" "$PY" -m fusemycells.cuda_support --exec inference.py --input "$OUT/case/input" --output "$OUT/case/output" \
+    run_step e2e "$E2E_LIMIT" "$PY" -m fusemycells.runtime.cuda_support --exec inference.py --input "$OUT/case/input" --output "$OUT/case/output" \
         --resources "$OUT/resources_full_path" --report "$OUT/e2e_report.json" --device "$DEVICE" --time-budget $(( E2E_LIMIT - 25 ))
     [[ -n "$SAMPLER" ]] && kill "$SAMPLER" 2>/dev/null
 else

@@ -69,7 +69,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (COMPOSED, "test/test_postprocess.py"), "the networks' offset reaches empty space (SSIM's luminance term)",
     ),
     Mutant(
-        "watcher-never-stops", "fusemycells/deadline.py",
+        "watcher-never-stops", "fusemycells/runtime/deadline.py",
         "if done < total and (total - done) * rate > self._deadline.left():",
         "if done > total and (total - done) * rate > self._deadline.left():",
         ("test/test_deadline.py", f"{COMPOSED}::test_a_slow_patch_network_is_stopped_mid_run_and_the_file_finishes_in_time_at_level_1"),
@@ -77,13 +77,13 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- the I/O contract ---
     Mutant(
-        "spacing-z-written-as-x", "fusemycells/io.py",
+        "spacing-z-written-as-x", "fusemycells/io/tiff.py",
         '"PhysicalSizeZ": float(z),',
         '"PhysicalSizeZ": float(x),',
         ("test/test_io.py",), "the output declares the wrong Z spacing",
     ),
     Mutant(
-        "output-dtype-forced-float32", "fusemycells/io.py",
+        "output-dtype-forced-float32", "fusemycells/io/tiff.py",
         'dtype = np.dtype(getattr(data, "dtype", np.float32))',
         "dtype = np.dtype(np.float32)",
         ("test/test_io.py", "test/test_inference_cli.py"), "a uint16 output is written as float32",
@@ -95,13 +95,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("test/test_backends.py",), "corrupt or swapped weights load silently",
     ),
     Mutant(
-        "input-metadata-dropped", "fusemycells/io.py",
+        "input-metadata-dropped", "fusemycells/io/tiff.py",
         "            meta[str(key)] = value\n",
         "            pass\n",
         ("test/test_io.py",), "the input's metadata is not carried to the output",
     ),
     Mutant(
-        "ssim-constant-c2", "fusemycells/metrics.py",
+        "ssim-constant-c2", "fusemycells/evaluation/metrics.py",
         "c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2",
         "c1, c2 = (0.01 * data_range) ** 2, (0.02 * data_range) ** 2",
         ("test/test_metrics.py",), "the scores differ from the challenge's SSIM",

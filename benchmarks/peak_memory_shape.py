@@ -26,10 +26,10 @@ sys.path[:0] = [str(REPO / "test"), str(REPO)]
 from conftest import fixture_manifest, write_case  # noqa: E402
 
 from fusemycells.backends import load_stage  # noqa: E402
-from fusemycells.budget import BudgetPolicy, estimate_peak_bytes  # noqa: E402
 from fusemycells.config import load_manifest  # noqa: E402
-from fusemycells.devices import peak_rss_mib  # noqa: E402
 from fusemycells.pipeline import Fuser, process_file  # noqa: E402
+from fusemycells.runtime.budget import BudgetPolicy, estimate_peak_bytes  # noqa: E402
+from fusemycells.runtime.devices import peak_rss_mib  # noqa: E402
 
 
 class Stage1Channel:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 def rss_mib() -> float:
     """Current resident set size of this process (MiB), from /proc/self/status (NaN elsewhere)."""
-    from fusemycells.devices import proc_status_mib
+    from fusemycells.runtime.devices import proc_status_mib
 
     current = proc_status_mib("VmRSS")
     return float("nan") if current is None else current
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inference_args", nargs=argparse.REMAINDER, help="arguments for inference.py (after --)")
     args = parser.parse_args(argv)
     forwarded = [a for a in args.inference_args if a != "--"]
-    import inference
+    from fusemycells import cli
 
     sampler = Sampler(args.interval)
     sampler.start()
     started = time.perf_counter()
-    code = inference.main(forwarded)
+    code = cli.main(forwarded)
     sampler.stop.set()
     sampler.join()
     print(f"\nran {time.perf_counter() - started:.1f} s, exit {code}; peak RSS {sampler.peak:.0f} MiB (sampled every {args.interval} s), reached in:")

@@ -15,7 +15,7 @@ material of every trust signal of :mod:`fusemycells.trust`, cached in
 ``DIR/<weights_key>/<set>/<case>.npz`` (keyed by the weights' checksums: new weights never reuse old
 outputs). Then it scores N-SSIM of the output the container would write for networks off, the factors
 of :data:`SCORED` (with and without the region factor), the Gaussian baseline and networks off at σ 0
-and at v3's σ, under both SSIM conventions (:mod:`fusemycells.metrics`' uniform window and
+and at v3's σ, under both SSIM conventions (:mod:`fusemycells.evaluation.metrics`' uniform window and
 :func:`ssim_gaussian`), cached per case and output σ; and prints the per-case table, each signal's
 correlation with the benefit over networks off, and the cost of the signals.
 
@@ -53,17 +53,17 @@ for _path in (REPO, REPO / "benchmarks"):
 import trust_calibration as cal  # noqa: E402
 
 from fusemycells import postprocess, trust  # noqa: E402
-from fusemycells.budget import BudgetPolicy  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, Manifest, TrustSpec, load_manifest, trust_form  # noqa: E402
-from fusemycells.deadline import Deadline  # noqa: E402
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
-from fusemycells.io import read_volume  # noqa: E402
-from fusemycells.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
+from fusemycells.evaluation.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
+from fusemycells.io.tiff import read_volume  # noqa: E402
 from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.report import CaseReport  # noqa: E402
+from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402
+from fusemycells.runtime.deadline import Deadline  # noqa: E402
+from fusemycells.runtime.timing import Profile  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
-from fusemycells.timing import Profile  # noqa: E402
 
 log = logging.getLogger("trust_study")
 
@@ -234,7 +234,7 @@ def ssim_gaussian(a: np.ndarray, b: np.ndarray) -> float:
 
 class Scorer:
     """N-SSIM of the container's output for one case and a weight map on the diff grid, under both
-    SSIM conventions (:func:`fusemycells.metrics.ssim`, the 7³ uniform window, and :func:`ssim_gaussian`)."""
+    SSIM conventions (:func:`fusemycells.evaluation.metrics.ssim`, the 7³ uniform window, and :func:`ssim_gaussian`)."""
 
     def __init__(self, fuser: Fuser, case: Case, correction: np.ndarray) -> None:
         self.case, _ = prepare(fuser, case)
@@ -263,7 +263,7 @@ class Scorer:
         return self._both(materialise(postprocess.final_source(blended, post, "float32", spacing=case.spacing)))
 
     def baseline(self) -> tuple[float, float]:
-        """N-SSIM of the challenge's Gaussian baseline (:func:`fusemycells.metrics.gaussian_baseline`)."""
+        """N-SSIM of the challenge's Gaussian baseline (:func:`fusemycells.evaluation.metrics.gaussian_baseline`)."""
         return self._both(self.gaussian)
 
 
@@ -443,7 +443,7 @@ SEARCH_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel",
 forwards and did not predict the benefit, docs/quality.md)."""
 CONSTANT_GATE = {"nucleus": "none@0.5", "membrane": "none@0.25"}
 """The constant gate of the comparison (½ nuclei, ¼ membranes, no trust)."""
-CONVENTIONS = {"n_ssim": "uniform 7³ window (fusemycells.metrics)", "n_ssim_gaussian_window": "Gaussian window σ 1.5 (skimage, BiaPy)"}
+CONVENTIONS = {"n_ssim": "uniform 7³ window (fusemycells.evaluation.metrics)", "n_ssim_gaussian_window": "Gaussian window σ 1.5 (skimage, BiaPy)"}
 
 
 def benefit(row: dict[str, Any], key: str) -> float:

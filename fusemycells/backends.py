@@ -2,7 +2,7 @@
 
 A runner maps a float32 NCZYX numpy batch to a float32 N1ZYX numpy batch and says which
 backend, execution provider and precision really ran it. Device choice comes from
-:mod:`fusemycells.devices`, a CPU forward's precision from :mod:`fusemycells.precision`.
+:mod:`fusemycells.runtime.devices`, a CPU forward's precision from :mod:`fusemycells.runtime.precision`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import BACKEND_FORMAT, BACKENDS, MANIFEST_NAME, Manifest, ManifestError, StageSpec, verified_path
-from .devices import free_device_cache, is_out_of_memory
+from fusemycells.config import (
+    BACKEND_FORMAT,
+    BACKENDS,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    StageSpec,
+    verified_path,
+)
+from fusemycells.runtime.devices import free_device_cache, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +64,7 @@ class Runner(Protocol):
 
 class TorchScriptRunner:
     """Runs a TorchScript file on CPU or CUDA: fp16 autocast on CUDA when ``half``, bf16 autocast on the CPU
-    when ``precision`` is 'bf16' (see :func:`fusemycells.precision.cpu_precision`)."""
+    when ``precision`` is 'bf16' (see :func:`fusemycells.runtime.precision.cpu_precision`)."""
 
     backend = "torchscript"
 
@@ -284,7 +292,7 @@ def load_stage(
     ``vram_budget_gib`` (GiB) is the run's device memory budget:
     TorchScript caps the whole process at it; each ONNX Runtime session has its own arena and gets
     ``vram_budget_gib / vram_sessions``, ``vram_sessions`` being the device stages that may be open at once.
-    ``precision`` ('fp32' or 'bf16', see :func:`fusemycells.precision.cpu_precision`) is a CPU forward's
+    ``precision`` ('fp32' or 'bf16', see :func:`fusemycells.runtime.precision.cpu_precision`) is a CPU forward's
     (TorchScript autocast, OpenVINO's inference precision); ONNX Runtime always runs fp32.
     """
     check_in_channels(manifest, spec)

@@ -38,13 +38,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import BACKENDS
-from .io import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
-from .omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
-from .paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
-from .progress import Bar, configure_logging, interactive, log_lines_only
-from .report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
-from .stopping import Stopped, run_stoppable, stop_flags
+from fusemycells.config import BACKENDS
+from fusemycells.io.omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
+from fusemycells.io.paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
+from fusemycells.io.tiff import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
+from fusemycells.report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
+from fusemycells.runtime.progress import Bar, configure_logging, interactive, log_lines_only
+from fusemycells.runtime.stopping import Stopped, run_stoppable, stop_flags
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -125,7 +125,7 @@ def input_format(path: Path) -> str | None:
 
 
 def not_input_reason(path: Path) -> str:
-    """Why a folder entry is not an input (TIFF-named: :func:`fusemycells.io.skip_reason`)."""
+    """Why a folder entry is not an input (TIFF-named: :func:`fusemycells.io.tiff.skip_reason`)."""
     if path.name.lower().endswith(TIFF_SUFFIXES):
         return skip_reason(path) or NOT_INPUT
     if is_zarr_store(path):
@@ -347,10 +347,10 @@ def _ignored_record(job: Job, why: str) -> tuple[bool, str]:
 
 def _make_fuser(settings: WorkerSettings) -> Any:
     """A ``pipeline.Fuser`` with its own ``BudgetPolicy`` (no run-wide deadline: files get their own)."""
-    from . import allocator
-    from .budget import BudgetPolicy
-    from .config import load_manifest
-    from .pipeline import Fuser
+    from fusemycells.config import load_manifest
+    from fusemycells.pipeline import Fuser
+    from fusemycells.runtime import allocator
+    from fusemycells.runtime.budget import BudgetPolicy
 
     allocator.configure()  # this worker process's malloc and numpy settings, as inference.py's
     manifest = load_manifest(Path(settings.resources))
@@ -363,20 +363,20 @@ def _make_fuser(settings: WorkerSettings) -> Any:
 
 def _process_tiff(path: Path, output_dir: Path, fuser: Any, output_dtype: str, deadline: float | None) -> Any:
     """TIFF in, TIFF out, exactly as ``inference.py`` does it: ``pipeline.process_file`` (a ``CaseReport``)."""
-    from .pipeline import process_file
+    from fusemycells.pipeline import process_file
 
     return process_file(path, output_dir, fuser, output_dtype, deadline=deadline)
 
 
 def _new_report(name: str) -> Any:
-    from .pipeline import CaseReport
+    from fusemycells.pipeline import CaseReport
 
     return CaseReport(file=name)
 
 
 def _warn(report: Any, message: str) -> None:
     """``pipeline.warn``: the warning into the file's report and the log."""
-    from .pipeline import warn
+    from fusemycells.pipeline import warn
 
     warn(report, message)
 
@@ -388,7 +388,7 @@ def _check_memory(fuser: Any, shape: tuple[int, int, int], dtype: Any, spacing: 
 
 def _read_tiff(path: Path, fuser: Any) -> Any:
     """``io.read_volume`` with the memory check (an ``io.Volume``)."""
-    from .io import read_volume
+    from fusemycells.io.tiff import read_volume
 
     return read_volume(path, check=lambda shape, dtype, spacing: _check_memory(fuser, shape, dtype, spacing))
 
@@ -398,7 +398,7 @@ def _make_volume(
 ) -> Any:
     """An ``io.Volume`` for an array read here (ZYX, spacing (z, y, x) µm): what the TIFF writer copies metadata from.
     """
-    from .io import Volume
+    from fusemycells.io.tiff import Volume
 
     return Volume(data=data, spacing=spacing, channel=channel, metadata=metadata, warnings=list(warnings))
 
@@ -412,13 +412,13 @@ def _fuse(fuser: Any, volume: Any, report: Any, deadline: float | None, output_d
 
 
 def _write_tiff(path: Path, source: Any, like: Any) -> None:
-    from .io import write_volume
+    from fusemycells.io.tiff import write_volume
 
     write_volume(path, source, like=like)
 
 
 def _peak_rss_mib() -> float:
-    from .devices import peak_rss_mib
+    from fusemycells.runtime.devices import peak_rss_mib
 
     return round(peak_rss_mib(), 1)
 
@@ -556,7 +556,7 @@ def _where() -> dict[str, Any]:
 
 def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]:
     """Read (TIFF or OME-Zarr), fuse, write (TIFF or OME-Zarr) one job; the report as a dict (status ok or refused)."""
-    from .omezarr import open_level, read_level, write_ome_zarr
+    from fusemycells.io.omezarr import open_level, read_level, write_ome_zarr
 
     report = _new_report(job.name)
     started = time.perf_counter()
@@ -703,7 +703,7 @@ def start_local_cluster(workers: int, threads: int, gpus: Sequence[str], dashboa
 
 
 class Progress:
-    """Files done: a bar with the estimated time left on a terminal (:func:`fusemycells.progress.interactive`),
+    """Files done: a bar with the estimated time left on a terminal (:func:`fusemycells.runtime.progress.interactive`),
     one log line per finished file otherwise."""
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
@@ -992,10 +992,10 @@ def _run(run: BatchRun, before_file: FileHook | None) -> int:
         if not inputs:
             raise SetupError(f"no TIFF files or OME-Zarr images in {', '.join(map(str, args.inputs))}")
         if args.output_format == "ome-zarr" or any(kind == "ome-zarr" for _, kind in inputs):
-            from .omezarr import require_zarr
+            from fusemycells.io.omezarr import require_zarr
 
             require_zarr()
-        from .config import ManifestError, load_manifest, resolve_resources_dir
+        from fusemycells.config import ManifestError, load_manifest, resolve_resources_dir
 
         resources, why = resolve_resources_dir(args.resources)
         log.info("weights from %s (%s)", resources, why)

@@ -235,7 +235,7 @@ class RunConfig:
     resources_dir: Path | None = None  # None: /opt/ml/model when valid, else bundled resources/
     device: str = "auto"  # auto | cuda | cpu
     backend: str = "auto"  # auto | torchscript | onnx | openvino
-    precision: str = "auto"  # auto | fp32 | bf16 (a CPU forward's; see fusemycells.precision)
+    precision: str = "auto"  # auto | fp32 | bf16 (a CPU forward's; see fusemycells.runtime.precision)
     report: Path | None = None
     output_dtype: str = "uint16"  # uint16 (the normalised output's [min, max] scaled to 0..65535) | float32
     vram_budget_gib: float | None = None  # None: a safe fraction of free device memory

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, read_volume
-from .metrics import CaseScore, score_case
-from .progress import configure_logging
-from .qc import CaseViews, projections, require_matplotlib, write_figure
+from fusemycells.evaluation.metrics import CaseScore, score_case
+from fusemycells.evaluation.qc import CaseViews, projections, require_matplotlib, write_figure
+from fusemycells.io.tiff import InputError, read_volume
+from fusemycells.runtime.progress import configure_logging
 
 log = logging.getLogger("fusemycells.evaluate")
 

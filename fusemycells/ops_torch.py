@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .devices import torch_threads
-from .sources import ArraySource, Shape3, slabs
-from .timing import Profile
+from fusemycells.runtime.devices import torch_threads
+from fusemycells.runtime.timing import Profile
+from fusemycells.sources import ArraySource, Shape3, slabs
 
 T = TypeVar("T")
 
@@ -164,7 +164,7 @@ class ResizePlan:
 
 def resize_plan(in_shape: Sequence[int], out_shape: Sequence[int], antialias: bool = True) -> ResizePlan:
     """The plan of ``preprocess.ResizedSource(…, out_shape, antialias)``: σ = ``antialias_sigma`` on shrinking axes."""
-    from .preprocess import antialias_sigma
+    from fusemycells.preprocess import antialias_sigma
 
     sigma = antialias_sigma(in_shape, out_shape) if antialias else (0.0, 0.0, 0.0)
     maps = tuple(axis_map(int(n), int(m), s, RESIZE_TRUNCATE) for n, m, s in zip(in_shape, out_shape, sigma))

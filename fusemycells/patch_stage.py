@@ -4,7 +4,7 @@ A :class:`PatchStage` is configured once per channel (patch, overlap, batch, wor
 and called once per file: ``stage(x_h, p1_h, deadline)`` returns the correction (prediction −
 input on H) and what it did. It owns what it learns across files: the OOM ladder's batch size,
 sub-patch and CPU fallback (like MONAI's ``SlidingWindowInfererAdapt`` keeps its own CPU
-threshold) and the patch rate of its :class:`~fusemycells.deadline.PatchRateWatcher`.
+threshold) and the patch rate of its :class:`~fusemycells.runtime.deadline.PatchRateWatcher`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import LoadedStage
-from .budget import BudgetPolicy, EventLog
-from .config import StageSpec
-from .deadline import Clock, Deadline, PatchRateWatcher
-from .devices import free_device_cache, is_out_of_memory, torch_threads
-from .postprocess import FLOAT16_MAX
-from .progress import ProgressFactory, progress_for
-from .sources import PlaneSource, Shape3, read_only, slabs
-from .stitching import Predict, StitchStats, count_windows, sliding_window
+from fusemycells.backends import LoadedStage
+from fusemycells.config import StageSpec
+from fusemycells.postprocess import FLOAT16_MAX
+from fusemycells.runtime.budget import BudgetPolicy, EventLog
+from fusemycells.runtime.deadline import Clock, Deadline, PatchRateWatcher
+from fusemycells.runtime.devices import free_device_cache, is_out_of_memory, torch_threads
+from fusemycells.runtime.progress import ProgressFactory, progress_for
+from fusemycells.sources import PlaneSource, Shape3, read_only, slabs
+from fusemycells.stitching import Predict, StitchStats, count_windows, sliding_window
 
 
 class OomLadder:
@@ -37,7 +37,7 @@ class OomLadder:
     ``min_sub_patch``; then finish on the CPU predictor. What worked (``max_batch``,
     ``sub_patch``, ``forced_cpu``) is kept here for later patches and files, and each step is
     recorded in ``events``. Any other error of the device predictor is passed to ``on_fault(exc)``
-    (the policy's :meth:`~fusemycells.budget.BudgetPolicy.device_fault`): when it says so, the batch
+    (the policy's :meth:`~fusemycells.runtime.budget.BudgetPolicy.device_fault`): when it says so, the batch
     and every later one run on the CPU predictor (without it such errors are raised). Batches are
     ``(N, C, Z, Y, X)`` float32.
     """
@@ -163,7 +163,7 @@ class PatchStage:
 
     ``load(device)`` returns the loaded patch stage for 'cuda' or 'cpu' (cached by its owner);
     the device one is loaded here, the CPU one only if the OOM ladder falls back to it, or the
-    device faulted (:meth:`~fusemycells.budget.BudgetPolicy.device_fault`: at any patch, that batch
+    device faulted (:meth:`~fusemycells.runtime.budget.BudgetPolicy.device_fault`: at any patch, that batch
     and the rest run on the CPU; a later call starts there). The
     correction is float16 on big stacks (``policy.compact_output``): it halves the largest array
     (rounding ≤ 2.4e-4 of values < 1), while small stacks keep float32 so the two backends agree

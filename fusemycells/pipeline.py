@@ -24,21 +24,27 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import postprocess, trust
-from .allocator import reuse_freed_memory
-from .backends import LoadedStage, load_stage, warm_up
-from .budget import DEGRADATION_LEVELS, BudgetPolicy, LinearCost, MemoryBudgetExceeded, default_stage_costs
-from .config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
-from .deadline import Deadline
-from .devices import DeviceFault, free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
-from .io import InputError, check_output_name, list_inputs, read_volume, write_volume
-from .ops_torch import Ops, choose_ops
-from .patch_stage import PatchStage
-from .preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
-from .progress import ProgressFactory, progress_for
-from .report import CaseReport
-from .sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
-from .timing import Profile
+from fusemycells import postprocess, trust
+from fusemycells.backends import LoadedStage, load_stage, warm_up
+from fusemycells.config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
+from fusemycells.io.tiff import InputError, check_output_name, list_inputs, read_volume, write_volume
+from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.patch_stage import PatchStage
+from fusemycells.preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
+from fusemycells.report import CaseReport
+from fusemycells.runtime.allocator import reuse_freed_memory
+from fusemycells.runtime.budget import (
+    DEGRADATION_LEVELS,
+    BudgetPolicy,
+    LinearCost,
+    MemoryBudgetExceeded,
+    default_stage_costs,
+)
+from fusemycells.runtime.deadline import Deadline
+from fusemycells.runtime.devices import DeviceFault, free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
+from fusemycells.runtime.progress import ProgressFactory, progress_for
+from fusemycells.runtime.timing import Profile
+from fusemycells.sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,8 +139,8 @@ class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.budget.default_stage_costs` at first), kept across files; ``progress``
-    shows the patch stage's progress (:func:`fusemycells.progress.progress_for`: a bar on a terminal);
+    (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files; ``progress``
+    shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`: a bar on a terminal);
     ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
     tests pass the numpy reference or the GPU's code path on the CPU).
     """

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .config import PostprocessSpec
-from .ops_torch import FILTER_TRUNCATE, Ops, filter_plan, resize_plan
-from .preprocess import MAX_SAMPLES, ResizedSource, percentile_affine, percentiles, sample_stride
-from .sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
+from fusemycells.config import PostprocessSpec
+from fusemycells.ops_torch import FILTER_TRUNCATE, Ops, filter_plan, resize_plan
+from fusemycells.preprocess import MAX_SAMPLES, ResizedSource, percentile_affine, percentiles, sample_stride
+from fusemycells.sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
 
 
 def _torch(ops: Ops | None) -> Ops | None:
@@ -573,7 +573,7 @@ def gathered_sample(
     then X, the order of scipy's separable filter. ``source`` is an :class:`ArraySource` (its affine map applied
     to the gathered voxels).
     """
-    from .ops_torch import gaussian_kernel
+    from fusemycells.ops_torch import gaussian_kernel
 
     array = source.array
     nz, ny, nx = array.shape

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .config import NormalisationSpec
-from .ops_torch import Ops, ResizePlan, compose, parallel_safe, resize_plan
-from .sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
+from fusemycells.config import NormalisationSpec
+from fusemycells.ops_torch import Ops, ResizePlan, compose, parallel_safe, resize_plan
+from fusemycells.sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
 
 ANTIALIAS_TRUNCATE = 3.0
 """Gaussian prefilter radius in σ (scipy's ``truncate``)."""

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .config import NormalisationSpec, PostprocessSpec
-from .postprocess import output_sigma_zyx, weight_from_coarse
-from .preprocess import intensity_affine, percentile_affine, resize, safe_range
-from .sources import Spacing3, apply_affine, shape_for_spacing
+from fusemycells.config import NormalisationSpec, PostprocessSpec
+from fusemycells.postprocess import output_sigma_zyx, weight_from_coarse
+from fusemycells.preprocess import intensity_affine, percentile_affine, resize, safe_range
+from fusemycells.sources import Spacing3, apply_affine, shape_for_spacing
 
 
 def percentile_normalise(volume: np.ndarray, low: float = 2.0, high: float = 99.8, eps: float = 1e-6) -> np.ndarray:

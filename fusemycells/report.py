@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from fusemycells import __version__
 
 SCHEMA_VERSION = 1
 """Layout version of both reports (``schema_version``): raised when a key is renamed or removed or its
@@ -119,7 +119,7 @@ class CaseReport:
     peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
     non_finite_replaced: int = 0
     out_of_range_clipped: int = 0  # finite input values outside preprocess.safe_range, clipped to it
-    degradation: int = 0  # see fusemycells.budget.DEGRADATION_LEVELS
+    degradation: int = 0  # see fusemycells.runtime.budget.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
     trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: factor, signals, cost (fusemycells.trust)
@@ -129,8 +129,8 @@ class CaseReport:
 
 
 def degradation_name(level: int) -> str:
-    """What a degradation level means (``fusemycells.budget.DEGRADATION_LEVELS``)."""
-    from .budget import DEGRADATION_LEVELS  # numpy: only once a file was processed
+    """What a degradation level means (``fusemycells.runtime.budget.DEGRADATION_LEVELS``)."""
+    from fusemycells.runtime.budget import DEGRADATION_LEVELS  # numpy: only once a file was processed
 
     return DEGRADATION_LEVELS[level]
 
@@ -148,7 +148,7 @@ def case_entry(case: CaseReport) -> dict[str, Any]:
 def manifest_sha256(resources: Path) -> str:
     """sha256 of ``resources/manifest.json``, which lists every weight file's sha256: one checksum
     that names the weights (and the settings in the manifest) a run used."""
-    from .config import sha256_of
+    from fusemycells.config import sha256_of
 
     return sha256_of(Path(resources) / "manifest.json")
 
@@ -191,7 +191,7 @@ def run_report(
     """The report of ``inference.py --report`` (every key always present; see ``report.schema.json``).
 
     ``cases``: the entries of the files done (:func:`case_entry`), in order; ``clock``: the time
-    account (:func:`fusemycells.deadline.time_account`); ``policy``: the budget policy's report,
+    account (:func:`fusemycells.runtime.deadline.time_account`); ``policy``: the budget policy's report,
     None when the run stopped before it was made.
     """
     written = [str(c["file"]) for c in cases if c.get("status") in WRITTEN_STATUSES]

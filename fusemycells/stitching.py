@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from .sources import ArraySource, PlaneSource, materialise, read_only
+from fusemycells.sources import ArraySource, PlaneSource, materialise, read_only
 
 log = logging.getLogger(__name__)
 

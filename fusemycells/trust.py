@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .config import TRUST_SIGNALS, TrustSpec
-from .ops_torch import Ops
-from .preprocess import ResizedSource, resize_through
-from .sources import PlaneSource, as_source, materialise
-from .stitching import pad_to_patch, window_starts
+from fusemycells.config import TRUST_SIGNALS, TrustSpec
+from fusemycells.ops_torch import Ops
+from fusemycells.preprocess import ResizedSource, resize_through
+from fusemycells.sources import PlaneSource, as_source, materialise
+from fusemycells.stitching import pad_to_patch, window_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
 """(N, C, Z, Y, X) float32 → (N, 1, Z, Y, X) float32: a network stage."""

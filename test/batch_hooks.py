@@ -13,14 +13,14 @@ from typing import Any
 class StallInWrite:
     """Test hook: while file ``name`` is being written (its temporary ``.fmc-*.partial`` open and its
     first planes in it), write the worker's pid to ``marker`` and stall ``seconds``; other files run at
-    once. The stall is inside ``fusemycells.io.write_volume``'s plane stream, so a signal that stops
+    once. The stall is inside ``fusemycells.io.tiff.write_volume``'s plane stream, so a signal that stops
     the run finds a real write in progress."""
 
     def __init__(self, name: str, marker: str, seconds: float = 120.0) -> None:
         self.name, self.marker, self.seconds = name, marker, seconds
 
     def __call__(self, name: str) -> None:
-        from fusemycells import io
+        from fusemycells.io import tiff as io
 
         if name != self.name:
             return

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fusemycells.config import sha256_of  # noqa: E402
-from fusemycells.io import Volume, write_volume  # noqa: E402
+from fusemycells.io.tiff import Volume, write_volume  # noqa: E402
 
 
 class SmoothingNet(torch.nn.Module):

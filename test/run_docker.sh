@@ -78,7 +78,7 @@ python3 - "$INPUT" "$OUTPUT" <<'PY'
 import sys
 from pathlib import Path
 
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 
 inp = Path(sys.argv[1]) / "images/fluorescence-lightsheet-3D-microscopy"
 out = Path(sys.argv[2]) / "images/fused-fluorescence-lightsheet-3D-microscopy"

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fusemycells import allocator
+from fusemycells.runtime import allocator
 
 glibc_only = pytest.mark.skipif(not allocator.available(), reason="glibc's mallopt/malloc_trim only (Linux)")
 
@@ -25,7 +25,7 @@ def run_child(code: str) -> dict:
 FAULTS = """
     import json, resource
     import numpy as np
-    from fusemycells import allocator
+    from fusemycells.runtime import allocator
 
     def faulted_mib(repeats=8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

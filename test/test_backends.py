@@ -22,10 +22,10 @@ from fusemycells.backends import (
     memory_fraction,
     warm_up,
 )
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir, verify_files
-from fusemycells.devices import cuda_available
 from fusemycells.reference import normalise_intensity
+from fusemycells.runtime.budget import BudgetPolicy
+from fusemycells.runtime.devices import cuda_available
 
 
 def _copy(resources: Path, tmp_path: Path) -> Path:

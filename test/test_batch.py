@@ -29,7 +29,7 @@ from report_check import assert_valid_report
 from fusemycells import batch
 from fusemycells.batch import SetupError, WorkerSettings, collect_inputs, plan_jobs, run_job, verify_complete
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 
 needs_scale = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("distributed", "zarr", "ome_zarr")),
@@ -104,7 +104,7 @@ def test_package_imports_without_the_optional_packages_and_batch_says_what_to_in
     code = (
         "import sys\n"
         "for name in ('dask', 'distributed', 'zarr', 'ome_zarr'): sys.modules[name] = None\n"
-        "import fusemycells, fusemycells.pipeline, fusemycells.omezarr\n"
+        "import fusemycells, fusemycells.pipeline, fusemycells.io.omezarr\n"
         "from fusemycells import batch\n"
         f"sys.exit(batch.main([{str(tmp_path)!r}, '--output', {str(tmp_path / 'out')!r}]))\n"
     )
@@ -374,7 +374,7 @@ def test_ome_zarr_in_and_out_keeps_spacing_and_fuses_like_the_tiff(
         "2",
     ]
     assert batch.main(argv) == 0
-    from fusemycells import omezarr
+    from fusemycells.io import omezarr
 
     level0 = omezarr.open_level(out / store.name, 0)
     assert level0.shape == data.shape and level0.spacing == pytest.approx(spacing) and level0.channel == "nucleus"
@@ -512,7 +512,7 @@ def test_a_2d_zarr_image_is_written_with_a_warning_naming_the_spacing_used(fuser
 
 @needs_scale
 def test_one_channel_of_a_multichannel_zarr_image_is_fused_with_channel_index(fuser: Any, tmp_path: Path) -> None:
-    from fusemycells import omezarr
+    from fusemycells.io import omezarr
 
     nuclei, membranes = blob_volume((12, 40, 36), seed=1), blob_volume((12, 40, 36), seed=2)
     omero = {"omero": {"channels": [{"label": "nuclei"}, {"label": "membranes"}]}}

@@ -14,7 +14,7 @@ import bench_stages  # noqa: E402
 import bench_stitching  # noqa: E402
 import profile_memory  # noqa: E402
 
-from fusemycells.devices import torch_threads  # noqa: E402
+from fusemycells.runtime.devices import torch_threads  # noqa: E402
 from fusemycells.stitching import sliding_window  # noqa: E402
 
 

@@ -15,9 +15,12 @@ import pytest
 import tifffile
 from conftest import blob_volume, fixture_manifest, write_case
 
-import inference
+from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import (
+from fusemycells.config import DEFAULT_RESOURCES, DEFAULT_TIME_BUDGET_S, INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.patch_stage import OomLadder
+from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file, run_directory
+from fusemycells.runtime.budget import (
     CPU_2CORE,
     MAX_CPU_WORKERS,
     BudgetPolicy,
@@ -26,9 +29,8 @@ from fusemycells.budget import (
     estimate_peak_bytes,
     plan_first_file,
 )
-from fusemycells.config import DEFAULT_RESOURCES, DEFAULT_TIME_BUDGET_S, INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
-from fusemycells.deadline import RunClock
-from fusemycells.devices import (
+from fusemycells.runtime.deadline import RunClock
+from fusemycells.runtime.devices import (
     is_out_of_memory,
     nvidia_driver_version,
     parse_driver_version,
@@ -37,8 +39,6 @@ from fusemycells.devices import (
     process_age_s,
     torch_threads,
 )
-from fusemycells.patch_stage import OomLadder
-from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file, run_directory
 from fusemycells.sources import shape_for_spacing
 from fusemycells.stitching import sliding_window
 
@@ -161,7 +161,7 @@ def wrapping_loader(wrapper, which_stage: str = "patch"):
 def _run(root: Path, resources: Path, *extra: str) -> tuple[int, dict, float]:
     report_path = root / "report.json"
     started = time.perf_counter()
-    code = inference.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report_path), *extra])
+    code = cli.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report_path), *extra])
     return code, json.loads(report_path.read_text()), time.perf_counter() - started
 
 
@@ -402,7 +402,7 @@ def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
     import sys
 
     held = np.ones(400 * 2**20 // 8)  # 400 MiB touched here: ru_maxrss would hand it to the child
-    code = "import sys; sys.path.insert(0, '.'); from fusemycells.devices import peak_rss_mib; print(peak_rss_mib())"
+    code = "import sys; sys.path.insert(0, '.'); from fusemycells.runtime.devices import peak_rss_mib; print(peak_rss_mib())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(child.stdout) < 300  # numpy + the module: tens of MiB
     assert held.sum() > 0
@@ -467,9 +467,9 @@ sys.path[:0] = [sys.argv[1] + "/test", sys.argv[1]]
 import numpy as np
 from conftest import write_case
 from fusemycells.backends import load_stage
-from fusemycells.budget import BudgetPolicy
+from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.config import load_manifest
-from fusemycells.devices import peak_rss_mib, proc_status_mib
+from fusemycells.runtime.devices import peak_rss_mib, proc_status_mib
 from fusemycells.pipeline import Fuser, process_file
 
 folder, resources, shape = Path(sys.argv[2]), Path(sys.argv[3]), tuple(int(n) for n in sys.argv[4].split("x"))
@@ -591,7 +591,7 @@ def test_process_start_is_read_from_proc_and_survives_exec(tmp_path: Path) -> No
     import subprocess
     import sys
 
-    child = "import sys; sys.path.insert(0, '.'); from fusemycells.devices import process_age_s; print(process_age_s())"
+    child = "import sys; sys.path.insert(0, '.'); from fusemycells.runtime.devices import process_age_s; print(process_age_s())"
     parent = f"import os, sys, time; time.sleep(1.5); os.execv(sys.executable, [sys.executable, '-c', {child!r}])"
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert 1.5 <= float(out.stdout) < 60  # the age counts from before the exec()

@@ -38,10 +38,10 @@ from conftest import PositionNet, SmoothingNet, blob_volume, export_fixture_stag
 from scipy import ndimage
 
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import load_manifest
 from fusemycells.ops_torch import Ops, choose_ops
 from fusemycells.pipeline import Fuser
+from fusemycells.runtime.budget import BudgetPolicy
 
 TOLERANCE = 1e-4
 """Largest |pipeline − oracle| accepted on the normalised output (float32 vs float64 arithmetic; see the module doc)."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fusemycells import cuda_support as cs
-from fusemycells.cuda_support import plan_cuda
-from fusemycells.devices import nvidia_driver_version, parse_driver_version, parse_nvidia_smi_version
+from fusemycells.runtime import cuda_support as cs
+from fusemycells.runtime.cuda_support import plan_cuda
+from fusemycells.runtime.devices import nvidia_driver_version, parse_driver_version, parse_nvidia_smi_version
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,7 +215,7 @@ def test_the_image_pins_agree_with_the_cuda_12_choice():
     needed = cs.image_cuda(cs.IMAGE_BUILDS)
     assert plan_cuda("470.256.02", needed, "560.35.05").route == "compat"  # a T4 on SageMaker's R470
     assert plan_cuda("535.104.05", needed).route == "native"
-    assert 'ENTRYPOINT ["python", "-m", "fusemycells.cuda_support", "--exec", "inference.py"]' in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "fusemycells.runtime.cuda_support", "--exec", "inference.py"]' in dockerfile
     readme = (REPO / "README.md").read_text()
     for fact in ("onnxruntime-gpu 1.26.0", "cu126", "nvidia/cuda:12.6.3-base-ubuntu24.04", "525.60.13"):
         assert fact in readme, fact

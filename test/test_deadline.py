@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fusemycells.deadline import Deadline, PatchRateWatcher
-from fusemycells.progress import log_lines_only
+from fusemycells.runtime.deadline import Deadline, PatchRateWatcher
+from fusemycells.runtime.progress import log_lines_only
 
 
 class FakeClock:

@@ -2,7 +2,7 @@
 
 The "device" here is the CPU presented as CUDA: a stage loader whose 'cuda' stages are the real CPU networks
 and an ops factory whose 'cuda' ops run the GPU's code path on the CPU (``cpu_hybrid=False``), both passed to
-the Fuser as its dependencies; :func:`fusemycells.faults.inject` makes them raise the error texts CUDA, cuDNN
+the Fuser as its dependencies; :func:`fusemycells.runtime.faults.inject` makes them raise the error texts CUDA, cuDNN
 and ONNX Runtime's CUDA provider raise, at the global stage, at the N-th patch batch or in a torch step.
 Every case must still be written, on the CPU, equal to a CPU run's output, with the fault in the report.
 """
@@ -23,14 +23,14 @@ import torch
 from conftest import blob_volume, write_case
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-import inference
-from fusemycells import faults, reference
+from fusemycells import cli, reference
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
 from fusemycells.ops_torch import Ops, choose_ops
 from fusemycells.pipeline import Fuser, process_file, run_directory
 from fusemycells.report import case_entry
+from fusemycells.runtime import faults
+from fusemycells.runtime.budget import BudgetPolicy
 
 SPACING = (1.0, 0.39, 0.39)
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ class FailingSource:
 
 
 def test_a_device_fault_while_the_output_is_written_writes_it_again_from_the_cpu(fixture_resources: Path, tmp_path: Path) -> None:
-    from fusemycells.io import Volume
+    from fusemycells.io.tiff import Volume
     from fusemycells.pipeline import Fused
     from fusemycells.report import CaseReport
     from fusemycells.sources import ArraySource
@@ -335,7 +335,7 @@ def test_unreadable_input_is_still_refused_with_no_output_and_exit_1(fixture_res
     (inputs / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     write_case(inputs, "good.tif", blob_volume((6, 24, 24)), spacing=SPACING)
     report_path = tmp_path / "report.json"
-    code = inference.main(["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
+    code = cli.main(["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
     report = json.loads(report_path.read_text())
     assert code == 1 and report["refused"] == ["broken.tif"] and report["written"] == ["good.tif"]
     assert not (tmp_path / OUTPUT_SUBDIR / "broken.tif").exists()
@@ -343,8 +343,8 @@ def test_unreadable_input_is_still_refused_with_no_output_and_exit_1(fixture_res
 
 
 def test_exit_code_counts_a_fallback_identity_as_written() -> None:
-    assert inference.exit_code_of(["ok", "fallback_identity"]) == 0
-    assert inference.exit_code_of(["ok", "refused"]) == 1 and inference.exit_code_of([]) == 0
+    assert cli.exit_code_of(["ok", "fallback_identity"]) == 0
+    assert cli.exit_code_of(["ok", "refused"]) == 1 and cli.exit_code_of([]) == 0
 
 
 # ---- the environment switch ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fusemycells.metrics import metric_normalise, ssim
+from fusemycells.evaluation.metrics import metric_normalise, ssim
 from training import domain as dr
 from training.simulate import draw_params, optical_depth, simulate_pair
 

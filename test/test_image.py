@@ -20,7 +20,7 @@ import pytest
 from sandbox import SANDBOX
 
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "test" / "input"

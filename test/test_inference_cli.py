@@ -18,11 +18,11 @@ import tifffile
 from conftest import REPO, blob_volume, write_case
 from report_check import assert_valid_report
 
-import inference
+from fusemycells import cli
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 from fusemycells.reference import percentile_normalise
-from fusemycells.timing import SECTIONS
+from fusemycells.runtime.timing import SECTIONS
 
 STAGE_SECONDS = ("read", "load_weights", "preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")
 
@@ -207,7 +207,7 @@ def test_missing_manifest_exits_2_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_no_arguments_follow_the_grand_challenge_input_and_output_folders() -> None:
-    config = inference.build_config(inference.parse_args([]))
+    config = cli.build_config(cli.parse_args([]))
     assert config.input_dir == Path("/input/images/fluorescence-lightsheet-3D-microscopy")
     assert config.output_dir == Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
     assert (config.resources_dir, config.device, config.backend, config.output_dtype) == (None, "auto", "auto", "uint16")
@@ -234,7 +234,7 @@ def test_sigterm_stops_the_run_with_a_log_line_a_report_and_exit_143(fixture_res
             proc.send_signal(signal.SIGTERM)
             break
     log += proc.stderr.readlines()
-    assert proc.wait(timeout=60) == inference.TERMINATED_EXIT_CODE == 143, "".join(log)[-3000:]
+    assert proc.wait(timeout=60) == cli.TERMINATED_EXIT_CODE == 143, "".join(log)[-3000:]
     assert any("terminated by SIGTERM: stopping; 1 output(s) written" in line for line in log), "".join(log)[-3000:]
     report = json.loads(report_path.read_text())
     assert_valid_report(report)
@@ -251,7 +251,7 @@ def test_the_budget_counts_from_the_process_start_through_the_image_entry_point_
     write_case(_inputs(tmp_path), "case.tif", blob_volume((8, 32, 32)))
     report_path = tmp_path / "report.json"
     args = ["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path), "--time-budget", "4"]
-    entry = [sys.executable, "-m", "fusemycells.cuda_support", "--exec", "inference.py", *args]  # the image's ENTRYPOINT
+    entry = [sys.executable, "-m", "fusemycells.runtime.cuda_support", "--exec", "inference.py", *args]  # the image's ENTRYPOINT
     # 3 s spent before the exec (as an image's start-up would): the budget of 4 s has 1 s left when inference.py starts
     starter = f"import os, sys, time; time.sleep(3.0); os.execv(sys.executable, {entry!r})"
     begun = time.time()
@@ -279,7 +279,7 @@ def test_temporary_files_of_a_killed_earlier_run_are_removed_and_reported(fixtur
     os.utime(out / ".fmc-link.partial", (hour_ago, hour_ago), follow_symlinks=False)
     report_path = tmp_path / "report.json"
     with caplog.at_level("INFO", logger="fusemycells"):
-        code = inference.main(["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
+        code = cli.main(["--input", str(tmp_path), "--output", str(tmp_path), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--report", str(report_path)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [".fmc-link.partial", ".fmc-recent.partial", "case.tif", "keep.partial"]
     report = json.loads(report_path.read_text())
@@ -291,7 +291,7 @@ def test_temporary_files_of_a_killed_earlier_run_are_removed_and_reported(fixtur
 def test_the_writers_temporary_files_match_the_pattern_cleaned_up(tmp_path: Path) -> None:
     from fnmatch import fnmatch
 
-    from fusemycells.io import Volume, write_volume
+    from fusemycells.io.tiff import Volume, write_volume
 
     seen: list[str] = []
 
@@ -303,8 +303,8 @@ def test_the_writers_temporary_files_match_the_pattern_cleaned_up(tmp_path: Path
             return np.zeros((z1 - z0, 8, 8), np.float32)
 
     write_volume(tmp_path / "out.tif", Watching(), Volume(data=np.zeros((3, 8, 8), np.float32), spacing=(1.0, 0.4, 0.4), channel="nucleus"))
-    assert seen and all(fnmatch(name, inference.PARTIAL_PATTERN) for name in seen)
-    assert inference.remove_stale_partials(tmp_path, before=time.time() + 10, now=time.time() + 4000) == []  # a finished output is never a partial
+    assert seen and all(fnmatch(name, cli.PARTIAL_PATTERN) for name in seen)
+    assert cli.remove_stale_partials(tmp_path, before=time.time() + 10, now=time.time() + 4000) == []  # a finished output is never a partial
 
 
 def test_ctrl_c_stops_the_run_with_one_line_a_report_and_exit_130(fixture_resources: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""TIFF reading/writing with the challenge's metadata conventions (fusemycells.io)."""
+"""TIFF reading/writing with the challenge's metadata conventions (fusemycells.io.tiff)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from conftest import blob_volume, write_case
 
-from fusemycells.io import (
+from fusemycells.io.tiff import (
     DEFAULT_CHANNEL,
     DEFAULT_SPACING_ZYX_UM,
     TILE_PADDING_MAX,
@@ -536,7 +536,7 @@ def test_read_back_sample_is_bounded_in_pages_and_bytes_and_keeps_both_ends() ->
 def test_a_full_disk_during_a_write_is_named_with_the_space_needed_and_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from fusemycells import io
+    from fusemycells.io import tiff as io
 
     def short_write(*args: object, **kwargs: object) -> None:
         raise OSError("16384 requested and 16252 written")  # what tifffile raises on a full disk

@@ -7,7 +7,14 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from fusemycells.metrics import GAUSSIAN_BASELINE_SIGMA, gaussian_baseline, metric_normalise, n_ssim, score_case, ssim
+from fusemycells.evaluation.metrics import (
+    GAUSSIAN_BASELINE_SIGMA,
+    gaussian_baseline,
+    metric_normalise,
+    n_ssim,
+    score_case,
+    ssim,
+)
 
 
 def _pair(shape=(20, 33, 41), seed=0):

@@ -1,4 +1,4 @@
-"""OME-Zarr input and output (fusemycells.omezarr): spacing, units, levels, streaming, atomic writes."""
+"""OME-Zarr input and output (fusemycells.io.omezarr): spacing, units, levels, streaming, atomic writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import blob_volume
 
-from fusemycells import omezarr
-from fusemycells.omezarr import OmeZarrError, downsample_yx, level_info, level_shapes, multiscale_datasets
+from fusemycells.io import omezarr
+from fusemycells.io.omezarr import OmeZarrError, downsample_yx, level_info, level_shapes, multiscale_datasets
 from fusemycells.sources import ArraySource
 
 needs_zarr = pytest.mark.skipif(
@@ -209,7 +209,7 @@ class FullDiskSource(CountingSource):
 
 @needs_zarr
 def test_a_full_disk_while_writing_a_store_is_named_and_leaves_nothing(tmp_path: Path) -> None:
-    from fusemycells.io import DiskFullError
+    from fusemycells.io.tiff import DiskFullError
 
     source = FullDiskSource(blob_volume((40, 32, 32)))
     with pytest.raises(DiskFullError, match=r"out.ome.zarr: no space left on device \(needed ≈ 0.2 MB, free "):

@@ -17,7 +17,6 @@ import torch
 from conftest import blob_volume
 from scipy import ndimage
 
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import PostprocessSpec, load_manifest
 from fusemycells.ops_torch import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
 from fusemycells.pipeline import Fuser
@@ -29,8 +28,9 @@ from fusemycells.postprocess import (
 )
 from fusemycells.preprocess import ResizedSource, resize_through, sample_stride
 from fusemycells.reference import percentile_normalise
+from fusemycells.runtime.budget import BudgetPolicy
+from fusemycells.runtime.timing import SECTIONS, Profile
 from fusemycells.sources import ArraySource, materialise
-from fusemycells.timing import SECTIONS, Profile
 
 SPACING = (1.01, 0.388, 0.388)
 
@@ -180,10 +180,10 @@ class SteppedClock:
 
 
 def test_a_profile_counts_each_stretch_once_in_its_innermost_section(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fusemycells.timing
+    import fusemycells.runtime.timing
 
     clock = SteppedClock()
-    monkeypatch.setattr(fusemycells.timing, "time", clock)  # exact seconds: no sleeps to overshoot on a busy machine
+    monkeypatch.setattr(fusemycells.runtime.timing, "time", clock)  # exact seconds: no sleeps to overshoot on a busy machine
     seconds: dict[str, float] = {}
     profile = Profile(seconds)
     with profile.section("blend_s"):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, blob_volume, write_case
 
-import inference
+from fusemycells import cli
 from fusemycells.config import INPUT_SUBDIR
-from fusemycells.paths import input_root_problem
+from fusemycells.io.paths import input_root_problem
 
 
 @pytest.fixture()
@@ -63,7 +63,7 @@ def test_a_file_and_an_empty_image_folder_are_told_apart(root: Path):
 
 def test_cli_exits_2_with_the_fix_when_given_the_image_folder(root: Path, tmp_path: Path, fixture_resources: Path):
     report = tmp_path / "report.json"
-    code = inference.main(["--input", str(root / INPUT_SUBDIR), "--output", str(tmp_path / "out"), "--resources", str(fixture_resources), "--report", str(report)])
+    code = cli.main(["--input", str(root / INPUT_SUBDIR), "--output", str(tmp_path / "out"), "--resources", str(fixture_resources), "--report", str(report)])
     assert code == 2 and not (tmp_path / "out").exists()
     assert f"e.g. --input {root}" in json.loads(report.read_text())["error"]
 
@@ -72,7 +72,7 @@ def test_unwritable_output_is_reported_before_torch_and_the_weights_load(root: P
     blocker = tmp_path / "a_file"
     blocker.write_text("an output root that is a file cannot hold folders")
     code = (
-        "import sys, inference; rc = inference.main(sys.argv[1:]); "
+        "import sys; from fusemycells import cli; rc = cli.main(sys.argv[1:]); "
         "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(rc)"
     )
     args = ["--input", str(root), "--output", str(blocker), "--resources", str(fixture_resources), "--device", "cpu"]

@@ -11,12 +11,12 @@ import tifffile
 from conftest import blob_volume, write_case
 
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import load_manifest
-from fusemycells.deadline import Deadline
 from fusemycells.patch_stage import PatchStage, stage1_correction
 from fusemycells.pipeline import Fuser, process_file
 from fusemycells.postprocess import FLOAT16_MAX
+from fusemycells.runtime.budget import BudgetPolicy
+from fusemycells.runtime.deadline import Deadline
 from fusemycells.sources import ArraySource
 
 SPACING = (1.0, 0.39, 0.39)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fusemycells.backends import OpenVinoRunner, TorchScriptRunner, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import load_manifest
-from fusemycells.precision import cpu_flags, cpu_precision
+from fusemycells.runtime.budget import BudgetPolicy
+from fusemycells.runtime.precision import cpu_flags, cpu_precision
 
 AMX_XEON = {"fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 AVX2_EPYC = {"fpu", "avx", "avx2", "fma"}

@@ -19,11 +19,11 @@ from conftest import REPO, blob_volume, write_case
 
 from fusemycells import batch
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import INPUT_SUBDIR, load_manifest
-from fusemycells.deadline import Deadline, PatchRateWatcher
 from fusemycells.patch_stage import PatchStage
-from fusemycells.progress import Bar, LogLines, interactive, log_lines_only, progress_for
+from fusemycells.runtime.budget import BudgetPolicy
+from fusemycells.runtime.deadline import Deadline, PatchRateWatcher
+from fusemycells.runtime.progress import Bar, LogLines, interactive, log_lines_only, progress_for
 from fusemycells.sources import ArraySource
 
 

@@ -1,4 +1,4 @@
-"""The QC figure (fusemycells.qc): projections in metric units and µm, layout, one scale per case."""
+"""The QC figure (fusemycells.evaluation.qc): projections in metric units and µm, layout, one scale per case."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from fusemycells import qc
-from fusemycells.metrics import CaseScore
+from fusemycells.evaluation import qc
+from fusemycells.evaluation.metrics import CaseScore
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None, reason="the QC figure is optional: pip install -r requirements-eval.txt (CI does)"
@@ -108,7 +108,7 @@ def test_figure_without_cases_is_refused(tmp_path: Path):
 
 def test_inference_and_evaluation_import_without_matplotlib():
     """matplotlib is an extra of the evaluation figure only: the image does not install it."""
-    code = "import sys; sys.modules['matplotlib'] = None; import inference, fusemycells.pipeline, fusemycells.evaluate"
+    code = "import sys; sys.modules['matplotlib'] = None; import fusemycells.cli, fusemycells.pipeline, fusemycells.evaluate"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "matplotlib" not in (REPO / "requirements.txt").read_text()

@@ -9,12 +9,12 @@ import pytest
 from conftest import blob_volume
 from scipy import ndimage
 
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import NormalisationSpec, PostprocessSpec, load_manifest
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import correction_weight, final_source, output_filters
 from fusemycells.preprocess import ResizedSource, intensity_affine, resize, sanitise_inplace
 from fusemycells.reference import difference_weight, finalise, normalise_intensity, sanitise, to_output_dtype
+from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.sources import ArraySource, materialise
 
 

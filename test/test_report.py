@@ -18,18 +18,17 @@ from jsonschema import Draft202012Validator
 from report_check import SCHEMA, assert_valid_report, numbers_without_units, report_problems, resolve
 
 import fusemycells
-import inference
-from fusemycells import batch
-from fusemycells.budget import DEGRADATION_LEVELS
+from fusemycells import batch, cli
 from fusemycells.config import INPUT_SUBDIR
 from fusemycells.report import BATCH_UNITS, RUN_UNITS, SCHEMA_FILE, SCHEMA_VERSION, CaseReport, case_entry
+from fusemycells.runtime.budget import DEGRADATION_LEVELS
 
 
 def run_inference(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    """``inference.main`` in this process (fixture networks, one thread); (exit code, report)."""
+    """``cli.main`` in this process (fixture networks, one thread); (exit code, report)."""
     report = root / "report.json"
     args = ["--input", str(root), "--output", str(root / "out"), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *extra]
-    code = inference.main(args)
+    code = cli.main(args)
     return code, json.loads(report.read_text())
 
 
@@ -191,6 +190,6 @@ def test_the_image_gets_the_schema_and_does_not_need_jsonschema(tmp_path: Path) 
     assert shipped.read_bytes() == SCHEMA_FILE.read_bytes()
     assert "jsonschema" not in (REPO / "requirements.txt").read_text()
     # the CLI builds and writes its report without jsonschema installed
-    code = "import sys; sys.modules['jsonschema'] = None; import inference, fusemycells.report, fusemycells.batch; print('ok')"
+    code = "import sys; sys.modules['jsonschema'] = None; import fusemycells.cli, fusemycells.report, fusemycells.batch; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(REPO))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 "Processed" = an output with the input's shape is written and a warning is in the report;
 "refused" = no output for that file, a one-line error naming it, other files still written,
-exit code 1. Runs call ``inference.main`` in-process (fast) except the sandboxed safety test,
+exit code 1. Runs call ``cli.main`` in-process (fast) except the sandboxed safety test,
 which runs the real entry point in a subprocess.
 """
 
@@ -25,14 +25,14 @@ import tifffile
 from conftest import REPO, blob_volume, write_case
 from sandbox import SANDBOX
 
-import inference
+from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest, sha256_of
-from fusemycells.io import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
+from fusemycells.io.tiff import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX, blend_slabs
 from fusemycells.reference import percentile_normalise
+from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.sources import ArraySource
 
 
@@ -42,7 +42,7 @@ def run(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     would hide behind its rounding (the default itself: test_device_faults, test_inference_cli)."""
     report = root / "report.json"
     dtype = [] if "--output-dtype" in extra else ["--output-dtype", "float32"]
-    code = inference.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *dtype, *extra])
+    code = cli.main(["--input", str(root), "--output", str(root), "--resources", str(resources), "--device", "cpu", "--threads", "1", "--report", str(report), *dtype, *extra])
     return code, json.loads(report.read_text())
 
 
@@ -276,7 +276,7 @@ def test_stack_over_the_memory_budget_is_refused_before_its_pixels_are_loaded(fi
 # 11 ---------------------------------------------------------------------------------------------
 def test_missing_input_folder_is_a_clear_error_and_nothing_is_written(fixture_resources: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = inference.main(["--input", str(tmp_path / "nowhere"), "--output", str(out), "--resources", str(fixture_resources)])
+    code = cli.main(["--input", str(tmp_path / "nowhere"), "--output", str(out), "--resources", str(fixture_resources)])
     assert code == 2
     assert not out.exists()
 
@@ -285,7 +285,7 @@ def test_missing_input_folder_is_a_clear_error_and_nothing_is_written(fixture_re
 def test_missing_output_folder_is_created(fixture_resources: Path, tmp_path: Path) -> None:
     write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
     out_root = tmp_path / "new" / "deeper"
-    code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu"])
+    code = cli.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu"])
     assert code == 0
     assert (out_root / OUTPUT_SUBDIR / "case.tif").is_file()
 
@@ -294,7 +294,7 @@ def test_unwritable_output_folder_is_a_clear_error(fixture_resources: Path, tmp_
     write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
     blocker = tmp_path / "a_file"
     blocker.write_text("an output root that is a file cannot hold folders")
-    code = inference.main(["--input", str(tmp_path), "--output", str(blocker), "--resources", str(fixture_resources), "--device", "cpu"])
+    code = cli.main(["--input", str(tmp_path), "--output", str(blocker), "--resources", str(fixture_resources), "--device", "cpu"])
     assert code == 2
     assert "output folder not writable" in caplog.text
 
@@ -510,7 +510,7 @@ def test_invalid_budget_values_exit_2_before_any_work(fixture_resources: Path, t
     write_case(inputs(tmp_path), "case.tif", blob_volume((5, 20, 20)))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", option, value])
+        cli.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", option, value])
     assert exit_info.value.code == 2
     assert f"argument {option}" in capsys.readouterr().err
     assert not out.exists()
@@ -523,7 +523,7 @@ def test_unwritable_report_path_exits_2_before_any_work(fixture_resources: Path,
     blocker.write_text("a file cannot hold a report folder")
     report = blocker / "report.json" if where == "under_a_file" else tmp_path
     out = tmp_path / "out"
-    code = inference.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", "--report", str(report)])
+    code = cli.main(["--input", str(tmp_path), "--output", str(out), "--resources", str(fixture_resources), "--device", "cpu", "--report", str(report)])
     assert code == 2
     assert "--report" in caplog.text
     assert not out.exists()
@@ -565,7 +565,7 @@ class _SigtermSource(ArraySource):
 
 def test_sigterm_while_writing_removes_the_temporary_file(tmp_path: Path) -> None:
     data = blob_volume((24, 20, 20))
-    with inference.sigterm_raises(), pytest.raises(inference.Terminated):
+    with cli.sigterm_raises(), pytest.raises(cli.Terminated):
         write_volume(tmp_path / "out.tif", _SigtermSource(data), Volume(data=data, spacing=(1.0, 0.4, 0.4), channel="nucleus"))
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
@@ -648,7 +648,7 @@ def test_a_full_disk_is_named_with_the_space_needed_and_free(fixture_resources: 
         pytest.skip("cannot mount a tmpfs here (not root); test_io injects ENOSPC instead")
     try:
         report_path = tmp_path / "report.json"
-        code = inference.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--output-dtype", "float32", "--report", str(report_path)])
+        code = cli.main(["--input", str(tmp_path), "--output", str(out_root), "--resources", str(fixture_resources), "--device", "cpu", "--threads", "1", "--output-dtype", "float32", "--report", str(report_path)])
         report = json.loads(report_path.read_text())
         leftovers = [p.name for p in (out_root / OUTPUT_SUBDIR).iterdir()]
     finally:

@@ -13,7 +13,7 @@ from report_check import assert_valid_report
 
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.evaluate import evaluate
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 
 N_SSIM_FLOOR = {"nucleus": -1e-3, "membrane": 0.4}
 """Lowest N-SSIM accepted on the bundled sample, per channel, for the shipped container as it is (weights,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import blob_volume, write_case
 
-import inference
+from fusemycells import cli
 from fusemycells.config import INPUT_SUBDIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +44,9 @@ def test_an_unexpected_setup_failure_exits_2_with_its_traceback_logged(fixture_r
     def broken(_resources: Path) -> None:
         raise KeyError("some bug")
 
-    monkeypatch.setattr(inference, "load_manifest", broken)  # the CLI has no injection point: its own name
+    monkeypatch.setattr(cli, "load_manifest", broken)  # the CLI has no injection point: its own name
     with caplog.at_level("INFO", logger="fusemycells"):
-        code = inference.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--resources", str(fixture_resources), "--report", str(tmp_path / "r.json")])
+        code = cli.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--resources", str(fixture_resources), "--report", str(tmp_path / "r.json")])
     assert code == 2
     assert "KeyError" in json.loads((tmp_path / "r.json").read_text())["error"]
     assert any(r.levelname == "ERROR" and r.exc_info is not None and r.exc_info[0] is KeyError for r in caplog.records)

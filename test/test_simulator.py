@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fusemycells.io import read_volume
-from fusemycells.metrics import metric_normalise, ssim
+from fusemycells.evaluation.metrics import metric_normalise, ssim
+from fusemycells.io.tiff import read_volume
 from training.simulate import (
     LIGHT_AXIS_P,
     SHAPE_YX,

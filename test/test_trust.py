@@ -13,10 +13,10 @@ import torch
 from conftest import blob_volume, fixture_manifest
 
 from fusemycells import trust
-from fusemycells.budget import BudgetPolicy
 from fusemycells.config import ManifestError, PostprocessSpec, TrustSpec, load_manifest, parse_manifest, trust_form
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import blend_weight
+from fusemycells.runtime.budget import BudgetPolicy
 
 SPACING = (1.0, 0.39, 0.39)
 RNG = np.random.default_rng(7)

@@ -9,7 +9,7 @@ import pytest
 from conftest import blob_volume, write_case
 from scipy import ndimage
 
-from fusemycells.metrics import metric_normalise, n_ssim, ssim
+from fusemycells.evaluation.metrics import metric_normalise, n_ssim, ssim
 from training.tune import score_sigmas
 
 

@@ -1,6 +1,6 @@
 """Training pairs: discovery in the challenge layout, loading onto the model grid, sampling.
 
-Loading uses the container's own functions (``fusemycells.io`` / ``fusemycells.preprocess``), so
+Loading uses the container's own functions (``fusemycells.io.tiff`` / ``fusemycells.preprocess``), so
 the networks are trained on exactly what inference feeds them. Arrays are float32 ZYX.
 
 Real stacks are large on the 0.6 µm grid (hundreds of MB per array), so :func:`cached_pair`
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusemycells.io import read_volume
+from fusemycells.io.tiff import read_volume
 from fusemycells.preprocess import resize
 from fusemycells.reference import normalise_intensity, sanitise
 from fusemycells.sources import shape_for_spacing

@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.special import expit
 
-from fusemycells.io import Volume, write_volume
+from fusemycells.io.tiff import Volume, write_volume
 
 from . import domain as dr
 from .domain import BackgroundParams, DomainParams

@@ -25,8 +25,8 @@ from scipy import ndimage
 
 from fusemycells.config import PostprocessSpec
 from fusemycells.evaluate import ground_truth_name, tiff_files
-from fusemycells.io import read_volume
-from fusemycells.metrics import metric_normalise, n_ssim, ssim
+from fusemycells.evaluation.metrics import metric_normalise, n_ssim, ssim
+from fusemycells.io.tiff import read_volume
 from fusemycells.postprocess import output_sigma_zyx, relative_noise
 
 log = logging.getLogger("training.tune")

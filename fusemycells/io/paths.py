@@ -18,8 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import INPUT_SUBDIR
-from .io import PARTIAL_PATTERN, list_inputs
+from fusemycells.config import INPUT_SUBDIR
+from fusemycells.io.tiff import PARTIAL_PATTERN, list_inputs
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def remove_stale_partials(
     now: float | None = None,
     patterns: Sequence[str] = (PARTIAL_PATTERN,),
 ) -> list[str]:
-    """Remove the temporary output files (:data:`~fusemycells.io.PARTIAL_PATTERN`) a killed earlier
+    """Remove the temporary output files (:data:`~fusemycells.io.tiff.PARTIAL_PATTERN`) a killed earlier
     run left in ``folder``; their names.
 
     Removed: regular files and folders (never a symlink's target) last modified before ``before``

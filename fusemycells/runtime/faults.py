@@ -6,12 +6,12 @@
 - ``global``: the global stage's forward pass;
 - ``patch:N``: the N-th forward batch of the patch stage (its warm-up not counted);
 - ``ops[:SECTION[:N]]``: the N-th (default first) entry of the non-network torch steps into a profile
-  section (:data:`fusemycells.timing.SECTIONS`; default ``output_filter_s``: the output filter and the
+  section (:data:`fusemycells.runtime.timing.SECTIONS`; default ``output_filter_s``: the output filter and the
   percentile pass; ``resampling_s``, ``blend_s`` (N: the N-th slab), ...).
 
 On a CUDA run the fault is a real one: a device-side assert (an out-of-range index on the GPU), after
 which the CUDA context fails every later call, as after an illegal memory access; the pipeline must
-rerun the step on the CPU and stay there (:meth:`fusemycells.budget.BudgetPolicy.device_fault`). On a
+rerun the step on the CPU and stay there (:meth:`fusemycells.runtime.budget.BudgetPolicy.device_fault`). On a
 CPU run the switch does nothing but log a warning (there is no device to fail). Tests on the CPU pass
 their own ``fault`` (an exception with a real CUDA or ONNX Runtime error text) to :func:`inject`
 through the :class:`~fusemycells.pipeline.Fuser`'s ``loader`` and ``ops`` dependencies.

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import disk_full_error
+from fusemycells.io.tiff import disk_full_error
 
 log = logging.getLogger(__name__)
 

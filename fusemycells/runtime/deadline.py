@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .progress import Progress, ProgressFactory, progress_for
+from fusemycells.runtime.progress import Progress, ProgressFactory, progress_for
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class PatchRateWatcher:
     configuration before starting it (:meth:`too_slow`).
 
     It also shows the run's progress (``progress``: a bar on a terminal, else a log line about every
-    tenth of the patches; see :func:`fusemycells.progress.progress_for`) from :meth:`start` to
+    tenth of the patches; see :func:`fusemycells.runtime.progress.progress_for`) from :meth:`start` to
     :meth:`finish`.
     """
 

@@ -1,7 +1,7 @@
 """Time and memory policy: the one place that decides where and how big the work runs.
 
 Decisions that depend on the machine (fp16, patch batch size, CPU threads, memory limits, time
-per file) are made here from the facts :mod:`fusemycells.devices` reports, and recorded in the
+per file) are made here from the facts :mod:`fusemycells.runtime.devices` reports, and recorded in the
 run report.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cuda_support import log_cuda_failure
-from .deadline import RunClock
-from .devices import (
+from fusemycells.runtime.cuda_support import log_cuda_failure
+from fusemycells.runtime.deadline import RunClock
+from fusemycells.runtime.devices import (
     DeviceHealth,
     available_ram_bytes,
     choose_device,
@@ -25,9 +25,9 @@ from .devices import (
     is_out_of_memory,
     nvidia_driver_version,
 )
-from .precision import cpu_flags, cpu_precision
-from .sources import Shape3, Spacing3, shape_for_spacing
-from .stitching import count_windows
+from fusemycells.runtime.precision import cpu_flags, cpu_precision
+from fusemycells.sources import Shape3, Spacing3, shape_for_spacing
+from fusemycells.stitching import count_windows
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class BudgetPolicy:
     nvidia_driver: str | None = None  # host NVIDIA driver version (None: no driver visible)
     cuda_error: str | None = None  # the ERROR logged when a driver is there but CUDA did not start
     compact_voxels: int = COMPACT_OUTPUT_VOXELS  # stacks above this keep float16 (see compact_output)
-    cpu_precision: str = "fp32"  # a CPU forward's precision, 'fp32' or 'bf16' (fusemycells.precision)
+    cpu_precision: str = "fp32"  # a CPU forward's precision, 'fp32' or 'bf16' (fusemycells.runtime.precision)
     events: EventLog = field(default_factory=EventLog, compare=False)
     health: DeviceHealth = field(default_factory=DeviceHealth, compare=False)
 
@@ -350,11 +350,11 @@ class BudgetPolicy:
         """The policy for this machine: device, VRAM/RAM budgets from what is free, all threads.
 
         ``precision`` ('auto', 'fp32', 'bf16') decides a CPU forward's precision from ``read_cpu_flags()``
-        (:func:`fusemycells.precision.cpu_precision`: bf16 only where the CPU has it natively).
+        (:func:`fusemycells.runtime.precision.cpu_precision`: bf16 only where the CPU has it natively).
 
         ``clock``: where the time budget counts from (default: now). ``read_driver()`` gives the host's
         NVIDIA driver version; ``cuda_check(chosen, requested, driver)`` logs and returns the ERROR text
-        when a driver is there but CUDA did not start (:func:`fusemycells.cuda_support.log_cuda_failure`).
+        when a driver is there but CUDA did not start (:func:`fusemycells.runtime.cuda_support.log_cuda_failure`).
         """
         chosen = choose_device(device)
         driver = read_driver()

@@ -12,7 +12,7 @@ CUDA 12.8; both with cuDNN 9; see the Dockerfile). NVIDIA's compatibility rules,
 
 :func:`plan_cuda` maps (driver version, CUDA needed, compat libcuda version) to a route: ``native``,
 ``compat`` (the compat libraries go first on the loader path), ``unsupported``, ``no-driver`` or
-``cpu-build``. :func:`main` is the image's entry point (``python -m fusemycells.cuda_support --exec
+``cpu-build``. :func:`main` is the image's entry point (``python -m fusemycells.runtime.cuda_support --exec
 inference.py ...``): it applies the route to the environment, then runs the script. :func:`cuda_failure_message`
 is the ERROR text for a host whose driver is present but whose CUDA did not start.
 
@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .devices import NVIDIA_VERSION_FILE, nvidia_driver_version
+from fusemycells.runtime.devices import NVIDIA_VERSION_FILE, nvidia_driver_version
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,9 @@ def log_cuda_failure(device: str, requested: str, driver: str | None, logger: lo
 def main(
     argv: Sequence[str] | None = None, plan: CudaPlan | None = None, execve: Callable[..., object] = os.execve
 ) -> int:
-    """Entry point: ``python -m fusemycells.cuda_support --exec SCRIPT [ARGS...]`` runs SCRIPT with the CUDA
+    """Entry point: ``python -m fusemycells.runtime.cuda_support --exec SCRIPT [ARGS...]`` runs SCRIPT with the CUDA
     route applied (a new process when the loader path must change, else in this one);
-    ``python -m fusemycells.cuda_support`` prints the plan as JSON. ``plan``/``execve``: for tests."""
+    ``python -m fusemycells.runtime.cuda_support`` prints the plan as JSON. ``plan``/``execve``: for tests."""
     args = list(sys.argv[1:] if argv is None else argv)
     plan = host_plan() if plan is None else plan
     if not args or args[0] != "--exec" or len(args) < 2:

@@ -4,7 +4,7 @@ One block per case: a title line (file name, channel, N-SSIM of the prediction a
 Gaussian baseline), then an XY row (max over Z) and an XZ row (max over Y), columns input |
 prediction | ground truth, optionally prediction − ground truth. Every panel of a case shares one
 intensity scale: each volume is first mapped as the challenge metric maps it (its own 2nd / 99.8th
-percentiles → 0 / 1, see :mod:`fusemycells.metrics`), so the panels show what SSIM compares.
+percentiles → 0 / 1, see :mod:`fusemycells.evaluation.metrics`), so the panels show what SSIM compares.
 Panels are drawn in µm (XZ with its true aspect) with a scale bar.
 
 Rendered with matplotlib's Agg canvas (no display, no pyplot state), an optional dependency of the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import METRIC_PERCENTILES, CaseScore
+from fusemycells.evaluation.metrics import METRIC_PERCENTILES, CaseScore
 
 DPI = 100
 PANEL_W = 300  # px, width of one image panel

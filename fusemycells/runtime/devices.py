@@ -1,6 +1,6 @@
 """Facts about the machine: device choice, GPU driver, memory readers, out-of-memory errors.
 
-Nothing here decides how much work to do (that is :mod:`fusemycells.budget`); these functions only
+Nothing here decides how much work to do (that is :mod:`fusemycells.runtime.budget`); these functions only
 say what the machine has and what it used. torch is imported lazily: a CPU-only reader of
 ``/proc`` needs none of it.
 """
@@ -89,7 +89,7 @@ def nvidia_driver_version(
 ) -> str | None:
     """The host's NVIDIA driver version: :data:`NVIDIA_VERSION_FILE`, else nvidia-smi; None without a driver.
 
-    The one reader of the driver version (the CUDA route of :mod:`fusemycells.cuda_support` and the
+    The one reader of the driver version (the CUDA route of :mod:`fusemycells.runtime.cuda_support` and the
     budget policy's report both use it).
     """
     try:

@@ -1,0 +1,1 @@
+"""Scoring predictions: the challenge metric (metrics) and quality-control figures (qc)."""

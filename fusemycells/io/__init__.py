@@ -1,0 +1,1 @@
+"""Reading, writing and finding stacks: TIFF (tiff), OME-Zarr (omezarr), GC folder layout (paths)."""
