@@ -125,3 +125,18 @@ def test_the_readme_flag_table_has_one_line_for_every_inference_flag_with_its_ch
         assert choices in in_table[flag], (flag, choices, in_table[flag])  # e.g. a new backend
     for row in table.splitlines()[2:]:
         assert len(row) <= 160, f"not a one-liner: {row}"
+
+
+def test_the_readme_stays_a_page_a_newcomer_reads_with_details_in_docs() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move details to a docs/ page (issue 26)"
+
+
+def test_every_relative_link_of_the_readme_and_the_docs_pages_points_to_a_file_that_exists() -> None:
+    broken = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#", 1)[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
