@@ -242,7 +242,7 @@ class Fuser:
     @staticmethod
     def _high_on(case: Prepared, high: HighRes) -> HighRes:
         """``high`` with its lazy resizes on the case's current ops (rebuilt after a move to the CPU)."""
-        if getattr(high.x_h, "profile_ops", case.ops) is case.ops or high.p1 is None:
+        if getattr(high.x_h, "ops", case.ops) is case.ops or high.p1 is None:
             return high
         return HighRes(
             ResizedSource(case.x_in, case.grid_h, ops=case.ops),
@@ -682,13 +682,13 @@ def refuse(report: CaseReport, exc: Exception) -> None:
 def identity_output(data: np.ndarray, spec: PostprocessSpec, dtype: str) -> PlaneSource:
     """The last resort's output of a ZYX stack: the input, percentile-normalised as the pipeline's output
     is (``spec.output_percentiles``, the same strided sample and affine map), then ``dtype`` (uint16:
-    the normalised range scaled to 0..65535), with numpy only: no device, no network, no output filter.
+    the normalised range scaled to 0..65535), on the CPU only: no GPU, no network, no output filter.
     ``data`` is sanitised in place (non-finite voxels replaced, as the pipeline does)."""
     if not data.flags.writeable:
         data = data.copy()
     sanitise_inplace(data)
     plain = replace(spec, output_max_filter=0, output_gaussian_sigma=0.0)
-    return postprocess.final_source(ArraySource(data), plain, dtype, ops=None)
+    return postprocess.final_source(ArraySource(data), plain, dtype, ops=Ops("cpu"))
 
 
 def write_identity(
