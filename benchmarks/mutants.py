@@ -113,7 +113,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("test/test_preprocess.py", "test/test_reference.py"), "every normalisation uses the wrong upper percentile",
     ),
     Mutant(
-        "antialias-sigma-halved", "fusemycells/preprocess.py",
+        "antialias-sigma-halved", "fusemycells/ops_torch.py",
         "math.sqrt(factor**2 - 1.0) / 2.0 if factor > 1.0",
         "math.sqrt(factor**2 - 1.0) / 4.0 if factor > 1.0",
         ("test/test_preprocess.py", "test/test_ops_torch.py"), "downsampling aliases",

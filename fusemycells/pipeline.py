@@ -142,7 +142,7 @@ class Fuser:
     (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files; ``progress``
     shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`: a bar on a terminal);
     ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
-    tests pass the numpy reference or the GPU's code path on the CPU).
+    tests pass the GPU's code path on the CPU).
     """
 
     def __init__(
