@@ -452,6 +452,8 @@ def _to_device(array: np.ndarray, device: str) -> torch.Tensor:
     """A float32 copy of a host array on ``device``: the raw pixels (e.g. uint16, float16) are moved
     there and converted there (half the bytes over the bus for 2-byte pixels)."""
     array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # e.g. a read-only memory map: torch.from_numpy wants a writable array
+        array = array.copy()
     if array.dtype == np.uint16 and device != "cpu":
         array = array.view(np.int16)  # moved as 2-byte words, widened below without the sign
         return torch.from_numpy(array).to(device).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
