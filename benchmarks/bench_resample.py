@@ -7,7 +7,7 @@ Three steps on a slab of a 309×1920×1920 stack (``--depth`` planes of 1920², 
 resize onto the 128³-voxel grid's spacing (strong shrink: the global and diff grids), ``output_filter`` the output
 Gaussian (σ 0.35/0.9/0.9 voxels). Methods: ``oracle`` (the whole-volume numpy test oracle, ``test/reference.py``:
 ``scipy.ndimage.gaussian_filter`` and linear interpolation in float64, one thread; the reference of the differences,
-not a pipeline path: the package's numpy streamed path is gone, issue #26), ``torch_band`` (the GPU's code path of :mod:`fusemycells.ops_torch` run on the CPU's worker
+not a pipeline path: the package's numpy streamed path is gone, issue #26), ``torch_band`` (the GPU's code path of :mod:`fusemycells.ops` run on the CPU's worker
 threads), ``cpu_choice`` (what the pipeline runs on the CPU: per step the faster of the two), ``simpleitk``
 (``DiscreteGaussian`` with the same σ and ``Resample`` with linear interpolation at aligned voxel centres, on
 ``--threads`` threads). Per method: wall and CPU seconds, peak RSS above the start of the step (``VmHWM``, reset
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy import ndimage
 
     from fusemycells.config import PostprocessSpec
-    from fusemycells.ops_torch import Ops, antialias_sigma
+    from fusemycells.ops import Ops, antialias_sigma
     from fusemycells.preprocess import ResizedSource
     from fusemycells.sources import ArraySource, materialise, shape_for_spacing
 

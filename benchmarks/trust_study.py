@@ -57,7 +57,7 @@ from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, Manifest, Trust
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.evaluation.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
 from fusemycells.io.tiff import read_volume  # noqa: E402
-from fusemycells.ops_torch import choose_ops  # noqa: E402
+from fusemycells.ops import choose_ops  # noqa: E402
 from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.report import CaseReport  # noqa: E402

@@ -28,7 +28,7 @@ from fusemycells import postprocess, trust
 from fusemycells.backends import LoadedStage, load_stage, warm_up
 from fusemycells.config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
 from fusemycells.io.tiff import InputError, check_output_name, list_inputs, read_volume, write_volume
-from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.ops import Ops, choose_ops
 from fusemycells.patch_stage import PatchStage
 from fusemycells.preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
 from fusemycells.report import CaseReport
@@ -80,7 +80,7 @@ class Prepared:
     post: PostprocessSpec  # the channel's post-processing with the noise-adaptive output σ
     gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
     noise: float  # the input's relative noise (see postprocess.relative_noise)
-    ops: Ops  # where the non-network steps run, and the case's profile (see ops_torch.choose_ops)
+    ops: Ops  # where the non-network steps run, and the case's profile (see ops.choose_ops)
     ops_on: str  # the device ``ops`` were chosen for ('cpu' after a device fault)
 
 
@@ -128,7 +128,7 @@ class StageLoader(Protocol):
 
 
 class OpsFactory(Protocol):
-    """Where a case's non-network steps run (see :func:`fusemycells.ops_torch.choose_ops`, the default)."""
+    """Where a case's non-network steps run (see :func:`fusemycells.ops.choose_ops`, the default)."""
 
     def __call__(
         self, device: str, vram_budget_gib: float | None, profile: Profile, threads: int | None
@@ -141,7 +141,7 @@ class Fuser:
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
     (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files; ``progress``
     shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`: a bar on a terminal);
-    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
+    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops.choose_ops`;
     tests pass the GPU's code path on the CPU).
     """
 

@@ -3,7 +3,7 @@
 The network should change only what needs changing. A weight map w ∈ [0, 1] is derived from
 |input − prediction| on a coarse grid (resize → max filter → Gaussian → percentile scaling,
 clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are float32 ZYX. Every step runs
-through :class:`fusemycells.ops_torch.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
+through :class:`fusemycells.ops.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
 numpy oracle the streamed steps are tested against is ``test/reference.py``.
 """
 
@@ -18,7 +18,7 @@ import torch
 from scipy import ndimage
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.ops_torch import FILTER_TRUNCATE, Ops, filter_plan, gaussian_kernel, resize_plan
+from fusemycells.ops import FILTER_TRUNCATE, Ops, filter_plan, gaussian_kernel, resize_plan
 from fusemycells.preprocess import percentile_affine, percentiles, sample_stride
 from fusemycells.sources import ArraySource, PlaneSource, Shape3, slabs
 
@@ -337,7 +337,7 @@ class OutputSource:
 
     ``planes`` returns host arrays of ``dtype`` (float32, or uint16 rounded to nearest after the last
     map); :meth:`tensor` the float32 planes on the device before the affine maps. Max filter: max
-    pooling over edge-padded borders; Gaussian: band matrices (:func:`fusemycells.ops_torch.filter_plan`),
+    pooling over edge-padded borders; Gaussian: band matrices (:func:`fusemycells.ops.filter_plan`),
     both exact twins of scipy's 'nearest' mode, the z-halo read from the source.
     """
 

@@ -2,7 +2,7 @@
 
 Pure functions shared by inference and by the training code (``training/`` imports them, so the
 networks see exactly the same preprocessing in both). Arrays are float32 ZYX unless stated; resizes run
-through :class:`fusemycells.ops_torch.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
+through :class:`fusemycells.ops.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
 numpy oracle they are tested against is ``test/reference.py``.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fusemycells.config import NormalisationSpec
-from fusemycells.ops_torch import Ops, ResizePlan, compose, parallel_safe, resize_plan
+from fusemycells.ops import Ops, ResizePlan, compose, parallel_safe, resize_plan
 from fusemycells.sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
 
 MAX_SAMPLES = 4_000_000
@@ -74,8 +74,8 @@ class ResizedSource:
     """Trilinear resize of a source to ``out_shape`` voxels (ZYX), computed per output z-range with ``ops``.
 
     Voxel centres aligned (``align_corners=False``, clamped at the borders), after a Gaussian prefilter of
-    the downsampled axes (``antialias``, σ of :func:`fusemycells.ops_torch.antialias_sigma`, scipy's 'nearest'
-    borders): the band matrices of :func:`fusemycells.ops_torch.resize_plan`, or of ``plan`` when given
+    the downsampled axes (``antialias``, σ of :func:`fusemycells.ops.antialias_sigma`, scipy's 'nearest'
+    borders): the band matrices of :func:`fusemycells.ops.resize_plan`, or of ``plan`` when given
     (e.g. two resizes composed into one), applied on ``ops``' device; the time goes to ``ops.profile``
     ('resampling_s'). Equal to resizing the whole volume at once (``test/reference.py`` is the whole-volume
     numpy oracle). The last computed planes are kept, so overlapping requests in increasing z

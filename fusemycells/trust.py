@@ -50,7 +50,7 @@ import numpy as np
 from scipy import ndimage
 
 from fusemycells.config import TRUST_SIGNALS, TrustSpec
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.preprocess import resize, resize_through
 from fusemycells.sources import PlaneSource, as_source
 from fusemycells.stitching import pad_to_patch, window_starts

@@ -1,10 +1,10 @@
 """Reference implementations: whole-volume (eager) numpy twins of the streamed pipeline steps (a test oracle).
 
 **The streamed code must equal these.** The pipeline works on plane sources, z-range by z-range, in place
-where it can, with torch (:class:`fusemycells.ops_torch.Ops`, the one implementation of every non-network step,
+where it can, with torch (:class:`fusemycells.ops.Ops`, the one implementation of every non-network step,
 on the CPU or the GPU), so that a 1e9-voxel stack needs no float32 copy. Each function here does the same step
 on whole arrays in plain numpy/scipy (resizes by :func:`oracle.resize`, float64), and ``test/test_reference.py``
-and ``test/test_ops_torch.py`` check each streamed step against its twin. From the package it takes only the
+and ``test/test_ops.py`` check each streamed step against its twin. From the package it takes only the
 scalar definitions the steps share (the percentile and safe-range affine maps, the output σ per axis), never
 a streamed step. ``oracle.py`` beside it is the oracle of the steps' composition.
 

@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import load_manifest
-from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.ops import Ops, choose_ops
 from fusemycells.pipeline import Fuser
 from fusemycells.runtime.budget import BudgetPolicy
 

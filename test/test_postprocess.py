@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.postprocess import (
     FLOAT16_MAX,
     OutputSource,

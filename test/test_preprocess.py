@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference import normalise_intensity, percentile_normalise, sanitise
 
-from fusemycells.ops_torch import CPU_SLAB_BYTES, Ops, antialias_sigma
+from fusemycells.ops import CPU_SLAB_BYTES, Ops, antialias_sigma
 from fusemycells.preprocess import (
     INPUT_SAFE_ABS,
     ResizedSource,

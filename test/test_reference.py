@@ -11,7 +11,7 @@ from reference import difference_weight, finalise, normalise_intensity, resize, 
 from scipy import ndimage
 
 from fusemycells.config import NormalisationSpec, PostprocessSpec, load_manifest
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import OutputSource, correction_weight, final_source
 from fusemycells.preprocess import ResizedSource, intensity_affine, sanitise_inplace
@@ -65,7 +65,7 @@ def test_antialiased_resize_equals_filtering_the_whole_volume_then_interpolating
     import torch
     import torch.nn.functional as F
 
-    from fusemycells.ops_torch import RESIZE_TRUNCATE, antialias_sigma
+    from fusemycells.ops import RESIZE_TRUNCATE, antialias_sigma
 
     vol, out_shape = volume((40, 36, 30)), (13, 50, 11)  # z and x shrunk, y enlarged
     sigma = antialias_sigma(vol.shape, out_shape)

@@ -30,7 +30,7 @@ from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest, sha256_of
 from fusemycells.io.tiff import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX, blend_slabs
 from fusemycells.runtime.budget import BudgetPolicy

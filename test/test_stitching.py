@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.preprocess import ResizedSource
 from fusemycells.stitching import (
     axis_weight_sums,

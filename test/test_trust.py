@@ -14,7 +14,7 @@ from conftest import blob_volume, fixture_manifest
 
 from fusemycells import trust
 from fusemycells.config import ManifestError, PostprocessSpec, TrustSpec, load_manifest, parse_manifest, trust_form
-from fusemycells.ops_torch import Ops
+from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import blend_weight
 from fusemycells.runtime.budget import BudgetPolicy

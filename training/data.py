@@ -21,12 +21,12 @@ import numpy as np
 
 from fusemycells.config import NormalisationSpec
 from fusemycells.io.tiff import read_volume
-from fusemycells.ops_torch import choose_ops
+from fusemycells.ops import choose_ops
 from fusemycells.preprocess import intensity_affine, resize, sanitise_inplace
 from fusemycells.sources import apply_affine, shape_for_spacing
 
 RESIZE_OPS = choose_ops("cpu")
-"""Where the training code's resizes run: the inference pipeline's own :class:`~fusemycells.ops_torch.Ops`
+"""Where the training code's resizes run: the inference pipeline's own :class:`~fusemycells.ops.Ops`
 (torch on the CPU's cores), so the networks see the resizes inference computes."""
 
 PAIR_RE = re.compile(r"^image_(?P<index>\d+)_(?P<channel>nucleus|membrane)_angle\.tiff?$", re.IGNORECASE)

@@ -9,7 +9,7 @@ shrinking or filtered axes (only the output voxels are computed, however wide th
 shrink with σ 7.5 costs ~300 multiply-adds per output instead of 45 per input voxel), torch's bilinear
 interpolation along growing ones. Chained resizes compose into one map per axis (:func:`compose`). Results
 equal the whole-volume numpy oracle (``test/reference.py``: ``scipy.ndimage.gaussian_filter``, then linear
-interpolation along each axis) to float32 rounding (tested in ``test/test_ops_torch.py``).
+interpolation along each axis) to float32 rounding (tested in ``test/test_ops.py``).
 
 :func:`choose_ops` is the one place that decides where these steps run (the GPU when the networks run on
 CUDA and torch sees it, else torch on all CPU cores). Arrays are ZYX; shapes are voxels.

@@ -1,4 +1,4 @@
-"""The non-network steps (fusemycells.ops_torch, streamed): equal to the whole-volume numpy oracle (test/reference.py).
+"""The non-network steps (fusemycells.ops, streamed): equal to the whole-volume numpy oracle (test/reference.py).
 
 Both of the one implementation's code paths are checked: the CPU's per-step choice (``choose_ops('cpu')``: scipy
 for short filters) and the GPU's (``Ops(device, cpu_hybrid=False)``: band products, max pooling, torch filters),
@@ -20,7 +20,7 @@ from conftest import blob_volume
 from scipy import ndimage
 
 from fusemycells.config import PostprocessSpec, load_manifest
-from fusemycells.ops_torch import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
+from fusemycells.ops import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import (
     blend_slabs,
