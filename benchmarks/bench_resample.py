@@ -1,12 +1,13 @@
-"""Side by side: the numpy/scipy reference, the torch band products and SimpleITK on the pipeline's resampling and filter steps.
+"""Side by side: the numpy/scipy oracle, the torch band products and SimpleITK on the pipeline's resampling and filter steps.
 
     python benchmarks/bench_resample.py [--depth 32] [--threads 2] [--json FILE]
 
 Three steps on a slab of a 309×1920×1920 stack (``--depth`` planes of 1920², uint16, spacing 1.01/0.388 µm):
 ``to_h`` the resize onto the 0.6 µm grid H (mild shrink in Y/X, antialiased; growth in Z), ``to_coarse`` the
 resize onto the 128³-voxel grid's spacing (strong shrink: the global and diff grids), ``output_filter`` the output
-Gaussian (σ 0.35/0.9/0.9 voxels). Methods: ``numpy`` (``ResizedSource`` / ``scipy.ndimage.gaussian_filter``, the
-reference, one thread), ``torch_band`` (the GPU's code path of :mod:`fusemycells.ops_torch` run on the CPU's worker
+Gaussian (σ 0.35/0.9/0.9 voxels). Methods: ``oracle`` (the whole-volume numpy test oracle, ``test/reference.py``:
+``scipy.ndimage.gaussian_filter`` and linear interpolation in float64, one thread; the reference of the differences,
+not a pipeline path: the package's numpy streamed path is gone, issue #26), ``torch_band`` (the GPU's code path of :mod:`fusemycells.ops` run on the CPU's worker
 threads), ``cpu_choice`` (what the pipeline runs on the CPU: per step the faster of the two), ``simpleitk``
 (``DiscreteGaussian`` with the same σ and ``Resample`` with linear interpolation at aligned voxel centres, on
 ``--threads`` threads). Per method: wall and CPU seconds, peak RSS above the start of the step (``VmHWM``, reset
@@ -83,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     from scipy import ndimage
 
     from fusemycells.config import PostprocessSpec
-    from fusemycells.ops_torch import Ops
-    from fusemycells.postprocess import output_filters
-    from fusemycells.preprocess import ResizedSource, antialias_sigma
+    from fusemycells.ops import Ops, antialias_sigma
+    from fusemycells.preprocess import ResizedSource
     from fusemycells.sources import ArraySource, materialise, shape_for_spacing
+
+    sys.path.insert(0, str(REPO / "test"))
+    import reference as oracle  # the test oracle (whole-volume numpy)
 
     rng = np.random.default_rng(0)
     shape = (args.depth, 1920, 1920)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if step == "output_filter":
             blended = ArraySource(normalised)
             methods = {
-                "numpy": lambda blended=blended: materialise(output_filters(blended, spec)),
+                "oracle": lambda: ndimage.gaussian_filter(normalised, OUTPUT_SIGMA[2], mode="nearest"),
                 "torch_band": lambda blended=blended: materialise(_filtered(blended, spec, band)),
                 "cpu_choice": lambda blended=blended: materialise(_filtered(blended, spec, choice)),
                 "simpleitk": lambda: sitk_resize(normalised, shape, (spec.output_gaussian_sigma,) * 3, args.threads),
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             out_shape = grids[step]
             sigma = antialias_sigma(shape, out_shape)
             methods = {
-                "numpy": lambda out_shape=out_shape: materialise(ResizedSource(x_in, out_shape, cache=False)),
+                "oracle": lambda out_shape=out_shape: oracle.resize(normalised, out_shape),
                 "torch_band": lambda out_shape=out_shape: materialise(ResizedSource(x_in, out_shape, cache=False, ops=band)),
                 "cpu_choice": lambda out_shape=out_shape: materialise(ResizedSource(x_in, out_shape, cache=False, ops=choice)),
                 "simpleitk": lambda out_shape=out_shape, sigma=sigma: sitk_resize(normalised, out_shape, sigma, args.threads),
@@ -136,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _filtered(source, spec, ops):
-    from fusemycells.postprocess import TorchOutputSource
+    from fusemycells.postprocess import OutputSource
 
-    return TorchOutputSource(source, spec, None, ops)
+    return OutputSource(source, spec, None, ops)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from make_large_case import planes  # noqa: E402
 from fusemycells.backends import LoadedStage, load_stage  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES, load_manifest, without_trust  # noqa: E402
 from fusemycells.io.tiff import Volume, read_volume, write_volume  # noqa: E402
-from fusemycells.ops_torch import choose_ops  # noqa: E402
+from fusemycells.ops import choose_ops  # noqa: E402
 from fusemycells.patch_stage import stage1_correction  # noqa: E402
 from fusemycells.pipeline import Fuser, process_file  # noqa: E402
 from fusemycells.preprocess import ResizedSource, intensity_affine  # noqa: E402

@@ -52,8 +52,8 @@ AXES = "ZYX"
 def container_output(scorer: ts.Scorer, weight: np.ndarray | None) -> np.ndarray:
     """The float32 ZYX output ``inference.py`` writes for the blend ``weight`` (None: networks off)."""
     case = scorer.case
-    blended = case.x_in if weight is None else postprocess.blend_slabs(case.data, case.x_in, scorer.correction, weight, compact=False)
-    return materialise(postprocess.final_source(blended, case.post, "float32", spacing=case.spacing))
+    blended = case.x_in if weight is None else postprocess.blend_slabs(case.data, case.x_in, scorer.correction, weight, compact=False, ops=case.ops)
+    return materialise(postprocess.final_source(blended, case.post, "float32", spacing=case.spacing, ops=case.ops))
 
 
 def mean_abs_gradient(a: np.ndarray, axis: int) -> float:

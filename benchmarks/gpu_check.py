@@ -63,10 +63,11 @@ def image_like(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def normalised_difference(reference: np.ndarray, other: np.ndarray) -> float:
-    """max |p(reference) − p(other)| over the outputs of a batch (N1ZYX), p = percentile normalisation 2 / 99.8."""
-    from fusemycells.reference import percentile_normalise
+    """max |p(reference) − p(other)| over the outputs of a batch (N1ZYX), p = percentile normalisation 2 / 99.8
+    (the metric's, :func:`fusemycells.evaluation.metrics.metric_normalise`)."""
+    from fusemycells.evaluation.metrics import metric_normalise
 
-    return max(float(np.abs(percentile_normalise(a[0]) - percentile_normalise(b[0])).max()) for a, b in zip(reference, other))
+    return max(float(np.abs(metric_normalise(a[0]) - metric_normalise(b[0])).max()) for a, b in zip(reference, other))
 
 
 def stage_inputs(spec, which: str, quick: bool = False) -> np.ndarray:

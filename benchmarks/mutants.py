@@ -113,10 +113,10 @@ MUTANTS: tuple[Mutant, ...] = (
         ("test/test_preprocess.py", "test/test_reference.py"), "every normalisation uses the wrong upper percentile",
     ),
     Mutant(
-        "antialias-sigma-halved", "fusemycells/preprocess.py",
+        "antialias-sigma-halved", "fusemycells/ops.py",
         "math.sqrt(factor**2 - 1.0) / 2.0 if factor > 1.0",
         "math.sqrt(factor**2 - 1.0) / 4.0 if factor > 1.0",
-        ("test/test_preprocess.py", "test/test_ops_torch.py"), "downsampling aliases",
+        ("test/test_preprocess.py", "test/test_ops.py"), "downsampling aliases",
     ),
     Mutant(
         "window-sums-unweighted", "fusemycells/stitching.py",
@@ -128,7 +128,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "output-percentiles-swapped", "fusemycells/postprocess.py",
         "    with ops.section(\"percentile_normalisation_s\"):\n        low, high = spec.output_percentiles",
         "    with ops.section(\"percentile_normalisation_s\"):\n        high, low = spec.output_percentiles",
-        ("test/test_reference.py", "test/test_ops_torch.py"), "the output comes out inverted",
+        ("test/test_reference.py", "test/test_ops.py"), "the output comes out inverted",
     ),
     # --- more of the composition ---
     Mutant(
@@ -147,19 +147,19 @@ MUTANTS: tuple[Mutant, ...] = (
         "weight-map-percentiles-ignored", "fusemycells/postprocess.py",
         "    host = ops.to_host(coarse)\n    low, high = spec.weight_percentiles",
         "    host = ops.to_host(coarse)\n    low, high = 0.0, 100.0",
-        ("test/test_ops_torch.py", "test/test_reference.py", COMPOSED), "the weight map is scaled by its extremes",
+        ("test/test_ops.py", "test/test_reference.py", COMPOSED), "the weight map is scaled by its extremes",
     ),
     Mutant(
         "weight-map-sign-flipped", "fusemycells/postprocess.py",
         "return np.clip((host - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)",
         "return np.clip((hi - host) / (hi - lo), 0.0, 1.0).astype(np.float32)",
-        ("test/test_ops_torch.py", "test/test_reference.py", COMPOSED), "the correction goes where it is not needed",
+        ("test/test_ops.py", "test/test_reference.py", COMPOSED), "the correction goes where it is not needed",
     ),
     Mutant(
         "weight-map-clipped-at-2", "fusemycells/postprocess.py",
         "return np.clip((host - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)",
         "return np.clip((host - lo) / (hi - lo), 0.0, 2.0).astype(np.float32)",
-        ("test/test_ops_torch.py", "test/test_reference.py", COMPOSED), "the correction is over-applied (w up to 2)",
+        ("test/test_ops.py", "test/test_reference.py", COMPOSED), "the correction is over-applied (w up to 2)",
     ),
     Mutant(
         "max-filter-size-off-by-2", "fusemycells/postprocess.py",
@@ -189,7 +189,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "blend-subtracts-the-correction", "fusemycells/postprocess.py",
         "planes.addcmul_(w.clamp_(0.0, 1.0), c)",
         "planes.addcmul_(w.clamp_(0.0, 1.0), c, value=-1.0)",
-        (COMPOSED, "test/test_ops_torch.py"), "the correction is applied with the wrong sign",
+        (COMPOSED, "test/test_ops.py"), "the correction is applied with the wrong sign",
     ),
     Mutant(
         "stage1-fallback-correction-zero", "fusemycells/patch_stage.py",

@@ -57,6 +57,7 @@ from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, Manifest, Trust
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.evaluation.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
 from fusemycells.io.tiff import read_volume  # noqa: E402
+from fusemycells.ops import choose_ops  # noqa: E402
 from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.report import CaseReport  # noqa: E402
@@ -66,6 +67,8 @@ from fusemycells.runtime.timing import Profile  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
 
 log = logging.getLogger("trust_study")
+OPS = choose_ops("cpu")
+"""Where the study's resizes and weight maps run outside a case (the pipeline's CPU steps)."""
 
 INPUT_DIR = "images/fluorescence-lightsheet-3D-microscopy"
 GT_DIR = "ground-truth"
@@ -137,14 +140,15 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
     channel = prepared.channel
     assert channel.global_stage.grid is not None and channel.patch_stage.patch_size is not None
     started = time.perf_counter()
-    x_h = ResizedSource(prepared.x_in, prepared.grid_h)
-    coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False))
+    ops = prepared.ops
+    x_h = ResizedSource(prepared.x_in, prepared.grid_h, ops=ops)
+    coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False, ops=ops))
     p1, stage = fuser._run_global(channel, coarse)
     global_s = time.perf_counter() - started
     started = time.perf_counter()
     p1_flip = trust.flipped(stage.runner(trust.flipped(coarse)[None, None])[0, 0])
     global_flip_s = time.perf_counter() - started
-    high = HighRes(x_h, ResizedSource(p1, prepared.grid_h))
+    high = HighRes(x_h, ResizedSource(p1, prepared.grid_h, ops=ops))
     started = time.perf_counter()
     correction = fuser._patch_stage(prepared, high, Deadline(None), report).astype(np.float32)
     patch_s = time.perf_counter() - started
@@ -161,13 +165,13 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
     )
     probe_s = time.perf_counter() - started
     extent_um = [n * s for n, s in zip(prepared.data.shape, prepared.spacing)]
-    weight = postprocess.blend_weight(correction, prepared.x_in, prepared.post, 1.0, extent_um)
+    weight = postprocess.blend_weight(correction, prepared.x_in, prepared.post, 1.0, extent_um, ops=ops)
     grid = weight.shape
     started = time.perf_counter()
-    c2 = trust.coarse_correction(correction, grid)  # shared with the weight map in the pipeline
+    c2 = trust.coarse_correction(correction, grid, ops)  # shared with the weight map in the pipeline
     resize_s = time.perf_counter() - started
     started = time.perf_counter()
-    x_d, p1_d = trust.on_grid(coarse, grid), trust.on_grid(p1, grid)
+    x_d, p1_d = trust.on_grid(coarse, grid, ops), trust.on_grid(p1, grid, ops)
     trust.case_signals(prepared.noise, x_d, p1_d, c2, trust.foreground_mask(x_d, TrustSpec().foreground))
     trust.agreement_map(p1_d - x_d, c2, TrustSpec().region_sigma)
     signals_s = time.perf_counter() - started
@@ -203,15 +207,15 @@ def signals_of(artefacts: dict[str, np.ndarray], spec: TrustSpec) -> dict[str, f
     """:func:`fusemycells.trust.case_signals` of a case from its artefacts, as :func:`fusemycells.trust.decide`
     measures them (on the weight map's grid)."""
     grid = artefacts["weight"].shape
-    coarse = trust.on_grid(artefacts["coarse"], grid)
+    coarse = trust.on_grid(artefacts["coarse"], grid, OPS)
     dis, cor, tiles = artefacts["probe"]
     return trust.case_signals(
         float(artefacts["noise"]),
         coarse,
-        trust.on_grid(artefacts["p1"], grid),
-        trust.coarse_correction(artefacts["correction"], grid),
+        trust.on_grid(artefacts["p1"], grid, OPS),
+        trust.coarse_correction(artefacts["correction"], grid, OPS),
         trust.foreground_mask(coarse, spec.foreground),
-        trust.on_grid(artefacts["p1_flip"], grid),
+        trust.on_grid(artefacts["p1_flip"], grid, OPS),
         trust.ProbeResult(float(dis), float(cor), int(tiles), int(tiles)),
     )
 
@@ -258,9 +262,9 @@ class Scorer:
         if weight is None:
             blended = case.x_in
         else:
-            blended = postprocess.blend_slabs(case.data, case.x_in, self.correction, weight, compact=False)
+            blended = postprocess.blend_slabs(case.data, case.x_in, self.correction, weight, compact=False, ops=case.ops)
         post = case.post if sigma is None else replace(case.post, output_gaussian_sigma=float(sigma))
-        return self._both(materialise(postprocess.final_source(blended, post, "float32", spacing=case.spacing)))
+        return self._both(materialise(postprocess.final_source(blended, post, "float32", spacing=case.spacing, ops=case.ops)))
 
     def baseline(self) -> tuple[float, float]:
         """N-SSIM of the challenge's Gaussian baseline (:func:`fusemycells.evaluation.metrics.gaussian_baseline`)."""
@@ -284,8 +288,8 @@ def score_case(
     scorer = Scorer(fuser, case, artefacts["correction"])
     weight = artefacts["weight"]
     grid = weight.shape
-    coarse, p1 = trust.on_grid(artefacts["coarse"], grid), trust.on_grid(artefacts["p1"], grid)
-    c2 = trust.coarse_correction(artefacts["correction"], grid)
+    coarse, p1 = trust.on_grid(artefacts["coarse"], grid, OPS), trust.on_grid(artefacts["p1"], grid, OPS)
+    c2 = trust.coarse_correction(artefacts["correction"], grid, OPS)
     region = trust.agreement_map(p1 - coarse, c2, TrustSpec().region_sigma)
     both = {"none@0": scorer.score(None), "gaussian": scorer.baseline(), "off_sigma0": scorer.score(None, 0.0)}
     v3 = postprocess.adaptive_settings(
@@ -615,12 +619,12 @@ def cost(shape: Sequence[int], resources: Path, channel: str = "nucleus", seed: 
     coarse = rng.random(grid, dtype=np.float32)
     p1 = coarse + 0.1 * rng.random(grid, dtype=np.float32)
     trusted = replace(spec.trust, mode="case")
-    decision = trust.decide(trusted, 0.02, coarse, p1, correction, grid)
+    decision = trust.decide(trusted, 0.02, coarse, p1, correction, grid, ops=OPS)
     started = time.perf_counter()
-    postprocess.correction_weight(correction, spec.postprocess)
+    postprocess.correction_weight(correction, spec.postprocess, ops=OPS)
     from_h = time.perf_counter() - started
     started = time.perf_counter()
-    postprocess.correction_weight(decision.coarse_correction, spec.postprocess)
+    postprocess.correction_weight(decision.coarse_correction, spec.postprocess, ops=OPS)
     from_coarse = time.perf_counter() - started
     return {**decision.seconds, "weight_map_from_H": from_h, "weight_map_from_coarse": from_coarse}
 

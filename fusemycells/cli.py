@@ -227,7 +227,7 @@ def _main(argv: list[str] | None, state: RunState) -> int:
         facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
         # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
         from fusemycells.backends import load_stage
-        from fusemycells.ops_torch import choose_ops
+        from fusemycells.ops import choose_ops
         from fusemycells.pipeline import Fuser, run_directory
         from fusemycells.runtime import allocator, faults
         from fusemycells.runtime.budget import BudgetPolicy

@@ -28,7 +28,7 @@ from fusemycells import postprocess, trust
 from fusemycells.backends import LoadedStage, load_stage, warm_up
 from fusemycells.config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
 from fusemycells.io.tiff import InputError, check_output_name, list_inputs, read_volume, write_volume
-from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.ops import Ops, choose_ops
 from fusemycells.patch_stage import PatchStage
 from fusemycells.preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
 from fusemycells.report import CaseReport
@@ -80,7 +80,7 @@ class Prepared:
     post: PostprocessSpec  # the channel's post-processing with the noise-adaptive output σ
     gate: float  # confidence in the networks' correction, 0..1 (0: the networks are skipped)
     noise: float  # the input's relative noise (see postprocess.relative_noise)
-    ops: Ops  # where the non-network steps run, and the case's profile (see ops_torch.choose_ops)
+    ops: Ops  # where the non-network steps run, and the case's profile (see ops.choose_ops)
     ops_on: str  # the device ``ops`` were chosen for ('cpu' after a device fault)
 
 
@@ -128,7 +128,7 @@ class StageLoader(Protocol):
 
 
 class OpsFactory(Protocol):
-    """Where a case's non-network steps run (see :func:`fusemycells.ops_torch.choose_ops`, the default)."""
+    """Where a case's non-network steps run (see :func:`fusemycells.ops.choose_ops`, the default)."""
 
     def __call__(
         self, device: str, vram_budget_gib: float | None, profile: Profile, threads: int | None
@@ -141,8 +141,8 @@ class Fuser:
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
     (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files; ``progress``
     shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`: a bar on a terminal);
-    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops_torch.choose_ops`;
-    tests pass the numpy reference or the GPU's code path on the CPU).
+    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops.choose_ops`;
+    tests pass the GPU's code path on the CPU).
     """
 
     def __init__(
@@ -242,7 +242,7 @@ class Fuser:
     @staticmethod
     def _high_on(case: Prepared, high: HighRes) -> HighRes:
         """``high`` with its lazy resizes on the case's current ops (rebuilt after a move to the CPU)."""
-        if getattr(high.x_h, "profile_ops", case.ops) is case.ops or high.p1 is None:
+        if getattr(high.x_h, "ops", case.ops) is case.ops or high.p1 is None:
             return high
         return HighRes(
             ResizedSource(case.x_in, case.grid_h, ops=case.ops),
@@ -682,13 +682,13 @@ def refuse(report: CaseReport, exc: Exception) -> None:
 def identity_output(data: np.ndarray, spec: PostprocessSpec, dtype: str) -> PlaneSource:
     """The last resort's output of a ZYX stack: the input, percentile-normalised as the pipeline's output
     is (``spec.output_percentiles``, the same strided sample and affine map), then ``dtype`` (uint16:
-    the normalised range scaled to 0..65535), with numpy only: no device, no network, no output filter.
+    the normalised range scaled to 0..65535), on the CPU only: no GPU, no network, no output filter.
     ``data`` is sanitised in place (non-finite voxels replaced, as the pipeline does)."""
     if not data.flags.writeable:
         data = data.copy()
     sanitise_inplace(data)
     plain = replace(spec, output_max_filter=0, output_gaussian_sigma=0.0)
-    return postprocess.final_source(ArraySource(data), plain, dtype, ops=None)
+    return postprocess.final_source(ArraySource(data), plain, dtype, ops=Ops("cpu"))
 
 
 def write_identity(

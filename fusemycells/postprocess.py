@@ -2,14 +2,15 @@
 
 The network should change only what needs changing. A weight map w ∈ [0, 1] is derived from
 |input − prediction| on a coarse grid (resize → max filter → Gaussian → percentile scaling,
-clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are float32 ZYX.
+clipped), and the output is ``input·(1 − w) + prediction·w``. All arrays are float32 ZYX. Every step runs
+through :class:`fusemycells.ops.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
+numpy oracle the streamed steps are tested against is ``test/reference.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,43 +18,29 @@ import torch
 from scipy import ndimage
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.ops_torch import FILTER_TRUNCATE, Ops, filter_plan, resize_plan
-from fusemycells.preprocess import MAX_SAMPLES, ResizedSource, percentile_affine, percentiles, sample_stride
-from fusemycells.sources import SLAB, ArraySource, PlaneSource, Shape3, as_source, materialise, slabs
-
-
-def _torch(ops: Ops | None) -> Ops | None:
-    """``ops`` when it runs torch, else None (the numpy reference path)."""
-    return ops if ops is not None and ops.torch else None
-
-
-def _section(ops: Ops | None, name: str):
-    """``ops.profile``'s section ``name`` (a no-op without ops)."""
-    return nullcontext() if ops is None else ops.section(name)
+from fusemycells.ops import FILTER_TRUNCATE, Ops, filter_plan, gaussian_kernel, resize_plan
+from fusemycells.preprocess import percentile_affine, percentiles, sample_stride
+from fusemycells.sources import ArraySource, PlaneSource, Shape3, slabs
 
 
 def correction_weight(
     correction: PlaneSource | np.ndarray,
     spec: PostprocessSpec,
     extent_um: Sequence[float] | None = None,
-    ops: Ops | None = None,
+    *,
+    ops: Ops,
 ) -> np.ndarray:
     """Weight map on ``spec.diff_grid`` from a correction = prediction − input (ZYX, any grid).
 
-    Equal to :func:`fusemycells.reference.difference_weight` (resizing is linear, so |resize(p) − resize(x)| =
-    |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory as float32.
-    ``extent_um`` (the stack's ZYX size in µm) is needed for filters given in µm (:func:`weight_filters`).
-    With torch ``ops`` the resize and the filters run there (:func:`weight_from_coarse`).
+    Equal to ``difference_weight`` of the whole-volume oracle (``test/reference.py``; resizing is linear, so
+    |resize(p) − resize(x)| = |resize(p − x)|), but reads the correction in z-ranges: it need not be in memory
+    as float32. ``extent_um`` (the stack's ZYX size in µm) is needed for filters given in µm
+    (:func:`weight_filters`). The resize and the filters run on ``ops`` (:func:`weight_from_coarse`).
     """
-    torch_ops = _torch(ops)
-    if torch_ops is not None:
-        plan = resize_plan(correction.shape, spec.diff_grid)
-        coarse_t = torch_ops.resample_all(plan, correction).abs_()
-        with torch_ops.section("weight_map_s"):
-            return weight_from_coarse_torch(coarse_t, spec, extent_um, torch_ops)
-    coarse = materialise(ResizedSource(as_source(correction), spec.diff_grid, cache=False))
-    with _section(ops, "weight_map_s"):
-        return weight_from_coarse(np.abs(coarse), spec, extent_um)
+    plan = resize_plan(correction.shape, spec.diff_grid)
+    coarse = ops.resample_all(plan, correction).abs_()
+    with ops.section("weight_map_s"):
+        return weight_from_coarse(coarse, spec, extent_um, ops)
 
 
 def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> tuple[Any, Any]:
@@ -77,29 +64,11 @@ def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = No
 
 
 def weight_from_coarse(
-    coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
-) -> np.ndarray:
-    """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
-    max filter, Gaussian (sizes of :func:`weight_filters`) and percentile scaling."""
-    size, sigma = weight_filters(spec, extent_um)
-    if np.max(size) > 1:
-        coarse = ndimage.maximum_filter(coarse, size=size, mode="nearest")
-    if np.max(sigma) > 0:
-        coarse = ndimage.gaussian_filter(coarse, sigma=sigma, mode="nearest")
-    low, high = spec.weight_percentiles
-    lo, hi = percentiles(coarse, low, high)
-    if hi - lo < 1e-8:
-        # flat difference map: nothing stands out, so keep the input (the conservative choice)
-        return np.zeros(spec.diff_grid, dtype=np.float32)
-    return np.clip((coarse - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def weight_from_coarse_torch(
     coarse: torch.Tensor, spec: PostprocessSpec, extent_um: Sequence[float] | None, ops: Ops
 ) -> np.ndarray:
-    """:func:`weight_from_coarse` of a tensor on ``ops``'s device (max filter by max pooling over
-    edge-padded borders, Gaussian as band matrices); the percentiles are taken on the host. Returns
-    the host float32 weight map."""
+    """Weight map in [0, 1] (host float32, ZYX) from |prediction − input| already on ``spec.diff_grid``, a tensor
+    on ``ops``' device: max filter, Gaussian (sizes of :func:`weight_filters`, voxels; :meth:`Ops.maximum_filter`,
+    :meth:`Ops.gaussian`) and percentile scaling (the percentiles taken on the host)."""
     size, sigma = weight_filters(spec, extent_um)
     if np.max(size) > 1:
         coarse = ops.maximum_filter(coarse, size)
@@ -109,6 +78,7 @@ def weight_from_coarse_torch(
     low, high = spec.weight_percentiles
     lo, hi = percentiles(host, low, high)
     if hi - lo < 1e-8:
+        # flat difference map: nothing stands out, so keep the input (the conservative choice)
         return np.zeros(spec.diff_grid, dtype=np.float32)
     return np.clip((host - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
@@ -160,26 +130,20 @@ def adaptive_settings(noise: float, spec: PostprocessSpec) -> tuple[float, float
 
 
 def background_mask(
-    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0, ops: Ops | None = None
+    normalised_input: PlaneSource | np.ndarray, spec: PostprocessSpec, smooth: float = 1.0, *, ops: Ops
 ) -> np.ndarray:
     """Factor in [0, 1] on ``spec.diff_grid``: 0 in empty background, 1 on the specimen.
 
     The normalised input (ZYX, any grid) is resized to the diff grid, smoothed (σ ``smooth``
     coarse voxels) and divided by ``spec.background_threshold``. It keeps the networks from
     adding a faint offset to empty space, which the challenge's SSIM punishes hard (its luminance
-    term is unstable near zero). All ones when the threshold is 0.
+    term is unstable near zero). All ones when the threshold is 0. The steps run on ``ops``.
     """
     if spec.background_threshold <= 0:
         return np.ones(spec.diff_grid, dtype=np.float32)
-    torch_ops = _torch(ops)
-    if torch_ops is not None:
-        coarse_t = torch_ops.resample_all(resize_plan(normalised_input.shape, spec.diff_grid), normalised_input)
-        with torch_ops.section("weight_map_s"):
-            coarse = torch_ops.to_host(torch_ops.gaussian(coarse_t, smooth))
-            return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
-    coarse = materialise(ResizedSource(as_source(normalised_input), spec.diff_grid, cache=False))
-    with _section(ops, "weight_map_s"):
-        coarse = ndimage.gaussian_filter(coarse, smooth, mode="nearest")
+    coarse_t = ops.resample_all(resize_plan(normalised_input.shape, spec.diff_grid), normalised_input)
+    with ops.section("weight_map_s"):
+        coarse = ops.to_host(ops.gaussian(coarse_t, smooth))
         return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
 
 
@@ -193,14 +157,15 @@ def blend_weight(
     spec: PostprocessSpec,
     gate: float | np.ndarray,
     extent_um: Sequence[float] | None = None,
-    ops: Ops | None = None,
+    *,
+    ops: Ops,
 ) -> np.ndarray:
     """The blending weight on ``spec.diff_grid``: :func:`correction_weight` × :func:`background_mask` × ``gate``.
 
     ``gate`` (0..1) is the per-case confidence in the networks (the noise-adaptive gate of
     :func:`adaptive_settings`, or the factor of :mod:`fusemycells.trust`), a number or a factor per
     region (an array on ``spec.diff_grid``); ``correction`` is prediction − input on any grid (ZYX);
-    ``extent_um`` the stack's ZYX size in µm; ``ops`` where the steps run (None: numpy).
+    ``extent_um`` the stack's ZYX size in µm; ``ops`` where the steps run.
     """
     weight = correction_weight(correction, spec, extent_um, ops=ops)
     weight *= background_mask(normalised_input, spec, ops=ops)
@@ -214,7 +179,7 @@ def blend_slabs(
     correction: np.ndarray,
     weight: np.ndarray,
     compact: bool,
-    ops: Ops | None = None,
+    ops: Ops,
     start: int = 0,
     done: list[int] | None = None,
 ) -> ArraySource:
@@ -228,8 +193,8 @@ def blend_slabs(
     the weight map (on the diff grid) are resized to the input grid per slab. In place, each slab
     of the input is read before the same slab of the output overwrites it (float16 over 2-byte
     pixels, float32 over 4-byte ones); float16 values are clipped to ±:data:`FLOAT16_MAX` so the
-    output stays finite. With torch ``ops`` each slab is resized and blended on its device (only the
-    input, the correction and the output stay on the host). Twin of :func:`fusemycells.reference.blend`.
+    output stays finite. Each slab is resized and blended on ``ops``' device (only the input, the correction
+    and the output stay on the host). Equal to ``blend`` of the whole-volume oracle (``test/reference.py``).
     """
     in_place = compact and data.flags.c_contiguous and data.flags.writeable
     if in_place and data.dtype.itemsize == 2:
@@ -238,25 +203,7 @@ def blend_slabs(
         out = data.view(np.float32)
     else:
         out, start = np.empty(data.shape, dtype=np.float32), 0
-    torch_ops = _torch(ops)
-    if torch_ops is not None:
-        _blend_torch(out, x_in, correction, weight, torch_ops, start, done)
-        return ArraySource(out)
-    corr = ResizedSource(correction, data.shape, cache=False, ops=ops)
-    wmap = ResizedSource(weight, data.shape, antialias=False, cache=False, ops=ops)
-    for z0, z1 in slabs_from(start, data.shape[0]):
-        w = wmap.planes(z0, z1)
-        c = corr.planes_readonly(z0, z1)
-        with _section(ops, "blend_s"):
-            planes = x_in.planes(z0, z1)
-            np.clip(w, 0.0, 1.0, out=w)
-            w *= c
-            planes += w
-            if out.dtype == np.float16:  # e.g. a 65535 voxel over a percentile span of ~1 would be inf
-                np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX, out=planes)
-            out[z0:z1] = planes
-        if done is not None:
-            done[0] = z1
+    _blend_into(out, x_in, correction, weight, ops, start, done)
     return ArraySource(out)
 
 
@@ -266,7 +213,7 @@ def slabs_from(start: int, n: int, size: int | None = None) -> list[tuple[int, i
     return [(start + a, start + b) for a, b in parts]
 
 
-def _blend_torch(
+def _blend_into(
     out: np.ndarray,
     x_in: ArraySource,
     correction: np.ndarray,
@@ -326,81 +273,71 @@ def weight_stats(weight: np.ndarray, bins: Sequence[float] = (0.1, 0.5, 0.9)) ->
     return {f"w>{b:g}": float((weight > b).mean()) for b in bins}
 
 
-class HaloFilterSource:
-    """A local filter applied to a plane source range by range (exact: z-halo + edge padding).
-
-    ``fn`` filters a float32 ZYX block with scipy's 'nearest' border mode and reaches at most
-    ``radius`` planes in z; blocks are read with that halo and edge-padded at the volume borders,
-    so the result equals filtering the whole volume at once.
-    """
-
-    def __init__(self, source: PlaneSource, fn: Callable[[np.ndarray], np.ndarray], radius: int) -> None:
-        self.source, self.fn, self.radius = source, fn, int(radius)
-        self.shape: Shape3 = source.shape
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        r, nz = self.radius, self.shape[0]
-        lo, hi = max(0, z0 - r), min(nz, z1 + r)
-        block = self.source.planes(lo, hi)
-        before, after = r - (z0 - lo), r - (hi - z1)
-        if before or after:
-            block = np.pad(block, ((before, after), (0, 0), (0, 0)), mode="edge")
-        return np.ascontiguousarray(self.fn(block)[r : r + (z1 - z0)], dtype=np.float32)
-
-
-def output_filters(source: PlaneSource, spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> PlaneSource:
-    """The manifest's optional output filters (max filter size, Gaussian σ in voxels, see
-    :func:`output_sigma_zyx`) as a lazy source."""
-    if spec.output_max_filter > 1:
-        size = spec.output_max_filter
-        source = HaloFilterSource(source, lambda b: ndimage.maximum_filter(b, size=size, mode="nearest"), size // 2)
-    if spec.output_gaussian_sigma > 0:
-        sigma = output_sigma_zyx(spec, spacing)
-        source = HaloFilterSource(
-            source,
-            lambda b: ndimage.gaussian_filter(b, sigma=sigma, mode="nearest", output=np.float32),
-            int(4.0 * sigma[0] + 0.5),
-        )
-    return source
-
-
 def final_source(
     blended: PlaneSource,
     spec: PostprocessSpec,
     dtype: str = "float32",
     spacing: Sequence[float] | None = None,
-    ops: Ops | None = None,
+    *,
+    ops: Ops,
 ) -> PlaneSource:
-    """The output as a lazy source: optional filters, percentile normalisation, then ``dtype``.
+    """The output as a lazy source (ZYX): optional filters, percentile normalisation, then ``dtype``.
 
-    Same values as :func:`fusemycells.reference.finalise` then :func:`~fusemycells.reference.to_output_dtype`; the
-    percentiles (and the uint16 range) are taken from a streamed pass, so no float32 copy of the
-    volume is made. ``spacing`` is the stack's ZYX spacing in µm. With torch ``ops`` the filters and
-    the affine maps run on its device (:class:`TorchOutputSource`).
+    Same values as ``finalise`` then ``to_output_dtype`` of the whole-volume oracle (``test/reference.py``), to
+    float32 rounding; ``spacing`` is the stack's ZYX spacing in µm. The filters and the affine maps run on
+    ``ops``' device (:class:`OutputSource`), the output computed again while it is written: one streamed pass
+    for the percentile sample (on big stacks only at the sampled voxels, :func:`gathered_sample`), one more for
+    the uint16 range when that pass did not see it all. No float32 copy of the volume is made.
     """
     if dtype not in ("float32", "uint16"):
         raise ValueError(f"unknown output dtype '{dtype}' (expected float32 or uint16)")
-    torch_ops = _torch(ops)
-    if torch_ops is not None:
-        return _final_torch(blended, spec, dtype, spacing, torch_ops)
-    filtered = output_filters(blended, spec, spacing)
-    with _section(ops, "percentile_normalisation_s"):
-        sample = _strided_sample(filtered)
+    filtered = OutputSource(blended, spec, spacing, ops)
+    sample, extremes_seen = _percentile_sample(blended, filtered, ops)
+    with ops.section("percentile_normalisation_s"):
         low, high = spec.output_percentiles
         offset, scale = percentile_affine(sample, low, high)
-        normalised = _AffineSource(filtered, offset, scale)
-        if dtype == "float32":
-            return normalised
-        offset, factor = uint16_affine(*_min_max(normalised))
-        return _AffineSource(normalised, offset, factor, round_to=np.uint16)
+    normalised = filtered.with_affine(offset, scale)
+    if dtype == "float32":
+        return normalised
+    if extremes_seen is not None:  # the uint16 range from the sampling pass: no pass more
+        lo, hi = (_affine_value(v, offset, scale) for v in extremes_seen)
+        return normalised.with_affine(*uint16_affine(lo, hi), np.uint16)
+
+    def extremes(z0: int, z1: int) -> tuple[float, float]:
+        block = normalised.normalised(z0, z1)
+        return float(block.min()), float(block.max())
+
+    with ops.section("output_filter_s"):  # the uint16 range: one more pass (the affine maps in it are cheap)
+        ranges = ops.parallel(extremes, *zip(*_ranges(normalised)))
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    return normalised.with_affine(*uint16_affine(lo, hi), np.uint16)
 
 
-class TorchOutputSource:
-    """The output filters of :func:`output_filters`, then affine maps, computed with torch per z-range.
+def _percentile_sample(
+    blended: PlaneSource, filtered: OutputSource, ops: Ops
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The voxels :func:`~fusemycells.preprocess.percentiles` samples (every ``sample_stride``-th in C order) of
+    the filtered output, and its [min, max] when the pass saw every voxel (else None): at the sampled voxels
+    only (:func:`gathered_sample`) on big stacks on the CPU, else one streamed pass (in the worker threads)."""
+    stride = sample_stride(math.prod(filtered.shape))
+    gather = ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size
+    if gather and stride >= GATHER_MIN_STRIDE:
+        with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
+            sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
+            return gathered_sample(blended, sigma, stride, ops=ops), None
+    with ops.section("output_filter_s"):  # and the sampling (in the worker threads on the CPU)
+        parts = ops.parallel(lambda z0, z1: _sampled(filtered, z0, z1, stride), *zip(*_ranges(filtered)))
+    sample = np.concatenate([p[0] for p in parts])
+    return sample, (min(p[1] for p in parts), max(p[2] for p in parts))
+
+
+class OutputSource:
+    """The manifest's optional output filters (max filter ``output_max_filter`` voxels, Gaussian σ of
+    :func:`output_sigma_zyx`), then affine maps, computed with torch per z-range (ZYX).
 
     ``planes`` returns host arrays of ``dtype`` (float32, or uint16 rounded to nearest after the last
     map); :meth:`tensor` the float32 planes on the device before the affine maps. Max filter: max
-    pooling over edge-padded borders; Gaussian: band matrices (:func:`fusemycells.ops_torch.filter_plan`),
+    pooling over edge-padded borders; Gaussian: band matrices (:func:`fusemycells.ops.filter_plan`),
     both exact twins of scipy's 'nearest' mode, the z-halo read from the source.
     """
 
@@ -421,9 +358,9 @@ class TorchOutputSource:
         self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_gaussian_sigma > 0 else None
         self.preferred_slab = ops.slab_planes(self.shape[1] * self.shape[2], factor=3.0)
 
-    def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> TorchOutputSource:
+    def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> OutputSource:
         """This source followed by ``(v − offset)·scale`` (then rounded when ``dtype`` is an integer type)."""
-        out = TorchOutputSource.__new__(TorchOutputSource)
+        out = OutputSource.__new__(OutputSource)
         out.__dict__.update(self.__dict__)
         out.affines, out.dtype = [*self.affines, (offset, scale)], np.dtype(dtype)
         return out
@@ -487,44 +424,6 @@ def _max_valid(block: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.max_pool3d(padded, kernel_size=size, stride=1)[0, 0]
 
 
-def _final_torch(
-    blended: PlaneSource, spec: PostprocessSpec, dtype: str, spacing: Sequence[float] | None, ops: Ops
-) -> PlaneSource:
-    """:func:`final_source` with torch ops: one streamed pass for the percentile sample (on big stacks only at
-    the sampled voxels, :func:`gathered_sample`; one more pass for the uint16 range), the output computed
-    again while it is written."""
-    filtered = TorchOutputSource(blended, spec, spacing, ops)
-    stride = sample_stride(math.prod(filtered.shape))  # the stride of _strided_sample and percentiles
-    extremes_seen: tuple[float, float] | None = None  # the filtered output's [min, max] when the pass saw it all
-    if ops.scipy_filters and isinstance(blended, ArraySource) and not filtered.max_size and stride >= GATHER_MIN_STRIDE:
-        with ops.section("percentile_normalisation_s"):  # the filter at the sampled voxels only
-            sigma = filtered.sigma if filtered.plan is not None else (0.0, 0.0, 0.0)
-            sample = gathered_sample(blended, sigma, stride, ops=ops)
-    else:
-        with ops.section("output_filter_s"):  # and the sampling (in the worker threads on the CPU)
-            parts = ops.parallel(lambda z0, z1: _sampled(filtered, z0, z1, stride), *zip(*_ranges(filtered)))
-        sample = np.concatenate([p[0] for p in parts])
-        extremes_seen = min(p[1] for p in parts), max(p[2] for p in parts)
-    with ops.section("percentile_normalisation_s"):
-        low, high = spec.output_percentiles
-        offset, scale = percentile_affine(sample, low, high)
-    normalised = filtered.with_affine(offset, scale)
-    if dtype == "float32":
-        return normalised
-    if extremes_seen is not None:  # the uint16 range from the sampling pass: no pass more
-        lo, hi = (_affine_value(v, offset, scale) for v in extremes_seen)
-        return normalised.with_affine(*uint16_affine(lo, hi), np.uint16)
-
-    def extremes(z0: int, z1: int) -> tuple[float, float]:
-        block = normalised.normalised(z0, z1)
-        return float(block.min()), float(block.max())
-
-    with ops.section("output_filter_s"):  # the uint16 range: one more pass (the affine maps in it are cheap)
-        ranges = ops.parallel(extremes, *zip(*_ranges(normalised)))
-    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-    return normalised.with_affine(*uint16_affine(lo, hi), np.uint16)
-
-
 def uint16_affine(lo: float, hi: float) -> tuple[float, float]:
     """(offset, scale) of the uint16 output: ``rint((v − offset)·scale)`` maps the normalised output's [lo, hi]
     onto 0..65535, affinely, with v = 0 exactly on an integer level when lo < 0 < hi.
@@ -562,10 +461,11 @@ def gathered_sample(
     stride: int,
     truncate: float = FILTER_TRUNCATE,
     chunk: int = 1 << 15,
-    ops: Ops | None = None,
+    *,
+    ops: Ops,
 ) -> np.ndarray:
     """The voxels ``0, stride, 2·stride, …`` (C order) of ``gaussian_filter(source, sigma, mode='nearest',
-    truncate)`` computed from their neighbourhoods only: the strided sample of :func:`_strided_sample` on the
+    truncate)`` computed from their neighbourhoods only: the strided sample of :func:`_percentile_sample` on the
     filtered output without filtering the whole volume (float32; equal to float32 rounding).
 
     Each sample gathers its (2r_z + 1) × (2r_y + 1) rows of 2r_x + 1 contiguous voxels (a sliding-window view,
@@ -573,8 +473,6 @@ def gathered_sample(
     then X, the order of scipy's separable filter. ``source`` is an :class:`ArraySource` (its affine map applied
     to the gathered voxels).
     """
-    from fusemycells.ops_torch import gaussian_kernel
-
     array = source.array
     nz, ny, nx = array.shape
     kernels = [gaussian_kernel(s, truncate) if s > 1e-15 else np.ones(1) for s in sigma]
@@ -609,7 +507,7 @@ def gathered_sample(
         out[c0 : c0 + len(pos)] = (lines * wx).sum(1).numpy()
 
     starts = range(0, len(positions), chunk)
-    if ops is not None and ops.device == "cpu":
+    if ops.device == "cpu":
         ops.parallel(one, starts)
     else:
         for c0 in starts:
@@ -617,13 +515,13 @@ def gathered_sample(
     return out
 
 
-def _ranges(source: TorchOutputSource) -> list[tuple[int, int]]:
+def _ranges(source: OutputSource) -> list[tuple[int, int]]:
     """The z-ranges of ``source.preferred_slab`` planes covering it."""
     return list(slabs(source.shape[0], source.preferred_slab))
 
 
-def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> tuple[np.ndarray, float, float]:
-    """The voxels of :func:`_strided_sample` (every ``stride``-th in C order) among planes z0:z1 of the
+def _sampled(source: OutputSource, z0: int, z1: int, stride: int) -> tuple[np.ndarray, float, float]:
+    """The voxels of :func:`_percentile_sample` (every ``stride``-th in C order) among planes z0:z1 of the
     filtered source, taken on its device (a host copy), and the planes' min and max."""
     ny, nx = source.shape[1:]
     planes = source.tensor(z0, z1)
@@ -632,38 +530,6 @@ def _sampled(source: TorchOutputSource, z0: int, z1: int, stride: int) -> tuple[
 
 
 def _affine_value(value: float, offset: float, scale: float) -> float:
-    """``(value − offset)·scale`` rounded as :meth:`TorchOutputSource._affine` computes it per voxel (float32):
+    """``(value − offset)·scale`` rounded as :meth:`OutputSource._affine` computes it per voxel (float32):
     the map is monotone, so the normalised output's extremes are the images of the filtered output's."""
     return float((np.float32(value) - np.float32(offset)) * np.float32(scale))
-
-
-class _AffineSource:
-    def __init__(self, source: PlaneSource, offset: float, scale: float, round_to: type | None = None) -> None:
-        self.source, self.offset, self.scale, self.round_to = source, offset, scale, round_to
-        self.shape: Shape3 = source.shape
-        self.dtype = np.dtype(round_to or np.float32)
-
-    def planes(self, z0: int, z1: int) -> np.ndarray:
-        block = self.source.planes(z0, z1)
-        block -= np.float32(self.offset)
-        block *= np.float32(self.scale)
-        return np.rint(block).astype(self.round_to) if self.round_to is not None else block
-
-
-def _strided_sample(source: PlaneSource, max_samples: int = MAX_SAMPLES, slab: int = SLAB) -> np.ndarray:
-    """The voxels :func:`percentiles` would sample from the materialised volume (same stride)."""
-    nz, ny, nx = source.shape
-    stride = sample_stride(nz * ny * nx, max_samples)
-    parts = []
-    for z0, z1 in slabs(nz, slab):
-        flat = source.planes(z0, z1).reshape(-1)
-        parts.append(_in_slab(flat, z0, ny * nx, stride).copy())  # a copy: a view would keep the whole slab alive
-    return np.concatenate(parts)
-
-
-def _min_max(source: PlaneSource, slab: int = SLAB) -> tuple[float, float]:
-    lo, hi = np.inf, -np.inf
-    for z0, z1 in slabs(source.shape[0], slab):
-        block = source.planes(z0, z1)
-        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-    return lo, hi

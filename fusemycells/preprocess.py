@@ -1,28 +1,22 @@
 """Intensity normalisation and spacing-aware resampling of ZYX volumes.
 
 Pure functions shared by inference and by the training code (``training/`` imports them, so the
-networks see exactly the same preprocessing in both). Arrays are float32 ZYX unless stated; the
-whole-volume twins of the streamed functions are in :mod:`fusemycells.reference`.
+networks see exactly the same preprocessing in both). Arrays are float32 ZYX unless stated; resizes run
+through :class:`fusemycells.ops.Ops` (the one implementation, on the CPU or the GPU); the whole-volume
+numpy oracle they are tested against is ``test/reference.py``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from fusemycells.config import NormalisationSpec
-from fusemycells.ops_torch import Ops, ResizePlan, compose, parallel_safe, resize_plan
+from fusemycells.ops import Ops, ResizePlan, compose, parallel_safe, resize_plan
 from fusemycells.sources import SLAB, PlaneSource, Shape3, as_source, materialise, slabs
-
-ANTIALIAS_TRUNCATE = 3.0
-"""Gaussian prefilter radius in σ (scipy's ``truncate``)."""
-
 
 MAX_SAMPLES = 4_000_000
 """Voxels a percentile estimate samples at most (every k-th voxel in C order, see :func:`sample_stride`)."""
@@ -76,38 +70,17 @@ def intensity_affine(volume: np.ndarray, spec: NormalisationSpec) -> tuple[float
     raise ValueError(f"unknown normalisation kind '{spec.kind}' (expected 'percentile' or 'zscore')")
 
 
-def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[float, ...]:
-    """Per-axis Gaussian σ (input voxels) that suppresses aliasing before a downsampling.
-
-    σ = sqrt(f² − 1) / 2 for a shrink factor f > 1 (the usual rule, as in scikit-image), 0 otherwise.
-    """
-    sigmas = []
-    for n_in, n_out in zip(in_shape, out_shape):
-        factor = n_in / n_out
-        sigmas.append(math.sqrt(factor**2 - 1.0) / 2.0 if factor > 1.0 else 0.0)
-    return tuple(sigmas)
-
-
-SLAB_BYTES = 256 * 2**20
-"""Target size of the source block one :class:`ResizedSource` request reads (bytes)."""
-
-
 class ResizedSource:
-    """Trilinear resize of a source to ``out_shape`` voxels, computed per output z-range.
+    """Trilinear resize of a source to ``out_shape`` voxels (ZYX), computed per output z-range with ``ops``.
 
-    Same result (to float32 rounding) as ``torch.nn.functional.interpolate(mode='trilinear', align_corners=False)``
-    (voxel centres aligned) after a Gaussian prefilter of the downsampled axes (``antialias``),
-    bit-identical to filtering the whole volume: each range is read with a z-halo of the filter
-    radius and edge-padded at the volume borders (scipy's 'nearest' mode). The last computed
-    planes are kept, so overlapping requests in increasing z (sliding-window rows) reuse them;
-    with ``cache=False`` nothing is kept (for one pass of disjoint requests, where a cache would
-    only hold a second copy of each request).
-
-    With ``ops`` on a torch device (see :func:`fusemycells.ops_torch.choose_ops`) the planes are
-    computed there instead, as the band matrices of :func:`fusemycells.ops_torch.resize_plan` (the same
-    map, to float32 rounding), or of ``plan`` when given (e.g. two resizes composed into one); the
-    time goes to ``ops.profile`` ('resampling_s'). Without (or with ``Ops(device=None)``): numpy/scipy,
-    the reference.
+    Voxel centres aligned (``align_corners=False``, clamped at the borders), after a Gaussian prefilter of
+    the downsampled axes (``antialias``, σ of :func:`fusemycells.ops.antialias_sigma`, scipy's 'nearest'
+    borders): the band matrices of :func:`fusemycells.ops.resize_plan`, or of ``plan`` when given
+    (e.g. two resizes composed into one), applied on ``ops``' device; the time goes to ``ops.profile``
+    ('resampling_s'). Equal to resizing the whole volume at once (``test/reference.py`` is the whole-volume
+    numpy oracle). The last computed planes are kept, so overlapping requests in increasing z
+    (sliding-window rows) reuse them; with ``cache=False`` nothing is kept (for one pass of disjoint
+    requests, where a cache would only hold a second copy of each request).
     """
 
     def __init__(
@@ -116,36 +89,26 @@ class ResizedSource:
         out_shape: Sequence[int],
         antialias: bool = True,
         cache: bool = True,
-        ops: Ops | None = None,
+        *,
+        ops: Ops,
         plan: ResizePlan | None = None,
     ) -> None:
         self.source: PlaneSource = as_source(source)
         self.shape: Shape3 = tuple(int(n) for n in out_shape)  # type: ignore[assignment]
-        sigma = antialias_sigma(self.source.shape, self.shape) if antialias else (0.0, 0.0, 0.0)
-        self.sigma = tuple(float(v) for v in sigma)
-        self.halo = int(ANTIALIAS_TRUNCATE * self.sigma[0] + 0.5) if self.sigma[0] > 0 else 0
         self.cache = cache
-        self.profile_ops = ops  # its profile gets the time, on either path
-        self.ops: Ops | None = None
-        self.plan: ResizePlan | None = None
-        if ops is not None and ops.torch:
-            self.plan = plan if plan is not None else resize_plan(self.source.shape, self.shape, antialias)
-            if self.plan.in_shape != self.source.shape or self.plan.out_shape != self.shape:
-                fits = f"{self.plan.in_shape} → {self.plan.out_shape}"
-                raise ValueError(f"plan {fits} does not fit {self.source.shape} → {self.shape}")
-            self.ops = ops
-        elif plan is not None:
-            raise ValueError("a resize plan needs torch ops (ops.device set)")
+        self.ops = ops
+        self.plan = plan if plan is not None else resize_plan(self.source.shape, self.shape, antialias)
+        if self.plan.in_shape != self.source.shape or self.plan.out_shape != self.shape:
+            fits = f"{self.plan.in_shape} → {self.plan.out_shape}"
+            raise ValueError(f"plan {fits} does not fit {self.source.shape} → {self.shape}")
         self._cache_z0 = 0
         self._cache = np.empty((0, *self.shape[1:]), dtype=np.float32)
-        # Output planes per request that keep the source block read for it (plus its filtered
-        # copy) near SLAB_BYTES: downsampling a 1920² × 309 stack must not read 1 GB at a time.
+        # Output planes per request that keep the source block read for it (and the output slab) within
+        # ops.slab_bytes: downsampling a 1920² × 309 stack must not read 1 GB at a time.
         in_plane = 4 * self.source.shape[1] * self.source.shape[2]
         per_out = in_plane * max(1.0, self.source.shape[0] / max(self.shape[0], 1))
-        self.preferred_slab = int(min(32, max(1, SLAB_BYTES // max(per_out, 1))))
-        if self.ops is not None:  # torch: the larger of the source block and the output slab within ops.slab_bytes
-            per_out = max(per_out, 4 * self.shape[1] * self.shape[2])
-            self.preferred_slab = int(min(64, max(1, self.ops.slab_bytes // max(per_out, 1))))
+        per_out = max(per_out, 4 * self.shape[1] * self.shape[2])
+        self.preferred_slab = int(min(64, max(1, self.ops.slab_bytes // max(per_out, 1))))
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
         if not self.cache:
@@ -188,23 +151,21 @@ class ResizedSource:
         return view
 
     def _compute_chunked(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
-        """``_compute`` in requests of ``preferred_slab`` planes, so the source block read (and its
-        filtered copy) stays near SLAB_BYTES however many planes are asked for; into ``out`` if given."""
+        """``_compute`` in requests of ``preferred_slab`` planes, so the source block read stays within
+        ``ops.slab_bytes`` however many planes are asked for (on the CPU at least one range per worker
+        thread when the source may be read from several threads); into ``out`` if given."""
         step = self.preferred_slab
-        ops = self.profile_ops
-        parallel = ops is not None and ops.device == "cpu" and parallel_safe(self.source)
-        if parallel:  # at least one range per worker thread of the CPU ops
-            assert ops is not None
-            step = max(1, min(step, -(-(z1 - z0) // max(1, ops.threads))))
+        parallel = self.ops.device == "cpu" and parallel_safe(self.source)
+        if parallel:
+            step = max(1, min(step, -(-(z1 - z0) // max(1, self.ops.threads))))
         if out is None:
             if z1 - z0 <= step and not parallel:
                 return self._compute(z0, z1)
             out = np.empty((z1 - z0, *self.shape[1:]), dtype=np.float32)
         ranges = [(a, min(z1, a + step)) for a in range(z0, z1, step)]
         if parallel:
-            assert ops is not None
-            with ops.section("resampling_s"):
-                ops.parallel(lambda a, b: self._compute(a, b, out=out[a - z0 : b - z0]), *zip(*ranges))
+            with self.ops.section("resampling_s"):
+                self.ops.parallel(lambda a, b: self._compute(a, b, out=out[a - z0 : b - z0]), *zip(*ranges))
             return out
         for a, b in ranges:
             self._compute(a, b, out=out[a - z0 : b - z0])
@@ -212,105 +173,33 @@ class ResizedSource:
 
     def _compute(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Output planes z0:z1 (float32), written into ``out`` when given (no second copy of the range)."""
-        if self.ops is not None:
-            assert self.plan is not None
-            planes = self.ops.resample(self.plan, self.source, z0, z1)
-            if out is None:
-                return self.ops.to_host(planes)
-            torch.from_numpy(out).copy_(planes)
-            return out
-        if self.profile_ops is not None:
-            with self.profile_ops.section("resampling_s"):
-                return self._compute_numpy(z0, z1, out)
-        return self._compute_numpy(z0, z1, out)
-
-    def _compute_numpy(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`_compute` with scipy and numpy (the reference path)."""
-        nz_in, nz_out = self.source.shape[0], self.shape[0]
-        coords = np.clip((np.arange(z0, z1) + 0.5) * (nz_in / nz_out) - 0.5, 0, nz_in - 1)
-        src0 = int(np.floor(coords[0]))
-        src1 = min(nz_in, int(np.floor(coords[-1])) + 2)
-        data = self._filtered(src0, src1)
-        local = coords - src0
-        lo = np.floor(local).astype(np.int64)
-        hi = np.minimum(lo + 1, data.shape[0] - 1)
-        frac = (local - lo).astype(np.float32)
-        # Linear interpolation along z and bilinear in y/x commute: do first whichever leaves fewer
-        # voxels to hold. Upsampling in y/x (the correction onto a 1920² input grid), z goes first,
-        # so only the output planes are ever enlarged, not every source plane read for them.
-        if (z1 - z0) * data.shape[1] * data.shape[2] < data.shape[0] * self.shape[1] * self.shape[2]:
-            planes = self._resize_yx(_lerp_planes(data, lo, hi, frac))
-            if out is None:
-                return planes
-            out[...] = planes
-            return out
-        return _lerp_planes(self._resize_yx(data), lo, hi, frac, out=out)
-
-    def _resize_yx(self, planes: np.ndarray) -> np.ndarray:
-        """Bilinear resize of float32 ZYX planes to this source's Y × X (torch, z as the batch axis)."""
-        if planes.shape[1:] == self.shape[1:]:
-            return planes
-        chunk = F.interpolate(
-            torch.from_numpy(planes)[:, None], size=self.shape[1:], mode="bilinear", align_corners=False
-        )
-        return chunk[:, 0].numpy()
-
-    def _filtered(self, src0: int, src1: int) -> np.ndarray:
-        """Source planes src0:src1 after the antialiasing prefilter (float32, contiguous)."""
-        if not any(s > 0 for s in self.sigma):
-            return np.ascontiguousarray(self.source.planes(src0, src1), dtype=np.float32)
-        nz_in, r = self.source.shape[0], self.halo
-        lo, hi = max(0, src0 - r), min(nz_in, src1 + r)
-        block = np.asarray(self.source.planes(lo, hi), dtype=np.float32)  # a fresh array: ours to overwrite
-        before, after = r - (src0 - lo), r - (hi - src1)
-        if before or after:
-            block = np.pad(block, ((before, after), (0, 0), (0, 0)), mode="edge")
-        # in place (scipy filters line by line through a buffer): no second block of this size
-        ndimage.gaussian_filter(block, sigma=self.sigma, mode="nearest", truncate=ANTIALIAS_TRUNCATE, output=block)
-        return block[r : r + (src1 - src0)]  # a z-range of a C-contiguous block is contiguous
+        planes = self.ops.resample(self.plan, self.source, z0, z1)
+        if out is None:
+            return self.ops.to_host(planes)
+        torch.from_numpy(out).copy_(planes)
+        return out
 
 
-def _lerp_planes(
-    planes: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Planes ``planes[lo]·(1 − frac) + planes[hi]·frac`` (float32 ZYX; one output plane per index),
-    computed plane by plane into ``out`` (allocated if None): no temporaries of the block's size."""
-    if out is None:
-        out = np.empty((len(lo), *planes.shape[1:]), dtype=np.float32)
-    for i, (a, b, f) in enumerate(zip(lo, hi, frac)):
-        np.multiply(planes[a], np.float32(1.0) - f, out=out[i])
-        out[i] += planes[b] * f
-    return out
-
-
-def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> np.ndarray:
-    """Trilinear resize of a whole ZYX volume to ``out_shape`` voxels (float32): a materialised
-    :class:`ResizedSource` (the training code and the reference twins use it)."""
+def resize(volume: np.ndarray, out_shape: Sequence[int], ops: Ops, antialias: bool = True) -> np.ndarray:
+    """Trilinear resize of a whole ZYX volume to ``out_shape`` voxels (float32, a new array) with ``ops``:
+    a materialised :class:`ResizedSource` (the training code uses it, so the networks see the resizes of
+    inference)."""
     out_shape = tuple(int(n) for n in out_shape)
     if tuple(volume.shape) == out_shape:
         return np.array(volume, dtype=np.float32, copy=True)
-    return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False))
+    return materialise(ResizedSource(np.asarray(volume), out_shape, antialias, cache=False, ops=ops))
 
 
-def resize_through(
-    source: PlaneSource | np.ndarray, shapes: Sequence[Sequence[int]], ops: Ops | None = None
-) -> np.ndarray:
-    """A ZYX source resized through each grid of ``shapes`` in turn (antialiased), the last one materialised
-    (float32). With torch ``ops`` the chain is composed into one map per axis and applied once, so the
-    intermediate grids are never computed (same values to float32 rounding); else chained
-    :class:`ResizedSource` s, the reference."""
+def resize_through(source: PlaneSource | np.ndarray, shapes: Sequence[Sequence[int]], ops: Ops) -> np.ndarray:
+    """A ZYX source resized through each grid of ``shapes`` (voxels) in turn (antialiased), the last one
+    materialised (float32): the chain is composed into one map per axis and applied once with ``ops``, so
+    the intermediate grids are never computed (equal to resizing step by step, to float32 rounding)."""
     source = as_source(source)
     grids = [tuple(int(n) for n in shape) for shape in shapes]
-    if ops is not None and ops.torch:
-        plan = resize_plan(source.shape, grids[0])
-        previous = grids[0]
-        for grid in grids[1:]:
-            plan = compose(plan, resize_plan(previous, grid))
-            previous = grid
-        return ops.to_host(ops.resample_all(plan, source))
-    for grid in grids[:-1]:
-        source = ResizedSource(source, grid, ops=ops)
-    return materialise(ResizedSource(source, grids[-1], cache=False, ops=ops))
+    plan = resize_plan(source.shape, grids[0])
+    for previous, grid in zip(grids[:-1], grids[1:]):
+        plan = compose(plan, resize_plan(previous, grid))
+    return ops.to_host(ops.resample_all(plan, source))
 
 
 INPUT_SAFE_ABS = 1e15

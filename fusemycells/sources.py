@@ -89,4 +89,5 @@ def materialise(source: PlaneSource, dtype: np.dtype | type | None = None) -> np
 
 def shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> Shape3:
     """Voxel shape (ZYX) that covers the same physical extent at ``target_spacing`` (all spacings µm)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))  # type: ignore[return-value]
+    out = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+    return out  # type: ignore[return-value]

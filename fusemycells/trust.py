@@ -50,9 +50,9 @@ import numpy as np
 from scipy import ndimage
 
 from fusemycells.config import TRUST_SIGNALS, TrustSpec
-from fusemycells.ops_torch import Ops
-from fusemycells.preprocess import ResizedSource, resize_through
-from fusemycells.sources import PlaneSource, as_source, materialise
+from fusemycells.ops import Ops
+from fusemycells.preprocess import resize, resize_through
+from fusemycells.sources import PlaneSource, as_source
 from fusemycells.stitching import pad_to_patch, window_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -69,9 +69,9 @@ def flipped(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(volume[::-1, ::-1, ::-1])
 
 
-def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int], ops: Ops | None = None) -> np.ndarray:
-    """The stage-2 correction (ZYX, on H) resized to ``grid`` (the diff grid), read in z-ranges, where
-    ``ops`` runs the resizes (None: numpy, the reference; see :func:`fusemycells.preprocess.resize_through`).
+def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int], ops: Ops) -> np.ndarray:
+    """The stage-2 correction (ZYX, on H) resized to ``grid`` (the diff grid, voxels), read in z-ranges, the
+    resize run on ``ops`` (see :func:`fusemycells.preprocess.resize_through`).
 
     The same resize as :func:`fusemycells.postprocess.correction_weight`, so the weight map computed
     from this array equals the one computed from the correction itself (a same-shape resize is exact).
@@ -79,10 +79,10 @@ def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int],
     return resize_through(correction, [grid], ops)
 
 
-def on_grid(volume: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """A ZYX array resized to ``grid`` (itself when it is already that shape)."""
+def on_grid(volume: np.ndarray, grid: Sequence[int], ops: Ops) -> np.ndarray:
+    """A ZYX array resized to ``grid`` (voxels) on ``ops`` (itself when it is already that shape)."""
     shape = tuple(int(n) for n in grid)
-    return volume if volume.shape == shape else materialise(ResizedSource(volume, shape, cache=False))
+    return volume if volume.shape == shape else resize(volume, shape, ops)
 
 
 def foreground_mask(coarse: np.ndarray, level: float) -> np.ndarray:
@@ -332,7 +332,8 @@ def decide(
     global_predict: Predict | None = None,
     probe: Callable[[int], ProbeResult] | None = None,
     patches: int = 0,
-    ops: Ops | None = None,
+    *,
+    ops: Ops,
 ) -> TrustDecision:
     """The trust decision of one case (``spec.mode`` must be 'case').
 
@@ -341,7 +342,7 @@ def decide(
     the signals are measured; ``global_predict`` runs the global network
     (needed for a 'global_flip' rule), ``probe(count)`` the patch flip probe (for 'patch_flip'),
     ``patches``: the patch stage's forward count (the probe does ``spec.probe_fraction`` of it);
-    ``ops``: where the correction's resize to ``grid`` runs (the pipeline's, as for the weight map).
+    ``ops``: where the resizes to ``grid`` run (the pipeline's, as for the weight map).
     """
     seconds: dict[str, float] = {}
     forwards: dict[str, int] = {}
@@ -356,14 +357,14 @@ def decide(
     p1_flip = result = None
     if global_predict is not None and "global_flip" in wanted:
         started = time.perf_counter()
-        p1_flip = on_grid(flipped(global_predict(flipped(coarse)[None, None])[0, 0]), grid)
+        p1_flip = on_grid(flipped(global_predict(flipped(coarse)[None, None])[0, 0]), grid, ops)
         seconds["global_flip"], forwards["global"] = time.perf_counter() - started, 1
     if probe is not None and "patch_flip" in wanted:
         started = time.perf_counter()
         result = probe(probe_count(patches, spec.probe_fraction))
         seconds["patch_flip"], forwards["patch"] = time.perf_counter() - started, result.patches
     started = time.perf_counter()
-    x_d, p1_d = on_grid(coarse, grid), on_grid(p1, grid)
+    x_d, p1_d = on_grid(coarse, grid, ops), on_grid(p1, grid, ops)
     signals = case_signals(noise, x_d, p1_d, c2, foreground_mask(x_d, spec.foreground), p1_flip, result)
     factor, rules = case_factor(signals, dict(spec.rules))
     region = agreement_map(p1_d - x_d, c2, spec.region_sigma) if spec.region == "agreement" and factor > 0 else None

@@ -3,7 +3,7 @@
 Written from the method (Wodzinski & Müller, arXiv 2503.16075, as the README and the manifest's
 fields describe it), with plain numpy/scipy on whole arrays and a brute-force stitching loop; it
 imports nothing from ``fusemycells``, so a bug in a package step cannot hide in a twin that shares it
-(``fusemycells/reference.py`` is such a twin for single steps; this is the oracle of their
+(``test/reference.py`` is such a twin for single steps; this is the oracle of their
 composition). It reads the channel's manifest entry as JSON, with no defaults: every parameter the
 method uses is named where it is used.
 

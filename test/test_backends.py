@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from reference import normalise_intensity
 
 from fusemycells.backends import (
     LoadedStage,
@@ -23,7 +24,6 @@ from fusemycells.backends import (
     warm_up,
 )
 from fusemycells.config import ManifestError, load_manifest, parse_manifest, resolve_resources_dir, verify_files
-from fusemycells.reference import normalise_intensity
 from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.runtime.devices import cuda_available
 

@@ -3,13 +3,13 @@
 ``test/oracle.py`` implements the method from its description with whole-array numpy/scipy and a
 brute-force stitching loop, and nothing from ``fusemycells``; the stage-2 fixture network's output
 depends on the position inside the patch (:class:`conftest.PositionNet`), so the stitching weights show
-in the output. Twin tests (streamed vs torch vs ``fusemycells.reference``) cannot see a bug their
-versions share; these can.
+in the output. Twin tests (each streamed step vs its whole-volume twin in ``test/reference.py``) cannot see
+a bug in how the steps compose; these can.
 
 Tolerance: :data:`TOLERANCE` on the final output (percentile-normalised: its 2–99.8 % range is 0–1).
 The pipeline computes in float32 (the oracle in float64), runs the networks through ONNX Runtime (the
 oracle: the torch modules), composes the two resizes of the global stage into one map and applies
-resizes as band matrices on torch's path: differences of float32 rounding, ≤ 4e-7 measured on every path and level. The
+resizes as band matrices with torch: differences of float32 rounding, ≤ 4e-7 measured on every path and level. The
 planted bugs this file is there for change the output by 0.01–0.1.
 
 Where the pipeline differs from the oracle by design (and these tests stay clear of it): percentiles
@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import load_manifest
-from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.ops import Ops, choose_ops
 from fusemycells.pipeline import Fuser
 from fusemycells.runtime.budget import BudgetPolicy
 
@@ -151,7 +151,6 @@ def learned_rate_deadline(fuser: Fuser, data: np.ndarray, level: int) -> float |
 OpsFactory = Callable[..., Ops]
 PATHS: dict[str, OpsFactory] = {
     "shipped (choose_ops)": choose_ops,
-    "numpy reference steps": lambda device, vram, profile, threads: Ops(None, profile=profile),
     "GPU code on the CPU": lambda device, vram, profile, threads: Ops("cpu", cpu_hybrid=False, profile=profile, threads=2),
 }
 

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import tifffile
 import torch
 from conftest import blob_volume, write_case
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from fusemycells import cli, reference
+from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
-from fusemycells.ops_torch import Ops, choose_ops
+from fusemycells.ops import Ops, choose_ops
 from fusemycells.pipeline import Fuser, process_file, run_directory
 from fusemycells.report import case_entry
 from fusemycells.runtime import faults

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
+from reference import percentile_normalise
 from report_check import assert_valid_report
 
 from fusemycells import cli
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
 from fusemycells.io.tiff import read_volume
-from fusemycells.reference import percentile_normalise
 from fusemycells.runtime.timing import SECTIONS
 
 STAGE_SECONDS = ("read", "load_weights", "preprocess", "global_stage", "patch_stage", "postprocess", "write", "total")

@@ -6,12 +6,41 @@ import numpy as np
 import pytest
 
 from fusemycells.config import PostprocessSpec
-from fusemycells.ops_torch import Ops
-from fusemycells.postprocess import FLOAT16_MAX, blend_slabs, uint16_affine, weight_stats
-from fusemycells.reference import blend, difference_weight, finalise, to_output_dtype
-from fusemycells.sources import ArraySource
+from fusemycells.ops import Ops
+from fusemycells.postprocess import (
+    FLOAT16_MAX,
+    OutputSource,
+    blend_slabs,
+    correction_weight,
+    final_source,
+    uint16_affine,
+    weight_stats,
+)
+from fusemycells.sources import ArraySource, materialise
 
 SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
+OPS = Ops("cpu", threads=2)
+
+
+def difference_weight(inp: np.ndarray, pred: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+    """The package's weight map of pred − inp (ZYX)."""
+    return correction_weight(pred - inp, spec, ops=OPS)
+
+
+def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The package's blend inp + w·(pred − inp) on inp's grid (float32 ZYX)."""
+    return blend_slabs(inp.copy(), ArraySource(inp), pred - inp, weight, compact=False, ops=OPS).array
+
+
+def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing=None, dtype: str = "float32") -> np.ndarray:
+    """The package's output of a blended ZYX volume (filters, percentile normalisation, ``dtype``)."""
+    return materialise(final_source(ArraySource(volume), spec, dtype, spacing, ops=OPS))
+
+
+def to_uint16(volume: np.ndarray) -> np.ndarray:
+    """The package's uint16 map of a normalised output (its [min, max] onto 0..65535, :func:`uint16_affine`)."""
+    source = OutputSource(ArraySource(volume), PostprocessSpec(), None, OPS)
+    return source.with_affine(*uint16_affine(float(volume.min()), float(volume.max())), np.uint16).planes(0, len(volume))
 
 
 def _pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,13 +114,13 @@ def test_constant_image_gives_no_nan() -> None:
     w = difference_weight(flat, flat.copy(), SPEC)
     out = finalise(blend(flat, flat.copy(), w), PostprocessSpec())
     assert np.isfinite(w).all() and np.isfinite(out).all()
-    assert np.isfinite(to_output_dtype(out, "uint16")).all()
+    assert np.isfinite(finalise(out, PostprocessSpec(), dtype="uint16")).all()
 
 
 def test_uint16_output_is_affine_and_lossless_within_quantisation() -> None:
     vol = (np.random.default_rng(5).normal(0.4, 0.3, (6, 20, 20))).astype(np.float32)  # includes <0 and >1
     vol.flat[:50] = 0.0  # a plateau at the 2nd percentile's level, 0 after percentile normalisation
-    out = to_output_dtype(vol, "uint16")
+    out = to_uint16(vol)
     assert out.dtype == np.uint16
     assert out.min() <= 1 and out.max() == 65535
     offset, scale = uint16_affine(float(vol.min()), float(vol.max()))
@@ -106,12 +135,12 @@ def test_uint16_output_is_affine_and_lossless_within_quantisation() -> None:
     assert uint16_affine(0.5, 2.0) == (0.5, 65535.0 / 1.5)  # 0 outside the range: the plain [min, max] map
 
 
-def test_float32_output_is_unchanged_and_unknown_dtype_rejected() -> None:
+def test_a_constant_output_maps_to_zero_and_an_unknown_dtype_is_rejected() -> None:
     vol = np.random.default_rng(6).random((3, 4, 5), dtype=np.float32)
-    np.testing.assert_array_equal(to_output_dtype(vol, "float32"), vol)
-    assert to_output_dtype(np.zeros((2, 2, 2), np.float32), "uint16").max() == 0  # constant: no division by zero
+    assert to_uint16(np.zeros((2, 2, 2), np.float32)).max() == 0  # constant: no division by zero
+    assert finalise(np.zeros((2, 2, 2), np.float32), PostprocessSpec(), dtype="uint16").max() == 0
     with pytest.raises(ValueError):
-        to_output_dtype(vol, "uint8")
+        final_source(ArraySource(vol), PostprocessSpec(), "uint8", ops=OPS)
 
 
 def test_weight_stats_fractions() -> None:
@@ -154,10 +183,10 @@ def test_background_mask_is_zero_in_empty_space_and_one_on_the_specimen():
     vol = np.zeros((32, 32, 32), dtype=np.float32)
     vol[8:24, 8:24, 8:24] = 1.0
     spec = replace(PostprocessSpec(), diff_grid=(16, 16, 16), background_threshold=0.1)
-    mask = background_mask(vol, spec)
+    mask = background_mask(vol, spec, ops=OPS)
     assert mask.shape == (16, 16, 16)
     assert mask[0, 0, 0] < 1e-6 and mask[8, 8, 8] == 1.0
-    assert np.all(background_mask(vol, replace(spec, background_threshold=0.0)) == 1.0)  # off
+    assert np.all(background_mask(vol, replace(spec, background_threshold=0.0), ops=OPS) == 1.0)  # off
 
 
 def test_output_sigma_isotropic_in_um_scales_z_by_the_spacing_ratio():
@@ -186,17 +215,16 @@ def test_output_sigma_isotropic_in_um_also_scales_y_when_its_spacing_differs_fro
 def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack():
     from dataclasses import replace
 
-    from fusemycells.postprocess import final_source, output_filters
-    from fusemycells.sources import ArraySource, materialise
+    import reference
 
     vol = np.zeros((12, 16, 16), dtype=np.float32)
     vol[6, 8, 8] = 1.0
     spec = replace(PostprocessSpec(), output_gaussian_sigma=1.0, output_sigma_isotropic_um=True)
-    out = materialise(output_filters(ArraySource(vol), spec, (2.5, 0.25, 0.25)))
+    out = materialise(OutputSource(ArraySource(vol), spec, (2.5, 0.25, 0.25), OPS))
     assert out[5, 8, 8] / out[6, 8, 8] < 1e-6  # σ_z 0.1 voxel: next plane nearly untouched
     assert out[6, 8, 7] / out[6, 8, 8] == pytest.approx(np.exp(-0.5), rel=0.05)  # σ_y 1 voxel
-    lazy = materialise(final_source(ArraySource(vol), spec, spacing=(2.5, 0.25, 0.25)))
-    np.testing.assert_allclose(lazy, finalise(vol, spec, (2.5, 0.25, 0.25)), atol=1e-6)
+    lazy = materialise(final_source(ArraySource(vol), spec, spacing=(2.5, 0.25, 0.25), ops=OPS))
+    np.testing.assert_allclose(lazy, reference.finalise(vol, spec, (2.5, 0.25, 0.25)), atol=1e-6)
 
 
 def test_weight_filters_are_diff_grid_voxels_by_default_and_a_physical_width_when_given_in_um():
@@ -213,8 +241,8 @@ def test_weight_filters_are_diff_grid_voxels_by_default_and_a_physical_width_whe
     assert weight_filters(physical, None) == (9, 3.0)  # without an extent: the voxel sizes
 
 
-@pytest.mark.parametrize("ops", [None, Ops("cpu", threads=2), Ops("cpu", cpu_hybrid=False, threads=2)], ids=["numpy", "cpu", "gpu code"])
-def test_the_compact_blend_clips_to_float16s_range_so_the_output_stays_finite(ops: Ops | None) -> None:
+@pytest.mark.parametrize("ops", [Ops("cpu", threads=2), Ops("cpu", cpu_hybrid=False, threads=2)], ids=["cpu", "gpu code"])
+def test_the_compact_blend_clips_to_float16s_range_so_the_output_stays_finite(ops: Ops) -> None:
     """In place over 2-byte pixels the blend is float16: an input of 6·10⁴ (normalised) plus a correction at
     float16's limit (as the patch stage stores it) exceeds ±65504 and would be ±inf, then NaN downstream."""
     data = np.full((4, 8, 8), 600, dtype=np.uint16)

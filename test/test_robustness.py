@@ -23,15 +23,16 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, blob_volume, write_case
+from reference import percentile_normalise
 from sandbox import SANDBOX
 
 from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest, sha256_of
 from fusemycells.io.tiff import DEFAULT_SPACING_ZYX_UM, Volume, write_volume
+from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX, blend_slabs
-from fusemycells.reference import percentile_normalise
 from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.sources import ArraySource
 
@@ -368,7 +369,7 @@ def test_compact_float16_blend_clips_to_the_float16_range_instead_of_inf() -> No
     x_in = ArraySource(data, offset=100.0, scale=2.0)  # a percentile span of 0.5: 65535 → 130870
     correction = np.zeros((6, 10, 10), np.float16)  # on a finer grid H
     weight = np.full((4, 4, 4), 0.5, np.float32)
-    out = blend_slabs(data, x_in, correction, weight, compact=True).array
+    out = blend_slabs(data, x_in, correction, weight, compact=True, ops=Ops("cpu", threads=2)).array
     assert out.dtype == np.float16 and np.shares_memory(out, data)  # the compact in-place path
     assert np.isfinite(out).all()
     assert out[1, 2, 3] == FLOAT16_MAX and out[0, 0, 0] == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fusemycells.ops import Ops
 from fusemycells.preprocess import ResizedSource
 from fusemycells.stitching import (
     axis_weight_sums,
@@ -139,7 +140,7 @@ def test_emitted_planes_arrive_in_order_once_and_equal_the_whole_volume_result(s
 
 def test_lazy_plane_sources_give_the_same_result_as_arrays() -> None:
     channels = two_channels((21, 23, 29), seed=3)
-    lazy = [ResizedSource(c, c.shape) for c in channels]  # same-shape resize: reads planes on demand
+    lazy = [ResizedSource(c, c.shape, ops=Ops("cpu", threads=2)) for c in channels]  # same-shape resize: reads planes on demand
     expected, _ = sliding_window(channels, pointwise, PATCH)
     got, _ = sliding_window(lazy, pointwise, PATCH)
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)

@@ -14,12 +14,14 @@ from conftest import blob_volume, fixture_manifest
 
 from fusemycells import trust
 from fusemycells.config import ManifestError, PostprocessSpec, TrustSpec, load_manifest, parse_manifest, trust_form
+from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import blend_weight
 from fusemycells.runtime.budget import BudgetPolicy
 
 SPACING = (1.0, 0.39, 0.39)
 RNG = np.random.default_rng(7)
+OPS = Ops("cpu", threads=2)
 
 
 def smooth_field(shape: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -133,10 +135,10 @@ def test_decide_applies_the_rules_and_runs_only_the_forwards_they_need() -> None
     c1 = smooth_field(coarse.shape, 3)
     correction = np.repeat(c1, 2, axis=0)  # on a finer 'H' grid along Z
     spec = TrustSpec(mode="case", rules=(("s12_corr", ((0.5, 0.0), (0.9, 0.8))),), region="agreement")
-    decision = trust.decide(spec, 0.02, coarse, coarse + c1, correction, (8, 8, 8))  # signals on the diff grid
+    decision = trust.decide(spec, 0.02, coarse, coarse + c1, correction, (8, 8, 8), ops=OPS)  # signals on the diff grid
     assert decision.signals["s12_corr"] > 0.95 and decision.factor == pytest.approx(0.8)
     assert decision.region is not None and decision.region.shape == (8, 8, 8) and decision.extra_forwards == {}
-    np.testing.assert_array_equal(decision.coarse_correction, trust.coarse_correction(correction, (8, 8, 8)))
+    np.testing.assert_array_equal(decision.coarse_correction, trust.coarse_correction(correction, (8, 8, 8), OPS))
     report = decision.as_report()
     json.dumps(report)
     assert report["factor"] == pytest.approx(0.8) and set(report["seconds"]) == {"coarse_correction", "signals"}
@@ -148,9 +150,9 @@ def test_decide_applies_the_rules_and_runs_only_the_forwards_they_need() -> None
 
     flip = TrustSpec(mode="case", rules=(("patch_flip", ((0.4, 1.0), (0.6, 0.0))), ("global_flip", ((0.0, 1.0),))))
     with pytest.raises(ValueError, match="global network"):
-        trust.decide(flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), probe=probe, patches=40)
+        trust.decide(flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), probe=probe, patches=40, ops=OPS)
     decided = trust.decide(
-        flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), global_predict=lambda b: b, probe=probe, patches=40
+        flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), global_predict=lambda b: b, probe=probe, patches=40, ops=OPS
     )
     assert calls == [5] and decided.extra_forwards == {"global": 1, "patch": 5}
     assert decided.signals["patch_flip"] == pytest.approx(0.5) and decided.factor == pytest.approx(0.5)
@@ -162,12 +164,12 @@ def test_blend_weight_takes_a_region_factor_and_the_coarse_correction_gives_the_
     spec = PostprocessSpec(diff_grid=(16, 16, 16), max_filter=3, sigma=1.0)
     correction = RNG.random((20, 30, 25), dtype=np.float32)
     x = np.ones((20, 30, 25), dtype=np.float32)
-    scalar = blend_weight(correction, x, spec, 0.5)
-    per_region = blend_weight(correction, x, spec, 0.5 * region)
+    scalar = blend_weight(correction, x, spec, 0.5, ops=OPS)
+    per_region = blend_weight(correction, x, spec, 0.5 * region, ops=OPS)
     np.testing.assert_array_equal(per_region[8:], scalar[8:])
     assert per_region[:8].max() == 0.0
     # what the pipeline does with trust on: the weight map from the correction trust already resized
-    np.testing.assert_array_equal(blend_weight(trust.coarse_correction(correction, (16, 16, 16)), x, spec, 0.5), scalar)
+    np.testing.assert_array_equal(blend_weight(trust.coarse_correction(correction, (16, 16, 16), OPS), x, spec, 0.5, ops=OPS), scalar)
 
 
 def fixture_with_trust(resources: Path, tmp_path: Path, trust_entry: dict | None) -> Path:

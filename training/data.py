@@ -19,10 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fusemycells.config import NormalisationSpec
 from fusemycells.io.tiff import read_volume
-from fusemycells.preprocess import resize
-from fusemycells.reference import normalise_intensity, sanitise
-from fusemycells.sources import shape_for_spacing
+from fusemycells.ops import choose_ops
+from fusemycells.preprocess import intensity_affine, resize, sanitise_inplace
+from fusemycells.sources import apply_affine, shape_for_spacing
+
+RESIZE_OPS = choose_ops("cpu")
+"""Where the training code's resizes run: the inference pipeline's own :class:`~fusemycells.ops.Ops`
+(torch on the CPU's cores), so the networks see the resizes inference computes."""
 
 PAIR_RE = re.compile(r"^image_(?P<index>\d+)_(?P<channel>nucleus|membrane)_angle\.tiff?$", re.IGNORECASE)
 
@@ -64,9 +69,17 @@ def load_pair(pair: Pair, normalisation: dict, target_spacing: float = 0.6) -> t
     if angle.data.shape != fused.data.shape:
         raise ShapeMismatchError(f"{pair.angle.name}: input {angle.data.shape} and target {fused.data.shape} differ in shape")
     grid = shape_for_spacing(angle.data.shape, angle.spacing, (target_spacing,) * 3)
-    x = resize(normalise_intensity(sanitise(angle.data)[0], **normalisation), grid)
-    y = resize(normalise_intensity(sanitise(fused.data)[0], **normalisation), grid)
+    x = resize(normalised(angle.data, normalisation), grid, RESIZE_OPS)
+    y = resize(normalised(fused.data, normalisation), grid, RESIZE_OPS)
     return x, y
+
+
+def normalised(data: np.ndarray, normalisation: dict) -> np.ndarray:
+    """A copy of a ZYX stack sanitised and normalised as inference does (``sanitise_inplace`` in the stack's own
+    dtype, then the manifest's ``normalisation`` affine map; float32)."""
+    data = np.array(data, copy=True)
+    sanitise_inplace(data)
+    return apply_affine(data, *intensity_affine(data, NormalisationSpec(**normalisation)))
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -146,7 +159,7 @@ def random_crop(
 def cached_resize(source: np.ndarray, shape: tuple[int, int, int], path: Path) -> np.ndarray:
     """``resize(source, shape)`` (the inference path) cached at ``path``: a read-only memory map."""
     if not Path(path).is_file():
-        save_npy(Path(path), resize(np.asarray(source), shape))
+        save_npy(Path(path), resize(np.asarray(source), shape, RESIZE_OPS))
     return np.load(path, mmap_mode="r")
 
 

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fusemycells.preprocess import resize
 
 from .data import (
+    RESIZE_OPS,
     CropDataset,
     Pair,
     ShapeMismatchError,
@@ -449,9 +450,9 @@ def load_cases(args: argparse.Namespace, pairs: list[Pair], cache: Path, info: D
 def predict_global(model: torch.nn.Module, x: np.ndarray, grid: tuple[int, int, int], device: torch.device) -> np.ndarray:
     """Stage-1 prediction upsampled to H (ZYX), through the same resize path as inference."""
     with torch.no_grad():
-        coarse = torch.from_numpy(resize(np.asarray(x), grid)[None, None]).to(device)
+        coarse = torch.from_numpy(resize(np.asarray(x), grid, RESIZE_OPS)[None, None]).to(device)
         p1 = model(coarse)[0, 0].float().cpu().numpy()
-    return resize(p1, x.shape)
+    return resize(p1, x.shape, RESIZE_OPS)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -1,10 +1,12 @@
-"""Reference implementations: whole-volume (eager) twins of the streamed pipeline steps.
+"""Reference implementations: whole-volume (eager) numpy twins of the streamed pipeline steps (a test oracle).
 
-**The streamed code must equal these.** The pipeline never calls this module: it works on plane
-sources, z-range by z-range, in place where it can, so that a 1e9-voxel stack needs no float32
-copy. Each function here does the same step on whole arrays, in the plainest numpy, and
-``test/test_reference.py`` checks each streamed step against its twin. The training code uses
-:func:`normalise_intensity` and :func:`sanitise` to prepare pairs exactly as inference does.
+**The streamed code must equal these.** The pipeline works on plane sources, z-range by z-range, in place
+where it can, with torch (:class:`fusemycells.ops.Ops`, the one implementation of every non-network step,
+on the CPU or the GPU), so that a 1e9-voxel stack needs no float32 copy. Each function here does the same step
+on whole arrays in plain numpy/scipy (resizes by :func:`oracle.resize`, float64), and ``test/test_reference.py``
+and ``test/test_ops.py`` check each streamed step against its twin. From the package it takes only the
+scalar definitions the steps share (the percentile and safe-range affine maps, the output σ per axis), never
+a streamed step. ``oracle.py`` beside it is the oracle of the steps' composition.
 
 All arrays are ZYX; spacings are (z, y, x) µm.
 """
@@ -15,11 +17,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import oracle
 from scipy import ndimage
 
 from fusemycells.config import NormalisationSpec, PostprocessSpec
-from fusemycells.postprocess import output_sigma_zyx, weight_from_coarse
-from fusemycells.preprocess import intensity_affine, percentile_affine, resize, safe_range
+from fusemycells.postprocess import output_sigma_zyx, weight_filters
+from fusemycells.preprocess import intensity_affine, percentile_affine, percentiles, safe_range
 from fusemycells.sources import Spacing3, apply_affine, shape_for_spacing
 
 
@@ -64,9 +67,44 @@ def sanitise(volume: np.ndarray) -> tuple[np.ndarray, int]:
     return data.astype(np.float32), bad
 
 
+def resize(volume: np.ndarray, out_shape: Sequence[int], antialias: bool = True) -> np.ndarray:
+    """Trilinear resize of a whole ZYX volume to ``out_shape`` voxels (float32): :func:`oracle.resize`
+    (float64, antialiased along shrunk axes) rounded; a copy when the shape is already ``out_shape``."""
+    if tuple(volume.shape) == tuple(int(n) for n in out_shape):
+        return np.array(volume, dtype=np.float32, copy=True)
+    return oracle.resize(volume, [int(n) for n in out_shape], antialias).astype(np.float32)
+
+
 def resample_to_spacing(volume: np.ndarray, spacing: Spacing3, target_spacing: Spacing3) -> np.ndarray:
     """Resample a ZYX volume from ``spacing`` to ``target_spacing`` (both µm), same physical extent."""
     return resize(volume, shape_for_spacing(volume.shape, spacing, target_spacing))
+
+
+def weight_from_coarse(
+    coarse: np.ndarray, spec: PostprocessSpec, extent_um: Sequence[float] | None = None
+) -> np.ndarray:
+    """Weight map in [0, 1] from |prediction − input| already on ``spec.diff_grid`` (ZYX float32):
+    max filter, Gaussian (sizes of ``weight_filters``) and percentile scaling, with scipy.
+    Twin of :func:`fusemycells.postprocess.weight_from_coarse`."""
+    size, sigma = weight_filters(spec, extent_um)
+    if np.max(size) > 1:
+        coarse = ndimage.maximum_filter(coarse, size=size, mode="nearest")
+    if np.max(sigma) > 0:
+        coarse = ndimage.gaussian_filter(coarse, sigma=sigma, mode="nearest")
+    low, high = spec.weight_percentiles
+    lo, hi = percentiles(coarse, low, high)
+    if hi - lo < 1e-8:
+        return np.zeros(spec.diff_grid, dtype=np.float32)
+    return np.clip((coarse - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def background_mask(normalised_input: np.ndarray, spec: PostprocessSpec, smooth: float = 1.0) -> np.ndarray:
+    """clip(G_smooth(input on the diff grid) / ``background_threshold``, 0, 1) (ZYX float32; ones when the
+    threshold is 0). Twin of :func:`fusemycells.postprocess.background_mask`."""
+    if spec.background_threshold <= 0:
+        return np.ones(spec.diff_grid, dtype=np.float32)
+    coarse = ndimage.gaussian_filter(resize(normalised_input, spec.diff_grid), smooth, mode="nearest")
+    return np.clip(coarse / spec.background_threshold, 0.0, 1.0).astype(np.float32)
 
 
 def difference_weight(
@@ -81,7 +119,7 @@ def difference_weight(
 def blend(inp: np.ndarray, pred: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``inp·(1 − w) + pred·w`` with ``w`` resized to the input grid (ZYX, float32).
 
-    Twin of :func:`fusemycells.pipeline.blend_slabs` (which adds w·correction slab by slab).
+    Twin of :func:`fusemycells.postprocess.blend_slabs` (which adds w·correction slab by slab).
     """
     w = resize(weight, inp.shape, antialias=False) if weight.shape != inp.shape else weight
     np.clip(w, 0.0, 1.0, out=w)

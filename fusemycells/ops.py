@@ -1,24 +1,23 @@
-"""Torch twins of the non-network steps (resampling, Gaussian and max filters, weight map, blend), on the CPU's
-cores or on the networks' GPU.
+"""The non-network steps' one implementation (resampling, Gaussian and max filters, weight map, blend), with torch
+on the CPU's cores or on the networks' GPU.
 
 Every resize and every Gaussian of the pipeline is a separable linear map: along each axis an optional
 Gaussian prefilter with scipy's 'nearest' borders, then linear interpolation at voxel centres
 (``align_corners=False``, clamped at the borders). :func:`axis_map` writes that map down as a band
-matrix (float64), the very operator the numpy reference applies (:class:`fusemycells.preprocess.ResizedSource`:
-``scipy.ndimage.gaussian_filter``, then a z-lerp and torch's bilinear resize), and :class:`Ops` applies it
-with torch on z-slabs: band-blocked matrix products along shrinking or filtered axes (only the output
-voxels are computed, however wide the Gaussian: a 1920 → 128 shrink with σ 7.5 costs ~300 multiply-adds
-per output instead of 45 per input voxel), torch's bilinear interpolation along growing ones. Chained
-resizes compose into one map per axis (:func:`compose`). Results equal the numpy path to float32
-rounding (tested in ``test/test_ops_torch.py``).
+matrix (float64) and :class:`Ops` applies it with torch on z-slabs: band-blocked matrix products along
+shrinking or filtered axes (only the output voxels are computed, however wide the Gaussian: a 1920 → 128
+shrink with σ 7.5 costs ~300 multiply-adds per output instead of 45 per input voxel), torch's bilinear
+interpolation along growing ones. Chained resizes compose into one map per axis (:func:`compose`). Results
+equal the whole-volume numpy oracle (``test/reference.py``: ``scipy.ndimage.gaussian_filter``, then linear
+interpolation along each axis) to float32 rounding (tested in ``test/test_ops.py``).
 
 :func:`choose_ops` is the one place that decides where these steps run (the GPU when the networks run on
-CUDA and torch sees it, else torch on all CPU cores); ``Ops(device=None)`` selects the numpy reference.
-Arrays are ZYX; shapes are voxels.
+CUDA and torch sees it, else torch on all CPU cores). Arrays are ZYX; shapes are voxels.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +38,7 @@ from fusemycells.sources import ArraySource, Shape3, slabs
 T = TypeVar("T")
 
 RESIZE_TRUNCATE = 3.0
-"""Gaussian prefilter radius in σ of the antialiased resize (as ``preprocess.ANTIALIAS_TRUNCATE``)."""
+"""Gaussian prefilter radius in σ of the antialiased resize (scipy's ``truncate``)."""
 FILTER_TRUNCATE = 4.0
 """Gaussian radius in σ of the weight-map and output filters (scipy's default ``truncate``)."""
 BAND_WINDOW = 96
@@ -52,6 +51,18 @@ GPU_SLAB_FRACTION = 0.125
 GPU_SLAB_BYTES_MAX = 2 * 2**30
 POOL_PREFIX = "fmc-ops"
 """Name prefix of the CPU worker threads (:meth:`Ops.parallel` inside one of them runs in that thread)."""
+
+
+def antialias_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[float, ...]:
+    """Per-axis Gaussian σ (input voxels) that suppresses aliasing before a downsampling (ZYX shapes in voxels).
+
+    σ = sqrt(f² − 1) / 2 for a shrink factor f > 1 (the usual rule, as in scikit-image), 0 otherwise.
+    """
+    sigmas = []
+    for n_in, n_out in zip(in_shape, out_shape):
+        factor = n_in / n_out
+        sigmas.append(math.sqrt(factor**2 - 1.0) / 2.0 if factor > 1.0 else 0.0)
+    return tuple(sigmas)
 
 
 def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
@@ -163,9 +174,8 @@ class ResizePlan:
 
 
 def resize_plan(in_shape: Sequence[int], out_shape: Sequence[int], antialias: bool = True) -> ResizePlan:
-    """The plan of ``preprocess.ResizedSource(…, out_shape, antialias)``: σ = ``antialias_sigma`` on shrinking axes."""
-    from fusemycells.preprocess import antialias_sigma
-
+    """The plan of ``preprocess.ResizedSource(…, out_shape, antialias)`` (ZYX shapes, voxels): σ =
+    :func:`antialias_sigma` on shrinking axes."""
     sigma = antialias_sigma(in_shape, out_shape) if antialias else (0.0, 0.0, 0.0)
     maps = tuple(axis_map(int(n), int(m), s, RESIZE_TRUNCATE) for n, m, s in zip(in_shape, out_shape, sigma))
     return ResizePlan(maps)  # type: ignore[arg-type]
@@ -200,22 +210,18 @@ class TensorSource:
 class Ops:
     """Where one case's non-network steps run and where their time goes.
 
-    ``device`` is a torch device ('cpu', 'cuda'), or None for the numpy reference path; ``slab_bytes``
+    ``device`` is a torch device ('cpu', 'cuda'); ``slab_bytes``
     the float32 working set of one slab there; ``profile`` receives the exclusive seconds; ``threads``
     the worker threads on the CPU. ``cpu_hybrid`` (CPU only): use the filters measured fastest on the CPU
     (:attr:`scipy_filters`) instead of the GPU's code path; tests turn it off to run the GPU's code on the
     CPU.
     """
 
-    device: str | None = None
+    device: str = "cpu"
     slab_bytes: int = CPU_SLAB_BYTES
     profile: Profile = field(default_factory=Profile)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     cpu_hybrid: bool = True
-
-    @property
-    def torch(self) -> bool:
-        return self.device is not None
 
     @property
     def scipy_filters(self) -> bool:
@@ -442,10 +448,12 @@ def raw_affine(source) -> tuple[float, float]:
     return 0.0, 1.0
 
 
-def _to_device(array: np.ndarray, device: str | None) -> torch.Tensor:
+def _to_device(array: np.ndarray, device: str) -> torch.Tensor:
     """A float32 copy of a host array on ``device``: the raw pixels (e.g. uint16, float16) are moved
     there and converted there (half the bytes over the bus for 2-byte pixels)."""
     array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # e.g. a read-only memory map: torch.from_numpy wants a writable array
+        array = array.copy()
     if array.dtype == np.uint16 and device != "cpu":
         array = array.view(np.int16)  # moved as 2-byte words, widened below without the sign
         return torch.from_numpy(array).to(device).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
