@@ -5,6 +5,7 @@ file-to-file path (inference.py's CLI and batch) on them."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,14 @@ def test_batch_takes_them_from_a_folder_and_converts_between_formats(fixture_res
     assert entry["status"] == "ok" and entry["channel"] == "membrane"
     fused = formats.get("mha").read(Path(job.output), ReadOptions())
     assert fused.spacing == SPACING and fused.channel == "membrane" and fused.data.shape == (6, 24, 20)
+
+
+def test_without_simpleitk_such_a_file_is_refused_with_the_install_named(
+    fixture_resources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "in" / "case.mha"
+    formats.get("mha").write(path, ramp(), Volume(ramp(), SPACING, "nucleus"), WriteOptions())
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # import SimpleITK now raises ImportError
+    report = process_file(path, tmp_path / "out", cpu_fuser(fixture_resources), "float32")
+    assert report.status == "refused" and "needs SimpleITK: pip install -r requirements-scale.txt" in report.error
+    assert not (tmp_path / "out" / "case.mha").exists()
