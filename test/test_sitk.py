@@ -167,3 +167,12 @@ def test_without_simpleitk_such_a_file_is_refused_with_the_install_named(
     report = process_file(path, tmp_path / "out", cpu_fuser(fixture_resources), "float32")
     assert report.status == "refused" and "needs SimpleITK: pip install -r requirements-scale.txt" in report.error
     assert not (tmp_path / "out" / "case.mha").exists()
+
+
+def test_an_output_that_reads_back_wrong_raises_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, name: write(image[:, :, :3], name))  # a truncated stack
+    path = tmp_path / "case.nrrd"
+    with pytest.raises(OSError, match=r"case\.nrrd reads back as size \(11, 9, 3\)"):
+        formats.get("nrrd").write(path, ramp(), Volume(ramp(), SPACING, "nucleus"), WriteOptions())
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder

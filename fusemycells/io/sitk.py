@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from fusemycells.io.tiff import PARTIAL_PREFIX, PARTIAL_SUFFIX, channel_from_metadata, spacing_from_metadata
+from fusemycells.io.tiff import (
+    PARTIAL_PREFIX,
+    PARTIAL_SUFFIX,
+    WriteCheckError,
+    channel_from_metadata,
+    spacing_from_metadata,
+)
 from fusemycells.io.volume import (
     Format,
     InputError,
@@ -194,6 +200,7 @@ def write_image(path: Path, source: Any, like: Volume, options: WriteOptions) ->
     folder = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
         sitk.WriteImage(image, str(folder / path.name))
+        verify_header(sitk, folder / path.name, image)
         _replace_from(folder, path)
     except (OSError, RuntimeError) as exc:
         full = disk_full_error(path.name, path.parent, data.nbytes, _as_os_error(exc))
@@ -202,6 +209,18 @@ def write_image(path: Path, source: Any, like: Volume, options: WriteOptions) ->
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def verify_header(sitk: Any, path: Path, image: Any) -> None:
+    """Raise :class:`WriteCheckError` unless the file at ``path`` reads back with ``image``'s size, pixel type and
+    spacing (its header; the pixels are SimpleITK's to write)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    written = (reader.GetSize(), reader.GetPixelID())
+    if written != (image.GetSize(), image.GetPixelID()) or not np.allclose(reader.GetSpacing(), image.GetSpacing()):
+        kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        raise WriteCheckError(f"{path.name} reads back as size {reader.GetSize()} {kind}, written {image.GetSize()}")
 
 
 def _materialise(source: Any) -> np.ndarray:
