@@ -4,7 +4,7 @@
 
 A challenge-style uint16 stack (``make_large_case.py``'s synthetic texture, spacing 1.01/0.388/0.388 µm)
 is written once to ``--case-dir`` (kept there for later runs; a temporary folder by default), then
-``pipeline.process_file`` runs on it in a fresh subprocess (so its peak RSS, ``VmHWM``, is its own) with
+``files.process_file`` runs on it in a fresh subprocess (so its peak RSS, ``VmHWM``, is its own) with
 the shipped manifest's settings and a fake network injected through ``Fuser(..., loader=...)``: the
 global stage returns 0.9·input + 0.05, the patch stage the mean of its two channels. Both cost next to
 nothing, so everything else the pipeline does (reading, resampling, stitching, weight map, blending,
@@ -86,7 +86,8 @@ def worker(path: Path, out: Path, device: str, threads: int) -> dict:
     import dataclasses
 
     from fusemycells.config import load_manifest, without_trust
-    from fusemycells.pipeline import Fuser, process_file
+    from fusemycells.files import process_file
+    from fusemycells.pipeline import Fuser
     from fusemycells.runtime import allocator
     from fusemycells.runtime.budget import BudgetPolicy
     from fusemycells.runtime.devices import peak_rss_mib

@@ -3,7 +3,7 @@
     python benchmarks/budget_costs.py --shape 150 960 960 --spacing 1.01 0.388 0.388 [--json out.json]
 
 Writes a synthetic stack (``make_large_case.planes``) to a temporary folder, then runs the pipeline as
-``inference.py`` does (``pipeline.process_file``, shipped weights, CPU, no deadline) except that the
+``inference.py`` does (``files.process_file``, shipped weights, CPU, no deadline) except that the
 patch network is replaced by a fast stand-in that returns its stage-1 channel: the correction is then
 the stage-1 one (as at degradation level 2) and every phase but the patch network runs the real code.
 It times, per phase: read, weight loading, preprocess, global stage, post-processing, write; and
@@ -34,10 +34,11 @@ from make_large_case import planes  # noqa: E402
 
 from fusemycells.backends import LoadedStage, load_stage  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES, load_manifest, without_trust  # noqa: E402
+from fusemycells.files import process_file  # noqa: E402
 from fusemycells.io.tiff import Volume, read_volume, write_volume  # noqa: E402
 from fusemycells.ops import choose_ops  # noqa: E402
 from fusemycells.patch_stage import stage1_correction  # noqa: E402
-from fusemycells.pipeline import Fuser, process_file  # noqa: E402
+from fusemycells.pipeline import Fuser  # noqa: E402
 from fusemycells.preprocess import ResizedSource, intensity_affine  # noqa: E402
 from fusemycells.runtime import allocator  # noqa: E402
 from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402

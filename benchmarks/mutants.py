@@ -216,7 +216,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("test/test_pipeline.py",), "the noise-adaptive output σ is reported but not applied",
     ),
     Mutant(
-        "refused-file-reported-ok", "fusemycells/pipeline.py",
+        "refused-file-reported-ok", "fusemycells/files.py",
         '    report.status = "refused"\n    report.error = error_text(report.file, exc)\n',
         '    report.status = "ok"\n    report.error = error_text(report.file, exc)\n',
         ("test/test_pipeline.py",), "a failed file is reported written",

@@ -2,7 +2,7 @@
 
     python benchmarks/peak_memory_shape.py 100000x16x16 [--spacing 1.0 0.39 0.39] [--work DIR]
 
-Writes a random uint16 stack, then runs ``pipeline.process_file`` on it with fixture networks of a 64³
+Writes a random uint16 stack, then runs ``files.process_file`` on it with fixture networks of a 64³
 patch (``test/conftest.py``; the stitching's padding depends on the patch size, not on the weights)
 and a stand-in patch network that returns its stage-1 channel, and prints the peak RSS (``VmHWM``)
 with ``budget.estimate_peak_bytes`` for the shape, with and without the patch (the latter is the
@@ -27,7 +27,8 @@ from conftest import fixture_manifest, write_case  # noqa: E402
 
 from fusemycells.backends import load_stage  # noqa: E402
 from fusemycells.config import load_manifest  # noqa: E402
-from fusemycells.pipeline import Fuser, process_file  # noqa: E402
+from fusemycells.files import process_file  # noqa: E402
+from fusemycells.pipeline import Fuser  # noqa: E402
 from fusemycells.runtime.budget import BudgetPolicy, estimate_peak_bytes  # noqa: E402
 from fusemycells.runtime.devices import peak_rss_mib  # noqa: E402
 

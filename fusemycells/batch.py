@@ -2,10 +2,11 @@
 
     python -m fusemycells.batch INPUT... --output DIR [--scheduler ADDRESS | --workers N] [--report FILE]
 
-INPUT are TIFF files, folders (their TIFFs and OME-Zarr images) or OME-Zarr images. Each file
-is one task; each worker runs one file at a time with the same pipeline as ``inference.py`` and
-keeps its loaded networks for the following files (a worker plugin holds one ``Fuser`` per worker
-process). An output is written atomically, then a completion record ``<output>.done.json``
+INPUT are files or images of the registered formats (:mod:`fusemycells.io.formats`: TIFF, OME-Zarr,
+.mha/.mhd/.nrrd/.nii/.nii.gz through SimpleITK) or folders (the inputs directly inside). Each file
+is one task; each worker runs one file at a time through the same ``fusemycells.files.process_file`` as
+``inference.py`` and keeps its loaded networks for the following files (a worker plugin holds one
+``Fuser`` per worker process). An output is written atomically, then a completion record ``<output>.done.json``
 (input size and time, settings, output size and sha256); a later run skips outputs whose record
 verifies and redoes the others. A task whose worker dies is retried on another worker by the
 scheduler (up to ``distributed.scheduler.allowed-failures`` deaths, then the file is refused);
@@ -18,7 +19,7 @@ refused, 2 setup error, 143 SIGTERM, 130 SIGINT. The ``--report`` JSON is docume
 ``fusemycells/report.schema.json``.
 
 Needs the optional packages of ``requirements-scale.txt`` (dask, distributed; zarr and ome-zarr
-for OME-Zarr); this module imports without them and says what to install.
+for OME-Zarr; SimpleITK for its formats); this module imports without them and says what to install.
 """
 
 from __future__ import annotations
@@ -36,15 +37,21 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fusemycells.config import BACKENDS
-from fusemycells.io.omezarr import INSTALL_HINT, NOT_OME, MissingDependency, is_ome_zarr, is_zarr_store
+from fusemycells.io import formats
+from fusemycells.io.omezarr import INSTALL_HINT, NOT_OME, is_zarr_store
 from fusemycells.io.paths import ensure_writable, note_stale_partials, remove_partials, report_path_problem
-from fusemycells.io.tiff import PARTIAL_PATTERN, TIFF_SUFFIXES, log_not_read, skip_reason
+from fusemycells.io.scan import log_not_read, not_input_reason, unknown_reason
+from fusemycells.io.tiff import PARTIAL_PATTERN
+from fusemycells.io.volume import MissingDependency
 from fusemycells.report import WRITTEN_STATUSES, batch_report, case_entry, manifest_sha256, write_report
 from fusemycells.runtime.progress import Bar, configure_logging, interactive, log_lines_only
 from fusemycells.runtime.stopping import Stopped, run_stoppable, stop_flags
+
+if TYPE_CHECKING:
+    from fusemycells.pipeline import Fuser
 
 try:  # optional: the package must import without dask (the container never has it)
     from distributed import WorkerPlugin
@@ -56,11 +63,9 @@ log = logging.getLogger("fusemycells.batch")
 PLUGIN_NAME = "fusemycells-fuser"
 RECORD_SUFFIX = ".done.json"
 RECORD_FORMAT = 1
-FORMATS = ("tiff", "ome-zarr")
 PARTIAL_PATTERNS = (PARTIAL_PATTERN, ".*.partial")
 """Temporary outputs in the output folder: TIFFs being written (``.fmc-*.partial``), OME-Zarr stores
 being built (``.<name>.partial``) and completion records (``.<name>.done.json.partial``)."""
-NOT_INPUT = "not a TIFF file or OME-Zarr image"
 TORCH_HINT = "torch is missing: install requirements.txt first (README, Quick start: torch, then requirements.txt)"
 
 
@@ -98,8 +103,8 @@ class Job:
 
     source: str
     output: str
-    input_format: str  # tiff | ome-zarr
-    output_format: str  # tiff | ome-zarr
+    input_format: str  # a registered format (fusemycells.io.formats): tiff, ome-zarr, mha, nrrd, nii.gz, ...
+    output_format: str  # idem
     output_dtype: str = "uint16"
     level: int = 0  # OME-Zarr input: resolution level read
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
@@ -116,30 +121,18 @@ class Job:
 
 
 def input_format(path: Path) -> str | None:
-    """'tiff' for a TIFF file, 'ome-zarr' for an OME-Zarr image folder, else None."""
-    if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
-        return "tiff"
-    if path.is_dir() and is_ome_zarr(path):
-        return "ome-zarr"
-    return None
-
-
-def not_input_reason(path: Path) -> str:
-    """Why a folder entry is not an input (TIFF-named: :func:`fusemycells.io.tiff.skip_reason`)."""
-    if path.name.lower().endswith(TIFF_SUFFIXES):
-        return skip_reason(path) or NOT_INPUT
-    if is_zarr_store(path):
-        return NOT_OME
-    return NOT_INPUT
+    """The registered format ``path`` is an input of ('tiff', 'ome-zarr', 'mha', ...), else None."""
+    entry = formats.recognise(path)
+    return None if entry is None else entry.name
 
 
 def collect_inputs(inputs: Sequence[Path], ignored: list[dict[str, str]] | None = None) -> list[tuple[Path, str]]:
-    """(path, format) of every input: named files and images, and the TIFFs / OME-Zarr images directly
-    inside named folders; the other entries of those folders are logged once and added to ``ignored``
-    ({file, reason}).
+    """(path, format) of every input: named files and images, and the inputs of every registered format
+    (:mod:`fusemycells.io.formats`: TIFF, OME-Zarr, the SimpleITK formats) directly inside named folders;
+    the other entries of those folders are logged once and added to ``ignored`` ({file, reason}).
 
-    Raises :class:`SetupError` for a path that does not exist or is neither a TIFF, an OME-Zarr
-    image nor a folder (a Zarr store without OME metadata is named as such).
+    Raises :class:`SetupError` for a path that does not exist or is neither an input nor a folder (a Zarr
+    store without OME metadata is named as such).
     """
     found: list[tuple[Path, str]] = []
     for raw in inputs:
@@ -157,12 +150,12 @@ def collect_inputs(inputs: Sequence[Path], ignored: list[dict[str, str]] | None 
                 if child_kind is not None:
                     found.append((child, child_kind))
                     continue
-                reason = not_input_reason(child)
-                log_not_read(str(child), reason)
+                reason = not_input_reason(child, formats.chosen())
+                log_not_read(str(child), reason, formats=formats.chosen())
                 if ignored is not None:
                     ignored.append({"file": str(child), "reason": reason})
         else:
-            raise SetupError(f"not a TIFF file, OME-Zarr image or folder: {path}")
+            raise SetupError(f"{unknown_reason(formats.chosen())} nor a folder: {path}")
     return found
 
 
@@ -193,16 +186,9 @@ def overwrite_problem(output_dir: Path, named: Sequence[Path], jobs: Sequence[Jo
 
 
 def output_name(source: Path, output_format: str) -> str:
-    """Output file name: the input's, with '.ome.zarr' for OME-Zarr output and '.tif' for TIFF output from OME-Zarr."""
-    name = source.name
-    stem = name
-    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            stem = name[: -len(suffix)]
-            break
-    if output_format == "ome-zarr":
-        return name if name.lower().endswith(".zarr") else stem + ".ome.zarr"
-    return name if source.suffix.lower() in TIFF_SUFFIXES else stem + ".tif"
+    """Output file name: the input's when it is of ``output_format``, else its stem with that format's suffix
+    ('a.ome.zarr' as TIFF: 'a.tif'; :func:`fusemycells.io.formats.output_name`)."""
+    return formats.output_name(source.name, formats.get(output_format))
 
 
 def plan_jobs(
@@ -342,10 +328,10 @@ def _ignored_record(job: Job, why: str) -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Adapters: the only calls into the pipeline's API (re-point them here after a refactor)
+# The worker's Fuser and the one file-to-file path (fusemycells.files), imported on the workers only
 
 
-def _make_fuser(settings: WorkerSettings) -> Any:
+def _make_fuser(settings: WorkerSettings) -> Fuser:
     """A ``pipeline.Fuser`` with its own ``BudgetPolicy`` (no run-wide deadline: files get their own)."""
     from fusemycells.config import load_manifest
     from fusemycells.pipeline import Fuser
@@ -361,66 +347,23 @@ def _make_fuser(settings: WorkerSettings) -> Any:
     return Fuser(manifest, policy, backend=settings.backend, progress=log_lines_only)
 
 
-def _process_tiff(path: Path, output_dir: Path, fuser: Any, output_dtype: str, deadline: float | None) -> Any:
-    """TIFF in, TIFF out, exactly as ``inference.py`` does it: ``pipeline.process_file`` (a ``CaseReport``)."""
-    from fusemycells.pipeline import process_file
+def fuse_job(job: Job, fuser: Fuser, deadline: float | None) -> dict[str, Any]:
+    """Read, fuse and write one job with :func:`fusemycells.files.process_file`, as ``inference.py`` does a
+    file: its report entry (status ok, fallback_identity or refused)."""
+    from fusemycells.files import Conversion, process_file
+    from fusemycells.io.volume import WriteOptions
 
-    return process_file(path, output_dir, fuser, output_dtype, deadline=deadline)
-
-
-def _new_report(name: str) -> Any:
-    from fusemycells.pipeline import CaseReport
-
-    return CaseReport(file=name)
-
-
-def _warn(report: Any, message: str) -> None:
-    """``pipeline.warn``: the warning into the file's report and the log."""
-    from fusemycells.pipeline import warn
-
-    warn(report, message)
-
-
-def _check_memory(fuser: Any, shape: tuple[int, int, int], dtype: Any, spacing: tuple[float, float, float]) -> None:
-    """Refuse (MemoryError) a stack over the worker's RAM budget before its pixels are read."""
-    fuser.check_memory(shape, dtype, spacing)
-
-
-def _read_tiff(path: Path, fuser: Any) -> Any:
-    """``io.read_volume`` with the memory check (an ``io.Volume``)."""
-    from fusemycells.io.tiff import read_volume
-
-    return read_volume(path, check=lambda shape, dtype, spacing: _check_memory(fuser, shape, dtype, spacing))
-
-
-def _make_volume(
-    data: Any, spacing: tuple[float, float, float], channel: str, metadata: dict[str, Any], warnings: list[str]
-) -> Any:
-    """An ``io.Volume`` for an array read here (ZYX, spacing (z, y, x) µm): what the TIFF writer copies metadata from.
-    """
-    from fusemycells.io.tiff import Volume
-
-    return Volume(data=data, spacing=spacing, channel=channel, metadata=metadata, warnings=list(warnings))
-
-
-def _fuse(fuser: Any, volume: Any, report: Any, deadline: float | None, output_dtype: str) -> Any:
-    """``Fuser.fuse`` on the volume's array: the fused ZYX plane source on the input grid."""
-    fused = fuser.fuse(
-        volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
+    how = Conversion(
+        input_format=job.input_format,
+        output_format=job.output_format,
+        output_name=Path(job.output).name,
+        channel=job.channel,
+        level=job.level,
+        channel_index=job.channel_index,
+        write=WriteOptions(levels=job.zarr_levels, source=job.name, fingerprint=job.fingerprint),
     )
-    return fused.output
-
-
-def _write_tiff(path: Path, source: Any, like: Any) -> None:
-    from fusemycells.io.tiff import write_volume
-
-    write_volume(path, source, like=like)
-
-
-def _peak_rss_mib() -> float:
-    from fusemycells.runtime.devices import peak_rss_mib
-
-    return round(peak_rss_mib(), 1)
+    report = process_file(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline, how)
+    return case_entry(report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +391,7 @@ class FuserPlugin(WorkerPlugin):
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.fuser: Any = None
+        self.fuser: Fuser | None = None
 
     def setup(self, worker: Any) -> None:
         package_log = logging.getLogger("fusemycells")
@@ -468,7 +411,7 @@ FileHook = Callable[[str], None]
 """Called on the worker with the input's file name before a file is processed (tests: slow one file down)."""
 
 
-def worker_fuser() -> Any:
+def worker_fuser() -> Fuser:
     """The Fuser of the worker running the current task (built by :class:`FuserPlugin`)."""
     from distributed import get_worker
 
@@ -478,7 +421,7 @@ def worker_fuser() -> Any:
     return plugin.fuser
 
 
-def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) -> dict[str, Any]:
+def run_job(job: Job, before_file: FileHook | None = None, fuser: Fuser | None = None) -> dict[str, Any]:
     """Fuse one job on a worker and return its report entry (never raises for a problem with the file).
 
     Skips the job when its output verifies complete (unless ``job.overwrite``). ``fuser``: the
@@ -506,10 +449,7 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
         fuser = worker_fuser()
     replacing = os.path.lexists(job.output)
     deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
-    if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
-        report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
-    else:
-        report = _process_any(job, fuser, deadline)
+    report = fuse_job(job, fuser, deadline)
     report.update({"input": job.source, "output": job.output, **where})
     report["replaced"] = replacing and report["status"] == "ok"
     report.setdefault("seconds", {})["job"] = round(time.perf_counter() - started, 3)
@@ -552,73 +492,6 @@ def _where() -> dict[str, Any]:
     except (ImportError, ValueError):
         address = None
     return {"worker": address, "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-
-
-def _process_any(job: Job, fuser: Any, deadline: float | None) -> dict[str, Any]:
-    """Read (TIFF or OME-Zarr), fuse, write (TIFF or OME-Zarr) one job; the report as a dict (status ok or refused)."""
-    from fusemycells.io.omezarr import open_level, read_level, write_ome_zarr
-
-    report = _new_report(job.name)
-    started = time.perf_counter()
-    try:
-        if job.input_format == "ome-zarr":
-            info = open_level(Path(job.source), job.level, job.channel_index)
-            _check_memory(fuser, info.shape, info.dtype, info.spacing)
-            channel = job.channel or info.channel
-            warnings = list(info.warnings)
-            if channel is None:
-                channel = "nucleus"
-                warnings.append("channel missing in metadata: using default 'nucleus'")
-            z, y, x = info.spacing
-            meta = {
-                "PhysicalSizeZ": z,
-                "PhysicalSizeY": y,
-                "PhysicalSizeX": x,
-                "unit": "um",
-                "channel": channel,
-                "source_level": job.level,
-            }
-            volume = _make_volume(read_level(info), info.spacing, channel, meta, warnings)
-        else:
-            volume = _read_tiff(Path(job.source), fuser)
-            if job.channel is not None:
-                volume.channel = job.channel
-        if volume.data.ndim != 3:
-            raise ValueError(f"expected a 3D ZYX stack, got shape {volume.data.shape}")
-        report.shape = list(volume.data.shape)
-        report.spacing_um = [round(s, 6) for s in volume.spacing]
-        report.channel = volume.channel
-        report.input_dtype = str(volume.data.dtype)
-        for warning in volume.warnings:
-            _warn(report, warning)
-        result = _fuse(fuser, volume, report, deadline, job.output_dtype)
-        write_started = time.perf_counter()
-        if job.output_format == "ome-zarr":
-            extra = {"source": job.name, "channel": volume.channel, "fingerprint": job.fingerprint}
-            write_ome_zarr(
-                Path(job.output),
-                result,
-                volume.spacing,
-                channel=volume.channel,
-                name=job.name,
-                levels=job.zarr_levels,
-                extra=extra,
-            )
-        else:
-            _write_tiff(Path(job.output), result, volume)
-        report.seconds["write"] = round(time.perf_counter() - write_started, 3)
-        report.output_dtype = job.output_dtype
-        report.status = "ok"
-    except Exception as exc:  # one bad file must not lose the others
-        report.status = "refused"
-        report.error = f"{job.name}: {type(exc).__name__}: {exc}"
-        log.error("[%s] refused: %s", job.name, report.error)
-    report.seconds["total"] = round(time.perf_counter() - started, 3)
-    report.peak_rss_mib = _peak_rss_mib()
-    log.info(
-        "[%s] %s in %.1f s (peak RSS %.0f MiB)", job.name, report.status, report.seconds["total"], report.peak_rss_mib
-    )
-    return case_entry(report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -832,90 +705,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fusemycells.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TIFF files, folders, OME-Zarr images")
-    parser.add_argument("--output", type=Path, required=True, help="output folder (created)")
+    add = parser.add_argument
+    add("inputs", nargs="+", type=Path, metavar="INPUT",
+        help="files (TIFF, .mha/.mhd/.nrrd/.nii/.nii.gz), OME-Zarr images, folders of them")
+    add("--output", type=Path, required=True, help="output folder (created)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--scheduler",
-        default=None,
-        metavar="ADDRESS",
-        help="address of a running dask scheduler (e.g. tcp://host:8786); default: a local cluster",
-    )
-    where.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="local worker processes (default: one per visible GPU; on CPUs 2, each with half the cores)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of the networks per worker (local default: cores / workers; remote: the worker's cores)",
-    )
-    parser.add_argument(
-        "--resources", type=Path, default=None, help="weights folder with manifest.json (as inference.py)"
-    )
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    parser.add_argument("--output-dtype", choices=["uint16", "float32"], default="uint16")
-    parser.add_argument(
-        "--output-format",
-        choices=["auto", *FORMATS],
-        default="auto",
-        help="auto: like the input (TIFF → TIFF, OME-Zarr → OME-Zarr)",
-    )
-    parser.add_argument(
-        "--level", type=int, default=0, help="OME-Zarr input: resolution level to fuse (default 0, full resolution)"
-    )
-    parser.add_argument(
-        "--channel",
-        choices=["nucleus", "membrane"],
-        default=None,
-        help="force the channel (default: from each input's metadata)",
-    )
-    parser.add_argument(
-        "--channel-index",
-        type=int,
-        default=None,
-        metavar="N",
-        help="OME-Zarr input with a c axis of several channels: fuse channel N (0-based; default: refuse such images)",
-    )
-    parser.add_argument(
-        "--zarr-levels",
-        type=int,
-        default=None,
-        help="OME-Zarr output: pyramid levels (default: halve Y/X down to ~128 px, at most 5)",
-    )
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="per-file deadline; outputs degrade in steps to meet it (default: none)",
-    )
-    parser.add_argument(
-        "--ram-budget",
-        type=float,
-        default=None,
-        metavar="GiB",
-        help="host memory one worker's file may need (local default: 85%% of available / workers)",
-    )
-    parser.add_argument("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget per worker")
-    parser.add_argument("--overwrite", action="store_true", help="redo outputs even when they verify complete")
-    parser.add_argument(
-        "--dashboard",
-        default=None,
-        metavar="ADDRESS",
-        help="serve the local cluster's dashboard here (e.g. :8787; default off)",
-    )
-    parser.add_argument("--report", type=Path, default=None, help="write the gathered JSON report here")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging here, per-file INFO logging on the workers"
-    )
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="address of a running dask scheduler (e.g. tcp://host:8786); default: a local cluster")
+    where.add_argument("--workers", type=int, default=None,
+                       help="local worker processes (default: one per visible GPU; on CPUs 2, each with half the "
+                       "cores)")
+    add("--threads", type=int, default=None,
+        help="CPU threads of the networks per worker (local default: cores / workers; remote: the worker's cores)")
+    add("--resources", type=Path, default=None, help="weights folder with manifest.json (as inference.py)")
+    add("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    add("--backend", choices=["auto", *BACKENDS], default="auto")
+    add("--output-dtype", choices=["uint16", "float32"], default="uint16")
+    add("--output-format", choices=["auto", *formats.names()], default="auto",
+        help="auto: like the input (TIFF → TIFF, OME-Zarr → OME-Zarr, .mha → .mha, ...)")
+    add("--level", type=int, default=0, help="OME-Zarr input: resolution level to fuse (default 0, full resolution)")
+    add("--channel", choices=["nucleus", "membrane"], default=None,
+        help="force the channel (default: from each input's metadata)")
+    add("--channel-index", type=int, default=None, metavar="N",
+        help="OME-Zarr input with a c axis of several channels: fuse channel N (0-based; default: refuse such images)")
+    add("--zarr-levels", type=int, default=None,
+        help="OME-Zarr output: pyramid levels (default: halve Y/X down to ~128 px, at most 5)")
+    add("--time-budget", type=float, default=None, metavar="SECONDS",
+        help="per-file deadline; outputs degrade in steps to meet it (default: none)")
+    add("--ram-budget", type=float, default=None, metavar="GiB",
+        help="host memory one worker's file may need (local default: 85%% of available / workers)")
+    add("--vram-budget", type=float, default=None, metavar="GiB", help="GPU memory budget per worker")
+    add("--overwrite", action="store_true", help="redo outputs even when they verify complete")
+    add("--dashboard", default=None, metavar="ADDRESS",
+        help="serve the local cluster's dashboard here (e.g. :8787; default off)")
+    add("--report", type=Path, default=None, help="write the gathered JSON report here")
+    add("-v", "--verbose", action="store_true", help="debug logging here, per-file INFO logging on the workers")
     return parser.parse_args(argv)
-
-
 
 
 def _available_ram_gib() -> float:
@@ -983,111 +808,21 @@ def main(argv: Sequence[str] | None = None, before_file: FileHook | None = None)
 
 
 def _run(run: BatchRun, before_file: FileHook | None) -> int:
-    args, known = run.args, run.known
+    args = run.args
     try:
         distributed = require_distributed()
         if not args.scheduler:
             require_torch()  # the local workers share this environment
-        inputs = collect_inputs(args.inputs, run.ignored)
-        if not inputs:
-            raise SetupError(f"no TIFF files or OME-Zarr images in {', '.join(map(str, args.inputs))}")
-        if args.output_format == "ome-zarr" or any(kind == "ome-zarr" for _, kind in inputs):
-            from fusemycells.io.omezarr import require_zarr
-
-            require_zarr()
-        from fusemycells.config import ManifestError, load_manifest, resolve_resources_dir
-
-        resources, why = resolve_resources_dir(args.resources)
-        log.info("weights from %s (%s)", resources, why)
-        try:
-            load_manifest(resources)
-        except ManifestError as exc:
-            raise SetupError(str(exc)) from exc
-        output_dir = args.output.resolve()
-        fingerprint = {
-            "weights": manifest_sha256(resources),
-            "backend": args.backend,
-            "output_dtype": args.output_dtype,
-            "level": args.level,
-            "channel": args.channel,
-            "channel_index": args.channel_index,
-            "zarr_levels": args.zarr_levels,
-            "time_budget_s": args.time_budget,
-        }
-        options = {
-            "level": args.level,
-            "channel": args.channel,
-            "channel_index": args.channel_index,
-            "zarr_levels": args.zarr_levels,
-            "overwrite": args.overwrite,
-        }
-        jobs = plan_jobs(
-            inputs,
-            output_dir,
-            args.output_format,
-            output_dtype=args.output_dtype,
-            time_budget_s=args.time_budget,
-            fingerprint=fingerprint,
-            **options,
-        )
-        run.order = {job.source: i for i, job in enumerate(jobs)}
-        problem = overwrite_problem(output_dir, args.inputs, jobs)
-        if problem is not None:
-            raise SetupError(problem)
-        try:
-            ensure_writable(output_dir)
-        except PermissionError as exc:
-            raise SetupError(str(exc)) from exc
-        run.output_dir = output_dir
-        run.stale = note_stale_partials(output_dir, run.started_wall, PARTIAL_PATTERNS)
-        threads, ram_gib = args.threads, args.ram_budget
-        if args.scheduler:
-            run.client = distributed.Client(args.scheduler, timeout="20s")
-            cluster_info: dict[str, Any] = {"scheduler": args.scheduler}
-        else:
-            gpus = visible_gpus(args.device)
-            workers = args.workers or default_workers(len(gpus), os.cpu_count() or 1)
-            threads = threads or max(1, (os.cpu_count() or 1) // workers)
-            if ram_gib is None:
-                ram_gib = round(0.85 * _available_ram_gib() / workers, 2)
-            if args.dashboard and importlib.util.find_spec("bokeh") is None:
-                log.warning("--dashboard needs bokeh: %s", INSTALL_HINT)
-            run.cluster = start_local_cluster(workers, threads, gpus, args.dashboard)
-            run.client = distributed.Client(run.cluster)
-            cluster_info = {
-                "scheduler": run.cluster.scheduler_address,
-                "local_workers": workers,
-                "gpus": gpus,
-                "dashboard": dashboard_link(args.dashboard, run.client) if args.dashboard else None,
-            }
-            if args.dashboard:
-                log.info("dashboard at %s", cluster_info["dashboard"])
-        client = run.client
-        settings = WorkerSettings(
-            str(resources),
-            args.device,
-            args.backend,
-            threads,
-            args.vram_budget,
-            ram_gib,
-            logging.INFO if args.verbose else logging.WARNING,
-        )
-        client.register_plugin(FuserPlugin(settings), name=PLUGIN_NAME)
-        cluster_info["workers"] = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-        cluster_info["threads_per_worker"] = threads
-        known.update(
-            {
-                "jobs": len(jobs),
-                "resources": str(resources),
-                "manifest_sha256": fingerprint["weights"],
-                "cluster": cluster_info,
-                "settings": asdict(settings),
-                "fingerprint": fingerprint,
-            }
-        )
+        jobs, resources = plan_run(run)
+        settings = start_cluster(run, distributed, resources)
+        run.client.register_plugin(FuserPlugin(settings), name=PLUGIN_NAME)
+        cluster_info = run.known["cluster"]
+        cluster_info["workers"] = len(run.client.scheduler_info(n_workers=-1).get("workers", {}))
+        cluster_info["threads_per_worker"] = settings.threads
+        run.known.update({"jobs": len(jobs), "settings": asdict(settings)})
         log.info("%d input(s) on %d worker(s) (%s)", len(jobs), cluster_info["workers"], cluster_info["scheduler"])
-        run.lost_before = workers_lost(client)
-        entries = run_batch(client, jobs, before_file, progress=Progress(len(jobs)), finished=run.finished)
+        run.lost_before = workers_lost(run.client)
+        entries = run_batch(run.client, jobs, before_file, progress=Progress(len(jobs)), finished=run.finished)
         run.count_lost_workers()
     except (SetupError, MissingDependency, OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
@@ -1095,10 +830,85 @@ def _run(run: BatchRun, before_file: FileHook | None) -> int:
         _write_report(args.report, run.report(2, error=str(exc)))
         return 2
     _close(run.client, run.cluster)
+    return _finish(run, entries)
+
+
+def plan_run(run: BatchRun) -> tuple[list[Job], Path]:
+    """The run's jobs and weights folder, after the checks that need no cluster: inputs found, the packages of
+    their formats installed, the manifest valid, an output folder that is no input's and is writable (stale
+    temporary files of a killed run removed). Raises :class:`SetupError` (exit 2)."""
+    from fusemycells.config import ManifestError, load_manifest, resolve_resources_dir
+
+    args = run.args
+    inputs = collect_inputs(args.inputs, run.ignored)
+    if not inputs:
+        raise SetupError(f"no inputs ({'/'.join(formats.names())}) in {', '.join(map(str, args.inputs))}")
+    used = {kind for _, kind in inputs} | ({args.output_format} - {"auto"})
+    for entry in formats.chosen(sorted(used)):
+        if entry.require is not None:
+            entry.require()
+    resources, why = resolve_resources_dir(args.resources)
+    log.info("weights from %s (%s)", resources, why)
+    try:
+        load_manifest(resources)
+    except ManifestError as exc:
+        raise SetupError(str(exc)) from exc
+    output_dir = args.output.resolve()
+    options = {k: getattr(args, k) for k in ("level", "channel", "channel_index", "zarr_levels")}
+    fingerprint = {"weights": manifest_sha256(resources), "backend": args.backend, "output_dtype": args.output_dtype}
+    fingerprint.update({**options, "time_budget_s": args.time_budget})
+    jobs = plan_jobs(inputs, output_dir, args.output_format, output_dtype=args.output_dtype,
+                     time_budget_s=args.time_budget, fingerprint=fingerprint, overwrite=args.overwrite, **options)
+    run.order = {job.source: i for i, job in enumerate(jobs)}
+    problem = overwrite_problem(output_dir, args.inputs, jobs)
+    if problem is not None:
+        raise SetupError(problem)
+    try:
+        ensure_writable(output_dir)
+    except PermissionError as exc:
+        raise SetupError(str(exc)) from exc
+    run.output_dir = output_dir
+    run.stale = note_stale_partials(output_dir, run.started_wall, PARTIAL_PATTERNS)
+    run.known.update({"resources": str(resources), "manifest_sha256": fingerprint["weights"]})
+    run.known["fingerprint"] = fingerprint
+    return jobs, resources
+
+
+def start_cluster(run: BatchRun, distributed: Any, resources: Path) -> WorkerSettings:
+    """Connect to ``--scheduler`` or start a local cluster (``run.client``, ``run.cluster``, the report's
+    ``cluster``); the settings every worker builds its Fuser from."""
+    args = run.args
+    threads, ram_gib = args.threads, args.ram_budget
+    if args.scheduler:
+        run.client = distributed.Client(args.scheduler, timeout="20s")
+        cluster_info: dict[str, Any] = {"scheduler": args.scheduler}
+    else:
+        gpus = visible_gpus(args.device)
+        workers = args.workers or default_workers(len(gpus), os.cpu_count() or 1)
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        if ram_gib is None:
+            ram_gib = round(0.85 * _available_ram_gib() / workers, 2)
+        if args.dashboard and importlib.util.find_spec("bokeh") is None:
+            log.warning("--dashboard needs bokeh: %s", INSTALL_HINT)
+        run.cluster = start_local_cluster(workers, threads, gpus, args.dashboard)
+        run.client = distributed.Client(run.cluster)
+        link = dashboard_link(args.dashboard, run.client) if args.dashboard else None
+        cluster_info = {"scheduler": run.cluster.scheduler_address, "local_workers": workers, "gpus": gpus}
+        cluster_info["dashboard"] = link
+        if link:
+            log.info("dashboard at %s", link)
+    run.known["cluster"] = cluster_info
+    level = logging.INFO if args.verbose else logging.WARNING
+    return WorkerSettings(str(resources), args.device, args.backend, threads, args.vram_budget, ram_gib, level)
+
+
+def _finish(run: BatchRun, entries: list[dict[str, Any]]) -> int:
+    """Write the gathered report and log the closing line; the exit code (0 all written or verified, 1 some
+    refused, 2 the report could not be written)."""
     refused = [e["file"] for e in entries if e["status"] not in (*WRITTEN_STATUSES, "skipped")]
     exit_code = 1 if refused else 0
     report = run.report(exit_code, entries)
-    if not _write_report(args.report, report):
+    if not _write_report(run.args.report, report):
         return 2
     log.info(
         "done: %d written, %d skipped (verified complete), %d refused, %.1f s",

@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusemycells.config import (
     BACKENDS,
@@ -27,11 +28,13 @@ from fusemycells.config import (
     GC_OUTPUT_ROOT,
     INPUT_SUBDIR,
     OUTPUT_SUBDIR,
+    Manifest,
     ManifestError,
     RunConfig,
     load_manifest,
     resolve_resources_dir,
 )
+from fusemycells.io import formats
 from fusemycells.io.paths import (  # noqa: F401
     STALE_PARTIAL_S,
     ensure_writable,
@@ -39,7 +42,12 @@ from fusemycells.io.paths import (  # noqa: F401
     remove_stale_partials,
     report_path_problem,
 )
-from fusemycells.io.tiff import PARTIAL_PATTERN  # noqa: F401  (the writer's temporary files; tests use this name)
+from fusemycells.io.scan import log_not_read, scan_inputs
+from fusemycells.io.tiff import (
+    PARTIAL_PATTERN,  # noqa: F401  (the writer's temporary files; tests use this name)
+    check_output_name,
+)
+from fusemycells.io.volume import Format, InputError
 from fusemycells.report import WRITTEN_STATUSES, RunFacts, case_entry, manifest_sha256, run_report, write_report
 from fusemycells.runtime.deadline import RunClock, describe_account, time_account
 from fusemycells.runtime.devices import process_age_s
@@ -54,6 +62,9 @@ from fusemycells.runtime.stopping import (  # noqa: F401
     stop_signals_raise,
 )
 
+if TYPE_CHECKING:
+    from fusemycells.report import CaseReport
+
 sigterm_raises = stop_signals_raise
 """The older name of :func:`fusemycells.runtime.stopping.stop_signals_raise` (SIGTERM and SIGINT raise)."""
 
@@ -66,19 +77,37 @@ imports above it are the standard library's and the light modules of the package
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=GC_INPUT_ROOT, help=f"input root containing {INPUT_SUBDIR}/ (default /input)")
-    parser.add_argument("--output", type=Path, default=GC_OUTPUT_ROOT, help=f"output root; files go to {OUTPUT_SUBDIR}/ (default /output)")
-    parser.add_argument("--resources", type=Path, default=None, help="weights folder with manifest.json (default: /opt/ml/model if valid, else bundled resources/)")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="compute device (default auto)")
-    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto", help="network runtime (default auto: TorchScript on CUDA; on a CPU OpenVINO, then ONNX Runtime; TorchScript when bf16; the others as fallback)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="CPU forward precision (default auto: bf16 on a CPU with native bf16, AMX or AVX512-BF16; fp32 elsewhere)")
-    parser.add_argument("--report", type=Path, default=None, help="write a JSON run report here (keys: fusemycells/report.schema.json)")
-    parser.add_argument("--output-dtype", choices=["uint16", "float32"], default="uint16", help="output voxel type (default uint16 as the organisers' template: the percentile-normalised output's [min, max] scaled to 0..65535; float32: the normalised values)")
-    parser.add_argument("--vram-budget", type=positive_number, default=None, metavar="GiB", help="GPU memory budget (default: 80%% of free)")
-    parser.add_argument("--ram-budget", type=positive_number, default=None, metavar="GiB", help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
-    parser.add_argument("--time-budget", type=positive_number, default=None, metavar="SECONDS", help="wall-clock budget for the whole run; outputs are degraded in steps to meet it (default: the manifest's time_budget_s)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the networks (default: all cores); TorchScript on a CPU runs that many single-threaded patch batches side by side")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add = parser.add_argument
+    add("--input", type=Path, default=GC_INPUT_ROOT, help=f"input root containing {INPUT_SUBDIR}/ (default /input)")
+    add("--output", type=Path, default=GC_OUTPUT_ROOT,
+        help=f"output root; files go to {OUTPUT_SUBDIR}/ (default /output)")
+    add("--resources", type=Path, default=None,
+        help="weights folder with manifest.json (default: /opt/ml/model if valid, else bundled resources/)")
+    add("--device", choices=["auto", "cuda", "cpu"], default="auto", help="compute device (default auto)")
+    add("--backend", choices=["auto", *BACKENDS], default="auto",
+        help="network runtime (default auto: TorchScript on CUDA; on a CPU OpenVINO, then ONNX Runtime; "
+        "TorchScript when bf16; the others as fallback)")
+    add("--precision", choices=PRECISIONS, default="auto",
+        help="CPU forward precision (default auto: bf16 on a CPU with native bf16, AMX or AVX512-BF16; fp32 elsewhere)")
+    add("--report", type=Path, default=None,
+        help="write a JSON run report here (keys: fusemycells/report.schema.json)")
+    add("--output-dtype", choices=["uint16", "float32"], default="uint16",
+        help="output voxel type (default uint16 as the organisers' template: the percentile-normalised output's "
+        "[min, max] scaled to 0..65535; float32: the normalised values)")
+    add("--vram-budget", type=positive_number, default=None, metavar="GiB",
+        help="GPU memory budget (default: 80%% of free)")
+    add("--ram-budget", type=positive_number, default=None, metavar="GiB",
+        help="host memory one file may need; larger files are refused before loading (default: 85%% of available)")
+    add("--time-budget", type=positive_number, default=None, metavar="SECONDS",
+        help="wall-clock budget for the whole run; outputs are degraded in steps to meet it "
+        "(default: the manifest's time_budget_s)")
+    add("--threads", type=positive_int, default=None,
+        help="CPU threads for the networks (default: all cores); TorchScript on a CPU runs that many "
+        "single-threaded patch batches side by side")
+    add("--all-formats", action="store_true",
+        help="also fuse the input folder's .mha/.mhd/.nrrd/.nii/.nii.gz files (SimpleITK) and OME-Zarr images, each "
+        "written in its own format under its own name (default: TIFF only, as Grand Challenge)")
+    add("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
 
@@ -151,11 +180,17 @@ class RunState:
         startup = self.startup_s if self.startup_s is not None else self.clock.elapsed()
         return time_account(self.clock, self.budget_s, startup, files, self.clock.elapsed())
 
-    def report(self, config: RunConfig, exit_code: int, error: str | None = None, stopped: Stopped | None = None) -> dict[str, Any]:
-        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`); ``stopped``: the signal's exception."""
+    def report(
+        self, config: RunConfig, exit_code: int, error: str | None = None, stopped: Stopped | None = None
+    ) -> dict[str, Any]:
+        """The JSON report of the run so far (see :func:`fusemycells.report.run_report`); ``stopped``: the
+        signal's exception."""
         facts = self.facts or RunFacts(str(config.input_dir), str(config.output_dir))
         policy = None if self.policy is None else self.policy.as_report()  # with its events so far
-        return run_report(facts, exit_code=exit_code, cases=self.cases, clock=self.account(), policy=policy, error=error, **stop_flags(stopped))
+        clock = self.account()
+        flags = stop_flags(stopped)
+        cases = self.cases
+        return run_report(facts, exit_code=exit_code, cases=cases, clock=clock, policy=policy, error=error, **flags)
 
 
 def process_clock() -> RunClock:
@@ -181,21 +216,21 @@ def report_stop(state: RunState, stopped: Stopped) -> int:
     the signal came was removed by the writer."""
     config = state.config or build_config(parse_args(state.argv))
     written = [str(c["file"]) for c in state.cases if c.get("status") in WRITTEN_STATUSES]
-    log.error("%s: stopping; %d output(s) written before it, the file in progress was not written", stopped, len(written))
+    log.error(
+        "%s: stopping; %d output(s) written before it, the file in progress was not written", stopped, len(written)
+    )
     _write_report(config, state.report(config, stopped.exit_code, error=str(stopped), stopped=stopped))
     return stopped.exit_code
 
 
-def note_skipped_inputs(config: RunConfig, facts: RunFacts) -> None:
-    """Log the entries of the input folder that are not processed (WARNING for TIFF-named ones:
+def note_skipped_inputs(config: RunConfig, facts: RunFacts, formats_read: Sequence[Format] | None = None) -> None:
+    """Log the entries of the input folder that are not processed (WARNING for entries named like an input:
     dangling symlinks, FIFOs, folders, ...; INFO for other names) and note them for the report
     (``skipped``) with the count of inputs; log an early error for every input whose output name
-    cannot be created in the output folder."""
-    from fusemycells.io.tiff import InputError, check_output_name, log_not_read, scan_inputs
-
-    scan = scan_inputs(config.input_dir)
+    cannot be created in the output folder. ``formats_read``: default TIFF only."""
+    scan = scan_inputs(config.input_dir, formats_read)
     for name, reason in scan.not_read():
-        log_not_read(name, reason)
+        log_not_read(name, reason, formats=formats_read)
     facts.skipped = [{"file": name, "reason": reason} for name, reason in scan.not_read()]
     facts.inputs = len(scan.files)
     for path in scan.files:
@@ -212,38 +247,16 @@ def _main(argv: list[str] | None, state: RunState) -> int:
     if (problem := report_path_problem(config.report)) is not None:
         log.error("%s", problem)
         return 2
-    facts = state.facts = RunFacts(str(config.input_dir), str(config.output_dir))
+    state.facts = RunFacts(str(config.input_dir), str(config.output_dir))
+    formats_read = formats.chosen() if args.all_formats else None  # None: TIFF only (Grand Challenge)
     try:
-        problem = input_root_problem(args.input)
-        if problem is not None:
-            raise FileNotFoundError(problem)
-        note_skipped_inputs(config, facts)
-        resources, why = resolve_resources_dir(config.resources_dir)
-        log.info("weights from %s (%s)", resources, why)
-        facts.resources = str(resources)
-        manifest = load_manifest(resources)
-        facts.manifest_sha256 = manifest_sha256(resources)
-        ensure_writable(config.output_dir)
-        facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
-        # heavy imports (torch) and the weights only after the cheap checks, so setup errors are fast
-        from fusemycells.backends import load_stage
-        from fusemycells.ops import choose_ops
-        from fusemycells.pipeline import Fuser, run_directory
-        from fusemycells.runtime import allocator, faults
-        from fusemycells.runtime.budget import BudgetPolicy
-
-        allocator.configure()  # malloc and numpy settings for the streamed steps (fusemycells/runtime/allocator.py)
-
-        state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
-        policy = state.policy = BudgetPolicy.create(config.device, config.vram_budget_gib, state.budget_s, config.threads, config.ram_budget_gib, clock=state.clock, precision=config.precision)
-        loader, ops = faults.from_environment(policy.device, load_stage, choose_ops)  # tests and gpu_check only
-        fuser = Fuser(manifest, policy, loader=loader, backend=config.backend, ops=ops)
-        state.startup_s = state.clock.elapsed()
-        cases = run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype, on_case=state.add_case)
+        manifest = check_setup(args.input, config, state, formats_read)
+        cases = fuse_all(config, manifest, state, formats_read)
     except Exception as exc:  # every setup failure exits 2: exit 1 means "a file was refused"
         expected = isinstance(exc, (FileNotFoundError, PermissionError, ManifestError, ValueError, RuntimeError))
-        log.error("%s", exc if expected else f"setup failed: {type(exc).__name__}: {exc}", exc_info=None if expected else exc)
-        _write_report(config, state.report(config, 2, error=str(exc) if expected else f"{type(exc).__name__}: {exc}"))
+        error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        log.error("%s", error if expected else f"setup failed: {error}", exc_info=None if expected else exc)
+        _write_report(config, state.report(config, 2, error=error))
         return 2
     refused = [c.file for c in cases if c.status not in WRITTEN_STATUSES]
     exit_code = exit_code_of([c.status for c in cases])
@@ -251,8 +264,59 @@ def _main(argv: list[str] | None, state: RunState) -> int:
     log.info("%s", describe_account(report["clock"]))
     if not _write_report(config, report):
         return 2
-    log.info("done: %d written, %d refused, %.1f s since %s", len(cases) - len(refused), len(refused), state.clock.elapsed(), state.clock.origin)
+    elapsed, origin = state.clock.elapsed(), state.clock.origin
+    log.info("done: %d written, %d refused, %.1f s since %s", len(cases) - len(refused), len(refused), elapsed, origin)
     return exit_code
+
+
+def check_setup(
+    input_root: Path, config: RunConfig, state: RunState, formats_read: Sequence[Format] | None
+) -> Manifest:
+    """The cheap checks before any heavy import: the input layout, the weights' manifest, a writable output
+    folder (stale temporary files of a killed run removed); fills the report's facts. Raises to exit 2."""
+    facts = state.facts or RunFacts(str(config.input_dir), str(config.output_dir))
+    problem = input_root_problem(input_root, formats=formats_read)
+    if problem is not None:
+        raise FileNotFoundError(problem)
+    note_skipped_inputs(config, facts, formats_read)
+    resources, why = resolve_resources_dir(config.resources_dir)
+    log.info("weights from %s (%s)", resources, why)
+    facts.resources = str(resources)
+    manifest = load_manifest(resources)
+    facts.manifest_sha256 = manifest_sha256(resources)
+    ensure_writable(config.output_dir)
+    facts.stale_partials_removed = note_stale_partials(config.output_dir, state.clock)
+    return manifest
+
+
+def fuse_all(
+    config: RunConfig, manifest: Manifest, state: RunState, formats_read: Sequence[Format] | None
+) -> list[CaseReport]:
+    """Build the run's policy and :class:`~fusemycells.pipeline.Fuser` (torch and the networks are imported
+    only now, after the cheap checks, so setup errors are fast) and fuse every input file."""
+    from fusemycells.backends import load_stage
+    from fusemycells.files import run_directory
+    from fusemycells.ops import choose_ops
+    from fusemycells.pipeline import Fuser
+    from fusemycells.runtime import allocator, faults
+    from fusemycells.runtime.budget import BudgetPolicy
+
+    allocator.configure()  # malloc and numpy settings for the streamed steps (fusemycells/runtime/allocator.py)
+    state.budget_s = config.time_budget_s if config.time_budget_s is not None else manifest.time_budget_s
+    policy = state.policy = BudgetPolicy.create(
+        config.device,
+        config.vram_budget_gib,
+        state.budget_s,
+        config.threads,
+        config.ram_budget_gib,
+        clock=state.clock,
+        precision=config.precision,
+    )
+    loader, ops = faults.from_environment(policy.device, load_stage, choose_ops)  # tests and gpu_check only
+    fuser = Fuser(manifest, policy, loader=loader, backend=config.backend, ops=ops)
+    state.startup_s = state.clock.elapsed()
+    on_case = state.add_case
+    return run_directory(config.input_dir, config.output_dir, fuser, config.output_dtype, on_case, formats_read)
 
 
 def exit_code_of(statuses: list[str]) -> int:
@@ -262,8 +326,9 @@ def exit_code_of(statuses: list[str]) -> int:
 
 
 def note_stale_partials(folder: Path, clock: RunClock) -> list[str]:
-    """Remove the temporary output files a killed earlier run left (see :func:`fusemycells.io.paths.note_stale_partials`),
-    with a warning naming them; their names (the report's ``stale_partials_removed``)."""
+    """Remove the temporary output files a killed earlier run left (see
+    :func:`fusemycells.io.paths.note_stale_partials`), with a warning naming them; their names (the report's
+    ``stale_partials_removed``)."""
     from fusemycells.io import paths
 
     return paths.note_stale_partials(folder, clock.wall)

@@ -97,21 +97,35 @@ def evaluate(
             continue
         scores.append(score)
         log.info(
-            "%-40s %-8s N-SSIM %+.4f (Gaussian baseline %+.4f, input 0)  SSIM(input,GT) %.4f  SSIM(pred,GT) %.4f  [%.1f s]",
-            path.name, score.channel, score.n_ssim, score.n_ssim_gaussian, score.ssim_input, score.ssim_pred, time.perf_counter() - started,
+            "%-40s %-8s N-SSIM %+.4f (Gaussian baseline %+.4f, input 0)  "
+            "SSIM(input,GT) %.4f  SSIM(pred,GT) %.4f  [%.1f s]",
+            path.name,
+            score.channel,
+            score.n_ssim,
+            score.n_ssim_gaussian,
+            score.ssim_input,
+            score.ssim_pred,
+            time.perf_counter() - started,
         )
         if png is not None:
             views = tuple(projections(v.data, inp.spacing) for v in (inp, pred, gt))
             figure.append(CaseViews(score=score, views=views))  # type: ignore[arg-type]
     if png is not None and figure:
         width, height = write_figure(png, figure, diff=diff)
-        log.info("QC figure (%d×%d px; per case rows XY, XZ; input | prediction | ground truth%s): %s",
-                 width, height, " | difference" if diff else "", png)
+        log.info(
+            "QC figure (%d×%d px; per case rows XY, XZ; input | prediction | ground truth%s): %s",
+            width,
+            height,
+            " | difference" if diff else "",
+            png,
+        )
     return scores, problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusemycells.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusemycells.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", type=Path, required=True, help="folder with the single-view inputs")
     parser.add_argument("--pred", type=Path, required=True, help="folder with the predictions (same file names)")
     parser.add_argument("--gt", type=Path, required=True, help="folder with the fused ground truth")
@@ -136,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     scores, problems = evaluate(args.input, args.pred, args.gt, args.png, args.diff)
     summary = summarise(scores)
     for channel, s in summary.items():
-        print(f"{channel:9s} cases {s['cases']:3d}  N-SSIM mean {s['n_ssim_mean']:+.4f} (min {s['n_ssim_min']:+.4f})  Gaussian {s['n_ssim_gaussian_mean']:+.4f}  identity +0.0000")
+        print(
+            f"{channel:9s} cases {s['cases']:3d}  N-SSIM mean {s['n_ssim_mean']:+.4f} "
+            f"(min {s['n_ssim_min']:+.4f})  Gaussian {s['n_ssim_gaussian_mean']:+.4f}  identity +0.0000"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cases": [s.as_dict() for s in scores], "summary": summary, "problems": problems}, indent=1))
+        args.json.write_text(
+            json.dumps({"cases": [s.as_dict() for s in scores], "summary": summary, "problems": problems}, indent=1)
+        )
     if not scores:
         log.error("nothing scored")
         return 2

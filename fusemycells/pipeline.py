@@ -1,4 +1,4 @@
-"""The two-stage fusion pipeline for one ZYX volume, and the per-file run loop.
+"""The two-stage fusion pipeline for one ZYX volume (the file-to-file path is :mod:`fusemycells.files`).
 
 Grids: the *input grid* is the file's own (spacing (z, y, x) µm); the *high-resolution grid H* is
 the same physical extent at the manifest's isotropic target spacing; the *global grid* is the
@@ -14,20 +14,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from fusemycells import postprocess, trust
 from fusemycells.backends import LoadedStage, load_stage, warm_up
-from fusemycells.config import ChannelSpec, Manifest, ManifestError, PostprocessSpec, StageSpec
-from fusemycells.io.tiff import InputError, check_output_name, list_inputs, read_volume, write_volume
+from fusemycells.config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
+from fusemycells.io.volume import InputError
 from fusemycells.ops import Ops, choose_ops
 from fusemycells.patch_stage import PatchStage
 from fusemycells.preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
@@ -37,11 +35,10 @@ from fusemycells.runtime.budget import (
     DEGRADATION_LEVELS,
     BudgetPolicy,
     LinearCost,
-    MemoryBudgetExceeded,
     default_stage_costs,
 )
 from fusemycells.runtime.deadline import Deadline
-from fusemycells.runtime.devices import DeviceFault, free_device_cache, is_out_of_memory, peak_rss_mib, peak_vram_mib
+from fusemycells.runtime.devices import DeviceFault, free_device_cache, is_out_of_memory
 from fusemycells.runtime.progress import ProgressFactory, progress_for
 from fusemycells.runtime.timing import Profile
 from fusemycells.sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
@@ -263,21 +260,6 @@ class Fuser:
 
         output = self._step(case, "output filter", lambda: self._finish(case, source, output_dtype))
         return Fused(output, report, profile, on_cpu=on_cpu)
-
-    def write(self, fused: Fused, path: Path, like: Any) -> None:
-        """Write ``fused``'s output (computed while it is written) to ``path`` like the input ``like``; after a
-        device fault while computing it, the output is computed on the CPU and written again."""
-        try:
-            write_volume(path, fused.output, like=like)
-            return
-        except Exception as exc:
-            if fused.on_cpu is None or isinstance(exc, InputError):
-                raise
-            if not self.policy.device_fault("output filter", exc):
-                raise
-        free_device_cache()
-        fused.output = fused.on_cpu()
-        write_volume(path, fused.output, like=like)
 
     def reserve_s(self, voxels: int, h_voxels: int) -> float:
         """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
@@ -588,185 +570,11 @@ def input_warnings(
     return warnings
 
 
-def process_file(
-    path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, deadline: float | None = None
-) -> CaseReport:
-    """Read, fuse and write one file; never raises for a problem with this file (see ``status``).
-
-    The output name is checked first (before any pixel is read); ``seconds`` gets ``read``,
-    ``load_weights`` (the channel's networks, when not loaded yet), the stages, ``write`` and ``total``.
-    A file that cannot be read, or is refused by validation (:func:`is_refusal`), is ``refused`` with no
-    output; a readable one that fails otherwise (a bug, or host memory running out while it is
-    processed) gets the last resort, :func:`write_identity` (``fallback_identity``).
-    """
-    report = CaseReport(file=path.name)
-    started = time.perf_counter()
-    before = fuser.policy.health.fault
-    log.info("[%s] reading", path.name)
-    try:
-        check_output_name(output_dir, path.name)
-        with timed(report.seconds, "read"):
-            volume = read_volume(path, check=fuser.check_memory)
-    except Exception as exc:  # one bad file must not lose the others
-        refuse(report, exc)
-    else:
-        try:
-            fuse_and_write(volume, path, output_dir, fuser, output_dtype, deadline, report)
-        except Exception as exc:
-            del volume  # the input's pixels (possibly overwritten by the blend): the last resort reads them again
-            if is_refusal(exc):
-                refuse(report, exc)
-            else:
-                write_identity(path, output_dir, fuser, output_dtype, report, exc)
-    note_device_fault(report, fuser.policy.health.fault, before)
-    report.seconds["total"] = round(time.perf_counter() - started, 3)
-    record_peaks(report)
-    return report
-
-
-def fuse_and_write(
-    volume: Any,
-    path: Path,
-    output_dir: Path,
-    fuser: Fuser,
-    output_dtype: str,
-    deadline: float | None,
-    report: CaseReport,
-) -> None:
-    """:func:`process_file`'s work on a volume that was read: load the networks, fuse, write."""
-    for warning in volume.warnings:
-        warn(report, warning)
-    if volume.data.dtype != np.uint16:
-        warn(report, f"input dtype {volume.data.dtype} converted; output {output_dtype}")
-    log.info("[%s] shape %s, spacing %s µm, channel %s", path.name, volume.data.shape, volume.spacing, volume.channel)
-    with timed(report.seconds, "load_weights"):
-        fuser.load_stages(volume.channel)
-    fused = fuser.fuse(
-        volume.data, volume.spacing, volume.channel, deadline=deadline, output_dtype=output_dtype, report=report
-    )
-    with timed(report.seconds, "write"), fused.profile.section("write_s"), reuse_freed_memory():
-        fuser.write(fused, output_dir / path.name, volume)
-    log.info("[%s] profile (s): %s", path.name, fused.profile.describe())
-    report.output_dtype = output_dtype
-    report.status = "ok"
-
-
-def is_refusal(exc: BaseException) -> bool:
-    """Whether an error refuses the file (no output, exit 1): the input itself is refused (:class:`InputError`:
-    unreadable, invalid, an output name that cannot be made) or it is too big for the RAM budget
-    (:class:`MemoryBudgetExceeded`, before its pixels are read). Weights the setup cannot serve for the file
-    (:class:`ManifestError`: no weights for its channel, broken weight files) are not the input's fault: the
-    file gets the identity output (:func:`write_identity`), as for any other failure after the read."""
-    return isinstance(exc, (InputError, MemoryBudgetExceeded))
-
-
-def error_text(file: str, exc: BaseException) -> str:
-    """A report's ``error`` for ``exc`` on ``file``."""
-    if isinstance(exc, InputError):
-        return str(exc)
-    if isinstance(exc, MemoryBudgetExceeded):
-        return f"{file}: out of memory budget: {exc}"
-    if isinstance(exc, MemoryError):
-        return f"{file}: ran out of memory while processing (MemoryError: {exc})"
-    return f"{file}: {type(exc).__name__}: {exc}"
-
-
-def refuse(report: CaseReport, exc: Exception) -> None:
-    """Mark a file refused with a message saying what happened; unexpected errors are logged with
-    their traceback at ERROR (in the container the log is all there is)."""
-    report.status = "refused"
-    report.error = error_text(report.file, exc)
-    log.error("[%s] refused: %s", report.file, report.error, exc_info=None if is_refusal(exc) else exc)
-
-
-def identity_output(data: np.ndarray, spec: PostprocessSpec, dtype: str) -> PlaneSource:
-    """The last resort's output of a ZYX stack: the input, percentile-normalised as the pipeline's output
-    is (``spec.output_percentiles``, the same strided sample and affine map), then ``dtype`` (uint16:
-    the normalised range scaled to 0..65535), on the CPU only: no GPU, no network, no output filter.
-    ``data`` is sanitised in place (non-finite voxels replaced, as the pipeline does)."""
-    if not data.flags.writeable:
-        data = data.copy()
-    sanitise_inplace(data)
-    plain = replace(spec, output_max_filter=0, output_gaussian_sigma=0.0)
-    return postprocess.final_source(ArraySource(data), plain, dtype, ops=Ops("cpu"))
-
-
-def write_identity(
-    path: Path, output_dir: Path, fuser: Fuser, output_dtype: str, report: CaseReport, exc: BaseException
-) -> None:
-    """The last resort for a readable input that failed for a reason not its own: the identity output
-    (:func:`identity_output`, N-SSIM 0 by definition, where a missing output fails the job), written
-    with an ERROR line and ``status: fallback_identity``. The input is read again: the failed attempt
-    may have overwritten its buffer. Refused when even this fails.
-
-    A ``MemoryError`` while a read file is processed gets this too: the identity needs the input and
-    one slab, far less than the pipeline's peak (a stack too big for the RAM budget was refused before
-    its pixels were read).
-    """
-    report.error = error_text(report.file, exc)
-    log.error("[%s] failed: %s; writing the identity output (the normalised input)", report.file, report.error,
-              exc_info=exc)
-    traceback.clear_frames(exc.__traceback__)  # release the failed attempt's arrays before reading the input again
-    try:
-        with timed(report.seconds, "identity_write"):
-            volume = read_volume(path)
-            try:
-                spec = fuser.manifest.channel(volume.channel).postprocess
-            except ManifestError:
-                spec = PostprocessSpec()
-            write_volume(output_dir / path.name, identity_output(volume.data, spec, output_dtype), like=volume)
-    except Exception as second:
-        report.status = "refused"
-        report.error = f"{report.error}; the identity output failed too: {type(second).__name__}: {second}"
-        log.error("[%s] refused: %s", report.file, report.error, exc_info=second)
-        return
-    report.status = "fallback_identity"
-    report.output_dtype = output_dtype
-    report.warnings.append(f"fallback_identity: the normalised input was written after {report.error}")
-
-
 def note_device_fault(report: CaseReport, fault: DeviceFault | None, before: DeviceFault | None) -> None:
     """Name the device fault in the file's report when it happened while this file was processed."""
     if fault is not None and before is None and report.device_fault is None:
         report.device_fault = fault.as_report()
         report.warnings.append(f"device fault in the {fault.step} ({fault.error}): rerun on the CPU")
-
-
-def record_peaks(report: CaseReport) -> None:
-    """Peak RSS and VRAM so far into the report, and the file's closing log line."""
-    report.peak_rss_mib = round(peak_rss_mib(), 1)
-    vram = peak_vram_mib()
-    report.peak_vram_mib = None if vram is None else round(vram, 1)
-    vram_text = "" if vram is None else f", peak VRAM {report.peak_vram_mib:.0f} MiB"
-    total = report.seconds.get("total", 0.0)
-    log.info(
-        "[%s] %s in %.1f s (peak RSS %.0f MiB%s)", report.file, report.status, total, report.peak_rss_mib, vram_text
-    )
-
-
-def run_directory(
-    input_dir: Path,
-    output_dir: Path,
-    fuser: Fuser,
-    output_dtype: str,
-    on_case: Callable[[CaseReport], None] | None = None,
-) -> list[CaseReport]:
-    """Process every TIFF in ``input_dir`` into ``output_dir`` (same file names).
-
-    ``on_case(report)`` is called after each file (so that a caller stopped midway, e.g. by SIGTERM,
-    can report the files done).
-    """
-    files = list_inputs(input_dir)
-    log.info("%d input file(s) in %s", len(files), input_dir)
-    reports = []
-    for index, path in enumerate(files, start=1):
-        log.info("file %d/%d: %s", index, len(files), path.name)
-        deadline = fuser.policy.file_deadline(files_left=len(files) - index + 1)
-        reports.append(process_file(path, output_dir, fuser, output_dtype, deadline=deadline))
-        learn_finish_cost(fuser.costs, reports[-1])
-        if on_case is not None:
-            on_case(reports[-1])
-    return reports
 
 
 def learn_finish_cost(costs: dict[str, LinearCost], report: CaseReport) -> None:

@@ -29,6 +29,8 @@ from report_check import assert_valid_report
 from fusemycells import batch
 from fusemycells.batch import SetupError, WorkerSettings, collect_inputs, plan_jobs, run_job, verify_complete
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR
+from fusemycells.io import formats
+from fusemycells.io.scan import unknown_reason
 from fusemycells.io.tiff import read_volume
 
 needs_scale = pytest.mark.skipif(
@@ -36,6 +38,7 @@ needs_scale = pytest.mark.skipif(
     reason="optional scale-out packages missing: pip install -r requirements-scale.txt",
 )
 
+NOT_AN_INPUT = unknown_reason(formats.chosen())  # 'not a tiff/mha/.../ome-zarr input'
 CASES = [  # (shape ZYX, seed, channel, spacing µm ZYX)
     ((12, 40, 36), 0, "nucleus", (1.0, 0.39, 0.39)),
     ((10, 48, 40), 1, "membrane", (2.0, 0.3, 0.3)),
@@ -312,8 +315,8 @@ def test_cli_gathers_one_report_refuses_a_bad_file_and_resumes(
         assert batch.main(argv) == 1
     data = json.loads(report.read_text())
     assert_valid_report(data)  # every key documented in fusemycells/report.schema.json
-    assert data["ignored"] == [{"file": str((folder / "notes.txt").resolve()), "reason": "not a TIFF file or OME-Zarr image"}]
-    assert "skipped " + repr(str((folder / "notes.txt").resolve())) + ": not a TIFF file or OME-Zarr image" in caplog.text
+    assert data["ignored"] == [{"file": str((folder / "notes.txt").resolve()), "reason": NOT_AN_INPUT}]
+    assert "skipped " + repr(str((folder / "notes.txt").resolve())) + ": " + NOT_AN_INPUT in caplog.text
     assert data["cluster"]["workers_lost"] == 0 and all(e["retries"] == 0 for e in data["files"])
     assert data["refused"] == ["broken.tif"] and data["written"] == 2 and data["cluster"]["workers"] == 2
     assert data["counts"] == {"inputs": 3, "written": 2, "refused": 1, "skipped": 0} and data["exit_code"] == 1
@@ -485,7 +488,7 @@ def test_entries_that_are_not_inputs_are_listed_with_their_reason(tmp_path: Path
     reasons = {Path(e["file"]).name: e["reason"] for e in ignored}
     assert reasons == {
         "gone.tif": "dangling symbolic link",
-        "notes.txt": "not a TIFF file or OME-Zarr image",
+        "notes.txt": NOT_AN_INPUT,
         "plain.zarr": "a Zarr store without OME multiscales metadata",
     }
 

@@ -18,8 +18,9 @@ from conftest import blob_volume, fixture_manifest, write_case
 from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import DEFAULT_RESOURCES, DEFAULT_TIME_BUDGET_S, INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.files import process_file, run_directory
 from fusemycells.patch_stage import OomLadder
-from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost, process_file, run_directory
+from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost
 from fusemycells.runtime.budget import (
     CPU_2CORE,
     MAX_CPU_WORKERS,
@@ -470,7 +471,8 @@ from fusemycells.backends import load_stage
 from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.config import load_manifest
 from fusemycells.runtime.devices import peak_rss_mib, proc_status_mib
-from fusemycells.pipeline import Fuser, process_file
+from fusemycells.files import process_file
+from fusemycells.pipeline import Fuser
 
 folder, resources, shape = Path(sys.argv[2]), Path(sys.argv[3]), tuple(int(n) for n in sys.argv[4].split("x"))
 data = (np.random.default_rng(0).random(shape) * 1000).astype(np.uint16)

@@ -27,8 +27,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from fusemycells import cli
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
+from fusemycells.files import process_file, run_directory
 from fusemycells.ops import Ops, choose_ops
-from fusemycells.pipeline import Fuser, process_file, run_directory
+from fusemycells.pipeline import Fuser
 from fusemycells.report import case_entry
 from fusemycells.runtime import faults
 from fusemycells.runtime.budget import BudgetPolicy
@@ -193,6 +194,7 @@ class FailingSource:
 
 
 def test_a_device_fault_while_the_output_is_written_writes_it_again_from_the_cpu(fixture_resources: Path, tmp_path: Path) -> None:
+    from fusemycells.files import Conversion, route, write_fused
     from fusemycells.io.tiff import Volume
     from fusemycells.pipeline import Fused
     from fusemycells.report import CaseReport
@@ -201,7 +203,8 @@ def test_a_device_fault_while_the_output_is_written_writes_it_again_from_the_cpu
     good = blob_volume((40, 24, 24)).astype(np.float32)
     fused = Fused(FailingSource(good, z_fail=30), CaseReport("case.tif"), on_cpu=lambda: ArraySource(good))
     policy = device_policy()
-    Fuser(load_manifest(fixture_resources), policy).write(fused, tmp_path / "case.tif", Volume(good, SPACING, "nucleus"))
+    target = route(tmp_path / "case.tif", tmp_path, Conversion())
+    write_fused(Fuser(load_manifest(fixture_resources), policy), fused, target, Volume(good, SPACING, "nucleus"))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "case.tif"), good)
     assert policy.health.fault is not None and policy.health.fault.step == "output filter"
     assert not list(tmp_path.glob(".fmc-*"))  # the failed write left no temporary file
@@ -318,7 +321,7 @@ def test_a_readable_input_that_fails_otherwise_gets_the_identity_output(
 
 
 def test_identity_output_equals_the_pipelines_own_output_with_the_networks_off(fixture_resources: Path) -> None:
-    from fusemycells.pipeline import identity_output
+    from fusemycells.files import identity_output
 
     manifest = load_manifest(fixture_resources)
     channel = manifest.channel("nucleus")

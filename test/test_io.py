@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from conftest import blob_volume, write_case
 
+from fusemycells.io.scan import list_inputs, scan_inputs
 from fusemycells.io.tiff import (
     DEFAULT_CHANNEL,
     DEFAULT_SPACING_ZYX_UM,
@@ -20,10 +21,8 @@ from fusemycells.io.tiff import (
     WriteCheckError,
     check_output_name,
     choose_series,
-    list_inputs,
     read_volume,
     sampled_pages,
-    scan_inputs,
     squeeze_to_zyx,
     tile_for,
     verify_written,

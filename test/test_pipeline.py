@@ -12,8 +12,9 @@ from conftest import blob_volume, write_case
 
 from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import load_manifest
+from fusemycells.files import process_file
 from fusemycells.patch_stage import PatchStage, stage1_correction
-from fusemycells.pipeline import Fuser, process_file
+from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX
 from fusemycells.runtime.budget import BudgetPolicy
 from fusemycells.runtime.deadline import Deadline

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,11 @@ class Projections:
     @property
     def extent_um(self) -> tuple[float, float, float]:
         """(Z, Y, X) size of the projected volume in µm."""
-        return (self.xz.shape[0] * self.pixel_um[0], self.xy.shape[0] * self.pixel_um[1], self.xy.shape[1] * self.pixel_um[2])
+        return (
+            self.xz.shape[0] * self.pixel_um[0],
+            self.xy.shape[0] * self.pixel_um[1],
+            self.xy.shape[1] * self.pixel_um[2],
+        )
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,29 @@ def case_title(score: CaseScore) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Page:
+    """The figure being drawn and its size in pixels (for :meth:`rect`)."""
+
+    fig: Any
+    width: int
+    height: int
+
+    def rect(self, x: float, y_top: float, w: float, h: float) -> list[float]:
+        """Figure-fraction rectangle from pixels measured from the top-left corner."""
+        return [x / self.width, 1.0 - (y_top + h) / self.height, w / self.width, h / self.height]
+
+
+@dataclass(frozen=True)
+class _Shading:
+    """One case's display ranges: the grey panels' (vmin, vmax) and the difference panels' (±limit)."""
+
+    vmin: float
+    vmax: float
+    differences: tuple[np.ndarray, np.ndarray] | None  # prediction − ground truth (XY, XZ), when drawn
+    limit: float
+
+
 def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> tuple[int, int]:
     """Render the QC figure of ``cases`` to the PNG ``path``; returns its (width, height) in pixels.
 
@@ -157,8 +185,6 @@ def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> 
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     if not cases:
         raise ValueError("no cases to draw")
@@ -167,50 +193,71 @@ def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> 
     # + 0.5 px: the Agg canvas truncates width·dpi to an integer
     fig = Figure(figsize=((width + 0.5) / DPI, (height + 0.5) / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
-
-    def rect(x: float, y_top: float, w: float, h: float) -> list[float]:
-        """Figure-fraction rectangle from pixels measured from the top-left corner."""
-        return [x / width, 1.0 - (y_top + h) / height, w / width, h / height]
-
+    page = _Page(fig, width, height)
     top = 0
     for case, extent in zip(cases, extents):
-        xy_h, xz_h = row_heights(extent)
-        fig.text(LABEL_W / width, 1.0 - (top + 6) / height, case_title(case.score), ha="left", va="top", fontsize=10, fontweight="bold")
-        vmin, vmax = display_range([p for v in case.views for p in (v.xy, v.xz)])
-        gt = case.views[2]
-        differences = (case.views[1].xy - gt.xy, case.views[1].xz - gt.xz) if diff else None
-        dlim = difference_range(differences) if differences is not None else 1.0
-        titles = [*COLUMNS, "prediction − ground truth"] if diff else list(COLUMNS)
-        rows = (("XY", "max over Z", xy_h, "xy"), ("XZ", "max over Y", xz_h, "xz"))
-        y = top + HEADER_H
-        for r, (name, how, row_h, attr) in enumerate(rows):
-            fig.text((LABEL_W / 2) / width, 1.0 - (y + row_h / 2) / height, f"{name}\n({how})", ha="center", va="center", rotation=90, fontsize=9)
-            for c, title in enumerate(titles):
-                x = LABEL_W + c * PANEL_W + (CBAR_W if c == len(COLUMNS) else 0)
-                ax = fig.add_axes(rect(x + 4, y, PANEL_W - 8, row_h))
-                if c < len(COLUMNS):
-                    image, kw = getattr(case.views[c], attr), {"cmap": "gray", "vmin": vmin, "vmax": vmax}
-                else:
-                    image, kw = differences[r], {"cmap": "RdBu_r", "vmin": -dlim, "vmax": dlim}
-                z_um, y_um, x_um = case.views[min(c, 2)].extent_um
-                mapped = ax.imshow(image, extent=(0, x_um, y_um if attr == "xy" else z_um, 0), **kw)
-                ax.set_aspect("equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(title, fontsize=9, pad=3)
-                if c == 0:
-                    bar = scale_bar_um(x_um)
-                    ax.add_artist(AnchoredSizeBar(ax.transData, bar, f"{bar:g} µm", "lower right", pad=0.3, color="yellow", frameon=False, size_vertical=max(x_um, 1e-9) / 150, fontproperties=FontProperties(size=8)))
-                if r == 0 and c in (len(COLUMNS) - 1, len(COLUMNS)):
-                    cax = fig.add_axes(rect(x + PANEL_W + 6, y, 10, xy_h + ROW_GAP + xz_h))
-                    cb = fig.colorbar(mapped, cax=cax)
-                    cb.ax.tick_params(labelsize=7)
-                    label = "intensity (metric units)" if c < len(COLUMNS) else "prediction − ground truth"
-                    cb.set_label(label, fontsize=7)
-            y += row_h + ROW_GAP
-        top += HEADER_H + xy_h + ROW_GAP + xz_h + CASE_GAP
+        top = _draw_case(page, case, extent, top, diff)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, facecolor="white")
     return width, height
+
+
+def _draw_case(page: _Page, case: CaseViews, extent: tuple[float, float, float], top: int, diff: bool) -> int:
+    """Draw one case (title, XY and XZ rows) from ``top`` px down; returns where the next case starts."""
+    xy_h, xz_h = row_heights(extent)
+    fig, width, height = page.fig, page.width, page.height
+    title_y = 1.0 - (top + 6) / height
+    fig.text(LABEL_W / width, title_y, case_title(case.score), ha="left", va="top", fontsize=10, fontweight="bold")
+    vmin, vmax = display_range([p for v in case.views for p in (v.xy, v.xz)])
+    gt = case.views[2]
+    differences = (case.views[1].xy - gt.xy, case.views[1].xz - gt.xz) if diff else None
+    dlim = difference_range(differences) if differences is not None else 1.0
+    shading = _Shading(vmin, vmax, differences, dlim)
+    titles = [*COLUMNS, "prediction − ground truth"] if diff else list(COLUMNS)
+    rows = (("XY", "max over Z", xy_h, "xy"), ("XZ", "max over Y", xz_h, "xz"))
+    y = top + HEADER_H
+    for r, (name, how, row_h, attr) in enumerate(rows):
+        label_x, label_y = (LABEL_W / 2) / width, 1.0 - (y + row_h / 2) / height
+        fig.text(label_x, label_y, f"{name}\n({how})", ha="center", va="center", rotation=90, fontsize=9)
+        for c, title in enumerate(titles):
+            x = LABEL_W + c * PANEL_W + (CBAR_W if c == len(COLUMNS) else 0)
+            ax = fig.add_axes(page.rect(x + 4, y, PANEL_W - 8, row_h))
+            mapped = _draw_panel(ax, case, r, c, attr, shading)
+            if r == 0:
+                ax.set_title(title, fontsize=9, pad=3)
+            if r == 0 and c in (len(COLUMNS) - 1, len(COLUMNS)):
+                cax = fig.add_axes(page.rect(x + PANEL_W + 6, y, 10, xy_h + ROW_GAP + xz_h))
+                cb = fig.colorbar(mapped, cax=cax)
+                cb.ax.tick_params(labelsize=7)
+                label = "intensity (metric units)" if c < len(COLUMNS) else "prediction − ground truth"
+                cb.set_label(label, fontsize=7)
+        y += row_h + ROW_GAP
+    return top + HEADER_H + xy_h + ROW_GAP + xz_h + CASE_GAP
+
+
+def _draw_panel(ax: Any, case: CaseViews, r: int, c: int, attr: str, shading: _Shading) -> Any:
+    """Draw one panel (row ``r``: XY or XZ; column ``c``: input, prediction, ground truth, difference) in
+    µm extents, with a scale bar in the first column; returns the image for a colour bar."""
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    if c < len(COLUMNS):
+        image, kw = getattr(case.views[c], attr), {"cmap": "gray", "vmin": shading.vmin, "vmax": shading.vmax}
+    else:
+        assert shading.differences is not None
+        image, kw = shading.differences[r], {"cmap": "RdBu_r", "vmin": -shading.limit, "vmax": shading.limit}
+    z_um, y_um, x_um = case.views[min(c, 2)].extent_um
+    mapped = ax.imshow(image, extent=(0, x_um, y_um if attr == "xy" else z_um, 0), **kw)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if c == 0:
+        bar = scale_bar_um(x_um)
+        font = FontProperties(size=8)
+        size_bar = AnchoredSizeBar(
+            ax.transData, bar, f"{bar:g} µm", "lower right", pad=0.3, color="yellow", frameon=False,
+            size_vertical=max(x_um, 1e-9) / 150, fontproperties=font,
+        )
+        ax.add_artist(size_bar)
+    return mapped

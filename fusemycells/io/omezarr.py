@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from fusemycells.io.tiff import disk_full_error
+from fusemycells.io.volume import (  # noqa: F401  (MissingDependency: re-exported, its older import path)
+    Format,
+    MissingDependency,
+    ReadOptions,
+    Volume,
+    WriteOptions,
+    disk_full_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +58,6 @@ _UM_PER_UNIT = {
 }
 """µm per NGFF space unit (the UDUNITS names the specification lists, and common abbreviations)."""
 CHANNEL_NAMES = ("nucleus", "membrane")
-
-
-class MissingDependency(ImportError):
-    """An optional scale-out package is not installed (the message says what to install)."""
 
 
 class OmeZarrError(ValueError):
@@ -158,6 +161,45 @@ class LevelInfo:
     channel_index: int | None = None  # the channel read from a non-singleton c axis
 
 
+def _spacing_um(
+    axes: list[dict[str, Any]], names: list[str], scale: Sequence[float], path: Path, warnings: list[str]
+) -> dict[str, float]:
+    """Spacing in µm of the z, y, x axes present (``scale`` per stored axis, in each axis's ``unit``);
+    a unit's warning goes into ``warnings``; :class:`OmeZarrError` for a scale that is not a positive number."""
+    spacing: dict[str, float] = {}
+    for axis in ("z", "y", "x"):
+        if axis not in names:
+            continue
+        i = names.index(axis)
+        factor, warning = um_per_unit(axes[i].get("unit"))
+        if warning and warning not in warnings:
+            warnings.append(warning)
+        value = scale[i] * factor
+        if not (math.isfinite(value) and value > 0):
+            raise OmeZarrError(f"{path.name}: scale of axis {axis} is {scale[i]!r}, not a positive spacing")
+        spacing[axis] = value
+    return spacing
+
+
+def _check_axes(names: list[str], array_shape: Sequence[int], channel_index: int | None, path: Path) -> None:
+    """:class:`OmeZarrError` unless the stored axes ``names`` make one ZYX stack: y and x present, no other
+    non-singleton axis but a c axis whose ``channel_index`` exists."""
+    if channel_index is not None:
+        channels = array_shape[names.index("c")] if "c" in names else 1
+        if not 0 <= channel_index < channels:
+            raise OmeZarrError(
+                f"{path.name}: --channel-index {channel_index} not found (the image has {channels} channel(s))"
+            )
+    picked = ("c",) if channel_index is not None else ()
+    extra = [(n, s) for n, s in zip(names, array_shape) if n not in ("z", "y", "x", *picked) and s > 1]
+    if extra:
+        found = ", ".join(f"{n}={s}" for n, s in extra)
+        hint = "; pick one channel with --channel-index N" if any(n == "c" for n, _ in extra) else ""
+        raise OmeZarrError(f"{path.name}: non-singleton axes beyond z, y, x ({found}) are not supported{hint}")
+    if "y" not in names or "x" not in names:
+        raise OmeZarrError(f"{path.name}: axes {names} lack y or x")
+
+
 def level_info(
     multiscale: dict[str, Any],
     level: int,
@@ -188,34 +230,8 @@ def level_info(
     warnings: list[str] = []
     if _scale_of(dataset.get("coordinateTransformations"), ndim) is None:
         warnings.append(f"level {level} has no scale transformation: spacing 1 per axis")
-    if channel_index is not None:
-        channels = array_shape[names.index("c")] if "c" in names else 1
-        if not 0 <= channel_index < channels:
-            raise OmeZarrError(
-                f"{path.name}: --channel-index {channel_index} not found (the image has {channels} channel(s))"
-            )
-    picked = ("c",) if channel_index is not None else ()
-    extra = [(n, s) for n, s in zip(names, array_shape) if n not in ("z", "y", "x", *picked) and s > 1]
-    if extra:
-        found = ", ".join(f"{n}={s}" for n, s in extra)
-        hint = "; pick one channel with --channel-index N" if any(n == "c" for n, _ in extra) else ""
-        raise OmeZarrError(f"{path.name}: non-singleton axes beyond z, y, x ({found}) are not supported{hint}")
-    if "y" not in names or "x" not in names:
-        raise OmeZarrError(f"{path.name}: axes {names} lack y or x")
-    spacing: dict[str, float] = {}
-    for axis in ("z", "y", "x"):
-        if axis not in names:
-            continue
-        i = names.index(axis)
-        factor, warning = um_per_unit(axes[i].get("unit"))
-        if warning and warning not in warnings:
-            warnings.append(warning)
-        value = scale[i] * overall[i] * factor
-        if not (math.isfinite(value) and value > 0):
-            raise OmeZarrError(
-                f"{path.name}: scale of axis {axis} is {scale[i] * overall[i]!r}, not a positive spacing"
-            )
-        spacing[axis] = value
+    _check_axes(names, array_shape, channel_index, path)
+    spacing = _spacing_um(axes, names, [a * b for a, b in zip(scale, overall)], path, warnings)
     nz = array_shape[names.index("z")] if "z" in names else 1
     if "z" not in names:
         spacing["z"] = 1.0
@@ -366,9 +382,7 @@ def write_ome_zarr(
     existing store at ``path`` is replaced then). Chunks: (:data:`SLAB`, ≤ :data:`CHUNK_YX`,
     ≤ :data:`CHUNK_YX`). ``extra`` is stored under the image's ``fusemycells`` attribute.
     """
-    zarr, writer = require_zarr()
-    from ome_zarr.format import FormatV05
-
+    zarr, _ = require_zarr()
     path = Path(path)
     shape = tuple(int(n) for n in source.shape)
     if len(shape) != 3:
@@ -382,40 +396,15 @@ def write_ome_zarr(
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        arrays = [
-            group.create_array(
-                str(k),
-                shape=s,
-                chunks=(min(SLAB, s[0]), min(CHUNK_YX, s[1]), min(CHUNK_YX, s[2])),
-                dtype=dtype,
-                dimension_names=("z", "y", "x"),
-            )
-            for k, s in enumerate(shapes)
-        ]
-        for z0, z1, blocks in pyramid_slabs(source, levels):
-            for array, block in zip(arrays, blocks):
-                array[z0:z1] = block
-            if progress is not None:
-                progress(z1, shape[0])
-        axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
-        writer.write_multiscales_metadata(
-            group,
-            multiscale_datasets(spacing, levels),
-            fmt=FormatV05(),
-            axes=axes,
-            name=name or path.name,
-            metadata={"omero": {"channels": [{"label": channel or "fused"}]}} if channel else {},
-        )
-        if extra:
-            group.attrs["fusemycells"] = extra
+        _write_levels(group, source, shapes, dtype, progress)
+        _write_attributes(group, spacing, levels, name or path.name, channel, extra)
         replacing = path.exists()
         if replacing:
             shutil.rmtree(path)
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        needed = sum(math.prod(s) for s in shapes) * dtype.itemsize
-        full = disk_full_error(path.name, path.parent, needed, exc)
+        full = disk_full_error(path.name, path.parent, sum(math.prod(s) for s in shapes) * dtype.itemsize, exc)
         if full is not None:
             raise full from exc
         raise
@@ -424,10 +413,96 @@ def write_ome_zarr(
         raise
     if replacing:
         log.info("[%s] replaced the existing output %s", path.name, path)
-    return {
-        "path": str(path),
-        "levels": levels,
-        "shapes": [list(s) for s in shapes],
-        "dtype": str(dtype),
-        "spacing_um": [float(s) for s in spacing],
-    }
+    written = {"path": str(path), "levels": levels, "shapes": [list(s) for s in shapes], "dtype": str(dtype)}
+    return {**written, "spacing_um": [float(s) for s in spacing]}
+
+
+def _write_levels(
+    group: Any,
+    source: Any,
+    shapes: Sequence[tuple[int, int, int]],
+    dtype: np.dtype,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """One array per pyramid level (ZYX ``shapes``) in ``group``, filled slab by slab from ``source``."""
+    arrays = [
+        group.create_array(
+            str(k),
+            shape=s,
+            chunks=(min(SLAB, s[0]), min(CHUNK_YX, s[1]), min(CHUNK_YX, s[2])),
+            dtype=dtype,
+            dimension_names=("z", "y", "x"),
+        )
+        for k, s in enumerate(shapes)
+    ]
+    for z0, z1, blocks in pyramid_slabs(source, len(shapes)):
+        for array, block in zip(arrays, blocks):
+            array[z0:z1] = block
+        if progress is not None:
+            progress(z1, shapes[0][0])
+
+
+def _write_attributes(
+    group: Any, spacing: Sequence[float], levels: int, name: str, channel: str | None, extra: dict[str, Any] | None
+) -> None:
+    """The NGFF multiscales metadata (written by ``ome_zarr``; spacing (z, y, x) µm) and ``extra``."""
+    _, writer = require_zarr()
+    from ome_zarr.format import FormatV05
+
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
+    writer.write_multiscales_metadata(
+        group,
+        multiscale_datasets(spacing, levels),
+        fmt=FormatV05(),
+        axes=axes,
+        name=name,
+        metadata={"omero": {"channels": [{"label": channel or "fused"}]}} if channel else {},
+    )
+    if extra:
+        group.attrs["fusemycells"] = extra
+
+
+def read_image(path: Path, options: ReadOptions) -> Volume:
+    """One level (``options.level``) and channel (``options.channel_index``) of an OME-Zarr image as a
+    :class:`Volume` (ZYX, spacing (z, y, x) µm); the memory check runs before the pixels are read."""
+    info = open_level(Path(path), options.level, options.channel_index)
+    if options.check is not None:
+        options.check(info.shape, info.dtype, info.spacing)
+    channel = options.channel or info.channel
+    warnings = list(info.warnings)
+    if channel is None:
+        channel = "nucleus"
+        warnings.append("channel missing in metadata: using default 'nucleus'")
+    z, y, x = info.spacing
+    meta = {"PhysicalSizeZ": z, "PhysicalSizeY": y, "PhysicalSizeX": x, "unit": "um", "channel": channel}
+    meta["source_level"] = options.level
+    return Volume(data=read_level(info), spacing=info.spacing, channel=channel, metadata=meta, warnings=warnings)
+
+
+def write_image(path: Path, source: Any, like: Volume, options: WriteOptions) -> None:
+    """:func:`write_ome_zarr` with the spacing and channel of the input ``like``; the image's name and the
+    ``fusemycells`` attribute name the input (``options.source``) and carry ``options.fingerprint``."""
+    name = options.source or Path(path).name
+    extra = {"source": name, "channel": like.channel, "fingerprint": options.fingerprint}
+    levels = options.levels
+    write_ome_zarr(Path(path), source, like.spacing, channel=like.channel, name=name, levels=levels, extra=extra)
+
+
+def not_ome_reason(path: Path) -> str | None:
+    """:data:`NOT_OME` for a Zarr store without OME multiscales metadata, else None."""
+    return NOT_OME if is_zarr_store(path) and not is_ome_zarr(path) else None
+
+
+FORMATS = (
+    Format(
+        "ome-zarr",
+        (".ome.zarr", ".zarr"),
+        is_ome_zarr,
+        read_image,
+        write_image,
+        folder=True,
+        not_input=not_ome_reason,
+        require=require_zarr,
+    ),
+)
+"""OME-Zarr in the registry (:mod:`fusemycells.io.formats`): any folder holding a multiscale image, named so or not."""

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fusemycells.config import INPUT_SUBDIR
-from fusemycells.io.tiff import PARTIAL_PATTERN, list_inputs
+from fusemycells.io.scan import list_inputs
+from fusemycells.io.tiff import PARTIAL_PATTERN
+from fusemycells.io.volume import Format
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,11 @@ def _root_above(folder: Path, subdir: Path) -> Path | None:
     return None
 
 
-def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
-    """Why ``root`` cannot serve as the input root, with the fix; None when ``root/subdir`` holds TIFFs.
+def input_root_problem(
+    root: Path, subdir: Path = INPUT_SUBDIR, formats: Sequence[Format] | None = None
+) -> str | None:
+    """Why ``root`` cannot serve as the input root, with the fix; None when ``root/subdir`` holds inputs
+    (of ``formats``, default TIFF: :func:`fusemycells.io.scan.list_inputs`).
 
     Tells apart: a path that does not exist (typo), a file, the image folder itself (or its
     ``images`` parent) given instead of the root, a folder with the TIFFs directly inside, a root
@@ -64,9 +69,10 @@ def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
     if not root.is_dir():
         return f"--input {root} is a file, not a folder: --input takes {layout}"
     folder = root / subdir
+    kind = ".tif/.tiff" if formats is None else "/".join(s for f in formats for s in f.suffixes)
     if folder.is_dir():
-        if not list_inputs(folder):
-            return f"no .tif/.tiff files in {folder} (the folder exists; the stacks must lie directly inside it)"
+        if not list_inputs(folder, formats):
+            return f"no {kind} files in {folder} (the folder exists; the stacks must lie directly inside it)"
         return None
     above = _root_above(root, subdir)
     if above is not None:
@@ -76,9 +82,9 @@ def input_root_problem(root: Path, subdir: Path = INPUT_SUBDIR) -> str | None:
             else "a folder inside the input layout"
         )
         return f"--input {root} is {what}, not the input root: pass {layout}, e.g. --input {above}"
-    if list_inputs(root):
+    if list_inputs(root, formats):
         return (
-            f"--input {root} holds .tif/.tiff files directly: move them to {folder}/ "
+            f"--input {root} holds {kind} files directly: move them to {folder}/ "
             f"(the Grand Challenge layout) and pass --input {root}"
         )
     return (

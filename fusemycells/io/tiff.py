@@ -11,23 +11,31 @@ defaults, and every fallback is recorded in :attr:`Volume.warnings`.
 from __future__ import annotations
 
 import bisect
-import errno
 import json
 import logging
 import math
 import os
-import shutil
-import stat
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
+
+from fusemycells.io.volume import (  # noqa: F401  (DiskFullError, disk_full_error: re-exported, older import paths)
+    DiskFullError,
+    Format,
+    InputError,
+    ReadCheck,
+    ReadOptions,
+    Volume,
+    WriteOptions,
+    disk_full_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,45 +67,6 @@ _STACK_AXES = frozenset("ZYXQI")
 """Axis letters that may be larger than 1: Z, Y, X and tifffile's unlabelled Q (other) and I (pages)."""
 _EXTRA_AXES = {"C": "extra channels", "S": "RGB samples", "T": "time points"}
 """What a non-singleton axis letter means, for the refusal message."""
-
-
-class InputError(ValueError):
-    """A single input file cannot be processed (the reason is in the message)."""
-
-
-class DiskFullError(InputError):
-    """An output did not fit on its file system (the message says how much was needed and free)."""
-
-
-def disk_full_error(name: str, folder: Path, needed_bytes: int, exc: OSError) -> DiskFullError | None:
-    """A :class:`DiskFullError` for ``exc`` when it is a full disk (ENOSPC, or a short write with less
-    free space in ``folder`` than ``needed_bytes``); None for any other error. Call it after the
-    partial output was removed, so that "free" is what the file system has without it."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return None
-    if exc.errno != errno.ENOSPC and free >= needed_bytes:
-        return None
-    return DiskFullError(
-        f"{name}: no space left on device (needed ≈ {needed_bytes / 1e6:.1f} MB, free {free / 1e6:.1f} MB in {folder})"
-    )
-
-
-@dataclass
-class Volume:
-    """One 3D stack and what we know about it.
-
-    ``data`` is ZYX in the file's dtype; ``spacing`` is (z, y, x) in µm.
-    """
-
-    data: np.ndarray
-    spacing: tuple[float, float, float]
-    channel: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    source_shape: tuple[int, ...] | None = None  # the file's shape when it was not ZYX (2D, singleton axes)
-    source_axes: str | None = None  # the file's axes letters for ``source_shape``, when known
 
 
 def _lookup(meta: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -157,7 +126,12 @@ def ome_metadata(xml: str, image_index: int = 0) -> dict[str, Any]:
         return {}
     image = images[image_index] if image_index < len(images) else images[0]
     pixels = image.get("Pixels") if isinstance(image.get("Pixels"), dict) else {}
-    meta = {key: pixels[key] for axis in "XYZ" for key in (f"PhysicalSize{axis}", f"PhysicalSize{axis}Unit") if key in pixels}
+    meta = {
+        key: pixels[key]
+        for axis in "XYZ"
+        for key in (f"PhysicalSize{axis}", f"PhysicalSize{axis}Unit")
+        if key in pixels
+    }
     channels = pixels.get("Channel")
     channels = channels if isinstance(channels, list) else [channels] if isinstance(channels, dict) else []
     if len(channels) == 1 and channels[0].get("Name") is not None:
@@ -285,7 +259,9 @@ def spacing_from_metadata(
         if value is not None and (number is None or not PLAUSIBLE_SPACING_UM[0] <= number <= PLAUSIBLE_SPACING_UM[1]):
             lo, hi = PLAUSIBLE_SPACING_UM
             shown = f"{value!r}" if number is None or um_per_unit == 1.0 else f"{value!r} {unit} ({number:g} µm)"
-            warnings.append(f"PhysicalSize{axis.upper()}={shown} is not a plausible spacing ({lo:g}–{hi:g} µm): ignored")
+            warnings.append(
+                f"PhysicalSize{axis.upper()}={shown} is not a plausible spacing ({lo:g}–{hi:g} µm): ignored"
+            )
             number = None
         found[axis] = number
     resolved: list[float] = []
@@ -343,7 +319,13 @@ def stack_axes(shape: tuple[int, ...], axes: str) -> str:
     big = [i for i, n in enumerate(shape) if n > 1]
     extra = [i for i in big if upper[i] not in _STACK_AXES]
     has_z = any(upper[i] == "Z" for i in big)
-    if not has_z and len(extra) == 1 and upper[extra[0]] in "CT" and shape[extra[0]] >= MIN_PLANES_AS_Z and len(big) == 3:
+    if (
+        not has_z
+        and len(extra) == 1
+        and upper[extra[0]] in "CT"
+        and shape[extra[0]] >= MIN_PLANES_AS_Z
+        and len(big) == 3
+    ):
         i = extra[0]
         return axes[:i] + "Z" + axes[i + 1 :]
     return axes
@@ -363,22 +345,25 @@ def squeeze_to_zyx(shape: tuple[int, ...], axes: str = "") -> tuple[int, int, in
         if extra:
             found = ", ".join(f"{letter}={size}" for letter, size in extra)
             what = " and ".join(dict.fromkeys(_EXTRA_AXES.get(letter, f"'{letter}' entries") for letter, _ in extra))
-            raise InputError(f"non-singleton axes beyond Z, Y, X ({found}) in shape {tuple(shape)} (axes '{axes}'): {what} are not supported")
+            raise InputError(
+                f"non-singleton axes beyond Z, Y, X ({found}) in shape {tuple(shape)} (axes '{axes}'): "
+                f"{what} are not supported"
+            )
     dims = list(shape)
     names = list(axes) if len(axes) == len(shape) else ["?"] * len(shape)
     while len(dims) > 3 and 1 in dims:
         index = dims.index(1)
         del dims[index], names[index]
     if len(dims) > 3:
-        raise InputError(f"stack has {len(dims)} non-singleton axes {tuple(shape)} (axes '{axes}'): extra channels or time points are not supported")
+        raise InputError(
+            f"stack has {len(dims)} non-singleton axes {tuple(shape)} (axes '{axes}'): "
+            "extra channels or time points are not supported"
+        )
     if len(dims) == 2:
         dims.insert(0, 1)
     if len(dims) != 3 or min(dims) < 1:
         raise InputError(f"expected a 2D or 3D image, got shape {tuple(shape)}")
     return (dims[0], dims[1], dims[2])
-
-
-ReadCheck = Callable[[tuple[int, int, int], np.dtype, tuple[float, float, float]], None]
 
 
 def choose_series(shapes: list[tuple[tuple[int, ...], str]]) -> tuple[int, list[str]]:
@@ -402,7 +387,10 @@ def choose_series(shapes: list[tuple[tuple[int, ...], str]]) -> tuple[int, list[
     best = -max(ranked)[3]
     ignored = [f"series {i} {tuple(shape)}" for i, (shape, _) in enumerate(shapes) if i != best]
     shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-    return best, [f"file holds {len(shapes)} image series: read series {best} {tuple(shapes[best][0])} (the largest stack), ignored {shown}"]
+    return best, [
+        f"file holds {len(shapes)} image series: read series {best} {tuple(shapes[best][0])} (the largest stack), "
+        f"ignored {shown}"
+    ]
 
 
 def _description_json(tif: tifffile.TiffFile) -> dict[str, Any] | None:
@@ -439,7 +427,10 @@ def _shaped_problem(tif: tifffile.TiffFile) -> str | None:
     )
     if consistent:
         return None
-    return f"JSON shape {declared} in the image description does not match the file's {pages} page(s): pages read without it"
+    return (
+        f"JSON shape {declared} in the image description does not match the file's {pages} page(s): "
+        "pages read without it"
+    )
 
 
 @contextmanager
@@ -483,13 +474,30 @@ def _magic_problem(path: Path) -> str | None:
     return None
 
 
-def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
+def _metadata_and_spacing(
+    tif: tifffile.TiffFile, index: int, described: dict[str, Any] | None, warnings: list[str]
+) -> tuple[dict[str, Any], tuple[float, float, float]]:
+    """Series ``index``'s metadata (``described``: the untrusted description's, when the file was reopened
+    without it) and its (z, y, x) spacing in µm, with the resolution tags as Y/X fallback; warnings appended."""
+    if described is not None:
+        meta = described
+    else:
+        meta, meta_warnings = read_metadata(tif, index)
+        warnings += meta_warnings
+    units, _ = axis_units(meta)
+    fallback, tag_note = _resolution_spacing(tif.series[index].keyframe, (units["y"][0], units["x"][0]))
+    spacing, spacing_warnings = spacing_from_metadata(meta, fallback, tag_note)
+    warnings += spacing_warnings
+    return meta, spacing
+
+
+def read_volume(path: Path, check: ReadCheck | None = None, channel: str | None = None) -> Volume:
     """Read a TIFF as a ZYX stack with its spacing (µm), channel and metadata.
 
     ``check(shape_zyx, dtype, spacing)`` runs after the header is read and before the pixels are
-    loaded (memory budget); it raises to refuse the file. Raises :class:`InputError` for files
-    that are not readable TIFF stacks or have unsupported axes. Compressed files (LZW, deflate,
-    zstd, ...) are decoded by ``imagecodecs``.
+    loaded (memory budget); it raises to refuse the file. ``channel`` forces the channel (else from the
+    metadata, then the file name). Raises :class:`InputError` for files that are not readable TIFF
+    stacks or have unsupported axes. Compressed files (LZW, zstd, ...) are decoded by ``imagecodecs``.
     """
     path = Path(path)
     problem = _magic_problem(path)
@@ -504,15 +512,7 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
             series_axes = str(getattr(series, "axes", ""))
             shape = squeeze_to_zyx(tuple(series.shape), series_axes)
             read_as = stack_axes(tuple(series.shape), series_axes)
-            if described is not None:
-                meta = described
-            else:
-                meta, meta_warnings = read_metadata(tif, index)
-                warnings += meta_warnings
-            units, _ = axis_units(meta)
-            fallback, tag_note = _resolution_spacing(series.keyframe, (units["y"][0], units["x"][0]))
-            spacing, spacing_warnings = spacing_from_metadata(meta, fallback, tag_note)
-            warnings += spacing_warnings
+            meta, spacing = _metadata_and_spacing(tif, index, described, warnings)
             if check is not None:
                 check(shape, np.dtype(series.dtype), spacing)
             data = series.asarray().reshape(shape)
@@ -530,8 +530,11 @@ def read_volume(path: Path, check: ReadCheck | None = None) -> Volume:
         source_axes = series_axes or None
         warnings.append(f"shape {source_shape} read as ZYX {shape}; the output keeps the input's shape")
     if read_as != series_axes:
-        warnings.append(f"axes '{series_axes}' have no Z axis: read as '{read_as}' (a 3D stack saved as ImageJ channels or time points)")
-    channel, channel_warnings = channel_from_metadata(meta, path)
+        warnings.append(
+            f"axes '{series_axes}' have no Z axis: read as '{read_as}' "
+            "(a 3D stack saved as ImageJ channels or time points)"
+        )
+    channel, channel_warnings = channel_from_metadata(meta, path) if channel is None else (channel, [])
     return Volume(
         data=data,
         spacing=spacing,
@@ -550,7 +553,12 @@ def output_metadata(volume: Volume) -> dict[str, Any]:
         if isinstance(value, (str, int, float, bool)):
             meta[str(key)] = value
     z, y, x = volume.spacing
-    replaced = {"channel", *(f"physicalsize{a}" for a in "xyz"), *(f"physicalsize{a}unit" for a in "xyz"), *(f"{a}unit" for a in "xyz")}
+    replaced = {
+        "channel",
+        *(f"physicalsize{a}" for a in "xyz"),
+        *(f"physicalsize{a}unit" for a in "xyz"),
+        *(f"{a}unit" for a in "xyz"),
+    }
     for key in [k for k in meta if k.lower().replace("_", "") in replaced]:
         del meta[key]  # sizes and their units are rewritten in µm; per-axis units would contradict them
     meta.update(
@@ -675,7 +683,9 @@ def _flat_chunks(data: Any, dtype: np.dtype) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(data.planes(z0, min(nz, z0 + 8)), dtype=dtype).reshape(-1)
 
 
-def _tiles(chunks: Iterator[np.ndarray], pages: int, length: int, width: int, tile: tuple[int, int]) -> Iterator[np.ndarray]:
+def _tiles(
+    chunks: Iterator[np.ndarray], pages: int, length: int, width: int, tile: tuple[int, int]
+) -> Iterator[np.ndarray]:
     """Tiles in TIFF order (page by page, tile rows, tile columns) cut from a flat element stream.
 
     A tile row of a page is the next ``rows × width`` elements of the stream, whatever the
@@ -718,7 +728,10 @@ def check_output_name(folder: Path, name: str) -> None:
     path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
     size = len(os.fsencode(name))
     if size > name_max:
-        raise InputError(f"{name}: output file name is {size} bytes, over the {name_max}-byte limit of the output folder's file system")
+        raise InputError(
+            f"{name}: output file name is {size} bytes, over the {name_max}-byte limit "
+            "of the output folder's file system"
+        )
     full = len(os.fsencode(str(Path(folder).absolute() / name)))
     if full >= path_max:
         raise InputError(f"{name}: output path is {full} bytes, over the {path_max}-byte path limit")
@@ -746,14 +759,13 @@ def _umask() -> int:
 def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> WrittenDigest:
     """Write a ZYX stack like the organisers' reference (BigTIFF, tiles, resolution 1/µm); returns its digest.
 
-    ``data`` is an array, or a plane source (``.shape``, ``.dtype``, ``.planes(z0, z1)``) that is
-    written z-slab by z-slab without materialising the volume. The file is written in the
-    input's own shape (``like.source_shape``) when it had one. Tiles are 128×128 where the page
-    allows (:func:`tile_for`), else strips. It is written to a new, exclusively created temporary
-    file in the output folder (unpredictable name, ``O_EXCL|O_NOFOLLOW``), read back
-    (:func:`verify_written`, with ``verify``) and renamed to its final name; on any failure or
-    interruption the temporary file is removed. Raises :class:`InputError` when the name is too
-    long for the folder (before writing) and :class:`WriteCheckError` when the file reads back wrong.
+    ``data`` is an array, or a plane source (``.shape``, ``.dtype``, ``.planes(z0, z1)``) that is written
+    z-slab by z-slab without materialising the volume. The file is written in the input's own shape
+    (``like.source_shape``) when it had one. Tiles are 128×128 where the page allows (:func:`tile_for`),
+    else strips. It is written to a new, exclusively created temporary file in the output folder
+    (unpredictable name, ``O_EXCL|O_NOFOLLOW``), read back (:func:`verify_written`, with ``verify``) and
+    renamed to its final name; on any failure or interruption the temporary file is removed. Raises
+    :class:`InputError` when the name is too long (before writing), :class:`WriteCheckError` when it reads back wrong.
     """
     path = Path(path)
     check_output_name(path.parent, path.name)
@@ -776,7 +788,9 @@ def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> Wr
     if tile is not None:
         kwargs["tile"] = tile
         stream = _tiles(stream, pages, length, width, tile)
-    fd, name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=path.parent)  # O_EXCL | O_NOFOLLOW, mode 0600
+    fd, name = tempfile.mkstemp(
+        prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=path.parent
+    )  # O_EXCL | O_NOFOLLOW, mode 0600
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -787,7 +801,9 @@ def write_volume(path: Path, data: Any, like: Volume, verify: bool = True) -> Wr
         if verify:
             verify_written(tmp, digest)
         replacing = os.path.lexists(path)
-        os.replace(tmp, path)  # never a half-written file under the final name; a symlink there is replaced, not followed
+        os.replace(
+            tmp, path
+        )  # never a half-written file under the final name; a symlink there is replaced, not followed
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         full = disk_full_error(path.name, path.parent, math.prod(shape) * dtype.itemsize, exc)
@@ -812,7 +828,9 @@ def verify_written(path: Path, digest: WrittenDigest) -> None:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         if tuple(series.shape) != digest.shape or np.dtype(series.dtype) != digest.dtype:
-            raise WriteCheckError(f"{path.name} reads back as {tuple(series.shape)} {series.dtype}, written {digest.shape} {digest.dtype}")
+            raise WriteCheckError(
+                f"{path.name} reads back as {tuple(series.shape)} {series.dtype}, written {digest.shape} {digest.dtype}"
+            )
         if len(tif.pages) != digest.pages:
             raise WriteCheckError(f"{path.name} has {len(tif.pages)} pages, expected {digest.pages}")
         for index, crc in digest.crc32.items():
@@ -821,67 +839,18 @@ def verify_written(path: Path, digest: WrittenDigest) -> None:
                 raise WriteCheckError(f"{path.name}: page {index} ({page.shape}) does not read back as written")
 
 
-@dataclass(frozen=True)
-class InputScan:
-    """The input folder's entries: the TIFF files to process, the skipped TIFF-named entries and the
-    other entries (not TIFF-named), each with the reason it is not read."""
-
-    files: list[Path]
-    skipped: list[tuple[str, str]]  # (entry name, reason)
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (entry name, NOT_TIFF)
-
-    def not_read(self) -> list[tuple[str, str]]:
-        """Every entry that is not processed, with its reason, sorted by name."""
-        return sorted(self.skipped + self.ignored)
+def is_tiff_file(path: Path) -> bool:
+    """Whether ``path`` is a file named ``*.tif``/``*.tiff`` (any case): a TIFF input."""
+    return path.is_file() and path.suffix.lower() in TIFF_SUFFIXES
 
 
-NOT_TIFF = "not a .tif/.tiff file"
+def _read(path: Path, options: ReadOptions) -> Volume:
+    return read_volume(path, check=options.check, channel=options.channel)
 
 
-def skip_reason(path: Path) -> str | None:
-    """Why a TIFF-named folder entry is not processed (None: it is a regular file to read)."""
-    try:
-        mode = path.stat().st_mode  # follows symbolic links
-    except FileNotFoundError:
-        return "dangling symbolic link" if path.is_symlink() else "vanished while listing"
-    except OSError as exc:
-        return f"cannot be inspected ({exc.strerror or exc})"
-    if stat.S_ISDIR(mode):
-        return "a folder, not a file"
-    if not stat.S_ISREG(mode):
-        kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device"}
-        kind = next((text for test, text in kinds.items() if test(mode)), "special file")
-        return f"not a regular file ({kind})"
-    if path.name.lower() in TIFF_SUFFIXES:
-        return "no file name before the extension"
-    return None
+def _write(path: Path, source: Any, like: Volume, options: WriteOptions) -> None:
+    write_volume(path, source, like=like)
 
 
-def scan_inputs(directory: Path) -> InputScan:
-    """Regular ``*.tif``/``*.tiff`` files (any case) directly inside ``directory``, sorted by name,
-    the TIFF-named entries skipped with their reason (dangling symlinks, FIFOs, folders, a file
-    named just ``.tif``) and the other entries (:data:`NOT_TIFF`)."""
-    files: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    ignored: list[tuple[str, str]] = []
-    for path in sorted(Path(directory).iterdir()):
-        if not path.name.lower().endswith(TIFF_SUFFIXES):
-            ignored.append((path.name, NOT_TIFF))
-            continue
-        reason = skip_reason(path)
-        if reason is None:
-            files.append(path)
-        else:
-            skipped.append((path.name, reason))
-    return InputScan(files, skipped, ignored)
-
-
-def log_not_read(name: str, reason: str, level: int = logging.WARNING) -> None:
-    """The one log line of a folder entry that is not read (``inference.py`` and ``fusemycells.batch``):
-    WARNING for a TIFF-named entry (it looks like an input), INFO for other names."""
-    log.log(level if name.lower().endswith(TIFF_SUFFIXES) else logging.INFO, "skipped %r: %s", name, reason)
-
-
-def list_inputs(directory: Path) -> list[Path]:
-    """Sorted ``*.tif``/``*.tiff`` files (any case) directly inside ``directory`` (see :func:`scan_inputs`)."""
-    return scan_inputs(directory).files
+FORMATS = (Format("tiff", TIFF_SUFFIXES, is_tiff_file, _read, _write),)
+"""TIFF in the registry (:mod:`fusemycells.io.formats`): the Grand Challenge's format and the default."""
