@@ -8,6 +8,7 @@ normalised output (``--output-dtype float32`` of the command line), on the input
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,6 +23,7 @@ from fusemycells.config import DEFAULT_RESOURCES, Manifest, load_manifest, resol
 from fusemycells.report import CaseReport, case_entry
 from fusemycells.sources import iter_planes
 
+log = logging.getLogger(__name__)
 Spacing3 = tuple[float, float, float]
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CHANNELS = ("nucleus", "membrane")
@@ -179,6 +181,14 @@ def coarse_grid_placement(
     return scale, translate  # type: ignore[return-value]
 
 
+@dataclass
+class Outcome:
+    """How a fusion ended: its ``result``, or the ``error`` message, or neither (cancelled)."""
+
+    result: FusionResult | None = None
+    error: str | None = None
+
+
 class Listener:
     """How a running fusion reports progress (``report(text, fraction 0..1)``, called from the worker thread)
     and learns that it was cancelled (``cancel``, set from the GUI thread)."""
@@ -259,14 +269,18 @@ class FusionEngine:
         listener = self._listener or Listener()
         return _PatchProgress(listener, total, unit, PATCH_SPAN)
 
-    def run(self, request: FusionRequest, listener: Listener) -> FusionResult | None:
-        """Fuse ``request`` (its ``data`` is consumed); None when cancelled through ``listener``. Raises the
-        pipeline's errors (a stack over the RAM budget, weights that cannot be loaded, ...)."""
+    def run(self, request: FusionRequest, listener: Listener) -> Outcome:
+        """Fuse ``request`` (its ``data`` is consumed): the result, or cancelled through ``listener``, or why it
+        failed (a stack over the RAM budget, weights that cannot be loaded, ...; the traceback goes to the log).
+        Never raises an ``Exception``: napari would show a traceback for an error that leaves its worker."""
         self._listener = listener
         try:
-            return self._run(request, listener)
+            return Outcome(result=self._run(request, listener))
         except Cancelled:
-            return None
+            return Outcome()
+        except Exception as exc:
+            log.error("fusion of %s failed", request.name, exc_info=exc)
+            return Outcome(error=str(exc) or type(exc).__name__)
         finally:
             self._listener = None
 

@@ -8,7 +8,6 @@ line, not a traceback.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton
@@ -18,15 +17,13 @@ from fusemycells.napari.fusion import (
     DEVICES,
     FusionEngine,
     FusionRequest,
-    FusionResult,
     LayerError,
     Listener,
+    Outcome,
     chosen_spacing,
     guess_channel,
     volume_of,
 )
-
-log = logging.getLogger(__name__)
 
 
 class _Relay(QObject):
@@ -108,7 +105,6 @@ class FuseWidget(Container):
         self.listener = Listener(self._relay.progressed.emit)
         self.worker = create_worker(self.engine.run, request, self.listener, _start_thread=False)
         self.worker.returned.connect(self._on_returned)
-        self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.progress.value = 0
@@ -126,7 +122,11 @@ class FuseWidget(Container):
         if self.listener is not None and not self.listener.cancel.is_set():
             self.status.value = text
 
-    def _on_returned(self, result: FusionResult | None) -> None:
+    def _on_returned(self, outcome: Outcome) -> None:
+        result = outcome.result
+        if outcome.error is not None:
+            self.status.value = f"fusion failed: {outcome.error}"
+            return
         if result is None:
             self.status.value = "cancelled: no layer added"
             return
@@ -134,10 +134,6 @@ class FuseWidget(Container):
             self.viewer.add_image(data, **kwargs)
         self.progress.value = 100
         self.status.value = result.summary()
-
-    def _on_error(self, exc: BaseException) -> None:
-        log.error("fusion failed: %s: %s", type(exc).__name__, exc)
-        self.status.value = f"fusion failed: {exc}"
 
     def _on_finished(self) -> None:
         self.worker, self.listener = None, None
