@@ -31,6 +31,7 @@ from fusemycells.io.tiff import read_volume  # noqa: E402
 from fusemycells.napari.fusion import FusionEngine, coarse_grid_placement  # noqa: E402
 from fusemycells.napari.reader import get_reader, read_stacks  # noqa: E402
 from fusemycells.napari.widget import FuseWidget  # noqa: E402
+from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "test" / "input" / "images" / "fluorescence-lightsheet-3D-microscopy"
@@ -123,9 +124,18 @@ def test_cancel_during_loading_leaves_no_layer_and_the_widget_runs_again(qtbot, 
     assert len(viewer.layers) == 3, widget.status.value
 
 
-def test_cancel_during_the_patch_stage_stops_it_and_leaves_no_layer(qtbot, fixture_resources: Path) -> None:
+def test_cancel_during_the_patch_stage_stops_it_and_leaves_no_layer(qtbot, fixture_resources: Path, monkeypatch) -> None:
     """Cancel that arrives between two patch batches (set from the worker at the first batch's progress, so it
-    cannot come too late) stops the sliding window: no layer, and the next run is whole."""
+    cannot come too late) stops the sliding window: no layer, and the next run is whole. The pipeline never
+    takes the cancel for a device fault (on a GPU it would rerun the step on the CPU instead of stopping)."""
+    faults: list[str] = []
+    original = BudgetPolicy.device_fault
+
+    def recorded(self, step: str, exc: BaseException) -> bool:
+        faults.append(f"{step}: {type(exc).__name__}")
+        return original(self, step, exc)
+
+    monkeypatch.setattr(BudgetPolicy, "device_fault", recorded)
     viewer = ViewerModel()
     viewer.add_image(blob_volume((24, 64, 64)), name="blobs", scale=(1.0, 0.39, 0.39))
     widget = widget_on(viewer, qtbot, FusionEngine(fixture_resources))
@@ -147,6 +157,7 @@ def test_cancel_during_the_patch_stage_stops_it_and_leaves_no_layer(qtbot, fixtu
     done, total = (int(n) for n in patches[0].split()[1].split("/"))
     assert done < total, seen  # stopped before the end of the patch stage
     assert [layer.name for layer in viewer.layers] == ["blobs"] and widget.status.value.startswith("cancelled")
+    assert faults == []
     fuse(widget, qtbot)
     assert len(viewer.layers) == 3 and widget.status.value.startswith("fused"), widget.status.value
 
