@@ -167,6 +167,17 @@ def test_a_built_wheel_installs_commands_that_fuse_the_sample_from_outside_the_r
     proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, timeout=120, cwd=elsewhere, env=env)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]  # every weights file there, sha256 verified
 
+    # napari lists the plugin (from the wheel's entry point) where napari is installed (CI: requirements-napari.txt)
+    probe = (
+        "import importlib.util, sys\n"
+        "if importlib.util.find_spec('npe2') is None: sys.exit(3)\n"
+        "import npe2\n"
+        "pm = npe2.PluginManager.instance(); pm.discover()\n"
+        "print([w.display_name for w in pm.get_manifest('fusemycells').contributions.widgets])"
+    )
+    proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300, cwd=elsewhere, env=env)
+    assert proc.returncode == 3 or proc.stdout.strip() == "['Fuse view']", proc.stdout + proc.stderr[-2000:]
+
     reference = tmp_path / "reference"
     cmd = [sys.executable, "inference.py", "--input", str(SAMPLE), "--output", str(reference), "--device", "cpu"]
     assert subprocess.run(cmd, capture_output=True, timeout=600, cwd=REPO).returncode == 0
