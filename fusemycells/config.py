@@ -47,8 +47,22 @@ GC_OUTPUT_ROOT = Path("/output")
 GC_MODEL_DIR = Path("/opt/ml/model")
 INPUT_SUBDIR = Path("images/fluorescence-lightsheet-3D-microscopy")
 OUTPUT_SUBDIR = Path("images/fused-fluorescence-lightsheet-3D-microscopy")
-DEFAULT_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 MANIFEST_NAME = "manifest.json"
+PACKAGED_RESOURCES = Path(__file__).resolve().parent / "resources"
+"""The weights inside an installed wheel (pyproject.toml maps the repository's ``resources/`` to the package
+folder ``fusemycells/resources``): a ``pip install`` has no repository around it."""
+CHECKOUT_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+"""The weights beside the package: a source checkout, and the image (``/opt/app/resources`` next to
+``/opt/app/fusemycells``)."""
+
+
+def bundled_resources(packaged: Path = PACKAGED_RESOURCES, checkout: Path = CHECKOUT_RESOURCES) -> Path:
+    """The weights that come with the code: the wheel's package data when it holds a manifest, else the
+    checkout's (or image's) ``resources/`` (where neither exists, loading it says so and names ``--resources``)."""
+    return packaged if (packaged / MANIFEST_NAME).is_file() else checkout
+
+
+DEFAULT_RESOURCES = bundled_resources()
 DEFAULT_TIME_BUDGET_S = 480.0
 """Run time budget (s, wall time from the process's start) when the manifest names none.
 
@@ -394,7 +408,7 @@ def load_manifest(resources_dir: Path) -> Manifest:
     """Read and validate ``<resources_dir>/manifest.json`` (files are verified when loaded)."""
     path = Path(resources_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"weights manifest not found: {path}")
+        raise ManifestError(f"weights manifest not found: {path} (pass --resources DIR, a folder with {MANIFEST_NAME})")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -79,6 +79,7 @@ class Prepared:
     noise: float  # the input's relative noise (see postprocess.relative_noise)
     ops: Ops  # where the non-network steps run, and the case's profile (see ops.choose_ops)
     ops_on: str  # the device ``ops`` were chosen for ('cpu' after a device fault)
+    weight: np.ndarray | None = None  # the blending weight on the diff grid (ZYX, 0..1) once blended
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Fused:
     report: CaseReport
     profile: Profile = field(default_factory=Profile)  # exclusive seconds per kind of work, also while writing
     on_cpu: Callable[[], PlaneSource] | None = None  # the same output computed on the CPU (after a device fault)
+    weight: np.ndarray | None = None  # where the networks acted: the blending weight (diff grid, ZYX); None: not at all
 
     def to_array(self) -> np.ndarray:
         """The output as one array (float32, or uint16 for that output dtype)."""
@@ -259,7 +261,7 @@ class Fuser:
             return self._finish(case, source, output_dtype)
 
         output = self._step(case, "output filter", lambda: self._finish(case, source, output_dtype))
-        return Fused(output, report, profile, on_cpu=on_cpu)
+        return Fused(output, report, profile, on_cpu=on_cpu, weight=case.weight)
 
     def reserve_s(self, voxels: int, h_voxels: int) -> float:
         """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
@@ -445,6 +447,7 @@ class Fuser:
             lambda: postprocess.blend_weight(source, case.x_in, case.post, gate, extent_um, ops=case.ops),
         )
         report.weight_map = postprocess.weight_stats(weight)
+        case.weight = weight
         compact = self.policy.compact_output(case.data.shape)
         done = [0]  # planes blended so far: a rerun on the CPU resumes there (in place, the rest is still the input)
         return self._step(
