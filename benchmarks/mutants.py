@@ -201,7 +201,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "degradation-levels-shifted", "fusemycells/runtime/ladder.py",
         "return [PatchAttempt(value, level) for level, value in enumerate(dict.fromkeys((overlap, 0.0)))]",
         "return [PatchAttempt(value, level) for level, value in enumerate(dict.fromkeys((overlap, 0.0)), start=1)]",
-        (COMPOSED, "test/test_budget.py"), "the report names the wrong degradation level",
+        (COMPOSED, "test/test_budget.py", "test/test_ladder.py"), "the report names the wrong degradation level",
     ),
     Mutant(
         "output-sigma-not-isotropic", "fusemycells/postprocess.py",

@@ -105,7 +105,7 @@ class Job:
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
     channel_index: int | None = None  # OME-Zarr input: the channel of a non-singleton c axis fused
     zarr_levels: int | None = None  # OME-Zarr output: pyramid levels (None: automatic)
-    time_budget_s: float | None = None  # per file; None: no deadline (full quality)
+    file_budget_s: float | None = None  # this file's time budget (s); None: no deadline (full quality)
     overwrite: bool = False  # redo even when a verified output exists
     fingerprint: dict[str, Any] = field(default_factory=dict)  # settings an output must have been made with
     run_token: str = ""  # the batch run that submitted it (set by run_batch; in its completion record)
@@ -505,7 +505,7 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Any = None) ->
     if fuser is None:
         fuser = worker_fuser()
     replacing = os.path.lexists(job.output)
-    deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
+    deadline = None if job.file_budget_s is None else time.perf_counter() + job.file_budget_s
     if job.input_format == "tiff" and job.output_format == "tiff" and job.channel is None:
         report = case_entry(_process_tiff(Path(job.source), Path(job.output).parent, fuser, job.output_dtype, deadline))
     else:
@@ -1026,7 +1026,7 @@ def _run(run: BatchRun, before_file: FileHook | None) -> int:
             output_dir,
             args.output_format,
             output_dtype=args.output_dtype,
-            time_budget_s=args.time_budget,
+            file_budget_s=args.time_budget,
             fingerprint=fingerprint,
             **options,
         )

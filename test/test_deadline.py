@@ -10,8 +10,8 @@ from fusemycells.runtime.ladder import PatchRateWatcher
 from fusemycells.runtime.progress import log_lines_only
 
 
-class FakeClock:
-    """A clock the test sets (seconds)."""
+class FakeNow:
+    """A time source the test sets (seconds)."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -20,8 +20,8 @@ class FakeClock:
         return self.now
 
 
-def watching(total: int, deadline: float, reserve_s: float = 0.0) -> tuple[PatchRateWatcher, FakeClock]:
-    clock = FakeClock()
+def watching(total: int, deadline: float, reserve_s: float = 0.0) -> tuple[PatchRateWatcher, FakeNow]:
+    clock = FakeNow()
     watcher = PatchRateWatcher(clock, progress=log_lines_only)
     watcher.start(total, Countdown(deadline, reserve_s=reserve_s, now=clock), batch_size=2)
     return watcher, clock

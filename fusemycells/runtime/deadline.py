@@ -2,10 +2,12 @@
 and the seconds left for one file's networks (:class:`Countdown`).
 
 Names, one meaning each across the package: a *clock* is a :class:`RunClock` (the instant the run's
-``time_budget_s`` counts from); *now* is a monotonic time source (:data:`Now`, ``time.perf_counter``
-unless a test passes another); a *deadline* is a :data:`Now` time (float) by which a file must be
-written, None for none; a *countdown* is a :class:`Countdown`. The decisions taken with them are
-:mod:`fusemycells.runtime.ladder`'s. Nothing here raises.
+budget counts from); *now* is a monotonic time source (:data:`Now`, ``time.perf_counter`` unless a test
+passes another); a *deadline* is a :data:`Now` time (float) by which a file must be written, None for
+none; a *countdown* is a :class:`Countdown`; ``time_budget_s`` is a whole run's budget (``--time-budget``
+of ``inference.py``, the manifest's, the policy's), ``file_budget_s`` one file's (a batch job's: batch's
+``--time-budget`` is per file). The decisions taken with them are :mod:`fusemycells.runtime.ladder`'s.
+Nothing here raises.
 """
 
 from __future__ import annotations
