@@ -87,9 +87,11 @@ def load_model(path: Path, threads: int):
 
 def default_workers(threads: int) -> int:
     """Concurrent patch batches our pipeline would use for TorchScript on ``threads`` CPU cores."""
-    from fusemycells.runtime.budget import BudgetPolicy
+    from types import SimpleNamespace
 
-    return BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=threads).patch_workers("torchscript", "cpu")
+    from fusemycells.backends import patch_workers
+
+    return patch_workers(SimpleNamespace(torch_cpu_forward=True), threads)  # a TorchScriptRunner on the CPU says so
 
 
 def pure_forward_seconds(predict, batches: int, workers: int, shape: tuple[int, ...], sample: int = 24) -> float:

@@ -1,9 +1,10 @@
-"""What the deadline rules choose for each real study shape on a CPU fallback, as a Markdown table.
+"""What the degradation ladder chooses for each real study shape on a CPU fallback, as a Markdown table.
 
     python benchmarks/budget_plan.py [--budget 480] [--speed 0.7 1.0 1.3]
 
-For each shape, ``fusemycells.runtime.budget.plan_first_file``: the policy's first-file estimates decide
-(reserve, global-stage guard), the patch stage's level follows from the real patch rate, and each
+For each shape, ``fusemycells.runtime.ladder.plan_first_file``: the pipeline's own ladder decides on the
+policy's first-file estimates (reserve, global-stage guard), the patch stage's level follows from the real
+patch rate, and each
 phase takes the measured 2-core time (``CPU_2CORE``) divided by ``speed`` (Grand Challenge's 4 vCPUs
 are 2 hyperthreaded cores: speed ≈ 1, read as 0.7–1.3; README *Budgets*). No computation is run.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusemycells.runtime.budget import plan_first_file  # noqa: E402
+from fusemycells.runtime.ladder import plan_first_file  # noqa: E402
 
 STUDY_SHAPES = [  # ZYX voxels, ZYX µm (README, issue 13)
     ((222, 731, 860), (1.0, 0.195, 0.195)),

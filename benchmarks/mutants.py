@@ -69,9 +69,9 @@ MUTANTS: tuple[Mutant, ...] = (
         (COMPOSED, "test/test_postprocess.py"), "the networks' offset reaches empty space (SSIM's luminance term)",
     ),
     Mutant(
-        "watcher-never-stops", "fusemycells/runtime/deadline.py",
-        "if done < total and (total - done) * rate > self._deadline.left():",
-        "if done > total and (total - done) * rate > self._deadline.left():",
+        "watcher-never-stops", "fusemycells/runtime/ladder.py",
+        "if done < total and not patches_fit(total - done, rate, self._countdown):",
+        "if done > total and not patches_fit(total - done, rate, self._countdown):",
         ("test/test_deadline.py", f"{COMPOSED}::test_a_slow_patch_network_is_stopped_mid_run_and_the_file_finishes_in_time_at_level_1"),
         "a slow patch network overruns the time budget (no output for the case)",
     ),
@@ -198,10 +198,10 @@ MUTANTS: tuple[Mutant, ...] = (
         (COMPOSED, "test/test_pipeline.py"), "level 2 (stage 1 only) adds no correction",
     ),
     Mutant(
-        "degradation-levels-shifted", "fusemycells/patch_stage.py",
-        "for level, overlap in enumerate(dict.fromkeys((self.overlap, 0.0)), start=1):",
-        "for level, overlap in enumerate(dict.fromkeys((self.overlap, 0.0)), start=2):",
-        (COMPOSED, "test/test_budget.py"), "the report names the wrong degradation level",
+        "degradation-levels-shifted", "fusemycells/runtime/ladder.py",
+        "return [PatchAttempt(value, level) for level, value in enumerate(dict.fromkeys((overlap, 0.0)))]",
+        "return [PatchAttempt(value, level) for level, value in enumerate(dict.fromkeys((overlap, 0.0)), start=1)]",
+        (COMPOSED, "test/test_budget.py", "test/test_ladder.py"), "the report names the wrong degradation level",
     ),
     Mutant(
         "output-sigma-not-isotropic", "fusemycells/postprocess.py",

@@ -62,7 +62,7 @@ from fusemycells.pipeline import Fuser, HighRes, Prepared  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.report import CaseReport  # noqa: E402
 from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402
-from fusemycells.runtime.deadline import Deadline  # noqa: E402
+from fusemycells.runtime.deadline import Countdown  # noqa: E402
 from fusemycells.runtime.timing import Profile  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
 
@@ -150,7 +150,7 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
     global_flip_s = time.perf_counter() - started
     high = HighRes(x_h, ResizedSource(p1, prepared.grid_h, ops=ops))
     started = time.perf_counter()
-    correction = fuser._patch_stage(prepared, high, Deadline(None), report).astype(np.float32)
+    correction = fuser._patch_stage(prepared, high, Countdown(None), report).astype(np.float32)
     patch_s = time.perf_counter() - started
     patches = int(report.stages["patch"]["patches"])
     started = time.perf_counter()

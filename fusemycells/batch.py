@@ -110,7 +110,7 @@ class Job:
     channel: str | None = None  # forces the channel ('nucleus' / 'membrane'); None: from the metadata
     channel_index: int | None = None  # OME-Zarr input: the channel of a non-singleton c axis fused
     zarr_levels: int | None = None  # OME-Zarr output: pyramid levels (None: automatic)
-    time_budget_s: float | None = None  # per file; None: no deadline (full quality)
+    file_budget_s: float | None = None  # this file's time budget (s); None: no deadline (full quality)
     overwrite: bool = False  # redo even when a verified output exists
     fingerprint: dict[str, Any] = field(default_factory=dict)  # settings an output must have been made with
     run_token: str = ""  # the batch run that submitted it (set by run_batch; in its completion record)
@@ -448,7 +448,7 @@ def run_job(job: Job, before_file: FileHook | None = None, fuser: Fuser | None =
     if fuser is None:
         fuser = worker_fuser()
     replacing = os.path.lexists(job.output)
-    deadline = None if job.time_budget_s is None else time.perf_counter() + job.time_budget_s
+    deadline = None if job.file_budget_s is None else time.perf_counter() + job.file_budget_s
     report = fuse_job(job, fuser, deadline)
     report.update({"input": job.source, "output": job.output, **where})
     report["replaced"] = replacing and report["status"] == "ok"
@@ -858,7 +858,7 @@ def plan_run(run: BatchRun) -> tuple[list[Job], Path]:
     fingerprint = {"weights": manifest_sha256(resources), "backend": args.backend, "output_dtype": args.output_dtype}
     fingerprint.update({**options, "time_budget_s": args.time_budget})
     jobs = plan_jobs(inputs, output_dir, args.output_format, output_dtype=args.output_dtype,
-                     time_budget_s=args.time_budget, fingerprint=fingerprint, overwrite=args.overwrite, **options)
+                     file_budget_s=args.time_budget, fingerprint=fingerprint, overwrite=args.overwrite, **options)
     run.order = {job.source: i for i, job in enumerate(jobs)}
     problem = overwrite_problem(output_dir, args.inputs, jobs)
     if problem is not None:

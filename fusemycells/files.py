@@ -27,12 +27,13 @@ from fusemycells.io.scan import list_inputs
 from fusemycells.io.tiff import check_output_name
 from fusemycells.io.volume import Format, InputError, ReadOptions, Volume, WriteOptions
 from fusemycells.ops import Ops
-from fusemycells.pipeline import Fused, Fuser, learn_finish_cost, note_device_fault, timed, warn
+from fusemycells.pipeline import Fused, Fuser, note_device_fault, timed, warn
 from fusemycells.preprocess import sanitise_inplace
 from fusemycells.report import CaseReport
 from fusemycells.runtime.allocator import reuse_freed_memory
 from fusemycells.runtime.budget import MemoryBudgetExceeded
 from fusemycells.runtime.devices import free_device_cache, peak_rss_mib, peak_vram_mib
+from fusemycells.runtime.ladder import learn_finish_cost
 from fusemycells.sources import ArraySource, PlaneSource
 
 log = logging.getLogger(__name__)

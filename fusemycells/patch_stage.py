@@ -1,10 +1,11 @@
 """Stage 2: the patch network on the high-resolution grid H, with its out-of-memory ladder.
 
 A :class:`PatchStage` is configured once per channel (patch, overlap, batch, workers, backend)
-and called once per file: ``stage(x_h, p1_h, deadline)`` returns the correction (prediction −
+and called once per file: ``stage(x_h, p1_h, countdown)`` returns the correction (prediction −
 input on H) and what it did. It owns what it learns across files: the OOM ladder's batch size,
 sub-patch and CPU fallback (like MONAI's ``SlidingWindowInfererAdapt`` keeps its own CPU
-threshold) and the patch rate of its :class:`~fusemycells.runtime.deadline.PatchRateWatcher`.
+threshold) and the patch rate of its :class:`~fusemycells.runtime.ladder.PatchRateWatcher`. Which
+passes it tries, and when one stops, is the degradation ladder's (:mod:`fusemycells.runtime.ladder`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusemycells.backends import LoadedStage
+from fusemycells.backends import LoadedStage, patch_torch_threads, patch_workers
 from fusemycells.config import StageSpec
 from fusemycells.postprocess import FLOAT16_MAX
 from fusemycells.runtime.budget import BudgetPolicy, EventLog
-from fusemycells.runtime.deadline import Clock, Deadline, PatchRateWatcher
+from fusemycells.runtime.deadline import Countdown, Now
 from fusemycells.runtime.devices import free_device_cache, is_out_of_memory, torch_threads
+from fusemycells.runtime.ladder import PATCH_SKIPPED, Degradation, PatchRateWatcher, patch_attempts
 from fusemycells.runtime.progress import ProgressFactory, progress_for
 from fusemycells.sources import PlaneSource, Shape3, read_only, slabs
 from fusemycells.stitching import Predict, StitchStats, count_windows, sliding_window
@@ -128,7 +130,7 @@ class PatchResult:
     """What one call of a :class:`PatchStage` produced and did."""
 
     correction: np.ndarray  # prediction − input on H, ZYX (float16 on big stacks, else float32)
-    degradations: list[tuple[int, str]] = field(default_factory=list)  # (level, why), see DEGRADATION_LEVELS
+    degradations: list[Degradation] = field(default_factory=list)  # the ladder's steps down, in order
     warnings: list[str] = field(default_factory=list)  # quality caveats that are not time degradations
     info: dict[str, Any] | None = None  # the report's ``stages.patch`` entry; None when the network did not finish
 
@@ -175,7 +177,7 @@ class PatchStage:
         spec: StageSpec,
         load: Callable[[str], LoadedStage],
         policy: BudgetPolicy,
-        clock: Clock = time.perf_counter,
+        now: Now = time.perf_counter,
         min_sub_patch: int = 16,
         progress: ProgressFactory = progress_for,
     ) -> None:
@@ -186,7 +188,7 @@ class PatchStage:
         cpu = None if policy.active_device == "cpu" else (lambda: load("cpu").runner)
         on_fault = partial(policy.device_fault, "patch stage")
         self.ladder = OomLadder(self.device_stage.runner, cpu, policy.events, min_sub_patch, on_fault)
-        self.watcher = PatchRateWatcher(clock, progress)
+        self.watcher = PatchRateWatcher(now, progress)
 
     @property
     def current(self) -> LoadedStage:
@@ -199,45 +201,39 @@ class PatchStage:
 
     @property
     def workers(self) -> int:
-        runner = self.current.runner
-        return self.policy.patch_workers(runner.backend, runner.device)
+        return patch_workers(self.current.runner, self.policy.threads)
 
-    def __call__(self, x_h: PlaneSource, p1_h: PlaneSource, deadline: Deadline) -> PatchResult:
+    def __call__(self, x_h: PlaneSource, p1_h: PlaneSource, countdown: Countdown) -> PatchResult:
         """Correction on H from the input ``x_h`` and the stage-1 prediction ``p1_h`` (both ZYX on H).
 
-        Degrades when ``deadline`` cannot be met: without overlap (level 1), then the stage-1
-        correction alone (level 2).
+        Degrades when ``countdown`` runs out (:func:`~fusemycells.runtime.ladder.patch_attempts`): without
+        overlap (level 1), then the stage-1 correction alone (level 2).
         """
         if self.policy.active_device == "cpu" and self.ladder.cpu_predict is not None:
             self.ladder.use_cpu()  # the device faulted since this stage was loaded
         dtype = np.float16 if self.policy.compact_output(x_h.shape) else np.float32
         result = PatchResult(correction=np.empty(x_h.shape, dtype=dtype))
-        for level, overlap in enumerate(dict.fromkeys((self.overlap, 0.0)), start=1):  # full, then no overlap
-            why = self._run(x_h, p1_h, overlap, deadline, result)
+        for attempt in patch_attempts(self.overlap):  # full, then no overlap
+            why = self._run(x_h, p1_h, attempt.overlap, countdown, result)
             if why is None:
                 return result
-            result.degradations.append((level, why))
-        result.degradations.append((2, "patch stage skipped"))
+            result.degradations.append(Degradation(attempt.level + 1, why))
+        result.degradations.append(PATCH_SKIPPED)
         stage1_correction(x_h, p1_h, result.correction)
         return result
 
     def _run(
-        self, x_h: PlaneSource, p1_h: PlaneSource, overlap: float, deadline: Deadline, result: PatchResult
+        self, x_h: PlaneSource, p1_h: PlaneSource, overlap: float, countdown: Countdown, result: PatchResult
     ) -> str | None:
         """One sliding-window pass into ``result``; why it did not finish (None: it did)."""
         total = count_windows(x_h.shape, self.patch, overlap)
-        too_slow = self.watcher.too_slow(total, deadline)
+        too_slow = self.watcher.too_slow(total, countdown)
         if too_slow is not None:
             return too_slow
         workers, batch_size = self.workers, self.batch_size
-        self.watcher.start(total, deadline, batch_size)
+        self.watcher.start(total, countdown, batch_size)
         emit = partial(store_difference, result.correction, read_only(x_h))
-        runner = self.current.runner
-        # torch's own threads only for one multi-threaded TorchScript forward on the CPU; else one thread: one per
-        # concurrent forward, and the accumulation's addcmul_ without OpenMP workers that spin between patches
-        # and took the cores the prefetch thread and ONNX Runtime need (fake network: 0.62 → 1.59 s)
-        shared = workers == 1 and runner.backend == "torchscript" and runner.device == "cpu"
-        with torch_threads(None if shared else 1):
+        with torch_threads(patch_torch_threads(self.current.runner, workers)):
             try:
                 _, stats = sliding_window(
                     [x_h, p1_h], self.ladder, self.patch, overlap=overlap, batch_size=batch_size,

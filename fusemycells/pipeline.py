@@ -31,14 +31,10 @@ from fusemycells.patch_stage import PatchStage
 from fusemycells.preprocess import ResizedSource, intensity_affine, resize_through, sanitise_inplace
 from fusemycells.report import CaseReport
 from fusemycells.runtime.allocator import reuse_freed_memory
-from fusemycells.runtime.budget import (
-    DEGRADATION_LEVELS,
-    BudgetPolicy,
-    LinearCost,
-    default_stage_costs,
-)
-from fusemycells.runtime.deadline import Deadline
+from fusemycells.runtime.budget import BudgetPolicy, LinearCost
+from fusemycells.runtime.deadline import Countdown, Now
 from fusemycells.runtime.devices import DeviceFault, free_device_cache, is_out_of_memory
+from fusemycells.runtime.ladder import DEGRADATION_LEVELS, Degradation, Ladder
 from fusemycells.runtime.progress import ProgressFactory, progress_for
 from fusemycells.runtime.timing import Profile
 from fusemycells.sources import ArraySource, PlaneSource, Shape3, Spacing3, materialise, shape_for_spacing, slabs
@@ -138,10 +134,12 @@ class Fuser:
     """Runs the two networks of each channel; stages are loaded once and reused across files.
 
     ``loader`` loads a stage (tests pass fakes); ``costs`` are the learned stage-time estimates
-    (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files; ``progress``
-    shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`: a bar on a terminal);
-    ``ops`` says where a case's non-network steps run (default :func:`fusemycells.ops.choose_ops`;
-    tests pass the GPU's code path on the CPU).
+    (:func:`fusemycells.runtime.budget.default_stage_costs` at first), kept across files by the
+    degradation ladder (``ladder``, :class:`fusemycells.runtime.ladder.Ladder`: it takes every time-budget
+    decision); ``progress`` shows the patch stage's progress (:func:`fusemycells.runtime.progress.progress_for`:
+    a bar on a terminal); ``ops`` says where a case's non-network steps run (default
+    :func:`fusemycells.ops.choose_ops`; tests pass the GPU's code path on the CPU);
+    ``now`` is the time source deadlines are read on (tests pass a fake).
     """
 
     def __init__(
@@ -153,10 +151,11 @@ class Fuser:
         costs: dict[str, LinearCost] | None = None,
         progress: ProgressFactory = progress_for,
         ops: OpsFactory = choose_ops,
+        now: Now = time.perf_counter,
     ) -> None:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
-        self.progress, self.ops = progress, ops
-        self.costs = default_stage_costs() if costs is None else costs
+        self.progress, self.ops, self.now = progress, ops, now
+        self.ladder = Ladder(costs)
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
 
@@ -174,9 +173,10 @@ class Fuser:
 
         ``data`` is consumed: its buffer is reused for the blended output when the pixel type is
         2 or 4 bytes (pass a copy to keep it). The high-resolution input and the upsampled stage-1
-        prediction are never materialised (computed per row of patches). ``deadline`` (a
-        ``time.perf_counter()`` value) makes the pipeline degrade in the steps of
-        :data:`DEGRADATION_LEVELS`. ``report`` collects what happened (a new one when None).
+        prediction are never materialised (computed per row of patches). ``deadline`` (a ``now()`` time,
+        ``time.perf_counter()`` unless the Fuser was given another; None: none) makes the pipeline degrade in
+        the steps of :data:`~fusemycells.runtime.ladder.DEGRADATION_LEVELS` by :attr:`ladder`'s decisions.
+        ``report`` collects what happened (a new one when None).
         """
         report = CaseReport(file="<array>") if report is None else report
         profile = Profile(report.seconds.setdefault("profile_s", {}))
@@ -200,13 +200,13 @@ class Fuser:
     ) -> Fused:
         """:meth:`fuse`'s steps; each device step is rerun on the CPU after a device fault (:meth:`_step`)."""
         case = self._prepare(data, spacing, channel, report, profile)
-        clock = Deadline(deadline, reserve_s=self.reserve_s(case.data.size, math.prod(case.grid_h)))
+        countdown = self.ladder.countdown(deadline, case.data.size, math.prod(case.grid_h), self.now)
         correction = None
         decision = trust.TrustDecision("off", case.gate)
         if self._networks_wanted(case):
-            high = self._step(case, "global stage", lambda: self._global_stage(case, clock, report))
+            high = self._step(case, "global stage", lambda: self._global_stage(case, countdown, report))
             if high is not None:
-                correction = self._step(case, "patch stage", partial(self._patch_stage, case, high, clock, report))
+                correction = self._step(case, "patch stage", partial(self._patch_stage, case, high, countdown, report))
                 decision = self._step(case, "trust decision", partial(self._trust, case, high, correction, report))
                 del high  # the row caches of x_h and p1_h (two patch depths of H, float32)
         if correction is None or decision.factor <= 0.0:
@@ -263,10 +263,10 @@ class Fuser:
         output = self._step(case, "output filter", lambda: self._finish(case, source, output_dtype))
         return Fused(output, report, profile, on_cpu=on_cpu, weight=case.weight)
 
-    def reserve_s(self, voxels: int, h_voxels: int) -> float:
-        """Seconds kept back from the networks for a stack of ``voxels`` input and ``h_voxels`` H voxels:
-        the level-2 fallback (should the patch stage stop) plus post-processing and writing."""
-        return self.costs["fallback"].estimate(voxels, h_voxels) + self.costs["finish"].estimate(voxels, h_voxels)
+    @property
+    def costs(self) -> dict[str, LinearCost]:
+        """The stage costs the ladder learnt (see :func:`fusemycells.runtime.ladder.learn_finish_cost`)."""
+        return self.ladder.costs
 
     def load_stages(self, channel_name: str) -> None:
         """Load a channel's networks now (the global stage on the policy's device and the patch stage),
@@ -331,12 +331,12 @@ class Fuser:
         )
         return False
 
-    def _global_stage(self, case: Prepared, deadline: Deadline, report: CaseReport) -> HighRes | None:
+    def _global_stage(self, case: Prepared, countdown: Countdown, report: CaseReport) -> HighRes | None:
         """Stage 1 on the global grid, its prediction resized to H lazily; None when time is short (level 3)."""
         voxels, h_voxels = case.data.size, math.prod(case.grid_h)
-        need = self.costs["global"].estimate(voxels, h_voxels)
-        if deadline.left() <= need:
-            self._degrade(report, 3, f"{deadline.shown()} left, the global stage needs ~{need:.1f} s")
+        skip = self.ladder.skip_global(countdown, voxels, h_voxels)
+        if skip is not None:
+            self._degrade(report, skip)
             return None
         with timed(report.seconds, "global_stage"):
             x_h = ResizedSource(case.x_in, case.grid_h, ops=case.ops)
@@ -351,21 +351,13 @@ class Fuser:
                 "provider": stage.runner.provider,
                 "precision": stage.runner.precision,
             }
-        self.costs["global"].learn(voxels, report.seconds["global_stage"], h_voxels)
-        slower = report.seconds["global_stage"] / need
-        fixed = self.costs["global"].fixed_s
-        if slower > 1.0 and need - fixed > fixed:  # a slower machine (not the fixed overhead of a small stack)
-            for name in ("fallback", "finish"):  # kept for later files until a fully fused file teaches them
-                self.costs[name] = self.costs[name].scaled(slower, fixed=True)
-            deadline.reserve_s = self.reserve_s(voxels, h_voxels)
-            self.policy.events.add(
-                f"{report.file}: the global stage took {slower:.2f}× its estimate; "
-                f"time kept back for finishing raised to {deadline.reserve_s:.0f} s"
-            )
-        if deadline.left() <= 0.0:
-            self._degrade(
-                report, 3, f"deadline passed during the global stage ({report.seconds['global_stage']:.1f} s)"
-            )
+        seconds = report.seconds["global_stage"]
+        raised = self.ladder.learn_global(countdown, seconds, voxels, h_voxels)
+        if raised is not None:
+            self.policy.events.add(f"{report.file}: {raised}")
+        overran = self.ladder.global_overran(countdown, seconds)
+        if overran is not None:
+            self._degrade(report, overran)
             return None
         return HighRes(x_h, ResizedSource(p1, case.grid_h, ops=case.ops), coarse, p1)
 
@@ -389,15 +381,15 @@ class Fuser:
         stage = self._load(channel, "global", "cpu")
         return stage.runner(coarse[None, None])[0, 0], stage
 
-    def _patch_stage(self, case: Prepared, high: HighRes, deadline: Deadline, report: CaseReport) -> np.ndarray:
+    def _patch_stage(self, case: Prepared, high: HighRes, countdown: Countdown, report: CaseReport) -> np.ndarray:
         """Stage-2 correction on H (the stage-1 one when time runs out), ZYX."""
         high = self._high_on(case, high)
         with timed(report.seconds, "patch_stage"), case.ops.section("stitching_s"):
-            result = self.patch_stage(case.channel)(high.x_h, high.p1_h, deadline)
+            result = self.patch_stage(case.channel)(high.x_h, high.p1_h, countdown)
         if result.info is not None:  # the forward passes ran inside the sliding window
             case.ops.profile.move("stitching_s", "forward_s", result.info["forward_s"])
-        for level, why in result.degradations:
-            self._degrade(report, level, why)
+        for step in result.degradations:
+            self._degrade(report, step)
         for message in result.warnings:
             warn(report, message)
         if result.info is not None:
@@ -407,12 +399,12 @@ class Fuser:
     def _trust(self, case: Prepared, high: HighRes, correction: np.ndarray, report: CaseReport) -> trust.TrustDecision:
         """The factor on the correction: the constant gate (trust 'off'), or decided from the case's
         own data (:func:`fusemycells.trust.decide`); the spec's ``fallback_factor`` (0: networks off) when
-        the time budget already cut the patch stage (level ≥ 2, or ≥ 1 where the signals need extra forwards)."""
+        the time budget already cut the patch stage (:meth:`~fusemycells.runtime.ladder.Ladder.trust_fallback`)."""
         spec = case.channel.trust
         if spec.mode == "off":
             return trust.TrustDecision("off", case.gate)
         high = self._high_on(case, high)
-        if report.degradation >= 2 or (report.degradation >= 1 and trust.needs(spec)) or high.coarse is None:
+        if self.ladder.trust_fallback(report.degradation, trust.needs(spec)) or high.coarse is None:
             why = f"degradation level {report.degradation}: no signals; the manifest's fallback_factor"
             decision = trust.TrustDecision("fallback", spec.fallback_factor, why=why)
         else:
@@ -467,8 +459,9 @@ class Fuser:
     def patch_stage(self, channel: ChannelSpec) -> PatchStage:
         """The channel's patch stage (created, and its network loaded, on first use)."""
         if channel.name not in self._patch_stages:
+            load = partial(self._load, channel, "patch")
             self._patch_stages[channel.name] = PatchStage(
-                channel.patch_stage, partial(self._load, channel, "patch"), self.policy, progress=self.progress
+                channel.patch_stage, load, self.policy, now=self.now, progress=self.progress
             )
         return self._patch_stages[channel.name]
 
@@ -499,7 +492,9 @@ class Fuser:
             self._stages[key] = loaded
         return self._stages[key]
 
-    def _degrade(self, report: CaseReport, level: int, why: str) -> None:
+    def _degrade(self, report: CaseReport, step: Degradation) -> None:
+        """Record a step down the ladder in the file's report (its level, a warning) and the run's events."""
+        level, why = step
         report.degradation = max(report.degradation, level)
         message = f"time budget: level {level} ({DEGRADATION_LEVELS[level]}): {why}"
         report.warnings.append(message)
@@ -580,14 +575,3 @@ def note_device_fault(report: CaseReport, fault: DeviceFault | None, before: Dev
         report.warnings.append(f"device fault in the {fault.step} ({fault.error}): rerun on the CPU")
 
 
-def learn_finish_cost(costs: dict[str, LinearCost], report: CaseReport) -> None:
-    """Teach ``costs['finish']`` the post-processing + writing seconds of a fully fused file (per input
-    voxel and per voxel of its high-resolution grid H).
-
-    Files that skipped the blend (degradation level 3, gated network) finish faster and are not used.
-    """
-    if report.status != "ok" or report.shape is None or "postprocess" not in report.seconds:
-        return
-    seconds = report.seconds["postprocess"] + report.seconds.get("write", 0.0)
-    h_voxels = math.prod(report.high_res_grid) if report.high_res_grid else 0
-    costs["finish"].learn(math.prod(report.shape), seconds, h_voxels)

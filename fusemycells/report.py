@@ -119,7 +119,7 @@ class CaseReport:
     peak_vram_mib: float | None = None  # torch's reserved CUDA memory; None on a CPU run
     non_finite_replaced: int = 0
     out_of_range_clipped: int = 0  # finite input values outside preprocess.safe_range, clipped to it
-    degradation: int = 0  # see fusemycells.runtime.budget.DEGRADATION_LEVELS
+    degradation: int = 0  # see fusemycells.runtime.ladder.DEGRADATION_LEVELS
     weight_map: dict[str, float] = field(default_factory=dict)
     adaptive: dict[str, float] = field(default_factory=dict)  # relative noise → output σ, network gate
     trust: dict[str, Any] = field(default_factory=dict)  # per-case trust: factor, signals, cost (fusemycells.trust)
@@ -129,8 +129,8 @@ class CaseReport:
 
 
 def degradation_name(level: int) -> str:
-    """What a degradation level means (``fusemycells.runtime.budget.DEGRADATION_LEVELS``)."""
-    from fusemycells.runtime.budget import DEGRADATION_LEVELS  # numpy: only once a file was processed
+    """What a degradation level means (``fusemycells.runtime.ladder.DEGRADATION_LEVELS``)."""
+    from fusemycells.runtime.ladder import DEGRADATION_LEVELS  # numpy: only once a file was processed
 
     return DEGRADATION_LEVELS[level]
 

@@ -9,6 +9,7 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,19 +17,17 @@ import tifffile
 from conftest import blob_volume, fixture_manifest, write_case
 
 from fusemycells import cli
-from fusemycells.backends import LoadedStage, load_stage
+from fusemycells.backends import MAX_CPU_WORKERS, LoadedStage, load_stage, patch_torch_threads, patch_workers
 from fusemycells.config import DEFAULT_RESOURCES, DEFAULT_TIME_BUDGET_S, INPUT_SUBDIR, OUTPUT_SUBDIR, load_manifest
 from fusemycells.files import process_file, run_directory
 from fusemycells.patch_stage import OomLadder
-from fusemycells.pipeline import CaseReport, Fuser, learn_finish_cost
+from fusemycells.pipeline import CaseReport, Fuser
 from fusemycells.runtime.budget import (
     CPU_2CORE,
-    MAX_CPU_WORKERS,
     BudgetPolicy,
     LinearCost,
     default_stage_costs,
     estimate_peak_bytes,
-    plan_first_file,
 )
 from fusemycells.runtime.deadline import RunClock
 from fusemycells.runtime.devices import (
@@ -40,6 +39,7 @@ from fusemycells.runtime.devices import (
     process_age_s,
     torch_threads,
 )
+from fusemycells.runtime.ladder import learn_finish_cost, plan_first_file
 from fusemycells.sources import shape_for_spacing
 from fusemycells.stitching import sliding_window
 
@@ -409,13 +409,20 @@ def test_peak_rss_of_a_child_process_is_its_own_not_its_parents() -> None:
     assert held.sum() > 0
 
 
-def test_patch_workers_run_torchscript_side_by_side_on_a_cpu_only() -> None:
-    cpu = BudgetPolicy(device="cpu", half=False, vram_budget_gib=None, time_budget_s=None, threads=4)
-    assert cpu.patch_workers("torchscript", "cpu") == 4
-    assert cpu.patch_workers("onnx", "cpu") == 1
-    assert cpu.patch_workers("torchscript", "cuda") == 1
-    assert dataclasses.replace(cpu, threads=1).patch_workers("torchscript", "cpu") == 1
-    assert dataclasses.replace(cpu, threads=64).patch_workers("torchscript", "cpu") == MAX_CPU_WORKERS
+def test_patch_workers_run_torchscript_side_by_side_on_a_cpu_only(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    spec = manifest.channel("nucleus").patch_stage
+    torchscript = load_stage(manifest, spec, "torchscript", "cpu", strict=True).runner
+    onnx = load_stage(manifest, spec, "onnx", "cpu", strict=True).runner
+    on_gpu = SimpleNamespace(backend="torchscript", device="cuda", torch_cpu_forward=False)  # as a CUDA one says
+    assert torchscript.torch_cpu_forward and not onnx.torch_cpu_forward  # what each loaded runner says of itself
+    assert patch_workers(torchscript, 4) == 4
+    assert patch_workers(onnx, 4) == 1 and patch_workers(on_gpu, 4) == 1
+    assert patch_workers(torchscript, 1) == 1 and patch_workers(torchscript, 64) == MAX_CPU_WORKERS
+    assert patch_workers(SimpleNamespace(backend="stand-in", device="cpu"), 4) == 1  # a runner that does not say
+    # torch's own threads only for one multi-threaded forward on them; else one per concurrent forward
+    assert patch_torch_threads(torchscript, 1) is None
+    assert patch_torch_threads(torchscript, 4) == patch_torch_threads(onnx, 1) == patch_torch_threads(on_gpu, 1) == 1
 
 
 def test_torchscript_on_cpu_workers_write_the_same_file_and_restore_torch_threads(fixture_resources: Path, tmp_path: Path) -> None:
@@ -532,7 +539,7 @@ def test_reserve_scales_with_the_high_resolution_grid_not_only_the_input(fixture
     for name, spacing in (("iso", (0.6, 0.6, 0.6)), ("z5", (5.0, 0.6, 0.6))):
         path = write_case(tmp_path / "in", f"{name}.tif", data, spacing=spacing)
         fuser = _cpu_fuser(fixture_resources, finish=finish)
-        assert fuser.reserve_s(data.size, 100 * 48 * 48) > 20.0 > fuser.reserve_s(data.size, data.size)
+        assert fuser.ladder.reserve_s(data.size, 100 * 48 * 48) > 20.0 > fuser.ladder.reserve_s(data.size, data.size)
         report = process_file(path, tmp_path / "out", fuser, "float32", deadline=time.perf_counter() + 15.0)
         assert report.status == "ok", report.error
         levels[name] = report.degradation

@@ -145,7 +145,7 @@ def learned_rate_deadline(fuser: Fuser, data: np.ndarray, level: int) -> float |
         return int(np.prod([len(oracle.window_starts(n, p, overlap)) for n, p in zip(grid_h, patch)]))
 
     left = {1: (patches(0.0) + patches(spec.patch_stage.overlap)) / 2, 2: patches(0.0) / 2, 3: 0.0}[level]
-    return time.perf_counter() + fuser.reserve_s(data.size, int(np.prod(grid_h))) + left
+    return time.perf_counter() + fuser.ladder.reserve_s(data.size, int(np.prod(grid_h))) + left
 
 
 OpsFactory = Callable[..., Ops]
@@ -213,7 +213,7 @@ def test_a_slow_patch_network_is_stopped_mid_run_and_the_file_finishes_in_time_a
     fuser.load_stages("nucleus")
     grid_h = [round(n * s / 0.6) for n, s in zip(data.shape, SPACING)]
     networks_s = 3.5
-    deadline = time.perf_counter() + fuser.reserve_s(data.size, int(np.prod(grid_h))) + networks_s
+    deadline = time.perf_counter() + fuser.ladder.reserve_s(data.size, int(np.prod(grid_h))) + networks_s
     fused = fuser.fuse(data.copy(), SPACING, "nucleus", deadline=deadline, output_dtype="float32")
     out = fused.to_array()
     assert time.perf_counter() < deadline

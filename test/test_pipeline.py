@@ -17,7 +17,7 @@ from fusemycells.patch_stage import PatchStage, stage1_correction
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import FLOAT16_MAX
 from fusemycells.runtime.budget import BudgetPolicy
-from fusemycells.runtime.deadline import Deadline
+from fusemycells.runtime.deadline import Countdown
 from fusemycells.sources import ArraySource
 
 SPACING = (1.0, 0.39, 0.39)
@@ -176,7 +176,7 @@ def test_sub_patch_tiling_after_oom_is_reported_as_a_quality_caveat(fixture_reso
     stage = PatchStage(spec, load, policy, min_sub_patch=8)
     rng = np.random.default_rng(0)
     x_h, p1_h = (ArraySource(rng.random((16, 24, 24), dtype=np.float32)) for _ in range(2))
-    result = stage(x_h, p1_h, Deadline())
+    result = stage(x_h, p1_h, Countdown())
     assert result.info is not None and result.info["sub_patch"] == [8, 8, 8] and not result.degradations
     assert any("sub-patches" in w and "differs" in w for w in result.warnings)
     assert np.isfinite(result.correction).all()
@@ -256,7 +256,7 @@ def test_the_patch_stage_runs_torch_on_one_thread_unless_one_torchscript_cpu_for
     outside = torch.get_num_threads()
     rng = np.random.default_rng(0)
     x_h, p1_h = (ArraySource(rng.random((16, 24, 24), dtype=np.float32)) for _ in range(2))
-    PatchStage(spec, load, policy)(x_h, p1_h, Deadline())
+    PatchStage(spec, load, policy)(x_h, p1_h, Countdown())
     assert runner[0].threads and set(runner[0].threads) == {outside if expected is None else expected}
     assert torch.get_num_threads() == outside  # restored
 

@@ -22,7 +22,8 @@ from fusemycells.backends import LoadedStage, load_stage
 from fusemycells.config import INPUT_SUBDIR, load_manifest
 from fusemycells.patch_stage import PatchStage
 from fusemycells.runtime.budget import BudgetPolicy
-from fusemycells.runtime.deadline import Deadline, PatchRateWatcher
+from fusemycells.runtime.deadline import Countdown
+from fusemycells.runtime.ladder import PatchRateWatcher
 from fusemycells.runtime.progress import Bar, LogLines, interactive, log_lines_only, progress_for
 from fusemycells.sources import ArraySource
 
@@ -110,7 +111,7 @@ def test_the_patch_watcher_shows_its_run_on_the_stream_it_is_given(caplog: pytes
     screen = FakeTerminal()
     watcher = PatchRateWatcher(Ticks(), progress=partial(progress_for, stream=screen))
     with caplog.at_level(logging.INFO, logger="fusemycells"):
-        watcher.start(6, Deadline(), batch_size=2)
+        watcher.start(6, Countdown(), batch_size=2)
         assert [watcher.after_batch(done, 6) for done in (2, 4, 6)] == [None, None, None]
         watcher.finish()
     assert "6/6" in screen.getvalue() and "patches 6/6" not in caplog.text
@@ -118,7 +119,7 @@ def test_the_patch_watcher_shows_its_run_on_the_stream_it_is_given(caplog: pytes
 
     plain = PatchRateWatcher(Ticks(), progress=partial(progress_for, stream=io.StringIO()))
     with caplog.at_level(logging.INFO, logger="fusemycells"):
-        plain.start(6, Deadline(), batch_size=2)
+        plain.start(6, Countdown(), batch_size=2)
         for done in (2, 4, 6):
             plain.after_batch(done, 6)
         plain.finish()
@@ -158,7 +159,7 @@ def test_the_patch_stage_closes_its_bar_when_the_network_fails(fixture_resources
     rng = np.random.default_rng(0)
     x_h, p1_h = (ArraySource(rng.random((16, 24, 40), dtype=np.float32)) for _ in range(2))
     with pytest.raises(ValueError, match="broken network"):
-        stage(x_h, p1_h, Deadline())
+        stage(x_h, p1_h, Countdown())
     assert root.handlers == [console]  # the console handler is back
     assert "patches:" in screen.getvalue()
 

@@ -21,7 +21,7 @@ import fusemycells
 from fusemycells import batch, cli
 from fusemycells.config import INPUT_SUBDIR
 from fusemycells.report import BATCH_UNITS, RUN_UNITS, SCHEMA_FILE, SCHEMA_VERSION, CaseReport, case_entry
-from fusemycells.runtime.budget import DEGRADATION_LEVELS
+from fusemycells.runtime.ladder import DEGRADATION_LEVELS
 
 
 def run_inference(root: Path, resources: Path, *extra: str) -> tuple[int, dict[str, Any]]:

@@ -1,8 +1,10 @@
 """Time and memory policy: the one place that decides where and how big the work runs.
 
-Decisions that depend on the machine (fp16, patch batch size, CPU threads, memory limits, time
-per file) are made here from the facts :mod:`fusemycells.runtime.devices` reports, and recorded in the
-run report.
+Decisions that depend on the machine (fp16, CPU threads, memory limits, time per file) are made here
+from the facts :mod:`fusemycells.runtime.devices` reports, and recorded in the run report; so are the
+measured phase times (:data:`CPU_2CORE`) and the stage costs they give (:class:`LinearCost`,
+:func:`default_stage_costs`). The degradation ladder that spends the time budget on them is
+:mod:`fusemycells.runtime.ladder`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from fusemycells.runtime.devices import (
 )
 from fusemycells.runtime.precision import cpu_flags, cpu_precision
 from fusemycells.sources import Shape3, Spacing3, shape_for_spacing
-from fusemycells.stitching import count_windows
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ VRAM_SAFE_FRACTION = 0.8
 """Share of the free device memory used when no ``--vram-budget`` is given."""
 COMPACT_OUTPUT_VOXELS = 1 << 27
 """Stacks above this many voxels (≈ 512³) keep the blended output in float16 (see ``compact_output``)."""
-MAX_CPU_WORKERS = 8
-"""Most patch batches run side by side on a CPU (see :meth:`BudgetPolicy.patch_workers`)."""
 RAM_SAFE_FRACTION = 0.85
 """Share of the available RAM a file may need when no ``--ram-budget`` is given."""
 LEARN_MARGIN = 1.25
@@ -143,81 +142,6 @@ start-up, loading, preprocessing and reading (14.2–18.2 s for the 2.1 GiB file
 cache) from the real 309×1920×1920 runs of README *Budgets* and *Performance*."""
 
 
-@dataclass(frozen=True)
-class FilePlan:
-    """What :func:`plan_first_file` expects: the degradation level and the seconds of each phase."""
-
-    level: int
-    high_res_grid: Shape3
-    seconds: dict[str, float]
-
-    @property
-    def total_s(self) -> float:
-        """Seconds from the process's start to the output written."""
-        return sum(self.seconds.values())
-
-
-def plan_first_file(
-    shape: Shape3,
-    spacing: Spacing3,
-    budget_s: float,
-    target_um: float = 0.6,
-    patch: Shape3 = (64, 64, 64),
-    overlap: float = 0.5,
-    rates: PhaseRates = CPU_2CORE,
-    speed: float = 1.0,
-    costs: dict[str, LinearCost] | None = None,
-) -> FilePlan:
-    """The level the deadline rules choose for a run's first (only) file, and when its output is written.
-
-    Follows :meth:`fusemycells.pipeline.Fuser.fuse`: the time kept back (``Fuser.reserve_s``: the
-    level-2 fallback, post-processing and writing) and the global stage's guard come from the
-    policy's estimates (``costs``, default :func:`default_stage_costs`); the reserve grows by the
-    factor the global stage overran its estimate, if it did; the patch stage is tried
-    with overlap, stopped after its first two batches if the rate they show would overrun, then
-    tried without overlap only if that fits (the watcher's rule), else the fallback runs. What each
-    phase really takes is ``rates`` on a machine ``speed``× as fast (ZYX ``shape`` voxels,
-    ``spacing`` µm, ``budget_s`` from the process's start).
-    """
-    costs = default_stage_costs() if costs is None else costs
-    n_in = float(np.prod(shape, dtype=np.float64))
-    grid_h = shape_for_spacing(shape, spacing, (target_um,) * 3)
-    n_h = float(np.prod(grid_h, dtype=np.float64))
-    seconds = {
-        "start-up": rates.startup_s / speed,
-        "read": rates.read.estimate(n_in) / speed,
-        "load_weights": rates.load_s / speed,
-        "preprocess": rates.preprocess.estimate(n_in) / speed,
-    }
-    reserve = costs["fallback"].estimate(n_in, n_h) + costs["finish"].estimate(n_in, n_h)
-
-    def left() -> float:
-        return budget_s - sum(seconds.values()) - reserve
-
-    finish = rates.finish.estimate(n_in, n_h) / speed
-    write = rates.level3_finish.estimate(n_in) / speed  # level 3: no blend
-    if left() <= costs["global"].estimate(n_in, n_h):
-        return FilePlan(3, grid_h, {**seconds, "finish": write})
-    seconds["global_stage"] = rates.global_stage.estimate(n_in, n_h) / speed
-    need, fixed = costs["global"].estimate(n_in, n_h), costs["global"].fixed_s
-    slower = max(1.0, seconds["global_stage"] / need) if need - fixed > fixed else 1.0  # as Fuser._global_stage
-    reserve = sum(costs[name].scaled(slower, fixed=True).estimate(n_in, n_h) for name in ("fallback", "finish"))
-    if left() <= 0.0:
-        return FilePlan(3, grid_h, {**seconds, "finish": write})
-    rate = rates.patch_s / speed
-    full, plain = count_windows(grid_h, patch, overlap), count_windows(grid_h, patch, 0.0)
-    level = 2
-    if full * rate <= left() - rates.first_batch_s / speed:
-        level, seconds["patch_stage"] = 0, rates.first_batch_s / speed + full * rate
-    else:
-        seconds["patch_stage"] = rates.first_batch_s / speed + 2 * rate  # two batches, then the watcher stops
-        if plain * rate <= left():
-            level, seconds["patch_stage"] = 1, seconds["patch_stage"] + plain * rate
-    if level == 2:
-        seconds["fallback"] = rates.fallback.estimate(n_in, n_h) / speed
-    return FilePlan(level, grid_h, {**seconds, "finish": finish})
-
-
 def estimate_peak_bytes(
     shape: Shape3, itemsize: int, spacing: Spacing3, target_spacing: float, patch: Sequence[int] | None = None
 ) -> int:
@@ -286,7 +210,9 @@ class BudgetPolicy:
 
     What is learned while running is kept by its owner: the OOM ladder's batch size, sub-patch and
     CPU fallback by the patch stage (:class:`fusemycells.patch_stage.PatchStage`), the patch rate by
-    its deadline watcher, the stage costs by the :class:`fusemycells.pipeline.Fuser`. ``events``
+    its :class:`~fusemycells.runtime.ladder.PatchRateWatcher`, the stage costs by the Fuser's
+    :class:`~fusemycells.runtime.ladder.Ladder`. ``time_budget_s`` is the whole run's, counted from
+    ``clock``; :meth:`file_deadline` shares it among the files. ``events``
     only records. ``health`` is the one mutable fact about the device: once it faulted, every step of the
     run uses :attr:`active_device` ('cpu'), see :meth:`device_fault`.
     """
@@ -396,19 +322,6 @@ class BudgetPolicy:
             f"NVIDIA driver {self.nvidia_driver or 'none'}"
         )
 
-    def patch_workers(self, backend: str, device: str) -> int:
-        """Patch batches run at once by a patch stage of ``backend`` on ``device``.
-
-        TorchScript on a CPU: one single-threaded forward per thread (up to
-        :data:`MAX_CPU_WORKERS`); on 2 cores two side by side ran 1.8× the batches per second of
-        one 2-thread forward, since torch spreads the small 3D convolutions of these networks over
-        threads poorly. 1 otherwise: ONNX Runtime's own threads gained nothing from it (measured),
-        and a GPU runs one batch at a time.
-        """
-        if device != "cpu" or backend != "torchscript" or (self.threads or 1) < 2:
-            return 1
-        return min(int(self.threads or 1), MAX_CPU_WORKERS)
-
     def remaining_s(self) -> float | None:
         """Seconds left of the run's time budget (None: no budget)."""
         if self.time_budget_s is None:
@@ -468,11 +381,3 @@ class BudgetPolicy:
 class MemoryBudgetExceeded(MemoryError):
     """A stack would need more host memory than the RAM budget (refused before loading its pixels)."""
 
-
-DEGRADATION_LEVELS = {
-    0: "full two-stage prediction",
-    1: "patch stage without overlap (fewer patches)",
-    2: "global stage only, blended as in post-processing",
-    3: "percentile-normalised input (no network)",
-}
-"""Steps taken, in order, when the time budget cannot be met (reported as ``degradation``)."""

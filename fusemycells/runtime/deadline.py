@@ -1,8 +1,13 @@
-"""Where the run's time budget counts from, the time left for one file, and the watcher that says
-when the patch stage must degrade.
+"""Where the run's time budget counts from (:class:`RunClock`), what it was spent on (:func:`time_account`),
+and the seconds left for one file's networks (:class:`Countdown`).
 
-Times are seconds of a monotonic ``clock`` (``time.perf_counter`` unless a test passes another).
-Nothing here raises: the pipeline asks, explicitly, and decides what to do with the answer.
+Names, one meaning each across the package: a *clock* is a :class:`RunClock` (the instant the run's
+budget counts from); *now* is a monotonic time source (:data:`Now`, ``time.perf_counter`` unless a test
+passes another); a *deadline* is a :data:`Now` time (float) by which a file must be written, None for
+none; a *countdown* is a :class:`Countdown`; ``time_budget_s`` is a whole run's budget (``--time-budget``
+of ``inference.py``, the manifest's, the policy's), ``file_budget_s`` one file's (a batch job's: batch's
+``--time-budget`` is per file). The decisions taken with them are :mod:`fusemycells.runtime.ladder`'s.
+Nothing here raises.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from fusemycells.runtime.progress import Progress, ProgressFactory, progress_for
-
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
+Now = Callable[[], float]
+"""A monotonic time source in seconds (``time.perf_counter``; tests pass fakes)."""
 
 
 @dataclass(frozen=True)
@@ -99,79 +103,19 @@ def describe_account(account: Mapping[str, object]) -> str:
 
 
 @dataclass
-class Deadline:
-    """When one file must be written (``at``, a clock time; None: no deadline), less ``reserve_s``
-    kept back for what must follow the networks (the level-2 fallback, post-processing, writing:
-    they scale with the input's and the high-resolution grid's voxel counts)."""
+class Countdown:
+    """The seconds left for one file's networks: until its ``deadline`` (a :data:`Now` time; None: no
+    deadline) less ``reserve_s`` kept back for what must follow the networks (the level-2 fallback,
+    post-processing, writing: :meth:`fusemycells.runtime.ladder.Ladder.reserve_s`)."""
 
-    at: float | None = None
+    deadline: float | None = None
     reserve_s: float = 0.0
-    clock: Clock = field(default=time.perf_counter, repr=False)
+    now: Now = field(default=time.perf_counter, repr=False)
 
     def left(self) -> float:
         """Seconds left for the networks (inf without a deadline; negative once overrun)."""
-        return math.inf if self.at is None else self.at - self.reserve_s - self.clock()
+        return math.inf if self.deadline is None else self.deadline - self.reserve_s - self.now()
 
     def shown(self) -> str:
         """:meth:`left` for a message ('12.3 s'; 0 once passed)."""
         return f"{max(self.left(), 0.0):.1f} s"
-
-
-class PatchRateWatcher:
-    """Learns the patch stage's seconds per patch and says when a run will miss its deadline.
-
-    The first batch of a run pays one-time costs (the first row of patches is resampled from the
-    input, session warm-up, allocations): on a 309×1920×1920 stack it took 14× a steady batch,
-    which on a GPU would wrongly degrade the file, so the rate is learned from the batches after
-    it. The learned rate is kept across runs (files), so a later file can skip a hopeless
-    configuration before starting it (:meth:`too_slow`).
-
-    It also shows the run's progress (``progress``: a bar on a terminal, else a log line about every
-    tenth of the patches; see :func:`fusemycells.runtime.progress.progress_for`) from :meth:`start` to
-    :meth:`finish`.
-    """
-
-    def __init__(self, clock: Clock = time.perf_counter, progress: ProgressFactory = progress_for) -> None:
-        self.clock = clock
-        self.progress = progress
-        self.seconds_per_patch: float | None = None
-        self._deadline = Deadline()
-        self._started = 0.0
-        self._first: tuple[int, float] | None = None  # (patches, seconds) at the end of the first batch
-        self._shown: Progress | None = None
-
-    def too_slow(self, patches: int, deadline: Deadline) -> str | None:
-        """Why ``patches`` patches at the learned rate would overrun ``deadline`` (None: they fit)."""
-        rate = self.seconds_per_patch
-        if rate is not None and patches * rate > deadline.left():
-            return f"{patches} patches × {rate:.3f} s > {deadline.shown()} left"
-        return None
-
-    def start(self, total: int, deadline: Deadline, batch_size: int) -> None:
-        """Begin watching a run of ``total`` patches in batches of ``batch_size`` (call :meth:`finish` after it)."""
-        self.finish()
-        self._deadline = deadline
-        self._started = self.clock()
-        self._first = None
-        self._shown = self.progress(total, "patches", step=max(1, batch_size))
-
-    def finish(self) -> None:
-        """The run ended (done, stopped or failed): close its progress display; nothing to do when none is open."""
-        if self._shown is not None:
-            shown, self._shown = self._shown, None
-            shown.close()
-
-    def after_batch(self, done: int, total: int) -> str | None:
-        """Record that ``done`` of ``total`` patches are finished; a reason to stop when the rest
-        would overrun the deadline at the rate learned since the first batch, else None."""
-        elapsed = self.clock() - self._started
-        if self._shown is not None:
-            self._shown.update(done, elapsed)
-        if self._first is None:
-            self._first = (done, elapsed)
-            return None
-        rate = (elapsed - self._first[1]) / max(done - self._first[0], 1)
-        self.seconds_per_patch = rate
-        if done < total and (total - done) * rate > self._deadline.left():
-            return f"{done}/{total} patches in {elapsed:.1f} s ({rate:.3f} s/patch), {self._deadline.shown()} left"
-        return None
