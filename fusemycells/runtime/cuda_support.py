@@ -136,6 +136,32 @@ def image_cuda(builds: Mapping[str, str | None]) -> str | None:
     return max(versions, key=lambda v: version_tuple(v) or ()) if versions else None
 
 
+def _plan_from_reported_cuda(
+    driver_cuda: str | None, need: tuple[int, ...], rule: CudaRule | None, compat_libcuda: str | None,
+    found: dict[str, str | None],
+) -> CudaPlan:
+    """:func:`plan_cuda`'s route when the driver version is unreadable: from the CUDA version libcuda reports."""
+    reported = version_tuple(driver_cuda)
+    if reported is None:
+        return CudaPlan("no-driver", reason="no NVIDIA driver visible", **found)
+    if rule is not None and reported[0] >= need[0]:
+        return CudaPlan(
+            "native",
+            reason=f"libcuda reports CUDA {driver_cuda} (minor-version compatibility within CUDA {need[0]})",
+            **found,
+        )
+    branch, compat = branch_of_cuda(driver_cuda), version_tuple(compat_libcuda)
+    if rule is not None and branch in rule.compat_branches and compat is not None and compat[0] > (branch or 0):
+        return CudaPlan(  # the branch's minimum release (e.g. 470.57) cannot be checked: try, CPU if it fails
+            "compat",
+            reason=f"no driver version readable; libcuda reports CUDA {driver_cuda}, driver branch R{branch}: "
+            f"forward compatibility through cuda-compat {compat_libcuda} (needs R{branch} >= "
+            f"{rule.compat_branches[branch]}, unverified)",
+            **found,
+        )
+    return CudaPlan("unsupported", reason=f"libcuda reports CUDA {driver_cuda}, older than CUDA {need[0]}", **found)
+
+
 def plan_cuda(
     driver: str | None, needed: str | None, compat_libcuda: str | None = None, driver_cuda: str | None = None
 ) -> CudaPlan:
@@ -155,25 +181,7 @@ def plan_cuda(
     rule = CUDA_RULES.get(need[0])
     have = version_tuple(driver)
     if have is None:
-        reported = version_tuple(driver_cuda)
-        if reported is None:
-            return CudaPlan("no-driver", reason="no NVIDIA driver visible", **found)
-        if rule is not None and reported[0] >= need[0]:
-            return CudaPlan(
-                "native",
-                reason=f"libcuda reports CUDA {driver_cuda} (minor-version compatibility within CUDA {need[0]})",
-                **found,
-            )
-        branch, compat = branch_of_cuda(driver_cuda), version_tuple(compat_libcuda)
-        if rule is not None and branch in rule.compat_branches and compat is not None and compat[0] > (branch or 0):
-            return CudaPlan(  # the branch's minimum release (e.g. 470.57) cannot be checked: try, CPU if it fails
-                "compat",
-                reason=f"no driver version readable; libcuda reports CUDA {driver_cuda}, driver branch R{branch}: "
-                f"forward compatibility through cuda-compat {compat_libcuda} (needs R{branch} >= "
-                f"{rule.compat_branches[branch]}, unverified)",
-                **found,
-            )
-        return CudaPlan("unsupported", reason=f"libcuda reports CUDA {driver_cuda}, older than CUDA {need[0]}", **found)
+        return _plan_from_reported_cuda(driver_cuda, need, rule, compat_libcuda, found)
     if rule is None:
         return CudaPlan("unsupported", reason=f"no compatibility rule for CUDA {needed}", **found)
     floor = version_tuple(rule.min_driver) or ()
