@@ -124,14 +124,13 @@ def prepare(fuser: Fuser, case: Case) -> tuple[Prepared, CaseReport]:
     return fuser._prepare(volume.data, volume.spacing, case.channel, report, Profile({})), report
 
 
-def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[str, np.ndarray]:
+def compute_artefacts(fuser: Fuser, case: Case) -> dict[str, np.ndarray]:
     """The network outputs and trust raw material of one case, with the container's own steps.
 
-    ``correction`` (H), ``weight`` (diff grid, gate 1), ``coarse``, ``p1``, ``p1_flip`` (global
-    grid), ``probe`` (flip-probe sums: disagreement, correction, tiles), ``noise``, ``seconds``
-    (global stage, its mirrored forward, patch stage, probe, signals and region factor, the
-    correction's resize to the diff grid) and
-    ``patches`` (forwards of the patch stage).
+    ``correction`` (H), ``weight`` (diff grid, gate 1), ``coarse``, ``p1`` (global grid), ``noise``,
+    ``seconds`` (global stage, patch stage, signals and region factor, the correction's resize to the
+    diff grid) and ``patches`` (forwards of the patch stage). (Caches written before issue #24's
+    clean-up also hold the flip probes' ``p1_flip`` and ``probe``, unused since.)
     """
     prepared, report = prepare(fuser, case)
     channel = prepared.channel
@@ -139,27 +138,13 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
     started = time.perf_counter()
     x_h = ResizedSource(prepared.x_in, prepared.grid_h)
     coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False))
-    p1, stage = fuser._run_global(channel, coarse)
+    p1, _ = fuser._run_global(channel, coarse)
     global_s = time.perf_counter() - started
-    started = time.perf_counter()
-    p1_flip = trust.flipped(stage.runner(trust.flipped(coarse)[None, None])[0, 0])
-    global_flip_s = time.perf_counter() - started
     high = HighRes(x_h, ResizedSource(p1, prepared.grid_h))
     started = time.perf_counter()
     correction = fuser._patch_stage(prepared, high, Deadline(None), report).astype(np.float32)
     patch_s = time.perf_counter() - started
     patches = int(report.stages["patch"]["patches"])
-    started = time.perf_counter()
-    probe = trust.flip_probe(
-        fuser.patch_stage(channel).ladder,
-        high.x_h,
-        high.p1_h,
-        correction,
-        channel.patch_stage.patch_size,
-        trust.probe_count(patches, probe_fraction),
-        batch_size=channel.patch_stage.batch_size,
-    )
-    probe_s = time.perf_counter() - started
     extent_um = [n * s for n, s in zip(prepared.data.shape, prepared.spacing)]
     weight = postprocess.blend_weight(correction, prepared.x_in, prepared.post, 1.0, extent_um)
     grid = weight.shape
@@ -177,15 +162,13 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
         "weight": weight,
         "coarse": coarse,
         "p1": p1,
-        "p1_flip": p1_flip,
-        "probe": np.array([probe.disagreement, probe.correction, probe.tiles], dtype=np.float64),
         "noise": np.float64(prepared.noise),
-        "seconds": np.array([global_s, global_flip_s, patch_s, probe_s, signals_s, resize_s]),
+        "seconds": np.array([global_s, 0.0, patch_s, 0.0, signals_s, resize_s]),
         "patches": np.int64(patches),
     }
 
 
-def load_or_compute(fuser: Fuser, case: Case, cache: Path, probe_fraction: float) -> dict[str, np.ndarray]:
+def load_or_compute(fuser: Fuser, case: Case, cache: Path) -> dict[str, np.ndarray]:
     """The case's artefacts from ``cache`` when stored by this version, else computed and stored."""
     path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
     if path.is_file():
@@ -193,7 +176,7 @@ def load_or_compute(fuser: Fuser, case: Case, cache: Path, probe_fraction: float
             if "version" in stored.files and int(stored["version"]) == CACHE_VERSION:
                 return {k: stored[k] for k in stored.files}
     log.info("[%s/%s] running the networks", case.set_name, case.name)
-    artefacts = compute_artefacts(fuser, case, probe_fraction)
+    artefacts = compute_artefacts(fuser, case)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **artefacts)
     return artefacts
@@ -204,15 +187,12 @@ def signals_of(artefacts: dict[str, np.ndarray], spec: TrustSpec) -> dict[str, f
     measures them (on the weight map's grid)."""
     grid = artefacts["weight"].shape
     coarse = trust.on_grid(artefacts["coarse"], grid)
-    dis, cor, tiles = artefacts["probe"]
     return trust.case_signals(
         float(artefacts["noise"]),
         coarse,
         trust.on_grid(artefacts["p1"], grid),
         trust.coarse_correction(artefacts["correction"], grid),
         trust.foreground_mask(coarse, spec.foreground),
-        trust.on_grid(artefacts["p1_flip"], grid),
-        trust.ProbeResult(float(dis), float(cor), int(tiles), int(tiles)),
     )
 
 
@@ -301,7 +281,7 @@ def score_case(
 
 
 def case_row(
-    fuser: Fuser, shipped: Manifest, case: Case, cache: Path, probe_fraction: float, cached_only: bool = False
+    fuser: Fuser, shipped: Manifest, case: Case, cache: Path, cached_only: bool = False
 ) -> dict[str, Any] | None:
     """One case's row (set, case, channel, signals, N-SSIM per policy under both SSIM conventions,
     seconds, patches), cached as JSON beside its artefacts and keyed by the output σ the manifest gives
@@ -325,7 +305,7 @@ def case_row(
             row["signals_version"] = SIGNALS_VERSION
             row_path.write_text(json.dumps(row))
         return row
-    artefacts = load_or_compute(fuser, case, cache, probe_fraction)
+    artefacts = load_or_compute(fuser, case, cache)
     noise = float(artefacts["noise"])
     old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
     scores, scores_g = score_case(fuser, case, artefacts)
@@ -347,7 +327,6 @@ def case_row(
         "n_ssim_gaussian_window": scores_g,
         "seconds": dict(zip(parts, map(float, artefacts["seconds"]))) | {"signals_now": signals_s},
         "patches": int(artefacts["patches"]),
-        "probe_tiles": int(artefacts["probe"][2]),
     }
     row_path = path.with_name(path.stem + f".row-{ROW_VERSION}-{row['sigma']:.4f}.json")
     row_path.write_text(json.dumps(row))
@@ -366,8 +345,8 @@ def _init_worker(resources: Path, threads: int, backend: str) -> None:
     _WORKER["fuser"] = Fuser(ungated(shipped), BudgetPolicy.create("cpu", None, None, threads), backend=backend)
 
 
-def _worker_row(case: Case, cache: Path, probe_fraction: float, cached_only: bool = False) -> dict[str, Any] | None:
-    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, probe_fraction, cached_only)
+def _worker_row(case: Case, cache: Path, cached_only: bool = False) -> dict[str, Any] | None:
+    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, cached_only)
 
 
 def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas: Sequence[float]) -> list[dict[str, Any]]:
@@ -389,14 +368,14 @@ def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas
     return rows
 
 
-def networks_only(sets: dict[str, tuple[Path, int | None]], resources: Path, cache: Path, probe_fraction: float, threads: int, backend: str) -> int:
+def networks_only(sets: dict[str, tuple[Path, int | None]], resources: Path, cache: Path, threads: int, backend: str) -> int:
     """Fill the cache with every case's network outputs (the expensive part), scoring nothing; returns
     the number of cases. A later run scores from the cache."""
     cache = cache / weights_key(load_manifest(resources))
     _init_worker(resources, threads, backend)
     cases = [case for name, (root, n) in sets.items() for case in find_cases(name, root, n)]
     for case in cases:
-        load_or_compute(_WORKER["fuser"], case, cache, probe_fraction)
+        load_or_compute(_WORKER["fuser"], case, cache)
     return len(cases)
 
 
@@ -415,7 +394,6 @@ def study(
     sets: dict[str, tuple[Path, int | None]],
     resources: Path,
     cache: Path,
-    probe_fraction: float,
     threads: int,
     backend: str,
     workers: int,
@@ -429,10 +407,10 @@ def study(
     n = len(cases)
     if workers <= 1:
         _init_worker(resources, threads, backend)
-        rows = [_worker_row(case, cache, probe_fraction, cached_only) for case in cases]
+        rows = [_worker_row(case, cache, cached_only) for case in cases]
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resources, threads, backend)) as pool:
-            rows = list(pool.map(_worker_row, cases, [cache] * n, [probe_fraction] * n, [cached_only] * n))
+            rows = list(pool.map(_worker_row, cases, [cache] * n, [cached_only] * n))
     return [r for r in rows if r is not None]
 
 
@@ -651,7 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--workers", type=int, default=1, help="cases run at once, each in its own process")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torchscript"])
-    parser.add_argument("--probe-fraction", type=float, default=TrustSpec().probe_fraction)
     parser.add_argument("--json", type=Path, default=None, help="write the per-case rows here")
     parser.add_argument("--sigma-scan", type=float, nargs="+", default=None, metavar="SIGMA", help="networks off: N-SSIM per output σ")
     parser.add_argument("--cached-only", action="store_true", help="score only the cases whose network outputs are cached")
@@ -682,10 +659,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
     if args.networks_only:
-        log.info("%d cases' network outputs cached", networks_only(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend))
+        log.info("%d cases' network outputs cached", networks_only(sets, args.resources, args.cache, args.threads, args.backend))
         return 0
     rows = study(
-        sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers, args.cached_only
+        sets, args.resources, args.cache, args.threads, args.backend, args.workers, args.cached_only
     )
     print_tables(rows)
     if args.json is not None:
