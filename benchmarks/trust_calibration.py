@@ -122,6 +122,22 @@ def summary(rows: Sequence[Row], policy: Policy, scores: str = "n_ssim") -> tupl
     return float(np.mean(means)), float(min(means)), float(gains.min())
 
 
+def ceiling(rows: Sequence[Row], keys: Sequence[str], scores: str = "n_ssim") -> dict[str, float]:
+    """What a perfect case-level decision among ``keys`` would gain: per family, the mean over its rows
+    of the best key's benefit over networks off (0 where none gains: the oracle keeps the networks off),
+    plus 'mean', the average over the families (weighted equally, as :func:`summary`). No policy over
+    these keys can beat it, whatever its signals: the upper bound of a case-level trust."""
+    if not rows:
+        return {"mean": 0.0}
+    best = np.array(
+        [max([0.0, *(r[scores][k] - r[scores][OFF_KEY] for k in keys if r.get("old_gate", 1.0) > 0.0)]) for r in rows]
+    )
+    fams = np.array([family_of(r["set"]) for r in rows])
+    out = {f: float(best[fams == f].mean()) for f in sorted(set(fams))}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
 @dataclass
 class Search:
     """What :func:`fit` searches: scored keys, signals (with the directions a condition on each may

@@ -498,13 +498,16 @@ independent of the near-identity family, whose noise reaches 0.0113: with 0.010 
 that family corrected its noisiest case at −1.08, docs/quality.md)."""
 
 
-def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0) -> cal.Calibration:
+def calibrate(
+    rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0, scores: str = "n_ssim"
+) -> cal.Calibration:
     """A channel's policy fitted on every family and each family's held-out figures
-    (:func:`benchmarks.trust_calibration.leave_one_family_out`); with ``clean`` > 0 every trusting
-    policy also requires noise ≥ ``clean`` (a clean stack is never corrected)."""
+    (:func:`benchmarks.trust_calibration.leave_one_family_out`) under the SSIM convention ``scores``
+    (a key of :data:`CONVENTIONS`); with ``clean`` > 0 every trusting policy also requires noise ≥
+    ``clean`` (a clean stack is never corrected)."""
     required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
     search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
-    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
+    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer, scores=scores)
     out.search = search
     return out
 
@@ -541,9 +544,11 @@ def quality_table(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration]
     lines.append("")
     for channel, pairs in sorted(averages.items()):
         shipped, off = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
+        best = cal.ceiling([r for r in rows if r["channel"] == channel], TRUST_KEYS, scores)["mean"]
         lines.append(
             f"- {channel}: averaged over the {len(pairs)} families, shipped (held out) {shipped:.3f} vs networks off "
-            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05)"
+            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05); a perfect case-level "
+            f"choice among the offered factors would gain {best:+.3f} (trust_calibration.ceiling)"
         )
     return "\n".join(lines)
 
@@ -675,6 +680,16 @@ def main(argv: list[str] | None = None) -> int:
             for channel in sorted({r["channel"] for r in rows})
         }
         report_calibration(rows, chosen)
+        other = {
+            channel: calibrate(
+                [r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel],
+                "n_ssim_gaussian_window",
+            ).policy
+            for channel in chosen
+        }  # fmt: skip
+        for channel, policy in sorted(other.items()):
+            same = "the same choice" if policy == chosen[channel].policy else "a DIFFERENT choice"
+            print(f"{channel}: calibrated under the Gaussian-window SSIM: {policy.describe()} ({same})")
         if args.table is not None:
             args.table.write_text(
                 "\n\n".join(f"N-SSIM, {name}:\n\n{quality_table(rows, chosen, key)}" for key, name in CONVENTIONS.items()) + "\n"
@@ -700,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
                     for ch, c in chosen.items()
                 },
                 "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
+                "policies_gaussian_window_ssim": {ch: p.describe() for ch, p in other.items()},
+                "ceiling": {  # a perfect case-level choice among the offered factors (trust_calibration.ceiling)
+                    ch: round(cal.ceiling([r for r in rows if r["channel"] == ch], TRUST_KEYS)["mean"], 4)
+                    for ch in chosen
+                },
             }
             target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
             write_manifest(target, {ch: c.policy for ch, c in chosen.items()}, provenance)

@@ -271,7 +271,9 @@ def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(f
     assert set(rows[0]["n_ssim_gaussian_window"]) == set(rows[0]["n_ssim"])
     manifest = load_manifest(resources)
     assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
-    assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 4
+    provenance = json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]
+    assert provenance["cases"] == 4 and set(provenance["ceiling"]) == set(provenance["policies_gaussian_window_ssim"])
+    assert "calibrated under the Gaussian-window SSIM" in out and "perfect case-level choice" in out
     assert study.main([*args, "--workers", "2"]) == 0  # a rerun reads its cache, here in two worker processes
 
 

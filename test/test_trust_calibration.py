@@ -52,6 +52,17 @@ def test_the_fitted_policy_trusts_degraded_cases_and_keeps_clean_ones_at_network
     assert policy.key_for(helped | {"old_gate": 0.0}) == "none@0"
 
 
+def test_the_ceiling_is_a_perfect_case_choice_that_no_fitted_policy_beats() -> None:
+    rows = [_row("a", 0.1, 0.2), _row("a", 0.8, -0.4), _row("b", 0.2, 0.1), _row("b", 0.3, 0.3)]
+    rows.append(_row("b", 0.1, 0.5) | {"old_gate": 0.0})  # the noise gate skips the networks: nothing to gain
+    best = cal.ceiling(rows, KEYS)
+    # per case the best gate's gain over networks off, 0 where every gate harms; families weighted equally
+    assert best == pytest.approx({"a": (0.2 + 0.0) / 2, "b": (0.1 + 0.3 + 0.0) / 3, "mean": (0.1 + 0.4 / 3) / 2})
+    assert cal.ceiling(rows, ("none@0.25",))["a"] == pytest.approx(0.05 / 2)  # only the offered factors count
+    policy = cal.fit(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert policy != cal.OFF and cal.summary(rows, policy)[0] <= best["mean"] + 1e-12
+
+
 def test_nothing_safe_means_networks_off() -> None:
     rows = [_row(f, 0.5, -0.2) for f in ("a", "b") for _ in range(3)]
     assert cal.fit(rows, SEARCH) == cal.OFF
