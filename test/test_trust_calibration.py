@@ -183,3 +183,27 @@ def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signa
         signals = dict(zip(grid, values))
         for noise in (0.0, 0.004, 0.008, 0.0099):  # below 0.010: a clean stack (benchmarks/trust_study.py)
             assert trust.case_factor(signals | {"noise": noise}, rules)[0] == 0.0, (signals, noise)
+
+
+def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_light_path() -> None:
+    from scipy import ndimage
+
+    import trust_signals
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 40)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(2, n - 2, 250) for n in shape)] = 1.0
+    clean = ndimage.gaussian_filter(spots, 0.8)
+    clean /= np.percentile(clean, 99.8)
+    sharp = trust_signals.candidates(clean)
+    axial = ndimage.gaussian_filter(clean, (2.5, 0.0, 0.0))  # an elongated axial PSF: Z blurred only
+    axial /= np.percentile(axial, 99.8)
+    blurred_z = trust_signals.candidates(axial)
+    assert 0.6 < sharp["axlat"] < 1.6 and blurred_z["axlat"] < 0.5 * sharp["axlat"]
+    assert blurred_z["hf"] < sharp["hf"] and blurred_z["fall"] < 0.5
+    # the far half along X blurred laterally (light entering at x = 0): the fall is along X, not Z
+    far = clean.copy()
+    far[:, :, 20:] = ndimage.gaussian_filter(clean, (0.0, 2.0, 2.0))[:, :, 20:]
+    far /= np.percentile(far, 99.8)
+    side = trust_signals.candidates(far)
+    assert side["fall"] > 1.0 > sharp["fall"] + 0.5 and side["fallz"] < 0.5
