@@ -186,9 +186,9 @@ def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signa
 
 
 def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_light_path() -> None:
+    import trust_signals
     from scipy import ndimage
 
-    import trust_signals
     rng = np.random.default_rng(5)
     shape = (40, 40, 40)
     spots = np.zeros(shape, dtype=np.float32)
