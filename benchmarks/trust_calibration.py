@@ -99,7 +99,7 @@ class Policy:
     def describe(self) -> str:
         if self.gate <= 0.0:
             return "networks off"
-        region = ", region agreement" if self.region == "agreement" else ""
+        region = f", region {self.region}" if self.region != "none" else ""
         when = " and ".join(c.describe() for c in self.conditions)
         return f"factor {self.gate:g}{region}" + (f" when {when} (else networks off)" if when else " (constant)")
 

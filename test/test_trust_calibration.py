@@ -207,3 +207,15 @@ def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_l
     far /= np.percentile(far, 99.8)
     side = trust_signals.candidates(far)
     assert side["fall"] > 1.0 > sharp["fall"] + 0.5 and side["fallz"] < 0.5
+
+
+def test_the_foreground_region_keeps_the_networks_off_where_little_of_the_neighbourhood_is_foreground() -> None:
+    import trust_regions
+
+    coarse = np.zeros((24, 24, 24), dtype=np.float32)
+    coarse[:, :, :12] = 0.5  # a dense half and an empty half
+    coarse[:, :, 20] = 0.5  # one thin sheet in the empty half: little foreground around it
+    region = trust_regions.foreground_map(coarse)
+    assert region.dtype == np.float32 and region.shape == coarse.shape
+    assert region[:, :, :8].min() == 1.0 and region[:, :, 15:18].max() == 0.0
+    assert region[:, :, 20].max() < 0.9  # a thin structure alone is not trusted in full
