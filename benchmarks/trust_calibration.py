@@ -99,7 +99,7 @@ class Policy:
     def describe(self) -> str:
         if self.gate <= 0.0:
             return "networks off"
-        region = ", region agreement" if self.region == "agreement" else ""
+        region = f", region {self.region}" if self.region != "none" else ""
         when = " and ".join(c.describe() for c in self.conditions)
         return f"factor {self.gate:g}{region}" + (f" when {when} (else networks off)" if when else " (constant)")
 
@@ -120,6 +120,22 @@ def summary(rows: Sequence[Row], policy: Policy, scores: str = "n_ssim") -> tupl
     fams = np.array([family_of(r["set"]) for r in rows])
     means = [float(gains[fams == f].mean()) for f in sorted(set(fams))]
     return float(np.mean(means)), float(min(means)), float(gains.min())
+
+
+def ceiling(rows: Sequence[Row], keys: Sequence[str], scores: str = "n_ssim") -> dict[str, float]:
+    """What a perfect case-level decision among ``keys`` would gain: per family, the mean over its rows
+    of the best key's benefit over networks off (0 where none gains: the oracle keeps the networks off),
+    plus 'mean', the average over the families (weighted equally, as :func:`summary`). No policy over
+    these keys can beat it, whatever its signals: the upper bound of a case-level trust."""
+    if not rows:
+        return {"mean": 0.0}
+    best = np.array(
+        [max([0.0, *(r[scores][k] - r[scores][OFF_KEY] for k in keys if r.get("old_gate", 1.0) > 0.0)]) for r in rows]
+    )
+    fams = np.array([family_of(r["set"]) for r in rows])
+    out = {f: float(best[fams == f].mean()) for f in sorted(set(fams))}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
 
 
 @dataclass

@@ -127,14 +127,13 @@ def prepare(fuser: Fuser, case: Case) -> tuple[Prepared, CaseReport]:
     return fuser._prepare(volume.data, volume.spacing, case.channel, report, Profile({})), report
 
 
-def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[str, np.ndarray]:
+def compute_artefacts(fuser: Fuser, case: Case) -> dict[str, np.ndarray]:
     """The network outputs and trust raw material of one case, with the container's own steps.
 
-    ``correction`` (H), ``weight`` (diff grid, gate 1), ``coarse``, ``p1``, ``p1_flip`` (global
-    grid), ``probe`` (flip-probe sums: disagreement, correction, tiles), ``noise``, ``seconds``
-    (global stage, its mirrored forward, patch stage, probe, signals and region factor, the
-    correction's resize to the diff grid) and
-    ``patches`` (forwards of the patch stage).
+    ``correction`` (H), ``weight`` (diff grid, gate 1), ``coarse``, ``p1`` (global grid), ``noise``,
+    ``seconds`` (global stage, patch stage, signals and region factor, the correction's resize to the
+    diff grid) and ``patches`` (forwards of the patch stage). (Caches written before issue #24's
+    clean-up also hold the flip probes' ``p1_flip`` and ``probe``, unused since.)
     """
     prepared, report = prepare(fuser, case)
     channel = prepared.channel
@@ -143,27 +142,13 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
     ops = prepared.ops
     x_h = ResizedSource(prepared.x_in, prepared.grid_h, ops=ops)
     coarse = materialise(ResizedSource(x_h, channel.global_stage.grid, cache=False, ops=ops))
-    p1, stage = fuser._run_global(channel, coarse)
+    p1, _ = fuser._run_global(channel, coarse)
     global_s = time.perf_counter() - started
-    started = time.perf_counter()
-    p1_flip = trust.flipped(stage.runner(trust.flipped(coarse)[None, None])[0, 0])
-    global_flip_s = time.perf_counter() - started
     high = HighRes(x_h, ResizedSource(p1, prepared.grid_h, ops=ops))
     started = time.perf_counter()
     correction = fuser._patch_stage(prepared, high, Countdown(None), report).astype(np.float32)
     patch_s = time.perf_counter() - started
     patches = int(report.stages["patch"]["patches"])
-    started = time.perf_counter()
-    probe = trust.flip_probe(
-        fuser.patch_stage(channel).ladder,
-        high.x_h,
-        high.p1_h,
-        correction,
-        channel.patch_stage.patch_size,
-        trust.probe_count(patches, probe_fraction),
-        batch_size=channel.patch_stage.batch_size,
-    )
-    probe_s = time.perf_counter() - started
     extent_um = [n * s for n, s in zip(prepared.data.shape, prepared.spacing)]
     weight = postprocess.blend_weight(correction, prepared.x_in, prepared.post, 1.0, extent_um, ops=ops)
     grid = weight.shape
@@ -181,15 +166,13 @@ def compute_artefacts(fuser: Fuser, case: Case, probe_fraction: float) -> dict[s
         "weight": weight,
         "coarse": coarse,
         "p1": p1,
-        "p1_flip": p1_flip,
-        "probe": np.array([probe.disagreement, probe.correction, probe.tiles], dtype=np.float64),
         "noise": np.float64(prepared.noise),
-        "seconds": np.array([global_s, global_flip_s, patch_s, probe_s, signals_s, resize_s]),
+        "seconds": np.array([global_s, 0.0, patch_s, 0.0, signals_s, resize_s]),
         "patches": np.int64(patches),
     }
 
 
-def load_or_compute(fuser: Fuser, case: Case, cache: Path, probe_fraction: float) -> dict[str, np.ndarray]:
+def load_or_compute(fuser: Fuser, case: Case, cache: Path) -> dict[str, np.ndarray]:
     """The case's artefacts from ``cache`` when stored by this version, else computed and stored."""
     path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
     if path.is_file():
@@ -197,7 +180,7 @@ def load_or_compute(fuser: Fuser, case: Case, cache: Path, probe_fraction: float
             if "version" in stored.files and int(stored["version"]) == CACHE_VERSION:
                 return {k: stored[k] for k in stored.files}
     log.info("[%s/%s] running the networks", case.set_name, case.name)
-    artefacts = compute_artefacts(fuser, case, probe_fraction)
+    artefacts = compute_artefacts(fuser, case)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **artefacts)
     return artefacts
@@ -208,15 +191,12 @@ def signals_of(artefacts: dict[str, np.ndarray], spec: TrustSpec) -> dict[str, f
     measures them (on the weight map's grid)."""
     grid = artefacts["weight"].shape
     coarse = trust.on_grid(artefacts["coarse"], grid, OPS)
-    dis, cor, tiles = artefacts["probe"]
     return trust.case_signals(
         float(artefacts["noise"]),
         coarse,
         trust.on_grid(artefacts["p1"], grid, OPS),
         trust.coarse_correction(artefacts["correction"], grid, OPS),
         trust.foreground_mask(coarse, spec.foreground),
-        trust.on_grid(artefacts["p1_flip"], grid, OPS),
-        trust.ProbeResult(float(dis), float(cor), int(tiles), int(tiles)),
     )
 
 
@@ -305,7 +285,7 @@ def score_case(
 
 
 def case_row(
-    fuser: Fuser, shipped: Manifest, case: Case, cache: Path, probe_fraction: float, cached_only: bool = False
+    fuser: Fuser, shipped: Manifest, case: Case, cache: Path, cached_only: bool = False
 ) -> dict[str, Any] | None:
     """One case's row (set, case, channel, signals, N-SSIM per policy under both SSIM conventions,
     seconds, patches), cached as JSON beside its artefacts and keyed by the output σ the manifest gives
@@ -329,7 +309,7 @@ def case_row(
             row["signals_version"] = SIGNALS_VERSION
             row_path.write_text(json.dumps(row))
         return row
-    artefacts = load_or_compute(fuser, case, cache, probe_fraction)
+    artefacts = load_or_compute(fuser, case, cache)
     noise = float(artefacts["noise"])
     old_gate = postprocess.adaptive_settings(noise, shipped.channel(case.channel).postprocess)[1]
     scores, scores_g = score_case(fuser, case, artefacts)
@@ -351,7 +331,6 @@ def case_row(
         "n_ssim_gaussian_window": scores_g,
         "seconds": dict(zip(parts, map(float, artefacts["seconds"]))) | {"signals_now": signals_s},
         "patches": int(artefacts["patches"]),
-        "probe_tiles": int(artefacts["probe"][2]),
     }
     row_path = path.with_name(path.stem + f".row-{ROW_VERSION}-{row['sigma']:.4f}.json")
     row_path.write_text(json.dumps(row))
@@ -370,8 +349,8 @@ def _init_worker(resources: Path, threads: int, backend: str) -> None:
     _WORKER["fuser"] = Fuser(ungated(shipped), BudgetPolicy.create("cpu", None, None, threads), backend=backend)
 
 
-def _worker_row(case: Case, cache: Path, probe_fraction: float, cached_only: bool = False) -> dict[str, Any] | None:
-    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, probe_fraction, cached_only)
+def _worker_row(case: Case, cache: Path, cached_only: bool = False) -> dict[str, Any] | None:
+    return case_row(_WORKER["fuser"], _WORKER["shipped"], case, cache, cached_only)
 
 
 def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas: Sequence[float]) -> list[dict[str, Any]]:
@@ -393,14 +372,14 @@ def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas
     return rows
 
 
-def networks_only(sets: dict[str, tuple[Path, int | None]], resources: Path, cache: Path, probe_fraction: float, threads: int, backend: str) -> int:
+def networks_only(sets: dict[str, tuple[Path, int | None]], resources: Path, cache: Path, threads: int, backend: str) -> int:
     """Fill the cache with every case's network outputs (the expensive part), scoring nothing; returns
     the number of cases. A later run scores from the cache."""
     cache = cache / weights_key(load_manifest(resources))
     _init_worker(resources, threads, backend)
     cases = [case for name, (root, n) in sets.items() for case in find_cases(name, root, n)]
     for case in cases:
-        load_or_compute(_WORKER["fuser"], case, cache, probe_fraction)
+        load_or_compute(_WORKER["fuser"], case, cache)
     return len(cases)
 
 
@@ -419,7 +398,6 @@ def study(
     sets: dict[str, tuple[Path, int | None]],
     resources: Path,
     cache: Path,
-    probe_fraction: float,
     threads: int,
     backend: str,
     workers: int,
@@ -433,10 +411,10 @@ def study(
     n = len(cases)
     if workers <= 1:
         _init_worker(resources, threads, backend)
-        rows = [_worker_row(case, cache, probe_fraction, cached_only) for case in cases]
+        rows = [_worker_row(case, cache, cached_only) for case in cases]
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resources, threads, backend)) as pool:
-            rows = list(pool.map(_worker_row, cases, [cache] * n, [probe_fraction] * n, [cached_only] * n))
+            rows = list(pool.map(_worker_row, cases, [cache] * n, [cached_only] * n))
     return [r for r in rows if r is not None]
 
 
@@ -524,13 +502,16 @@ independent of the near-identity family, whose noise reaches 0.0113: with 0.010 
 that family corrected its noisiest case at −1.08, docs/quality.md)."""
 
 
-def calibrate(rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0) -> cal.Calibration:
+def calibrate(
+    rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0, scores: str = "n_ssim"
+) -> cal.Calibration:
     """A channel's policy fitted on every family and each family's held-out figures
-    (:func:`benchmarks.trust_calibration.leave_one_family_out`); with ``clean`` > 0 every trusting
-    policy also requires noise ≥ ``clean`` (a clean stack is never corrected)."""
+    (:func:`benchmarks.trust_calibration.leave_one_family_out`) under the SSIM convention ``scores``
+    (a key of :data:`CONVENTIONS`); with ``clean`` > 0 every trusting policy also requires noise ≥
+    ``clean`` (a clean stack is never corrected)."""
     required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
     search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
-    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer)
+    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer, scores=scores)
     out.search = search
     return out
 
@@ -567,9 +548,11 @@ def quality_table(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration]
     lines.append("")
     for channel, pairs in sorted(averages.items()):
         shipped, off = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
+        best = cal.ceiling([r for r in rows if r["channel"] == channel], TRUST_KEYS, scores)["mean"]
         lines.append(
             f"- {channel}: averaged over the {len(pairs)} families, shipped (held out) {shipped:.3f} vs networks off "
-            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05)"
+            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05); a perfect case-level "
+            f"choice among the offered factors would gain {best:+.3f} (trust_calibration.ceiling)"
         )
     return "\n".join(lines)
 
@@ -655,7 +638,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--workers", type=int, default=1, help="cases run at once, each in its own process")
     parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torchscript"])
-    parser.add_argument("--probe-fraction", type=float, default=TrustSpec().probe_fraction)
     parser.add_argument("--json", type=Path, default=None, help="write the per-case rows here")
     parser.add_argument("--sigma-scan", type=float, nargs="+", default=None, metavar="SIGMA", help="networks off: N-SSIM per output σ")
     parser.add_argument("--cached-only", action="store_true", help="score only the cases whose network outputs are cached")
@@ -686,10 +668,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
     if args.networks_only:
-        log.info("%d cases' network outputs cached", networks_only(sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend))
+        log.info("%d cases' network outputs cached", networks_only(sets, args.resources, args.cache, args.threads, args.backend))
         return 0
     rows = study(
-        sets, args.resources, args.cache, args.probe_fraction, args.threads, args.backend, args.workers, args.cached_only
+        sets, args.resources, args.cache, args.threads, args.backend, args.workers, args.cached_only
     )
     print_tables(rows)
     if args.json is not None:
@@ -702,6 +684,16 @@ def main(argv: list[str] | None = None) -> int:
             for channel in sorted({r["channel"] for r in rows})
         }
         report_calibration(rows, chosen)
+        other = {
+            channel: calibrate(
+                [r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel],
+                "n_ssim_gaussian_window",
+            ).policy
+            for channel in chosen
+        }  # fmt: skip
+        for channel, policy in sorted(other.items()):
+            same = "the same choice" if policy == chosen[channel].policy else "a DIFFERENT choice"
+            print(f"{channel}: calibrated under the Gaussian-window SSIM: {policy.describe()} ({same})")
         if args.table is not None:
             args.table.write_text(
                 "\n\n".join(f"N-SSIM, {name}:\n\n{quality_table(rows, chosen, key)}" for key, name in CONVENTIONS.items()) + "\n"
@@ -727,6 +719,11 @@ def main(argv: list[str] | None = None) -> int:
                     for ch, c in chosen.items()
                 },
                 "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
+                "policies_gaussian_window_ssim": {ch: p.describe() for ch, p in other.items()},
+                "ceiling": {  # a perfect case-level choice among the offered factors (trust_calibration.ceiling)
+                    ch: round(cal.ceiling([r for r in rows if r["channel"] == ch], TRUST_KEYS)["mean"], 4)
+                    for ch in chosen
+                },
             }
             target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
             write_manifest(target, {ch: c.policy for ch, c in chosen.items()}, provenance)

@@ -155,9 +155,7 @@ DEFAULT_POSTPROCESS: dict[str, Any] = manifest_form(PostprocessSpec())
 
 
 TRUST_MODES = ("off", "case")
-TRUST_SIGNALS = (
-    "noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym", "global_flip", "patch_flip"
-)
+TRUST_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym")
 """Signals a trust rule may name (defined in :mod:`fusemycells.trust`)."""
 TRUST_REGIONS = ("none", "agreement")
 
@@ -180,7 +178,6 @@ class TrustSpec:
     region: str = "none"  # 'agreement': × the local stage-1/stage-2 agreement (per region)
     region_sigma: float = 1.5  # Gaussian σ of the agreement map (global-grid voxels)
     foreground: float = 0.1  # normalised input level above which voxels count for the signals
-    probe_fraction: float = 0.125  # patch flip probe: tiles per forward of the patch stage
     fallback_factor: float = 0.0  # the factor when the signals cannot be measured (the time budget cut the patch stage)
 
     def __post_init__(self) -> None:
@@ -191,8 +188,6 @@ class TrustSpec:
         unknown = [name for name, _ in self.rules if name not in TRUST_SIGNALS]
         if unknown:
             raise ValueError(f"unknown trust signal(s) {unknown} (known: {TRUST_SIGNALS})")
-        if not 0.0 < self.probe_fraction <= 1.0:
-            raise ValueError(f"trust probe_fraction must be in (0, 1], got {self.probe_fraction}")
         if not 0.0 <= self.fallback_factor <= 1.0:
             raise ValueError(f"trust fallback_factor must be in [0, 1], got {self.fallback_factor}")
 
@@ -309,7 +304,7 @@ def _trust(raw: Any, where: str) -> TrustSpec:
     """The channel's optional ``trust`` object (absent: mode 'off', the constant gate)."""
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: expected an object, got {raw!r}")
-    known = {"mode", "rules", "region", "region_sigma", "foreground", "probe_fraction", "fallback_factor"}
+    known = {"mode", "rules", "region", "region_sigma", "foreground", "fallback_factor"}
     if set(raw) - known:
         raise ManifestError(f"{where}: unknown field(s) {sorted(set(raw) - known)} (known: {sorted(known)})")
     default = TrustSpec()
@@ -323,7 +318,6 @@ def _trust(raw: Any, where: str) -> TrustSpec:
             region=str(raw.get("region", default.region)),
             region_sigma=float(raw.get("region_sigma", default.region_sigma)),
             foreground=float(raw.get("foreground", default.foreground)),
-            probe_fraction=float(raw.get("probe_fraction", default.probe_fraction)),
             fallback_factor=float(raw.get("fallback_factor", default.fallback_factor)),
         )
     except (TypeError, ValueError) as exc:

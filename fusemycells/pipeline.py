@@ -404,22 +404,15 @@ class Fuser:
         if spec.mode == "off":
             return trust.TrustDecision("off", case.gate)
         high = self._high_on(case, high)
-        if self.ladder.trust_fallback(report.degradation, trust.needs(spec)) or high.coarse is None:
+        if self.ladder.trust_fallback(report.degradation) or high.coarse is None:
             why = f"degradation level {report.degradation}: no signals; the manifest's fallback_factor"
             decision = trust.TrustDecision("fallback", spec.fallback_factor, why=why)
         else:
-            assert high.p1 is not None and case.channel.patch_stage.patch_size is not None
-            channel, patch = case.channel, case.channel.patch_stage.patch_size
+            assert high.p1 is not None
             with timed(report.seconds, "trust"):
                 decision = trust.decide(
-                    spec, case.noise, high.coarse, high.p1, correction, case.post.diff_grid,
-                    global_predict=lambda batch: self._run_global(channel, batch[0, 0])[0][None, None],
-                    probe=lambda count: trust.flip_probe(
-                        self.patch_stage(channel).ladder, high.x_h, high.p1_h, correction, patch, count,
-                        spec.foreground, channel.patch_stage.batch_size,
-                    ),
-                    patches=int(report.stages.get("patch", {}).get("patches", 0)), ops=case.ops,
-                )  # fmt: skip
+                    spec, case.noise, high.coarse, high.p1, correction, case.post.diff_grid, ops=case.ops
+                )
         report.trust = decision.as_report()
         log.info("    trust %s", decision.summary())
         return decision

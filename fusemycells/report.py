@@ -53,7 +53,6 @@ CASE_UNITS = {
     "trust.signals": "dimensionless ratios and correlations (fusemycells.trust)",
     "trust.rules": "factor 0 to 1 per rule",
     "trust.seconds": "seconds (wall clock) per part of the trust decision",
-    "trust.extra_forwards": "network forward calls",
     "stages.patch.patches": "patches (network inputs of patch_size voxels on H)",
     "stages.patch.patch_grid": "patches per axis, (Z, Y, X)",
     "stages.patch.overlap": "fraction of the patch size shared by neighbouring patches",

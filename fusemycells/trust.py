@@ -19,10 +19,6 @@ spans the whole stack like the global grid; ``fg`` = its voxels where the normal
 * ``hf``, ``asym`` — the case's own degradation, from the input alone (:func:`degradation_signals`):
   the high-frequency share of the foreground's signal, and how much it differs between the two ends
   of the stack along its worst axis (light-sheet depth blur and attenuation).
-* ``global_flip`` — rms(p1 − p1 of the mirrored input, mirrored back) / rms(stage-1 correction)
-  over fg: one extra forward of the global network.
-* ``patch_flip`` — the same for the patch network on a sample of tiles (:func:`flip_probe`), relative
-  to the stage-2 correction there: extra patch forwards, ``probe_fraction`` of the patch stage's.
 
 The case factor is the minimum over the spec's rules of ``interp(signal, knots)`` (knots as in
 ``gate_knots``: (signal value, factor) pairs, held at the ends), clipped to [0, 1]. The region
@@ -30,7 +26,7 @@ factor (``region == 'agreement'``) is ``clip(G(c1·c2) / G(c2²), 0, 1)`` on the
 Gaussian of σ ``region_sigma`` voxels): the part of the stage-2 correction c2 that the stage-1
 correction c1 backs up, locally. The stage-2 correction resized to the coarse grid is the input
 of the weight map too: it is computed once (:attr:`TrustDecision.coarse_correction`), so what trust
-adds is a few filters on that grid, plus the extra forwards of a flip rule. The rules are
+adds is a few filters on that grid (no network forward). The rules are
 calibrated on simulated tuning families by ``benchmarks/trust_study.py``, leave one family out
 (docs/quality.md).
 
@@ -42,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,21 +48,12 @@ from scipy import ndimage
 from fusemycells.config import TRUST_SIGNALS, TrustSpec
 from fusemycells.ops import Ops
 from fusemycells.preprocess import resize, resize_through
-from fusemycells.sources import PlaneSource, as_source
-from fusemycells.stitching import pad_to_patch, window_starts
-
-Predict = Callable[[np.ndarray], np.ndarray]
-"""(N, C, Z, Y, X) float32 → (N, 1, Z, Y, X) float32: a network stage."""
+from fusemycells.sources import PlaneSource
 
 SIGNALS = TRUST_SIGNALS
 """The signals a rule may name (see the module doc)."""
 MIN_FOREGROUND = 64
 """Fewer foreground voxels than this on the global grid: the signals use every voxel instead."""
-
-
-def flipped(volume: np.ndarray) -> np.ndarray:
-    """The ZYX array mirrored along all three axes (a contiguous copy); its own inverse."""
-    return np.ascontiguousarray(volume[::-1, ::-1, ::-1])
 
 
 def coarse_correction(correction: PlaneSource | np.ndarray, grid: Sequence[int], ops: Ops) -> np.ndarray:
@@ -97,20 +84,6 @@ def _rms(values: np.ndarray) -> float:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 1e-9 else 0.0
-
-
-@dataclass
-class ProbeResult:
-    """Sums of the patch-network flip probe over its tiles (foreground voxels only)."""
-
-    disagreement: float  # Σ (prediction − prediction of the mirrored tile, mirrored back)²
-    correction: float  # Σ (stitched prediction − input)², the correction itself
-    tiles: int  # tiles probed
-    patches: int  # forward passes (= tiles)
-
-    def relative(self) -> float:
-        """rms disagreement / rms correction (0 when nothing was probed)."""
-        return math.sqrt(_ratio(self.disagreement, self.correction))
 
 
 def degradation_signals(coarse: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -145,14 +118,11 @@ def case_signals(
     p1: np.ndarray,
     c2: np.ndarray,
     mask: np.ndarray,
-    p1_flip: np.ndarray | None = None,
-    probe: ProbeResult | None = None,
 ) -> dict[str, float]:
     """The case's trust signals (see the module doc) from arrays on one coarse grid (ZYX).
 
     ``coarse``: the normalised input, ``p1``: the stage-1 prediction, ``c2``: the stage-2 correction
-    (:func:`coarse_correction`), ``mask``: :func:`foreground_mask`; ``p1_flip``: the stage-1
-    prediction of the mirrored input, mirrored back; ``probe``: :func:`flip_probe`'s sums.
+    (:func:`coarse_correction`), ``mask``: :func:`foreground_mask`.
     """
     c1 = (p1 - coarse)[mask].astype(np.float64)
     c2m = c2[mask].astype(np.float64)
@@ -161,7 +131,7 @@ def case_signals(
     s11, s22, s12 = float(c1 @ c1) / n, float(c2m @ c2m) / n, float(c1 @ c2m) / n  # raw second moments
     rms1, rms2 = math.sqrt(s11), math.sqrt(s22)
     var1, var2 = s11 - m1 * m1, s22 - m2 * m2
-    out = {
+    return {
         "noise": float(noise),
         "corr_to_noise": _ratio(rms2, max(noise, 1e-4)),
         "s12_corr": float(np.clip((s12 - m1 * m2) / math.sqrt(var1 * var2), -1.0, 1.0))
@@ -171,11 +141,6 @@ def case_signals(
         "corr_rel": _ratio(rms2, _rms(coarse[mask])),
         **degradation_signals(coarse, mask),
     }
-    if p1_flip is not None:
-        out["global_flip"] = _ratio(_rms((p1 - p1_flip)[mask]), rms1)
-    if probe is not None:
-        out["patch_flip"] = probe.relative()
-    return out
 
 
 def rule_factor(value: float, knots: Sequence[tuple[float, float]]) -> float:
@@ -214,74 +179,6 @@ def never(spec: TrustSpec) -> bool:
     return spec.mode == "case" and any(all(k[1] <= 0.0 for k in knots) for _, knots in spec.rules)
 
 
-def needs(spec: TrustSpec) -> set[str]:
-    """The signals with an extra cost that ``spec`` needs: 'global_flip' and/or 'patch_flip'."""
-    return {name for name, _ in spec.rules if name in ("global_flip", "patch_flip")}
-
-
-def tile_grid(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, int, int]]:
-    """ZYX starts of the non-overlapping tiling of ``shape`` by ``patch`` (the last tile of an axis
-    ends at the border, as :func:`fusemycells.stitching.window_starts` places it), z-row major."""
-    starts = [window_starts(max(int(n), int(p)), int(p), 0.0) for n, p in zip(shape, patch)]
-    return [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-
-
-def probe_tiles(shape: Sequence[int], patch: Sequence[int], count: int) -> list[tuple[int, int, int]]:
-    """``count`` tiles of :func:`tile_grid` spread evenly over it (all of them when there are fewer)."""
-    grid = tile_grid(shape, patch)
-    if count >= len(grid):
-        return grid
-    picks = np.unique(np.linspace(0, len(grid) - 1, max(1, count)).round().astype(int))
-    return [grid[i] for i in picks]
-
-
-def _cut(source: PlaneSource, start: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
-    """One tile of a source, reflect-padded to ``patch`` where the volume is smaller (as the patch stage pads)."""
-    z, y, x = start
-    block = source.planes(z, min(source.shape[0], z + patch[0]))[:, y : y + patch[1], x : x + patch[2]]
-    return pad_to_patch(np.ascontiguousarray(block, dtype=np.float32), patch)
-
-
-def flip_probe(
-    predict: Predict,
-    x_h: PlaneSource | np.ndarray,
-    p1_h: PlaneSource | np.ndarray,
-    correction: np.ndarray,
-    patch: Sequence[int],
-    count: int,
-    foreground: float = 0.1,
-    batch_size: int = 2,
-) -> ProbeResult:
-    """The patch network on ``count`` mirrored tiles, compared with the stitched prediction.
-
-    ``x_h``, ``p1_h``: the patch network's two inputs on H; ``correction``: its stitched correction
-    (prediction − ``x_h``) on H, all ZYX. Tiles of :func:`probe_tiles` are cut from both inputs,
-    mirrored along every axis, predicted, mirrored back and compared voxel by voxel with
-    ``x_h + correction`` over the foreground (``x_h`` > ``foreground``).
-    """
-    x_src, p_src = as_source(x_h), as_source(p1_h)
-    patch3 = (int(patch[0]), int(patch[1]), int(patch[2]))
-    tiles = probe_tiles(x_src.shape, patch3, count)
-    disagreement = total = 0.0
-    step = max(1, batch_size)
-    for i in range(0, len(tiles), step):
-        chunk = tiles[i : i + step]
-        xs = [_cut(x_src, t, patch3) for t in chunk]
-        batch = np.stack([np.stack([flipped(x), flipped(_cut(p_src, t, patch3))]) for x, t in zip(xs, chunk)])
-        out = predict(batch)
-        for x, t, p in zip(xs, chunk, out):
-            corr = _cut(as_source(correction), t, patch3)
-            mask = x > foreground
-            disagreement += float(np.sum(np.square(x + corr - flipped(p[0]), dtype=np.float64)[mask]))
-            total += float(np.sum(np.square(corr, dtype=np.float64)[mask]))
-    return ProbeResult(disagreement, total, len(tiles), len(tiles))
-
-
-def probe_count(patches: int, fraction: float) -> int:
-    """Tiles to probe for a patch stage of ``patches`` forwards: ``fraction`` of them, at least 1."""
-    return max(1, math.ceil(fraction * max(patches, 1)))
-
-
 @dataclass
 class TrustDecision:
     """What trust decided for one case (the report's ``trust`` entry) and the region factor."""
@@ -293,7 +190,6 @@ class TrustDecision:
     signals: dict[str, float] = field(default_factory=dict)
     rules: dict[str, float] = field(default_factory=dict)  # each rule's factor
     seconds: dict[str, float] = field(default_factory=dict)  # cost per part
-    extra_forwards: dict[str, int] = field(default_factory=dict)  # network forwards added
     why: str = ""  # mode 'fallback': why the constant gate was used
 
     def summary(self) -> str:
@@ -314,7 +210,6 @@ class TrustDecision:
             "signals": {k: round(v, 5) for k, v in self.signals.items()},
             "rules": {k: round(v, 4) for k, v in self.rules.items()},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "extra_forwards": dict(self.extra_forwards),
         }
         if self.region is not None:
             entry["region_mean"] = round(float(self.region.mean()), 4)
@@ -329,44 +224,24 @@ def decide(
     p1: np.ndarray,
     correction: np.ndarray,
     grid: Sequence[int],
-    global_predict: Predict | None = None,
-    probe: Callable[[int], ProbeResult] | None = None,
-    patches: int = 0,
     *,
     ops: Ops,
 ) -> TrustDecision:
-    """The trust decision of one case (``spec.mode`` must be 'case').
+    """The trust decision of one case (``spec.mode`` must be 'case'): no network forward.
 
     ``coarse``, ``p1``: the normalised input and the stage-1 prediction on the global grid;
     ``correction``: the stage-2 correction on H (ZYX); ``grid``: the weight map's diff grid, where
-    the signals are measured; ``global_predict`` runs the global network
-    (needed for a 'global_flip' rule), ``probe(count)`` the patch flip probe (for 'patch_flip'),
-    ``patches``: the patch stage's forward count (the probe does ``spec.probe_fraction`` of it);
-    ``ops``: where the resizes to ``grid`` run (the pipeline's, as for the weight map).
+    the signals are measured; ``ops``: where the correction's resize to ``grid`` runs (the
+    pipeline's, as for the weight map).
     """
     seconds: dict[str, float] = {}
-    forwards: dict[str, int] = {}
-    wanted = needs(spec)
-    if "global_flip" in wanted and global_predict is None:
-        raise ValueError("a 'global_flip' rule needs the global network")
-    if "patch_flip" in wanted and probe is None:
-        raise ValueError("a 'patch_flip' rule needs the patch network")
     started = time.perf_counter()
     c2 = coarse_correction(correction, grid, ops)  # reused by the weight map: not a cost of trust
     seconds["coarse_correction"] = time.perf_counter() - started
-    p1_flip = result = None
-    if global_predict is not None and "global_flip" in wanted:
-        started = time.perf_counter()
-        p1_flip = on_grid(flipped(global_predict(flipped(coarse)[None, None])[0, 0]), grid, ops)
-        seconds["global_flip"], forwards["global"] = time.perf_counter() - started, 1
-    if probe is not None and "patch_flip" in wanted:
-        started = time.perf_counter()
-        result = probe(probe_count(patches, spec.probe_fraction))
-        seconds["patch_flip"], forwards["patch"] = time.perf_counter() - started, result.patches
     started = time.perf_counter()
     x_d, p1_d = on_grid(coarse, grid, ops), on_grid(p1, grid, ops)
-    signals = case_signals(noise, x_d, p1_d, c2, foreground_mask(x_d, spec.foreground), p1_flip, result)
+    signals = case_signals(noise, x_d, p1_d, c2, foreground_mask(x_d, spec.foreground))
     factor, rules = case_factor(signals, dict(spec.rules))
     region = agreement_map(p1_d - x_d, c2, spec.region_sigma) if spec.region == "agreement" and factor > 0 else None
     seconds["signals"] = time.perf_counter() - started
-    return TrustDecision(spec.mode, factor, region, c2, signals, rules, seconds, forwards)
+    return TrustDecision(spec.mode, factor, region, c2, signals, rules, seconds)

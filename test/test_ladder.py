@@ -108,12 +108,9 @@ def test_patches_fit_when_their_seconds_are_not_more_than_the_time_left() -> Non
     assert patches_fit(10**9, 1.0, Countdown(None))
 
 
-@pytest.mark.parametrize(
-    "level, needs_forwards, fallback",
-    [(0, True, False), (1, False, False), (1, True, True), (2, False, True), (3, False, True)],
-)
-def test_trust_takes_its_fallback_once_the_patch_stage_was_cut(level: int, needs_forwards: bool, fallback: bool) -> None:
-    assert Ladder.trust_fallback(level, needs_forwards) is fallback
+@pytest.mark.parametrize("level, fallback", [(0, False), (1, False), (2, True), (3, True)])
+def test_trust_takes_its_fallback_once_the_patch_stage_was_cut(level: int, fallback: bool) -> None:
+    assert Ladder.trust_fallback(level) is fallback
 
 
 def test_the_finish_cost_is_learnt_from_fully_fused_files_only() -> None:

@@ -1,4 +1,4 @@
-"""Per-case trust (fusemycells.trust): signals, rules, region factor, flip probe, manifest and Fuser."""
+"""Per-case trust (fusemycells.trust): signals, rules, region factor, manifest and Fuser."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import blob_volume, fixture_manifest
+from conftest import blob_volume
 
 from fusemycells import trust
 from fusemycells.config import ManifestError, PostprocessSpec, TrustSpec, load_manifest, parse_manifest, trust_form
@@ -30,13 +29,6 @@ def smooth_field(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 2).astype(np.float32)
 
 
-def test_flipped_mirrors_every_axis_and_is_its_own_inverse() -> None:
-    a = RNG.random((3, 4, 5), dtype=np.float32)
-    f = trust.flipped(a)
-    assert f[0, 0, 0] == a[-1, -1, -1] and f.flags.c_contiguous
-    np.testing.assert_array_equal(trust.flipped(f), a)
-
-
 def test_stages_that_agree_give_s12_corr_1_and_opposite_stages_minus_1() -> None:
     coarse = np.full((12, 12, 12), 0.5, dtype=np.float32)
     c1 = smooth_field(coarse.shape, 1)
@@ -47,18 +39,6 @@ def test_stages_that_agree_give_s12_corr_1_and_opposite_stages_minus_1() -> None
     assert same["corr_to_noise"] == pytest.approx(rms2 / 0.02, rel=1e-5)
     opposite = trust.case_signals(0.02, coarse, coarse + c1, -c1, mask)
     assert opposite["s12_corr"] == pytest.approx(-1.0)
-    assert "global_flip" not in same and "patch_flip" not in same  # not measured unless asked
-
-
-def test_flip_signals_are_zero_for_an_equivariant_network_and_grow_with_disagreement() -> None:
-    coarse = np.full((12, 12, 12), 0.5, dtype=np.float32)
-    p1 = coarse + smooth_field(coarse.shape, 2)
-    mask = trust.foreground_mask(coarse, 0.1)
-    probe = trust.ProbeResult(disagreement=4.0, correction=16.0, tiles=2, patches=2)
-    agree = trust.case_signals(0.02, coarse, p1, p1 - coarse, mask, p1_flip=p1.copy(), probe=probe)
-    assert agree["global_flip"] == 0.0 and agree["patch_flip"] == pytest.approx(0.5)
-    differ = trust.case_signals(0.02, coarse, p1, p1 - coarse, mask, p1_flip=coarse.copy())
-    assert differ["global_flip"] == pytest.approx(1.0)  # the mirrored run proposes no change at all
 
 
 def test_foreground_mask_falls_back_to_every_voxel_on_an_empty_image() -> None:
@@ -80,7 +60,7 @@ def test_rules_interpolate_their_knots_clip_to_0_1_and_the_case_takes_the_least_
     assert factor == pytest.approx(1 / 3)
     assert trust.case_factor({"noise": 0.1}, {}) == (1.0, {})
     with pytest.raises(KeyError):
-        trust.case_factor({"noise": 0.1}, {"patch_flip": ((0.0, 1.0),)})
+        trust.case_factor({"noise": 0.1}, {"hf": ((0.0, 1.0),)})
 
 
 def test_agreement_map_trusts_where_stage1_backs_stage2_and_not_where_it_opposes_or_is_silent() -> None:
@@ -98,64 +78,18 @@ def test_agreement_map_trusts_where_stage1_backs_stage2_and_not_where_it_opposes
     assert trust.agreement_map(c2, np.zeros_like(c2), 1.0).max() == 0.0  # no correction: nothing to trust
 
 
-def test_probe_tiles_cover_the_volume_without_overlap_and_sample_evenly() -> None:
-    grid = trust.tile_grid((40, 64, 70), (16, 32, 32))
-    assert len(grid) == 3 * 2 * 3 and grid[0] == (0, 0, 0) and grid[-1] == (24, 32, 38)
-    assert trust.probe_tiles((40, 64, 70), (16, 32, 32), 100) == grid
-    some = trust.probe_tiles((40, 64, 70), (16, 32, 32), 4)
-    assert len(some) == 4 and some[0] == grid[0] and some[-1] == grid[-1]
-    assert trust.probe_count(40, 0.125) == 5 and trust.probe_count(0, 0.125) == 1
-
-
-def test_flip_probe_sees_no_disagreement_from_a_mirror_symmetric_network_and_some_from_a_biased_one() -> None:
-    x = RNG.random((20, 24, 40), dtype=np.float32) + 0.2
-    p1 = x * 0.9
-
-    def symmetric(batch: np.ndarray) -> np.ndarray:  # input + a mirror-symmetric change
-        return (batch[:, :1] * 1.5).astype(np.float32)
-
-    def biased(batch: np.ndarray) -> np.ndarray:  # adds a ramp along X: not mirror-symmetric
-        ramp = np.linspace(0, 1, batch.shape[-1], dtype=np.float32)
-        return (batch[:, :1] * 1.5 + ramp).astype(np.float32)
-
-    correction = 0.5 * x  # what the symmetric network's stitched output would be minus x
-    calm = trust.flip_probe(symmetric, x, p1, correction, (16, 16, 16), count=3)
-    assert calm.tiles == calm.patches == 3 and calm.correction > 0
-    assert calm.disagreement == pytest.approx(0.0, abs=1e-6) and calm.relative() == pytest.approx(0.0, abs=1e-6)
-    loud = trust.flip_probe(biased, x, p1, correction, (16, 16, 16), count=3)
-    assert loud.relative() > 0.1
-    small = trust.flip_probe(
-        symmetric, x[:8], p1[:8], correction[:8], (16, 16, 16), count=1
-    )  # padded like the patch stage
-    assert small.tiles == 1 and small.disagreement == pytest.approx(0.0, abs=1e-6)
-
-
-def test_decide_applies_the_rules_and_runs_only_the_forwards_they_need() -> None:
+def test_decide_applies_the_rules_on_the_diff_grid_and_hands_the_coarse_correction_on() -> None:
     coarse = np.full((12, 12, 12), 0.5, dtype=np.float32)
     c1 = smooth_field(coarse.shape, 3)
     correction = np.repeat(c1, 2, axis=0)  # on a finer 'H' grid along Z
     spec = TrustSpec(mode="case", rules=(("s12_corr", ((0.5, 0.0), (0.9, 0.8))),), region="agreement")
     decision = trust.decide(spec, 0.02, coarse, coarse + c1, correction, (8, 8, 8), ops=OPS)  # signals on the diff grid
     assert decision.signals["s12_corr"] > 0.95 and decision.factor == pytest.approx(0.8)
-    assert decision.region is not None and decision.region.shape == (8, 8, 8) and decision.extra_forwards == {}
+    assert decision.region is not None and decision.region.shape == (8, 8, 8)
     np.testing.assert_array_equal(decision.coarse_correction, trust.coarse_correction(correction, (8, 8, 8), OPS))
     report = decision.as_report()
     json.dumps(report)
     assert report["factor"] == pytest.approx(0.8) and set(report["seconds"]) == {"coarse_correction", "signals"}
-    calls: list[int] = []
-
-    def probe(count: int) -> trust.ProbeResult:
-        calls.append(count)
-        return trust.ProbeResult(1.0, 4.0, count, count)
-
-    flip = TrustSpec(mode="case", rules=(("patch_flip", ((0.4, 1.0), (0.6, 0.0))), ("global_flip", ((0.0, 1.0),))))
-    with pytest.raises(ValueError, match="global network"):
-        trust.decide(flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), probe=probe, patches=40, ops=OPS)
-    decided = trust.decide(
-        flip, 0.02, coarse, coarse + c1, correction, (12, 12, 12), global_predict=lambda b: b, probe=probe, patches=40, ops=OPS
-    )
-    assert calls == [5] and decided.extra_forwards == {"global": 1, "patch": 5}
-    assert decided.signals["patch_flip"] == pytest.approx(0.5) and decided.factor == pytest.approx(0.5)
 
 
 def test_blend_weight_takes_a_region_factor_and_the_coarse_correction_gives_the_same_weight_map() -> None:
@@ -202,6 +136,8 @@ def test_a_manifest_without_trust_keeps_the_constant_gate_and_a_trust_entry_roun
         {"rules": {"noise": []}},
         {"rules": {"noise": [[0.1, 1], [0.05, 0]]}},
         {"colour": 1},
+        {"probe_fraction": 0.125},  # the flip probes are gone: an old manifest naming them is refused
+        {"rules": {"patch_flip": [[0, 1]]}},
         [],
     ):
         raw["channels"]["nucleus"]["trust"] = bad
@@ -234,7 +170,7 @@ def test_fuser_reports_the_trust_decision_and_a_zero_factor_writes_the_networks_
         and entry["factor"] == 1.0
         and set(entry["signals"]) == {"noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym"}
     )
-    assert "trust" in fused.report.seconds and "region_mean" in entry and entry["extra_forwards"] == {}
+    assert "trust" in fused.report.seconds and "region_mean" in entry
     zero_here = {"mode": "case", "rules": {"s12_corr": [[1.5, 0], [2, 1]]}}  # s12_corr ≤ 1: factor 0 on this case
     zero = Fuser(load_manifest(fixture_with_trust(fixture_resources, tmp_path / "b", zero_here)), cpu_policy())
     gated_off = zero.fuse(data.copy(), SPACING, "nucleus")
@@ -271,38 +207,6 @@ def test_trust_with_a_constant_rule_equals_the_constant_gate(fixture_resources: 
     )
     assert new.report.trust["factor"] == 0.5 and math.isclose(old.report.adaptive["network_gate"], 0.5)
     np.testing.assert_allclose(new.to_array(), old.to_array(), atol=1e-6)
-
-
-def test_flip_rules_run_the_extra_forwards_in_the_pipeline_and_count_them(
-    fixture_resources: Path, tmp_path: Path
-) -> None:
-    entry = {"mode": "case", "rules": {"global_flip": [[0, 1]], "patch_flip": [[0, 1]]}, "probe_fraction": 0.25}
-    fuser = Fuser(load_manifest(fixture_with_trust(fixture_resources, tmp_path, entry)), cpu_policy())
-    report = fuser.fuse(blob_volume((10, 40, 36)), SPACING, "nucleus").report
-    patches = report.stages["patch"]["patches"]
-    assert report.trust["extra_forwards"] == {"global": 1, "patch": trust.probe_count(patches, 0.25)}
-    # the fixture networks' random 3×3×3 convolutions do not commute with mirroring: both signals well above 0
-    assert report.trust["signals"]["global_flip"] > 0.005 and report.trust["signals"]["patch_flip"] > 0.05
-    assert set(report.trust["seconds"]) == {"coarse_correction", "signals", "global_flip", "patch_flip"}
-
-
-class PointwiseNet(torch.nn.Module):
-    """Fixture network acting voxel by voxel (mirroring its input mirrors its output): 0.8 × the mean of its
-    input channels + 0.05, a correction everywhere."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.8 * x.mean(dim=1, keepdim=True) + 0.05
-
-
-def test_flip_signals_are_zero_for_networks_that_mirror_with_their_input(tmp_path: Path) -> None:
-    resources = tmp_path / "pointwise"
-    fixture_manifest(resources, patch_net=PointwiseNet(), global_net=PointwiseNet())
-    entry = {"mode": "case", "rules": {"global_flip": [[0, 1]], "patch_flip": [[0, 1]]}, "probe_fraction": 0.25}
-    fuser = Fuser(load_manifest(fixture_with_trust(resources, tmp_path, entry)), cpu_policy())
-    report = fuser.fuse(blob_volume((10, 40, 36)), SPACING, "nucleus").report
-    signals = report.trust["signals"]
-    assert signals["s12_ratio"] > 0.5  # both stages correct the input: the flip ratios are not 0 / 0
-    assert signals["global_flip"] < 1e-4 and signals["patch_flip"] < 1e-4
 
 
 def test_when_the_time_budget_skipped_the_patch_stage_the_fallback_factor_is_used_and_reported(fixture_resources: Path, tmp_path: Path) -> None:
@@ -369,7 +273,9 @@ def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(f
     assert set(rows[0]["n_ssim_gaussian_window"]) == set(rows[0]["n_ssim"])
     manifest = load_manifest(resources)
     assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
-    assert json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]["cases"] == 4
+    provenance = json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]
+    assert provenance["cases"] == 4 and set(provenance["ceiling"]) == set(provenance["policies_gaussian_window_ssim"])
+    assert "calibrated under the Gaussian-window SSIM" in out and "perfect case-level choice" in out
     assert study.main([*args, "--workers", "2"]) == 0  # a rerun reads its cache, here in two worker processes
 
 

@@ -52,6 +52,17 @@ def test_the_fitted_policy_trusts_degraded_cases_and_keeps_clean_ones_at_network
     assert policy.key_for(helped | {"old_gate": 0.0}) == "none@0"
 
 
+def test_the_ceiling_is_a_perfect_case_choice_that_no_fitted_policy_beats() -> None:
+    rows = [_row("a", 0.1, 0.2), _row("a", 0.8, -0.4), _row("b", 0.2, 0.1), _row("b", 0.3, 0.3)]
+    rows.append(_row("b", 0.1, 0.5) | {"old_gate": 0.0})  # the noise gate skips the networks: nothing to gain
+    best = cal.ceiling(rows, KEYS)
+    # per case the best gate's gain over networks off, 0 where every gate harms; families weighted equally
+    assert best == pytest.approx({"a": (0.2 + 0.0) / 2, "b": (0.1 + 0.3 + 0.0) / 3, "mean": (0.1 + 0.4 / 3) / 2})
+    assert cal.ceiling(rows, ("none@0.25",))["a"] == pytest.approx(0.05 / 2)  # only the offered factors count
+    policy = cal.fit(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert policy != cal.OFF and cal.summary(rows, policy)[0] <= best["mean"] + 1e-12
+
+
 def test_nothing_safe_means_networks_off() -> None:
     rows = [_row(f, 0.5, -0.2) for f in ("a", "b") for _ in range(3)]
     assert cal.fit(rows, SEARCH) == cal.OFF
@@ -172,3 +183,39 @@ def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signa
         signals = dict(zip(grid, values))
         for noise in (0.0, 0.004, 0.008, 0.0099):  # below 0.010: a clean stack (benchmarks/trust_study.py)
             assert trust.case_factor(signals | {"noise": noise}, rules)[0] == 0.0, (signals, noise)
+
+
+def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_light_path() -> None:
+    import trust_signals
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 40)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(2, n - 2, 250) for n in shape)] = 1.0
+    clean = ndimage.gaussian_filter(spots, 0.8)
+    clean /= np.percentile(clean, 99.8)
+    sharp = trust_signals.candidates(clean)
+    axial = ndimage.gaussian_filter(clean, (2.5, 0.0, 0.0))  # an elongated axial PSF: Z blurred only
+    axial /= np.percentile(axial, 99.8)
+    blurred_z = trust_signals.candidates(axial)
+    assert 0.6 < sharp["axlat"] < 1.6 and blurred_z["axlat"] < 0.5 * sharp["axlat"]
+    assert blurred_z["hf"] < sharp["hf"] and blurred_z["fall"] < 0.5
+    # the far half along X blurred laterally (light entering at x = 0): the fall is along X, not Z
+    far = clean.copy()
+    far[:, :, 20:] = ndimage.gaussian_filter(clean, (0.0, 2.0, 2.0))[:, :, 20:]
+    far /= np.percentile(far, 99.8)
+    side = trust_signals.candidates(far)
+    assert side["fall"] > 1.0 > sharp["fall"] + 0.5 and side["fallz"] < 0.5
+
+
+def test_the_foreground_region_keeps_the_networks_off_where_little_of_the_neighbourhood_is_foreground() -> None:
+    import trust_regions
+
+    coarse = np.zeros((24, 24, 24), dtype=np.float32)
+    coarse[:, :, :12] = 0.5  # a dense half and an empty half
+    coarse[:, :, 20] = 0.5  # one thin sheet in the empty half: little foreground around it
+    region = trust_regions.foreground_map(coarse)
+    assert region.dtype == np.float32 and region.shape == coarse.shape
+    assert region[:, :, :8].min() == 1.0 and region[:, :, 15:18].max() == 0.0
+    assert region[:, :, 20].max() < 0.9  # a thin structure alone is not trusted in full

@@ -154,10 +154,10 @@ class Ladder:
         return None
 
     @staticmethod
-    def trust_fallback(level: int, needs_forwards: bool) -> bool:
+    def trust_fallback(level: int) -> bool:
         """Whether the trust decision takes the manifest's ``fallback_factor`` instead of signals: at level 2
-        or more (no patch prediction), or from level 1 when the signals need extra forwards."""
-        return level >= 2 or (level >= 1 and needs_forwards)
+        or more (no patch prediction to read the signals from)."""
+        return level >= 2
 
     def learn_finish(self, report: FinishedFile) -> None:
         """:func:`learn_finish_cost` on this ladder's costs."""
