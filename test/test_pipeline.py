@@ -220,6 +220,7 @@ class ThreadCountingRunner:
     def __init__(self, runner, backend: str, device: str) -> None:
         self.runner, self.backend, self.device, self.provider = runner, backend, device, runner.provider
         self.precision = runner.precision
+        self.torch_cpu_forward = backend == "torchscript" and device == "cpu"  # as backends.TorchScriptRunner says
         self.threads: list[int] = []
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
