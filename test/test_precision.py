@@ -120,3 +120,23 @@ def test_budget_plan_defaults_to_what_auto_picks_here() -> None:
     pytest.importorskip("openvino")
     assert backend == ("torchscript" if precision == "bf16" else "openvino")
     assert budget_plan.run_backend("onnx", "fp32") == ("fp32", "onnx")
+
+
+def test_openvino_patch_stage_runs_a_batch_as_concurrent_single_patch_requests_with_the_same_output(
+    fixture_resources: Path,
+) -> None:
+    """The patch stage compiles for throughput (one stream per patch of a batch, at most one per thread) and its
+    batches come back in order, equal to one whole-batch request; the global stage keeps one request."""
+    pytest.importorskip("openvino")
+    manifest = load_manifest(fixture_resources)
+    channel = manifest.channel("nucleus")
+    spec = channel.patch_stage
+    patch = load_stage(manifest, spec, "openvino", "cpu", strict=True, threads=2).runner
+    single = load_stage(manifest, spec, "openvino", "cpu", strict=True, threads=1).runner
+    glob = load_stage(manifest, channel.global_stage, "openvino", "cpu", strict=True, threads=2).runner
+    assert (patch.streams, single.streams, glob.streams) == (min(2, spec.batch_size), 1, 1)
+    batch = np.random.default_rng(2).random((3, 2, *spec.patch_size), dtype=np.float32)
+    batch[1] *= 4.0  # patches that differ, so that an order mix-up shows
+    whole = OpenVinoRunner(manifest.root / spec.files["onnx"].path, "cpu", threads=2)(batch)
+    np.testing.assert_allclose(patch(batch), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(patch(batch[:1]), whole[:1], rtol=0, atol=1e-6)
