@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fusemycells import trust
 from fusemycells.backends import OpenVinoRunner, load_stage
 from fusemycells.config import load_manifest
 
@@ -84,3 +85,17 @@ def test_openvino_global_stage_releases_its_intermediate_memory_after_each_call(
         out = runner(np.zeros((1, channels, *shape), dtype=np.float32))
         assert out.shape == (1, 1, *shape) and np.isfinite(out).all()
     assert released == ["global"]
+
+
+def test_mid_memory_benchmark_runs_the_networks_with_a_manifest_without_trust(tmp_path: Path) -> None:
+    """``benchmarks/mid_memory.py --no-trust``: the shipped manifest without trust blocks (the constant gate),
+    every other file the shipped one (linked), so that the worst case runs both networks."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import mid_memory
+
+    folder = mid_memory.untrusted_resources(tmp_path)
+    manifest = load_manifest(folder)
+    assert all(not trust.never(spec.trust) and spec.trust.mode == "off" for spec in manifest.channels.values())
+    shipped = {p.name for p in (REPO / "resources").iterdir()}
+    assert {p.name for p in folder.iterdir()} == shipped
+    assert all((folder / name).resolve() == (REPO / "resources" / name).resolve() for name in shipped - {"manifest.json"})
