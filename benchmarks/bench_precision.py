@@ -90,7 +90,7 @@ def openvino_int8_forward(path: Path, threads: int, calibration: list[np.ndarray
     model = ov.Core().read_model(str(path))
     quantised = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
     runner = OpenVinoRunner.__new__(OpenVinoRunner)
-    runner.precision, runner.one_shot = "int8", False
+    runner.precision, runner.one_shot, runner.streams, runner._queue = "int8", False, 1, None
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
     runner.model = ov.Core().compile_model(quantised, "CPU", config)
     runner._request = runner.model.create_infer_request()
