@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 Forward = Callable[[np.ndarray], np.ndarray]
 VARIANTS = (
     "onnx_fp32", "torchscript_fp32", "torchscript_fp32_cl", "torchscript_bf16", "openvino_fp32", "openvino_bf16",
-    "onnx_int8",
+    "onnx_int8", "openvino_int8", "openvino_fp32_streams",
 )  # fmt: skip
 
 
@@ -76,6 +76,53 @@ def openvino_forward(path: Path, threads: int, precision: str) -> Forward:
     from fusemycells.backends import OpenVinoRunner
 
     return OpenVinoRunner(path, "cpu", threads=threads, precision=precision)
+
+
+def openvino_int8_forward(path: Path, threads: int, calibration: list[np.ndarray]) -> Forward:
+    """OpenVINO on an int8 copy of the ONNX model made by NNCF's post-training quantisation (default preset:
+    symmetric int8 weights and activations) calibrated on ``calibration`` batches; inference precision hint f32
+    (the layers left in floating point). Needs ``nncf``."""
+    import nncf
+
+    from fusemycells.backends import OpenVinoRunner, import_openvino
+
+    ov = import_openvino()
+    model = ov.Core().read_model(str(path))
+    quantised = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+    runner = OpenVinoRunner.__new__(OpenVinoRunner)
+    runner.precision, runner.one_shot, runner.streams, runner._queue = "int8", False, 1, None
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
+    runner.model = ov.Core().compile_model(quantised, "CPU", config)
+    runner._request = runner.model.create_infer_request()
+    return runner
+
+
+def openvino_streams_forward(path: Path, threads: int) -> Forward:
+    """OpenVINO fp32 with the THROUGHPUT hint: ``threads`` streams of one thread, the batch's patches run as
+    that many single-patch requests at once (what OpenVINO does with cores instead of one multi-threaded call)."""
+    from fusemycells.backends import import_openvino
+
+    ov = import_openvino()
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
+        "NUM_STREAMS": str(threads), "INFERENCE_NUM_THREADS": str(threads),
+    }  # fmt: skip
+    model = ov.Core().compile_model(str(path), "CPU", config)
+    queue = ov.AsyncInferQueue(model, threads)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        out = np.empty((batch.shape[0], 1, *batch.shape[2:]), dtype=np.float32)
+
+        def done(request, index: int) -> None:
+            out[index] = request.get_output_tensor(0).data[0]
+
+        queue.set_callback(done)
+        for i in range(batch.shape[0]):
+            queue.start_async({0: np.ascontiguousarray(batch[i : i + 1])}, i)
+        queue.wait_all()
+        return out
+
+    return forward
 
 
 def onnx_forward(path: Path, threads: int) -> Forward:
@@ -175,11 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("fp32", "bf16"):
         if f"openvino_{mode}" in wanted:
             variants[f"openvino_{mode}"] = openvino_forward(files["onnx"], args.threads, mode)
+    if "openvino_fp32_streams" in wanted:
+        variants["openvino_fp32_streams"] = openvino_streams_forward(files["onnx"], args.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = [smooth_batch(shape, seed=s) for s in range(1, 9)]
         if "onnx_int8" in wanted:
-            calibration = [smooth_batch(shape, seed=s) for s in range(1, 9)]
             model = quantize_int8(files["onnx"], calibration, Path(tmp) / "int8.onnx")
             variants["onnx_int8"] = onnx_forward(model, args.threads)
+        if "openvino_int8" in wanted:
+            variants["openvino_int8"] = openvino_int8_forward(files["onnx"], args.threads, calibration)
         results = measure(variants, batch, args.repeats)
     report = {
         "channel": args.channel, "stage": args.stage, "batch": list(shape), "threads": args.threads,

@@ -331,6 +331,27 @@ def _percentile_sample(
     return sample, (min(p[1] for p in parts), max(p[2] for p in parts))
 
 
+OUTPUT_WORKING_FACTOR = 4.0
+"""Float32 copies of its output planes one worker of the output pass holds at once: the planes read with their
+z-halo, the z and y passes of the Gaussian, its x pass (measured on 160×900×900: 4.5–5.5 with the old uint16
+conversion's two more copies)."""
+OUTPUT_PASS_SHARE = 0.125
+"""The CPU output pass's working set (all workers together) as a share of the stack's float32 bytes, at most
+(¼ of a uint16 input's bytes): at 256 MiB per worker the pass held ≈ 4× a 160×900×900 stack's uint16 bytes
+on top of the input, so a run peaked at 5.2× the input (docs/performance-cpu.md, *Mid-size memory*)."""
+
+
+def output_slab_planes(shape: Shape3, ops: Ops) -> int:
+    """Planes of the output pass one worker computes at once (ZYX ``shape`` in voxels): what :attr:`Ops.slab_bytes`
+    allows for :data:`OUTPUT_WORKING_FACTOR` float32 copies, and on the CPU at most :data:`OUTPUT_PASS_SHARE` of
+    the stack's float32 bytes over all workers (at least one plane)."""
+    planes = ops.slab_planes(shape[1] * shape[2], factor=OUTPUT_WORKING_FACTOR)
+    if ops.device == "cpu":
+        share = OUTPUT_PASS_SHARE * shape[0] / (max(1, ops.threads) * OUTPUT_WORKING_FACTOR)
+        planes = min(planes, max(1, int(share)))
+    return planes
+
+
 class OutputSource:
     """The manifest's optional output filters (max filter ``output_max_filter`` voxels, Gaussian σ of
     :func:`output_sigma_zyx`), then affine maps, computed with torch per z-range (ZYX).
@@ -356,7 +377,7 @@ class OutputSource:
         self.max_size = int(spec.output_max_filter) if spec.output_max_filter > 1 else 0
         self.sigma = output_sigma_zyx(spec, spacing)
         self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_gaussian_sigma > 0 else None
-        self.preferred_slab = ops.slab_planes(self.shape[1] * self.shape[2], factor=3.0)
+        self.preferred_slab = output_slab_planes(self.shape, ops)
 
     def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> OutputSource:
         """This source followed by ``(v − offset)·scale`` (then rounded when ``dtype`` is an integer type)."""
@@ -395,23 +416,30 @@ class OutputSource:
         """The affine maps (in place) and the rounding of an integer dtype."""
         for offset, scale in self.affines:
             planes = planes.sub_(float(np.float32(offset))).mul_(float(np.float32(scale)))
-        return torch.round(planes) if self.dtype.kind in "ui" else planes
+        return planes.round_() if self.dtype.kind in "ui" else planes
+
+    def _ranges(self, z0: int, z1: int) -> list[tuple[int, int]]:
+        """``z0:z1`` split over the workers, on the CPU in pieces of at most :attr:`preferred_slab` planes."""
+        ranges = self.ops.split(z0, z1)
+        if self.ops.device != "cpu":
+            return ranges
+        return [(a + p, a + q) for a, b in ranges for p, q in slabs(b - a, self.preferred_slab)]
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
         out = np.empty((z1 - z0, *self.shape[1:]), dtype=self.dtype)
-        ranges = self.ops.split(z0, z1)
-        with self.ops.section("output_filter_s"):
-            filtered = self.ops.parallel(self.tensor, *zip(*ranges))
 
-        def store(a: int, b: int, planes: torch.Tensor) -> None:
-            planes = self._affine(planes)
-            if self.dtype.kind in "ui":
-                out[a - z0 : b - z0] = planes.cpu().numpy().astype(self.dtype)
-            else:
-                torch.from_numpy(out[a - z0 : b - z0]).copy_(planes)
+        def one(a: int, b: int) -> None:  # filtered and stored by the same worker: one piece in flight per worker
+            with self.ops.section("output_filter_s"):
+                planes = self.tensor(a, b)
+            with self.ops.section("percentile_normalisation_s"):
+                planes = self._affine(planes)
+                if self.dtype.kind in "ui":  # already rounded: numpy's cast on assignment, no converted copy
+                    out[a - z0 : b - z0] = planes.cpu().numpy()
+                else:
+                    torch.from_numpy(out[a - z0 : b - z0]).copy_(planes)
 
-        with self.ops.section("percentile_normalisation_s"):
-            self.ops.parallel(store, *zip(*ranges), filtered)
+        with self.ops.section("output_filter_s"):  # on the CPU, the workers' time (their sections are no-ops)
+            self.ops.parallel(one, *zip(*self._ranges(z0, z1)))
         return out
 
 

@@ -91,3 +91,52 @@ def test_openvino_refuses_a_cuda_device_so_that_the_next_backend_runs(fixture_re
     spec = manifest.channel("nucleus").patch_stage
     with pytest.raises(Exception, match="CPU only"):
         OpenVinoRunner(manifest.root / spec.files["onnx"].path, "cuda")
+
+
+def test_first_file_plan_uses_the_patch_rate_of_the_backend_and_precision_the_run_uses() -> None:
+    """A faster CPU forward becomes a better degradation level: the study's 264×2008×1091 stack at 0.7× this machine's
+    speed plans level 1 with ONNX Runtime's rate and level 0 with OpenVINO's (0.54× of it), within the budget."""
+    from fusemycells.runtime.budget import CPU_2CORE, cpu_rates, plan_first_file
+
+    assert cpu_rates("onnx", "fp32") == CPU_2CORE
+    assert cpu_rates("openvino", "fp32").patch_s < CPU_2CORE.patch_s
+    assert cpu_rates("torchscript", "bf16").patch_s < cpu_rates("torchscript", "fp32").patch_s
+    assert cpu_rates("openvino", "bf16") == CPU_2CORE  # unmeasured: ONNX Runtime's fp32 rate, conservative
+    shape, spacing = (264, 2008, 1091), (1.0, 0.195, 0.195)
+    onnx = plan_first_file(shape, spacing, 480.0, rates=cpu_rates("onnx"), speed=0.7)
+    openvino = plan_first_file(shape, spacing, 480.0, rates=cpu_rates("openvino"), speed=0.7)
+    assert (onnx.level, openvino.level) == (1, 0)
+    assert openvino.total_s <= 480.0
+
+
+def test_budget_plan_defaults_to_what_auto_picks_here() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import budget_plan
+
+    precision, backend = budget_plan.run_backend("auto", "auto")
+    assert precision == cpu_precision("auto", cpu_flags())
+    pytest.importorskip("openvino")
+    assert backend == ("torchscript" if precision == "bf16" else "openvino")
+    assert budget_plan.run_backend("onnx", "fp32") == ("fp32", "onnx")
+
+
+def test_openvino_patch_stage_runs_a_batch_as_concurrent_single_patch_requests_with_the_same_output(
+    fixture_resources: Path,
+) -> None:
+    """The patch stage compiles for throughput (one stream per patch of a batch, at most one per thread) and its
+    batches come back in order, equal to one whole-batch request; the global stage keeps one request."""
+    pytest.importorskip("openvino")
+    manifest = load_manifest(fixture_resources)
+    channel = manifest.channel("nucleus")
+    spec = channel.patch_stage
+    patch = load_stage(manifest, spec, "openvino", "cpu", strict=True, threads=2).runner
+    single = load_stage(manifest, spec, "openvino", "cpu", strict=True, threads=1).runner
+    glob = load_stage(manifest, channel.global_stage, "openvino", "cpu", strict=True, threads=2).runner
+    assert (patch.streams, single.streams, glob.streams) == (min(2, spec.batch_size), 1, 1)
+    batch = np.random.default_rng(2).random((3, 2, *spec.patch_size), dtype=np.float32)
+    batch[1] *= 4.0  # patches that differ, so that an order mix-up shows
+    whole = OpenVinoRunner(manifest.root / spec.files["onnx"].path, "cpu", threads=2)(batch)
+    np.testing.assert_allclose(patch(batch), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(patch(batch[:1]), whole[:1], rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -140,6 +140,26 @@ one's page cache), so ``finish`` (post-processing + writing) is ≈ 0.88e-8 + 2.
 120×1200×1200 (``inference.py --time-budget 15``), again with the slow disk's write. Patch rate,
 start-up, loading, preprocessing and reading (14.2–18.2 s for the 2.1 GiB file, not in the page
 cache) from the real 309×1920×1920 runs of README *Budgets* and *Performance*."""
+
+
+PATCH_S_CPU_2CORE = {
+    ("onnx", "fp32"): CPU_2CORE.patch_s,
+    ("openvino", "fp32"): 0.071,
+    ("torchscript", "fp32"): 0.354,
+    ("torchscript", "bf16"): 0.073,
+}
+"""Seconds per 64³ patch on the development machine's 2 CPU cores by (backend, precision): ONNX Runtime's is
+:data:`CPU_2CORE`'s, measured quietly; the others are it × the ratio measured back to back on the same machine
+(docs/performance-cpu.md, *Budget*): OpenVINO fp32 0.54× (the patch-stage forward of ``inference.py`` on
+80×800×800 at level 0, 166.7 s against 308.4 s, 1 024 patches), TorchScript fp32 2.7× (``bench_precision.py``);
+TorchScript bf16 is the issue's Xeon with AMX (0.119 against 0.214 s per batch, 0.56×), unmeasured here."""
+
+
+def cpu_rates(backend: str, precision: str = "fp32") -> PhaseRates:
+    """:data:`CPU_2CORE` with the patch rate of the backend and precision a CPU run uses (ONNX Runtime's fp32
+    rate for a pair not in :data:`PATCH_S_CPU_2CORE`: OpenVINO bf16 is unmeasured)."""
+    patch_s = PATCH_S_CPU_2CORE.get((backend, precision), CPU_2CORE.patch_s)
+    return replace(CPU_2CORE, patch_s=patch_s)
 
 
 def estimate_peak_bytes(
