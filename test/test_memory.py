@@ -26,7 +26,7 @@ OUTPUT_PASS = textwrap.dedent(
     import json, sys
     import numpy as np
     from fusemycells.config import PostprocessSpec
-    from fusemycells.ops_torch import choose_ops
+    from fusemycells.ops import choose_ops
     from fusemycells.postprocess import final_source
     from fusemycells.runtime import allocator
     from fusemycells.runtime.devices import proc_status_mib
@@ -41,7 +41,7 @@ OUTPUT_PASS = textwrap.dedent(
         handle.write("5")  # VmHWM := VmRSS now: the peak of what follows
     live = proc_status_mib("VmRSS")
     with allocator.reuse_freed_memory():  # as the pipeline's output pass (Fuser._finish, then the write)
-        out = final_source(ArraySource(data, 100.0, 1 / 3900), spec, "uint16", (1.0, 0.39, 0.39), ops)
+        out = final_source(ArraySource(data, 100.0, 1 / 3900), spec, "uint16", (1.0, 0.39, 0.39), ops=ops)
         for z0 in range(0, shape[0], 8):  # as io.tiff's writer asks for planes
             out.planes(z0, min(shape[0], z0 + 8))
     print(json.dumps({"above_mib": proc_status_mib("VmHWM") - live, "input_mib": data.nbytes / 2**20}))

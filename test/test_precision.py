@@ -96,7 +96,8 @@ def test_openvino_refuses_a_cuda_device_so_that_the_next_backend_runs(fixture_re
 def test_first_file_plan_uses_the_patch_rate_of_the_backend_and_precision_the_run_uses() -> None:
     """A faster CPU forward becomes a better degradation level: the study's 264×2008×1091 stack at 0.7× this machine's
     speed plans level 1 with ONNX Runtime's rate and level 0 with OpenVINO's (0.54× of it), within the budget."""
-    from fusemycells.runtime.budget import CPU_2CORE, cpu_rates, plan_first_file
+    from fusemycells.runtime.budget import CPU_2CORE, cpu_rates
+    from fusemycells.runtime.ladder import plan_first_file
 
     assert cpu_rates("onnx", "fp32") == CPU_2CORE
     assert cpu_rates("openvino", "fp32").patch_s < CPU_2CORE.patch_s
