@@ -13,8 +13,8 @@ foreground), ``fgagree`` (that times the stage agreement map, ``trust.agreement_
 map alone, at factors ¼, ½ and 1; scores are kept in ``OUT.json`` (a rerun scores only new cases). Then it
 prints, per channel, each constant region policy's held-out-free figures per family (mean / worst
 benefit over networks off), the ceiling of a perfect case-level choice with and without the region
-keys (``trust_calibration.ceiling``) and the leave-one-family-out calibration with the region keys
-offered (``trust_study``'s search and priors).
+keys (``training.trust_calibration.ceiling``) and the leave-one-family-out calibration with the region keys
+offered (:mod:`training.calibrate_trust`'s search and priors).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trust_calibration as cal  # noqa: E402
-import trust_study as ts  # noqa: E402
+import trust_study as ts  # noqa: E402  (a sibling script; it puts the repository on sys.path)
 
 from fusemycells import trust  # noqa: E402
 from fusemycells.config import DEFAULT_RESOURCES, TrustSpec, load_manifest  # noqa: E402
+from training import calibrate_trust as ct  # noqa: E402
+from training import trust_calibration as cal  # noqa: E402
 
 REGION_KEYS = ("fg@0.25", "fgagree@0.25", "fg@0.5", "fgagree@0.5", "fg@1", "fgagree@1", "agreement@0.5", "agreement@1")
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     scores: dict[str, dict[str, list[float]]] = json.loads(args.scores.read_text()) if args.scores.is_file() else {}
     missing = [r for r in rows if f"{r['set']}/{r['case']}" not in scores]
     if missing:
-        cases = {(c.set_name, c.name): c for n, (root, k) in ts.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
+        cases = {(c.set_name, c.name): c for n, (root, k) in ct.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
         cache = args.cache / ts.weights_key(load_manifest(args.resources))
         ts._init_worker(args.resources, 1, "auto")
         for r in missing:
@@ -90,22 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for key, (uniform, gaussian) in scores[f"{r['set']}/{r['case']}"].items():
             r["n_ssim"][key], r["n_ssim_gaussian_window"][key] = uniform, gaussian
-    offered = ts.TRUST_KEYS + REGION_KEYS[:4]
+    offered = ct.TRUST_KEYS + REGION_KEYS[:4]
     for channel in ("nucleus", "membrane"):
         mine = [r for r in rows if r["channel"] == channel]
         print(f"\n{channel}: constant policies, benefit over networks off per family: mean / worst case")
-        for key in (*ts.TRUST_KEYS, *REGION_KEYS):
+        for key in (*ct.TRUST_KEYS, *REGION_KEYS):
             fams: dict[str, list[float]] = {}
             for r in mine:
                 fams.setdefault(cal.family_of(r["set"]), []).append(r["n_ssim"][key] - r["n_ssim"]["none@0"])
             means = [np.mean(v) for v in fams.values()]
             cells = "  ".join(f"{f} {np.mean(v):+.3f}/{min(v):+.3f}" for f, v in sorted(fams.items()))
             print(f"  {key:<15} {cells}  | families' mean {np.mean(means):+.3f}")
-        for keys, name in ((ts.TRUST_KEYS, "shipped keys"), (offered, "with the region keys")):
+        for keys, name in ((ct.TRUST_KEYS, "shipped keys"), (offered, "with the region keys")):
             print(f"  ceiling ({name}): " + " ".join(f"{k} {v:+.3f}" for k, v in cal.ceiling(mine, keys).items()))
         search = cal.Search(
-            keys=offered, signals=ts.SEARCH_SIGNALS, directions=ts.DIRECTIONS,
-            required=(cal.Condition("noise", True, ts.CLEAN_NOISE),),
+            keys=offered, signals=ct.SEARCH_SIGNALS, directions=ct.DIRECTIONS,
+            required=(cal.Condition("noise", True, ct.CLEAN_NOISE),),
         )  # fmt: skip
         plain = cal.leave_one_family_out(mine, search, guard=False, margin=0.03, buffer=0.25)
         mean, worst_family, worst_case = plain.loso()

@@ -8,7 +8,8 @@
 ``--set`` / ``--cache``: the same sets and cache as that run (the cached ``coarse`` and ``p1`` arrays).
 Per case it measures candidate degradation signals (:func:`candidates`) on the high-resolution grid H
 (isotropic: the input resampled to the channel's target spacing, as the patch network sees it) and on
-the weight map's coarse grid, then runs the leave-one-family-out calibration of ``trust_study`` with
+the weight map's coarse grid, then runs the leave-one-family-out calibration of
+:mod:`training.calibrate_trust` with
 the shipped signals alone and with each candidate group added, with and without the two priors (no
 trust because the noise is small; never correct a clean stack), and prints what each fit ships and
 its held-out figures. Nothing is written to the manifest: a candidate earns a place in
@@ -29,12 +30,13 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trust_calibration as cal  # noqa: E402
-import trust_study as ts  # noqa: E402
+import trust_study as ts  # noqa: E402  (a sibling script; it puts the repository on sys.path)
 
 from fusemycells.config import DEFAULT_RESOURCES, load_manifest  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
+from training import calibrate_trust as ct  # noqa: E402
+from training import trust_calibration as cal  # noqa: E402
 
 GROUPS = {
     "shipped signals": (),
@@ -43,7 +45,7 @@ GROUPS = {
     "+ fall of sharpness along the worst axis (H)": ("H_fall", "H_fallz"),
     "+ stage-1 change vs noise": ("s1_to_noise", "s1_rel"),
 }
-"""Candidate groups added to :data:`trust_study.SEARCH_SIGNALS`, one at a time."""
+"""Candidate groups added to :data:`training.calibrate_trust.SEARCH_SIGNALS`, one at a time."""
 
 
 def candidates(x: np.ndarray, level: float = 0.1) -> dict[str, float]:
@@ -102,11 +104,11 @@ def compare(rows: list[dict[str, Any]], channel: str) -> list[str]:
     lines = []
     for name, extra in GROUPS.items():
         for priors in (True, False):
-            required = (cal.Condition("noise", True, ts.CLEAN_NOISE),) if priors else ()
+            required = (cal.Condition("noise", True, ct.CLEAN_NOISE),) if priors else ()
             search = cal.Search(
-                keys=ts.TRUST_KEYS,
-                signals=ts.SEARCH_SIGNALS + extra,
-                directions=ts.DIRECTIONS if priors else {},
+                keys=ct.TRUST_KEYS,
+                signals=ct.SEARCH_SIGNALS + extra,
+                directions=ct.DIRECTIONS if priors else {},
                 required=required,
             )
             plain = cal.leave_one_family_out(mine, search, guard=False, margin=0.03, buffer=0.25)
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = json.loads(args.signals.read_text())
     missing = [r for r in rows if f"{r['set']}/{r['case']}" not in measured]
     if missing:
-        cases = {(c.set_name, c.name): c for n, (root, k) in ts.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
+        cases = {(c.set_name, c.name): c for n, (root, k) in ct.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
         cache = args.cache / ts.weights_key(load_manifest(args.resources))
         ts._init_worker(args.resources, 2, "auto")
         for r in missing:

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Per-case trust in the network correction (issues #14, #24): offline study and calibration.
+"""Per-case trust in the network correction (issues #14, #24): offline study, the measurements the
+trust calibration (:mod:`training.calibrate_trust`) is fitted on.
 
     python benchmarks/trust_study.py --set NAME=ROOT[:N] [--set ...] --cache DIR [--resources DIR]
-        [--json FILE] [--networks-only | --cached-only] [--calibrate [--table FILE] [--write-manifest FILE]]
+        [--json FILE] [--networks-only | --cached-only | --sigma-scan SIGMA ...]
+    python benchmarks/trust_study.py --cost Z Y X [--resources DIR]
 
 Each ROOT is a TUNING set in our simulator's layout (``*_angle.tif`` beside ``*_fused.tif``) or the
 Grand Challenge layout (``ROOT/images/...`` and ``ROOT/ground-truth``: ``benchmarks/crosscheck_sim.py``,
 ``benchmarks/families.py``); ``:N`` takes the first N cases per channel. Never pass a held-out set.
-Sets of one generator form a family (``trust_calibration.family_of``: ``ours*``, ``xc*``, else the name).
+Sets of one generator form a family (``training.trust_calibration.family_of``: ``ours*``, ``xc*``,
+else the name).
 
 Per case the container's own steps (:class:`fusemycells.pipeline.Fuser`: prepare, global stage, patch
 stage, weight map; CPU) compute once the network correction on H, its weight map at gate 1 and the raw
@@ -17,15 +20,12 @@ outputs). Then it scores N-SSIM of the output the container would write for netw
 of :data:`SCORED` (with and without the region factor), the Gaussian baseline and networks off at σ 0
 and at v3's σ, under both SSIM conventions (:mod:`fusemycells.evaluation.metrics`' uniform window and
 :func:`ssim_gaussian`), cached per case and output σ; and prints the per-case table, each signal's
-correlation with the benefit over networks off, and the cost of the signals.
+correlation with the benefit over networks off, and the cost of the signals. ``--json`` writes the
+per-case rows.
 
-``--calibrate`` runs :func:`trust_calibration.leave_one_family_out` per channel (policies of up to two
-conditions on :data:`SEARCH_SIGNALS`, factors :data:`TRUST_KEYS`, priors :data:`DIRECTIONS` and
-noise ≥ :data:`CLEAN_NOISE`; the fitted policy ships only if it holds on families it did not see),
-prints the decision table (docs/quality.md) under both conventions (``--table`` writes it) and
-``--write-manifest`` writes the policies into ``channels.<ch>.trust`` and
-``provenance.trust_calibration``, keeping everything else. New weights: the same command with their
-``--resources`` (docs/quality.md gives the full command).
+The calibration (leave one family out, the decision table docs/quality_table.md, the manifest's trust
+block) runs on those rows: ``python -m training.calibrate_trust --rows FILE <the --set list>
+[--table FILE] [--write-manifest FILE]`` (docs/quality.md gives the full commands).
 """
 
 from __future__ import annotations
@@ -46,14 +46,11 @@ import numpy as np
 from scipy import stats
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "benchmarks"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import trust_calibration as cal  # noqa: E402
+if str(REPO) not in sys.path:  # run as a script: the repository's packages (fusemycells, training)
+    sys.path.insert(0, str(REPO))
 
 from fusemycells import postprocess, trust  # noqa: E402
-from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, Manifest, TrustSpec, load_manifest, trust_form  # noqa: E402
+from fusemycells.config import DEFAULT_RESOURCES, Manifest, TrustSpec, load_manifest  # noqa: E402
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.evaluation.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
 from fusemycells.io.tiff import read_volume  # noqa: E402
@@ -65,6 +62,8 @@ from fusemycells.runtime.budget import BudgetPolicy  # noqa: E402
 from fusemycells.runtime.deadline import Countdown  # noqa: E402
 from fusemycells.runtime.timing import Profile  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
+from training import trust_calibration as cal  # noqa: E402
+from training.calibrate_trust import SEARCH_SIGNALS, parse_sets  # noqa: E402
 
 log = logging.getLogger("trust_study")
 OPS = choose_ops("cpu")
@@ -420,14 +419,6 @@ def study(
 
 # ---------------------------------------------------------------- analysis
 
-SEARCH_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym")
-"""Signals the calibration may use: those without extra network forwards (the flip signals cost
-forwards and did not predict the benefit, docs/quality.md)."""
-CONSTANT_GATE = {"nucleus": "none@0.5", "membrane": "none@0.25"}
-"""The constant gate of the comparison (½ nuclei, ¼ membranes, no trust)."""
-CONVENTIONS = {"n_ssim": "uniform 7³ window (fusemycells.evaluation.metrics)", "n_ssim_gaussian_window": "Gaussian window σ 1.5 (skimage, BiaPy)"}
-
-
 def benefit(row: dict[str, Any], key: str) -> float:
     return row["n_ssim"][key] - row["n_ssim"]["none@0"]
 
@@ -482,110 +473,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         print("\t".join([name, str(len(members)), *(f"{mean[p]:.2f} ({mean[p] / mean['patch']:.0%})" for p in parts), tail]))
 
 
-# ---------------------------------------------------------------- calibration
-
-
-TRUST_KEYS = ("none@0.25", "agreement@0.25", "none@0.5")
-"""Factors a calibrated policy may give (mildest first: ties go to them): at most ½. Full weight is
-scored for the table but not offered: v3 at full weight collapses on whole families (the independent
-simulator's nuclei, near-identity stacks at −5 to −30), and with a handful of cases per family a
-threshold that lets one such case through costs far more than a ½ factor gains (measured: leave one
-family out, worst held-out case −0.100 with full weight offered, −0.018 without, docs/quality.md)."""
-DIRECTIONS = {"noise": (True,), "corr_to_noise": (False,)}
-"""Never trust a case *because* its noise is small: no 'noise ≤ t' and no 'corr_to_noise ≥ t' (large
-when the noise is small: the v3 rule that corrected a clean stack at −1.74)."""
-
-
-CLEAN_NOISE = 0.012
-"""Relative noise below which a stack counts as clean and is never corrected (a prior, not learned; NOT
-independent of the near-identity family, whose noise reaches 0.0113: with 0.010 the rule fitted without
-that family corrected its noisiest case at −1.08, docs/quality.md)."""
-
-
-def calibrate(
-    rows: list[dict[str, Any]], margin: float, buffer: float, clean: float = 0.0, scores: str = "n_ssim"
-) -> cal.Calibration:
-    """A channel's policy fitted on every family and each family's held-out figures
-    (:func:`benchmarks.trust_calibration.leave_one_family_out`) under the SSIM convention ``scores``
-    (a key of :data:`CONVENTIONS`); with ``clean`` > 0 every trusting policy also requires noise ≥
-    ``clean`` (a clean stack is never corrected)."""
-    required = (cal.Condition("noise", True, clean),) if clean > 0 else ()
-    search = cal.Search(keys=TRUST_KEYS, signals=SEARCH_SIGNALS, directions=DIRECTIONS, required=required)
-    out = cal.leave_one_family_out(rows, search, margin=margin, buffer=buffer, scores=scores)
-    out.search = search
-    return out
-
-
-def _cell(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.3f} ({min(values):.3f})"
-
-
-def quality_table(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration], scores: str = "n_ssim") -> str:
-    """The decision table (markdown): per family × channel the shipped policy (fitted WITHOUT that family),
-    networks off, the constant gate, full weight, the Gaussian baseline, mean (min) N-SSIM under
-    ``scores``; then the families' average and the checks of issue #24."""
-    head = "| family | channel | n | **shipped** (held out) | networks off | constant gate | full weight | Gaussian | shipped − off: mean / worst case | best column |"
-    lines = [head, "|" + "---|" * 10]
-    averages: dict[str, list[tuple[float, float]]] = {}
-    for channel, calibration in sorted(chosen.items()):
-        for fam, (policy, _) in sorted(calibration.held_out.items()):
-            members = [r for r in rows if r["channel"] == channel and cal.family_of(r["set"]) == fam]
-            shipped = [r[scores][policy.key_for(r)] for r in members]
-            columns = {
-                "networks off": [r[scores]["none@0"] for r in members],
-                "constant gate": [r[scores][CONSTANT_GATE[channel]] for r in members],
-                "full weight": [r[scores]["none@1"] for r in members],
-                "Gaussian": [r[scores]["gaussian"] for r in members],
-            }
-            gains = [s - o for s, o in zip(shipped, columns["networks off"])]
-            best = max(columns, key=lambda k: np.mean(columns[k]))
-            gap = float(np.mean(columns[best]) - np.mean(shipped))
-            verdict = "shipped" if gap <= 0 else (f"{best} (+{gap:.3f})" + (" ✗" if gap > 0.01 else ""))
-            cells = [fam, channel, str(len(members)), f"**{_cell(shipped)}**", *(_cell(v) for v in columns.values())]
-            cells += [f"{np.mean(gains):+.3f} / {min(gains):+.3f}", verdict]
-            lines.append("| " + " | ".join(cells) + " |")
-            averages.setdefault(channel, []).append((float(np.mean(shipped)), float(np.mean(columns["networks off"]))))
-    lines.append("")
-    for channel, pairs in sorted(averages.items()):
-        shipped, off = np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])
-        best = cal.ceiling([r for r in rows if r["channel"] == channel], TRUST_KEYS, scores)["mean"]
-        lines.append(
-            f"- {channel}: averaged over the {len(pairs)} families, shipped (held out) {shipped:.3f} vs networks off "
-            f"{off:.3f}: {shipped - off:+.3f} ({'≥' if shipped - off >= 0.05 else '<'} +0.05); a perfect case-level "
-            f"choice among the offered factors would gain {best:+.3f} (trust_calibration.ceiling)"
-        )
-    return "\n".join(lines)
-
-
-def report_calibration(rows: list[dict[str, Any]], chosen: dict[str, cal.Calibration]) -> None:
-    """Print each channel's shipped policy, its in-sample figures, each family's held-out policy, and the
-    decision table under both SSIM conventions."""
-    for channel, calibration in sorted(chosen.items()):
-        mine = [r for r in rows if r["channel"] == channel]
-        mean, worst_family, worst_case = cal.summary(mine, calibration.policy)
-        trusted = sum(calibration.policy.key_for(r) != "none@0" for r in mine)
-        print(f"\n{channel}: shipped policy: {calibration.policy.describe()}")
-        print(f"  fitted on every family: {calibration.fitted.describe()}" + (
-            "" if calibration.fitted == calibration.policy else " (not shipped: its leave-one-family-out figures below do not hold)"))
-        print(f"  in-sample gain over networks off: mean of families {mean:+.4f}, worst family {worst_family:+.4f}, worst case {worst_case:+.3f}; trusted {trusted}/{len(mine)}")
-        lo_mean, lo_family, lo_case = calibration.loso()
-        print(f"  leave-one-family-out: mean {lo_mean:+.4f}, worst family {lo_family:+.4f}, worst case {lo_case:+.3f}")
-        for fam, (policy, gains) in calibration.held_out.items():
-            print(f"    without {fam}: {policy.describe()}; on {fam}: mean {gains.mean():+.4f}, worst {gains.min():+.3f}")
-    for scores, name in CONVENTIONS.items():
-        print(f"\nN-SSIM, {name}: mean (min); shipped = the policy calibrated without the row's family")
-        print(quality_table(rows, chosen, scores))
-
-
-def write_manifest(path: Path, policies: dict[str, cal.Policy], provenance: dict[str, Any]) -> None:
-    """Put each channel's policy into the manifest at ``path`` (``channels.<ch>.trust``), keeping the rest."""
-    raw = json.loads(path.read_text())
-    for channel, policy in policies.items():
-        if channel in raw.get("channels", {}):
-            spec = TrustSpec(mode="case", rules=tuple(policy.rules().items()), region=policy.region)
-            raw["channels"][channel]["trust"] = trust_form(spec)
-    raw.setdefault("provenance", {})["trust_calibration"] = provenance
-    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+# ---------------------------------------------------------------- cost
 
 
 def cost(shape: Sequence[int], resources: Path, channel: str = "nucleus", seed: int = 0) -> dict[str, float]:
@@ -615,18 +503,6 @@ def cost(shape: Sequence[int], resources: Path, channel: str = "nucleus", seed: 
 # ---------------------------------------------------------------- command line
 
 
-def parse_sets(values: list[str]) -> dict[str, tuple[Path, int | None]]:
-    """``NAME=ROOT[:N]`` → {NAME: (ROOT, N)}: N the cases per channel taken from the set (all without)."""
-    sets: dict[str, tuple[Path, int | None]] = {}
-    for value in values:
-        name, _, root = value.partition("=")
-        if not root:
-            raise SystemExit(f"--set expects NAME=ROOT[:N], got {value!r}")
-        folder, _, count = root.rpartition(":") if root.rpartition(":")[2].isdigit() else (root, "", "")
-        sets[name] = (Path(folder), int(count) if count else None)
-    return sets
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", metavar="NAME=ROOT", help="a tuning set (repeat)")
@@ -642,18 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigma-scan", type=float, nargs="+", default=None, metavar="SIGMA", help="networks off: N-SSIM per output σ")
     parser.add_argument("--cached-only", action="store_true", help="score only the cases whose network outputs are cached")
     parser.add_argument("--networks-only", action="store_true", help="only run the networks into the cache")
-    parser.add_argument("--calibrate", action="store_true", help="choose the policy per channel")
-    parser.add_argument("--margin", type=float, default=0.03, help="largest drop below networks off allowed on a tuning case")
-    parser.add_argument(
-        "--no-clean-prior", dest="clean_prior", action="store_false",
-        help="let the calibration trust stacks below the σ floor's noise (default: never)",
-    )
-    parser.add_argument("--clean-noise", type=float, default=CLEAN_NOISE, help="noise below which a stack is clean")
-    parser.add_argument("--table", type=Path, default=None, help="write the decision table (markdown) here")
-    parser.add_argument("--buffer", type=float, default=0.25, help="threshold shift (signal σ) that must stay safe")
-    parser.add_argument(
-        "--write-manifest", type=Path, default=None, help="write the chosen policies into this manifest"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     if args.cost:
@@ -676,57 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(rows)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
-    if args.calibrate:
-        shipped = load_manifest(args.resources)
-        clean = {ch: (args.clean_noise if args.clean_prior else 0.0) for ch in shipped.channels}
-        chosen = {
-            channel: calibrate([r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel])
-            for channel in sorted({r["channel"] for r in rows})
-        }
-        report_calibration(rows, chosen)
-        other = {
-            channel: calibrate(
-                [r for r in rows if r["channel"] == channel], args.margin, args.buffer, clean[channel],
-                "n_ssim_gaussian_window",
-            ).policy
-            for channel in chosen
-        }  # fmt: skip
-        for channel, policy in sorted(other.items()):
-            same = "the same choice" if policy == chosen[channel].policy else "a DIFFERENT choice"
-            print(f"{channel}: calibrated under the Gaussian-window SSIM: {policy.describe()} ({same})")
-        if args.table is not None:
-            args.table.write_text(
-                "\n\n".join(f"N-SSIM, {name}:\n\n{quality_table(rows, chosen, key)}" for key, name in CONVENTIONS.items()) + "\n"
-            )
-        if args.write_manifest is not None:
-            provenance = {
-                "command": "benchmarks/trust_study.py --calibrate (leave one family out)",
-                "date": time.strftime("%Y-%m-%d"),
-                "weights_sha256": {  # the networks this calibration is for (first 12 hex digits per stage file)
-                    name: sorted(f.sha256[:12] for st in (ch.global_stage, ch.patch_stage) for f in st.files.values())
-                    for name, ch in shipped.channels.items()
-                },
-                "sets": {name: (n if n is not None else "all") for name, (_, n) in sorted(sets.items())},
-                "families": sorted({cal.family_of(name) for name in sets}),
-                "cases": len(rows),
-                "margin": args.margin,
-                "buffer": args.buffer,
-                "clean_noise": {ch: v for ch, v in clean.items() if ch in chosen},
-                "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
-                "fitted_on_all_families": {ch: c.fitted.describe() for ch, c in chosen.items()},
-                "fitted_leave_one_family_out": {  # the unguarded fit's held-out figures, which the guard judged
-                    ch: [round(v, 4) for v in cal._plain_loso([r for r in rows if r["channel"] == ch], c.search, 0.002, margin=args.margin, buffer=args.buffer)]
-                    for ch, c in chosen.items()
-                },
-                "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
-                "policies_gaussian_window_ssim": {ch: p.describe() for ch, p in other.items()},
-                "ceiling": {  # a perfect case-level choice among the offered factors (trust_calibration.ceiling)
-                    ch: round(cal.ceiling([r for r in rows if r["channel"] == ch], TRUST_KEYS)["mean"], 4)
-                    for ch in chosen
-                },
-            }
-            target = args.write_manifest / MANIFEST_NAME if args.write_manifest.is_dir() else args.write_manifest
-            write_manifest(target, {ch: c.policy for ch, c in chosen.items()}, provenance)
     return 0
 
 

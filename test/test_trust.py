@@ -246,11 +246,13 @@ def _study_module():
     return trust_study
 
 
-def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(fixture_resources: Path, tmp_path: Path, capsys) -> None:
+def test_the_study_measures_rows_the_calibration_turns_into_a_manifest_that_loads(fixture_resources: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
     from conftest import write_case
     from scipy import ndimage
+
+    from training import calibrate_trust
 
     study = _study_module()
     flat, split = tmp_path / "ours", tmp_path / "xc"  # training/simulate.py's and crosscheck_sim.py's layouts
@@ -264,9 +266,12 @@ def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(f
     resources = tmp_path / "res"
     shutil.copytree(fixture_resources, resources)
     args = ["--set", f"ours={flat}", "--set", f"xc={split}", "--cache", str(tmp_path / "cache"), "--resources", str(resources), "--threads", "1"]
-    assert study.main([*args, "--calibrate", "--write-manifest", str(resources), "--json", str(tmp_path / "rows.json")]) == 0
+    assert study.main([*args, "--json", str(tmp_path / "rows.json")]) == 0
+    assert "correlation" in capsys.readouterr().out
+    calibration = ["--rows", str(tmp_path / "rows.json"), *args[:4], "--resources", str(resources)]
+    assert calibrate_trust.main([*calibration, "--write-manifest", str(resources)]) == 0
     out = capsys.readouterr().out
-    assert "correlation" in out and "leave-one-family-out" in out and "| family | channel |" in out
+    assert "leave-one-family-out" in out and "| family | channel |" in out
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert len(rows) == 4 and set(rows[0]["signals"]) == set(trust.SIGNALS)
     assert {"none@0", "none@1", "agreement@0.25", "gaussian", "off_sigma0"} <= set(rows[0]["n_ssim"])
@@ -274,7 +279,8 @@ def test_the_study_runs_end_to_end_and_writes_a_calibrated_manifest_that_loads(f
     manifest = load_manifest(resources)
     assert all(ch.trust.mode == "case" for ch in manifest.channels.values())
     provenance = json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]
-    assert provenance["cases"] == 4 and set(provenance["ceiling"]) == set(provenance["policies_gaussian_window_ssim"])
+    assert provenance["cases"] == 4 and provenance["sets"] == {"ours": "all", "xc": "all"}
+    assert set(provenance["ceiling"]) == set(provenance["policies_gaussian_window_ssim"])
     assert "calibrated under the Gaussian-window SSIM" in out and "perfect case-level choice" in out
     assert study.main([*args, "--workers", "2"]) == 0  # a rerun reads its cache, here in two worker processes
 

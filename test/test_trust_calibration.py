@@ -1,5 +1,5 @@
-"""Leave-one-family-out calibration of the per-case trust (benchmarks/trust_calibration.py) and the output
-filter's σ on clean stacks (issue #24)."""
+"""Leave-one-family-out calibration of the per-case trust (training/trust_calibration.py), its writing
+into the manifest (training/calibrate_trust.py) and the output filter's σ on clean stacks (issue #24)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fusemycells import trust
+from training import trust_calibration as cal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import trust_calibration as cal  # noqa: E402
+BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")  # scripts, not a package
 
 KEYS = ("none@0.25", "none@0.5", "none@1")
 SEARCH = cal.Search(keys=KEYS, signals=("noise", "hf"))
@@ -181,13 +181,15 @@ def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signa
     grid = {name: (0.0, 1.2, 50.0) for name in trust.SIGNALS if name != "noise"}
     for values in itertools.product(*grid.values()):
         signals = dict(zip(grid, values))
-        for noise in (0.0, 0.004, 0.008, 0.0099):  # below 0.010: a clean stack (benchmarks/trust_study.py)
+        for noise in (0.0, 0.004, 0.008, 0.0099):  # below 0.010 < training.calibrate_trust.CLEAN_NOISE: clean
             assert trust.case_factor(signals | {"noise": noise}, rules)[0] == 0.0, (signals, noise)
 
 
 def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_light_path() -> None:
-    import trust_signals
     from scipy import ndimage
+
+    sys.path.insert(0, BENCHMARKS)
+    import trust_signals
 
     rng = np.random.default_rng(5)
     shape = (40, 40, 40)
@@ -210,6 +212,7 @@ def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_l
 
 
 def test_the_foreground_region_keeps_the_networks_off_where_little_of_the_neighbourhood_is_foreground() -> None:
+    sys.path.insert(0, BENCHMARKS)
     import trust_regions
 
     coarse = np.zeros((24, 24, 24), dtype=np.float32)
@@ -219,3 +222,49 @@ def test_the_foreground_region_keeps_the_networks_off_where_little_of_the_neighb
     assert region.dtype == np.float32 and region.shape == coarse.shape
     assert region[:, :, :8].min() == 1.0 and region[:, :, 15:18].max() == 0.0
     assert region[:, :, 20].max() < 0.9  # a thin structure alone is not trusted in full
+
+
+def _study_row(set_name: str, channel: str, hf: float, gain: float, noise: float) -> dict:
+    """A row as ``benchmarks/trust_study.py --json`` writes it: N-SSIM of every key the calibration and its
+    table read, under both SSIM conventions (the same here)."""
+    row = _row(set_name, hf, gain, noise)
+    from training.calibrate_trust import SEARCH_SIGNALS
+
+    scores = row["n_ssim"] | {"agreement@0.25": row["n_ssim"]["none@0.25"], "gaussian": 0.2}
+    signals = dict.fromkeys(SEARCH_SIGNALS, 1.0) | row["signals"]  # the others say nothing
+    return row | {"channel": channel, "signals": signals, "n_ssim": scores, "n_ssim_gaussian_window": dict(scores)}
+
+
+def test_the_calibration_writes_only_the_trust_blocks_and_their_record_into_the_manifest(
+    fixture_resources: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    from fusemycells.config import load_manifest
+    from training import calibrate_trust
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for fam in ("ours800", "xc31337", "near", "organoid"):
+        for degraded in (True, False, True, False):  # nuclei: the correction helps degraded noisy stacks only
+            hf = rng.uniform(0.05, 0.25) if degraded else rng.uniform(0.55, 0.9)
+            rows.append(_study_row(fam, "nucleus", hf, 0.2 if degraded else -0.4, float(rng.uniform(0.02, 0.1))))
+    resources = tmp_path / "res"
+    shutil.copytree(fixture_resources, resources)
+    before = json.loads((resources / "manifest.json").read_text())
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    sets = ["--set", "ours800=/x:2", "--set", "xc31337=/y", "--set", "near=/z:1", "--set", "organoid=/w"]
+    args = ["--rows", str(tmp_path / "rows.json"), *sets, "--resources", str(resources)]
+    assert calibrate_trust.main([*args, "--table", str(tmp_path / "t.md"), "--write-manifest", str(resources)]) == 0
+    after = json.loads((resources / "manifest.json").read_text())
+    nucleus = load_manifest(resources).channel("nucleus").trust
+    assert nucleus.mode == "case" and trust.case_factor({"noise": 0.05, "hf": 0.1}, dict(nucleus.rules))[0] == 0.5
+    assert trust.case_factor({"noise": 0.05, "hf": 0.8}, dict(nucleus.rules))[0] == 0.0
+    record = after["provenance"].pop("trust_calibration")
+    assert record["sets"] == {"near": 1, "organoid": "all", "ours800": 2, "xc31337": "all"} and record["cases"] == 16
+    assert record["command"].startswith("python -m training.calibrate_trust")
+    after["channels"]["nucleus"].pop("trust"), before["channels"]["nucleus"].pop("trust", None)
+    before["provenance"].pop("trust_calibration", None)
+    assert after == before  # the membrane channel (no rows), the stages, the knobs: all as they were
+    assert "| ours | nucleus | 4 |" in (tmp_path / "t.md").read_text() and "shipped policy: factor 0.5" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Leave-one-family-out calibration of the per-case trust policy (issue #24, item 2): pure functions
-on the per-case rows of ``benchmarks/trust_study.py``.
+on the per-case rows of ``benchmarks/trust_study.py`` (``--json``). :mod:`training.calibrate_trust` runs
+them per channel and writes the chosen policies into the manifest.
 
 A row: ``{"set", "channel", "signals": {name: value}, "old_gate", "n_ssim": {key: N-SSIM}}`` where a
 key is ``'none@0'`` (networks off) or ``'<region>@<gate>'`` (the networks' correction × gate, region
