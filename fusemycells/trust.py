@@ -27,8 +27,8 @@ Gaussian of σ ``region_sigma`` voxels): the part of the stage-2 correction c2 t
 correction c1 backs up, locally. The stage-2 correction resized to the coarse grid is the input
 of the weight map too: it is computed once (:attr:`TrustDecision.coarse_correction`), so what trust
 adds is a few filters on that grid (no network forward). The rules are
-calibrated on simulated tuning families by ``benchmarks/trust_study.py``, leave one family out
-(docs/quality.md).
+measured on simulated tuning families by ``benchmarks/trust_study.py`` and calibrated by
+``python -m training.calibrate_trust``, leave one family out (docs/quality.md).
 
 All arrays are float32 ZYX; H is the patch network's high-resolution grid, the global grid that of
 stage 1 (see :mod:`fusemycells.pipeline`).
