@@ -101,11 +101,11 @@ def case_figures(fuser, case: ts.Case, cache: Path, params: dict[str, Any]) -> d
     path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".collapse.json")
     if path.is_file():
         return json.loads(path.read_text())
-    artefacts = ts.load_or_compute(fuser, case, cache, 0.01)
+    artefacts = ts.load_or_compute(fuser, case, cache)
     scorer = ts.Scorer(fuser, case, artefacts["correction"])
     gt = scorer.gt
     outputs = {"off": container_output(scorer, None), "full": container_output(scorer, artefacts["weight"])}
-    scores = {k: n_ssim(ssim(metric_normalise(v), gt), scorer.ssim_input) for k, v in outputs.items()}
+    scores = {k: n_ssim(ssim(metric_normalise(v), gt), scorer.ssim_input[0]) for k, v in outputs.items()}  # uniform 7³
     x = metric_normalise(read_volume(case.input_path).data)
     optics = params.get("optics", {})
     row = {
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     ts._init_worker(args.resources, args.threads, "auto")
     fuser = ts._WORKER["fuser"]
     rows = []
-    for name, root in ts.parse_sets(args.set).items():
+    for name, (root, count) in ts.parse_sets(args.set).items():
         listed = root / "params.json"  # crosscheck_sim.py's drawn parameters (other sets: none)
         params = {c["file"]: c for c in json.loads(listed.read_text())} if listed.is_file() else {}
-        for case in ts.find_cases(name, root):
+        for case in ts.find_cases(name, root, count):
             if case.channel == args.channel:
                 rows.append(case_figures(fuser, case, args.cache, params.get(case.name, {})))
     text = summary(rows, args.reference)
