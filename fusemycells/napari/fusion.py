@@ -258,11 +258,11 @@ class FusionEngine:
         """The :class:`Fuser` for ``device`` (created, with its networks loaded lazily, on first use)."""
         if device not in self._fusers:
             from fusemycells.pipeline import Fuser
-            from fusemycells.runtime.budget import BudgetPolicy
 
-            policy = BudgetPolicy.create(device, None, None, None)
             extra = {} if self.loader is None else {"loader": self.loader}
-            self._fusers[device] = Fuser(self.manifest(), policy, progress=self._patch_progress, **extra)
+            self._fusers[device] = Fuser.from_resources(
+                self.resources, device=device, time_budget_s=None, progress=self._patch_progress, **extra
+            )  # the widget's run gives its own deadline (its time budget field)
         return self._fusers[device]
 
     def _patch_progress(self, total: int, unit: str, step: int = 1) -> _PatchProgress:
