@@ -12,13 +12,26 @@ light (no torch), so the command line reports setup errors before the networks' 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
 """The project's version, in one place: pyproject.toml reads it from here (``[tool.setuptools.dynamic]``),
 and the JSON reports carry it as ``fusemycells_version``."""
 
-__all__ = ["Fuser", "__version__"]
+__all__ = ["Fuser", "__version__", "program_name"]
+
+
+def program_name(module: str, argv0: str | None = None) -> str:
+    """The program's name for a ``--help`` usage line, as it was started: ``python -m <module>`` when run with
+    ``-m`` (``argv0``, default ``sys.argv[0]``, is then the module's own file) or from ``-c``, else the name it was
+    called by (the console script ``fusemycells-evaluate``, a path's last part)."""
+    first = sys.argv[0] if argv0 is None and sys.argv else (argv0 or "")
+    name = Path(first).name
+    if not name or name in ("-c", "-m") or name == f"{module.rsplit('.', 1)[-1]}.py" or name == "__main__.py":
+        return f"python -m {module}"
+    return name
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusemycells import program_name
 from fusemycells.evaluation.metrics import CaseScore, score_case
 from fusemycells.evaluation.qc import CaseViews, projections, require_matplotlib, write_figure
 from fusemycells.io.tiff import InputError, read_volume
@@ -124,7 +125,9 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fusemycells.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program_name("fusemycells.evaluate"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", type=Path, required=True, help="folder with the single-view inputs")
     parser.add_argument("--pred", type=Path, required=True, help="folder with the predictions (same file names)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -80,6 +81,19 @@ def test_evaluate_with_nothing_to_score_exits_2(tmp_path):
         (tmp_path / d).mkdir()
     assert evaluate.main(["--input", str(tmp_path / "i"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
     assert evaluate.main(["--input", str(tmp_path / "nope"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
+
+
+@pytest.mark.parametrize("module", ["fusemycells.evaluate", "fusemycells.batch"])
+def test_help_names_the_console_script_it_was_started_as(module, tmp_path):
+    # what pip's console-script wrapper does: sys.argv[0] is the script's path, main() is called
+    script = tmp_path / module.replace("fusemycells.", "fusemycells-")
+    entry = "main" if module.endswith("evaluate") else "parse_args"
+    script.write_text(f"import sys\nfrom {module} import {entry}\nsys.exit({entry}())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script.name} "), proc.stdout[:200]
+    by_module = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert by_module.stdout.startswith(f"usage: python -m {module} ")
 
 
 def test_help_names_the_module_command():
