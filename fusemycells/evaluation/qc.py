@@ -223,7 +223,17 @@ class _Shading:
 
 
 def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> tuple[int, int]:
-    """Render the QC figure of ``cases`` to the PNG ``path``; returns its (width, height) in pixels.
+    """Render the QC figure of ``cases`` (:func:`draw_figure`) to the PNG ``path``; returns its (width, height)
+    in pixels."""
+    fig, size = draw_figure(cases, diff)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return size
+
+
+def draw_figure(cases: Sequence[CaseViews], diff: bool = False) -> tuple[Any, tuple[int, int]]:
+    """The QC figure of ``cases`` (a matplotlib ``Figure`` on the Agg canvas) and its (width, height) in pixels.
 
     Layout in pixels from :func:`figure_size` (cases top to bottom); ``diff`` adds a prediction −
     ground truth column (of the projections shown, in metric units) with its own colour bar.
@@ -243,10 +253,7 @@ def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> 
     top = 0
     for case, extent in zip(cases, extents):
         top = _draw_case(page, case, extent, top, diff)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    return width, height
+    return fig, (width, height)
 
 
 def _draw_case(page: _Page, case: CaseViews, extent: tuple[float, float, float], top: int, diff: bool) -> int:
