@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from conftest import blob_volume
+
 from fusemycells.config import load_manifest
 from fusemycells.pipeline import Fuser
 from fusemycells.runtime.budget import BudgetPolicy
