@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fusemycells import program_name
 from fusemycells.config import BACKENDS
 from fusemycells.io import formats
 from fusemycells.io.omezarr import INSTALL_HINT, NOT_OME, is_zarr_store
@@ -703,7 +704,9 @@ def workers_lost(client: Any) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fusemycells.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program_name("fusemycells.batch"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("inputs", nargs="+", type=Path, metavar="INPUT",

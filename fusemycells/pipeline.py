@@ -18,13 +18,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from fusemycells import postprocess, trust
 from fusemycells.backends import LoadedStage, load_stage, warm_up
-from fusemycells.config import ChannelSpec, Manifest, PostprocessSpec, StageSpec
+from fusemycells.config import (
+    DEFAULT_RESOURCES,
+    ChannelSpec,
+    Manifest,
+    PostprocessSpec,
+    StageSpec,
+    load_manifest,
+    resolve_resources_dir,
+)
 from fusemycells.io.volume import InputError
 from fusemycells.ops import Ops, choose_ops
 from fusemycells.patch_stage import PatchStage
@@ -99,7 +108,8 @@ class Fused:
     weight: np.ndarray | None = None  # where the networks acted: the blending weight (diff grid, ZYX); None: not at all
 
     def to_array(self) -> np.ndarray:
-        """The output as one array (float32, or uint16 for that output dtype)."""
+        """The output as one ZYX array on the input grid, computed now: uint16 (0..65535, the container's
+        output), or float32 (normalised, about 0..1) for ``output_dtype='float32'``."""
         return materialise(self.output)
 
 
@@ -156,8 +166,33 @@ class Fuser:
         self.manifest, self.policy, self.loader, self.backend = manifest, policy, loader, backend
         self.progress, self.ops, self.now = progress, ops, now
         self.ladder = Ladder(costs)
+        self.time_budget_s: float | None = None  # per :meth:`fuse` call when no deadline is given (from_resources)
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
+
+    @classmethod
+    def from_resources(
+        cls,
+        resources: str | Path | None = None,
+        *,
+        device: str = "auto",
+        time_budget_s: float | None | str = "manifest",
+        backend: str = "auto",
+        precision: str = "auto",
+        **kwargs: Any,
+    ) -> Fuser:
+        """A Fuser with the container's defaults, no policy objects to build: the weights folder ``resources``
+        (None: as the command line, the Grand Challenge model folder when valid, else the bundled weights),
+        ``device`` ('auto', 'cpu', 'cuda'), a time budget (s) for each :meth:`fuse` call ('manifest': the
+        manifest's ``time_budget_s``; None: none), ``backend`` and CPU ``precision`` as the command line's
+        options; ``kwargs`` go to the constructor (``loader``, ``progress``, ...). Networks load on first use."""
+        folder, _ = resolve_resources_dir(None if resources is None else Path(resources), default=DEFAULT_RESOURCES)
+        manifest = load_manifest(folder)
+        budget = manifest.time_budget_s if time_budget_s == "manifest" else time_budget_s
+        policy = BudgetPolicy.create(device, None, None, None, precision=precision)
+        fuser = cls(manifest, policy, backend=backend, **kwargs)
+        fuser.time_budget_s = None if budget is None else float(budget)
+        return fuser
 
     def fuse(
         self,
@@ -176,8 +211,11 @@ class Fuser:
         prediction are never materialised (computed per row of patches). ``deadline`` (a ``now()`` time,
         ``time.perf_counter()`` unless the Fuser was given another; None: none) makes the pipeline degrade in
         the steps of :data:`~fusemycells.runtime.ladder.DEGRADATION_LEVELS` by :attr:`ladder`'s decisions.
-        ``report`` collects what happened (a new one when None).
+        ``report`` collects what happened (a new one when None). Without a ``deadline``, a Fuser made by
+        :meth:`from_resources` gives each call its :attr:`time_budget_s` from now.
         """
+        if deadline is None and self.time_budget_s is not None:
+            deadline = self.now() + self.time_budget_s
         report = CaseReport(file="<array>") if report is None else report
         profile = Profile(report.seconds.setdefault("profile_s", {}))
         if "read" in report.seconds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,49 @@ def test_evaluate_writes_the_qc_figure_of_every_scored_case(folders, tmp_path):
     assert imread(out_png).shape[:2] == (2 * 775, 1440)
 
 
+def _figure_texts(monkeypatch) -> list[str]:
+    """Collects the texts of the QC figure that evaluate draws (matplotlib artists), and still writes it."""
+    from matplotlib.text import Text
+
+    from fusemycells.evaluation import qc
+
+    texts: list[str] = []
+
+    def write(path, cases, diff=False):
+        fig, size = qc.draw_figure(cases, diff)
+        texts.extend(t.get_text() for t in fig.findobj(Text))
+        return qc.write_figure(path, cases, diff)
+
+    monkeypatch.setattr(evaluate, "write_figure", write)
+    return texts
+
+
+def test_the_qc_figure_says_the_networks_were_off_as_the_run_report_says(folders, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the QC figure is optional: pip install -r requirements-eval.txt (CI does)")
+    texts = _figure_texts(monkeypatch)
+    off = {"file": "image_1_nucleus_angle.tif", "status": "ok", "trust": {"mode": "case", "factor": 0.0, "why": None}}
+    report = tmp_path / "run" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"files": [off]}))
+    args = ["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"])]
+    assert evaluate.main([*args, "--png", str(tmp_path / "qc.png"), "--report", str(report)]) == 0
+    assert "networks off: trust factor 0.00" in texts  # image_1's entry
+    assert any(t.startswith("networks: not known") and "not in the run report" in t for t in texts)  # image_2
+    texts.clear()
+    assert evaluate.main([*args, "--png", str(tmp_path / "qc2.png")]) == 0  # no report given, none beside --pred
+    assert texts.count(qc_no_report()) == 2
+    (folders["pred"] / "report.json").write_text(json.dumps({"files": [off]}))  # found beside the predictions
+    texts.clear()
+    assert evaluate.main([*args, "--png", str(tmp_path / "qc3.png")]) == 0
+    assert "networks off: trust factor 0.00" in texts
+
+
+def qc_no_report() -> str:
+    from fusemycells.evaluation import qc
+
+    return qc.NO_REPORT
+
+
 def test_evaluate_reports_a_missing_prediction_and_exits_1(folders, tmp_path, capsys):
     (folders["pred"] / "image_2_membrane_angle.tif").unlink()
     out_json = tmp_path / "scores.json"
@@ -80,6 +124,19 @@ def test_evaluate_with_nothing_to_score_exits_2(tmp_path):
         (tmp_path / d).mkdir()
     assert evaluate.main(["--input", str(tmp_path / "i"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
     assert evaluate.main(["--input", str(tmp_path / "nope"), "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
+
+
+@pytest.mark.parametrize("module", ["fusemycells.evaluate", "fusemycells.batch"])
+def test_help_names_the_console_script_it_was_started_as(module, tmp_path):
+    # what pip's console-script wrapper does: sys.argv[0] is the script's path, main() is called
+    script = tmp_path / module.replace("fusemycells.", "fusemycells-")
+    entry = "main" if module.endswith("evaluate") else "parse_args"
+    script.write_text(f"import sys\nfrom {module} import {entry}\nsys.exit({entry}())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script.name} "), proc.stdout[:200]
+    by_module = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert by_module.stdout.startswith(f"usage: python -m {module} ")
 
 
 def test_help_names_the_module_command():

@@ -212,6 +212,54 @@ def test_the_reader_opens_a_stack_with_its_spacing_as_scale_and_its_channel() ->
     assert tuple(kwargs["scale"]) == volume.spacing and kwargs["metadata"]["channel"] == "nucleus"
 
 
+def write_stack(path: Path, data: np.ndarray, spacing: tuple[float, float, float], channel: str) -> None:
+    """``data`` (ZYX) written at ``path`` by the registry's writer of the format its name says."""
+    from fusemycells.io import formats
+    from fusemycells.io.volume import Volume, WriteOptions
+
+    planes = type("Planes", (), {"shape": data.shape, "dtype": data.dtype, "planes": lambda _, a, b: data[a:b]})()
+    formats.named_like(path.name).write(path, planes, Volume(data, spacing, channel), WriteOptions())
+
+
+@pytest.mark.parametrize("name", ["stack_membrane.mha", "stack_membrane.nii.gz", "stack_membrane.nrrd", "stack.ome.zarr"])
+def test_the_reader_opens_every_registry_format_with_its_anisotropic_spacing_and_channel(tmp_path, name) -> None:
+    if name.endswith(".zarr"):
+        pytest.importorskip("zarr", reason="OME-Zarr is the [scale] extra")
+    pytest.importorskip("SimpleITK", reason="the SimpleITK formats need SimpleITK")
+    data = blob_volume((9, 40, 36))
+    write_stack(tmp_path / name, data, (2.5, 0.3, 0.4), "membrane")
+    reader = get_reader(str(tmp_path / name))
+    assert reader is not None, name
+    [(pixels, kwargs, kind)] = reader(str(tmp_path / name))
+    np.testing.assert_array_equal(np.asarray(pixels), data)  # ZYX as written, not XYZ
+    assert kind == "image" and tuple(kwargs["scale"]) == pytest.approx((2.5, 0.3, 0.4))
+    assert kwargs["metadata"]["channel"] == "membrane" and kwargs["name"] == name.split(".")[0]
+
+
+def test_a_mha_layer_fills_the_widgets_spacing_and_channel(tmp_path, qtbot) -> None:
+    pytest.importorskip("SimpleITK", reason="the SimpleITK formats need SimpleITK")
+    path = tmp_path / "view.mha"
+    write_stack(path, blob_volume((6, 24, 24)), (2.0, 0.5, 0.5), "nucleus")
+    viewer = ViewerModel()
+    for data, kwargs, _ in get_reader(str(path))(str(path)):
+        viewer.add_image(data, **kwargs)
+    widget = widget_on(viewer, qtbot)
+    assert widget.channel.value == "nucleus"  # from the file's metadata (the widget's default is membrane)
+    assert widget.request().spacing == (2.0, 0.5, 0.5)
+
+
+def test_the_manifests_reader_patterns_cover_every_format_the_fusion_reads() -> None:
+    npe2 = pytest.importorskip("npe2")
+    from fusemycells.io import formats
+
+    manifest = npe2.PluginManifest.from_file(REPO / "fusemycells" / "napari" / "napari.yaml")
+    [reader] = manifest.contributions.readers
+    suffixes = {s for entry in formats.chosen() for s in entry.suffixes}
+    assert {f"*{s}" for s in suffixes} <= set(reader.filename_patterns)
+    assert reader.accepts_directories  # OME-Zarr images are folders
+    assert get_reader(str(REPO / "README.md")) is None and get_reader(str(REPO / "test")) is None
+
+
 def test_the_npe2_manifest_is_valid_and_its_commands_import() -> None:
     npe2 = pytest.importorskip("npe2")
     import importlib

@@ -112,3 +112,68 @@ def test_inference_and_evaluation_import_without_matplotlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "matplotlib" not in (REPO / "requirements.txt").read_text()
+
+
+def _texts(fig) -> list[str]:
+    """Every text the figure draws (titles, labels, colour-bar labels, panel annotations)."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def _case(name: str = "c_nucleus.tif", networks: str = qc.NO_REPORT) -> qc.CaseViews:
+    vol = np.random.default_rng(1).random((12, 30, 40)).astype(np.float32)
+    views = tuple(qc.projections(v, (2.0, 0.5, 0.5)) for v in (vol, vol**2, vol))
+    return qc.CaseViews(score=_score(name), views=views, networks=networks)  # type: ignore[arg-type]
+
+
+@needs_matplotlib
+def test_figure_names_its_scales_the_z_direction_and_what_n_ssim_means():
+    fig, _ = qc.draw_figure([_case()], diff=True)
+    texts = _texts(fig)
+    assert "normalised intensity: 2nd–99.8th percentile → 0–1" in texts  # the grey panels' colour bar
+    assert qc.DIFFERENCE_LABEL in texts and "normalised intensity" in qc.DIFFERENCE_LABEL  # the difference's scale
+    assert any("0 = no better than the input, 1 = equal to the fused ground truth" in t for t in texts)
+    assert any("(input = 0)" in t for t in texts)  # the title's scores, explained by the line under it
+    assert qc.Z_DIRECTION in texts and "↓" in qc.Z_DIRECTION
+    assert qc.NO_REPORT in texts  # without a run report the figure says it does not know about the networks
+
+
+@needs_matplotlib
+def test_xz_panels_draw_plane_0_at_the_top_as_the_z_arrow_says():
+    fig, _ = qc.draw_figure([_case()])
+    labelled = [ax for ax in fig.axes if any(t.get_text() == qc.Z_DIRECTION for t in ax.texts)]
+    assert len(labelled) == 1
+    bottom, top = labelled[0].get_ylim()
+    assert top == 0.0 and bottom > top  # z in µm grows downwards: plane 0 is the top row
+    z_um = 12 * 2.0
+    assert bottom == pytest.approx(z_um)
+
+
+@needs_matplotlib
+def test_networks_note_is_drawn_red_when_the_networks_were_off():
+    off = qc.networks_note({"status": "ok", "trust": {"mode": "case", "factor": 0.0}, "degradation": 0})
+    full = qc.networks_note({"status": "ok", "weight_map": {"w>0.5": 0.25}, "adaptive": {"network_gate": 1.0}})
+    fig, _ = qc.draw_figure([_case("a.tif", off), _case("b.tif", full)])
+    from matplotlib.text import Text
+
+    colours = {t.get_text(): t.get_color() for t in fig.findobj(Text)}
+    assert colours[off] == qc.ALERT_COLOUR and colours[full] == "black"
+
+
+def test_networks_note_says_off_reduced_full_or_unknown_from_the_report_entry():
+    note = qc.networks_note
+    assert note(None) == qc.NO_REPORT
+    assert note({"status": "fallback_identity"}).startswith("networks off: fallback_identity")
+    trust_off = {"status": "ok", "trust": {"mode": "case", "factor": 0.0}}
+    assert note(trust_off) == "networks off: trust factor 0.00"
+    assert note({"status": "ok", "adaptive": {"network_gate": 0.0}}) == "networks off: the input's noise gates them off"
+    skipped = {"status": "ok", "degradation": 3, "degradation_name": "percentile-normalised input (no network)"}
+    assert note(skipped).startswith("networks off: no time left for them; time budget: level 3")
+    reduced = {"status": "ok", "weight_map": {"w>0.5": 0.1}, "trust": {"mode": "case", "factor": 0.4}}
+    assert note(reduced) == "networks blended in (weight > 0.5 on 10% of the stack, factor 0.40: reduced)"
+    hurried = {"status": "ok", "weight_map": {"w>0.5": 0.1}, "degradation": 1, "degradation_name": "no overlap"}
+    assert ": reduced" in note(hurried) and "time budget: level 1 (no overlap)" in note(hurried)
+    full = {"status": "ok", "weight_map": {"w>0.5": 0.1}, "adaptive": {"network_gate": 1.0}}
+    assert note(full) == "networks blended in (weight > 0.5 on 10% of the stack, factor 1.00)"
+    assert qc.networks_acted_fully(note(full)) and not qc.networks_acted_fully(note(reduced))

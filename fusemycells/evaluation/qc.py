@@ -5,7 +5,10 @@ Gaussian baseline), then an XY row (max over Z) and an XZ row (max over Y), colu
 prediction | ground truth, optionally prediction − ground truth. Every panel of a case shares one
 intensity scale: each volume is first mapped as the challenge metric maps it (its own 2nd / 99.8th
 percentiles → 0 / 1, see :mod:`fusemycells.evaluation.metrics`), so the panels show what SSIM compares.
-Panels are drawn in µm (XZ with its true aspect) with a scale bar.
+Panels are drawn in µm (XZ with its true aspect, plane 0 at the top: z runs down) with a scale bar.
+The words are for microscopists: the colour bars name their units, the title says what N-SSIM's 0 and 1 mean,
+and a line under it says whether the networks acted on the case, from the inference run's report
+(:func:`networks_note`).
 
 Rendered with matplotlib's Agg canvas (no display, no pyplot state), an optional dependency of the
 evaluation tool only (``pip install -r requirements-eval.txt``), never of the inference image.
@@ -14,7 +17,7 @@ evaluation tool only (``pip install -r requirements-eval.txt``), never of the in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,13 @@ CASE_GAP = 24  # px below each case
 ROW_MIN, ROW_MAX = 40, 2 * PANEL_W  # px, clamp of a row's height (very flat or very deep stacks)
 COLUMNS = ("input", "prediction", "ground truth")
 INSTALL_HINT = "the QC figure needs matplotlib: pip install -r requirements-eval.txt"
+INTENSITY_LABEL = "normalised intensity: 2nd–99.8th percentile → 0–1"
+DIFFERENCE_LABEL = "prediction − ground truth (normalised intensity, ±)"
+N_SSIM_MEANING = "N-SSIM: 0 = no better than the input, 1 = equal to the fused ground truth, < 0 = worse than the input"
+Z_DIRECTION = "z ↓ (plane 0 at top)"
+NO_REPORT = "networks: not known for this case (no run report: evaluate --report FILE of the inference run)"
+NOT_IN_REPORT = "networks: not known for this case (not in the run report given)"
+ALERT_COLOUR = "firebrick"  # the networks note when the networks were off or reduced, or it is not known
 
 
 def require_matplotlib() -> None:
@@ -69,6 +79,42 @@ class CaseViews:
 
     score: CaseScore
     views: tuple[Projections, Projections, Projections]  # input, prediction, ground truth
+    networks: str = NO_REPORT  # whether the networks acted (:func:`networks_note` of the run report's entry)
+
+
+def networks_note(entry: Mapping[str, Any] | None) -> str:
+    """In words, whether the networks acted on a case, from its entry in the inference run's JSON report
+    (``--report``; keys ``status``, ``weight_map``, ``trust``, ``adaptive``, ``degradation``): off (and why),
+    blended in (reduced by a trust factor or gate below 1, or by the time budget), or not known (None)."""
+    if entry is None:
+        return NO_REPORT
+    status = entry.get("status", "ok")
+    if status != "ok":
+        return f"networks off: {status} output (the normalised input, no network)"
+    trust = entry.get("trust") or {}
+    level = int(entry.get("degradation", 0) or 0)
+    degraded = f"; time budget: level {level} ({entry.get('degradation_name', '')})" if level else ""
+    weight = entry.get("weight_map") or {}
+    gate = float((entry.get("adaptive") or {}).get("network_gate", 1.0))
+    if not weight:
+        if trust:
+            why = trust.get("why") or f"trust factor {float(trust.get('factor', 0.0)):.2f}"
+        elif gate == 0.0:
+            why = "the input's noise gates them off"
+        elif level >= 3:
+            why = "no time left for them"
+        else:
+            why = "the channel's calibrated trust keeps them off"
+        return f"networks off: {why}{degraded}"
+    factor = float(trust.get("factor", gate))
+    reduced = ": reduced" if factor < 1.0 or level else ""
+    share = float(weight.get("w>0.5", 0.0))
+    return f"networks blended in (weight > 0.5 on {share:.0%} of the stack, factor {factor:.2f}{reduced}){degraded}"
+
+
+def networks_acted_fully(note: str) -> bool:
+    """Whether a :func:`networks_note` says the networks acted in full (drawn in black; else in red)."""
+    return note.startswith("networks blended in") and ": reduced" not in note
 
 
 def block_max(image: np.ndarray, stride: tuple[int, int]) -> np.ndarray:
@@ -177,7 +223,17 @@ class _Shading:
 
 
 def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> tuple[int, int]:
-    """Render the QC figure of ``cases`` to the PNG ``path``; returns its (width, height) in pixels.
+    """Render the QC figure of ``cases`` (:func:`draw_figure`) to the PNG ``path``; returns its (width, height)
+    in pixels."""
+    fig, size = draw_figure(cases, diff)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return size
+
+
+def draw_figure(cases: Sequence[CaseViews], diff: bool = False) -> tuple[Any, tuple[int, int]]:
+    """The QC figure of ``cases`` (a matplotlib ``Figure`` on the Agg canvas) and its (width, height) in pixels.
 
     Layout in pixels from :func:`figure_size` (cases top to bottom); ``diff`` adds a prediction −
     ground truth column (of the projections shown, in metric units) with its own colour bar.
@@ -197,18 +253,14 @@ def write_figure(path: Path, cases: Sequence[CaseViews], diff: bool = False) -> 
     top = 0
     for case, extent in zip(cases, extents):
         top = _draw_case(page, case, extent, top, diff)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    return width, height
+    return fig, (width, height)
 
 
 def _draw_case(page: _Page, case: CaseViews, extent: tuple[float, float, float], top: int, diff: bool) -> int:
     """Draw one case (title, XY and XZ rows) from ``top`` px down; returns where the next case starts."""
     xy_h, xz_h = row_heights(extent)
     fig, width, height = page.fig, page.width, page.height
-    title_y = 1.0 - (top + 6) / height
-    fig.text(LABEL_W / width, title_y, case_title(case.score), ha="left", va="top", fontsize=10, fontweight="bold")
+    _draw_header(page, case, top)
     vmin, vmax = display_range([p for v in case.views for p in (v.xy, v.xz)])
     gt = case.views[2]
     differences = (case.views[1].xy - gt.xy, case.views[1].xz - gt.xz) if diff else None
@@ -230,10 +282,20 @@ def _draw_case(page: _Page, case: CaseViews, extent: tuple[float, float, float],
                 cax = fig.add_axes(page.rect(x + PANEL_W + 6, y, 10, xy_h + ROW_GAP + xz_h))
                 cb = fig.colorbar(mapped, cax=cax)
                 cb.ax.tick_params(labelsize=7)
-                label = "intensity (metric units)" if c < len(COLUMNS) else "prediction − ground truth"
-                cb.set_label(label, fontsize=7)
+                cb.set_label(INTENSITY_LABEL if c < len(COLUMNS) else DIFFERENCE_LABEL, fontsize=7)
         y += row_h + ROW_GAP
     return top + HEADER_H + xy_h + ROW_GAP + xz_h + CASE_GAP
+
+
+def _draw_header(page: _Page, case: CaseViews, top: int) -> None:
+    """A case's three header lines from ``top`` px down: its title with the scores (bold), what N-SSIM's values
+    mean, and whether the networks acted (red when they were off or reduced, or when it is not known)."""
+    x = LABEL_W / page.width
+    page.fig.text(x, 1.0 - (top + 6) / page.height, case_title(case.score), ha="left", va="top", fontsize=10,
+                  fontweight="bold")  # fmt: skip
+    page.fig.text(x, 1.0 - (top + 22) / page.height, N_SSIM_MEANING, ha="left", va="top", fontsize=8)
+    colour = "black" if networks_acted_fully(case.networks) else ALERT_COLOUR
+    page.fig.text(x, 1.0 - (top + 34) / page.height, case.networks, ha="left", va="top", fontsize=8, color=colour)
 
 
 def _draw_panel(ax: Any, case: CaseViews, r: int, c: int, attr: str, shading: _Shading) -> Any:
@@ -260,4 +322,6 @@ def _draw_panel(ax: Any, case: CaseViews, r: int, c: int, attr: str, shading: _S
             size_vertical=max(x_um, 1e-9) / 150, fontproperties=font,
         )
         ax.add_artist(size_bar)
+        if attr == "xz":  # imshow's origin is the top left: plane 0 is the top row, z grows downwards
+            ax.text(0.02, 0.96, Z_DIRECTION, transform=ax.transAxes, ha="left", va="top", fontsize=7, color="yellow")
     return mapped

@@ -118,7 +118,7 @@ class FusionResult:
         """One line for the status: seconds, whether and how much the networks acted, the degradation."""
         seconds = self.report.get("seconds", {}).get("total")
         took = "" if seconds is None else f" in {seconds:.1f} s"
-        return f"fused{took}: {networks_note(self.report, self.weight)}"
+        return f"fused{took}: {networks_note(self.report)}"
 
     def layers(self, with_weight: bool = True) -> list[tuple[np.ndarray, dict[str, Any], str]]:
         """napari layer-data tuples: the fused stack with the input's scale and, with ``with_weight``, the
@@ -149,25 +149,12 @@ class FusionResult:
         return [fused, (weight, overlay, "image")]
 
 
-def networks_note(report: dict[str, Any], weight: np.ndarray | None = None) -> str:
-    """In words, whether the networks acted on this case (from the report's trust, gate and degradation)."""
-    trust = report.get("trust") or {}
-    level = int(report.get("degradation", 0) or 0)
-    degraded = f"; time budget: level {level} ({report.get('degradation_name', '')})" if level else ""
-    if weight is None:
-        if trust:
-            why = trust.get("why") or f"trust factor {trust.get('factor', 0.0):.2f}"
-        elif (report.get("adaptive") or {}).get("network_gate") == 0.0:
-            why = "the input's noise gates them off"
-        elif level >= 3:
-            why = "no time left for them"
-        else:
-            why = "the channel's calibrated trust keeps them off"
-        return f"networks off: {why}{degraded}"
-    share = float((weight > 0.5).mean())
-    factor = trust.get("factor")
-    told = "" if factor is None else f", trust factor {factor:.2f}"
-    return f"networks blended in (weight > 0.5 on {share:.0%} of the coarse grid{told}){degraded}"
+def networks_note(report: dict[str, Any]) -> str:
+    """In words, whether the networks acted on this case (from its report entry: trust, gate, degradation, the
+    weight map's statistics), worded as on the QC figure (:func:`fusemycells.evaluation.qc.networks_note`)."""
+    from fusemycells.evaluation.qc import networks_note as note
+
+    return note(report)
 
 
 def coarse_grid_placement(
@@ -258,11 +245,11 @@ class FusionEngine:
         """The :class:`Fuser` for ``device`` (created, with its networks loaded lazily, on first use)."""
         if device not in self._fusers:
             from fusemycells.pipeline import Fuser
-            from fusemycells.runtime.budget import BudgetPolicy
 
-            policy = BudgetPolicy.create(device, None, None, None)
             extra = {} if self.loader is None else {"loader": self.loader}
-            self._fusers[device] = Fuser(self.manifest(), policy, progress=self._patch_progress, **extra)
+            self._fusers[device] = Fuser.from_resources(
+                self.resources, device=device, time_budget_s=None, progress=self._patch_progress, **extra
+            )  # the widget's run gives its own deadline (its time budget field)
         return self._fusers[device]
 
     def _patch_progress(self, total: int, unit: str, step: int = 1) -> _PatchProgress:
