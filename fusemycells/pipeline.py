@@ -167,6 +167,7 @@ class Fuser:
         self.progress, self.ops, self.now = progress, ops, now
         self.ladder = Ladder(costs)
         self.time_budget_s: float | None = None  # per :meth:`fuse` call when no deadline is given (from_resources)
+        self.keep_input = False  # True: :meth:`fuse` works on a copy, the caller's array stays as it was
         self._stages: dict[tuple[str, str, str], LoadedStage] = {}
         self._patch_stages: dict[str, PatchStage] = {}
 
@@ -179,19 +180,23 @@ class Fuser:
         time_budget_s: float | None | str = "manifest",
         backend: str = "auto",
         precision: str = "auto",
+        keep_input: bool = True,
         **kwargs: Any,
     ) -> Fuser:
         """A Fuser with the container's defaults, no policy objects to build: the weights folder ``resources``
         (None: as the command line, the Grand Challenge model folder when valid, else the bundled weights),
         ``device`` ('auto', 'cpu', 'cuda'), a time budget (s) for each :meth:`fuse` call ('manifest': the
         manifest's ``time_budget_s``; None: none), ``backend`` and CPU ``precision`` as the command line's
-        options; ``kwargs`` go to the constructor (``loader``, ``progress``, ...). Networks load on first use."""
+        options; ``keep_input``: :meth:`fuse` leaves the caller's array as it was (it works on a copy: one more
+        input's worth of memory); ``kwargs`` go to the constructor (``loader``, ``progress``, ...). Networks load on
+        first use."""
         folder, _ = resolve_resources_dir(None if resources is None else Path(resources), default=DEFAULT_RESOURCES)
         manifest = load_manifest(folder)
         budget = manifest.time_budget_s if time_budget_s == "manifest" else time_budget_s
         policy = BudgetPolicy.create(device, None, None, None, precision=precision)
         fuser = cls(manifest, policy, backend=backend, **kwargs)
         fuser.time_budget_s = None if budget is None else float(budget)
+        fuser.keep_input = keep_input
         return fuser
 
     def fuse(
@@ -207,8 +212,9 @@ class Fuser:
         """Fused prediction for one ZYX stack of ``spacing`` (z, y, x) µm and ``channel`` ('nucleus', 'membrane').
 
         ``data`` is consumed: its buffer is reused for the blended output when the pixel type is
-        2 or 4 bytes (pass a copy to keep it). The high-resolution input and the upsampled stage-1
-        prediction are never materialised (computed per row of patches). ``deadline`` (a ``now()`` time,
+        2 or 4 bytes (pass a copy to keep it), unless the Fuser keeps its input (:meth:`from_resources`'
+        default). The high-resolution input and the upsampled stage-1 prediction are never materialised
+        (computed per row of patches). ``deadline`` (a ``now()`` time,
         ``time.perf_counter()`` unless the Fuser was given another; None: none) makes the pipeline degrade in
         the steps of :data:`~fusemycells.runtime.ladder.DEGRADATION_LEVELS` by :attr:`ladder`'s decisions.
         ``report`` collects what happened (a new one when None). Without a ``deadline``, a Fuser made by
@@ -216,6 +222,8 @@ class Fuser:
         """
         if deadline is None and self.time_budget_s is not None:
             deadline = self.now() + self.time_budget_s
+        if self.keep_input:
+            data = np.array(data, copy=True)
         report = CaseReport(file="<array>") if report is None else report
         profile = Profile(report.seconds.setdefault("profile_s", {}))
         if "read" in report.seconds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def test_the_readme_example_is_three_lines_and_fuses_an_array_with_the_shipped_w
     exec(compile(example, "README.md", "exec"), names)  # noqa: S102 - the README's own example, verbatim
     out = names["out"].to_array()  # type: ignore[attr-defined]
     assert out.shape == data.shape and out.dtype == np.uint16
+    np.testing.assert_array_equal(names["array"], data)  # the caller's array is left as it was
     manifest = load_manifest(REPO / "resources")
     explicit = Fuser(manifest, BudgetPolicy.create("auto", None, None, None)).fuse(data.copy(), SPACING, "nucleus")
     np.testing.assert_array_equal(out, explicit.to_array())  # the container's defaults: the same output
@@ -62,3 +64,17 @@ def test_import_fusemycells_does_not_import_torch_until_fuser_is_asked_for() -> 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", "fusemycells.pipeline"]
+
+
+def test_from_resources_leaves_the_callers_array_as_it_was_even_where_the_blend_reuses_its_buffer(
+    fixture_resources: Path,
+) -> None:
+    data = blob_volume((8, 32, 28))
+    changed = {}
+    for keep in (True, False):
+        fuser = Fuser.from_resources(fixture_resources, device="cpu", keep_input=keep)
+        fuser.policy = dataclasses.replace(fuser.policy, compact_voxels=0)  # the big-stack blend: in place, float16
+        array = data.copy()
+        fuser.fuse(array, SPACING, "nucleus").to_array()
+        changed[keep] = not np.array_equal(array, data)
+    assert changed == {True: False, False: True}  # without keep_input the blend overwrites the array (the pipeline's)

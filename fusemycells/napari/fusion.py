@@ -248,8 +248,9 @@ class FusionEngine:
 
             extra = {} if self.loader is None else {"loader": self.loader}
             self._fusers[device] = Fuser.from_resources(
-                self.resources, device=device, time_budget_s=None, progress=self._patch_progress, **extra
-            )  # the widget's run gives its own deadline (its time budget field)
+                self.resources, device=device, time_budget_s=None, keep_input=False, progress=self._patch_progress,
+                **extra,
+            )  # the widget's run gives its own deadline (its time budget field) and copies the layer's data itself
         return self._fusers[device]
 
     def _patch_progress(self, total: int, unit: str, step: int = 1) -> _PatchProgress:
