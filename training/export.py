@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", nargs="+", default=["nucleus", "membrane"], choices=["nucleus", "membrane"])
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported − eager| allowed")
     parser.add_argument("--output-gaussian-sigma", nargs="*", default=[], metavar="CH=SIGMA", help="output Gaussian σ (voxels) per channel, e.g. nucleus=0.5")
-    parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. the noise-adaptive sigma_knots, gate_knots, background_threshold chosen with training/tune.py)")
+    parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. format_version 2 fields: the noise-adaptive output_sigma_knots, gate_knots, background_threshold chosen with training/tune.py; training/policy/postprocess.json)")
     parser.add_argument("--time-budget", type=float, default=None, help=f"time_budget_s written to the manifest (seconds; default: the existing manifest's, else {DEFAULT_TIME_BUDGET_S:g})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
