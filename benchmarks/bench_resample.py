@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     grids = {"to_h": shape_for_spacing(shape, SPACING, (0.6,) * 3), "to_coarse": shape_for_spacing(shape, SPACING, (5.82, 5.82, 5.82))}
     band = Ops("cpu", cpu_hybrid=False, threads=args.threads)
     choice = Ops("cpu", threads=args.threads)
-    spec = PostprocessSpec(output_gaussian_sigma=OUTPUT_SIGMA[2], output_sigma_isotropic_um=False)
+    spec = PostprocessSpec(output_sigma_knots=((0.0, OUTPUT_SIGMA[2]),), output_sigma_isotropic_um=False)
     rows = []
     for step in ("to_h", "to_coarse", "output_filter"):
         if step == "output_filter":
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 "oracle": lambda: ndimage.gaussian_filter(normalised, OUTPUT_SIGMA[2], mode="nearest"),
                 "torch_band": lambda blended=blended: materialise(_filtered(blended, spec, band)),
                 "cpu_choice": lambda blended=blended: materialise(_filtered(blended, spec, choice)),
-                "simpleitk": lambda: sitk_resize(normalised, shape, (spec.output_gaussian_sigma,) * 3, args.threads),
+                "simpleitk": lambda: sitk_resize(normalised, shape, (spec.output_sigma,) * 3, args.threads),
             }
         else:
             out_shape = grids[step]

@@ -163,8 +163,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "max-filter-size-off-by-2", "fusemycells/postprocess.py",
-        "size: Any = spec.max_filter",
-        "size: Any = spec.max_filter + 2",
+        "size: Any = spec.weight_max_filter",
+        "size: Any = spec.weight_max_filter + 2",
         ("test/test_postprocess.py", "test/test_reference.py", COMPOSED), "the weight map spreads too far",
     ),
     Mutant(
@@ -211,7 +211,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "adaptive-output-sigma-unused", "fusemycells/pipeline.py",
-        "post = replace(channel.postprocess, output_gaussian_sigma=sigma)",
+        "post = with_output_sigma(channel.postprocess, sigma)",
         "post = channel.postprocess",
         ("test/test_pipeline.py",), "the noise-adaptive output σ is reported but not applied",
     ),

@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:  # run as a script: the repository's packages (fus
     sys.path.insert(0, str(REPO))
 
 from fusemycells import postprocess, trust  # noqa: E402
-from fusemycells.config import DEFAULT_RESOURCES, Manifest, TrustSpec, load_manifest  # noqa: E402
+from fusemycells.config import DEFAULT_RESOURCES, Manifest, TrustSpec, load_manifest, with_output_sigma  # noqa: E402
 from fusemycells.evaluate import ground_truth_name, tiff_files  # noqa: E402
 from fusemycells.evaluation.metrics import gaussian_baseline, metric_normalise, n_ssim, ssim  # noqa: E402
 from fusemycells.io.tiff import read_volume  # noqa: E402
@@ -242,7 +242,7 @@ class Scorer:
             blended = case.x_in
         else:
             blended = postprocess.blend_slabs(case.data, case.x_in, self.correction, weight, compact=False, ops=case.ops)
-        post = case.post if sigma is None else replace(case.post, output_gaussian_sigma=float(sigma))
+        post = case.post if sigma is None else with_output_sigma(case.post, float(sigma))
         return self._both(materialise(postprocess.final_source(blended, post, "float32", spacing=case.spacing, ops=case.ops)))
 
     def baseline(self) -> tuple[float, float]:
@@ -272,9 +272,9 @@ def score_case(
     region = trust.agreement_map(p1 - coarse, c2, TrustSpec().region_sigma)
     both = {"none@0": scorer.score(None), "gaussian": scorer.baseline(), "off_sigma0": scorer.score(None, 0.0)}
     v3 = postprocess.adaptive_settings(
-        scorer.case.noise, replace(scorer.case.post, sigma_knots=V3_SIGMA_KNOTS[case.channel])
+        scorer.case.noise, replace(scorer.case.post, output_sigma_knots=V3_SIGMA_KNOTS[case.channel])
     )[0]
-    same = abs(v3 - scorer.case.post.output_gaussian_sigma) < 1e-6
+    same = abs(v3 - scorer.case.post.output_sigma) < 1e-6
     both["off_sigma_v3"] = both["none@0"] if same else scorer.score(None, v3)
     for key in SCORED:
         area, gate = key.split("@")
@@ -365,7 +365,7 @@ def sigma_scan(sets: dict[str, tuple[Path, int | None]], resources: Path, sigmas
             scores = {f"{sigma:g}": scorer.score(None, sigma)[0] for sigma in sigmas}
             scores["manifest"] = scorer.score(None)[0]
             row = {"set": name, "case": case.name, "channel": case.channel, "noise": scorer.case.noise,
-                   "sigma": scorer.case.post.output_gaussian_sigma, "ssim_input": scorer.ssim_input[0], "n_ssim": scores}
+                   "sigma": scorer.case.post.output_sigma, "ssim_input": scorer.ssim_input[0], "n_ssim": scores}
             log.info("sigma scan %s", json.dumps(row))
             rows.append(row)
     return rows

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of the weight-map filters in µm against the shipped ones in diff-grid voxels (README,
 # "Weight-map filters stay in diff-grid voxels"): simulates the held-out validation set, runs the
-# container twice (shipped manifest; a copy with max_filter_um/sigma_um) and scores both.
+# container twice (shipped manifest; a copy with weight_filter_unit "um") and scores both.
 #   bash benchmarks/weight_filters_um.sh [WORKDIR] [MAX_FILTER_UM] [SIGMA_UM]     (≈ 15 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ import json, sys
 path, max_um, sigma_um = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 manifest = json.load(open(path))
 for channel in manifest["channels"].values():
-    channel["postprocess"].update(max_filter_um=max_um, sigma_um=sigma_um)
+    channel["postprocess"].update(weight_max_filter=max_um, weight_sigma=sigma_um, weight_filter_unit="um")
 json.dump(manifest, open(path, "w"), indent=2)
 PY
 for variant in voxels um; do

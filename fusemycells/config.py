@@ -4,10 +4,10 @@ The manifest (written by ``training/export.py``) describes, per channel, both st
 (file names, sha256, formats), the preprocessing and the post-processing parameters. Nothing in
 ``fusemycells`` reads the training code; the manifest is the whole contract.
 
-Manifest schema (format_version 1)::
+Manifest schema (format_version 2; :func:`upgrade_manifest` reads version 1 too)::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "provenance": {...free text: how the weights were trained...},
       "time_budget_s": 480,           # optional; whole-run deadline from process start (null = none)
       "channels": {
@@ -19,9 +19,11 @@ Manifest schema (format_version 1)::
                                      "onnx": {"path": "...onnx", "sha256": "..."}}},
           "patch_stage": {"in_channels": 2, "patch_size": [96, 96, 96], "overlap": 0.5,
                           "batch_size": 2, "files": {...}},
-          "postprocess": {"diff_grid": [128, 128, 128], "max_filter": 9, "sigma": 3.0,
-                          "weight_percentiles": [2.0, 98.0], "output_max_filter": 0,
-                          "output_gaussian_sigma": 0.0, "output_percentiles": [2.0, 99.8]},
+          "postprocess": {"diff_grid": [128, 128, 128], "weight_max_filter": 9, "weight_sigma": 3.0,
+                          "weight_filter_unit": "voxel", "weight_percentiles": [2.0, 98.0],
+                          "output_max_filter": 0, "output_sigma_knots": [[0.01, 0.4], [0.03, 1.0]],
+                          "output_sigma_isotropic_um": true, "output_percentiles": [2.0, 99.8],
+                          "gate_knots": [[0.06, 0.5], [0.09, 0.0]], "background_threshold": 0.1},
           "trust": {"mode": "case", "rules": {"s12_corr": [[0.8, 0.0], [0.85, 0.5]]},
                     "region": "none"}   # optional; absent = mode "off" (the constant gate)
         },
@@ -118,27 +120,50 @@ class NormalisationSpec:
             raise ValueError(f"unknown normalisation kind '{self.kind}' (expected 'percentile' or 'zscore')")
 
 
+WEIGHT_FILTER_UNITS = ("voxel", "um")
+
+
 @dataclass(frozen=True)
 class PostprocessSpec:
     """Difference-weighted blending and output normalisation (see :mod:`fusemycells.postprocess`)."""
 
     diff_grid: tuple[int, int, int] = (128, 128, 128)  # ZYX grid of the weight map (voxels)
-    max_filter: int = 9  # max filter size on the weight map (voxels of diff_grid)
-    sigma: float = 3.0  # Gaussian σ on the weight map (voxels of diff_grid)
-    max_filter_um: float = 0.0  # > 0: the weight map's max filter this wide in µm on every axis instead
-    sigma_um: float = 0.0  # > 0: the weight map's Gaussian σ in µm on every axis instead (see weight_filters)
+    weight_max_filter: float = 9  # max filter size on the weight map (in weight_filter_unit; ≤ 1 voxel = off)
+    weight_sigma: float = 3.0  # Gaussian σ on the weight map (in weight_filter_unit; 0 = off)
+    # 'voxel': both filters in voxels of diff_grid on every axis (their µm size follows the stack's extent);
+    # 'um': both in µm, per-axis voxel sizes from the stack's extent (see postprocess.weight_filters)
+    weight_filter_unit: str = "voxel"
     weight_percentiles: tuple[float, float] = (2.0, 98.0)  # scaling of the weight map to [0, 1]
     output_max_filter: int = 0  # max filter on the final output (voxels); 0 = off
-    output_gaussian_sigma: float = 0.0  # Gaussian σ on the final output (input-grid voxels); 0 = off
-    # True: output_gaussian_sigma is the Y/X σ and Z gets σ·spacing_x/spacing_z (isotropic in µm,
+    # Output Gaussian σ (input-grid voxels) against the input's relative noise: knots (noise, σ) interpolated
+    # linearly and held at the ends (postprocess.adaptive_settings); one knot = a constant σ; empty = off.
+    output_sigma_knots: tuple[tuple[float, float], ...] = ()
+    # True: the output σ is the Y/X σ and Z gets σ·spacing_x/spacing_z (isotropic in µm,
     # so an anisotropic stack is hardly smoothed along Z); False: the same σ in voxels on every axis.
     output_sigma_isotropic_um: bool = False
     output_percentiles: tuple[float, float] = (2.0, 99.8)  # final percentile normalisation
-    # Noise-adaptive policy (see fusemycells.postprocess.adaptive_settings); empty = off.
-    # Knots (relative noise of the input, value), interpolated linearly and held at the ends:
-    sigma_knots: tuple[tuple[float, float], ...] = ()  # → output Gaussian σ (input-grid voxels)
-    gate_knots: tuple[tuple[float, float], ...] = ()  # → factor on the network's correction, 0..1
+    # Knots (relative noise of the input, factor on the network's correction 0..1); empty = 1 (see TrustSpec)
+    gate_knots: tuple[tuple[float, float], ...] = ()
     background_threshold: float = 0.0  # corrections fade out below this normalised input level; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.weight_filter_unit not in WEIGHT_FILTER_UNITS:
+            raise ValueError(f"unknown weight_filter_unit '{self.weight_filter_unit}' (expected {WEIGHT_FILTER_UNITS})")
+
+    @property
+    def output_sigma(self) -> float:
+        """The constant output Gaussian σ (input-grid voxels): 0 without knots, the value of a single knot.
+
+        A noise-adaptive policy (several knots) has no σ until a case's noise picks one
+        (:func:`fusemycells.postprocess.adaptive_settings`, then :func:`with_output_sigma`)."""
+        if len(self.output_sigma_knots) > 1:
+            raise ValueError("output_sigma_knots hold a noise-adaptive σ: resolve it for a case (adaptive_settings)")
+        return self.output_sigma_knots[0][1] if self.output_sigma_knots else 0.0
+
+
+def with_output_sigma(spec: PostprocessSpec, sigma: float) -> PostprocessSpec:
+    """``spec`` with the constant output Gaussian σ ``sigma`` (input-grid voxels; 0 = off): one knot."""
+    return replace(spec, output_sigma_knots=((0.0, float(sigma)),) if sigma > 0 else ())
 
 
 def manifest_form(spec: PostprocessSpec) -> dict[str, Any]:
@@ -281,23 +306,102 @@ def _stage(raw: dict[str, Any], where: str) -> StageSpec:
         raise ManifestError(f"{where}: malformed stage entry ({exc})") from exc
 
 
+POSTPROCESS_FIELDS = tuple(PostprocessSpec.__dataclass_fields__)
+
+
 def _postprocess(raw: dict[str, Any]) -> PostprocessSpec:
+    """The channel's ``postprocess`` object (format 2), validated; absent fields take the defaults."""
+    unknown = sorted(set(raw) - set(POSTPROCESS_FIELDS))
+    if unknown:
+        known = list(POSTPROCESS_FIELDS)
+        raise ManifestError(f"postprocess: unknown field(s) {unknown} (format_version 2 knows {known})")
     default = PostprocessSpec()
-    return PostprocessSpec(
-        diff_grid=_triple(raw.get("diff_grid", list(default.diff_grid)), "postprocess.diff_grid"),
-        max_filter=int(raw.get("max_filter", default.max_filter)),
-        sigma=float(raw.get("sigma", default.sigma)),
-        max_filter_um=float(raw.get("max_filter_um", default.max_filter_um)),
-        sigma_um=float(raw.get("sigma_um", default.sigma_um)),
-        weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
-        output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
-        output_gaussian_sigma=float(raw.get("output_gaussian_sigma", default.output_gaussian_sigma)),
-        output_sigma_isotropic_um=bool(raw.get("output_sigma_isotropic_um", default.output_sigma_isotropic_um)),
-        output_percentiles=tuple(raw.get("output_percentiles", default.output_percentiles)),  # type: ignore[arg-type]
-        sigma_knots=_knots(raw.get("sigma_knots", []), "postprocess.sigma_knots"),
-        gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),
-        background_threshold=float(raw.get("background_threshold", default.background_threshold)),
-    )
+    unit = str(raw.get("weight_filter_unit", default.weight_filter_unit))
+    size = raw.get("weight_max_filter", default.weight_max_filter)
+    try:
+        return PostprocessSpec(
+            diff_grid=_triple(raw.get("diff_grid", list(default.diff_grid)), "postprocess.diff_grid"),
+            weight_max_filter=int(size) if unit == "voxel" else float(size),
+            weight_sigma=float(raw.get("weight_sigma", default.weight_sigma)),
+            weight_filter_unit=unit,
+            weight_percentiles=tuple(raw.get("weight_percentiles", default.weight_percentiles)),  # type: ignore[arg-type]
+            output_max_filter=int(raw.get("output_max_filter", default.output_max_filter)),
+            output_sigma_knots=_knots(raw.get("output_sigma_knots", []), "postprocess.output_sigma_knots"),
+            output_sigma_isotropic_um=bool(raw.get("output_sigma_isotropic_um", default.output_sigma_isotropic_um)),
+            output_percentiles=tuple(raw.get("output_percentiles", default.output_percentiles)),  # type: ignore[arg-type]
+            gate_knots=_knots(raw.get("gate_knots", []), "postprocess.gate_knots"),
+            background_threshold=float(raw.get("background_threshold", default.background_threshold)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"postprocess: {exc}") from exc
+
+
+FORMAT_VERSION = 2
+"""The manifest format :func:`parse_manifest` reads natively and ``training/export.py`` writes."""
+POSTPROCESS_V1_KEPT = (
+    "diff_grid", "weight_percentiles", "output_max_filter", "output_sigma_isotropic_um", "output_percentiles",
+    "gate_knots", "background_threshold",
+)
+"""Version-1 ``postprocess`` fields that version 2 keeps as they are."""
+
+
+def upgrade_manifest(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` in the current format (2): version 1 converted (a new dict; ``raw`` is untouched), else as is.
+
+    Version 2 merged the overlapping ``postprocess`` knobs of version 1 (same behaviour):
+
+    - ``max_filter`` / ``sigma`` (voxels of ``diff_grid``) and ``max_filter_um`` / ``sigma_um`` (µm, each
+      overriding its voxel twin when > 0) became ``weight_max_filter`` / ``weight_sigma`` in one
+      ``weight_filter_unit`` ('voxel' | 'um'). A version-1 manifest with one filter in µm and the other an
+      active filter in voxels has no version-2 form and is refused (convert it by hand).
+    - ``output_gaussian_sigma`` (a constant σ) and ``sigma_knots`` (noise → σ, overriding it when non-empty)
+      became ``output_sigma_knots``: the knots, else one knot ``[0, σ]`` (a constant), else none (off).
+
+    ``gate_knots`` and the ``trust`` rules stay two knobs: they answer different questions. ``gate_knots``
+    map the input's noise, measured before any network runs, to whether the networks run at all (gate 0
+    skips both stages and their time) and, with trust 'off', to the factor on the correction. Trust rules
+    map signals of the networks' own outputs (stage agreement, high frequencies), known only after they
+    ran, to that factor in mode 'case'. A noise rule under trust would run the networks first; a
+    signal rule in the gate cannot be evaluated before them. Other versions raise :class:`ManifestError`.
+    """
+    version = raw.get("format_version")
+    if version == FORMAT_VERSION:
+        return raw
+    if version != 1:
+        raise ManifestError(
+            f"unsupported manifest format_version {version!r} (this fusemycells reads 1 and {FORMAT_VERSION};"
+            " a newer manifest needs a newer fusemycells)"
+        )
+    channels = raw.get("channels", {})
+    if isinstance(channels, dict):
+        channels = {name: _channel_v1(name, entry) for name, entry in channels.items()}
+    return {**raw, "format_version": FORMAT_VERSION, "channels": channels}
+
+
+def _channel_v1(name: str, entry: Any) -> Any:
+    """One version-1 channel entry with its ``postprocess`` object in version 2's form."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("postprocess", {}), dict):
+        return entry  # malformed: the version-2 parser says so
+    return {**entry, "postprocess": postprocess_v1_to_v2(entry.get("postprocess", {}), f"channels.{name}")}
+
+
+def postprocess_v1_to_v2(old: dict[str, Any], where: str = "postprocess") -> dict[str, Any]:
+    """A version-1 ``postprocess`` object in version 2's fields (see :func:`upgrade_manifest`)."""
+    new = {key: old[key] for key in POSTPROCESS_V1_KEPT if key in old}
+    new["weight_filter_unit"] = "voxel"
+    size, sigma = old.get("max_filter", 9), old.get("sigma", 3.0)
+    size_um, sigma_um = float(old.get("max_filter_um", 0.0)), float(old.get("sigma_um", 0.0))
+    if size_um > 0 or sigma_um > 0:
+        if (size_um <= 0 and int(size) > 1) or (sigma_um <= 0 and float(sigma) > 0):
+            raise ManifestError(
+                f"{where}.postprocess: one weight-map filter in µm and the other in voxels (max_filter {size},"
+                f" max_filter_um {size_um}, sigma {sigma}, sigma_um {sigma_um}): format_version 2 has one unit"
+            )
+        size, sigma, new["weight_filter_unit"] = size_um, sigma_um, "um"
+    new["weight_max_filter"], new["weight_sigma"] = size, sigma
+    knots, constant = old.get("sigma_knots", []), float(old.get("output_gaussian_sigma", 0.0))
+    new["output_sigma_knots"] = knots if len(knots) else ([[0.0, constant]] if constant > 0 else [])
+    return {key: new[key] for key in POSTPROCESS_FIELDS if key in new}  # in the dataclass's order
 
 
 def _trust(raw: Any, where: str) -> TrustSpec:
@@ -354,8 +458,7 @@ def parse_manifest(raw: dict[str, Any], root: Path) -> Manifest:
     """Validate a manifest dict; file paths are relative to ``root``."""
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest must be a JSON object, got {type(raw).__name__}")
-    if raw.get("format_version") != 1:
-        raise ManifestError(f"unsupported manifest format_version {raw.get('format_version')!r} (expected 1)")
+    raw = upgrade_manifest(raw)
     entries = raw.get("channels", {})
     if not isinstance(entries, dict):
         raise ManifestError(f"manifest field 'channels' must be an object of channel entries, got {entries!r}")

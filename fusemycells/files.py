@@ -204,7 +204,7 @@ def identity_output(data: np.ndarray, spec: PostprocessSpec, dtype: str) -> Plan
     if not data.flags.writeable:
         data = data.copy()
     sanitise_inplace(data)
-    plain = replace(spec, output_max_filter=0, output_gaussian_sigma=0.0)
+    plain = replace(spec, output_max_filter=0, output_sigma_knots=())
     return postprocess.final_source(ArraySource(data), plain, dtype, ops=Ops("cpu"))
 
 

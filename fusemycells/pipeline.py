@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -33,6 +33,7 @@ from fusemycells.config import (
     StageSpec,
     load_manifest,
     resolve_resources_dir,
+    with_output_sigma,
 )
 from fusemycells.io.volume import InputError
 from fusemycells.ops import Ops, choose_ops
@@ -357,7 +358,7 @@ class Fuser:
             x_in = ArraySource(data, *intensity_affine(data, channel.normalisation))
             noise = postprocess.relative_noise(data)
             sigma, gate = postprocess.adaptive_settings(noise, channel.postprocess)
-            post = replace(channel.postprocess, output_gaussian_sigma=sigma)
+            post = with_output_sigma(channel.postprocess, sigma)
             report.adaptive = adaptive_report(noise, post, gate, zyx)
             grid_h = shape_for_spacing(data.shape, zyx, (channel.target_spacing_um,) * 3)
             report.high_res_grid = list(grid_h)
@@ -369,7 +370,7 @@ class Fuser:
     def _networks_wanted(case: Prepared) -> bool:
         if case.gate > 0.0 and not trust.never(case.channel.trust):
             return True
-        sigma = case.post.output_gaussian_sigma
+        sigma = case.post.output_sigma
         log.info(
             "    relative noise %.4f: network correction gated off (manifest gate_knots or trust); output σ %.2f",
             case.noise,
@@ -559,7 +560,7 @@ def adaptive_report(noise: float, post: PostprocessSpec, gate: float, spacing: S
     """The report's ``adaptive`` entry: relative noise, the output σ it chose (voxels; per axis) and the gate."""
     return {
         "relative_noise": round(noise, 5),
-        "output_sigma": round(post.output_gaussian_sigma, 3),
+        "output_sigma": round(post.output_sigma, 3),
         "output_sigma_zyx": [round(v, 3) for v in postprocess.output_sigma_zyx(post, spacing)],
         "network_gate": round(gate, 3),
     }

@@ -46,20 +46,20 @@ def correction_weight(
 def weight_filters(spec: PostprocessSpec, extent_um: Sequence[float] | None = None) -> tuple[Any, Any]:
     """(max filter size, Gaussian σ) of the weight map, in voxels of ``spec.diff_grid``.
 
-    By default ``spec.max_filter`` and ``spec.sigma`` on every axis: their physical size then
-    follows the stack's extent (the diff grid spans the whole stack, whatever its size). With
-    ``max_filter_um`` / ``sigma_um`` > 0 and the stack's ZYX ``extent_um``, per-axis sizes of that
-    width in µm (the max filter rounded to an odd voxel count ≥ 1).
+    ``weight_filter_unit`` 'voxel': ``spec.weight_max_filter`` and ``spec.weight_sigma`` on every axis: their
+    physical size then follows the stack's extent (the diff grid spans the whole stack, whatever its size).
+    'um': per-axis sizes of that width in µm from the stack's ZYX ``extent_um`` (required then; the max
+    filter rounded to an odd voxel count ≥ 1).
     """
-    size: Any = spec.max_filter
-    sigma: Any = spec.sigma
-    if extent_um is None:
+    size: Any = spec.weight_max_filter
+    sigma: Any = spec.weight_sigma
+    if spec.weight_filter_unit == "voxel":
         return size, sigma
+    if extent_um is None:
+        raise ValueError("weight-map filters in µm need the stack's extent_um")
     voxel_um = [e / n for e, n in zip(extent_um, spec.diff_grid)]
-    if spec.max_filter_um > 0:
-        size = tuple(max(1, 2 * round((spec.max_filter_um / v - 1) / 2) + 1) for v in voxel_um)
-    if spec.sigma_um > 0:
-        sigma = tuple(spec.sigma_um / v for v in voxel_um)
+    size = tuple(max(1, 2 * round((spec.weight_max_filter / v - 1) / 2) + 1) for v in voxel_um)
+    sigma = tuple(spec.weight_sigma / v for v in voxel_um)
     return size, sigma
 
 
@@ -115,13 +115,16 @@ def relative_noise(volume: np.ndarray, max_planes: int = 24, foreground: float =
 def adaptive_settings(noise: float, spec: PostprocessSpec) -> tuple[float, float]:
     """(output Gaussian σ in voxels, gate on the network correction) for an input's relative noise.
 
-    Without knots: the fixed ``output_gaussian_sigma`` and gate 1. Knots are interpolated
-    linearly in the noise level and held constant outside their range.
+    ``output_sigma_knots`` and ``gate_knots`` are interpolated linearly in the noise level and held
+    constant outside their range (one σ knot: a constant σ); without knots σ 0 and gate 1.
     """
-    sigma = spec.output_gaussian_sigma
+    sigma = 0.0
     gate = 1.0
-    if spec.sigma_knots:
-        sigma = float(np.interp(noise, [k[0] for k in spec.sigma_knots], [k[1] for k in spec.sigma_knots]))
+    knots = spec.output_sigma_knots
+    if len(knots) == 1:
+        sigma = knots[0][1]
+    elif knots:
+        sigma = float(np.interp(noise, [k[0] for k in knots], [k[1] for k in knots]))
     if spec.gate_knots:
         gate = float(
             np.clip(np.interp(noise, [k[0] for k in spec.gate_knots], [k[1] for k in spec.gate_knots]), 0.0, 1.0)
@@ -257,11 +260,11 @@ def _blend_into(
 def output_sigma_zyx(spec: PostprocessSpec, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
     """Per-axis σ (ZYX, input-grid voxels) of the output Gaussian for a stack of ``spacing`` (ZYX µm).
 
-    ``output_gaussian_sigma`` is the X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z and Y
+    ``spec.output_sigma`` is the X σ; with ``output_sigma_isotropic_um`` (and a spacing) Z and Y
     get σ·spacing_x/spacing_z and σ·spacing_x/spacing_y, i.e. the same width in µm (Y equals X on
     the usual square pixels), else the same σ in voxels on every axis.
     """
-    sigma = max(float(spec.output_gaussian_sigma), 0.0)
+    sigma = max(float(spec.output_sigma), 0.0)
     if spec.output_sigma_isotropic_um and spacing is not None and min(spacing) > 0:
         width_um = sigma * float(spacing[2])
         return (width_um / float(spacing[0]), width_um / float(spacing[1]), sigma)
@@ -376,7 +379,7 @@ class OutputSource:
         self.dtype = np.dtype(dtype)
         self.max_size = int(spec.output_max_filter) if spec.output_max_filter > 1 else 0
         self.sigma = output_sigma_zyx(spec, spacing)
-        self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_gaussian_sigma > 0 else None
+        self.plan = filter_plan(self.shape, self.sigma, FILTER_TRUNCATE) if spec.output_sigma > 0 else None
         self.preferred_slab = output_slab_planes(self.shape, ops)
 
     def with_affine(self, offset: float, scale: float, dtype: type = np.float32) -> OutputSource:

@@ -101,9 +101,9 @@ def fixture_manifest(
         "normalisation": {"kind": "percentile", "low": 1.0, "high": 99.8},
         "global_stage": {"in_channels": 1, "grid": [grid, grid, grid], "files": stage1},
         "patch_stage": {"in_channels": 2, "patch_size": [patch, patch, patch], "overlap": 0.5, "batch_size": 2, "files": stage2},
-        "postprocess": {"diff_grid": [16, 16, 16], "max_filter": 3, "sigma": 1.0},
+        "postprocess": {"diff_grid": [16, 16, 16], "weight_max_filter": 3, "weight_sigma": 1.0},
     }
-    manifest = {"format_version": 1, "provenance": {"note": "test fixture"}, "channels": {"nucleus": channel, "membrane": channel}}
+    manifest = {"format_version": 2, "provenance": {"note": "test fixture"}, "channels": {"nucleus": channel, "membrane": channel}}
     (resources / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

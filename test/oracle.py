@@ -16,12 +16,12 @@ The method, for one ZYX stack of ``spacing`` (z, y, x) µm (all arrays ZYX, floa
 4. Patch stage: windows of ``patch_size`` over H (nnU-Net's starts, ``overlap``), each predicted from
    the two channels (x_H, p1_H); predictions stitched with a Gaussian importance (σ = patch / 8 per
    axis, max 1, floored at 1e-3 per axis) as Σ w·pred / Σ w. The correction is stitched − x_H.
-5. Weight map on ``diff_grid``: |correction| resized there, a max filter (``max_filter`` voxels), a
-   Gaussian (``sigma`` voxels), scaled by its ``weight_percentiles`` and clipped to [0, 1]; × the
+5. Weight map on ``diff_grid``: |correction| resized there, a max filter (``weight_max_filter`` voxels), a
+   Gaussian (``weight_sigma`` voxels), scaled by its ``weight_percentiles`` and clipped to [0, 1]; × the
    background mask clip(G₁(x on the diff grid) / ``background_threshold``, 0, 1) when the threshold
    is > 0; × the gate (the constant of ``gate_knots``, or a trust factor the caller passes).
 6. Blend on the input grid: x + w·correction (both resized there; w without antialiasing).
-7. Output: optional max filter (``output_max_filter``) and Gaussian (``output_gaussian_sigma``; in µm
+7. Output: optional max filter (``output_max_filter``) and Gaussian (the one knot of ``output_sigma_knots``; in µm
    the same on every axis when ``output_sigma_isotropic_um``), then normalised by its
    ``output_percentiles``.
 
@@ -127,14 +127,14 @@ def constant_gate(post: Mapping[str, Any]) -> float:
 
 def weight_map(correction: np.ndarray, x: np.ndarray, post: Mapping[str, Any], gate: float) -> np.ndarray:
     """Step 5: the blending weight on the diff grid (the correction on H, the normalised input on its grid)."""
-    if post["max_filter_um"] or post["sigma_um"]:
+    if post["weight_filter_unit"] != "voxel":
         raise ValueError("filters in µm are not covered by the oracle")
     grid = post["diff_grid"]
     coarse = np.abs(resize(correction, grid))
-    if post["max_filter"] > 1:
-        coarse = ndimage.maximum_filter(coarse, size=post["max_filter"], mode="nearest")
-    if post["sigma"] > 0:
-        coarse = ndimage.gaussian_filter(coarse, post["sigma"], mode="nearest")
+    if post["weight_max_filter"] > 1:
+        coarse = ndimage.maximum_filter(coarse, size=post["weight_max_filter"], mode="nearest")
+    if post["weight_sigma"] > 0:
+        coarse = ndimage.gaussian_filter(coarse, post["weight_sigma"], mode="nearest")
     lo, hi = np.percentile(coarse, post["weight_percentiles"])
     weight = np.clip((coarse - lo) / (hi - lo), 0.0, 1.0) if hi - lo >= 1e-8 else np.zeros(grid)
     if post["background_threshold"] > 0:
@@ -143,10 +143,19 @@ def weight_map(correction: np.ndarray, x: np.ndarray, post: Mapping[str, Any], g
     return weight * gate
 
 
+def constant_sigma(post: Mapping[str, Any]) -> float:
+    """The output Gaussian's X σ (input voxels) when it does not depend on the noise: the one knot of
+    ``output_sigma_knots`` (0 without knots)."""
+    knots = post["output_sigma_knots"]
+    if len(knots) > 1:
+        raise ValueError("noise-dependent output σ knots are not covered by the oracle")
+    return float(knots[0][1]) if knots else 0.0
+
+
 def output_sigma(post: Mapping[str, Any], spacing: Sequence[float]) -> tuple[float, float, float]:
-    """The output Gaussian's σ per axis (ZYX input voxels): ``output_gaussian_sigma`` along X, and the
+    """The output Gaussian's σ per axis (ZYX input voxels): :func:`constant_sigma` along X, and the
     same width in µm along Z and Y when ``output_sigma_isotropic_um``."""
-    sigma = post["output_gaussian_sigma"]
+    sigma = constant_sigma(post)
     if not post["output_sigma_isotropic_um"]:
         return (sigma, sigma, sigma)
     return (sigma * spacing[2] / spacing[0], sigma * spacing[2] / spacing[1], sigma)
@@ -157,7 +166,7 @@ def finish(blended: np.ndarray, post: Mapping[str, Any], spacing: Sequence[float
     out = blended
     if post["output_max_filter"] > 1:
         out = ndimage.maximum_filter(out, size=post["output_max_filter"], mode="nearest")
-    if post["output_gaussian_sigma"] > 0:
+    if constant_sigma(post) > 0:
         out = ndimage.gaussian_filter(out, output_sigma(post, spacing), mode="nearest")
     return normalise(out, *post["output_percentiles"])
 

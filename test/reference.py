@@ -134,7 +134,7 @@ def finalise(volume: np.ndarray, spec: PostprocessSpec, spacing: Sequence[float]
     normalisation; ZYX float32. Twin of :func:`fusemycells.postprocess.final_source` (float32)."""
     if spec.output_max_filter > 1:
         volume = ndimage.maximum_filter(volume, size=spec.output_max_filter, mode="nearest")
-    if spec.output_gaussian_sigma > 0:
+    if spec.output_sigma > 0:
         sigma = output_sigma_zyx(spec, spacing)
         volume = ndimage.gaussian_filter(volume, sigma=sigma, mode="nearest", output=np.float32)
     low, high = spec.output_percentiles

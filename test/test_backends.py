@@ -185,7 +185,7 @@ def _broken(raw: dict[str, Any], edit: str) -> dict[str, Any]:
     elif edit == "unknown_format":
         nucleus["patch_stage"]["files"]["tensorrt"] = {"path": "x.plan", "sha256": "0"}
     elif edit == "bad_version":
-        raw["format_version"] = 2
+        raw["format_version"] = 3
     elif edit == "no_channels":
         raw["channels"] = {}
     return raw
@@ -268,13 +268,13 @@ def test_model_archive_with_an_unusable_stage_is_ignored_but_one_bad_format_is_t
 def test_manifest_knots_must_be_pairs_with_increasing_noise(fixture_resources: Path) -> None:
     raw = json.loads((fixture_resources / "manifest.json").read_text())
     good = copy.deepcopy(raw)
-    good["channels"]["nucleus"]["postprocess"].update(sigma_knots=[[0.01, 0.3], [0.05, 1.0]], gate_knots=[[0.06, 1], [0.09, 0]], background_threshold=0.1)
+    good["channels"]["nucleus"]["postprocess"].update(output_sigma_knots=[[0.01, 0.3], [0.05, 1.0]], gate_knots=[[0.06, 1], [0.09, 0]], background_threshold=0.1)
     post = parse_manifest(good, fixture_resources).channel("nucleus").postprocess
-    assert post.sigma_knots == ((0.01, 0.3), (0.05, 1.0)) and post.background_threshold == 0.1
+    assert post.output_sigma_knots == ((0.01, 0.3), (0.05, 1.0)) and post.background_threshold == 0.1
     for bad in ([[0.05, 1.0], [0.01, 0.3]], [[0.01]], "x"):
         broken = copy.deepcopy(raw)
-        broken["channels"]["nucleus"]["postprocess"]["sigma_knots"] = bad
-        with pytest.raises(ManifestError, match="sigma_knots"):
+        broken["channels"]["nucleus"]["postprocess"]["output_sigma_knots"] = bad
+        with pytest.raises(ManifestError, match="output_sigma_knots"):
             parse_manifest(broken, fixture_resources)
 
 

@@ -50,16 +50,14 @@ SHAPE = (12, 60, 56)  # H: 28 × 39 × 36, 48 patches of 16³ with overlap 0.5, 
 
 POSTPROCESS: dict[str, Any] = {
     "diff_grid": [16, 24, 24],
-    "max_filter": 3,
-    "sigma": 1.0,
-    "max_filter_um": 0.0,
-    "sigma_um": 0.0,
+    "weight_max_filter": 3,
+    "weight_sigma": 1.0,
+    "weight_filter_unit": "voxel",
     "weight_percentiles": [5.0, 95.0],
     "output_max_filter": 0,
-    "output_gaussian_sigma": 0.7,
+    "output_sigma_knots": [[0.0, 0.7]],  # a constant output σ of 0.7
     "output_sigma_isotropic_um": True,
     "output_percentiles": [2.0, 99.8],
-    "sigma_knots": [],
     "gate_knots": [[0.0, 0.7]],  # a constant gate of 0.7
     "background_threshold": 0.1,
 }
@@ -95,7 +93,7 @@ def write_manifest(
     }  # fmt: skip
     if trust is not None:
         channel["trust"] = trust
-    manifest = {"format_version": 1, "provenance": {"note": "test fixture"}, "channels": {"nucleus": channel}}
+    manifest = {"format_version": 2, "provenance": {"note": "test fixture"}, "channels": {"nucleus": channel}}
     (resources / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

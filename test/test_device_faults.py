@@ -325,7 +325,7 @@ def test_identity_output_equals_the_pipelines_own_output_with_the_networks_off(f
 
     manifest = load_manifest(fixture_resources)
     channel = manifest.channel("nucleus")
-    plain = dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),), sigma_knots=((0.0, 0.0),), output_gaussian_sigma=0.0)
+    plain = dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),), output_sigma_knots=())
     off = dataclasses.replace(manifest, channels={"nucleus": dataclasses.replace(channel, postprocess=plain)})
     data = blob_volume((8, 30, 28))
     pipeline = Fuser(off, cpu_policy()).fuse(data.copy(), SPACING, "nucleus", output_dtype="uint16").to_array()

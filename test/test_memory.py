@@ -25,7 +25,7 @@ OUTPUT_PASS = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from fusemycells.config import PostprocessSpec
+    from fusemycells.config import PostprocessSpec, with_output_sigma
     from fusemycells.ops import choose_ops
     from fusemycells.postprocess import final_source
     from fusemycells.runtime import allocator
@@ -35,7 +35,7 @@ OUTPUT_PASS = textwrap.dedent(
     allocator.configure()
     shape = (160, 600, 600)
     data = np.random.default_rng(0).integers(100, 4000, size=shape, dtype=np.uint16)
-    spec = PostprocessSpec(output_gaussian_sigma=0.5)
+    spec = with_output_sigma(PostprocessSpec(), 0.5)
     ops = choose_ops("cpu", threads=2)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # VmHWM := VmRSS now: the peak of what follows

@@ -19,7 +19,7 @@ import torch
 from conftest import blob_volume
 from scipy import ndimage
 
-from fusemycells.config import PostprocessSpec, load_manifest
+from fusemycells.config import PostprocessSpec, load_manifest, with_output_sigma
 from fusemycells.ops import Ops, axis_map, band, choose_ops, compose, filter_plan, resize_plan
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import (
@@ -103,7 +103,7 @@ def test_streamed_weight_map_and_blend_equal_the_oracle_ones(path: str) -> None:
     data = smooth_stack((30, 200, 180))
     x_in, x = ArraySource(data, 100.0, 1 / 3000), apply_affine(data, 100.0, 1 / 3000)
     correction = np.random.default_rng(1).normal(0, 0.1, (50, 130, 117)).astype(np.float32)
-    spec = PostprocessSpec(diff_grid=(16, 32, 32), max_filter=3, sigma=1.5, background_threshold=0.1)
+    spec = PostprocessSpec(diff_grid=(16, 32, 32), weight_max_filter=3, weight_sigma=1.5, background_threshold=0.1)
     extent = (30.3, 77.6, 69.8)
     weight = reference.weight_from_coarse(np.abs(reference.resize(correction, spec.diff_grid)), spec, extent)
     weight *= reference.background_mask(x, spec) * np.float32(0.8)
@@ -120,7 +120,7 @@ def test_streamed_weight_map_and_blend_equal_the_oracle_ones(path: str) -> None:
 
 @pytest.mark.parametrize("path", list(OPS))
 @pytest.mark.parametrize("dtype", ["float32", "uint16"])
-@pytest.mark.parametrize("spec", [PostprocessSpec(output_gaussian_sigma=0.9), PostprocessSpec(output_gaussian_sigma=1.2, output_max_filter=3), PostprocessSpec()])
+@pytest.mark.parametrize("spec", [with_output_sigma(PostprocessSpec(), 0.9), with_output_sigma(PostprocessSpec(output_max_filter=3), 1.2), PostprocessSpec()])
 def test_streamed_output_filters_and_normalisation_equal_the_oracle_ones(path: str, dtype: str, spec: PostprocessSpec) -> None:
     volume = np.random.default_rng(2).random((20, 90, 70)).astype(np.float16)
     blended = ArraySource(volume)
@@ -240,7 +240,7 @@ def test_the_gpu_path_on_cuda_equals_the_cpu_path_and_the_oracle(fixture_resourc
 
 def test_spec_with_no_output_filter_on_the_gated_path_streams_the_input(fixture_resources: Path) -> None:
     manifest = load_manifest(fixture_resources)
-    spec = replace(manifest.channel("nucleus").postprocess, output_gaussian_sigma=0.0)
+    spec = replace(manifest.channel("nucleus").postprocess, output_sigma_knots=())
     data = blob_volume((6, 40, 30))
     expected = reference.percentile_normalise(apply_affine(data, 100.0, 1 / 2000), *spec.output_percentiles)
     got = materialise(final_source(ArraySource(data, 100.0, 1 / 2000), spec, ops=cpu_path()))

@@ -80,7 +80,7 @@ def test_network_gate_zero_skips_both_stages_and_reports_the_noise_policy(fixtur
         return load_stage(manifest, spec, backend, device, **options)
 
     channel = manifest.channel("nucleus")
-    gated = dataclasses.replace(channel, postprocess=dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),), sigma_knots=((0.0, 0.5),)))
+    gated = dataclasses.replace(channel, postprocess=dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),), output_sigma_knots=((0.0, 0.5),)))
     manifest = dataclasses.replace(manifest, channels={"nucleus": gated})
     report = Fuser(manifest, cpu_policy(), loader=loader).fuse(blob_volume((6, 24, 20)), SPACING, "nucleus").report
     assert report.adaptive["network_gate"] == 0.0 and report.adaptive["output_sigma"] == 0.5

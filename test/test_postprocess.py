@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusemycells.config import PostprocessSpec
+from fusemycells.config import PostprocessSpec, with_output_sigma
 from fusemycells.ops import Ops
 from fusemycells.postprocess import (
     FLOAT16_MAX,
@@ -18,7 +18,7 @@ from fusemycells.postprocess import (
 )
 from fusemycells.sources import ArraySource, materialise
 
-SPEC = PostprocessSpec(diff_grid=(8, 12, 12), max_filter=3, sigma=1.0)
+SPEC = PostprocessSpec(diff_grid=(8, 12, 12), weight_max_filter=3, weight_sigma=1.0)
 OPS = Ops("cpu", threads=2)
 
 
@@ -61,7 +61,7 @@ def test_difference_weight_is_in_unit_interval_on_the_diff_grid() -> None:
 
 def test_difference_weight_is_high_where_the_prediction_changed() -> None:
     inp, pred = _pair()
-    w = difference_weight(inp, pred, PostprocessSpec(diff_grid=(10, 30, 28), max_filter=0, sigma=0.0))
+    w = difference_weight(inp, pred, PostprocessSpec(diff_grid=(10, 30, 28), weight_max_filter=0, weight_sigma=0.0))
     assert w[3:5, 8:12, 13:17].min() > 0.9
     assert w[8:, 20:, :5].max() < 0.1
 
@@ -103,7 +103,7 @@ def test_finalise_maps_2nd_percentile_to_0_and_99_8th_to_1() -> None:
 def test_finalise_optional_filters_change_the_output_only_when_enabled() -> None:
     vol = np.random.default_rng(4).random((8, 20, 20), dtype=np.float32)
     plain = finalise(vol, PostprocessSpec())
-    filtered = finalise(vol, PostprocessSpec(output_max_filter=3, output_gaussian_sigma=1.0))
+    filtered = finalise(vol, with_output_sigma(PostprocessSpec(output_max_filter=3), 1.0))
     assert filtered.dtype == np.float32
     assert not np.allclose(plain, filtered)
     assert np.std(np.diff(filtered, axis=2)) < np.std(np.diff(plain, axis=2))  # smoother
@@ -166,9 +166,11 @@ def test_adaptive_settings_interpolate_knots_and_hold_the_ends():
 
     from fusemycells.postprocess import adaptive_settings
 
-    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.7)
-    assert adaptive_settings(0.05, spec) == (0.7, 1.0)  # no knots: fixed σ, network on
-    spec = replace(spec, sigma_knots=((0.01, 0.4), (0.03, 1.0)), gate_knots=((0.06, 1.0), (0.09, 0.0)))
+    assert adaptive_settings(0.05, PostprocessSpec()) == (0.0, 1.0)  # no knots: no output filter, network on
+    spec = replace(PostprocessSpec(), output_sigma_knots=((0.0, 0.7),))
+    assert adaptive_settings(0.05, spec) == (0.7, 1.0)  # one knot: a fixed σ, network on
+    assert adaptive_settings(float("nan"), spec) == (0.7, 1.0)  # whatever the noise
+    spec = replace(spec, output_sigma_knots=((0.01, 0.4), (0.03, 1.0)), gate_knots=((0.06, 1.0), (0.09, 0.0)))
     assert adaptive_settings(0.0, spec) == (0.4, 1.0)
     assert adaptive_settings(0.02, spec)[0] == pytest.approx(0.7)
     assert adaptive_settings(0.075, spec) == (pytest.approx(1.0), pytest.approx(0.5))
@@ -194,7 +196,7 @@ def test_output_sigma_isotropic_in_um_scales_z_by_the_spacing_ratio():
 
     from fusemycells.postprocess import output_sigma_zyx
 
-    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.8)
+    spec = with_output_sigma(PostprocessSpec(), 0.8)
     assert output_sigma_zyx(spec, (2.0, 0.4, 0.4)) == (0.8, 0.8, 0.8)  # voxels on every axis (default)
     physical = replace(spec, output_sigma_isotropic_um=True)
     assert output_sigma_zyx(physical, (2.0, 0.4, 0.4)) == pytest.approx((0.16, 0.8, 0.8))  # same 0.32 µm on Z
@@ -206,7 +208,7 @@ def test_output_sigma_isotropic_in_um_also_scales_y_when_its_spacing_differs_fro
 
     from fusemycells.postprocess import output_sigma_zyx
 
-    spec = replace(PostprocessSpec(), output_gaussian_sigma=0.8, output_sigma_isotropic_um=True)
+    spec = replace(with_output_sigma(PostprocessSpec(), 0.8), output_sigma_isotropic_um=True)
     sigma = output_sigma_zyx(spec, (2.0, 0.2, 0.4))  # Y pixels half the X ones: 0.32 µm is 1.6 Y voxels
     assert sigma == pytest.approx((0.16, 1.6, 0.8))
     assert [s * d for s, d in zip(sigma, (2.0, 0.2, 0.4))] == pytest.approx([0.32] * 3)  # one width in µm
@@ -219,7 +221,7 @@ def test_isotropic_um_output_filter_smooths_along_z_less_on_an_anisotropic_stack
 
     vol = np.zeros((12, 16, 16), dtype=np.float32)
     vol[6, 8, 8] = 1.0
-    spec = replace(PostprocessSpec(), output_gaussian_sigma=1.0, output_sigma_isotropic_um=True)
+    spec = replace(with_output_sigma(PostprocessSpec(), 1.0), output_sigma_isotropic_um=True)
     out = materialise(OutputSource(ArraySource(vol), spec, (2.5, 0.25, 0.25), OPS))
     assert out[5, 8, 8] / out[6, 8, 8] < 1e-6  # σ_z 0.1 voxel: next plane nearly untouched
     assert out[6, 8, 7] / out[6, 8, 8] == pytest.approx(np.exp(-0.5), rel=0.05)  # σ_y 1 voxel
@@ -232,13 +234,14 @@ def test_weight_filters_are_diff_grid_voxels_by_default_and_a_physical_width_whe
 
     from fusemycells.postprocess import weight_filters
 
-    spec = PostprocessSpec(diff_grid=(128, 128, 128), max_filter=9, sigma=3.0)
+    spec = PostprocessSpec(diff_grid=(128, 128, 128), weight_max_filter=9, weight_sigma=3.0)
     assert weight_filters(spec, (92.0, 38.4, 38.4)) == (9, 3.0)  # shipped: voxels, whatever the extent
-    physical = replace(spec, max_filter_um=2.7, sigma_um=0.9)
+    physical = replace(spec, weight_max_filter=2.7, weight_sigma=0.9, weight_filter_unit="um")
     size, sigma = weight_filters(physical, (92.16, 38.4, 38.4))  # diff voxels of 0.72, 0.3, 0.3 µm
     assert size == (3, 9, 9)  # 2.7 µm: 3.75 → 3 voxels in Z (odd), 9 in Y/X
     assert sigma == pytest.approx((1.25, 3.0, 3.0))
-    assert weight_filters(physical, None) == (9, 3.0)  # without an extent: the voxel sizes
+    with pytest.raises(ValueError, match="extent"):
+        weight_filters(physical, None)  # µm without an extent: no silent fallback to voxels
 
 
 @pytest.mark.parametrize("ops", [Ops("cpu", threads=2), Ops("cpu", cpu_hybrid=False, threads=2)], ids=["cpu", "gpu code"])

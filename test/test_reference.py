@@ -10,7 +10,7 @@ from conftest import blob_volume
 from reference import difference_weight, finalise, normalise_intensity, resize, sanitise, to_output_dtype
 from scipy import ndimage
 
-from fusemycells.config import NormalisationSpec, PostprocessSpec, load_manifest
+from fusemycells.config import NormalisationSpec, PostprocessSpec, load_manifest, with_output_sigma
 from fusemycells.ops import Ops
 from fusemycells.pipeline import Fuser
 from fusemycells.postprocess import OutputSource, correction_weight, final_source
@@ -103,7 +103,7 @@ def test_in_place_sanitise_matches_the_copying_one() -> None:
 
 def test_correction_weight_equals_difference_weight() -> None:
     x, p = volume(seed=1), volume(seed=2)
-    spec = PostprocessSpec(diff_grid=(12, 16, 14), max_filter=3, sigma=1.0)
+    spec = PostprocessSpec(diff_grid=(12, 16, 14), weight_max_filter=3, weight_sigma=1.0)
     np.testing.assert_allclose(correction_weight((p - x).astype(np.float16), spec, ops=OPS), difference_weight(x, p, spec), atol=2e-3)
     np.testing.assert_allclose(correction_weight(p - x, spec, ops=OPS), difference_weight(x, p, spec), atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_correction_weight_equals_difference_weight() -> None:
 @pytest.mark.parametrize("filters", [(0, 0.0), (3, 0.8)])
 def test_final_source_equals_finalise_then_cast(dtype: str, filters: tuple[int, float]) -> None:
     vol = volume((40, 30, 20)) * 5
-    spec = PostprocessSpec(output_max_filter=filters[0], output_gaussian_sigma=filters[1])
+    spec = with_output_sigma(PostprocessSpec(output_max_filter=filters[0]), filters[1])
     expected = to_output_dtype(finalise(vol, spec), dtype)
     got = materialise(final_source(ArraySource(vol), spec, dtype, ops=OPS), dtype=expected.dtype)
     np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), atol=1.0 if dtype == "uint16" else 1e-5)
@@ -122,7 +122,7 @@ def test_final_source_equals_finalise_then_cast(dtype: str, filters: tuple[int, 
 def test_output_filters_are_exact_at_slab_borders(hybrid: bool) -> None:
     vol = volume((37, 12, 11))
     ops = Ops("cpu", threads=2, cpu_hybrid=hybrid)
-    lazy = OutputSource(ArraySource(vol), PostprocessSpec(output_max_filter=5, output_gaussian_sigma=1.3), None, ops)
+    lazy = OutputSource(ArraySource(vol), with_output_sigma(PostprocessSpec(output_max_filter=5), 1.3), None, ops)
     whole = ndimage.gaussian_filter(ndimage.maximum_filter(vol, size=5, mode="nearest"), sigma=1.3, mode="nearest")
     np.testing.assert_allclose(np.concatenate([lazy.planes(0, 7), lazy.planes(7, 20), lazy.planes(20, 37)]), whole, atol=1e-6)
 
@@ -141,8 +141,9 @@ def test_compact_float16_output_stays_within_its_precision_of_the_exact_one(fixt
 
 def test_correction_weight_with_filters_in_um_equals_difference_weight() -> None:
     inp, pred = volume(seed=1), volume(seed=2)
-    spec = PostprocessSpec(diff_grid=(9, 12, 10), max_filter_um=5.0, sigma_um=2.0)
+    spec = PostprocessSpec(diff_grid=(9, 12, 10), weight_max_filter=5.0, weight_sigma=2.0, weight_filter_unit="um")
     extent = (46.0, 12.4, 10.8)
     expected = difference_weight(inp, pred, spec, extent)
     np.testing.assert_allclose(correction_weight(ArraySource(pred - inp), spec, extent, ops=OPS), expected, atol=1e-5)
-    assert not np.allclose(expected, difference_weight(inp, pred, spec))  # the µm sizes really differ here
+    voxels = PostprocessSpec(diff_grid=spec.diff_grid, weight_filter_unit="voxel", weight_max_filter=5, weight_sigma=2.0)
+    assert not np.allclose(expected, difference_weight(inp, pred, voxels, extent))  # the µm sizes really differ here

@@ -238,9 +238,10 @@ def test_export_writes_a_verified_manifest_and_both_backends_agree_in_inference(
     resources = tmp_path / "resources"
     assert export.main(["--checkpoints", str(checkpoints), "--out", str(resources), "--output-gaussian-sigma", "membrane=0.5"]) == 0
     manifest = load_manifest(resources)  # checksums verified
-    assert manifest.channel("membrane").postprocess.output_gaussian_sigma == 0.5
+    assert manifest.channel("membrane").postprocess.output_sigma_knots == ((0.0, 0.5),)
     assert manifest.channel("nucleus").global_stage.grid == (24, 24, 24)
     raw = json.loads((resources / "manifest.json").read_text())
+    assert raw["format_version"] == 2 and "output_gaussian_sigma" not in raw["channels"]["membrane"]["postprocess"]
     for stage in ("global", "patch"):
         assert raw["channels"]["nucleus"]["parity"][stage]["onnx"] <= 1e-4
     inp_root = tmp_path / "in" / "images" / "fluorescence-lightsheet-3D-microscopy"

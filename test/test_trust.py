@@ -95,7 +95,7 @@ def test_decide_applies_the_rules_on_the_diff_grid_and_hands_the_coarse_correcti
 def test_blend_weight_takes_a_region_factor_and_the_coarse_correction_gives_the_same_weight_map() -> None:
     region = np.ones((16, 16, 16), dtype=np.float32)
     region[:8] = 0.0
-    spec = PostprocessSpec(diff_grid=(16, 16, 16), max_filter=3, sigma=1.0)
+    spec = PostprocessSpec(diff_grid=(16, 16, 16), weight_max_filter=3, weight_sigma=1.0)
     correction = RNG.random((20, 30, 25), dtype=np.float32)
     x = np.ones((20, 30, 25), dtype=np.float32)
     scalar = blend_weight(correction, x, spec, 0.5, ops=OPS)

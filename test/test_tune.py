@@ -1,4 +1,4 @@
-"""Output-σ tuning table (training.tune): the numbers the manifest's sigma_knots are read from."""
+"""Output-σ tuning table (training.tune): the numbers the manifest's output_sigma_knots are read from."""
 
 from __future__ import annotations
 

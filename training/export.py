@@ -33,10 +33,12 @@ import torch
 from fusemycells.config import (
     DEFAULT_POSTPROCESS,
     DEFAULT_TIME_BUDGET_S,
+    FORMAT_VERSION,
     MANIFEST_NAME,
     PATCH_STAGE_DEFAULTS,
     load_manifest,
     sha256_of,
+    upgrade_manifest,
     verify_files,
 )
 
@@ -168,6 +170,25 @@ def parse_overrides(items: list[str]) -> dict[str, float]:
     return out
 
 
+def output_sigma_knots(previous: dict[str, Any], sigma: float | None) -> list[list[float]]:
+    """The manifest's ``output_sigma_knots`` of a new export: ``--output-gaussian-sigma``'s constant σ when given
+    (one knot; 0 = off), else the previous manifest's constant σ (format 2 ``postprocess``); a previous
+    noise-adaptive policy (several knots) is not carried over (the ``--postprocess`` policy file sets it)."""
+    if sigma is not None:
+        return [[0.0, sigma]] if sigma > 0 else []
+    knots = previous.get("output_sigma_knots", [])
+    return [list(knot) for knot in knots] if len(knots) == 1 else []
+
+
+def read_policy(path: Path) -> dict[str, dict[str, Any]]:
+    """``{channel: {postprocess field: value}}`` of a ``--postprocess`` policy file in manifest format 2 (its
+    ``format_version`` says so; ``training/policy/postprocess.json``)."""
+    policy = json.loads(path.read_text())
+    if policy.get("format_version") != FORMAT_VERSION:
+        raise SystemExit(f"{path}: a postprocess policy needs \"format_version\": {FORMAT_VERSION} (the manifest's fields)")
+    return {channel: fields for channel, fields in policy.items() if channel != "format_version"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export checkpoints to TorchScript + ONNX and write the weights manifest.")
     parser.add_argument("--checkpoints", type=Path, default=Path("work_dirs/ckpt"), help="folder with <channel>/global.pt and patch.pt")
@@ -175,23 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", nargs="+", default=["nucleus", "membrane"], choices=["nucleus", "membrane"])
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported − eager| allowed")
     parser.add_argument("--output-gaussian-sigma", nargs="*", default=[], metavar="CH=SIGMA", help="output Gaussian σ (voxels) per channel, e.g. nucleus=0.5")
-    parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. the noise-adaptive sigma_knots, gate_knots, background_threshold chosen with training/tune.py)")
+    parser.add_argument("--postprocess", type=Path, default=None, metavar="FILE", help="JSON {channel: {postprocess field: value}} merged over the defaults (e.g. format_version 2 fields: the noise-adaptive output_sigma_knots, gate_knots, background_threshold chosen with training/tune.py; training/policy/postprocess.json)")
     parser.add_argument("--time-budget", type=float, default=None, help=f"time_budget_s written to the manifest (seconds; default: the existing manifest's, else {DEFAULT_TIME_BUDGET_S:g})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest_path = args.out / MANIFEST_NAME
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest: dict[str, Any] = upgrade_manifest(json.loads(manifest_path.read_text())) if manifest_path.is_file() else {}
     channels = dict(manifest.get("channels", {}))
     time_budget = args.time_budget if args.time_budget is not None else float(manifest.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     sigmas = parse_overrides(args.output_gaussian_sigma)
-    overrides: dict[str, dict[str, Any]] = json.loads(args.postprocess.read_text()) if args.postprocess else {}
+    overrides = read_policy(args.postprocess) if args.postprocess else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-export-", dir=args.out.parent))  # same file system: atomic moves
     try:
         for channel in args.channels:
             post = dict(DEFAULT_POSTPROCESS)
-            previous = channels.get(channel, {}).get("postprocess", {})
-            post["output_gaussian_sigma"] = sigmas.get(channel, previous.get("output_gaussian_sigma", 0.0))
+            post["output_sigma_knots"] = output_sigma_knots(channels.get(channel, {}).get("postprocess", {}), sigmas.get(channel))
             post.update(overrides.get(channel, {}))
             channels[channel] = export_channel(args.checkpoints, channel, staging, args.tolerance, post)
         new_files = sorted(p.name for p in staging.iterdir())
@@ -201,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     if (args.out / entry["path"]).is_file() and entry["path"] not in new_files:
                         shutil.copy2(args.out / entry["path"], staging / entry["path"])
         manifest = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "time_budget_s": time_budget,
             "provenance": {
                 "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""Choose the output Gaussian σ (manifest ``postprocess.output_gaussian_sigma``) per channel.
+"""Choose the output Gaussian σ (manifest ``postprocess.output_sigma_knots``, one knot) per channel.
 
     python -m training.tune --input DIR --pred DIR --gt DIR [--sigmas 0 0.3 0.5 0.7 1.0] [--json FILE]
 
@@ -8,7 +8,7 @@ exactly what the container would write with that σ (up to the percentiles of th
 volume, which the metric recomputes anyway). Prints mean N-SSIM per channel and σ, and the best
 σ per channel (ties and gains below ``--min-gain`` keep the filter off), and, per case, the
 input's relative noise (:func:`fusemycells.postprocess.relative_noise`): the table from which the
-noise-adaptive knots (``sigma_knots``, ``gate_knots`` in ``training/policy/postprocess.json``)
+noise-adaptive knots (``output_sigma_knots``, ``gate_knots`` in ``training/policy/postprocess.json``)
 are read off. Use tuning sets, never the validation set (seeds 800 000+ by convention).
 """
 
@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from fusemycells.config import PostprocessSpec
+from fusemycells.config import PostprocessSpec, with_output_sigma
 from fusemycells.evaluate import ground_truth_name, tiff_files
 from fusemycells.evaluation.metrics import metric_normalise, n_ssim, ssim
 from fusemycells.io.tiff import read_volume
@@ -52,7 +51,7 @@ def score_sigmas(
         row = table.setdefault(inp.channel, {s: [] for s in sigmas})
         spec = PostprocessSpec(output_sigma_isotropic_um=isotropic_um)
         for sigma in sigmas:
-            zyx = output_sigma_zyx(replace(spec, output_gaussian_sigma=sigma), inp.spacing)
+            zyx = output_sigma_zyx(with_output_sigma(spec, sigma), inp.spacing)
             out = ndimage.gaussian_filter(pred.data.astype(np.float32), zyx) if sigma > 0 else pred.data
             row[sigma].append(n_ssim(ssim(metric_normalise(out), g), s_in))
         noise = relative_noise(inp.data)
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for channel, scores in table.items():
         means = {s: float(np.mean(v)) for s, v in scores.items()}
         result[channel] = {"means": means, "min": {s: float(np.min(v)) for s, v in scores.items()}, "best_sigma": best_sigma(scores, args.min_gain)}
-        print(f"{channel}: " + "  ".join(f"σ {s:g}: {m:+.4f}" for s, m in means.items()) + f"  → output_gaussian_sigma {result[channel]['best_sigma']:g}")
+        print(f"{channel}: " + "  ".join(f"σ {s:g}: {m:+.4f}" for s, m in means.items()) + f"  → output σ {result[channel]['best_sigma']:g}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
