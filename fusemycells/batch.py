@@ -931,7 +931,9 @@ def _report_stop(run: BatchRun, stopped: Stopped) -> int:
     written (atomically) or not, as its worker goes on.
     """
     run.count_lost_workers()
-    logging.getLogger("distributed").setLevel(logging.ERROR)  # stopping on purpose: no warnings of cancelled tasks
+    # stopping on purpose: no warnings of cancelled tasks, nor the nanny's teardown errors (with a traceback) when
+    # the same Ctrl-C reached the worker processes of the group and they exit while the cluster closes
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     _close(run.client, run.cluster)
     removed: list[str] = []
     if run.cluster is not None and run.output_dir is not None:  # its workers are gone: their partials are orphans
