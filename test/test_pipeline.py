@@ -88,6 +88,24 @@ def test_network_gate_zero_skips_both_stages_and_reports_the_noise_policy(fixtur
     assert report.stages == {} and not loads  # neither network ran, nor was one loaded
 
 
+
+def test_a_noise_adaptive_output_sigma_is_applied_as_the_sigma_the_cases_noise_picks(fixture_resources: Path) -> None:
+    manifest = load_manifest(fixture_resources)
+    channel = manifest.channel("nucleus")
+
+    def fused(knots: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, dict]:
+        post = dataclasses.replace(channel.postprocess, gate_knots=((0.0, 0.0),), output_sigma_knots=knots)
+        one = dataclasses.replace(manifest, channels={"nucleus": dataclasses.replace(channel, postprocess=post)})
+        result = Fuser(one, cpu_policy()).fuse(blob_volume((6, 24, 20)), SPACING, "nucleus", output_dtype="float32")
+        return result.to_array(), result.report.adaptive
+
+    adaptive, report = fused(((0.0, 0.3), (1.0, 3.0)))  # σ rises with the relative noise: a case's noise picks one
+    sigma = report["output_sigma"]
+    assert 0.3 < sigma < 3.0
+    constant, _ = fused(((0.0, sigma),))
+    np.testing.assert_allclose(adaptive, constant, atol=1e-4)  # as that constant σ would be (the report rounds σ)
+    assert np.abs(adaptive - fused(())[0]).max() > 1e-3  # and it does filter
+
 def test_a_huge_float16_correction_is_clipped_so_the_output_stays_finite(fixture_resources: Path) -> None:
     # compact_voxels=0: the correction on H is float16 (as on a big stack); a patch network output of
     # 1e6 (a narrow percentile span on the level-2 fallback of a big stack does the same) is beyond
