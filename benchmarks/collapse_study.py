@@ -98,7 +98,7 @@ def mechanism(off: np.ndarray, full: np.ndarray, gt: np.ndarray, axis: int, from
 
 def case_figures(fuser, case: ts.Case, cache: Path, params: dict[str, Any]) -> dict[str, Any]:
     """One case: scores at gates 0 and 1, flattened parameters and :func:`mechanism` figures (cached as JSON)."""
-    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".collapse.json")
+    path = ts.artefact_path(cache, case).with_suffix(".collapse.json")
     if path.is_file():
         return json.loads(path.read_text())
     artefacts = ts.load_or_compute(fuser, case, cache)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trust_study as ts  # noqa: E402  (a sibling script; it puts the repository on sys.path)
 
 from fusemycells import trust  # noqa: E402
-from fusemycells.config import DEFAULT_RESOURCES, TrustSpec, load_manifest  # noqa: E402
+from fusemycells.config import DEFAULT_RESOURCES, TrustSpec  # noqa: E402
 from training import calibrate_trust as ct  # noqa: E402
 from training import trust_calibration as cal  # noqa: E402
 
@@ -78,16 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(args.rows.read_text())
     scores: dict[str, dict[str, list[float]]] = json.loads(args.scores.read_text()) if args.scores.is_file() else {}
     missing = [r for r in rows if f"{r['set']}/{r['case']}" not in scores]
-    if missing:
-        cases = {(c.set_name, c.name): c for n, (root, k) in ct.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
-        cache = args.cache / ts.weights_key(load_manifest(args.resources))
-        ts._init_worker(args.resources, 1, "auto")
-        for r in missing:
-            case = cases[(r["set"], r["case"])]
-            with np.load(cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")) as stored:
-                artefacts = {k: stored[k] for k in ("correction", "weight", "coarse", "p1")}
-            scores[f"{r['set']}/{r['case']}"] = score_regions(ts._WORKER["fuser"], case, artefacts)
-            args.scores.write_text(json.dumps(scores))
+    keys = ("correction", "weight", "coarse", "p1")
+    for r, case, artefacts in ts.cached_artefacts(missing, args.set, args.cache, args.resources, keys, threads=1):
+        scores[f"{r['set']}/{r['case']}"] = score_regions(ts._WORKER["fuser"], case, artefacts)
+        args.scores.write_text(json.dumps(scores))
     for r in rows:
         for key, (uniform, gaussian) in scores[f"{r['set']}/{r['case']}"].items():
             r["n_ssim"][key], r["n_ssim_gaussian_window"][key] = uniform, gaussian

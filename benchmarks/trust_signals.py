@@ -32,7 +32,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trust_study as ts  # noqa: E402  (a sibling script; it puts the repository on sys.path)
 
-from fusemycells.config import DEFAULT_RESOURCES, load_manifest  # noqa: E402
+from fusemycells.config import DEFAULT_RESOURCES  # noqa: E402
 from fusemycells.preprocess import ResizedSource  # noqa: E402
 from fusemycells.sources import materialise  # noqa: E402
 from training import calibrate_trust as ct  # noqa: E402
@@ -137,17 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.signals is not None and args.signals.is_file():
         measured = json.loads(args.signals.read_text())
     missing = [r for r in rows if f"{r['set']}/{r['case']}" not in measured]
-    if missing:
-        cases = {(c.set_name, c.name): c for n, (root, k) in ct.parse_sets(args.set).items() for c in ts.find_cases(n, root, k)}
-        cache = args.cache / ts.weights_key(load_manifest(args.resources))
-        ts._init_worker(args.resources, 2, "auto")
-        for r in missing:
-            case = cases[(r["set"], r["case"])]
-            with np.load(cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")) as stored:
-                artefacts = {k: stored[k] for k in ("coarse", "p1")}
-            measured[f"{r['set']}/{r['case']}"] = case_candidates(ts._WORKER["fuser"], case, artefacts, r["noise"])
-        if args.signals is not None:
-            args.signals.write_text(json.dumps(measured, indent=1))
+    for r, case, artefacts in ts.cached_artefacts(missing, args.set, args.cache, args.resources, ("coarse", "p1"), threads=2):
+        measured[f"{r['set']}/{r['case']}"] = case_candidates(ts._WORKER["fuser"], case, artefacts, r["noise"])
+    if missing and args.signals is not None:
+        args.signals.write_text(json.dumps(measured, indent=1))
     for r in rows:
         r["signals"] = {**r["signals"], **measured[f"{r['set']}/{r['case']}"]}
     names = [n for extra in GROUPS.values() for n in extra]

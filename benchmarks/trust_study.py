@@ -36,7 +36,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -171,9 +171,31 @@ def compute_artefacts(fuser: Fuser, case: Case) -> dict[str, np.ndarray]:
     }
 
 
+def artefact_path(cache: Path, case: Case) -> Path:
+    """Where a case's network outputs are cached: ``cache/<set>/<case name without suffix>.npz``."""
+    return cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
+
+
+def cached_artefacts(
+    rows: Sequence[dict[str, Any]], sets: Sequence[str], cache: Path, resources: Path, keys: Sequence[str], threads: int
+) -> Iterator[tuple[dict[str, Any], Case, dict[str, np.ndarray]]]:
+    """(row, case, artefacts ``keys``) for each of ``rows`` (this study's JSON rows of the ``--set`` values
+    ``sets``), read from its cache under ``cache/<weights_key>/``; the worker's Fuser (``_WORKER['fuser']``)
+    is set up once, before the first."""
+    if not rows:
+        return
+    cases = {(c.set_name, c.name): c for n, (root, k) in parse_sets(sets).items() for c in find_cases(n, root, k)}
+    cache = cache / weights_key(load_manifest(resources))
+    _init_worker(resources, threads, "auto")
+    for row in rows:
+        case = cases[(row["set"], row["case"])]
+        with np.load(artefact_path(cache, case)) as stored:
+            yield row, case, {k: stored[k] for k in keys}
+
+
 def load_or_compute(fuser: Fuser, case: Case, cache: Path) -> dict[str, np.ndarray]:
     """The case's artefacts from ``cache`` when stored by this version, else computed and stored."""
-    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
+    path = artefact_path(cache, case)
     if path.is_file():
         with np.load(path) as stored:
             if "version" in stored.files and int(stored["version"]) == CACHE_VERSION:
@@ -290,7 +312,7 @@ def case_row(
     seconds, patches), cached as JSON beside its artefacts and keyed by the output σ the manifest gives
     the case (new σ knots rescore only the cases whose σ they change). With ``cached_only``: None when
     the network outputs are not cached yet (a scoring pass that runs no network)."""
-    path = cache / case.set_name / (case.name.rsplit(".", 1)[0] + ".npz")
+    path = artefact_path(cache, case)
     if cached_only and not path.is_file():
         return None
     sigma = None
