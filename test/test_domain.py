@@ -230,3 +230,69 @@ def test_gentle_pairs_keep_the_other_draws_and_their_input_is_closer_to_the_targ
         pair = simulate_pair(40, "nucleus", gentle=flag, **kwargs)
         scores[flag] = ssim(metric_normalise(pair.input.astype(np.float32)), metric_normalise(pair.fused.astype(np.float32)))
     assert scores[True] > scores[False]
+
+
+def test_layout_and_shared_target_flags_draw_from_their_own_streams_and_leave_the_rest():
+    plain = draw_params(41, "nucleus", randomise=True)
+    both = draw_params(41, "nucleus", randomise=True, layouts=True, shared_target=True)
+    assert plain.layout is None and plain.shared_target is None
+    assert both.layout == dr.draw_layout(41) and 0.3 <= both.shared_target <= 1.0
+    assert (both.shape, both.photons, both.light_axis, both.domain) == (plain.shape, plain.photons, plain.light_axis, plain.domain)
+    with pytest.raises(ValueError, match="randomise"):
+        draw_params(41, "nucleus", layouts=True)
+
+
+def _layout(kind: str, **kw) -> dr.LayoutParams:
+    base = dict(kind=kind, centre_shift=(0.0, 0.0, 0.0), thickness_cells=1.5, sheet_axis=0, bend_um=0.0, clusters=3, cell_share=1.0)
+    return dr.LayoutParams(**(base | kw))
+
+
+def _grid(shape=(40, 80, 80), spacing=(1.0, 1.0, 1.0)):
+    return [((np.arange(n) - (n - 1) / 2) * s).reshape([-1 if a == i else 1 for a in range(3)]) for i, (n, s) in enumerate(zip(shape, spacing))]
+
+
+def test_layouts_put_the_tissue_where_their_names_say():
+    coords, half, semi, cell = _grid(), (19.5, 39.5, 39.5), (15.0, 30.0, 30.0), 8.0
+    rng = np.random.default_rng(0)
+    embryo = dr.tissue_distance(_layout("embryo"), coords, half, semi, cell, rng)
+    shell = dr.tissue_distance(_layout("shell"), coords, half, semi, cell, rng)
+    assert embryo[20, 40, 40] > 0 and shell[20, 40, 40] < 0  # a shell is hollow ...
+    assert shell[20, 40, 40 + 28] > 0 and embryo[0, 0, 0] < 0  # ... its tissue lies under the surface
+    shifted = dr.tissue_distance(_layout("embryo", centre_shift=(0.0, 0.0, 0.7)), coords, half, semi, cell, rng)
+    assert shifted[20, 40, 79] > 0 > shifted[20, 40, 5]  # off-centre, cut by the stack's face
+    sheet = dr.tissue_distance(_layout("sheet", sheet_axis=0), coords, half, semi, cell, rng)
+    assert (sheet > 0).any(axis=(1, 2)).sum() <= 13 and (sheet[20] > 0).all()  # thin along its normal, across the stack
+    assert (dr.tissue_distance(_layout("filled"), coords, half, semi, cell, rng) > 0).all()
+    clusters = dr.tissue_distance(_layout("clusters", clusters=4), coords, half, semi, cell, np.random.default_rng(3))
+    assert ndimage.label(clusters > 0)[1] >= 2
+
+
+def test_cells_are_placed_inside_the_layouts_tissue_and_sparse_layouts_hold_few():
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.4, 0.4), randomise=True, layouts=True, return_clean=True)
+    seen = set()
+    for seed in range(300000, 300040):
+        p = draw_params(seed, "nucleus", randomise=True, layouts=True)
+        if p.layout.kind in seen or p.layout.kind not in ("shell", "sheet", "sparse", "filled"):
+            continue
+        seen.add(p.layout.kind)
+        pair = simulate_pair(seed, "nucleus", **kwargs)
+        assert pair.clean.max() > 0, p.layout.kind
+        if p.layout.kind == "sparse":
+            assert pair.params.n_cells < 0.3 * dr.layout_cell_count(np.ones((24, 64, 64)), (1.5, 0.4, 0.4), p.cell_distance_um, dr.LayoutParams(**(vars(p.layout) | {"cell_share": 1.0})), np.random.default_rng(0)) + 4
+    assert len(seen) >= 3
+
+
+def test_share_input_view_is_the_input_where_its_view_has_all_the_weight_and_the_target_where_none():
+    target, view = np.zeros((2, 3, 3), np.float32), np.ones((2, 3, 3), np.float32)
+    weight = np.stack([np.ones((3, 3)), np.zeros((3, 3))]).astype(np.float32)
+    mixed = dr.share_input_view(target, view, weight, 1.0)
+    np.testing.assert_array_equal(mixed[0], 1.0) and np.testing.assert_array_equal(mixed[1], 0.0)
+    np.testing.assert_allclose(dr.share_input_view(target, view, weight, 0.4)[0], 0.4)
+
+
+def test_a_shared_target_carries_the_inputs_own_noise():
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True, photons=(200, 201))
+    plain, shared = simulate_pair(44, "nucleus", **kwargs), simulate_pair(44, "nucleus", shared_target=True, **kwargs)
+    np.testing.assert_array_equal(plain.input, shared.input)
+    close = [ssim(metric_normalise(p.input.astype(np.float32)), metric_normalise(p.fused.astype(np.float32))) for p in (plain, shared)]
+    assert close[1] > close[0] + 0.05

@@ -17,11 +17,17 @@ target's own blur). Camera side (``background=True``, stream ``[seed, 13]``, dra
 follow the specimen — stray light, autofluorescent medium — partly removed in the fused target).
 Degradation strength (``gentle=True``, stream ``[seed, 15]``): :func:`weaken` (transparent, thin
 specimens where the single view is nearly as good as the fusion: the networks must learn to leave
-them almost unchanged).
+them almost unchanged). Specimen layout (``layouts=True``, stream ``[seed, 16]``, drawn by
+:func:`draw_layout`): :func:`tissue_distance` (an embryo, a hollow shell, a bent sheet, several
+clusters, a field filled to the edges or a few scattered cells, off-centre and possibly cut by the
+stack) and :func:`layout_cell_count`. Target made of the acquired views (``shared_target=True``,
+stream ``[seed, 17]``): :func:`share_input_view` (where the input's view is the better one, a real
+fused stack *is* that acquisition, its noise and blur included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +132,105 @@ def weaken(mu_per_um: float, psf_growth: float, gt_axial_factor: float, rng: np.
     return mu_per_um * att, psf_growth * blur, float(max(gt_axial_factor, rng.uniform(0.85, 1.0)))
 
 
+LAYOUTS = ("embryo", "shell", "sheet", "clusters", "filled", "sparse")
+"""Specimen layouts of :func:`tissue_distance` (``embryo``: the simulator's one layout before)."""
+LAYOUT_P = (0.25, 0.15, 0.15, 0.15, 0.15, 0.15)
+
+
+@dataclass
+class LayoutParams:
+    """Where the tissue is in the stack (lengths in µm, shifts in units of the half extent)."""
+
+    kind: str  # one of LAYOUTS
+    centre_shift: tuple[float, float, float]  # embryo / shell centre off the stack centre (ZYX; ±1 = the stack's face)
+    thickness_cells: float  # shell and sheet thickness, in cell distances
+    sheet_axis: int  # the sheet's normal (ZYX)
+    bend_um: float  # amplitude of the sheet's bending
+    clusters: int  # number of clusters
+    cell_share: float  # share of the tissue's cells present (sparse: a few scattered cells)
+
+
+def draw_layout(seed: int) -> LayoutParams:
+    """The specimen-layout parameters of a pair, from the stream ``[seed, 16]`` (no other draw moves)."""
+    rng = np.random.default_rng([seed, 16])
+    kind = str(rng.choice(LAYOUTS, p=LAYOUT_P))
+    return LayoutParams(
+        kind=kind,
+        centre_shift=tuple(float(v) for v in rng.uniform(-0.7, 0.7, size=3)),  # type: ignore[arg-type]
+        thickness_cells=float(rng.uniform(1.0, 3.0)),
+        sheet_axis=int(rng.integers(3)),
+        bend_um=float(rng.uniform(0.0, 15.0)),
+        clusters=int(rng.integers(2, 7)),
+        cell_share=float(10 ** rng.uniform(np.log10(0.03), np.log10(0.25))) if kind == "sparse" else 1.0,
+    )
+
+
+def _ellipsoid_distance(coords: list[np.ndarray], centre: np.ndarray, semi: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (µm, > 0 inside) to the surface of an ellipsoid: (1 − r) × mean semi-axis."""
+    r = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, centre, semi)))
+    return ((1.0 - r) * float(np.mean(semi))).astype(np.float32)
+
+
+def tissue_distance(
+    layout: LayoutParams,
+    coords: list[np.ndarray],
+    half_um: tuple[float, float, float],
+    semi_um: tuple[float, float, float],
+    cell_distance_um: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Signed distance (µm, ZYX grid, > 0 inside the tissue) of the specimen's layout.
+
+    ``coords`` are the broadcastable ZYX coordinates of the grid (µm, centred), ``half_um`` the stack's
+    half extent, ``semi_um`` the embryo's semi-axes. ``embryo`` and ``sparse``: the ellipsoid, shifted
+    by ``centre_shift``; ``shell``: a hollow layer ``thickness_cells`` cell distances thick under its
+    surface; ``sheet``: a bent slab of that thickness across the stack; ``clusters``: several small
+    ellipsoids anywhere, possibly cut by the stack; ``filled``: tissue everywhere (no surface).
+    """
+    half, semi = np.asarray(half_um), np.asarray(semi_um)
+    centre = np.asarray(layout.centre_shift) * half
+    thickness = layout.thickness_cells * cell_distance_um
+    shape = tuple(int(np.broadcast_shapes(*(c.shape for c in coords))[a]) for a in range(3))
+    if layout.kind == "filled":
+        return np.full(shape, 4.0 * cell_distance_um, dtype=np.float32)
+    if layout.kind in ("embryo", "sparse"):
+        return np.broadcast_to(_ellipsoid_distance(coords, centre, semi), shape).astype(np.float32)
+    if layout.kind == "shell":
+        outer = _ellipsoid_distance(coords, centre, np.maximum(semi, thickness * 1.5))
+        return np.broadcast_to(thickness / 2 - np.abs(outer - thickness / 2), shape).astype(np.float32)
+    if layout.kind == "sheet":
+        a = layout.sheet_axis
+        bend = layout.bend_um * field_on_grid(smooth_field(rng, 4), shape)
+        return (thickness / 2 - np.abs(coords[a] - centre[a] - bend)).astype(np.float32)
+    distance = np.full(shape, -np.inf, dtype=np.float32)
+    for _ in range(layout.clusters):  # clusters
+        c = rng.uniform(-0.9, 0.9, size=3) * half
+        axes = np.maximum(half * rng.uniform(0.15, 0.4, size=3), cell_distance_um)
+        np.maximum(distance, _ellipsoid_distance(coords, c, axes), out=distance)
+    return distance
+
+
+def layout_cell_count(tissue: np.ndarray, spacing: tuple[float, float, float], cell_distance_um: float, layout: LayoutParams, rng: np.random.Generator) -> int:
+    """Cells to place in a layout's tissue (ZYX density in [0, 1]): its volume over a cell's, × ``cell_share``."""
+    volume_um3 = float(tissue.sum()) * float(np.prod(spacing))
+    return int(np.clip(volume_um3 / cell_distance_um**3 * rng.uniform(0.5, 0.9) * layout.cell_share, 4, 3000))
+
+
+def share_input_view(
+    target: np.ndarray, view: np.ndarray, input_weight: np.ndarray, share: float
+) -> np.ndarray:
+    """The fused target when it is made of the acquired views, the input's among them (float32, ZYX).
+
+    ``target`` and ``view`` are the target and the acquired input in the same signal units (noise
+    included), ``input_weight`` (ZYX, 0..1) the fusion's weight of the input's view, ``share`` (0..1)
+    how much of that weight is the acquisition itself rather than a better (deconvolved, re-acquired)
+    estimate: target · (1 − s·w) + view · s·w. Where the input's view is the better one, the real
+    ground truth carries the input's very noise and blur: denoising it there costs SSIM.
+    """
+    mix = (np.float32(share) * input_weight).astype(np.float32)
+    return (target * (1.0 - mix) + view * mix).astype(np.float32)
+
+
 # --- specimen -------------------------------------------------------------------------------
 
 
@@ -165,8 +270,13 @@ def variable_cell_centres(
     density_contrast: float,
     density_bias: float,
     rng: np.random.Generator,
+    inside: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """((N, 3) centres in µm inside the ellipsoid ``semi_um``, (N,) local size factors).
+
+    With ``inside`` ((M, 3) ZYX points in µm → (M,) bool: the tissue of a :func:`tissue_distance`
+    layout) candidates are drawn over the whole stack and kept where ``inside`` says so, instead of
+    inside the ellipsoid (the ellipsoid's draws are unchanged without it).
 
     The local size factor is exp(size_variation · scale_field) (varied cell size); a candidate is
     kept with probability expit(density_contrast · density_field + density_bias) (dense and sparse
@@ -180,7 +290,7 @@ def variable_cell_centres(
     count = 0
     for _ in range(60):
         cand = rng.uniform(-1, 1, size=(4 * n_cells, 3))
-        cand = cand[(cand**2).sum(1) < 0.92] * semi
+        cand = cand[(cand**2).sum(1) < 0.92] * semi if inside is None else (cand * half)[inside(cand * half)]
         if not len(cand):
             continue
         norm = cand / half

@@ -43,7 +43,7 @@ from scipy.special import expit
 from fusemycells.io.tiff import Volume, write_volume
 
 from . import domain as dr
-from .domain import BackgroundParams, DomainParams
+from .domain import BackgroundParams, DomainParams, LayoutParams
 
 log = logging.getLogger("training.simulate")
 
@@ -90,6 +90,8 @@ class SimParams:
     extra: dict[str, Any] = field(default_factory=dict)
     domain: DomainParams | None = None  # domain randomisation (training/domain.py); None = the v2 simulator
     background: BackgroundParams | None = None  # additive background (training/domain.py); None = camera offset only
+    layout: LayoutParams | None = None  # specimen layout (training/domain.py); None = the centred embryo
+    shared_target: float | None = None  # share of the input's acquisition in the target where its view is the better one; None = independent target
 
     def entry_at_start(self, axis: int) -> bool:
         """Whether the light enters at index 0 of ``axis`` in the *written* (flipped) arrays."""
@@ -118,6 +120,8 @@ def draw_params(
     randomise: bool = False,
     background: bool = False,
     gentle: bool = False,
+    layouts: bool = False,
+    shared_target: bool = False,
 ) -> SimParams:
     """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose).
 
@@ -126,7 +130,10 @@ def draw_params(
     adds the domain-randomisation parameters (:func:`training.domain.draw_domain`, stream
     ``[seed, 11]``; every other parameter is drawn as without it); ``background`` the additive
     background's (:func:`training.domain.draw_background`, stream ``[seed, 13]``); ``gentle`` weakens
-    the degradation (:func:`training.domain.weaken`, stream ``[seed, 15]``: a near-identity pair).
+    the degradation (:func:`training.domain.weaken`, stream ``[seed, 15]``: a near-identity pair);
+    ``layouts`` the specimen's layout (:func:`training.domain.draw_layout`, stream ``[seed, 16]``;
+    needs ``randomise``); ``shared_target`` the input acquisition's share in the target (stream
+    ``[seed, 17]``, :func:`training.domain.share_input_view`).
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
@@ -172,7 +179,11 @@ def draw_params(
         gt_axial_factor=gt_axial_factor if sharpen_gt else 1.0,
         domain=dr.draw_domain(seed) if randomise else None,
         background=dr.draw_background(seed) if background else None,
+        layout=dr.draw_layout(seed) if layouts else None,
+        shared_target=float(np.random.default_rng([seed, 17]).uniform(0.3, 1.0)) if shared_target else None,
     )
+    if layouts and not randomise:
+        raise ValueError("specimen layouts need domain randomisation (randomise=True)")
     if gentle:
         params.mu_per_um, params.psf_growth, factor = dr.weaken(params.mu_per_um, params.psf_growth, params.gt_axial_factor, np.random.default_rng([seed, 15]))
         params.gt_axial_factor = factor if sharpen_gt else 1.0
@@ -256,6 +267,17 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return label.astype(np.float32), tissue
 
 
+def _tissue_lookup(tissue: np.ndarray, spacing: tuple[float, float, float]) -> Any:
+    """(M, 3) ZYX points in µm (centred on the stack) → (M,) bool: inside the tissue (nearest voxel > 0.5)."""
+    shape = np.asarray(tissue.shape)
+
+    def inside(points: np.ndarray) -> np.ndarray:
+        idx = np.clip(np.rint(points / np.asarray(spacing) + (shape - 1) / 2).astype(int), 0, shape - 1)
+        return tissue[idx[:, 0], idx[:, 1], idx[:, 2]] > 0.5
+
+    return inside
+
+
 def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """:func:`specimen` with domain randomisation (``p.domain``): (label, tissue), float32 ZYX in [0, ~3].
 
@@ -271,10 +293,18 @@ def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndar
     semi = p.semi_axes_um
     level = (z / semi[0]) ** 2 + (y / semi[1]) ** 2 + (x / semi[2]) ** 2
     level = level / np.clip(1.0 + d.embryo_irregularity * dr.field_on_grid(dr.smooth_field(rng), shape), 0.5, None) ** 2
-    tissue = expit((1.0 - level) * 25.0).astype(np.float32)
+    inside = None
+    if p.layout is None:
+        tissue = expit((1.0 - level) * 25.0).astype(np.float32)
+        surface_um = np.abs(np.sqrt(level) - 1.0) * float(np.mean(semi))
+    else:
+        distance = dr.tissue_distance(p.layout, [z, y, x], half, semi, p.cell_distance_um, rng)
+        tissue, surface_um = expit(distance / 1.0).astype(np.float32), np.abs(distance)
+        p.n_cells = dr.layout_cell_count(tissue, spacing, p.cell_distance_um, p.layout, rng)
+        inside = _tissue_lookup(tissue, spacing)
     centres, scales = dr.variable_cell_centres(
         semi, half, p.n_cells, p.cell_distance_um, d.min_distance_fraction, dr.smooth_field(rng), d.size_variation,
-        dr.smooth_field(rng), d.density_contrast, d.density_bias, rng,
+        dr.smooth_field(rng), d.density_contrast, d.density_bias, rng, inside,
     )
     label = np.zeros(shape, dtype=np.float32)
     if p.channel == "nucleus" and len(centres):
@@ -313,7 +343,6 @@ def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndar
         face_brightness = np.sqrt(face[idx[:, 0]] * face[idx[:, 1]]).reshape(shape)
         label = dr.membrane_profile(gap, d.membrane_thickness_um) * face_brightness
         del coords, dist, idx, gap, face_brightness
-        surface_um = np.abs(np.sqrt(level) - 1.0) * float(np.mean(semi))
         label = np.maximum(label * tissue, 1.3 * dr.membrane_profile(surface_um, d.membrane_thickness_um)).astype(np.float32)
         label *= np.clip(1.0 + 0.3 * dr.unit_noise(shape, tuple(float(np.clip(0.8 / s, 0.3, 4)) for s in spacing), rng), 0.2, None)
     label *= tissue
@@ -401,6 +430,8 @@ def simulate_pair(
     randomise: bool = False,
     background: bool = False,
     gentle: bool = False,
+    layouts: bool = False,
+    shared_target: bool = False,
 ) -> SimulatedPair:
     """Simulate one (single view, fused) pair; deterministic in ``seed``.
 
@@ -415,9 +446,11 @@ def simulate_pair(
     ``background`` adds a smooth additive background (:func:`training.domain.background_field`,
     its own stream ``[seed, 14]``) to the view before the camera, and a share of it to the target;
     without it the arrays are unchanged. ``gentle`` weakens the degradation (near-identity pair,
-    :func:`training.domain.weaken`).
+    :func:`training.domain.weaken`). ``layouts`` draws the specimen's layout (:func:`training.domain.tissue_distance`),
+    ``shared_target`` makes the target partly the acquired input where its view is the better one
+    (:func:`training.domain.share_input_view`); without them the arrays are unchanged.
     """
-    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise, background, gentle)
+    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise, background, gentle, layouts, shared_target)
     if photons is not None:
         p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
@@ -444,6 +477,10 @@ def simulate_pair(
     if d is not None:
         bottom = dr.misregister(bottom, d.gt_view_shift_um, p.spacing)
     fused = fuse_views(top, bottom, tau_top, tau_bottom)
+    input_weight = None
+    if p.shared_target is not None:  # the fusion's weight of the input's view (fuse_views' weights)
+        w_top = expit((tau_bottom - tau_top) * 6.0).astype(np.float32)
+        input_weight = w_top if p.side == "top" else 1.0 - w_top
     del tau_top, tau_bottom
     if p.gt_axial_factor == 1.0 and d is None:
         single = top if p.side == "top" else bottom
@@ -465,6 +502,11 @@ def simulate_pair(
         single, fused = single + field_, fused + b.target_fraction * field_
     inp = acquire(single, p.photons, p.offset, p.read_noise, rng)
     gt = acquire(fused, p.photons * p.gt_photon_factor, p.offset, p.read_noise, rng)
+    if input_weight is not None and p.shared_target is not None:
+        gt_gain = p.photons * p.gt_photon_factor
+        view = (inp.astype(np.float32) - p.offset) / p.photons
+        target = dr.share_input_view((gt.astype(np.float32) - p.offset) / gt_gain, view, input_weight, p.shared_target)
+        gt = np.clip(np.round(target * gt_gain + p.offset), 0, 65535).astype(np.uint16)
     clean = (label * scale).astype(np.float32) if return_clean else None
     flips = tuple(a for a, f in ((1, p.flip_y), (2, p.flip_x)) if f)
     if flips:
@@ -497,13 +539,16 @@ def write_dataset(
     randomise: bool = False,
     background: bool = False,
     gentle: bool = False,
+    layouts: bool = False,
+    shared_target: bool = False,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
     Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
     offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
     also written to ``params.json``. ``shape`` (ZYX voxels) fixes the stack size; default random.
-    ``randomise`` switches on domain randomisation, ``background`` the additive background, ``gentle`` weak degradation (:func:`simulate_pair`).
+    ``randomise`` switches on domain randomisation, ``background`` the additive background, ``gentle`` weak degradation,
+    ``layouts`` specimen layouts, ``shared_target`` targets made of the acquired views (:func:`simulate_pair`).
     """
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -513,7 +558,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise, background=background, gentle=gentle)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise, background=background, gentle=gentle, layouts=layouts, shared_target=shared_target)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -535,10 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--randomise", action="store_true", help="domain randomisation (training/domain.py): wider morphology, light-sheet artefacts, misregistration, target blur")
     parser.add_argument("--background", action="store_true", help="smooth additive background (stray light, medium) in the view, partly in the target (training/domain.py)")
     parser.add_argument("--gentle", action="store_true", help="weakly degraded pairs (near-identity: little attenuation and blur growth, target barely sharper; training/domain.py)")
+    parser.add_argument("--layouts", action="store_true", help="specimen layouts (needs --randomise): embryo, hollow shell, bent sheet, clusters, filled field, scattered cells, off-centre and cut (training/domain.py)")
+    parser.add_argument("--shared-target", action="store_true", help="the target is partly the acquired input where its view is the better one, as in a fusion of the acquired views (training/domain.py)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise, args.background, args.gentle)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise, args.background, args.gentle, args.layouts, args.shared_target)
     return 0
 
 
