@@ -104,6 +104,26 @@ def test_the_guard_ships_networks_off_when_the_fit_does_not_hold_on_unseen_famil
     assert cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0).policy == cal.OFF
 
 
+def test_a_constant_factor_ships_when_threshold_rules_overfit_but_the_constant_holds_on_unseen_families() -> None:
+    # every case gains a little at ¼; in a-c the full correction also pays where hf is low, in d it harms there
+    # and only d's noise tells its cases apart (as in the guard test above): thresholds fitted without d lose on
+    # d, the constant ¼ gains in every family
+    def row(fam: str, hf: float, full: float, quarter: float, noise: float = 0.02) -> dict:
+        scores = {"none@0": 0.3, "none@0.25": 0.3 + quarter, "none@0.5": 0.3 + full / 2, "none@1": 0.3 + full}
+        return {"set": fam, "channel": "membrane", "signals": {"hf": hf, "noise": noise}, "old_gate": 1.0, "n_ssim": scores}
+
+    rows = [row(f, hf, 0.3, 0.04) for f in "abc" for hf in (0.1, 0.2)] + [row(f, 0.8, -0.2, 0.01) for f in "abc"]
+    rows += [row("d", hf, -0.3, 0.03, 0.08) for hf in (0.1, 0.2)] + [row("d", 0.15, 0.3, 0.04)]
+    plain = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
+    assert plain.fitted.conditions and plain.loso()[1] < 0  # the threshold rule loses on d when d is held out
+    guarded = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert guarded.policy == cal.Policy("none@0.25", ()) and guarded.policy.describe().endswith("(constant)")
+    for fam, (policy, _) in guarded.held_out.items():  # each family is scored by the ladder run without it
+        assert policy == cal.procedure([r for r in rows if r["set"] != fam], SEARCH, margin=0.03, buffer=0.0)
+    assert guarded.held_out["d"][0].conditions  # without d nothing speaks against the thresholds: honest, d loses
+    assert cal.procedure(rows, cal.Search(keys=KEYS, signals=("noise", "hf"), max_conditions=0), margin=0.03, buffer=0.0) == guarded.policy
+
+
 def test_a_threshold_that_only_just_separates_the_cases_is_refused_by_the_buffer() -> None:
     rows = [_row("a", 0.20, 0.2), _row("a", 0.21, -0.3), _row("a", 0.9, -0.3), _row("a", 0.05, 0.2)]
     assert cal.fit(rows, SEARCH, margin=0.03, buffer=0.0).conditions[0].threshold == pytest.approx(0.205)

@@ -11,8 +11,8 @@ names and case counts are read; without it the provenance records each set's num
 
 Per channel :func:`calibrate` runs :func:`training.trust_calibration.leave_one_family_out` (policies
 of up to two conditions on :data:`SEARCH_SIGNALS`, factors :data:`TRUST_KEYS`, priors
-:data:`DIRECTIONS` and noise ≥ :data:`CLEAN_NOISE`; the fitted policy ships only if it holds on
-families it did not see), prints the decision table under both SSIM conventions (``--table`` writes
+:data:`DIRECTIONS` and noise ≥ :data:`CLEAN_NOISE`; a policy ships only if its rule level holds on
+families it did not see: two conditions, else one, else a constant factor, else networks off), prints the decision table under both SSIM conventions (``--table`` writes
 it: docs/quality_table.md) and ``--write-manifest`` writes the policies into ``channels.<ch>.trust``
 and ``provenance.trust_calibration``, keeping everything else. New weights: rerun the study with their
 ``--resources``, then this with the same ``--resources`` (docs/quality.md gives both commands).
@@ -148,7 +148,7 @@ def report_calibration(rows: Sequence[Row], chosen: dict[str, cal.Calibration]) 
         print(f"\n{channel}: shipped policy: {calibration.policy.describe()}")
         kept = calibration.fitted == calibration.policy
         print(f"  fitted on every family: {calibration.fitted.describe()}" + (
-            "" if kept else " (not shipped: its leave-one-family-out figures below do not hold)"))
+            "" if kept else " (not shipped: its leave-one-family-out figures do not hold; the ladder ships the shipped policy above)"))
         print(
             f"  in-sample gain over networks off: mean of families {mean:+.4f}, worst family {worst_family:+.4f}, "
             f"worst case {worst_case:+.3f}; trusted {trusted}/{len(mine)}"

@@ -13,14 +13,16 @@ the one with the best mean benefit over networks off (families weighted equally)
 there: no case more than ``margin`` below networks off and no family below it in the mean, also with
 every threshold moved ``buffer`` standard deviations of its signal towards trusting more.
 :func:`leave_one_family_out` fits without each family in turn and scores that family, an honest
-estimate of what the policy does on a family it never saw; the shipped policy is :func:`fit` on all.
+estimate of what the policy does on a family it never saw. What ships is :func:`procedure`'s: the fit on
+all families at the most expressive rule level (two conditions, one, a constant factor) whose held-out
+figures hold, else networks off.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -297,30 +299,44 @@ def _plain_loso(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: 
     return leave_one_family_out(rows, search, guard=False, min_gain=min_gain, **kwargs).loso()
 
 
+def procedure(rows: Sequence[Row], search: Search, min_gain: float = 0.002, **kwargs: Any) -> Policy:
+    """What ships from ``rows``: :func:`fit` at the most expressive level of ``search`` whose
+    leave-one-family-out figures on ``rows`` hold (held-out mean gain ≥ ``min_gain``, no held-out family
+    below networks off in the mean, no held-out case more than ``margin`` below it), trying
+    ``search.max_conditions`` conditions, then fewer, down to a constant factor; else :data:`OFF`.
+
+    Few cases per family make thresholds on signals overfit where a constant factor still generalises:
+    the simpler rule is tried before giving up on the networks.
+    """
+    margin = kwargs.get("margin", 0.03)
+    for conditions in range(search.max_conditions, -1, -1):
+        level = replace(search, max_conditions=conditions)
+        plain = leave_one_family_out(rows, level, guard=False, min_gain=min_gain, **kwargs)
+        mean, worst_family, worst_case = plain.loso()
+        if plain.fitted != OFF and mean >= min_gain and worst_family >= 0.0 and worst_case >= -margin:
+            return plain.fitted
+    return OFF
+
+
 def leave_one_family_out(
     rows: Sequence[Row], search: Search, guard: bool = True, min_gain: float = 0.002, nested: bool = True, **kwargs: Any
 ) -> Calibration:
-    """:func:`fit` on all rows, and per family the policy the whole procedure gives without it and its
-    gains on it (with ``guard`` and ``nested``: the guarded procedure itself run on the other families,
-    so the held-out figures are those of what would ship without the family).
+    """:func:`fit` on all rows, and per family the policy fitted without it and its gains on it.
 
-    With ``guard`` the fitted policy ships only when the procedure holds up on families it did not see:
-    held-out mean gain (families weighted equally) ≥ ``min_gain``, no held-out family below networks off
-    in the mean and no held-out case more than ``margin`` (kwargs, default 0.03) below it; else networks
-    off (:data:`OFF`).
+    With ``guard`` the policy that ships is :func:`procedure`'s (the most expressive rule level that holds
+    up on families it did not see, else networks off); with ``guard`` and ``nested`` each family's
+    held-out policy is :func:`procedure` run without it, so the held-out figures are those of what
+    would ship without the family. ``fitted`` is always :func:`fit` at the search's full level.
     """
     fitted = fit(rows, search, min_gain=min_gain, **kwargs)
-    out = Calibration(fitted, fitted=fitted)
+    out = Calibration(procedure(rows, search, min_gain, **kwargs) if guard else fitted, fitted=fitted)
     scores = kwargs.get("scores", "n_ssim")
     for fam in sorted({family_of(r["set"]) for r in rows}):
         train = [r for r in rows if family_of(r["set"]) != fam]
         held = [r for r in rows if family_of(r["set"]) == fam]
         if guard and nested:
-            policy = leave_one_family_out(train, search, guard=True, min_gain=min_gain, nested=False, **kwargs).policy
+            policy = procedure(train, search, min_gain, **kwargs)
         else:
             policy = fit(train, search, min_gain=min_gain, **kwargs)
         out.held_out[fam] = (policy, benefits(held, policy, scores))
-    mean, worst_family, worst_case = out.loso() if not (guard and nested) else _plain_loso(rows, search, min_gain, **kwargs)
-    if guard and (mean < min_gain or worst_family < 0.0 or worst_case < -kwargs.get("margin", 0.03)):
-        out.policy = OFF
     return out
