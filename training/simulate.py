@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ LIGHT_AXES = (0, 1, 2)  # Z, Y, X
 LIGHT_AXIS_P = (0.4, 0.3, 0.3)
 PHOTONS = (30.0, 30000.0)  # photons at a bright voxel (log-uniform)
 SEMI_AXES_FRACTION = (0.4, 1.3)  # embryo semi-axes / half the stack extent
+LAYOUT_EDGE_UM = 1.0  # width of a layout's tissue edge (the logistic's scale, µm); the centred embryo keeps its own
 GT_AXIAL_FACTOR = (0.5, 1.0)  # axial-ratio factor of the fused views (fusion sharpens Z)
 
 
@@ -267,7 +269,7 @@ def specimen(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return label.astype(np.float32), tissue
 
 
-def _tissue_lookup(tissue: np.ndarray, spacing: tuple[float, float, float]) -> Any:
+def _tissue_lookup(tissue: np.ndarray, spacing: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndarray]:
     """(M, 3) ZYX points in µm (centred on the stack) → (M,) bool: inside the tissue (nearest voxel > 0.5)."""
     shape = np.asarray(tissue.shape)
 
@@ -281,7 +283,8 @@ def _tissue_lookup(tissue: np.ndarray, spacing: tuple[float, float, float]) -> A
 def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """:func:`specimen` with domain randomisation (``p.domain``): (label, tissue), float32 ZYX in [0, ~3].
 
-    Irregular embryo outline; cells of varied size in dense and sparse regions; rotated, irregular,
+    Irregular embryo outline (with ``p.layout``: the layout's tissue instead, :func:`training.domain.tissue_distance`,
+    cells only inside it); cells of varied size in dense and sparse regions; rotated, irregular,
     possibly touching nuclei with chromatin granules and nucleoli; membranes of real thickness
     (plateau profile) whose faces differ in brightness.
     """
@@ -299,7 +302,7 @@ def specimen_randomised(p: SimParams, rng: np.random.Generator) -> tuple[np.ndar
         surface_um = np.abs(np.sqrt(level) - 1.0) * float(np.mean(semi))
     else:
         distance = dr.tissue_distance(p.layout, [z, y, x], half, semi, p.cell_distance_um, rng)
-        tissue, surface_um = expit(distance / 1.0).astype(np.float32), np.abs(distance)
+        tissue, surface_um = expit(distance / LAYOUT_EDGE_UM).astype(np.float32), np.abs(distance)
         p.n_cells = dr.layout_cell_count(tissue, spacing, p.cell_distance_um, p.layout, rng)
         inside = _tissue_lookup(tissue, spacing)
     centres, scales = dr.variable_cell_centres(
