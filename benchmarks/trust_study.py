@@ -73,10 +73,10 @@ INPUT_DIR = "images/fluorescence-lightsheet-3D-microscopy"
 GT_DIR = "ground-truth"
 GATES = (0.0, 0.25, 0.5, 1.0)
 REGIONS = ("none", "agreement")
-SCORED = ("none@0.25", "agreement@0.25", "none@0.5", "none@1")
+SCORED = ("none@0.25", "agreement@0.25", "none@0.5", "agreement@0.5", "none@1", "agreement@1")
 """The (region, gate) outputs scored per case besides networks off ('none@0')."""
 CACHE_VERSION = 2
-ROW_VERSION = 3
+ROW_VERSION = 4  # 4: agreement@0.5 and agreement@1 scored too
 SIGNALS_VERSION = 3  # bump when fusemycells.trust.case_signals changes: cached rows remeasure their signals
 
 

@@ -53,6 +53,8 @@ CASE_UNITS = {
     "trust.signals": "dimensionless ratios and correlations (fusemycells.trust)",
     "trust.rules": "factor 0 to 1 per rule",
     "trust.seconds": "seconds (wall clock) per part of the trust decision",
+    "trust.region_mean": "factor 0 to 1: mean of the region factor (agreement map) over the diff grid",
+    "trust.region_below_half": "fraction (0 to 1) of the diff grid's cells whose region factor is below 0.5",
     "stages.patch.patches": "patches (network inputs of patch_size voxels on H)",
     "stages.patch.patch_grid": "patches per axis, (Z, Y, X)",
     "stages.patch.overlap": "fraction of the patch size shared by neighbouring patches",

@@ -213,7 +213,7 @@ class TrustDecision:
         }
         if self.region is not None:
             entry["region_mean"] = round(float(self.region.mean()), 4)
-            entry["region_below_0.5"] = round(float((self.region < 0.5).mean()), 4)
+            entry["region_below_half"] = round(float((self.region < 0.5).mean()), 4)
         return entry
 
 

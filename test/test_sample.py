@@ -18,8 +18,8 @@ from fusemycells.io.tiff import read_volume
 N_SSIM_FLOOR = {"nucleus": -1e-3, "membrane": 0.45}
 """Lowest N-SSIM accepted on the bundled sample, per channel, for the shipped container as it is (weights,
 manifest, per-case trust): +0.000 (nucleus: the calibrated trust keeps the nucleus networks off and the clean
-sample gets no output filter, so the output is the normalised input: never below it) and +0.514 (membrane:
-v4c weights, the trust's factor ½) when this floor was set (test/SAMPLE.md). A bug that degrades the output
+sample gets no output filter, so the output is the normalised input: never below it) and +0.515 (membrane:
+v4c weights, the trust's factor ½ in the stages' agreement regions) when this floor was set (test/SAMPLE.md). A bug that degrades the output
 fails here."""
 NETWORK_FLOOR = {"nucleus": 0.10, "membrane": 0.45}
 """Lowest N-SSIM accepted on the bundled sample with the shipped weights at the manifest's constant gate (trust

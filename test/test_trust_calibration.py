@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,13 +190,25 @@ def test_degradation_signals_see_depth_dependent_blur_along_any_axis_and_not_on_
         assert signals["hf"] < flat["hf"], axis
 
 
-@pytest.mark.parametrize("channel", ["nucleus", "membrane"])
-def test_the_shipped_trust_never_corrects_a_clean_stack_whatever_its_other_signals_say(channel: str) -> None:
+def test_the_shipped_trust_never_corrects_a_clean_stack_where_it_was_calibrated_with_the_clean_prior() -> None:
+    """Channels calibrated with the clean-stack prior (provenance ``clean_noise`` > 0: nuclei) never correct a
+    stack below that noise, whatever its other signals say. (Membranes were calibrated without it since v4c:
+    their rule fitted without the near-identity family gains there; docs/quality.md.)"""
+    import json
+
+    from fusemycells.config import DEFAULT_RESOURCES, MANIFEST_NAME, load_manifest
+
+    record = json.loads((DEFAULT_RESOURCES / MANIFEST_NAME).read_text())["provenance"]["trust_calibration"]
+    with_prior = [ch for ch, level in record["clean_noise"].items() if level > 0]
+    assert "nucleus" in with_prior and all(record["clean_noise"][ch] >= 0.010 for ch in with_prior)
+    for channel in with_prior:
+        _never_corrects_clean(load_manifest(DEFAULT_RESOURCES).channel(channel).trust)
+
+
+def _never_corrects_clean(spec: Any) -> None:
+    """Factor 0 at every noise below 0.010 for any combination of the other signals (0, 1.2, 50)."""
     import itertools
 
-    from fusemycells.config import DEFAULT_RESOURCES, load_manifest
-
-    spec = load_manifest(DEFAULT_RESOURCES).channel(channel).trust
     assert spec.mode == "case"
     rules = dict(spec.rules)
     grid = {name: (0.0, 1.2, 50.0) for name in trust.SIGNALS if name != "noise"}
@@ -250,7 +263,8 @@ def _study_row(set_name: str, channel: str, hf: float, gain: float, noise: float
     row = _row(set_name, hf, gain, noise)
     from training.calibrate_trust import SEARCH_SIGNALS
 
-    scores = row["n_ssim"] | {"agreement@0.25": row["n_ssim"]["none@0.25"], "gaussian": 0.2}
+    n = row["n_ssim"]
+    scores = n | {"agreement@0.25": n["none@0.25"], "agreement@0.5": n["none@0.5"], "gaussian": 0.2}
     signals = dict.fromkeys(SEARCH_SIGNALS, 1.0) | row["signals"]  # the others say nothing
     return row | {"channel": channel, "signals": signals, "n_ssim": scores, "n_ssim_gaussian_window": dict(scores)}
 
@@ -288,3 +302,32 @@ def test_the_calibration_writes_only_the_trust_blocks_and_their_record_into_the_
     before["provenance"].pop("trust_calibration", None)
     assert after == before  # the membrane channel (no rows), the stages, the knobs: all as they were
     assert "| ours | nucleus | 4 |" in (tmp_path / "t.md").read_text() and "shipped policy: factor 0.5" in capsys.readouterr().out
+
+
+def test_the_clean_stack_prior_can_be_lifted_for_one_channel_only(fixture_resources: Path, tmp_path: Path) -> None:
+    """``--no-clean-prior membrane``: clean membrane stacks (noise below CLEAN_NOISE) where the correction helps
+    may be trusted; nuclei keep the prior (never corrected below it), and the record says which."""
+    import json
+    import shutil
+
+    from fusemycells.config import load_manifest
+    from training import calibrate_trust
+
+    rows = [
+        _study_row(fam, channel, 0.1, 0.2, noise)
+        for fam in ("ours800", "xc31337", "near", "organoid")
+        for channel in ("nucleus", "membrane")
+        for noise in (0.004, 0.006, 0.05)
+    ]
+    resources = tmp_path / "res"
+    shutil.copytree(fixture_resources, resources)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    args = ["--rows", str(tmp_path / "rows.json"), "--resources", str(resources), "--write-manifest", str(resources)]
+    assert calibrate_trust.main([*args, "--no-clean-prior", "membrane"]) == 0
+    record = json.loads((resources / "manifest.json").read_text())["provenance"]["trust_calibration"]
+    assert record["clean_noise"] == {"membrane": 0.0, "nucleus": calibrate_trust.CLEAN_NOISE}
+    manifest = load_manifest(resources)
+    clean = {"noise": 0.004, "hf": 0.1}
+    assert trust.case_factor(clean, dict(manifest.channel("membrane").trust.rules))[0] > 0  # trusted when clean
+    assert trust.case_factor(clean, dict(manifest.channel("nucleus").trust.rules))[0] == 0.0  # never when clean
+    assert trust.case_factor(clean | {"noise": 0.05}, dict(manifest.channel("nucleus").trust.rules))[0] > 0

@@ -37,8 +37,9 @@ Row = dict[str, Any]
 SEARCH_SIGNALS = ("noise", "corr_to_noise", "s12_corr", "s12_ratio", "corr_rel", "hf", "asym")
 """Signals the calibration may use: those without extra network forwards (the flip signals cost
 forwards and did not predict the benefit, docs/quality.md)."""
-TRUST_KEYS = ("none@0.25", "agreement@0.25", "none@0.5")
-"""Factors a calibrated policy may give (mildest first: ties go to them): at most ½. Full weight is
+TRUST_KEYS = ("none@0.25", "agreement@0.25", "agreement@0.5", "none@0.5")
+"""Factors a calibrated policy may give (mildest first: ties go to them): at most ½, over the whole stack or
+times the stages' agreement map (``agreement``: the region-wise trust; ½ added with the v4c weights). Full weight is
 scored for the table but not offered: v3 at full weight collapses on whole families (the independent
 simulator's nuclei, near-identity stacks at −5 to −30), and with a handful of cases per family a
 threshold that lets one such case through costs far more than a ½ factor gains (measured: leave one
@@ -237,13 +238,14 @@ def recorded_sets(rows: Sequence[Row], sets: dict[str, tuple[Path, int | None]] 
 def run(
     rows: Sequence[Row], resources: Path, sets: dict[str, tuple[Path, int | None]] | None = None,
     margin: float = 0.03, buffer: float = 0.25, clean_noise: float | None = CLEAN_NOISE,
+    without_prior: Sequence[str] = (),
     table: Path | None = None, manifest: Path | None = None,
 ) -> dict[str, cal.Calibration]:
     """Calibrate every channel of ``rows`` for the networks of ``resources`` (``clean_noise`` None: no
-    clean-stack prior), print the report, write the decision table to ``table`` and the policies into
+    clean-stack prior for any channel; ``without_prior``: the channels calibrated without it), print the report, write the decision table to ``table`` and the policies into
     ``manifest`` (a manifest file or a folder holding one) when given; returns the calibrations."""
     shipped = load_manifest(resources)
-    clean = {ch: (clean_noise if clean_noise is not None else 0.0) for ch in shipped.channels}
+    clean = {ch: (clean_noise if clean_noise is not None and ch not in without_prior else 0.0) for ch in shipped.channels}
     chosen = calibrate_channels(rows, margin, buffer, clean)
     report_calibration(rows, chosen)
     other = {ch: c.policy for ch, c in calibrate_channels(rows, margin, buffer, clean, "n_ssim_gaussian_window").items()}
@@ -269,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer", type=float, default=0.25, help="threshold shift (signal σ) that must stay safe")
     parser.add_argument("--clean-noise", type=float, default=CLEAN_NOISE, help="noise below which a stack is clean")
     parser.add_argument(
-        "--no-clean-prior", dest="clean_prior", action="store_false",
-        help="let the calibration trust stacks below the σ floor's noise (default: never)",
+        "--no-clean-prior", nargs="*", metavar="CHANNEL", default=None,
+        help="let the calibration trust stacks below the σ floor's noise for these channels (none named: every "
+        "channel; default: never)",
     )
     parser.add_argument("--table", type=Path, default=None, help="write the decision table (markdown) here")
     parser.add_argument("--write-manifest", type=Path, default=None, help="write the chosen policies into this manifest")
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.rows}: no rows")
     run(
         rows, args.resources, parse_sets(args.set) if args.set else None, args.margin, args.buffer,
-        args.clean_noise if args.clean_prior else None, args.table, args.write_manifest,
+        clean_noise=args.clean_noise if args.no_clean_prior != [] else None, without_prior=args.no_clean_prior or (),
+        table=args.table, manifest=args.write_manifest,
     )
     return 0
 
