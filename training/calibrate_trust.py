@@ -11,8 +11,9 @@ names and case counts are read; without it the provenance records each set's num
 
 Per channel :func:`calibrate` runs :func:`training.trust_calibration.leave_one_family_out` (policies
 of up to two conditions on :data:`SEARCH_SIGNALS`, factors :data:`TRUST_KEYS`, priors
-:data:`DIRECTIONS` and noise ≥ :data:`CLEAN_NOISE`; a policy ships only if its rule level holds on
-families it did not see: two conditions, else one, else a constant factor, else networks off), prints the decision table under both SSIM conventions (``--table`` writes
+:data:`DIRECTIONS` and noise ≥ :data:`CLEAN_NOISE` unless ``--no-clean-prior`` names the channel; a policy
+ships only if its rule level holds on families it did not see: two conditions, else one, else a constant
+factor, else networks off), prints the decision table under both SSIM conventions (``--table`` writes
 it: docs/quality_table.md) and ``--write-manifest`` writes the policies into ``channels.<ch>.trust``
 and ``provenance.trust_calibration``, keeping everything else. New weights: rerun the study with their
 ``--resources``, then this with the same ``--resources`` (docs/quality.md gives both commands).
@@ -149,7 +150,7 @@ def report_calibration(rows: Sequence[Row], chosen: dict[str, cal.Calibration]) 
         print(f"\n{channel}: shipped policy: {calibration.policy.describe()}")
         kept = calibration.fitted == calibration.policy
         print(f"  fitted on every family: {calibration.fitted.describe()}" + (
-            "" if kept else " (not shipped: its leave-one-family-out figures do not hold; the ladder ships the shipped policy above)"))
+            "" if kept else " (not shipped: its held-out figures do not hold; the ladder ships the policy above)"))
         print(
             f"  in-sample gain over networks off: mean of families {mean:+.4f}, worst family {worst_family:+.4f}, "
             f"worst case {worst_case:+.3f}; trusted {trusted}/{len(mine)}"
@@ -238,14 +239,15 @@ def recorded_sets(rows: Sequence[Row], sets: dict[str, tuple[Path, int | None]] 
 def run(
     rows: Sequence[Row], resources: Path, sets: dict[str, tuple[Path, int | None]] | None = None,
     margin: float = 0.03, buffer: float = 0.25, clean_noise: float | None = CLEAN_NOISE,
-    without_prior: Sequence[str] = (),
-    table: Path | None = None, manifest: Path | None = None,
+    table: Path | None = None, manifest: Path | None = None, without_prior: Sequence[str] = (),
 ) -> dict[str, cal.Calibration]:
     """Calibrate every channel of ``rows`` for the networks of ``resources`` (``clean_noise`` None: no
-    clean-stack prior for any channel; ``without_prior``: the channels calibrated without it), print the report, write the decision table to ``table`` and the policies into
-    ``manifest`` (a manifest file or a folder holding one) when given; returns the calibrations."""
+    clean-stack prior for any channel; ``without_prior``: the channels calibrated without it), print the
+    report, write the decision table to ``table`` and the policies into ``manifest`` (a manifest file or a
+    folder holding one) when given; returns the calibrations."""
     shipped = load_manifest(resources)
-    clean = {ch: (clean_noise if clean_noise is not None and ch not in without_prior else 0.0) for ch in shipped.channels}
+    with_prior = [ch for ch in shipped.channels if clean_noise is not None and ch not in without_prior]
+    clean = {ch: (clean_noise if ch in with_prior and clean_noise is not None else 0.0) for ch in shipped.channels}
     chosen = calibrate_channels(rows, margin, buffer, clean)
     report_calibration(rows, chosen)
     other = {ch: c.policy for ch, c in calibrate_channels(rows, margin, buffer, clean, "n_ssim_gaussian_window").items()}
