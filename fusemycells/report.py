@@ -19,7 +19,7 @@ from typing import Any
 
 from fusemycells import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Layout version of both reports (``schema_version``): raised when a key is renamed or removed or its
 meaning changes; a key added to the schema does not change it."""
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
