@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from fusemycells import trust
+from fusemycells.config import TrustSpec
 from training import trust_calibration as cal
 
 BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")  # scripts, not a package
@@ -165,15 +165,22 @@ def test_the_shipped_nucleus_output_filter_is_off_on_a_clean_stack_and_on_for_a_
     # noisier one; docs/quality.md)
 
 
+def _blurred_spots(seed: int, shape: tuple[int, int, int], count: int) -> np.ndarray:
+    """A sharp stack of ``count`` random point sources (ZYX, Gaussian σ 0.8 voxels), its 99.8th percentile at 1."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    spots = np.zeros(shape, dtype=np.float32)
+    spots[tuple(rng.integers(2, n - 2, count) for n in shape)] = 1.0
+    clean = ndimage.gaussian_filter(spots, 0.8)
+    return clean / np.percentile(clean, 99.8)
+
+
 def test_degradation_signals_see_depth_dependent_blur_along_any_axis_and_not_on_a_clean_stack() -> None:
     from scipy import ndimage
 
-    rng = np.random.default_rng(3)
     shape = (48, 48, 48)
-    spots = np.zeros(shape, dtype=np.float32)
-    spots[tuple(rng.integers(2, n - 2, 300) for n in shape)] = 1.0
-    clean = ndimage.gaussian_filter(spots, 0.8)
-    clean /= np.percentile(clean, 99.8)
+    clean = _blurred_spots(3, shape, 300)
     mask = trust.foreground_mask(clean, 0.1)
     flat = trust.degradation_signals(clean, mask)
     assert flat["asym"] < 0.3
@@ -205,7 +212,7 @@ def test_the_shipped_trust_never_corrects_a_clean_stack_where_it_was_calibrated_
         _never_corrects_clean(load_manifest(DEFAULT_RESOURCES).channel(channel).trust)
 
 
-def _never_corrects_clean(spec: Any) -> None:
+def _never_corrects_clean(spec: TrustSpec) -> None:
     """Factor 0 at every noise below 0.010 for any combination of the other signals (0, 1.2, 50)."""
     import itertools
 
@@ -224,12 +231,8 @@ def test_the_candidate_degradation_signals_see_axial_blur_and_a_fall_along_the_l
     sys.path.insert(0, BENCHMARKS)
     import trust_signals
 
-    rng = np.random.default_rng(5)
     shape = (40, 40, 40)
-    spots = np.zeros(shape, dtype=np.float32)
-    spots[tuple(rng.integers(2, n - 2, 250) for n in shape)] = 1.0
-    clean = ndimage.gaussian_filter(spots, 0.8)
-    clean /= np.percentile(clean, 99.8)
+    clean = _blurred_spots(5, shape, 250)
     sharp = trust_signals.candidates(clean)
     axial = ndimage.gaussian_filter(clean, (2.5, 0.0, 0.0))  # an elongated axial PSF: Z blurred only
     axial /= np.percentile(axial, 99.8)

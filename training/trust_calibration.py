@@ -308,14 +308,23 @@ def procedure(rows: Sequence[Row], search: Search, min_gain: float = 0.002, **kw
     Few cases per family make thresholds on signals overfit where a constant factor still generalises:
     the simpler rule is tried before giving up on the networks.
     """
+    return _ladder(rows, search, min_gain, **kwargs)[0]
+
+
+def _ladder(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: Any) -> tuple[Policy, Policy]:
+    """(:func:`procedure`'s policy, :func:`fit` at the search's full level): the full level's fit is the
+    ladder's first step, so it is not fitted again."""
     margin = kwargs.get("margin", 0.03)
+    full = OFF
     for conditions in range(search.max_conditions, -1, -1):
         level = replace(search, max_conditions=conditions)
         plain = leave_one_family_out(rows, level, guard=False, min_gain=min_gain, **kwargs)
+        if conditions == search.max_conditions:
+            full = plain.fitted
         mean, worst_family, worst_case = plain.loso()
         if plain.fitted != OFF and mean >= min_gain and worst_family >= 0.0 and worst_case >= -margin:
-            return plain.fitted
-    return OFF
+            return plain.fitted, full
+    return OFF, full
 
 
 def leave_one_family_out(
@@ -328,8 +337,11 @@ def leave_one_family_out(
     held-out policy is :func:`procedure` run without it, so the held-out figures are those of what
     would ship without the family. ``fitted`` is always :func:`fit` at the search's full level.
     """
-    fitted = fit(rows, search, min_gain=min_gain, **kwargs)
-    out = Calibration(procedure(rows, search, min_gain, **kwargs) if guard else fitted, fitted=fitted)
+    if guard:
+        policy, fitted = _ladder(rows, search, min_gain, **kwargs)
+    else:
+        policy = fitted = fit(rows, search, min_gain=min_gain, **kwargs)
+    out = Calibration(policy, fitted=fitted)
     scores = kwargs.get("scores", "n_ssim")
     for fam in sorted({family_of(r["set"]) for r in rows}):
         train = [r for r in rows if family_of(r["set"]) != fam]
