@@ -8,21 +8,21 @@ from scipy import ndimage
 
 from fusemycells.evaluation.metrics import metric_normalise, ssim
 from training import domain as dr
-from training.simulate import draw_params, optical_depth, simulate_pair
+from training.simulate import Effects, draw_params, optical_depth, simulate_pair
 
 SMALL = (20, 48, 40)
 
 
 def test_randomise_adds_its_parameters_without_changing_the_other_draws():
-    plain, wide = draw_params(5, "nucleus"), draw_params(5, "nucleus", randomise=True)
+    plain, wide = draw_params(5, "nucleus"), draw_params(5, "nucleus", effects=Effects(randomise=True))
     assert plain.domain is None and wide.domain == dr.draw_domain(5)
     assert (wide.shape, wide.spacing, wide.light_axis, wide.photons, wide.side) == (plain.shape, plain.spacing, plain.light_axis, plain.photons, plain.side)
 
 
 @pytest.mark.parametrize("channel", ["nucleus", "membrane"])
 def test_randomised_pairs_are_deterministic_and_the_target_stays_closer_to_the_specimen(channel):
-    a = simulate_pair(31, channel, shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), return_clean=True, randomise=True)
-    b = simulate_pair(31, channel, shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), return_clean=True, randomise=True)
+    a = simulate_pair(31, channel, shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), return_clean=True, effects=Effects(randomise=True))
+    b = simulate_pair(31, channel, shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), return_clean=True, effects=Effects(randomise=True))
     np.testing.assert_array_equal(a.input, b.input)
     np.testing.assert_array_equal(a.fused, b.fused)
     assert a.input.dtype == a.fused.dtype == np.uint16 and a.input.shape == (24, 64, 64)
@@ -178,11 +178,11 @@ def test_background_flag_is_off_by_default_and_leaves_old_seeds_bit_identical():
 
     digests = {}
     for randomise in (False, True):
-        pair = simulate_pair(31, "nucleus", shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=randomise)
+        pair = simulate_pair(31, "nucleus", shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), effects=Effects(randomise=randomise))
         digests[randomise] = hashlib.sha256(pair.input.tobytes() + pair.fused.tobytes()).hexdigest()[:16]
         assert pair.params.background is None
     assert digests == {False: "6eeeebfc38b02241", True: "9f62248e59f0742d"}  # taken before the flag existed
-    plain, with_bg = draw_params(31, "nucleus", randomise=True), draw_params(31, "nucleus", randomise=True, background=True)
+    plain, with_bg = draw_params(31, "nucleus", effects=Effects(randomise=True)), draw_params(31, "nucleus", effects=Effects(randomise=True, background=True))
     assert with_bg.background == dr.draw_background(31) and with_bg.domain == plain.domain and with_bg.photons == plain.photons
 
 
@@ -198,9 +198,9 @@ def test_background_field_is_a_smooth_nonnegative_pedestal_of_the_requested_leve
 
 
 def test_background_reaches_the_view_fully_and_the_target_by_its_fraction():
-    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True)
-    base = simulate_pair(35, "nucleus", return_clean=True, **kwargs)  # seed 35: level 0.06, a quarter of it left in the target
-    lit = simulate_pair(35, "nucleus", background=True, **kwargs)
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3))
+    base = simulate_pair(35, "nucleus", return_clean=True, effects=Effects(randomise=True), **kwargs)  # seed 35: level 0.06, a quarter of it left in the target
+    lit = simulate_pair(35, "nucleus", effects=Effects(randomise=True, background=True), **kwargs)
     b = lit.params.background
     empty = base.clean <= np.percentile(base.clean, 20)  # voxels without specimen (chosen noise-free: no selection bias)
     photons = lit.params.photons  # counts per unit signal; the target has gt_photon_factor times more
@@ -220,26 +220,26 @@ def test_weaken_scales_attenuation_and_blur_growth_down_and_keeps_the_target_axi
 
 
 def test_gentle_pairs_keep_the_other_draws_and_their_input_is_closer_to_the_target():
-    plain, gentle = draw_params(40, "nucleus", randomise=True), draw_params(40, "nucleus", randomise=True, gentle=True)
+    plain, gentle = draw_params(40, "nucleus", effects=Effects(randomise=True)), draw_params(40, "nucleus", effects=Effects(randomise=True, gentle=True))
     assert gentle.mu_per_um < plain.mu_per_um and gentle.psf_growth < plain.psf_growth
     assert (gentle.shape, gentle.photons, gentle.light_axis, gentle.domain) == (plain.shape, plain.photons, plain.light_axis, plain.domain)
     assert "gentle" not in plain.extra
-    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True, photons=(3000, 3001))
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), photons=(3000, 3001))
     scores = {}
     for flag in (False, True):
-        pair = simulate_pair(40, "nucleus", gentle=flag, **kwargs)
+        pair = simulate_pair(40, "nucleus", effects=Effects(randomise=True, gentle=flag), **kwargs)
         scores[flag] = ssim(metric_normalise(pair.input.astype(np.float32)), metric_normalise(pair.fused.astype(np.float32)))
     assert scores[True] > scores[False]
 
 
 def test_layout_and_shared_target_flags_draw_from_their_own_streams_and_leave_the_rest():
-    plain = draw_params(41, "nucleus", randomise=True)
-    both = draw_params(41, "nucleus", randomise=True, layouts=True, shared_target=True)
+    plain = draw_params(41, "nucleus", effects=Effects(randomise=True))
+    both = draw_params(41, "nucleus", effects=Effects(randomise=True, layouts=True, shared_target=True))
     assert plain.layout is None and plain.shared_target is None
     assert both.layout == dr.draw_layout(41) and 0.3 <= both.shared_target <= 1.0
     assert (both.shape, both.photons, both.light_axis, both.domain) == (plain.shape, plain.photons, plain.light_axis, plain.domain)
     with pytest.raises(ValueError, match="randomise"):
-        draw_params(41, "nucleus", layouts=True)
+        draw_params(41, "nucleus", effects=Effects(layouts=True))
 
 
 def _layout(kind: str, **kw) -> dr.LayoutParams:
@@ -268,10 +268,10 @@ def test_layouts_put_the_tissue_where_their_names_say():
 
 
 def test_cells_are_placed_inside_the_layouts_tissue_and_sparse_layouts_hold_few():
-    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.4, 0.4), randomise=True, layouts=True, return_clean=True)
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.4, 0.4), effects=Effects(randomise=True, layouts=True), return_clean=True)
     seen = set()
     for seed in range(300000, 300040):
-        p = draw_params(seed, "nucleus", randomise=True, layouts=True)
+        p = draw_params(seed, "nucleus", effects=Effects(randomise=True, layouts=True))
         if p.layout.kind in seen or p.layout.kind not in ("shell", "sheet", "sparse", "filled"):
             continue
         seen.add(p.layout.kind)
@@ -291,8 +291,9 @@ def test_share_input_view_is_the_input_where_its_view_has_all_the_weight_and_the
 
 
 def test_a_shared_target_carries_the_inputs_own_noise():
-    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), randomise=True, photons=(200, 201))
-    plain, shared = simulate_pair(44, "nucleus", **kwargs), simulate_pair(44, "nucleus", shared_target=True, **kwargs)
+    kwargs = dict(shape=(24, 64, 64), spacing=(1.5, 0.3, 0.3), photons=(200, 201))
+    plain = simulate_pair(44, "nucleus", effects=Effects(randomise=True), **kwargs)
+    shared = simulate_pair(44, "nucleus", effects=Effects(randomise=True, shared_target=True), **kwargs)
     np.testing.assert_array_equal(plain.input, shared.input)
     close = [ssim(metric_normalise(p.input.astype(np.float32)), metric_normalise(p.fused.astype(np.float32))) for p in (plain, shared)]
     assert close[1] > close[0] + 0.05

@@ -17,7 +17,7 @@ from training import train
 from training.augment import add_noise, augment, coarse_axis_resample, intensity_map
 from training.data import CropDataset, save_npy
 from training.provenance import hardware, portable_command, portable_legacy_command, portable_path
-from training.simulate import simulate_pair, write_pair
+from training.simulate import Effects, simulate_pair, write_pair
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--grid", "24", "24", "24", "--global-crop", "16", "16", "16", "--patch", "16", "16", "16", "--base", "4", "--depth", "2", "--batch", "2"]
@@ -27,7 +27,7 @@ TINY = ["--grid", "24", "24", "24", "--global-crop", "16", "16", "16", "--patch"
 def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     for i in range(2):
-        write_pair(simulate_pair(100 + i, "nucleus", shape=(10, 48, 48), spacing=(2.0, 0.4, 0.4), randomise=True), root, i, "study_a")
+        write_pair(simulate_pair(100 + i, "nucleus", shape=(10, 48, 48), spacing=(2.0, 0.4, 0.4), effects=Effects(randomise=True)), root, i, "study_a")
     return root
 
 

@@ -1,6 +1,6 @@
 """Domain randomisation of the simulator: one small function per physical effect.
 
-Used by :mod:`training.simulate` when a pair is simulated with ``randomise=True``; without it the
+Used by :mod:`training.simulate` when a pair is simulated with ``Effects(randomise=True)``; without it the
 simulator is unchanged (the documented seeds keep their meaning). Arrays are float32 ZYX, lengths
 in µm unless a name ends in ``_vox``. Every random parameter is drawn by :func:`draw_domain` from
 its own stream of the seed; the effects themselves take an explicit ``numpy.random.Generator``.
@@ -12,15 +12,15 @@ size, irregular embryo outline), :func:`variable_cell_centres`, :func:`nucleus_o
 stripes along the light axis), :func:`psf_sigmas_um` (sheet thickening with depth),
 :func:`scatter_halo`, :func:`refractive_defocus`, :func:`plane_gains` (intensity drift between
 planes), :func:`misregister` (views slightly misregistered), :func:`residual_blur` (the fused
-target's own blur). Camera side (``background=True``, stream ``[seed, 13]``, drawn by
+target's own blur). Camera side (``Effects.background``, stream ``[seed, 13]``, drawn by
 :func:`draw_background`): :func:`background_field` (a smooth additive background that does not
 follow the specimen — stray light, autofluorescent medium — partly removed in the fused target).
-Degradation strength (``gentle=True``, stream ``[seed, 15]``): :func:`weaken` (transparent, thin
+Degradation strength (``Effects.gentle``, stream ``[seed, 15]``): :func:`weaken` (transparent, thin
 specimens where the single view is nearly as good as the fusion: the networks must learn to leave
-them almost unchanged). Specimen layout (``layouts=True``, stream ``[seed, 16]``, drawn by
+them almost unchanged). Specimen layout (``Effects.layouts``, stream ``[seed, 16]``, drawn by
 :func:`draw_layout`): :func:`tissue_distance` (an embryo, a hollow shell, a bent sheet, several
 clusters, a field filled to the edges or a few scattered cells, off-centre and possibly cut by the
-stack) and :func:`layout_cell_count`. Target made of the acquired views (``shared_target=True``,
+stack) and :func:`layout_cell_count`. Target made of the acquired views (``Effects.shared_target``,
 stream ``[seed, 17]``): :func:`share_input_view` (where the input's view is the better one, a real
 fused stack *is* that acquisition, its noise and blur included).
 """

@@ -31,7 +31,7 @@ from typing import Any
 
 from fusemycells.config import INPUT_SUBDIR, MANIFEST_NAME, OUTPUT_SUBDIR
 
-from .simulate import write_dataset
+from .simulate import Effects, write_dataset
 
 log = logging.getLogger("training.evaluate_sets")
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def prepare_sets(args: argparse.Namespace, root: Path) -> dict[str, tuple[Path, 
             continue
         data = root / name / "data"
         if not (data / "validation" / "params.json").is_file():
-            write_dataset(data, args.n, seed, channels=tuple(args.channels), study="validation", randomise=randomise)
+            write_dataset(data, args.n, seed, channels=tuple(args.channels), study="validation", effects=Effects(randomise=randomise))
         inputs = root / name / "input"
         target = inputs / INPUT_SUBDIR
         target.mkdir(parents=True, exist_ok=True)

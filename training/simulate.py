@@ -62,6 +62,32 @@ LAYOUT_EDGE_UM = 1.0  # width of a layout's tissue edge (the logistic's scale, Â
 GT_AXIAL_FACTOR = (0.5, 1.0)  # axial-ratio factor of the fused views (fusion sharpens Z)
 
 
+@dataclass(frozen=True)
+class Effects:
+    """The simulator's optional effects (each draws from its own stream of the seed, so a pair without
+    one has exactly the arrays it had before the effect existed; :mod:`training.domain`).
+
+    ``randomise``: domain randomisation (stream ``[seed, 11]``); ``background``: a smooth additive
+    background (``[seed, 13]``); ``gentle``: a weakly degraded, near-identity pair (``[seed, 15]``);
+    ``layouts``: the specimen's layout (``[seed, 16]``, needs ``randomise``); ``shared_target``: the
+    target partly made of the acquired input (``[seed, 17]``).
+    """
+
+    randomise: bool = False
+    background: bool = False
+    gentle: bool = False
+    layouts: bool = False
+    shared_target: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layouts and not self.randomise:
+            raise ValueError("specimen layouts need domain randomisation (randomise=True)")
+
+
+PLAIN = Effects()
+"""No optional effect: the v2 simulator."""
+
+
 @dataclass
 class SimParams:
     """Every random choice of one simulated pair (lengths in Âµm unless named ``_vox``)."""
@@ -119,23 +145,17 @@ def draw_params(
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
     sharpen_gt: bool = True,
-    randomise: bool = False,
-    background: bool = False,
-    gentle: bool = False,
-    layouts: bool = False,
-    shared_target: bool = False,
+    effects: Effects = PLAIN,
 ) -> SimParams:
     """All random parameters of a pair, drawn from ``seed`` (wide ranges on purpose).
 
     ``light_axis`` and ``gt_axial_factor`` come from a separate stream of the seed; with
-    ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1). ``randomise``
-    adds the domain-randomisation parameters (:func:`training.domain.draw_domain`, stream
-    ``[seed, 11]``; every other parameter is drawn as without it); ``background`` the additive
-    background's (:func:`training.domain.draw_background`, stream ``[seed, 13]``); ``gentle`` weakens
-    the degradation (:func:`training.domain.weaken`, stream ``[seed, 15]``: a near-identity pair);
-    ``layouts`` the specimen's layout (:func:`training.domain.draw_layout`, stream ``[seed, 16]``;
-    needs ``randomise``); ``shared_target`` the input acquisition's share in the target (stream
-    ``[seed, 17]``, :func:`training.domain.share_input_view`).
+    ``sharpen_gt=False`` the fused views keep the input's axial ratio (factor 1). ``effects`` adds
+    the optional effects' parameters (:class:`Effects`): domain randomisation
+    (:func:`training.domain.draw_domain`), the additive background (:func:`training.domain.draw_background`),
+    weakened degradation (:func:`training.domain.weaken`), the layout (:func:`training.domain.draw_layout`)
+    and the input acquisition's share in the target (:func:`training.domain.share_input_view`); every
+    other parameter is drawn as without them.
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
@@ -179,14 +199,12 @@ def draw_params(
         gt_photon_factor=float(rng.uniform(3.0, 10.0)),
         light_axis=int(extra_rng.choice(LIGHT_AXES, p=LIGHT_AXIS_P)),
         gt_axial_factor=gt_axial_factor if sharpen_gt else 1.0,
-        domain=dr.draw_domain(seed) if randomise else None,
-        background=dr.draw_background(seed) if background else None,
-        layout=dr.draw_layout(seed) if layouts else None,
-        shared_target=float(np.random.default_rng([seed, 17]).uniform(0.3, 1.0)) if shared_target else None,
+        domain=dr.draw_domain(seed) if effects.randomise else None,
+        background=dr.draw_background(seed) if effects.background else None,
+        layout=dr.draw_layout(seed) if effects.layouts else None,
+        shared_target=float(np.random.default_rng([seed, 17]).uniform(0.3, 1.0)) if effects.shared_target else None,
     )
-    if layouts and not randomise:
-        raise ValueError("specimen layouts need domain randomisation (randomise=True)")
-    if gentle:
+    if effects.gentle:
         params.mu_per_um, params.psf_growth, factor = dr.weaken(params.mu_per_um, params.psf_growth, params.gt_axial_factor, np.random.default_rng([seed, 15]))
         params.gt_axial_factor = factor if sharpen_gt else 1.0
         params.extra["gentle"] = True
@@ -430,19 +448,15 @@ def simulate_pair(
     photons: tuple[float, float] | None = None,
     sharpen_gt: bool = True,
     return_clean: bool = False,
-    randomise: bool = False,
-    background: bool = False,
-    gentle: bool = False,
-    layouts: bool = False,
-    shared_target: bool = False,
+    effects: Effects = PLAIN,
 ) -> SimulatedPair:
     """Simulate one (single view, fused) pair; deterministic in ``seed``.
 
     ``photons`` (min, max) replaces the photon budget's range (log-uniform, drawn from a separate
     stream of the seed, so every other parameter stays as without it): e.g. clean stress sets.
     ``sharpen_gt=False`` gives the fused views the input's axial ratio. ``return_clean`` also
-    returns the noise-free specimen (``pair.clean``, float32, same grid and flips). ``randomise``
-    switches on domain randomisation (:mod:`training.domain`): the specimen of
+    returns the noise-free specimen (``pair.clean``, float32, same grid and flips). ``effects``
+    (:class:`Effects`): ``randomise`` switches on domain randomisation (:mod:`training.domain`): the specimen of
     :func:`specimen_randomised`, absorbers casting stripes along the light axis, sheet thickening,
     scattering halo, refractive defocus, intensity drift between planes, misregistered views and
     the target's residual blur; without it the arrays are exactly those of the simulator before.
@@ -453,7 +467,7 @@ def simulate_pair(
     ``shared_target`` makes the target partly the acquired input where its view is the better one
     (:func:`training.domain.share_input_view`); without them the arrays are unchanged.
     """
-    p = draw_params(seed, channel, shape, spacing, sharpen_gt, randomise, background, gentle, layouts, shared_target)
+    p = draw_params(seed, channel, shape, spacing, sharpen_gt, effects)
     if photons is not None:
         p.photons = float(10 ** np.random.default_rng([seed, 7]).uniform(np.log10(photons[0]), np.log10(photons[1])))
     rng = np.random.default_rng([seed, 1])
@@ -539,19 +553,14 @@ def write_dataset(
     shape: tuple[int, int, int] | None = None,
     photons: tuple[float, float] | None = None,
     sharpen_gt: bool = True,
-    randomise: bool = False,
-    background: bool = False,
-    gentle: bool = False,
-    layouts: bool = False,
-    shared_target: bool = False,
+    effects: Effects = PLAIN,
 ) -> list[dict[str, Any]]:
     """Write ``n`` pairs per channel under ``out_dir/<study>/``; pair i of a channel uses seed ``seed + i``.
 
     Nucleus and membrane pairs with the same index come from different seeds (membrane seeds are
     offset by 50 000) so the two channels never share a specimen. Returns the parameter records,
     also written to ``params.json``. ``shape`` (ZYX voxels) fixes the stack size; default random.
-    ``randomise`` switches on domain randomisation, ``background`` the additive background, ``gentle`` weak degradation,
-    ``layouts`` specimen layouts, ``shared_target`` targets made of the acquired views (:func:`simulate_pair`).
+    ``effects``: the optional simulator effects (:class:`Effects`, :func:`simulate_pair`).
     """
     folder = Path(out_dir) / study
     folder.mkdir(parents=True, exist_ok=True)
@@ -561,7 +570,7 @@ def write_dataset(
         offset = 0 if channel == "nucleus" else 50_000
         for i in range(n):
             started = time.perf_counter()
-            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, randomise=randomise, background=background, gentle=gentle, layouts=layouts, shared_target=shared_target)
+            pair = simulate_pair(seed + offset + i, channel, shape, photons=photons, sharpen_gt=sharpen_gt, effects=effects)
             write_pair(pair, folder, index, study)
             record = asdict(pair.params) | {"index": index}
             records.append(record)
@@ -588,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="stack size in voxels (default: random per pair)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, args.randomise, args.background, args.gentle, args.layouts, args.shared_target)
+    write_dataset(args.out, args.n, args.seed, tuple(args.channels), args.study, tuple(args.shape) if args.shape else None, tuple(args.photons) if args.photons else None, not args.no_gt_sharpening, Effects(args.randomise, args.background, args.gentle, args.layouts, args.shared_target))
     return 0
 
 
