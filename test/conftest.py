@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fusemycells.config import sha256_of  # noqa: E402
 from fusemycells.io.tiff import Volume, write_volume  # noqa: E402
+from training.export import write_networks  # noqa: E402
 
 
 class SmoothingNet(torch.nn.Module):
@@ -34,26 +34,8 @@ class SmoothingNet(torch.nn.Module):
 
 
 def export_fixture_stage(model: torch.nn.Module, in_channels: int, out_dir: Path, stem: str) -> dict[str, dict[str, str]]:
-    """TorchScript + ONNX files of a fixture network; returns the manifest 'files' entry."""
-    model.eval()
-    example = torch.rand(1, in_channels, 16, 16, 16)
-    ts_path = out_dir / f"{stem}.pt"
-    onnx_path = out_dir / f"{stem}.onnx"
-    torch.jit.save(torch.jit.trace(model, example), str(ts_path))
-    torch.onnx.export(
-        model,
-        (example,),
-        str(onnx_path),
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "n", 2: "z", 3: "y", 4: "x"}, "output": {0: "n", 2: "z", 3: "y", 4: "x"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return {
-        "torchscript": {"path": ts_path.name, "sha256": sha256_of(ts_path)},
-        "onnx": {"path": onnx_path.name, "sha256": sha256_of(onnx_path)},
-    }
+    """TorchScript + ONNX files of a fixture network, exported as the trained ones are; returns the manifest 'files' entry."""
+    return write_networks(model.eval(), torch.rand(1, in_channels, 16, 16, 16), out_dir, stem)
 
 
 class PositionNet(torch.nn.Module):

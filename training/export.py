@@ -71,6 +71,26 @@ def structured_input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.clip(smooth - 1.0, 0.0, None).astype(np.float32))
 
 
+def write_networks(model: torch.nn.Module, example: torch.Tensor, out_dir: Path, stem: str) -> dict[str, dict[str, str]]:
+    """Trace ``model`` on ``example`` (NCZYX) into ``<stem>.pt`` (TorchScript) and ``<stem>.onnx`` (batch
+    and Z, Y, X dynamic); returns the manifest's ``files`` entry (paths relative to ``out_dir``, sha256)."""
+    ts_path, onnx_path = out_dir / f"{stem}.pt", out_dir / f"{stem}.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, example).save(str(ts_path))
+        torch.onnx.export(
+            model,
+            (example,),
+            str(onnx_path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "n", 2: "z", 3: "y", 4: "x"}, "output": {0: "n", 2: "z", 3: "y", 4: "x"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return {"torchscript": {"path": ts_path.name, "sha256": sha256_of(ts_path)}, "onnx": {"path": onnx_path.name, "sha256": sha256_of(onnx_path)}}
+
+
 def export_stage(
     model: ResidualUNet3D, trace_shape: tuple[int, ...], check_shape: tuple[int, ...], out_dir: Path, stem: str, tolerance: float, image_tolerance: float = 1e-3
 ) -> dict[str, Any]:
@@ -83,22 +103,8 @@ def export_stage(
     """
     import onnxruntime as ort
 
-    example = torch.randn(*trace_shape)
-    ts_path, onnx_path = out_dir / f"{stem}.pt", out_dir / f"{stem}.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example)
-        traced.save(str(ts_path))
-        torch.onnx.export(
-            model,
-            (example,),
-            str(onnx_path),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "n", 2: "z", 3: "y", 4: "x"}, "output": {0: "n", 2: "z", 3: "y", 4: "x"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    files = write_networks(model, torch.randn(*trace_shape), out_dir, stem)
+    ts_path, onnx_path = out_dir / files["torchscript"]["path"], out_dir / files["onnx"]["path"]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     scripted_model = torch.jit.load(str(ts_path))
     diffs: dict[str, float] = {}
@@ -115,7 +121,6 @@ def export_stage(
     log.info("%s: parity at %s and image-like %s: %s", stem, check_shape, trace_shape, diffs)
     if max(diffs["torchscript"], diffs["onnx"]) > tolerance or max(diffs["image_torchscript"], diffs["image_onnx"]) > image_tolerance:
         raise ExportError(f"{stem}: exported networks differ from the trained one by {diffs} (> {tolerance} random / {image_tolerance} image-like) at shapes {check_shape} / {trace_shape}")
-    files = {"torchscript": {"path": ts_path.name, "sha256": sha256_of(ts_path)}, "onnx": {"path": onnx_path.name, "sha256": sha256_of(onnx_path)}}
     return {"files": files, "parity": {"shape": list(check_shape), **diffs}}
 
 
