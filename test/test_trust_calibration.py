@@ -102,7 +102,9 @@ def test_the_guard_ships_networks_off_when_the_fit_does_not_hold_on_unseen_famil
     rows += [_row("d", hf, -0.3, 0.08) for hf in (0.1, 0.2)] + [_row("d", 0.15, 0.2, 0.02)]
     unguarded = cal.leave_one_family_out(rows, SEARCH, guard=False, margin=0.03, buffer=0.0)
     assert unguarded.fitted != cal.OFF and unguarded.loso()[1] < 0  # a fit exists, but it loses on a held-out family
-    assert cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0).policy == cal.OFF
+    guarded = cal.leave_one_family_out(rows, SEARCH, margin=0.03, buffer=0.0)
+    assert guarded.policy == cal.OFF
+    assert guarded.fitted == unguarded.fitted and guarded.fitted_loso == unguarded.loso()  # what the guard judged, for the record
 
 
 def test_a_constant_factor_ships_when_threshold_rules_overfit_but_the_constant_holds_on_unseen_families() -> None:

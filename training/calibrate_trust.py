@@ -172,11 +172,6 @@ def provenance(
     which settings, what ships, the held-out figures and the ceiling (``other``: the policies calibrated
     under the Gaussian-window SSIM)."""
 
-    def unguarded_loso(ch: str, c: cal.Calibration) -> list[float]:  # the held-out figures the guard judged
-        assert c.search is not None
-        figures = cal._plain_loso(of_channel(rows, ch), c.search, MIN_GAIN, margin=margin, buffer=buffer)
-        return [round(v, 4) for v in figures]
-
     return {
         "command": COMMAND,
         "date": time.strftime("%Y-%m-%d"),
@@ -192,7 +187,7 @@ def provenance(
         "clean_noise": {ch: v for ch, v in clean.items() if ch in chosen},
         "policies": {ch: c.policy.describe() for ch, c in chosen.items()},
         "fitted_on_all_families": {ch: c.fitted.describe() for ch, c in chosen.items()},
-        "fitted_leave_one_family_out": {ch: unguarded_loso(ch, c) for ch, c in chosen.items()},
+        "fitted_leave_one_family_out": {ch: [round(v, 4) for v in c.fitted_loso or ()] for ch, c in chosen.items()},
         "leave_one_family_out": {ch: [round(v, 4) for v in c.loso()] for ch, c in chosen.items()},
         "policies_gaussian_window_ssim": {ch: p.describe() for ch, p in other.items()},
         "ceiling": {  # a perfect case-level choice among the offered factors (trust_calibration.ceiling)

@@ -285,6 +285,7 @@ class Calibration:
     held_out: dict[str, tuple[Policy, np.ndarray]] = field(default_factory=dict)  # family → (policy, gains)
     fitted: Policy = OFF
     search: Search | None = None  # what was searched (for the record)
+    fitted_loso: tuple[float, float, float] | None = None  # ``fitted``'s own leave-one-family-out figures (what the guard judged)
 
     def loso(self) -> tuple[float, float, float]:
         """(mean over families of the held-out mean benefit, worst held-out family mean, worst held-out case)."""
@@ -292,11 +293,6 @@ class Calibration:
             return 0.0, 0.0, 0.0
         means = [float(g.mean()) for _, g in self.held_out.values()]
         return float(np.mean(means)), float(min(means)), float(min(g.min() for _, g in self.held_out.values()))
-
-
-def _plain_loso(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: Any) -> tuple[float, float, float]:
-    """The unguarded leave-one-family-out figures of :func:`fit` (what the guard judges)."""
-    return leave_one_family_out(rows, search, guard=False, min_gain=min_gain, **kwargs).loso()
 
 
 def procedure(rows: Sequence[Row], search: Search, min_gain: float = 0.002, **kwargs: Any) -> Policy:
@@ -311,19 +307,19 @@ def procedure(rows: Sequence[Row], search: Search, min_gain: float = 0.002, **kw
     return _ladder(rows, search, min_gain, **kwargs)[0]
 
 
-def _ladder(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: Any) -> tuple[Policy, Policy]:
-    """(:func:`procedure`'s policy, :func:`fit` at the search's full level): the full level's fit is the
-    ladder's first step, so it is not fitted again."""
+def _ladder(rows: Sequence[Row], search: Search, min_gain: float, **kwargs: Any) -> tuple[Policy, Calibration]:
+    """(:func:`procedure`'s policy, the unguarded calibration at the search's full level): the full level
+    is the ladder's first step, so neither its fit nor its held-out figures are computed again."""
     margin = kwargs.get("margin", 0.03)
-    full = OFF
+    full: Calibration | None = None
     for conditions in range(search.max_conditions, -1, -1):
         level = replace(search, max_conditions=conditions)
         plain = leave_one_family_out(rows, level, guard=False, min_gain=min_gain, **kwargs)
-        if conditions == search.max_conditions:
-            full = plain.fitted
+        full = full or plain
         mean, worst_family, worst_case = plain.loso()
         if plain.fitted != OFF and mean >= min_gain and worst_family >= 0.0 and worst_case >= -margin:
             return plain.fitted, full
+    assert full is not None  # max_conditions ≥ 0: at least one level
     return OFF, full
 
 
@@ -338,10 +334,11 @@ def leave_one_family_out(
     would ship without the family. ``fitted`` is always :func:`fit` at the search's full level.
     """
     if guard:
-        policy, fitted = _ladder(rows, search, min_gain, **kwargs)
+        policy, full = _ladder(rows, search, min_gain, **kwargs)
+        out = Calibration(policy, fitted=full.fitted, fitted_loso=full.fitted_loso)
     else:
-        policy = fitted = fit(rows, search, min_gain=min_gain, **kwargs)
-    out = Calibration(policy, fitted=fitted)
+        fitted = fit(rows, search, min_gain=min_gain, **kwargs)
+        out = Calibration(fitted, fitted=fitted)
     scores = kwargs.get("scores", "n_ssim")
     for fam in sorted({family_of(r["set"]) for r in rows}):
         train = [r for r in rows if family_of(r["set"]) != fam]
@@ -351,4 +348,6 @@ def leave_one_family_out(
         else:
             policy = fit(train, search, min_gain=min_gain, **kwargs)
         out.held_out[fam] = (policy, benefits(held, policy, scores))
+    if not guard:
+        out.fitted_loso = out.loso()
     return out
