@@ -241,8 +241,7 @@ def run(
     report, write the decision table to ``table`` and the policies into ``manifest`` (a manifest file or a
     folder holding one) when given; returns the calibrations."""
     shipped = load_manifest(resources)
-    with_prior = [ch for ch in shipped.channels if clean_noise is not None and ch not in without_prior]
-    clean = {ch: (clean_noise if ch in with_prior and clean_noise is not None else 0.0) for ch in shipped.channels}
+    clean = {ch: (clean_noise if clean_noise is not None and ch not in without_prior else 0.0) for ch in shipped.channels}
     chosen = calibrate_channels(rows, margin, buffer, clean)
     report_calibration(rows, chosen)
     other = {ch: c.policy for ch, c in calibrate_channels(rows, margin, buffer, clean, "n_ssim_gaussian_window").items()}
